@@ -1,0 +1,1 @@
+"""Benchmarks: each measures pdserve against a baseline run in the same invocation."""

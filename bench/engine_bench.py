@@ -1,0 +1,162 @@
+"""Engine benchmark: pdserve's engine interface against vLLM's offline ``LLM.generate``.
+
+Both sides run in this one process, from the same engine arguments, in
+alternating rounds (a pdserve round, then a vLLM round, on the same fresh
+prompts), so machine noise hits both alike; medians are reported. Each engine
+first runs the workload once untimed: vLLM's first batches at a new shape are
+slow on CPU, and the measurement is of steady state.
+
+- ``wrapper_vs_vllm_throughput``: generated tokens/s of N concurrent streamed
+  requests through ``Engine.generate`` divided by ``LLM.generate``'s (target >= 0.9).
+- ``ttft_speedup_prefix_hit``: TTFT of a cold 2,048-token prompt divided by the
+  TTFT of one whose first 1,920 tokens are cached (target >= 5).
+- ``engine_start_s``: seconds to build the engine once vLLM is imported
+  (``engine_start_first_s`` includes the first import).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.types import GenerateRequest, SamplingOptions
+from engine.vllm_args import apply_vllm_environment, vllm_engine_args
+
+PROMPT_TOKENS = 256
+OUTPUT_TOKENS = 128
+LONG_PROMPT = 2048
+CACHED_PREFIX = 1920
+
+
+def run_engine_bench(config: EngineConfig, requests: int = 32, repeats: int = 3, json_path: Path | None = None) -> dict:
+    config = config.model_copy(update={"max_model_len": config.max_model_len or LONG_PROMPT + 256})
+    starts, ours, theirs, cold_ttft, warm_ttft = [], [], [], [], []
+    first_start = None
+    for round_no in range(repeats):
+        rng = random.Random(round_no)
+        t0 = time.perf_counter()
+        engine = Engine(config)
+        start_s = time.perf_counter() - t0
+        first_start = first_start if first_start is not None else start_s
+        starts.append(start_s)
+        warmup, prompts = (
+            [_random_prompt(rng, engine.vocab_size, PROMPT_TOKENS) for _ in range(requests)] for _ in range(2)
+        )
+        try:
+            asyncio.run(_engine_throughput(engine, warmup))
+            ours.append(asyncio.run(_engine_throughput(engine, prompts)))
+            cold, warm = asyncio.run(_prefix_ttft(engine, rng))
+            cold_ttft.append(cold)
+            warm_ttft.append(warm)
+        finally:
+            engine.shutdown()
+        theirs.append(_vllm_throughput(config, warmup, prompts))
+
+    results = {
+        "wrapper_vs_vllm_throughput": statistics.median(o / t for o, t in zip(ours, theirs, strict=True)),
+        "ttft_speedup_prefix_hit": statistics.median(cold_ttft) / statistics.median(warm_ttft),
+        "engine_start_s": statistics.median(starts[1:] or starts),
+        "engine_start_first_s": first_start,
+        "pdserve_tokens_per_s": statistics.median(ours),
+        "vllm_tokens_per_s": statistics.median(theirs),
+        "ttft_cold_ms": 1000 * statistics.median(cold_ttft),
+        "ttft_prefix_hit_ms": 1000 * statistics.median(warm_ttft),
+        "requests": requests,
+        "prompt_tokens": PROMPT_TOKENS,
+        "output_tokens": OUTPUT_TOKENS,
+        "repeats": repeats,
+        "model": str(config.model),
+        "dtype": config.dtype,
+    }
+    _print_table(results)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {json_path}")
+    return results
+
+
+def _random_prompt(rng: random.Random, vocab_size: int, n: int) -> list[int]:
+    return [rng.randrange(2, vocab_size) for _ in range(n)]
+
+
+def _greedy(max_tokens: int) -> SamplingOptions:
+    return SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+
+async def _engine_throughput(engine: Engine, prompts: list[list[int]]) -> float:
+    async def one(i: int, ids: list[int]) -> int:
+        count = 0
+        async for delta in engine.generate(GenerateRequest(f"tput-{i}", ids, _greedy(OUTPUT_TOKENS))):
+            count += len(delta.token_ids)
+        return count
+
+    start = time.perf_counter()
+    counts = await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts)))
+    return sum(counts) / (time.perf_counter() - start)
+
+
+def _vllm_throughput(config: EngineConfig, warmup: list[list[int]], prompts: list[list[int]]) -> float:
+    from vllm import LLM, EngineArgs, SamplingParams
+
+    apply_vllm_environment(config)
+    args = vllm_engine_args(config, None)
+    defaults = EngineArgs(model=args.model)
+    kwargs = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(EngineArgs)
+        if getattr(args, f.name) != getattr(defaults, f.name) or f.name == "model"
+    }
+    llm = LLM(**kwargs)
+    try:
+        params = SamplingParams(max_tokens=OUTPUT_TOKENS, temperature=0.0, ignore_eos=True)
+        llm.generate([{"prompt_token_ids": ids} for ids in warmup], params, use_tqdm=False)
+        start = time.perf_counter()
+        outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts], params, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        return sum(len(o.outputs[0].token_ids) for o in outputs) / elapsed
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
+async def _ttft(engine: Engine, request_id: str, ids: list[int]) -> float:
+    start = time.perf_counter()
+    async for _ in engine.generate(GenerateRequest(request_id, ids, _greedy(1))):
+        return time.perf_counter() - start
+    raise RuntimeError("no output")
+
+
+async def _prefix_ttft(engine: Engine, rng: random.Random, samples: int = 3) -> tuple[float, float]:
+    cold, warm = [], []
+    for i in range(samples):
+        cold.append(await _ttft(engine, f"cold-{i}", _random_prompt(rng, engine.vocab_size, LONG_PROMPT)))
+        prefix = _random_prompt(rng, engine.vocab_size, CACHED_PREFIX)
+        suffix = LONG_PROMPT - CACHED_PREFIX
+        await _ttft(engine, f"fill-{i}", prefix + _random_prompt(rng, engine.vocab_size, suffix))
+        warm.append(await _ttft(engine, f"warm-{i}", prefix + _random_prompt(rng, engine.vocab_size, suffix)))
+    return statistics.median(cold), statistics.median(warm)
+
+
+def _print_table(results: dict) -> None:
+    rows = [
+        ("wrapper_vs_vllm_throughput", f"{results['wrapper_vs_vllm_throughput']:.3f}", ">= 0.9"),
+        ("  pdserve tokens/s", f"{results['pdserve_tokens_per_s']:.1f}", ""),
+        ("  vLLM LLM.generate tokens/s", f"{results['vllm_tokens_per_s']:.1f}", ""),
+        ("ttft_speedup_prefix_hit", f"{results['ttft_speedup_prefix_hit']:.2f}", ">= 5"),
+        ("  TTFT cold (ms)", f"{results['ttft_cold_ms']:.1f}", ""),
+        ("  TTFT 1,920 cached (ms)", f"{results['ttft_prefix_hit_ms']:.1f}", ""),
+        ("engine_start_s", f"{results['engine_start_s']:.2f}", ""),
+        ("  first start, with imports (s)", f"{results['engine_start_first_s']:.2f}", ""),
+    ]
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'metric':<{width}}  {'value':>10}  target")
+    for name, value, target in rows:
+        print(f"{name:<{width}}  {value:>10}  {target}")

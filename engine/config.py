@@ -1,0 +1,76 @@
+"""The engine's part of pdserve's config: what one worker's vLLM is built from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.errors import EngineConfigError
+
+
+class KVConnectorSpec(BaseModel):
+    """Which KV connector vLLM loads, by module path, and in which role."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    module_path: str
+    class_name: str
+    role: Literal["kv_producer", "kv_consumer", "kv_both"]
+    extra: dict = Field(default_factory=dict, description="passed to the connector as kv_connector_extra_config")
+
+
+class EngineConfig(BaseModel):
+    """One worker's engine. Field docs say what each knob means to vLLM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: Path | None = Field(
+        default=None, description="Hugging Face model directory (config, weights, tokenizer); none: a tiny one is made"
+    )
+    model_id: str | None = Field(
+        default=None, description="name the model is served and hashed under; defaults to the directory name"
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    block_size: int = Field(default=128, ge=1, description="tokens per KV block (vLLM CPU wants a multiple of 32)")
+    kv_cache_gib: float = Field(default=1.0, gt=0, description="KV cache memory on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    num_kv_blocks: int | None = Field(
+        default=None, ge=1, description="fix the KV pool size in blocks, overriding memory"
+    )
+    max_model_len: int | None = Field(default=None, ge=1, description="context length; defaults to the model's")
+    max_num_seqs: int = Field(default=64, ge=1, description="sequences in one running batch")
+    max_num_batched_tokens: int | None = Field(default=None, ge=1, description="tokens per step (chunked prefill)")
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = Field(
+        default=True, description="skip torch.compile: start in seconds instead of ~30 s on CPU"
+    )
+    cpu_cores: str | None = Field(
+        default=None, description="cores the engine's threads bind to (VLLM_CPU_OMP_THREADS_BIND), e.g. '0' or '0-1'"
+    )
+    seed: int = 0
+    kv_connector: KVConnectorSpec | None = None
+    start_timeout_s: float = Field(
+        default=900.0, gt=0, description="deadline for loading the model and building the engine"
+    )
+    stall_timeout_s: float = Field(
+        default=120.0, gt=0, description="a request that gets no output for this long fails instead of waiting forever"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="ERROR", description="vLLM's log level; quiet by default"
+    )
+
+    @field_validator("model")
+    @classmethod
+    def _model_dir_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not (value / "config.json").is_file():
+            raise ValueError(f"{value} is not a model directory (no config.json)")
+        return value
+
+    @property
+    def served_model_id(self) -> str:
+        if self.model_id:
+            return self.model_id
+        if self.model is None:
+            raise EngineConfigError("model", "no model directory given")
+        return self.model.resolve().name

@@ -1,0 +1,373 @@
+"""One worker's engine: vLLM's ``LLMEngine`` run in this process, stepped by one thread.
+
+vLLM's async engine always puts the engine core in another process; the
+in-process ``LLMEngine`` does not, which starts faster and lets the worker read
+the KV pool and scheduler directly. A single loop thread owns the engine:
+callers hand it commands (add, abort) through a queue and read their outputs
+from per-request asyncio queues, so vLLM is never touched from two threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.cache_events import CacheEvent, CacheEventSubscriber, CacheEventTranslator
+from engine.config import EngineConfig
+from engine.errors import EngineConfigError, EngineError, EngineInputError
+from engine.types import EngineStats, GenerateRequest, KVLayout, OutputDelta, SamplingOptions
+from engine.vllm_args import apply_vllm_environment, vllm_engine_args
+
+log = logging.getLogger(__name__)
+
+_IDLE_POLL_S = 0.1
+
+
+@dataclass
+class _Add:
+    request: GenerateRequest
+    params: object  # vllm.SamplingParams
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[], object]
+    done: asyncio.Future
+
+
+class _Stream:
+    """Where the loop thread delivers one request's deltas (or its error)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.queue: asyncio.Queue[OutputDelta | Exception] = asyncio.Queue()
+        self.completion_tokens = 0
+        self.cached_counted = False
+
+    def push(self, item: OutputDelta | Exception) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is gone; nobody is listening
+            pass
+
+
+def _check_sampling(options: SamplingOptions, rid: str) -> None:
+    """Refuse out-of-range sampling values with the field and its limit (vLLM's own checks back this up)."""
+    checks = (
+        ("max_tokens", options.max_tokens >= 1, f"must be at least 1, got {options.max_tokens}"),
+        ("temperature", options.temperature >= 0, f"must be non-negative, got {options.temperature}"),
+        ("top_p", 0 < options.top_p <= 1, f"must be in (0, 1], got {options.top_p}"),
+        ("top_k", options.top_k >= -1, f"must be -1 (off) or positive, got {options.top_k}"),
+        ("min_p", 0 <= options.min_p <= 1, f"must be in [0, 1], got {options.min_p}"),
+    )
+    for field, ok, message in checks:
+        if not ok:
+            raise EngineInputError(field, message, rid)
+
+
+class Engine:
+    """Submit token-id prompts, stream their deltas, abort them, read pool and layout figures."""
+
+    def __init__(self, config: EngineConfig, on_cache_events: Callable[[list[CacheEvent]], None] | None = None):
+        if config.model is None:
+            raise EngineConfigError("model", "no model directory given")
+        self.config = config
+        self.model_id = config.served_model_id
+        apply_vllm_environment(config)
+        logging.getLogger("vllm").setLevel(config.log_level)
+        self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-engine-")
+        endpoint = f"ipc://{Path(self._tmp.name) / 'kv-events.sock'}" if on_cache_events else None
+        self._subscriber = None
+        if endpoint is not None:
+            translator = CacheEventTranslator(self.model_id, config.block_size)
+            self._subscriber = CacheEventSubscriber(endpoint, translator, on_cache_events)
+        self._streams: dict[str, _Stream] = {}
+        self._commands: queue.Queue = queue.Queue()
+        self._prompt_tokens_total = 0
+        self._cached_tokens_total = 0
+        self._failure: BaseException | None = None
+        self._closing = threading.Event()
+        # The loop thread builds the engine too: vLLM binds its OpenMP threads to cores from the
+        # thread that builds it, and steps run at full speed only from that same thread.
+        built: Future = Future()
+        self._thread = threading.Thread(target=self._run, args=(endpoint, built), name="pdserve-engine", daemon=True)
+        self._thread.start()
+        try:
+            self._llm = built.result(timeout=config.start_timeout_s)
+        except BaseException:
+            self._closing.set()
+            self._close_subscriber()
+            raise
+        model_config = self._llm.model_config
+        self.block_size = self._llm.vllm_config.cache_config.block_size
+        self.max_model_len = model_config.max_model_len
+        self.vocab_size = model_config.get_vocab_size()
+        self._tokenizer = self._llm.get_tokenizer()
+
+    @staticmethod
+    def _build(config: EngineConfig, endpoint: str | None):
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        try:
+            return LLMEngine.from_engine_args(vllm_engine_args(config, endpoint))
+        except Exception as exc:  # whatever vLLM or transformers raise, the model cannot be served
+            raise EngineConfigError("model", f"vLLM could not build an engine for {config.model}: {exc}") from exc
+
+    # ----- the interface the workers call -------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
+        """Stream ``request``'s deltas; closing the iterator early aborts the request."""
+        params = self._validate(request)
+        if self._failure is not None:
+            raise EngineError(f"engine is down: {self._failure}")
+        if request.request_id in self._streams:
+            raise EngineInputError("request_id", "a request with this id is already running", request.request_id)
+        stream = _Stream(asyncio.get_running_loop())
+        self._streams[request.request_id] = stream
+        self._commands.put(_Add(request, params))
+        finished = False
+        try:
+            while True:
+                try:
+                    item = await asyncio.wait_for(stream.queue.get(), self.config.stall_timeout_s)
+                except TimeoutError:
+                    raise EngineError(
+                        f"request {request.request_id} got no output for {self.config.stall_timeout_s:g} s"
+                    ) from None
+                if isinstance(item, Exception):
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request.request_id, None)
+            if not finished:
+                self._commands.put(_Abort(request.request_id))
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tokenizer.encode(text))
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self._tokenizer.decode(token_ids)
+
+    def stats(self) -> EngineStats:
+        scheduler = self._core.scheduler
+        pool = scheduler.kv_cache_manager.block_pool
+        return EngineStats(
+            # vLLM keeps one block aside as the null block; it is never free or used.
+            kv_blocks_total=pool.num_gpu_blocks - 1,
+            kv_blocks_free=pool.get_num_free_blocks(),
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting),
+            prompt_tokens_total=self._prompt_tokens_total,
+            cached_prompt_tokens_total=self._cached_tokens_total,
+        )
+
+    def kv_layout(self) -> KVLayout:
+        runner = self._core.model_executor.driver_worker.worker.model_runner
+        kv_config = self._core.scheduler.kv_cache_config
+        first = runner.kv_caches[0]
+        return KVLayout(
+            device=first.device.type,
+            dtype=str(first.dtype).removeprefix("torch."),
+            block_size=self.block_size,
+            num_blocks=kv_config.num_blocks,
+            layer_names=[name for group in kv_config.kv_cache_groups for name in group.layer_names],
+            block_shape=tuple(first.shape[1:]),
+            cache_layout=kv_config.kv_cache_layout,
+        )
+
+    async def reset_prefix_cache(self) -> bool:
+        """Drop every cached block not in use (emits ``cleared``); true when it did."""
+        future = asyncio.get_running_loop().create_future()
+        self._commands.put(_Call(self._reset_prefix_cache_now, future))
+        return bool(await asyncio.wait_for(future, self.config.stall_timeout_s))
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._closing.set()
+        self._thread.join(timeout)
+        self._llm.engine_core.shutdown()
+        self._close_subscriber()
+        self._tmp.cleanup()
+
+    # ----- internals ----------------------------------------------------------------------
+
+    @property
+    def _core(self):
+        return self._llm.engine_core.engine_core
+
+    def _reset_prefix_cache_now(self) -> bool:
+        reset = self._llm.reset_prefix_cache()
+        # vLLM publishes cache events only at the end of a step; an idle engine would sit on
+        # the "cleared" event until the next request, leaving the index stale meanwhile.
+        scheduler = self._core.scheduler
+        pending = scheduler.kv_cache_manager.take_events()
+        if pending:
+            from vllm.distributed.kv_events import KVEventBatch
+
+            scheduler.kv_event_publisher.publish(KVEventBatch(ts=time.time(), events=pending))
+        return reset
+
+    def _validate(self, request: GenerateRequest):
+        rid = request.request_id
+        ids = request.prompt_token_ids
+        if not isinstance(rid, str) or not rid:
+            raise EngineInputError("request_id", "must be a non-empty string")
+        if not ids:
+            raise EngineInputError("prompt_token_ids", "must not be empty", rid)
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise EngineInputError("prompt_token_ids", f"token id {bad!r} is outside [0, {self.vocab_size})", rid)
+        total = len(ids) + request.sampling.max_tokens
+        if total > self.max_model_len:
+            raise EngineInputError(
+                "max_tokens",
+                f"prompt ({len(ids)} tokens) + max_tokens ({request.sampling.max_tokens}) = {total} "
+                f"exceeds the context length {self.max_model_len}",
+                rid,
+            )
+        _check_sampling(request.sampling, rid)
+        return self._sampling_params(request.sampling, request.kv_transfer_params, rid)
+
+    @staticmethod
+    def _sampling_params(options: SamplingOptions, kv_transfer_params: dict | None, rid: str):
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
+        from vllm.sampling_params import RequestOutputKind
+
+        try:
+            return SamplingParams(
+                max_tokens=options.max_tokens,
+                temperature=options.temperature,
+                top_p=options.top_p,
+                top_k=options.top_k,
+                min_p=options.min_p,
+                seed=options.seed,
+                stop=list(options.stop),
+                stop_token_ids=list(options.stop_token_ids),
+                ignore_eos=options.ignore_eos,
+                logprobs=options.logprobs,
+                output_kind=RequestOutputKind.DELTA,
+                extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
+            )
+        except VLLMValidationError as exc:
+            raise EngineInputError(exc.parameter or "sampling", exc.args[0], rid) from exc
+        except (ValueError, TypeError) as exc:
+            raise EngineInputError("sampling", str(exc), rid) from exc
+
+    def _run(self, endpoint: str | None, built: Future) -> None:
+        try:
+            self._llm = self._build(self.config, endpoint)
+        except BaseException as exc:
+            built.set_exception(exc)
+            return
+        built.set_result(self._llm)
+        self._loop()
+
+    def _loop(self) -> None:
+        try:
+            while not self._closing.is_set():
+                self._take_commands(block=not self._llm.has_unfinished_requests())
+                if self._llm.has_unfinished_requests():
+                    for output in self._llm.step():
+                        self._deliver(output)
+        except Exception as exc:  # an engine step failed: every waiting request learns it
+            log.exception("engine loop failed")
+            self._failure = exc
+            for stream in list(self._streams.values()):
+                stream.push(EngineError(f"engine failed: {exc}"))
+
+    def _take_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=_IDLE_POLL_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            self._run_command(command)
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run_command(self, command) -> None:
+        if isinstance(command, _Add):
+            request = command.request
+            try:
+                self._llm.add_request(
+                    request.request_id, {"prompt_token_ids": list(request.prompt_token_ids)}, command.params
+                )
+            except (ValueError, TypeError) as exc:
+                self._push(request.request_id, EngineInputError("prompt", str(exc), request.request_id))
+        elif isinstance(command, _Abort):
+            self._llm.abort_request([command.request_id])
+            stream = self._streams.get(command.request_id)
+            if stream is not None:
+                stream.push(self._abort_delta(command.request_id, stream))
+        else:
+            self._resolve(command)
+
+    @staticmethod
+    def _resolve(command: _Call) -> None:
+        future = command.done
+        try:
+            result: object = command.fn()
+        except Exception as exc:
+            result = exc
+        setter = future.set_exception if isinstance(result, Exception) else future.set_result
+        future.get_loop().call_soon_threadsafe(lambda: future.done() or setter(result))
+
+    def _push(self, request_id: str, item: OutputDelta | Exception) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.push(item)
+
+    def _deliver(self, output) -> None:
+        stream = self._streams.get(output.request_id)
+        if stream is None:
+            return
+        completion = output.outputs[0]
+        prompt_tokens = len(output.prompt_token_ids or ())
+        cached = output.num_cached_tokens or 0
+        if not stream.cached_counted:
+            stream.cached_counted = True
+            self._prompt_tokens_total += prompt_tokens
+            self._cached_tokens_total += cached
+        stream.completion_tokens += len(completion.token_ids)
+        stream.push(
+            OutputDelta(
+                request_id=output.request_id,
+                token_ids=list(completion.token_ids),
+                text=completion.text,
+                finish_reason=completion.finish_reason if output.finished else None,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=stream.completion_tokens,
+                cached_prompt_tokens=cached,
+                kv_transfer_params=output.kv_transfer_params,
+            )
+        )
+
+    @staticmethod
+    def _abort_delta(request_id: str, stream: _Stream) -> OutputDelta:
+        return OutputDelta(request_id, [], "", "abort", 0, stream.completion_tokens, 0)
+
+    def _close_subscriber(self) -> None:
+        if self._subscriber is not None:
+            self._subscriber.close()

@@ -1,0 +1,23 @@
+"""Typed errors of the engine layer: each names the field at fault."""
+
+
+class EngineError(Exception):
+    """Base of every error the engine layer raises on purpose."""
+
+
+class EngineConfigError(EngineError):
+    """The engine (or the model directory) cannot be built as configured."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class EngineInputError(EngineError):
+    """A request the engine refuses; the engine keeps serving."""
+
+    def __init__(self, field: str, message: str, request_id: str | None = None):
+        self.field = field
+        self.request_id = request_id
+        where = f" (request {request_id})" if request_id else ""
+        super().__init__(f"{field}: {message}{where}")

@@ -1,0 +1,77 @@
+"""Typed values that cross the engine's interface; plain data, no torch or vLLM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingOptions = SamplingOptions()
+    kv_transfer_params: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class OutputDelta:
+    """What one engine step added to one request."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+    kv_transfer_params: dict[str, Any] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    kv_blocks_total: int
+    kv_blocks_free: int
+    running: int
+    waiting: int
+    prompt_tokens_total: int
+    cached_prompt_tokens_total: int
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.kv_blocks_total - self.kv_blocks_free
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """How the engine's paged KV cache is laid out, read from the live tensors.
+
+    ``block_shape`` is one block of one layer; on vLLM CPU it is
+    ``(num_kv_heads, block_size, 2 * head_dim)`` with K then V in the last axis.
+    """
+
+    device: str
+    dtype: str
+    block_size: int
+    num_blocks: int
+    layer_names: list[str] = field(default_factory=list)
+    block_shape: tuple[int, ...] = ()
+    cache_layout: str = ""

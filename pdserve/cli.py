@@ -1,0 +1,157 @@
+"""The ``pdserve`` command: make-model, generate, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from engine.errors import EngineError
+from engine.tiny_model import ARCHS, BENCH_SHAPE, TINY_SHAPE, ModelShape
+from pdserve.config import ConfigError, PdserveConfig, load_config, parse_assignment
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except (ConfigError, EngineError) as exc:
+        print(f"pdserve: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    make = commands.add_parser("make-model", help="write a tiny random-weight Hugging Face model directory")
+    make.add_argument("dir", type=Path, help="output directory")
+    make.add_argument("--preset", choices=("tiny", "bench"), default="tiny", help="starting shape (default: tiny)")
+    make.add_argument("--arch", choices=ARCHS)
+    make.add_argument("--vocab-size", type=int)
+    make.add_argument("--hidden-size", type=int)
+    make.add_argument("--layers", type=int)
+    make.add_argument("--heads", type=int)
+    make.add_argument("--kv-heads", type=int)
+    make.add_argument("--seed", type=int)
+    make.set_defaults(run=_make_model)
+
+    generate = commands.add_parser("generate", help="stream a completion from a model through pdserve's engine")
+    _add_config_flags(generate)
+    generate.add_argument("prompt", help="prompt text")
+    generate.add_argument("--max-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=-1)
+    generate.add_argument("--seed", type=int)
+    generate.set_defaults(run=_generate)
+
+    bench = commands.add_parser("bench", help="run a benchmark")
+    suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
+    engine_bench = suites.add_parser("engine", help="pdserve's engine interface vs vLLM's offline LLM.generate")
+    _add_config_flags(engine_bench)
+    engine_bench.add_argument("--requests", type=int, default=32, help="concurrent streamed requests")
+    engine_bench.add_argument("--repeats", type=int, default=3, help="rounds per measurement; medians reported")
+    engine_bench.add_argument(
+        "--json",
+        nargs="?",
+        const=Path("bench/results/engine.json"),
+        type=Path,
+        metavar="PATH",
+        help="also write the figures as JSON (default path: bench/results/engine.json)",
+    )
+    engine_bench.set_defaults(run=_bench_engine)
+    return parser
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file")
+    parser.add_argument("--model", type=Path, help="Hugging Face model directory (default: a tiny model made here)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
+    parser.add_argument("--block-size", type=int)
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--cpu-cores", help="cores the engine binds to, e.g. 0-1")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="any config field, e.g. engine.kv_cache_gib=2"
+    )
+
+
+def _config(args: argparse.Namespace) -> PdserveConfig:
+    overrides = {
+        "engine.model": args.model,
+        "engine.dtype": args.dtype,
+        "engine.block_size": args.block_size,
+        "engine.max_model_len": args.max_model_len,
+        "engine.cpu_cores": args.cpu_cores,
+    }
+    overrides.update(parse_assignment(item) for item in args.set)
+    config = load_config(args.config, os.environ, overrides)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return config
+
+
+def _make_model(args: argparse.Namespace) -> int:
+    from engine.tiny_model import make_model
+
+    base = BENCH_SHAPE if args.preset == "bench" else TINY_SHAPE
+    fields = ("arch", "vocab_size", "hidden_size", "layers", "heads", "kv_heads", "seed")
+    changes = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
+    out = make_model(args.dir, ModelShape(**{**base.__dict__, **changes}))
+    print(out)
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from pdserve.models import resolve_model
+
+    config = resolve_model(_config(args))
+    return asyncio.run(_stream_completion(config, args))
+
+
+async def _stream_completion(config: PdserveConfig, args: argparse.Namespace) -> int:
+    from engine.engine import Engine
+    from engine.types import GenerateRequest, SamplingOptions
+
+    engine = Engine(config.engine)
+    try:
+        sampling = SamplingOptions(
+            max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+        )
+        request = GenerateRequest(uuid.uuid4().hex, engine.encode(args.prompt), sampling)
+        start = time.perf_counter()
+        first = None
+        async for delta in engine.generate(request):
+            first = first or time.perf_counter()
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        elapsed = time.perf_counter() - start
+        sys.stdout.write("\n")
+        print(
+            f"[{delta.completion_tokens} tokens, finish={delta.finish_reason}, "
+            f"ttft={1000 * ((first or start) - start):.0f} ms, total={elapsed:.2f} s]",
+            file=sys.stderr,
+        )
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _bench_engine(args: argparse.Namespace) -> int:
+    from bench.engine_bench import run_engine_bench
+    from pdserve.models import resolve_model
+
+    config = resolve_model(_config(args), shape=BENCH_SHAPE, name="pdserve-bench-llama")
+    run_engine_bench(config.engine, requests=args.requests, repeats=args.repeats, json_path=args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Shared fixtures: tiny models made once per session, engines built through the real loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.tiny_model import ModelShape, make_model
+
+
+@pytest.fixture(scope="session")
+def make_tiny_model(tmp_path_factory):
+    """``make_tiny_model(arch)`` → a model directory, made once per architecture per session."""
+    made: dict[str, Path] = {}
+
+    def make(arch: str = "llama") -> Path:
+        if arch not in made:
+            made[arch] = make_model(tmp_path_factory.mktemp(f"model-{arch}"), ModelShape(arch=arch))
+        return made[arch]
+
+    return make

@@ -1,0 +1,69 @@
+"""One config schema from file, then PDSERVE_* env, then flags; errors name the field."""
+
+import pytest
+
+from pdserve.config import ConfigError, load_config, parse_assignment
+
+
+def write(tmp_path, text):
+    path = tmp_path / "pdserve.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_need_no_source():
+    config = load_config()
+    assert config.engine.model is None
+    assert config.engine.block_size == 128
+
+
+def test_env_overrides_file_and_flags_override_env(tmp_path):
+    path = write(tmp_path, "engine:\n  block_size: 32\n  max_num_seqs: 8\n  kv_cache_gib: 2\n")
+    env = {"PDSERVE_ENGINE__BLOCK_SIZE": "64", "PDSERVE_ENGINE__MAX_NUM_SEQS": "16", "HOME": "/x"}
+    config = load_config(path, env, {"engine.block_size": 96})
+    assert config.engine.block_size == 96
+    assert config.engine.max_num_seqs == 16
+    assert config.engine.kv_cache_gib == 2.0
+
+
+def test_unset_flags_do_not_override(tmp_path):
+    config = load_config(write(tmp_path, "engine:\n  block_size: 32\n"), {}, {"engine.block_size": None})
+    assert config.engine.block_size == 32
+
+
+@pytest.mark.parametrize(
+    "source,field",
+    [
+        ({"engine.block_size": 0}, "engine.block_size"),
+        ({"engine.dtype": "float8"}, "engine.dtype"),
+        ({"engine.kv_cache_gib": -1}, "engine.kv_cache_gib"),
+        ({"engine.no_such_field": 1}, "engine.no_such_field"),
+        ({"no_such_section": 1}, "no_such_section"),
+    ],
+)
+def test_invalid_values_are_reported_by_field(source, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(overrides=source)
+
+
+def test_env_values_are_validated_too():
+    with pytest.raises(ConfigError, match=r"engine\.block_size"):
+        load_config(env={"PDSERVE_ENGINE__BLOCK_SIZE": "lots"})
+
+
+def test_model_must_be_a_model_directory(tmp_path):
+    with pytest.raises(ConfigError, match=r"engine\.model.*no config\.json"):
+        load_config(overrides={"engine.model": str(tmp_path)})
+
+
+def test_broken_yaml_names_the_file(tmp_path):
+    path = write(tmp_path, "engine: [unclosed\n")
+    with pytest.raises(ConfigError, match="pdserve.yaml"):
+        load_config(path)
+
+
+def test_set_assignments_read_values_as_yaml():
+    assert parse_assignment("engine.kv_cache_gib=2.5") == ("engine.kv_cache_gib", 2.5)
+    assert parse_assignment("engine.enforce_eager=false") == ("engine.enforce_eager", False)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_assignment("engine.block_size")
