@@ -20,3 +20,12 @@ def make_tiny_model(tmp_path_factory):
         return made[arch]
 
     return make
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    from redis_server import RedisServer
+
+    server = RedisServer(tmp_path).start()
+    yield server
+    server.stop()

@@ -1,0 +1,108 @@
+"""In-memory prefix index: the embedded default for a single router replica."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored, CacheEvent
+from router.index.base import IndexHealth, WorkerInfo
+
+
+class MemoryPrefixIndex:
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._holders: dict[bytes, set[str]] = {}
+        self._held: dict[str, set[bytes]] = {}
+        self._workers: dict[str, WorkerInfo] = {}
+        self._expires: dict[str, float] = {}
+        self._epochs: dict[str, int] = {}
+
+    def apply_events(self, worker_id: str, epoch: int, events: Sequence[CacheEvent]) -> None:
+        with self._lock:
+            if not self._advance_epoch(worker_id, epoch):
+                return
+            held = self._held.setdefault(worker_id, set())
+            for event in events:
+                if isinstance(event, BlocksStored):
+                    for digest in event.hashes:
+                        self._holders.setdefault(digest, set()).add(worker_id)
+                    held.update(event.hashes)
+                elif isinstance(event, BlocksRemoved):
+                    for digest in event.hashes:
+                        self._drop(worker_id, digest)
+                    held.difference_update(event.hashes)
+                elif isinstance(event, AllCleared):
+                    self._drop_all(worker_id)
+                    held = self._held.setdefault(worker_id, set())
+
+    def heartbeat(self, worker: WorkerInfo, ttl_s: float) -> None:
+        with self._lock:
+            if not self._advance_epoch(worker.worker_id, worker.epoch):
+                return
+            self._workers[worker.worker_id] = worker
+            self._expires[worker.worker_id] = self._clock() + ttl_s
+
+    def match(self, chain: Sequence[bytes]) -> tuple[list[WorkerInfo], dict[str, int]]:
+        with self._lock:
+            live = self._live()
+            counts = dict.fromkeys((w.worker_id for w in live), 0)
+            active = set(counts)
+            for depth, digest in enumerate(chain, start=1):
+                active &= self._holders.get(digest, set())
+                if not active:
+                    break
+                for worker_id in active:
+                    counts[worker_id] = depth
+            return live, counts
+
+    def live_workers(self) -> list[WorkerInfo]:
+        with self._lock:
+            return self._live()
+
+    def forget_worker(self, worker_id: str) -> None:
+        with self._lock:
+            self._drop_all(worker_id)
+            self._held.pop(worker_id, None)
+            self._workers.pop(worker_id, None)
+            self._expires.pop(worker_id, None)
+            self._epochs.pop(worker_id, None)
+
+    def sweep(self) -> int:
+        now = self._clock()
+        with self._lock:
+            dead = [w for w in self._epochs if self._expires.get(w, 0.0) <= now]
+        for worker_id in dead:
+            self.forget_worker(worker_id)
+        return len(dead)
+
+    def health(self) -> IndexHealth:
+        return IndexHealth(available=True, outages=0, failed_calls=0)
+
+    def _live(self) -> list[WorkerInfo]:
+        now = self._clock()
+        return [w for w in self._workers.values() if self._expires[w.worker_id] > now]
+
+    def _advance_epoch(self, worker_id: str, epoch: int) -> bool:
+        """False for a stale epoch; a newer one drops everything the old incarnation held."""
+        known = self._epochs.get(worker_id)
+        if known is not None and epoch < known:
+            return False
+        if known is not None and epoch > known:
+            self._drop_all(worker_id)
+        self._epochs[worker_id] = epoch
+        return True
+
+    def _drop(self, worker_id: str, digest: bytes) -> None:
+        holders = self._holders.get(digest)
+        if holders is not None:
+            holders.discard(worker_id)
+            if not holders:
+                del self._holders[digest]
+
+    def _drop_all(self, worker_id: str) -> None:
+        for digest in self._held.get(worker_id, set()):
+            self._drop(worker_id, digest)
+        self._held[worker_id] = set()

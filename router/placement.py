@@ -1,0 +1,191 @@
+"""Placement: which prefill worker (or none) and which decode worker take a request.
+
+Policies are small classes chosen by name (``round_robin``, ``least_loaded``,
+``prefix_aware``). Each picks a prefill and a decode worker; one shared step
+then applies conditional disaggregation: the decode worker prefills locally
+when little of the prompt is uncached there, or when the prefill pool is full.
+
+``prefix_aware`` scores every candidate by the work it would do for this
+request, in prompt-token units, and takes the cheapest:
+
+- prefill worker: uncached tokens + ``prefill_queue_weight`` × queued prefill tokens
+- decode worker:  ``transfer_cost_per_token`` × tokens it lacks (shipped or recomputed)
+  + ``decode_seq_cost_tokens`` × running sequences + ``decode_kv_cost_tokens`` × KV pool use
+
+so a worker holding the prefix wins until its queue costs more than the
+prefix saves, and then the request spills to the next best worker.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.block_hash import hash_chain
+from router.index.base import PrefixIndex, WorkerInfo
+
+PolicyName = Literal["round_robin", "least_loaded", "prefix_aware"]
+
+
+class PlacementConfig(BaseModel):
+    """Placement knobs; every field is documented where it is used (module docstring)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: PolicyName = "prefix_aware"
+    local_prefill_max_uncached_tokens: int = Field(
+        default=256, ge=0, description="the decode worker prefills locally when at most this many tokens are uncached"
+    )
+    prefill_queue_limit_tokens: int = Field(
+        default=65536, ge=0, description="prefill pool saturated (decode prefills locally) when every worker queues more"
+    )
+    prefill_queue_weight: float = Field(default=1.0, ge=0, description="cost of a queued prefill token")
+    transfer_cost_per_token: float = Field(default=0.25, ge=0, description="cost of a token the decode worker lacks")
+    decode_seq_cost_tokens: float = Field(default=64.0, ge=0, description="cost of one running decode sequence")
+    decode_kv_cost_tokens: float = Field(default=4096.0, ge=0, description="cost of a full decode KV pool")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    worker: WorkerInfo
+    cached_tokens: int
+
+
+@dataclass(frozen=True)
+class Placement:
+    """``prefill_worker`` None means the decode worker prefills locally."""
+
+    prefill_worker: str | None
+    decode_worker: str
+    prefill_cached_tokens: int
+    decode_cached_tokens: int
+    outcome: Literal["disaggregated", "local_prefill"]
+    reason: str
+
+
+class NoWorkerError(RuntimeError):
+    """No live decode worker: maps to HTTP 503 / gRPC UNAVAILABLE."""
+
+
+class PlacementPolicy(Protocol):
+    name: str
+
+    def choose(
+        self, prompt_tokens: int, prefill: Sequence[Candidate], decode: Sequence[Candidate]
+    ) -> tuple[Candidate | None, Candidate]:
+        """Pick a prefill candidate (None when there is none) and a decode candidate (never empty)."""
+
+
+class RoundRobin:
+    name = "round_robin"
+
+    def __init__(self, config: PlacementConfig):
+        self._turn = itertools.count()
+
+    def choose(self, prompt_tokens, prefill, decode):
+        turn = next(self._turn)
+        return (_by_id(prefill)[turn % len(prefill)] if prefill else None), _by_id(decode)[turn % len(decode)]
+
+
+class LeastLoaded:
+    name = "least_loaded"
+
+    def __init__(self, config: PlacementConfig):
+        self._config = config
+
+    def choose(self, prompt_tokens, prefill, decode):
+        best_prefill = min(_by_id(prefill), key=lambda c: c.worker.load.queued_prefill_tokens, default=None)
+        return best_prefill, min(_by_id(decode), key=lambda c: _decode_load_cost(c.worker, self._config))
+
+
+class PrefixAware:
+    name = "prefix_aware"
+
+    def __init__(self, config: PlacementConfig):
+        self._config = config
+
+    def choose(self, prompt_tokens, prefill, decode):
+        config = self._config
+
+        def prefill_cost(c: Candidate) -> float:
+            queued = c.worker.load.queued_prefill_tokens
+            return (prompt_tokens - c.cached_tokens) + config.prefill_queue_weight * queued
+
+        def decode_cost(c: Candidate) -> float:
+            lacking = prompt_tokens - c.cached_tokens
+            return config.transfer_cost_per_token * lacking + _decode_load_cost(c.worker, config)
+
+        return min(_by_id(prefill), key=prefill_cost, default=None), min(_by_id(decode), key=decode_cost)
+
+
+POLICIES: dict[str, type[PlacementPolicy]] = {p.name: p for p in (RoundRobin, LeastLoaded, PrefixAware)}
+
+
+def make_policy(config: PlacementConfig) -> PlacementPolicy:
+    return POLICIES[config.policy](config)
+
+
+class Placer:
+    """Hash a prompt, ask the index once, and place it with the configured policy."""
+
+    def __init__(self, index: PrefixIndex, config: PlacementConfig, model_id: str, block_size: int):
+        self._index = index
+        self._config = config
+        self._policy = make_policy(config)
+        self._model_id = model_id
+        self._block_size = block_size
+
+    def place(self, token_ids: Sequence[int]) -> Placement:
+        chain = hash_chain(self._model_id, token_ids, self._block_size)
+        live, cached_blocks = self._index.match(chain)
+        return self.place_matched(len(token_ids), live, cached_blocks)
+
+    def place_matched(self, prompt_tokens: int, live: Sequence[WorkerInfo], cached_blocks: dict[str, int]) -> Placement:
+        candidates = {"prefill": [], "decode": []}
+        for worker in live:
+            # A worker that advertises another block size shares no keys with this chain.
+            blocks = cached_blocks.get(worker.worker_id, 0) if worker.block_size == self._block_size else 0
+            # The last prompt token is always computed: it yields the first output token.
+            cached = min(blocks * self._block_size, prompt_tokens - 1)
+            candidates[worker.role].append(Candidate(worker, cached))
+        if not candidates["decode"]:
+            raise NoWorkerError("no live decode worker")
+        prefill, decode = self._policy.choose(prompt_tokens, candidates["prefill"], candidates["decode"])
+        return self._disaggregate_or_not(prompt_tokens, prefill, decode, candidates["prefill"])
+
+    def _disaggregate_or_not(
+        self, prompt_tokens: int, prefill: Candidate | None, decode: Candidate, pool: Sequence[Candidate]
+    ) -> Placement:
+        config = self._config
+        if prefill is None:
+            reason = "no_prefill_worker"
+        elif prompt_tokens - decode.cached_tokens <= config.local_prefill_max_uncached_tokens:
+            reason = "short_uncached"
+        elif all(c.worker.load.queued_prefill_tokens > config.prefill_queue_limit_tokens for c in pool):
+            reason = "prefill_saturated"
+        else:
+            return Placement(
+                prefill.worker.worker_id,
+                decode.worker.worker_id,
+                prefill.cached_tokens,
+                decode.cached_tokens,
+                "disaggregated",
+                self._policy.name,
+            )
+        return Placement(None, decode.worker.worker_id, 0, decode.cached_tokens, "local_prefill", reason)
+
+
+def _by_id(candidates: Sequence[Candidate]) -> list[Candidate]:
+    """Stable order, so ties break the same way on every router."""
+    return sorted(candidates, key=lambda c: c.worker.worker_id)
+
+
+def _decode_load_cost(worker: WorkerInfo, config: PlacementConfig) -> float:
+    load = worker.load
+    return config.decode_seq_cost_tokens * (load.running_seqs + load.waiting_seqs) + (
+        config.decode_kv_cost_tokens * load.kv_used_fraction
+    )

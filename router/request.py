@@ -1,0 +1,270 @@
+"""One typed request for both front ends, and the validation that guards it.
+
+Every bad field raises ``RequestError`` naming the field and the limit, before
+anything is queued. Field names follow the OpenAI completions/chat API, plus
+vLLM's extensions (``top_k``, ``min_p``, ``stop_token_ids``, ``ignore_eos``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from engine.types import SamplingOptions
+from router.tokenizer import ModelTokenizer, TokenizerError
+
+Kind = Literal["completion", "chat"]
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+class RequestError(ValueError):
+    """A request the router refuses: maps to HTTP 400 / gRPC INVALID_ARGUMENT."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request may ask for; the model's figures come from its directory."""
+
+    context_length: int
+    vocab_size: int
+    max_body_bytes: int = 1 << 20
+    max_stop_strings: int = 16
+    max_stop_string_chars: int = 256
+    max_stop_token_ids: int = 64
+    max_logprobs: int = 20
+    default_max_tokens: int = 16
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    kind: Kind
+    model: str | None
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    messages: list[dict[str, str]] | None = None
+    sampling: SamplingOptions = SamplingOptions()
+    stream: bool = False
+    include_usage: bool = False
+
+
+_COMMON = {
+    "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
+    "stop_token_ids", "ignore_eos", "stream", "stream_options", "request_id", "n", "user",
+}  # fmt: skip
+_FIELDS: dict[Kind, set[str]] = {
+    "completion": _COMMON | {"prompt", "logprobs"},
+    "chat": _COMMON | {"messages", "logprobs", "top_logprobs"},
+}
+
+
+def parse_request(body: bytes | Mapping[str, Any], kind: Kind, limits: RequestLimits) -> GenerationRequest:
+    """Validate a raw body (JSON bytes or an already-decoded mapping) into a request."""
+    data = _decode_body(body, limits) if isinstance(body, bytes | bytearray) else dict(body)
+    unknown = sorted(set(data) - _FIELDS[kind])
+    if unknown:
+        raise RequestError(unknown[0], f"unknown field (allowed: {', '.join(sorted(_FIELDS[kind]))})")
+    if _get(data, "n", int, 1) != 1:
+        raise RequestError("n", "only n=1 is supported")
+    request_id = _get(data, "request_id", str, None) or uuid.uuid4().hex
+    if not request_id or len(request_id) > 128:
+        raise RequestError("request_id", "must be 1 to 128 characters")
+    prompt, prompt_ids, messages = None, None, None
+    if kind == "completion":
+        prompt, prompt_ids = _prompt(data, limits)
+    else:
+        messages = _messages(data)
+    stream_options = _get(data, "stream_options", dict, {}) or {}
+    return GenerationRequest(
+        request_id=request_id,
+        kind=kind,
+        model=_get(data, "model", str, None),
+        prompt=prompt,
+        prompt_token_ids=prompt_ids,
+        messages=messages,
+        sampling=_sampling(data, kind, limits),
+        stream=_get(data, "stream", bool, False),
+        include_usage=bool(stream_options.get("include_usage", False)),
+    )
+
+
+def tokenize(request: GenerationRequest, tokenizer: ModelTokenizer, limits: RequestLimits) -> list[int]:
+    """The prompt's token ids, checked against the vocabulary and the context length."""
+    if request.prompt_token_ids is not None:
+        ids = request.prompt_token_ids
+    else:
+        try:
+            text = request.prompt if request.kind == "completion" else tokenizer.render_chat(request.messages or [])
+        except TokenizerError as exc:
+            raise RequestError("messages", str(exc)) from exc
+        ids = tokenizer.encode(text or "")
+    if not ids:
+        raise RequestError("prompt", "must not be empty")
+    total = len(ids) + request.sampling.max_tokens
+    if total > limits.context_length:
+        raise RequestError(
+            "max_tokens",
+            f"prompt ({len(ids)} tokens) + max_tokens ({request.sampling.max_tokens}) = {total} exceeds "
+            f"the model's context length {limits.context_length}",
+        )
+    return ids
+
+
+def _decode_body(body: bytes, limits: RequestLimits) -> dict[str, Any]:
+    if len(body) > limits.max_body_bytes:
+        raise RequestError("body", f"{len(body)} bytes exceeds the limit of {limits.max_body_bytes} bytes")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RequestError("body", f"is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RequestError("body", f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise RequestError("body", "must be a JSON object")
+    return data
+
+
+def _get(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any) -> Any:
+    value = data.get(name)
+    if value is None:
+        return default
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    # bool is an int in Python; a JSON true must not pass as a number.
+    if isinstance(value, bool) and bool not in kinds:
+        raise RequestError(name, f"must be {_type_name(kinds)}, got a boolean")
+    if float in kinds and isinstance(value, int):
+        value = float(value)
+    if not isinstance(value, kinds):
+        raise RequestError(name, f"must be {_type_name(kinds)}, got {type(value).__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RequestError(name, "must be a finite number")
+    return value
+
+
+def _type_name(kinds: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list", dict: "an object"}
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _prompt(data: Mapping[str, Any], limits: RequestLimits) -> tuple[str | None, list[int] | None]:
+    prompt = data.get("prompt")
+    if prompt is None:
+        raise RequestError("prompt", "is required")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+        prompt = prompt[0]  # OpenAI clients send a one-element batch
+    if isinstance(prompt, str):
+        if not prompt:
+            raise RequestError("prompt", "must not be empty")
+        return prompt, None
+    if isinstance(prompt, list):
+        if not prompt:
+            raise RequestError("prompt", "must not be empty")
+        for token in prompt:
+            if isinstance(token, bool) or not isinstance(token, int):
+                raise RequestError("prompt", "token ids must be integers")
+            if not 0 <= token < limits.vocab_size:
+                raise RequestError("prompt", f"token id {token} is outside the vocabulary [0, {limits.vocab_size})")
+        return None, list(prompt)
+    raise RequestError("prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}")
+
+
+def _messages(data: Mapping[str, Any]) -> list[dict[str, str]]:
+    messages = _get(data, "messages", list, None)
+    if not messages:
+        raise RequestError("messages", "must be a non-empty list")
+    clean = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise RequestError(where, "must be an object with role and content")
+        role, content = message.get("role"), message.get("content")
+        if role not in CHAT_ROLES:
+            raise RequestError(f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}] parts
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+                raise RequestError(f"{where}.content", "only text parts are supported")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise RequestError(f"{where}.content", f"must be a string, got {type(content).__name__}")
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+def _sampling(data: Mapping[str, Any], kind: Kind, limits: RequestLimits) -> SamplingOptions:
+    max_tokens_field = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _get(data, max_tokens_field, int, limits.default_max_tokens)
+    if max_tokens < 1:
+        raise RequestError(max_tokens_field, f"must be at least 1, got {max_tokens}")
+    if max_tokens >= limits.context_length:
+        raise RequestError(max_tokens_field, f"must be below the context length {limits.context_length}")
+    temperature = _get(data, "temperature", float, 1.0)
+    if not 0.0 <= temperature <= 2.0:
+        raise RequestError("temperature", f"must be in [0, 2], got {temperature}")
+    top_p = _get(data, "top_p", float, 1.0)
+    if not 0.0 < top_p <= 1.0:
+        raise RequestError("top_p", f"must be in (0, 1], got {top_p}")
+    top_k = _get(data, "top_k", int, -1)
+    if top_k < -1 or top_k == 0:
+        raise RequestError("top_k", f"must be -1 (off) or at least 1, got {top_k}")
+    min_p = _get(data, "min_p", float, 0.0)
+    if not 0.0 <= min_p <= 1.0:
+        raise RequestError("min_p", f"must be in [0, 1], got {min_p}")
+    seed = _get(data, "seed", int, None)
+    stop = _stop_strings(data, limits)
+    stop_token_ids = _get(data, "stop_token_ids", list, [])
+    if len(stop_token_ids) > limits.max_stop_token_ids:
+        raise RequestError("stop_token_ids", f"at most {limits.max_stop_token_ids} entries")
+    for token in stop_token_ids:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < limits.vocab_size:
+            raise RequestError("stop_token_ids", f"entries must be token ids in [0, {limits.vocab_size})")
+    return SamplingOptions(
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        min_p=min_p,
+        seed=seed,
+        stop=stop,
+        stop_token_ids=tuple(stop_token_ids),
+        ignore_eos=_get(data, "ignore_eos", bool, False),
+        logprobs=_logprobs(data, kind, limits),
+    )
+
+
+def _stop_strings(data: Mapping[str, Any], limits: RequestLimits) -> tuple[str, ...]:
+    stop = _get(data, "stop", (str, list), [])
+    stop = [stop] if isinstance(stop, str) else stop
+    if len(stop) > limits.max_stop_strings:
+        raise RequestError("stop", f"at most {limits.max_stop_strings} stop strings, got {len(stop)}")
+    for s in stop:
+        if not isinstance(s, str) or not s:
+            raise RequestError("stop", "entries must be non-empty strings")
+        if len(s) > limits.max_stop_string_chars:
+            raise RequestError("stop", f"entries must be at most {limits.max_stop_string_chars} characters")
+    return tuple(stop)
+
+
+def _logprobs(data: Mapping[str, Any], kind: Kind, limits: RequestLimits) -> int | None:
+    if kind == "chat":
+        if not _get(data, "logprobs", bool, False):
+            return None
+        count = _get(data, "top_logprobs", int, 0)
+        name = "top_logprobs"
+    else:
+        count = _get(data, "logprobs", int, None)
+        name = "logprobs"
+        if count is None:
+            return None
+    if not 0 <= count <= limits.max_logprobs:
+        raise RequestError(name, f"must be in [0, {limits.max_logprobs}], got {count}")
+    return count

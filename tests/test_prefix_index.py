@@ -1,0 +1,236 @@
+"""One conformance suite for every PrefixIndex backend, then what only Redis must do."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import redis
+from redis_server import RedisServer
+
+from engine.block_hash import hash_chain
+from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored
+from router.index import MemoryPrefixIndex, WorkerInfo, WorkerLoad, make_index
+from router.index.redis_index import RedisPrefixIndex
+
+MODEL = "tiny"
+BLOCK = 16
+TTL = 5.0
+CHAIN = hash_chain(MODEL, list(range(8 * BLOCK)), BLOCK)
+OTHER = hash_chain(MODEL, list(range(1000, 1000 + 4 * BLOCK)), BLOCK)
+
+
+def worker(worker_id: str, role="decode", epoch=1, **load) -> WorkerInfo:
+    return WorkerInfo(worker_id, role, epoch, BLOCK, WorkerLoad(**load))
+
+
+def stored(hashes, parent=None) -> BlocksStored:
+    return BlocksStored(list(hashes), parent)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def index(request, tmp_path):
+    if request.param == "memory":
+        yield MemoryPrefixIndex()
+        return
+    server = RedisServer(tmp_path).start()
+    index = make_index(server.url, MODEL)
+    yield index
+    index.close()
+    server.stop()
+
+
+def live(index, worker_id: str, **kwargs) -> None:
+    index.heartbeat(worker(worker_id, **kwargs), TTL)
+
+
+def test_match_counts_the_leading_blocks_each_live_worker_holds(index):
+    live(index, "a")
+    live(index, "b")
+    live(index, "c")
+    index.apply_events("a", 1, [stored(CHAIN[:5])])
+    index.apply_events("b", 1, [stored(CHAIN[:2]), stored(CHAIN[2:3], CHAIN[1])])
+    workers, counts = index.match(CHAIN)
+    assert {w.worker_id for w in workers} == {"a", "b", "c"}
+    assert counts == {"a": 5, "b": 3, "c": 0}
+
+
+def test_a_missing_block_ends_the_match(index):
+    live(index, "a")
+    index.apply_events("a", 1, [stored(CHAIN[:2]), stored(CHAIN[3:6])])
+    assert index.match(CHAIN)[1] == {"a": 2}
+
+
+def test_an_empty_chain_lists_live_workers_with_no_blocks(index):
+    live(index, "a", queued_prefill_tokens=7)
+    workers, counts = index.match([])
+    assert workers == [worker("a", queued_prefill_tokens=7)]
+    assert counts == {"a": 0}
+
+
+def test_removed_blocks_stop_matching(index):
+    live(index, "a")
+    index.apply_events("a", 1, [stored(CHAIN[:6])])
+    index.apply_events("a", 1, [BlocksRemoved([CHAIN[3]])])
+    assert index.match(CHAIN)[1] == {"a": 3}
+
+
+def test_cleared_drops_every_block_of_that_worker_only(index):
+    live(index, "a")
+    live(index, "b")
+    index.apply_events("a", 1, [stored(CHAIN[:4])])
+    index.apply_events("b", 1, [stored(CHAIN[:4])])
+    index.apply_events("a", 1, [AllCleared(), stored(OTHER[:1])])
+    assert index.match(CHAIN)[1] == {"a": 0, "b": 4}
+    assert index.match(OTHER)[1] == {"a": 1, "b": 0}
+
+
+def test_workers_without_a_heartbeat_do_not_count(index):
+    index.apply_events("ghost", 1, [stored(CHAIN)])
+    assert index.match(CHAIN) == ([], {})
+
+
+def test_a_lapsed_heartbeat_stops_counting_at_once(index):
+    index.heartbeat(worker("a"), 0.2)
+    live(index, "b")
+    index.apply_events("a", 1, [stored(CHAIN)])
+    assert index.match(CHAIN)[1]["a"] == 8
+    time.sleep(0.35)
+    workers, counts = index.match(CHAIN)
+    assert [w.worker_id for w in workers] == ["b"] and "a" not in counts
+
+
+def test_heartbeats_carry_role_and_load(index):
+    live(index, "p", role="prefill", queued_prefill_tokens=300)
+    live(index, "d", role="decode", running_seqs=3, kv_used_fraction=0.5)
+    by_id = {w.worker_id: w for w in index.live_workers()}
+    assert by_id["p"].role == "prefill" and by_id["p"].load.queued_prefill_tokens == 300
+    assert by_id["d"].load == WorkerLoad(running_seqs=3, kv_used_fraction=0.5)
+
+
+def test_a_restart_with_a_new_epoch_drops_the_old_entries(index):
+    live(index, "a", epoch=1)
+    index.apply_events("a", 1, [stored(CHAIN)])
+    live(index, "a", epoch=2)
+    assert index.match(CHAIN)[1] == {"a": 0}
+    index.apply_events("a", 2, [stored(CHAIN[:2])])
+    assert index.match(CHAIN)[1] == {"a": 2}
+
+
+def test_events_and_heartbeats_from_an_older_epoch_are_ignored(index):
+    live(index, "a", epoch=2)
+    index.apply_events("a", 1, [stored(CHAIN)])
+    index.heartbeat(worker("a", epoch=1, running_seqs=99), TTL)
+    assert index.match(CHAIN)[1] == {"a": 0}
+    assert index.live_workers()[0].epoch == 2
+
+
+def test_forget_worker_drops_it_and_its_entries(index):
+    live(index, "a")
+    live(index, "b")
+    index.apply_events("a", 1, [stored(CHAIN)])
+    index.forget_worker("a")
+    assert index.match(CHAIN)[1] == {"b": 0}
+    live(index, "a")
+    assert index.match(CHAIN)[1]["a"] == 0
+
+
+def test_sweep_collects_the_entries_of_dead_workers(index):
+    index.heartbeat(worker("a"), 0.2)
+    live(index, "b")
+    index.apply_events("a", 1, [stored(CHAIN)])
+    index.apply_events("b", 1, [stored(CHAIN[:1])])
+    time.sleep(0.35)
+    assert index.sweep() == 1
+    live(index, "a")  # the same id comes back with the same epoch: nothing of the old entries remains
+    assert index.match(CHAIN)[1] == {"a": 0, "b": 1}
+    assert index.sweep() == 0
+
+
+def test_health_reports_available(index):
+    health = index.health()
+    assert health.available and health.outages == 0
+
+
+# ----- Redis only ---------------------------------------------------------------------------
+
+
+def test_redis_match_is_one_round_trip_whatever_the_chain_length(redis_server, monkeypatch):
+    index = RedisPrefixIndex(redis_server.url, MODEL)
+    long_chain = hash_chain(MODEL, list(range(4096)), BLOCK)
+    for i in range(8):
+        index.heartbeat(worker(f"w{i}"), TTL)
+        index.apply_events(f"w{i}", 1, [stored(long_chain[: 32 * i])])
+    index.match(long_chain)  # loads the script once
+    sent = []
+    original = redis.connection.Connection.send_packed_command
+    monkeypatch.setattr(
+        redis.connection.Connection, "send_packed_command", lambda self, *a, **k: sent.append(1) or original(self, *a, **k)
+    )
+    counts = index.match(long_chain)[1]
+    assert len(sent) == 1
+    assert counts == {f"w{i}": 32 * i for i in range(8)}
+
+
+def test_redis_keys_carry_the_scheme_version_and_model(redis_server):
+    a, b = RedisPrefixIndex(redis_server.url, "model-a"), RedisPrefixIndex(redis_server.url, "model-b")
+    a.heartbeat(worker("w"), TTL)
+    a.apply_events("w", 1, [stored(CHAIN)])
+    assert b.match(CHAIN) == ([], {})
+    client = redis.Redis.from_url(redis_server.url)
+    assert {k.decode().rsplit(":", 2)[0] for k in client.keys("*blk:*")} == {"pdserve:v1:model-a"}
+
+
+@pytest.mark.parametrize(
+    "options", [dict(password="s3cret"), dict(password="s3cret", user="pdserve"), dict(unix=True, password="pw")]
+)
+def test_redis_urls_with_auth_and_unix_sockets_work(tmp_path, options):
+    server = RedisServer(tmp_path, **options).start()
+    try:
+        index = RedisPrefixIndex(server.url, MODEL)
+        index.heartbeat(worker("a"), TTL)
+        index.apply_events("a", 1, [stored(CHAIN[:3])])
+        assert index.match(CHAIN)[1] == {"a": 3}
+        assert index.health().available
+    finally:
+        server.stop()
+
+
+def test_redis_with_a_wrong_password_counts_as_unavailable(tmp_path):
+    server = RedisServer(tmp_path, password="right").start()
+    try:
+        index = RedisPrefixIndex(server.url.replace("right", "wrong"), MODEL)
+        with pytest.raises(redis.AuthenticationError):
+            index.match(CHAIN)
+    finally:
+        server.stop()
+
+
+def test_redis_outage_falls_back_to_load_alone_and_recovers(redis_server, caplog):
+    index = RedisPrefixIndex(redis_server.url, MODEL, timeout_s=0.2)
+    index.heartbeat(worker("a", queued_prefill_tokens=5), TTL)
+    index.apply_events("a", 1, [stored(CHAIN)])
+    assert index.match(CHAIN)[1] == {"a": 8}
+
+    redis_server.stop()
+    with caplog.at_level(logging.WARNING, logger="router.index.redis_index"):
+        for _ in range(20):
+            workers, counts = index.match(CHAIN)
+            # The last view of the live workers, with no cached prefix: placement on load alone.
+            assert [w.worker_id for w in workers] == ["a"] and counts == {"a": 0}
+            index.apply_events("a", 1, [stored(OTHER)])
+            time.sleep(0.02)
+    health = index.health()
+    assert not health.available and health.outages == 1 and health.failed_calls >= 20
+    assert len([r for r in caplog.records if "unreachable" in r.getMessage()]) == 1
+
+    redis_server.start()  # same port, empty: a restarted Redis
+    deadline = time.monotonic() + 10
+    while not index.health().available or index.match(CHAIN) == ([], {}):
+        assert time.monotonic() < deadline, "the index did not come back within 10 s"
+        index.heartbeat(worker("a"), TTL)
+        index.apply_events("a", 1, [stored(CHAIN[:4])])
+        time.sleep(0.1)
+    assert index.match(CHAIN)[1] == {"a": 4}
+    assert index.health().outages == 1
