@@ -69,6 +69,15 @@ def _parser() -> argparse.ArgumentParser:
         help="also write the figures as JSON (default path: bench/results/engine.json)",
     )
     engine_bench.set_defaults(run=_bench_engine)
+    router_bench = suites.add_parser("router", help="placement decision latency (memory, Redis) and prefix hit rate")
+    router_bench.add_argument("--workers", type=int, default=64, help="live workers in the index")
+    router_bench.add_argument("--index-blocks", type=int, default=1_000_000, help="blocks held in the index")
+    router_bench.add_argument("--decisions", type=int, default=2000, help="timed placement decisions per backend")
+    router_bench.add_argument(
+        "--json", nargs="?", const=Path("bench/results/router.json"), type=Path, metavar="PATH",
+        help="also write the figures as JSON (default path: bench/results/router.json)",
+    )  # fmt: skip
+    router_bench.set_defaults(run=_bench_router)
     return parser
 
 
@@ -150,6 +159,13 @@ def _bench_engine(args: argparse.Namespace) -> int:
 
     config = resolve_model(_config(args), shape=BENCH_SHAPE, name="pdserve-bench-llama")
     run_engine_bench(config.engine, requests=args.requests, repeats=args.repeats, json_path=args.json)
+    return 0
+
+
+def _bench_router(args: argparse.Namespace) -> int:
+    from bench.router_bench import run_router_bench
+
+    run_router_bench(args.workers, args.index_blocks, args.decisions, args.json)
     return 0
 
 

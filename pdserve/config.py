@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.config import EngineConfig
+from router.config import RouterConfig
 
 ENV_PREFIX = "PDSERVE_"
 
@@ -27,6 +28,7 @@ class PdserveConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
     model_cache_dir: Path = Field(
         default=Path.home() / ".cache" / "pdserve" / "models",
         description="where the tiny model is made when no model directory is configured",

@@ -13,12 +13,17 @@ request, in prompt-token units, and takes the cheapest:
   + ``decode_seq_cost_tokens`` × running sequences + ``decode_kv_cost_tokens`` × KV pool use
 
 so a worker holding the prefix wins until its queue costs more than the
-prefix saves, and then the request spills to the next best worker.
+prefix saves, and then the request spills to the next best worker. A hot prefix
+is served fast from cache, so its holder's queue may never grow: a worker that
+took more than ``load_bound`` × its fair share of this router's last
+``balance_window`` placements is skipped while others are under the bound,
+which also copies hot prefixes onto a second worker. Ties go round-robin.
 """
 
 from __future__ import annotations
 
 import itertools
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -41,12 +46,16 @@ class PlacementConfig(BaseModel):
         default=256, ge=0, description="the decode worker prefills locally when at most this many tokens are uncached"
     )
     prefill_queue_limit_tokens: int = Field(
-        default=65536, ge=0, description="prefill pool saturated (decode prefills locally) when every worker queues more"
+        default=65536,
+        ge=0,
+        description="prefill pool saturated (decode prefills locally) when every worker queues more",
     )
     prefill_queue_weight: float = Field(default=1.0, ge=0, description="cost of a queued prefill token")
     transfer_cost_per_token: float = Field(default=0.25, ge=0, description="cost of a token the decode worker lacks")
     decode_seq_cost_tokens: float = Field(default=64.0, ge=0, description="cost of one running decode sequence")
     decode_kv_cost_tokens: float = Field(default=4096.0, ge=0, description="cost of a full decode KV pool")
+    load_bound: float = Field(default=1.3, ge=1.0, description="max share of recent placements, over the fair share")
+    balance_window: int = Field(default=256, ge=1, description="placements the load bound looks back on")
 
 
 @dataclass(frozen=True)
@@ -96,10 +105,12 @@ class LeastLoaded:
 
     def __init__(self, config: PlacementConfig):
         self._config = config
+        self._turn = itertools.count()
 
     def choose(self, prompt_tokens, prefill, decode):
-        best_prefill = min(_by_id(prefill), key=lambda c: c.worker.load.queued_prefill_tokens, default=None)
-        return best_prefill, min(_by_id(decode), key=lambda c: _decode_load_cost(c.worker, self._config))
+        turn = next(self._turn)
+        best_prefill = min(_rotated(prefill, turn), key=_queued_prefill) if prefill else None
+        return best_prefill, min(_rotated(decode, turn), key=lambda c: _decode_load_cost(c.worker, self._config))
 
 
 class PrefixAware:
@@ -107,6 +118,8 @@ class PrefixAware:
 
     def __init__(self, config: PlacementConfig):
         self._config = config
+        self._prefill_share = _RecentShare(config.balance_window, config.load_bound)
+        self._decode_share = _RecentShare(config.balance_window, config.load_bound)
 
     def choose(self, prompt_tokens, prefill, decode):
         config = self._config
@@ -119,7 +132,32 @@ class PrefixAware:
             lacking = prompt_tokens - c.cached_tokens
             return config.transfer_cost_per_token * lacking + _decode_load_cost(c.worker, config)
 
-        return min(_by_id(prefill), key=prefill_cost, default=None), min(_by_id(decode), key=decode_cost)
+        chosen_prefill = self._prefill_share.pick(prefill, prefill_cost) if prefill else None
+        return chosen_prefill, self._decode_share.pick(decode, decode_cost)
+
+
+class _RecentShare:
+    """Cheapest candidate among those under the load bound of recent placements; ties rotate."""
+
+    def __init__(self, window: int, bound: float):
+        self._recent: deque[str] = deque(maxlen=window)
+        self._counts: Counter[str] = Counter()
+        self._bound = bound
+        self._turn = itertools.count()
+
+    def pick(self, candidates: Sequence[Candidate], cost) -> Candidate:
+        ordered = _rotated(candidates, next(self._turn))
+        limit = self._bound * max(len(self._recent), 1) / len(ordered)
+        under = [c for c in ordered if self._counts[c.worker.worker_id] < limit] or ordered
+        chosen = min(under, key=cost)
+        self._record(chosen.worker.worker_id)
+        return chosen
+
+    def _record(self, worker_id: str) -> None:
+        if len(self._recent) == self._recent.maxlen:
+            self._counts[self._recent[0]] -= 1
+        self._recent.append(worker_id)
+        self._counts[worker_id] += 1
 
 
 POLICIES: dict[str, type[PlacementPolicy]] = {p.name: p for p in (RoundRobin, LeastLoaded, PrefixAware)}
@@ -182,6 +220,17 @@ class Placer:
 def _by_id(candidates: Sequence[Candidate]) -> list[Candidate]:
     """Stable order, so ties break the same way on every router."""
     return sorted(candidates, key=lambda c: c.worker.worker_id)
+
+
+def _queued_prefill(candidate: Candidate) -> int:
+    return candidate.worker.load.queued_prefill_tokens
+
+
+def _rotated(candidates: Sequence[Candidate], turn: int) -> list[Candidate]:
+    """Stable order shifted by ``turn``, so ``min`` breaks ties round-robin."""
+    ordered = _by_id(candidates)
+    shift = turn % len(ordered) if ordered else 0
+    return ordered[shift:] + ordered[:shift]
 
 
 def _decode_load_cost(worker: WorkerInfo, config: PlacementConfig) -> float:

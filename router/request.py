@@ -152,7 +152,14 @@ def _get(data: Mapping[str, Any], name: str, kind: type | tuple[type, ...], defa
 
 
 def _type_name(kinds: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", str: "a string", bool: "a boolean", list: "a list", dict: "an object"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "a boolean",
+        list: "a list",
+        dict: "an object",
+    }
     return " or ".join(names.get(k, k.__name__) for k in kinds)
 
 
@@ -191,7 +198,9 @@ def _messages(data: Mapping[str, Any]) -> list[dict[str, str]]:
         if role not in CHAT_ROLES:
             raise RequestError(f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
         if isinstance(content, list):  # [{"type": "text", "text": ...}] parts
-            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
+            ):
                 raise RequestError(f"{where}.content", "only text parts are supported")
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):

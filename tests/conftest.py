@@ -24,8 +24,8 @@ def make_tiny_model(tmp_path_factory):
 
 @pytest.fixture
 def redis_server(tmp_path):
-    from redis_server import RedisServer
+    from pdserve.local_redis import LocalRedis
 
-    server = RedisServer(tmp_path).start()
+    server = LocalRedis(tmp_path).start()
     yield server
     server.stop()

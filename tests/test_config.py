@@ -67,3 +67,23 @@ def test_set_assignments_read_values_as_yaml():
     assert parse_assignment("engine.enforce_eager=false") == ("engine.enforce_eager", False)
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_assignment("engine.block_size")
+
+
+def test_router_settings_come_from_the_same_schema(tmp_path):
+    path = write(tmp_path, "router:\n  placement:\n    policy: round_robin\n")
+    env = {"PDSERVE_ROUTER__INDEX__REDIS_URL": "redis://127.0.0.1:6379/0"}
+    config = load_config(path, env, {"router.placement.local_prefill_max_uncached_tokens": 64})
+    assert config.router.placement.policy == "round_robin"
+    assert config.router.index.redis_url == "redis://127.0.0.1:6379/0"
+    assert config.router.placement.local_prefill_max_uncached_tokens == 64
+
+
+def test_an_unknown_policy_is_named():
+    with pytest.raises(ConfigError, match=r"router\.placement\.policy"):
+        load_config(overrides={"router.placement.policy": "random"})
+
+
+def test_request_limits_combine_config_and_model_figures():
+    config = load_config(overrides={"router.limits.max_stop_strings": 2})
+    limits = config.router.limits.for_model(context_length=512, vocab_size=1024)
+    assert (limits.max_stop_strings, limits.context_length, limits.vocab_size) == (2, 512, 1024)

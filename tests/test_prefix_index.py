@@ -7,10 +7,10 @@ import time
 
 import pytest
 import redis
-from redis_server import RedisServer
 
 from engine.block_hash import hash_chain
 from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored
+from pdserve.local_redis import LocalRedis
 from router.index import MemoryPrefixIndex, WorkerInfo, WorkerLoad, make_index
 from router.index.redis_index import RedisPrefixIndex
 
@@ -34,7 +34,7 @@ def index(request, tmp_path):
     if request.param == "memory":
         yield MemoryPrefixIndex()
         return
-    server = RedisServer(tmp_path).start()
+    server = LocalRedis(tmp_path).start()
     index = make_index(server.url, MODEL)
     yield index
     index.close()
@@ -166,7 +166,9 @@ def test_redis_match_is_one_round_trip_whatever_the_chain_length(redis_server, m
     sent = []
     original = redis.connection.Connection.send_packed_command
     monkeypatch.setattr(
-        redis.connection.Connection, "send_packed_command", lambda self, *a, **k: sent.append(1) or original(self, *a, **k)
+        redis.connection.Connection,
+        "send_packed_command",
+        lambda self, *a, **k: sent.append(1) or original(self, *a, **k),
     )
     counts = index.match(long_chain)[1]
     assert len(sent) == 1
@@ -179,14 +181,14 @@ def test_redis_keys_carry_the_scheme_version_and_model(redis_server):
     a.apply_events("w", 1, [stored(CHAIN)])
     assert b.match(CHAIN) == ([], {})
     client = redis.Redis.from_url(redis_server.url)
-    assert {k.decode().rsplit(":", 2)[0] for k in client.keys("*blk:*")} == {"pdserve:v1:model-a"}
+    assert {k.split(b":blk:")[0] for k in client.keys("*blk:*")} == {b"pdserve:v1:model-a"}
 
 
 @pytest.mark.parametrize(
     "options", [dict(password="s3cret"), dict(password="s3cret", user="pdserve"), dict(unix=True, password="pw")]
 )
 def test_redis_urls_with_auth_and_unix_sockets_work(tmp_path, options):
-    server = RedisServer(tmp_path, **options).start()
+    server = LocalRedis(tmp_path, **options).start()
     try:
         index = RedisPrefixIndex(server.url, MODEL)
         index.heartbeat(worker("a"), TTL)
@@ -198,7 +200,7 @@ def test_redis_urls_with_auth_and_unix_sockets_work(tmp_path, options):
 
 
 def test_redis_with_a_wrong_password_counts_as_unavailable(tmp_path):
-    server = RedisServer(tmp_path, password="right").start()
+    server = LocalRedis(tmp_path, password="right").start()
     try:
         index = RedisPrefixIndex(server.url.replace("right", "wrong"), MODEL)
         with pytest.raises(redis.AuthenticationError):

@@ -1,16 +1,22 @@
 """Redis prefix index: one view of every worker's cache, shared by every router replica.
 
 Keys (``{ns}`` = ``pdserve:v{SCHEME_VERSION}:{model_id}:``, so two hash-scheme
-versions or two models never read each other's entries):
+versions or two models never read each other's entries; ``{digest}`` is the
+block hash's 16 raw bytes):
 
-- ``{ns}blk:{hex}``      SET of worker ids holding that block
-- ``{ns}held:{worker}``  SET of block hexes the worker holds (to drop them on restart, clear or death)
+- ``{ns}blk:{digest}``   SET of worker ids holding that block
+- ``{ns}held:{worker}``  SET of the digests the worker holds (to drop them on restart, clear or death)
 - ``{ns}epoch``          HASH worker id → epoch of the incarnation whose entries are stored
 - ``{ns}workers``        HASH worker id → JSON ``WorkerInfo`` (role, epoch, block size, load)
-- ``{ns}alive:{worker}`` the worker's epoch, with the heartbeat TTL: no key, not live
+- ``{ns}version``        counter bumped by every heartbeat: routers re-read worker records only when it moved
+- ``{ns}live``           ZSET worker id → liveness deadline (Redis clock, ms): the heartbeat TTL
 
 Each operation is one server-side Lua script, so a match is one round trip
-whatever the chain length, and a batch of events is one atomic write.
+whatever the chain length, and a batch of events is one atomic write. The chain
+travels as one blob of concatenated digests. A match asks the holders of the
+chain's first block for their whole chain at once (``SMISMEMBER`` on the
+worker's held set), so its cost grows with the number of workers that share
+the prefix, not with the chain length.
 
 When Redis is unreachable the index answers from its last view of the live
 workers with no cached prefixes (placement falls back to load alone), logs one
@@ -36,6 +42,15 @@ T = TypeVar("T")
 
 # Drops every entry of worker ``w`` (the caller sets ``p`` and ``w``).
 _DROP_ALL = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function digests(blob)
+  local out = {}
+  for i = 1, #blob, 16 do out[#out + 1] = string.sub(blob, i, i + 15) end
+  return out
+end
 local function drop_all(p, w)
   local held = p .. 'held:' .. w
   for _, h in ipairs(redis.call('SMEMBERS', held)) do redis.call('SREM', p .. 'blk:' .. h, w) end
@@ -59,20 +74,18 @@ _APPLY = (
 local p, w, epoch = KEYS[1], ARGV[1], tonumber(ARGV[2])
 if not advance_epoch(p, w, epoch) then return 0 end
 local held = p .. 'held:' .. w
-local i = 3
-while i <= #ARGV do
-  local op, n = ARGV[i], tonumber(ARGV[i + 1])
-  for j = i + 2, i + 1 + n do
+for i = 3, #ARGV, 2 do
+  local op = ARGV[i]
+  if op == 'C' then drop_all(p, w) end
+  for _, h in ipairs(digests(ARGV[i + 1])) do
     if op == 'S' then
-      redis.call('SADD', p .. 'blk:' .. ARGV[j], w)
-      redis.call('SADD', held, ARGV[j])
+      redis.call('SADD', p .. 'blk:' .. h, w)
+      redis.call('SADD', held, h)
     else
-      redis.call('SREM', p .. 'blk:' .. ARGV[j], w)
-      redis.call('SREM', held, ARGV[j])
+      redis.call('SREM', p .. 'blk:' .. h, w)
+      redis.call('SREM', held, h)
     end
   end
-  if op == 'C' then drop_all(p, w) end
-  i = i + 2 + n
 end
 return 1
 """
@@ -84,36 +97,43 @@ _HEARTBEAT = (
 local p, w, epoch, info, ttl_ms = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 if not advance_epoch(p, w, epoch) then return 0 end
 redis.call('HSET', p .. 'workers', w, info)
-redis.call('SET', p .. 'alive:' .. w, epoch, 'PX', ttl_ms)
+redis.call('INCR', p .. 'version')
+redis.call('ZADD', p .. 'live', now_ms() + ttl_ms, w)
 return 1
 """
 )
 
-_MATCH = """
-local p = KEYS[1]
-local entries = redis.call('HGETALL', p .. 'workers')
-local infos, active, counts = {}, {}, {}
-for i = 1, #entries, 2 do
-  if redis.call('EXISTS', p .. 'alive:' .. entries[i]) == 1 then
-    infos[#infos + 1] = entries[i + 1]
-    active[#active + 1] = entries[i]
-  end
-end
-for depth = 1, #ARGV do
-  if #active == 0 then break end
-  local hits = redis.call('SMISMEMBER', p .. 'blk:' .. ARGV[depth], unpack(active))
-  local still = {}
-  for k = 1, #active do
-    if hits[k] == 1 then
-      counts[#counts + 1] = active[k]
-      counts[#counts + 1] = depth
-      still[#still + 1] = active[k]
+_MATCH = (
+    _DROP_ALL
+    + """
+local p, chain, known_version = KEYS[1], digests(ARGV[1]), ARGV[2]
+local version = redis.call('GET', p .. 'version') or '0'
+local live = redis.call('ZRANGEBYSCORE', p .. 'live', now_ms(), '+inf')
+local infos = {}
+if version ~= known_version then infos = redis.call('HGETALL', p .. 'workers') end
+local counts = {}
+if #chain > 0 and #live > 0 then
+  local first = redis.call('SMISMEMBER', p .. 'blk:' .. chain[1], unpack(live))
+  for k = 1, #live do
+    if first[k] == 1 then
+      local n, done = 0, false
+      for start = 1, #chain, 4096 do  -- unpack() takes a bounded number of values
+        local stop = math.min(start + 4095, #chain)
+        local hits = redis.call('SMISMEMBER', p .. 'held:' .. live[k], unpack(chain, start, stop))
+        for i = 1, #hits do
+          if hits[i] ~= 1 then done = true break end
+          n = n + 1
+        end
+        if done then break end
+      end
+      counts[#counts + 1] = live[k]
+      counts[#counts + 1] = n
     end
   end
-  active = still
 end
-return {infos, counts}
+return {version, live, infos, counts}
 """
+)
 
 _FORGET = (
     _DROP_ALL
@@ -122,7 +142,7 @@ local p, w = KEYS[1], ARGV[1]
 drop_all(p, w)
 redis.call('HDEL', p .. 'workers', w)
 redis.call('HDEL', p .. 'epoch', w)
-redis.call('DEL', p .. 'alive:' .. w)
+redis.call('ZREM', p .. 'live', w)
 return 1
 """
 )
@@ -142,6 +162,8 @@ class RedisPrefixIndex:
         self._match = self._client.register_script(_MATCH)
         self._forget = self._client.register_script(_FORGET)
         self._last_live: list[WorkerInfo] = []
+        self._workers: dict[str, WorkerInfo] = {}  # decoded worker records as of ``_version``
+        self._version = b""
         self._available = True
         self._outages = 0
         self._failed_calls = 0
@@ -153,13 +175,14 @@ class RedisPrefixIndex:
         return self._ns
 
     def apply_events(self, worker_id: str, epoch: int, events: Sequence[CacheEvent]) -> None:
-        args: list[str | int] = [worker_id, epoch]
+        args: list[str | int | bytes] = [worker_id, epoch]
         for event in events:
-            if isinstance(event, BlocksStored | BlocksRemoved):
-                args += ["S" if isinstance(event, BlocksStored) else "R", len(event.hashes)]
-                args += [h.hex() for h in event.hashes]
+            if isinstance(event, BlocksStored):
+                args += ["S", b"".join(event.hashes)]
+            elif isinstance(event, BlocksRemoved):
+                args += ["R", b"".join(event.hashes)]
             elif isinstance(event, AllCleared):
-                args += ["C", 0]
+                args += ["C", b""]
         self._guard(lambda: self._apply(keys=[self._ns], args=args), None)
 
     def heartbeat(self, worker: WorkerInfo, ttl_s: float) -> None:
@@ -169,8 +192,13 @@ class RedisPrefixIndex:
 
     def match(self, chain: Sequence[bytes]) -> tuple[list[WorkerInfo], dict[str, int]]:
         def call():
-            infos, flat = self._match(keys=[self._ns], args=[h.hex() for h in chain])
-            live = [WorkerInfo.from_dict(json.loads(raw)) for raw in infos]
+            version, live_ids, infos, flat = self._match(keys=[self._ns], args=[b"".join(chain), self._version])
+            if infos:
+                self._workers = {
+                    infos[i].decode(): WorkerInfo.from_dict(json.loads(infos[i + 1])) for i in range(0, len(infos), 2)
+                }
+                self._version = version
+            live = [self._workers[w] for w in map(bytes.decode, live_ids) if w in self._workers]
             counts = dict.fromkeys((w.worker_id for w in live), 0)
             for i in range(0, len(flat), 2):
                 counts[flat[i].decode()] = int(flat[i + 1])
@@ -187,11 +215,12 @@ class RedisPrefixIndex:
 
     def sweep(self) -> int:
         def call() -> int:
-            workers = [w.decode() for w in self._client.hkeys(self._ns + "epoch")]
+            seconds, micros = self._client.time()
             pipe = self._client.pipeline(transaction=False)
-            for worker_id in workers:
-                pipe.exists(self._ns + "alive:" + worker_id)
-            dead = [w for w, alive in zip(workers, pipe.execute(), strict=True) if not alive]
+            pipe.hkeys(self._ns + "epoch")
+            pipe.zrangebyscore(self._ns + "live", seconds * 1000 + micros // 1000, "+inf")
+            known, live = pipe.execute()
+            dead = sorted({w.decode() for w in known} - {w.decode() for w in live})
             for worker_id in dead:
                 self._forget(keys=[self._ns], args=[worker_id])
             return len(dead)

@@ -1,4 +1,7 @@
-"""A real redis-server on a free loopback port, started and stopped by the tests."""
+"""A real redis-server on a free loopback port, started and stopped as a subprocess.
+
+Used by the tests and benchmarks, and by ``pdserve`` when the index URL says ``local``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import redis
 
 
@@ -18,10 +20,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RedisServer:
+class RedisServerError(RuntimeError):
+    pass
+
+
+class LocalRedis:
     def __init__(self, workdir: Path, password: str | None = None, user: str | None = None, unix: bool = False):
         if shutil.which("redis-server") is None:
-            pytest.fail("redis-server is not installed: run scripts/setup.sh (apt-get install redis-server)")
+            raise RedisServerError("redis-server is not installed: run scripts/setup.sh (apt-get install redis-server)")
         self.workdir = workdir
         self.port = free_port()
         self.password = password
@@ -38,7 +44,7 @@ class RedisServer:
             return f"unix://{auth}{self.socket_path}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
-    def start(self) -> RedisServer:
+    def start(self) -> LocalRedis:
         args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         args += ["--dir", str(self.workdir)]
         if self.socket_path:
@@ -56,7 +62,7 @@ class RedisServer:
                 return self
             except redis.ConnectionError:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start in 10 s") from None
+                    raise RedisServerError("redis-server did not start in 10 s") from None
                 time.sleep(0.05)
             finally:
                 client.close()

@@ -1,0 +1,139 @@
+"""Router benchmark: placement decision latency and prefix hit rate.
+
+Decision latency: a decision is hash the prompt + one index match + the
+policy, for 4,096-token prompts (block 16: 256 hashes) with 64 live workers
+and 1,000,000 blocks in the index, from one router process; memory backend,
+and Redis on loopback (a real redis-server started here).
+
+Hit rate: the placement simulator on a shared-prefix trace (200 system prompts
+of 1-4k tokens drawn Zipf(1.1), unique suffixes, 8 prefill workers each
+caching ~10 % of the working set), for every policy and an oracle that sees
+every cache. The baseline of each ratio runs in the same invocation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import tempfile
+import time
+from array import array
+from pathlib import Path
+
+from bench.placement_sim import SharedPrefixTrace, simulate
+from engine.block_hash import hash_chain
+from engine.cache_events import BlocksStored
+from pdserve.local_redis import LocalRedis
+from router.index import MemoryPrefixIndex, PrefixIndex, WorkerInfo, WorkerLoad
+from router.index.redis_index import RedisPrefixIndex
+from router.placement import PlacementConfig, Placer
+
+MODEL, BLOCK, PROMPT_TOKENS = "bench", 16, 4096
+
+
+def run_router_bench(
+    workers: int = 64, index_blocks: int = 1_000_000, decisions: int = 2000, json_path: Path | None = None
+) -> dict:
+    documents = _documents(index_blocks)
+    results: dict = {}
+    memory = _decision_latency(MemoryPrefixIndex(), documents, workers, decisions)
+    results.update(memory_p50_ms=memory[0], memory_p99_ms=memory[1], memory_decisions_per_s=memory[2])
+    with tempfile.TemporaryDirectory() as workdir:
+        server = LocalRedis(Path(workdir)).start()
+        try:
+            redis_index = RedisPrefixIndex(server.url, MODEL, timeout_s=5.0)
+            redis = _decision_latency(redis_index, documents, workers, decisions)
+            redis_index.close()
+        finally:
+            server.stop()
+    results.update(redis_p50_ms=redis[0], redis_p99_ms=redis[1], redis_decisions_per_s=redis[2])
+
+    trace = SharedPrefixTrace()
+    capacity = trace.working_set_tokens() // BLOCK // 10
+    requests = list(trace)
+    hits = {p: simulate(requests, p, capacity_blocks=capacity, tokens_per_s=10_000) for p in _SIM_POLICIES}
+    results.update(
+        hit_rate_vs_oracle=hits["prefix_aware"].hit_rate / hits["oracle"].hit_rate,
+        hit_rate_vs_round_robin=hits["prefix_aware"].hit_rate / hits["round_robin"].hit_rate,
+        load_imbalance=hits["prefix_aware"].load_imbalance,
+        hit_rates={p: r.hit_rate for p, r in hits.items()},
+        load_imbalances={p: r.load_imbalance for p, r in hits.items()},
+        index_blocks=index_blocks,
+        workers=workers,
+        prompt_tokens=PROMPT_TOKENS,
+        block_size=BLOCK,
+        sim_capacity_blocks_per_worker=capacity,
+    )
+    _print_table(results)
+    if json_path is not None:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {json_path}")
+    return results
+
+
+_SIM_POLICIES = ("round_robin", "least_loaded", "prefix_aware", "oracle")
+
+
+def _documents(index_blocks: int) -> list[list[bytes]]:
+    """Chains of 4,096-token documents, enough of them to fill the index."""
+    per_doc = PROMPT_TOKENS // BLOCK
+    return [hash_chain(MODEL, _document_tokens(i), BLOCK) for i in range(-(-index_blocks // per_doc))]
+
+
+def _document_tokens(i: int) -> list[int]:
+    return list(array("H", random.Random(i).randbytes(2 * PROMPT_TOKENS)))
+
+
+def _fill(index: PrefixIndex, documents: list[list[bytes]], workers: int) -> None:
+    rng = random.Random(1)
+    for i in range(workers):
+        index.heartbeat(WorkerInfo(f"w{i}", "prefill" if i % 2 else "decode", 1, BLOCK, WorkerLoad()), ttl_s=3600)
+    per_worker: dict[int, list] = {i: [] for i in range(workers)}
+    for chain in documents:
+        per_worker[rng.randrange(workers)].append(BlocksStored(chain, None))
+    for worker, events in per_worker.items():
+        for start in range(0, len(events), 20):
+            index.apply_events(f"w{worker}", 1, events[start : start + 20])
+
+
+def _decision_latency(index: PrefixIndex, documents, workers: int, decisions: int) -> tuple[float, float, float]:
+    _fill(index, documents, workers)
+    placer = Placer(index, PlacementConfig(), MODEL, BLOCK)
+    rng = random.Random(2)
+    prompts = []
+    for _ in range(decisions):
+        # A cached document prefix of random length, then fresh tokens up to 4,096.
+        shared = rng.randrange(0, PROMPT_TOKENS // BLOCK) * BLOCK
+        tokens = _document_tokens(rng.randrange(len(documents)))[:shared]
+        prompts.append(tokens + [rng.randrange(65536) for _ in range(PROMPT_TOKENS - shared)])
+    latencies = []
+    start = time.perf_counter()
+    for tokens in prompts:
+        t0 = time.perf_counter()
+        placer.place(tokens)
+        latencies.append(time.perf_counter() - t0)
+    elapsed = time.perf_counter() - start
+    latencies.sort()
+    p99 = latencies[int(0.99 * (len(latencies) - 1))]
+    return 1000 * statistics.median(latencies), 1000 * p99, decisions / elapsed
+
+
+def _print_table(results: dict) -> None:
+    rows = [
+        ("memory_p99_ms", f"{results['memory_p99_ms']:.3f}", "<= 0.5"),
+        ("  memory p50 (ms)", f"{results['memory_p50_ms']:.3f}", ""),
+        ("  memory decisions/s", f"{results['memory_decisions_per_s']:.0f}", ""),
+        ("redis_p99_ms", f"{results['redis_p99_ms']:.3f}", "<= 2"),
+        ("  redis p50 (ms)", f"{results['redis_p50_ms']:.3f}", ""),
+        ("redis_decisions_per_s", f"{results['redis_decisions_per_s']:.0f}", ">= 2000"),
+        ("hit_rate_vs_oracle", f"{results['hit_rate_vs_oracle']:.3f}", ">= 0.9"),
+        ("hit_rate_vs_round_robin", f"{results['hit_rate_vs_round_robin']:.2f}", ">= 3"),
+        ("load_imbalance", f"{results['load_imbalance']:.2f}", "<= 1.5"),
+    ]
+    rows += [(f"  hit rate {p}", f"{r:.3f}", "") for p, r in results["hit_rates"].items()]
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'metric':<{width}}  {'value':>10}  target")
+    for name, value, target in rows:
+        print(f"{name:<{width}}  {value:>10}  {target}")

@@ -1,0 +1,39 @@
+"""The router's part of pdserve's config: the prefix index, placement, and request limits."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from router.placement import PlacementConfig
+from router.request import RequestLimits
+
+
+class IndexConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    redis_url: str | None = Field(
+        default=None, description="redis://, rediss:// or unix:// URL (user/password inside); none: in-memory index"
+    )
+    timeout_s: float = Field(default=0.5, gt=0, description="deadline of one Redis call")
+    heartbeat_ttl_s: float = Field(default=3.0, gt=0, description="a worker whose heartbeat is this old stops counting")
+    sweep_interval_s: float = Field(default=10.0, gt=0, description="how often dead workers' entries are collected")
+
+
+class RequestLimitsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_stop_strings: int = Field(default=16, ge=0)
+    max_logprobs: int = Field(default=20, ge=0)
+    default_max_tokens: int = Field(default=16, ge=1)
+
+    def for_model(self, context_length: int, vocab_size: int) -> RequestLimits:
+        return RequestLimits(context_length=context_length, vocab_size=vocab_size, **self.model_dump())
+
+
+class RouterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    index: IndexConfig = Field(default_factory=IndexConfig)
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
+    limits: RequestLimitsConfig = Field(default_factory=RequestLimitsConfig)

@@ -1,0 +1,121 @@
+"""Placement policies over the real in-memory index, and conditional disaggregation."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from engine.block_hash import hash_chain
+from engine.cache_events import BlocksStored
+from router.index import MemoryPrefixIndex, WorkerInfo, WorkerLoad
+from router.placement import NoWorkerError, PlacementConfig, Placer
+
+MODEL, BLOCK = "tiny", 16
+PROMPT = list(range(2, 2 + 64 * BLOCK))  # 1,024 tokens, 64 blocks
+CHAIN = hash_chain(MODEL, PROMPT, BLOCK)
+
+
+class Cluster:
+    def __init__(self, policy: str = "prefix_aware", **config):
+        self.index = MemoryPrefixIndex()
+        self.placer = Placer(self.index, PlacementConfig(policy=policy, **config), MODEL, BLOCK)
+
+    def worker(self, worker_id, role, blocks=0, block_size=BLOCK, **load):
+        self.index.heartbeat(WorkerInfo(worker_id, role, 1, block_size, WorkerLoad(**load)), 30)
+        if blocks:
+            self.index.apply_events(worker_id, 1, [BlocksStored(CHAIN[:blocks], None)])
+        return self
+
+    def place(self, tokens=PROMPT):
+        return self.placer.place(tokens)
+
+
+def test_prefix_aware_sends_the_prefill_to_the_worker_holding_the_prefix():
+    cluster = Cluster().worker("p0", "prefill").worker("p1", "prefill", blocks=40).worker("d0", "decode")
+    placement = cluster.place()
+    assert placement.prefill_worker == "p1" and placement.prefill_cached_tokens == 40 * BLOCK
+    assert placement.outcome == "disaggregated"
+
+
+def test_prefix_aware_prefers_the_decode_worker_that_needs_fewer_blocks_shipped():
+    cluster = Cluster().worker("p0", "prefill").worker("d0", "decode").worker("d1", "decode", blocks=30)
+    placement = cluster.place()
+    assert placement.decode_worker == "d1" and placement.decode_cached_tokens == 30 * BLOCK
+
+
+def test_prefix_aware_spills_when_the_holder_queue_costs_more_than_the_prefix_saves():
+    cluster = Cluster().worker("p0", "prefill", blocks=32, queued_prefill_tokens=4000).worker("p1", "prefill")
+    cluster.worker("d0", "decode")
+    assert cluster.place().prefill_worker == "p1"
+
+
+def test_prefix_aware_weighs_decode_load_against_cached_tokens():
+    cluster = Cluster().worker("p0", "prefill").worker("d0", "decode", blocks=60, running_seqs=60, kv_used_fraction=0.9)
+    cluster.worker("d1", "decode")
+    assert cluster.place().decode_worker == "d1"
+
+
+def test_round_robin_rotates_whatever_the_cache_holds():
+    cluster = Cluster("round_robin").worker("p0", "prefill", blocks=64).worker("p1", "prefill")
+    cluster.worker("d0", "decode").worker("d1", "decode")
+    placements = [cluster.place() for _ in range(4)]
+    assert [p.prefill_worker for p in placements] == ["p0", "p1", "p0", "p1"]
+    assert [p.decode_worker for p in placements] == ["d0", "d1", "d0", "d1"]
+
+
+def test_least_loaded_takes_the_emptiest_queue_and_the_lightest_decoder():
+    cluster = Cluster("least_loaded").worker("p0", "prefill", blocks=64, queued_prefill_tokens=10)
+    cluster.worker("p1", "prefill", queued_prefill_tokens=2)
+    cluster.worker("d0", "decode", running_seqs=4).worker("d1", "decode", running_seqs=1)
+    placement = cluster.place()
+    assert (placement.prefill_worker, placement.decode_worker) == ("p1", "d1")
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "prefix_aware"])
+def test_a_short_uncached_part_is_prefilled_on_the_decode_worker(policy):
+    cluster = Cluster(policy, local_prefill_max_uncached_tokens=256).worker("p0", "prefill").worker("d0", "decode")
+    short = cluster.place(PROMPT[:200])
+    assert (short.prefill_worker, short.outcome, short.reason) == (None, "local_prefill", "short_uncached")
+    assert cluster.place().outcome == "disaggregated"
+
+
+def test_a_decode_worker_holding_most_of_the_prompt_prefills_the_rest_itself():
+    cluster = Cluster(local_prefill_max_uncached_tokens=256).worker("p0", "prefill").worker("d0", "decode", blocks=60)
+    placement = cluster.place()
+    assert placement.outcome == "local_prefill" and placement.decode_cached_tokens == 60 * BLOCK
+
+
+def test_a_saturated_prefill_pool_sends_prefills_to_the_decode_worker():
+    cluster = Cluster(prefill_queue_limit_tokens=1000).worker("p0", "prefill", queued_prefill_tokens=5000)
+    cluster.worker("p1", "prefill", queued_prefill_tokens=1200).worker("d0", "decode")
+    assert cluster.place().reason == "prefill_saturated"
+
+
+def test_no_prefill_worker_means_local_prefill():
+    assert Cluster().worker("d0", "decode").place().reason == "no_prefill_worker"
+
+
+def test_no_decode_worker_is_an_error():
+    with pytest.raises(NoWorkerError, match="no live decode worker"):
+        Cluster().worker("p0", "prefill").place()
+
+
+def test_the_last_prompt_token_is_never_counted_as_cached():
+    cluster = Cluster(local_prefill_max_uncached_tokens=0).worker("p0", "prefill", blocks=64).worker("d0", "decode")
+    assert cluster.place().prefill_cached_tokens == len(PROMPT) - 1
+
+
+def test_a_worker_with_another_block_size_shares_no_cache():
+    cluster = Cluster().worker("p0", "prefill", blocks=64, block_size=32).worker("p1", "prefill", blocks=8)
+    cluster.worker("d0", "decode")
+    placement = cluster.place()
+    assert placement.prefill_worker == "p1" and placement.prefill_cached_tokens == 8 * BLOCK
+
+
+@pytest.mark.parametrize(
+    "changes,field",
+    [({"policy": "random"}, "policy"), ({"prefill_queue_weight": -1}, "prefill_queue_weight"), ({"bogus": 1}, "bogus")],
+)
+def test_bad_placement_config_names_the_field(changes, field):
+    with pytest.raises(ValidationError, match=field):
+        PlacementConfig(**changes)

@@ -1,0 +1,147 @@
+"""Request validation and tokenization in the router: every bad field is named with its limit."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from router.request import RequestError, RequestLimits, parse_request, tokenize
+from router.tokenizer import ModelTokenizer
+
+LIMITS = RequestLimits(context_length=512, vocab_size=1024, max_body_bytes=4096, max_stop_strings=4)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(make_tiny_model):
+    return ModelTokenizer(make_tiny_model("llama"))
+
+
+def completion(**fields):
+    return parse_request({"prompt": "hello", **fields}, "completion", LIMITS)
+
+
+def test_a_completion_with_every_sampling_field_parses():
+    request = completion(
+        model="tiny", max_tokens=5, temperature=0.5, top_p=0.9, top_k=40, min_p=0.1, seed=7, stop=["\n"],
+        stop_token_ids=[1], logprobs=2, stream=True, stream_options={"include_usage": True}, request_id="r-1",
+    )  # fmt: skip
+    s = request.sampling
+    assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p, s.seed) == (5, 0.5, 0.9, 40, 0.1, 7)
+    assert (s.stop, s.stop_token_ids, s.logprobs) == (("\n",), (1,), 2)
+    assert request.stream and request.include_usage and request.request_id == "r-1"
+
+
+def test_json_bytes_parse_like_a_mapping():
+    body = json.dumps({"prompt": [5, 6, 7], "max_tokens": 3}).encode()
+    request = parse_request(body, "completion", LIMITS)
+    assert request.prompt_token_ids == [5, 6, 7] and request.sampling.max_tokens == 3
+
+
+def test_a_request_id_is_made_when_none_is_given():
+    assert len(completion().request_id) == 32
+
+
+def test_chat_messages_render_through_the_model_template(tokenizer):
+    request = parse_request({"messages": [{"role": "user", "content": "hi"}]}, "chat", LIMITS)
+    ids = tokenize(request, tokenizer, LIMITS)
+    assert tokenizer.decode(ids) == "<|user|>\nhi\n<|assistant|>\n"  # </s> is special: not decoded
+    assert ids == tokenizer.encode("<|user|>\nhi</s>\n<|assistant|>\n")
+
+
+def test_chat_content_parts_are_joined(tokenizer):
+    parts = [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]
+    request = parse_request({"messages": [{"role": "user", "content": parts}]}, "chat", LIMITS)
+    assert request.messages == [{"role": "user", "content": "ab"}]
+
+
+def test_router_tokenization_equals_the_engine_tokenizer(tokenizer, make_tiny_model):
+    from transformers import AutoTokenizer
+
+    reference = AutoTokenizer.from_pretrained(make_tiny_model("llama"))
+    for text in ["Hello, world!", "naïve café 東京 🙂", "  spaces\tand\nnewlines  "]:
+        assert tokenizer.encode(text) == reference.encode(text)
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+BAD = [
+    ("body", b"\xff\xfe{}", "not valid UTF-8"),
+    ("body", b'{"prompt": "x",', "not valid JSON"),
+    ("body", b'["prompt"]', "must be a JSON object"),
+    ("body", b'{"prompt": "' + b"x" * 5000 + b'"}', "exceeds the limit of 4096 bytes"),
+    ("prompt", {"prompt": ""}, "must not be empty"),
+    ("prompt", {"prompt": []}, "must not be empty"),
+    ("prompt", {}, "is required"),
+    ("prompt", {"prompt": 5}, "must be a string or a list of token ids"),
+    ("prompt", {"prompt": [1, 2, 5000]}, r"token id 5000 is outside the vocabulary \[0, 1024\)"),
+    ("prompt", {"prompt": [1, -3]}, "outside the vocabulary"),
+    ("prompt", {"prompt": [1, "a"]}, "token ids must be integers"),
+    ("max_tokens", {"prompt": "x", "max_tokens": 0}, "must be at least 1, got 0"),
+    ("max_tokens", {"prompt": "x", "max_tokens": -5}, "must be at least 1"),
+    ("max_tokens", {"prompt": "x", "max_tokens": 10**9}, "below the context length 512"),
+    ("max_tokens", {"prompt": "x", "max_tokens": "5"}, "must be an integer, got str"),
+    ("max_tokens", {"prompt": "x", "max_tokens": True}, "got a boolean"),
+    ("temperature", {"prompt": "x", "temperature": -0.1}, r"must be in \[0, 2\]"),
+    ("temperature", {"prompt": "x", "temperature": float("nan")}, "finite"),
+    ("top_p", {"prompt": "x", "top_p": 0}, r"must be in \(0, 1\]"),
+    ("top_p", {"prompt": "x", "top_p": 1.5}, r"must be in \(0, 1\]"),
+    ("top_k", {"prompt": "x", "top_k": -2}, "must be -1"),
+    ("min_p", {"prompt": "x", "min_p": 2}, r"must be in \[0, 1\]"),
+    ("stop", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, "at most 4 stop strings, got 5"),
+    ("stop", {"prompt": "x", "stop": [""]}, "non-empty strings"),
+    ("stop", {"prompt": "x", "stop": [3]}, "non-empty strings"),
+    ("stop_token_ids", {"prompt": "x", "stop_token_ids": [4096]}, "token ids in"),
+    ("logprobs", {"prompt": "x", "logprobs": 50}, r"must be in \[0, 20\]"),
+    ("n", {"prompt": "x", "n": 3}, "only n=1"),
+    ("best_of", {"prompt": "x", "best_of": 2}, "unknown field"),
+    ("request_id", {"prompt": "x", "request_id": "r" * 200}, "1 to 128 characters"),
+]
+
+
+@pytest.mark.parametrize("field,body,message", BAD, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(BAD)])
+def test_bad_completion_fields_are_named_with_their_limit(field, body, message):
+    with pytest.raises(RequestError, match=message) as info:
+        parse_request(body, "completion", LIMITS)
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ")
+
+
+BAD_CHAT = [
+    ("messages", {}, "non-empty list"),
+    ("messages", {"messages": []}, "non-empty list"),
+    ("messages[0]", {"messages": ["hi"]}, "object with role and content"),
+    ("messages[0].role", {"messages": [{"role": "wizard", "content": "x"}]}, "must be one of system, user"),
+    ("messages[1].content", {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": 3}]}, "string"),
+    ("messages[0].content", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text parts"),
+    ("top_logprobs", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 99}, "20"),
+    ("prompt", {"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "unknown field"),
+]
+
+
+@pytest.mark.parametrize("field,body,message", BAD_CHAT, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(BAD_CHAT)])
+def test_bad_chat_fields_are_named_with_their_limit(field, body, message):
+    with pytest.raises(RequestError, match=message) as info:
+        parse_request(body, "chat", LIMITS)
+    assert info.value.field == field
+
+
+def test_prompt_plus_max_tokens_over_the_context_is_refused(tokenizer):
+    request = completion(prompt=list(range(2, 502)), max_tokens=20)
+    with pytest.raises(RequestError, match=r"prompt \(500 tokens\) \+ max_tokens \(20\) = 520 exceeds .* 512"):
+        tokenize(request, tokenizer, LIMITS)
+
+
+def test_a_text_prompt_is_tokenized_with_the_model_tokenizer(tokenizer):
+    request = completion(prompt="hello world")
+    assert tokenize(request, tokenizer, LIMITS) == tokenizer.encode("hello world")
+
+
+def test_the_router_never_imports_torch_or_vllm():
+    code = (
+        "import sys; import router.request, router.tokenizer, router.placement, router.index; "
+        "import router.index.redis_index; print('torch' in sys.modules, 'vllm' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "False False"
