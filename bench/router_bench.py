@@ -13,7 +13,6 @@ every cache. The baseline of each ratio runs in the same invocation.
 
 from __future__ import annotations
 
-import json
 import random
 import statistics
 import tempfile
@@ -22,6 +21,7 @@ from array import array
 from pathlib import Path
 
 from bench.placement_sim import SharedPrefixTrace, simulate
+from bench.report import Row, report
 from engine.block_hash import hash_chain
 from engine.cache_events import BlocksStored
 from pdserve.local_redis import LocalRedis
@@ -65,11 +65,7 @@ def run_router_bench(
         block_size=BLOCK,
         sim_capacity_blocks_per_worker=capacity,
     )
-    _print_table(results)
-    if json_path is not None:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {json_path}")
+    report(_rows(results), results, json_path)
     return results
 
 
@@ -120,7 +116,7 @@ def _decision_latency(index: PrefixIndex, documents, workers: int, decisions: in
     return 1000 * statistics.median(latencies), 1000 * p99, decisions / elapsed
 
 
-def _print_table(results: dict) -> None:
+def _rows(results: dict) -> list[Row]:
     rows = [
         ("memory_p99_ms", f"{results['memory_p99_ms']:.3f}", "<= 0.5"),
         ("  memory p50 (ms)", f"{results['memory_p50_ms']:.3f}", ""),
@@ -133,7 +129,4 @@ def _print_table(results: dict) -> None:
         ("load_imbalance", f"{results['load_imbalance']:.2f}", "<= 1.5"),
     ]
     rows += [(f"  hit rate {p}", f"{r:.3f}", "") for p, r in results["hit_rates"].items()]
-    width = max(len(name) for name, _, _ in rows)
-    print(f"{'metric':<{width}}  {'value':>10}  target")
-    for name, value, target in rows:
-        print(f"{name:<{width}}  {value:>10}  {target}")
+    return rows

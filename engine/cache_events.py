@@ -103,6 +103,7 @@ class CacheEventSubscriber:
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.connect(endpoint)  # before vLLM binds, so no early event is missed
         self._stop = threading.Event()
+        self.receiving = threading.Event()  # set by the first message: the subscription is live
         self._next_seq: int | None = None
         self.gaps = 0
         self._thread = threading.Thread(target=self._run, name="pdserve-cache-events", daemon=True)
@@ -117,6 +118,7 @@ class CacheEventSubscriber:
             if not self._socket.poll(self._POLL_MS):
                 continue
             _topic, seq_bytes, payload = self._socket.recv_multipart()
+            self.receiving.set()
             self._check_sequence(int.from_bytes(seq_bytes, "big"))
             batch = decoder.decode(payload)
             events = [e for e in map(self._translator.translate, batch.events) if e is not None]

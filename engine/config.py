@@ -50,6 +50,11 @@ class EngineConfig(BaseModel):
     )
     seed: int = 0
     kv_connector: KVConnectorSpec | None = None
+    kv_events_endpoint: str | None = Field(
+        default=None,
+        description="ZMQ endpoint vLLM publishes KV events on, for subscribers in other processes "
+        "(e.g. tcp://*:5557); none: a private ipc socket, opened only when the worker subscribes",
+    )
     start_timeout_s: float = Field(
         default=900.0, gt=0, description="deadline for loading the model and building the engine"
     )

@@ -15,6 +15,7 @@ import queue
 import tempfile
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -53,15 +54,44 @@ class _Stream:
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        self.queue: asyncio.Queue[OutputDelta | Exception] = asyncio.Queue()
+        self._items: deque[OutputDelta | Exception] = deque()
+        self._arrived = asyncio.Event()
         self.completion_tokens = 0
         self.cached_counted = False
 
+    def put(self, item: OutputDelta | Exception) -> None:
+        """Called on the stream's own event loop."""
+        self._items.append(item)
+        self._arrived.set()
+
+    async def get(self, timeout_s: float) -> OutputDelta | Exception:
+        while not self._items:
+            self._arrived.clear()
+            async with asyncio.timeout(timeout_s):
+                await self._arrived.wait()
+        return self._items.popleft()
+
     def push(self, item: OutputDelta | Exception) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-        except RuntimeError:  # the consumer's loop is gone; nobody is listening
-            pass
+        """Called from the engine thread."""
+        _post(self.loop, [(self, item)])
+
+
+def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, OutputDelta | Exception]]) -> None:
+    """Hand items to their streams on the streams' event loop, in one wake-up of that loop."""
+
+    def put_all() -> None:
+        for stream, item in items:
+            stream.put(item)
+
+    try:
+        loop.call_soon_threadsafe(put_all)
+    except RuntimeError:  # the consumer's loop is gone; nobody is listening
+        pass
+
+
+def _local_address(endpoint: str) -> str:
+    """Where a subscriber on this machine connects for a publisher bound to ``endpoint``."""
+    return endpoint.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")
 
 
 def _check_sampling(options: SamplingOptions, rid: str) -> None:
@@ -89,11 +119,13 @@ class Engine:
         apply_vllm_environment(config)
         logging.getLogger("vllm").setLevel(config.log_level)
         self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-engine-")
-        endpoint = f"ipc://{Path(self._tmp.name) / 'kv-events.sock'}" if on_cache_events else None
+        endpoint = config.kv_events_endpoint
+        if endpoint is None and on_cache_events is not None:
+            endpoint = f"ipc://{Path(self._tmp.name) / 'kv-events.sock'}"
         self._subscriber = None
-        if endpoint is not None:
+        if on_cache_events is not None:
             translator = CacheEventTranslator(self.model_id, config.block_size)
-            self._subscriber = CacheEventSubscriber(endpoint, translator, on_cache_events)
+            self._subscriber = CacheEventSubscriber(_local_address(endpoint), translator, on_cache_events)
         self._streams: dict[str, _Stream] = {}
         self._commands: queue.Queue = queue.Queue()
         self._prompt_tokens_total = 0
@@ -107,6 +139,7 @@ class Engine:
         self._thread.start()
         try:
             self._llm = built.result(timeout=config.start_timeout_s)
+            self._await_subscription()
         except BaseException:
             self._closing.set()
             self._close_subscriber()
@@ -142,7 +175,7 @@ class Engine:
         try:
             while True:
                 try:
-                    item = await asyncio.wait_for(stream.queue.get(), self.config.stall_timeout_s)
+                    item = await stream.get(self.config.stall_timeout_s)
                 except TimeoutError:
                     raise EngineError(
                         f"request {request.request_id} got no output for {self.config.stall_timeout_s:g} s"
@@ -213,6 +246,22 @@ class Engine:
     @property
     def _core(self):
         return self._llm.engine_core.engine_core
+
+    def _await_subscription(self, timeout_s: float = 10.0) -> None:
+        """Publish empty batches until our subscriber sees one, so no real event is published unheard.
+
+        ZMQ drops what a PUB socket sends before a subscription has reached it.
+        """
+        if self._subscriber is None:
+            return
+        from vllm.distributed.kv_events import KVEventBatch
+
+        publisher = self._core.scheduler.kv_event_publisher
+        deadline = time.monotonic() + timeout_s
+        while not self._subscriber.receiving.wait(0.05):
+            if time.monotonic() > deadline:
+                raise EngineError(f"no KV event reached the subscriber in {timeout_s:g} s")
+            publisher.publish(KVEventBatch(ts=time.time(), events=[]))
 
     def _reset_prefix_cache_now(self) -> bool:
         reset = self._llm.reset_prefix_cache()
@@ -287,8 +336,7 @@ class Engine:
             while not self._closing.is_set():
                 self._take_commands(block=not self._llm.has_unfinished_requests())
                 if self._llm.has_unfinished_requests():
-                    for output in self._llm.step():
-                        self._deliver(output)
+                    self._deliver(self._llm.step())
         except Exception as exc:  # an engine step failed: every waiting request learns it
             log.exception("engine loop failed")
             self._failure = exc
@@ -339,10 +387,17 @@ class Engine:
         if stream is not None:
             stream.push(item)
 
-    def _deliver(self, output) -> None:
-        stream = self._streams.get(output.request_id)
-        if stream is None:
-            return
+    def _deliver(self, outputs) -> None:
+        """One engine step's outputs, posted to each event loop at once (one wake-up per loop per step)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream, self._delta(stream, output)))
+        for loop, items in by_loop.items():
+            _post(loop, items)
+
+    def _delta(self, stream: _Stream, output) -> OutputDelta:
         completion = output.outputs[0]
         prompt_tokens = len(output.prompt_token_ids or ())
         cached = output.num_cached_tokens or 0
@@ -351,17 +406,15 @@ class Engine:
             self._prompt_tokens_total += prompt_tokens
             self._cached_tokens_total += cached
         stream.completion_tokens += len(completion.token_ids)
-        stream.push(
-            OutputDelta(
-                request_id=output.request_id,
-                token_ids=list(completion.token_ids),
-                text=completion.text,
-                finish_reason=completion.finish_reason if output.finished else None,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=stream.completion_tokens,
-                cached_prompt_tokens=cached,
-                kv_transfer_params=output.kv_transfer_params,
-            )
+        return OutputDelta(
+            request_id=output.request_id,
+            token_ids=list(completion.token_ids),
+            text=completion.text,
+            finish_reason=completion.finish_reason if output.finished else None,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=stream.completion_tokens,
+            cached_prompt_tokens=cached,
+            kv_transfer_params=output.kv_transfer_params,
         )
 
     @staticmethod

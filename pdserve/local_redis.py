@@ -25,7 +25,11 @@ class RedisServerError(RuntimeError):
 
 
 class LocalRedis:
-    def __init__(self, workdir: Path, password: str | None = None, user: str | None = None, unix: bool = False):
+    """``tls=True`` serves ``rediss://`` only, with a CA and certificate made here by ``openssl``."""
+
+    def __init__(
+        self, workdir: Path, password: str | None = None, user: str | None = None, unix: bool = False, tls: bool = False
+    ):
         if shutil.which("redis-server") is None:
             raise RedisServerError("redis-server is not installed: run scripts/setup.sh (apt-get install redis-server)")
         self.workdir = workdir
@@ -33,6 +37,7 @@ class LocalRedis:
         self.password = password
         self.user = user
         self.socket_path = workdir / "redis.sock" if unix else None
+        self.tls = tls
         self._process: subprocess.Popen | None = None
 
     @property
@@ -42,11 +47,18 @@ class LocalRedis:
             auth = f"{self.user or ''}:{self.password}@"
         if self.socket_path:
             return f"unix://{auth}{self.socket_path}"
+        if self.tls:
+            return f"rediss://{auth}127.0.0.1:{self.port}/0?ssl_ca_certs={self.workdir / 'ca.crt'}"
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> LocalRedis:
-        args = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-        args += ["--dir", str(self.workdir)]
+        args = ["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
+        if self.tls:
+            self._make_certificates()
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            args += ["--tls-cert-file", "server.crt", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt"]
+        else:
+            args += ["--port", str(self.port)]
         if self.socket_path:
             args += ["--unixsocket", str(self.socket_path), "--unixsocketperm", "700"]
         if self.password and self.user:
@@ -55,7 +67,7 @@ class LocalRedis:
             args += ["--requirepass", self.password]
         self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
-        client = redis.Redis(host="127.0.0.1", port=self.port, username=self.user, password=self.password)
+        client = redis.Redis.from_url(self.url)
         while True:
             try:
                 client.ping()
@@ -66,6 +78,18 @@ class LocalRedis:
                 time.sleep(0.05)
             finally:
                 client.close()
+
+    def _make_certificates(self) -> None:
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], cwd=self.workdir, check=True, capture_output=True, timeout=60)
+
+        (self.workdir / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+                "-days", "2", "-subj", "/CN=pdserve-local-ca")  # fmt: skip
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+                "-subj", "/CN=127.0.0.1")  # fmt: skip
+        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                "-out", "server.crt", "-days", "2", "-extfile", "san.ext")  # fmt: skip
 
     def stop(self) -> None:
         if self._process is not None:

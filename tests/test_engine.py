@@ -255,3 +255,34 @@ def test_model_directory_with_corrupt_config_is_refused(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": "many"}))
     with pytest.raises(EngineConfigError, match="model"):
         Engine(engine_config(tmp_path))
+
+
+def test_kv_events_reach_a_subscriber_in_another_process_on_a_configured_endpoint(make_tiny_model):
+    import msgspec
+    import zmq
+    from vllm.distributed.kv_events import BlockStored, KVEventBatch
+
+    from pdserve.local_redis import free_port
+
+    port = free_port()
+    outside = zmq.Context.instance().socket(zmq.SUB)
+    outside.setsockopt(zmq.SUBSCRIBE, b"")
+    outside.connect(f"tcp://127.0.0.1:{port}")
+    inside = EventLog()
+    engine = Engine(
+        engine_config(make_tiny_model("llama"), kv_events_endpoint=f"tcp://*:{port}"), on_cache_events=inside
+    )
+    try:
+        time.sleep(0.5)  # the outside subscription has no handshake: give it time to reach the publisher
+        collect(engine, GenerateRequest("published", prompt(engine, 2 * BLOCK, offset=30), GREEDY))
+        decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+        seen = []
+        while outside.poll(2000):
+            seen += decoder.decode(outside.recv_multipart()[-1]).events
+            if any(isinstance(e, BlockStored) for e in seen):
+                break
+        assert any(isinstance(e, BlockStored) for e in seen), "no stored event reached the outside subscriber"
+        assert any(isinstance(e, BlocksStored) for e in inside.take())
+    finally:
+        outside.close(linger=0)
+        engine.shutdown()

@@ -185,9 +185,16 @@ def test_redis_keys_carry_the_scheme_version_and_model(redis_server):
 
 
 @pytest.mark.parametrize(
-    "options", [dict(password="s3cret"), dict(password="s3cret", user="pdserve"), dict(unix=True, password="pw")]
+    "options",
+    [
+        dict(password="s3cret"),
+        dict(password="s3cret", user="pdserve"),
+        dict(unix=True, password="pw"),
+        dict(tls=True, password="pw"),
+    ],
+    ids=["password", "acl-user", "unix-socket", "rediss"],
 )
-def test_redis_urls_with_auth_and_unix_sockets_work(tmp_path, options):
+def test_redis_urls_with_auth_tls_and_unix_sockets_work(tmp_path, options):
     server = LocalRedis(tmp_path, **options).start()
     try:
         index = RedisPrefixIndex(server.url, MODEL)
@@ -236,3 +243,20 @@ def test_redis_outage_falls_back_to_load_alone_and_recovers(redis_server, caplog
         time.sleep(0.1)
     assert index.match(CHAIN)[1] == {"a": 4}
     assert index.health().outages == 1
+
+
+def test_the_background_sweeper_collects_dead_workers(index):
+    from router.index.sweeper import IndexSweeper
+
+    index.heartbeat(worker("a"), 0.1)
+    index.apply_events("a", 1, [stored(CHAIN)])
+    sweeper = IndexSweeper(index, interval_s=0.05).start()
+    try:
+        deadline = time.monotonic() + 3
+        while sweeper.collected == 0:
+            assert time.monotonic() < deadline, "the sweeper collected nothing in 3 s"
+            time.sleep(0.02)
+    finally:
+        sweeper.stop()
+    live(index, "a")
+    assert index.match(CHAIN)[1] == {"a": 0}
