@@ -1,0 +1,129 @@
+"""The sender's gRPC service: Pull streams chunks of an offer; Release, Abort and Status control it.
+
+Every call must carry the cluster proof for its transfer id before anything
+is read; a pull streams layer by layer, waiting (under the stall deadline) for
+layers the prefill has not finished yet.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent import futures
+
+import grpc
+import torch
+import xxhash
+
+from kv_transfer import auth
+from kv_transfer.errors import TransferDenied, TransferError
+from kv_transfer.transfer import TransferRegistry, TransferStatus, check_wire_version
+from pdserve_pb.v1 import kv_transfer_pb2 as pb
+from pdserve_pb.v1 import kv_transfer_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_BYTES = 4 << 20
+MAX_MESSAGE_BYTES = 64 << 20
+
+
+class KVTransferService(pb_grpc.KVTransferServicer):
+    def __init__(self, registry: TransferRegistry, secret: str, stall_timeout_s: float = 5.0):
+        self._registry = registry
+        self._secret = secret
+        self._stall_timeout_s = stall_timeout_s
+
+    def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext):
+        try:
+            self._admit(request.transfer_id, request.wire_version, context)
+            offer = self._registry.open_pull(request.transfer_id, request.block_indices, request.layers)
+        except TransferError as exc:
+            context.abort(exc.code, str(exc))
+        gone = threading.Event()  # the receiver cancelled or died: stop waiting for layers at once
+        context.add_callback(lambda: (gone.set(), self._registry.wake(offer)))
+        sent = 0
+        chunk_bytes = request.max_chunk_bytes or DEFAULT_CHUNK_BYTES
+        num_blocks = len(request.block_indices) or len(offer.block_ids)
+        try:
+            for layer in request.layers or range(len(offer.layers)):
+                if not self._registry.wait_layer_ready(offer, layer, self._stall_timeout_s, gone):
+                    return
+                blocks = self._registry.read_blocks(offer, layer, request.block_indices)
+                payload = memoryview(blocks.view(-1).view(torch.uint8).numpy())
+                for offset in range(0, len(payload), chunk_bytes):
+                    if not context.is_active():
+                        return
+                    piece = payload[offset : offset + chunk_bytes]
+                    header = pb.ChunkHeader(
+                        transfer_id=request.transfer_id, layer=layer, part=pb.KV_PART_KV, first_block=0,
+                        num_blocks=num_blocks, byte_offset=offset, byte_length=len(piece),
+                        xxh3_64=xxhash.xxh3_64_intdigest(piece),
+                    )  # fmt: skip
+                    yield pb.Chunk(header=header, data=bytes(piece))
+                    sent += len(piece)
+        except TransferError as exc:
+            context.abort(exc.code, str(exc))
+        finally:
+            self._registry.close_pull(offer, sent)
+
+    def Release(self, request: pb.TransferRef, context: grpc.ServicerContext) -> pb.TransferStatus:
+        return self._control(request, context, self._registry.release)
+
+    def Abort(self, request: pb.TransferRef, context: grpc.ServicerContext) -> pb.TransferStatus:
+        return self._control(request, context, self._registry.abort)
+
+    def Status(self, request: pb.TransferRef, context: grpc.ServicerContext) -> pb.TransferStatus:
+        return self._control(request, context, self._registry.status)
+
+    def _control(self, request: pb.TransferRef, context, action) -> pb.TransferStatus:
+        try:
+            self._admit(request.transfer_id, request.wire_version, context)
+            return status_to_proto(action(request.transfer_id))
+        except TransferError as exc:
+            context.abort(exc.code, str(exc))
+
+    def _admit(self, transfer_id: str, wire_version: int, context: grpc.ServicerContext) -> None:
+        presented = dict(context.invocation_metadata()).get(auth.METADATA_KEY)
+        if not auth.verify(self._secret, transfer_id, presented):
+            raise TransferDenied(transfer_id, "missing or wrong cluster token")
+        check_wire_version(transfer_id, wire_version)
+
+
+def status_to_proto(status: TransferStatus) -> pb.TransferStatus:
+    return pb.TransferStatus(
+        transfer_id=status.transfer_id, state=int(status.state), detail=status.detail,
+        lease_remaining_s=status.lease_remaining_s, bytes_sent=status.bytes_sent, layers_ready=status.layers_ready,
+    )  # fmt: skip
+
+
+class KVTransferServer:
+    """The sender's gRPC server on ``host:port`` (port 0: a free one); TLS when given a key and certificate."""
+
+    def __init__(
+        self,
+        registry: TransferRegistry,
+        secret: str,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        stall_timeout_s: float = 5.0,
+        tls: tuple[bytes, bytes] | None = None,
+        max_workers: int = 16,
+    ):
+        options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
+        pb_grpc.add_KVTransferServicer_to_server(KVTransferService(registry, secret, stall_timeout_s), self._server)
+        target = f"{host}:{port}"
+        if tls is None:
+            self.port = self._server.add_insecure_port(target)
+        else:
+            key, certificate = tls
+            self.port = self._server.add_secure_port(target, grpc.ssl_server_credentials([(key, certificate)]))
+        self.address = f"{host}:{self.port}"
+        registry.address = self.address  # handles name the address the server really bound
+
+    def start(self) -> KVTransferServer:
+        self._server.start()
+        return self
+
+    def stop(self, grace_s: float = 1.0) -> None:
+        self._server.stop(grace_s).wait(grace_s + 1)

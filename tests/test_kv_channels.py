@@ -1,0 +1,295 @@
+"""KV channels between two real processes over real sockets, and every failure they must survive."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+from kv_peer import SECRET, SenderProcess, block_hashes, layer_tensors, start_receiver
+
+from kv_transfer import auth
+from kv_transfer.channel import GrpcKVChannel, LocalKVChannel
+from kv_transfer.errors import (
+    TransferDenied,
+    TransferIntegrityError,
+    TransferLayoutError,
+    TransferNotFound,
+    TransferTimeout,
+    TransferUnavailable,
+    TransferVersionError,
+)
+from kv_transfer.grpc_service import KVTransferServer
+from kv_transfer.transfer import WIRE_VERSION, TransferHandle, TransferRegistry, TransferState
+from pdserve_pb.v1 import kv_transfer_pb2 as pb
+from pdserve_pb.v1 import kv_transfer_pb2_grpc as pb_grpc
+
+LLAMA_LIKE = dict(layers=4, blocks=24, block_shape=(8, 16, 256), seed=7)  # 8 KV heads, 16 tokens, K|V of 128
+
+
+@pytest.fixture
+def sender():
+    senders = []
+
+    def start(**spec) -> SenderProcess:
+        senders.append(SenderProcess(**spec))
+        return senders[-1]
+
+    yield start
+    for process in senders:
+        process.stop()
+
+
+def empty_like(handle: TransferHandle, blocks: int | None = None) -> list[torch.Tensor]:
+    shape = (blocks or handle.num_blocks, *handle.block_shape)
+    return [torch.zeros(shape, dtype=getattr(torch, handle.dtype)) for _ in range(handle.num_layers)]
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_a_grpc_round_trip_between_processes_is_byte_identical(sender, dtype):
+    peer = sender(dtype=dtype, **LLAMA_LIKE)
+    source_ids = [5, 3, 17, 0, 9, 10, 11, 23]
+    handle = peer.offer("t1", source_ids)
+    dest = empty_like(handle, blocks=16)
+    dest_ids = [15, 14, 13, 12, 2, 4, 6, 8]
+    result = GrpcKVChannel(SECRET, max_chunk_bytes=64 << 10).pull(handle, dest, dest_ids)
+    source = peer.layers()
+    for layer in range(handle.num_layers):
+        assert same_bytes(dest[layer][dest_ids], source[layer][source_ids])
+    untouched = [i for i in range(16) if i not in dest_ids]
+    assert all(torch.count_nonzero(dest[layer][untouched]) == 0 for layer in range(handle.num_layers))
+    assert result.bytes == sum(t[source_ids].numel() * t.element_size() for t in source)
+
+
+def test_only_the_requested_subset_of_blocks_crosses(sender):
+    peer = sender(**LLAMA_LIKE)
+    handle = peer.offer("subset", list(range(10)))
+    dest = empty_like(handle, blocks=3)
+    result = GrpcKVChannel(SECRET).pull(handle, dest, [0, 1, 2], block_indices=[7, 8, 9])
+    source = peer.layers()
+    assert all(same_bytes(dest[layer], source[layer][7:10]) for layer in range(handle.num_layers))
+    assert result.bytes == 3 * handle.num_layers * source[0][0].numel() * 4
+    assert peer.status("subset") == ("OFFERED", result.bytes)
+
+
+def test_release_frees_the_blocks_on_the_sender(sender):
+    peer = sender(**LLAMA_LIKE)
+    handle = peer.offer("rel", [1, 2])
+    channel = GrpcKVChannel(SECRET)
+    channel.pull(handle, empty_like(handle), [0, 1])
+    assert channel.release(handle).state == TransferState.DONE
+    assert peer.wait_freed("rel") == "DONE"
+
+
+def test_eight_concurrent_transfers_to_two_receivers(sender):
+    peer = sender(**LLAMA_LIKE)
+    handles = [peer.offer(f"c{i}", [i, i + 8, i + 16]) for i in range(8)]
+    receivers = [GrpcKVChannel(SECRET), GrpcKVChannel(SECRET)]
+    source = peer.layers()
+
+    def pull(i: int) -> bool:
+        dest = empty_like(handles[i])
+        receivers[i % 2].pull(handles[i], dest, [0, 1, 2])
+        receivers[i % 2].release(handles[i])
+        return all(same_bytes(dest[layer], source[layer][[i, i + 8, i + 16]]) for layer in range(4))
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(pull, range(8)))
+    assert sorted(peer.wait_freed(f"c{i}") for i in range(8)) == ["DONE"] * 8
+
+
+def test_a_layerwise_pull_follows_the_layers_as_they_become_ready(sender):
+    peer = sender(**LLAMA_LIKE)
+    handle = peer.offer("lw", [4, 5, 6], layers_ready=1)
+    dest = empty_like(handle)
+    done = threading.Event()
+    result = {}
+
+    def pull():
+        result["r"] = GrpcKVChannel(SECRET).pull(handle, dest, [0, 1, 2], stall_timeout_s=5)
+        done.set()
+
+    threading.Thread(target=pull, daemon=True).start()
+    for layer in range(1, 4):
+        time.sleep(0.3)
+        assert not done.is_set(), "the pull finished before every layer was ready"
+        peer.mark_layer_ready("lw", layer)
+    assert done.wait(10)
+    source = peer.layers()
+    assert all(same_bytes(dest[layer], source[layer][[4, 5, 6]]) for layer in range(4))
+
+
+def test_sigkill_of_the_sender_mid_pull_fails_the_receiver_within_the_deadline(sender):
+    peer = sender(**LLAMA_LIKE)
+    handle = peer.offer("doomed", [1, 2, 3], layers_ready=1)  # layer 1 never comes: the pull waits mid-stream
+    errors = []
+
+    def pull():
+        try:
+            GrpcKVChannel(SECRET).pull(handle, empty_like(handle), [0, 1, 2], stall_timeout_s=5)
+        except Exception as exc:
+            errors.append(exc)
+
+    puller = threading.Thread(target=pull, daemon=True)
+    puller.start()
+    time.sleep(0.5)
+    started = time.monotonic()
+    peer.kill()
+    puller.join(10)
+    assert not puller.is_alive(), "the receiver hung after the sender died"
+    assert isinstance(errors[0], TransferUnavailable | TransferTimeout)
+    assert time.monotonic() - started < 5.5
+
+    fresh = sender(**LLAMA_LIKE)
+    again = fresh.offer("after", [1, 2, 3])
+    dest = empty_like(again)
+    GrpcKVChannel(SECRET).pull(again, dest, [0, 1, 2])
+    assert same_bytes(dest[0], fresh.layers()[0][[1, 2, 3]])
+
+
+def test_sigkill_of_the_receiver_mid_pull_lets_the_sender_recover():
+    registry = TransferRegistry("", "m", lease_s=30)
+    server = KVTransferServer(registry, SECRET, stall_timeout_s=30).start()
+    try:
+        layers = layer_tensors(4, 8, (8, 16, 64), "float32", 0)
+        handle = registry.offer("orphan", layers, [0, 1], block_hashes(2), 32, layers_ready=1)
+        receiver = start_receiver(handle)
+        wait_for(lambda: registry.status("orphan").state == TransferState.PULLING, 30)
+        receiver.kill()
+        receiver.join(10)
+        # The sender notices the dead stream, ends the pull, and keeps the blocks under the lease.
+        wait_for(lambda: registry.status("orphan").state == TransferState.OFFERED, 5)
+        for layer in range(1, 4):
+            registry.mark_layer_ready("orphan", layer)
+        dest = [torch.zeros((2, 8, 16, 64)) for _ in range(4)]
+        GrpcKVChannel(SECRET).pull(handle, dest, [0, 1])
+        assert torch.equal(dest[3], layers[3][[0, 1]])
+    finally:
+        server.stop()
+        registry.close()
+
+
+def test_a_corrupted_chunk_fails_the_pull_and_nothing_is_kept(sender):
+    peer = sender(corrupt=True, **LLAMA_LIKE)
+    handle = peer.offer("bad", [1, 2])
+    dest = empty_like(handle)
+    with pytest.raises(TransferIntegrityError, match="checksum mismatch"):
+        GrpcKVChannel(SECRET).pull(handle, dest, [0, 1])
+    assert all(torch.count_nonzero(layer) == 0 for layer in dest)
+
+
+def test_a_wrong_or_missing_token_is_denied_before_any_byte_moves(sender):
+    peer = sender(**LLAMA_LIKE)
+    handle = peer.offer("secret", [1, 2])
+    dest = empty_like(handle)
+    with pytest.raises(TransferDenied, match="PERMISSION_DENIED"):
+        GrpcKVChannel("not-the-secret").pull(handle, dest, [0, 1])
+    stub = pb_grpc.KVTransferStub(grpc.insecure_channel(handle.sender_address))
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Release(pb.TransferRef(wire_version=WIRE_VERSION, transfer_id="secret"), timeout=5)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert all(torch.count_nonzero(layer) == 0 for layer in dest)
+    assert peer.status("secret") == ("OFFERED", 0)
+
+
+def test_a_proof_for_one_transfer_opens_no_other():
+    assert auth.verify(SECRET, "a", auth.proof(SECRET, "a"))
+    assert not auth.verify(SECRET, "b", auth.proof(SECRET, "a"))
+    assert not auth.verify(SECRET, "a", None)
+
+
+def test_an_expired_lease_frees_the_blocks_and_refuses_the_pull(sender):
+    peer = sender(lease_s=0.3, **LLAMA_LIKE)
+    handle = peer.offer("late", [1])
+    assert peer.wait_freed("late", 5) == "EXPIRED"
+    with pytest.raises(TransferNotFound, match="already expired"):
+        GrpcKVChannel(SECRET).pull(handle, empty_like(handle), [0])
+
+
+def test_release_twice_answers_done_and_frees_once(sender):
+    peer = sender(**LLAMA_LIKE)
+    handle = peer.offer("twice", [1])
+    channel = GrpcKVChannel(SECRET)
+    assert channel.release(handle).state == TransferState.DONE
+    assert channel.release(handle).state == TransferState.DONE
+    peer.wait_freed("twice")
+    time.sleep(0.2)
+    assert peer.status("twice")[0] == "DONE"
+    assert [t for t, _ in peer.freed].count("twice") == 1
+
+
+def test_pulling_an_unknown_or_released_transfer_is_not_found(sender):
+    peer = sender(**LLAMA_LIKE)
+    handle = peer.offer("gone", [1])
+    channel = GrpcKVChannel(SECRET)
+    channel.release(handle)
+    with pytest.raises(TransferNotFound, match="already done"):
+        channel.pull(handle, empty_like(handle), [0])
+    ghost = TransferHandle(**{**handle.__dict__, "transfer_id": "never-offered"})
+    with pytest.raises(TransferNotFound, match="unknown transfer"):
+        channel.pull(ghost, empty_like(ghost), [0])
+
+
+def test_a_handle_or_request_from_a_newer_wire_version_is_refused(sender):
+    newer = TransferHandle("127.0.0.1:1", "v9", "m", (b"x" * 16,), 16, "float32", (8, 16, 64), 4, wire_version=9)
+    with pytest.raises(TransferVersionError, match="wire version 9 is newer"):
+        TransferHandle.from_bytes(newer.to_bytes())
+    peer = sender(**LLAMA_LIKE)
+    handle = peer.offer("v", [1])
+    stub = pb_grpc.KVTransferStub(grpc.insecure_channel(handle.sender_address))
+    metadata = [(auth.METADATA_KEY, auth.proof(SECRET, "v"))]
+    with pytest.raises(grpc.RpcError) as info:
+        list(stub.Pull(pb.PullRequest(wire_version=9, transfer_id="v"), timeout=5, metadata=metadata))
+    assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def test_a_stalled_sender_times_out_and_a_retry_works_while_the_lease_holds(sender):
+    peer = sender(**LLAMA_LIKE)
+    handle = peer.offer("retry", [1, 2], layers_ready=2)
+    channel = GrpcKVChannel(SECRET)
+    started = time.monotonic()
+    with pytest.raises(TransferTimeout, match="no progress for 0.5 s"):
+        channel.pull(handle, empty_like(handle), [0, 1], stall_timeout_s=0.5)
+    assert time.monotonic() - started < 2
+    peer.mark_layer_ready("retry", 3)
+    dest = empty_like(handle)
+    channel.pull(handle, dest, [0, 1])
+    assert same_bytes(dest[3], peer.layers()[3][[1, 2]])
+
+
+def test_a_receiver_with_another_layout_is_refused(sender):
+    peer = sender(**LLAMA_LIKE)
+    handle = peer.offer("layout", [1])
+    wrong = [torch.zeros((1, 8, 16, 256), dtype=torch.float16) for _ in range(4)]
+    with pytest.raises(TransferLayoutError, match="sender layout"):
+        GrpcKVChannel(SECRET).pull(handle, wrong, [0])
+
+
+def test_the_local_channel_copies_in_process_with_the_same_contract():
+    freed = []
+    registry = TransferRegistry("local", "m", on_freed=lambda tid, state: freed.append((tid, state)))
+    try:
+        layers = layer_tensors(2, 8, (2, 16, 64), "bfloat16", 3)
+        handle = registry.offer("loc", layers, [6, 1], block_hashes(2), 32, backends=("local",))
+        dest = [torch.zeros((4, 2, 16, 64), dtype=torch.bfloat16) for _ in range(2)]
+        channel = LocalKVChannel(registry)
+        channel.pull(handle, dest, [3, 0])
+        assert torch.equal(dest[1][[3, 0]], layers[1][[6, 1]])
+        channel.release(handle)
+        assert freed == [("loc", TransferState.DONE)]
+    finally:
+        registry.close()
+
+
+def wait_for(condition, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

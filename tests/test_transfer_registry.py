@@ -1,0 +1,109 @@
+"""The sender's registry: one state per transfer, leases, and blocks freed exactly once."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from kv_transfer.errors import TransferNotFound, TransferRequestError, TransferTimeout
+from kv_transfer.transfer import TransferRegistry, TransferState
+
+
+@pytest.fixture
+def freed():
+    return []
+
+
+@pytest.fixture
+def registry(freed):
+    registry = TransferRegistry("addr", "m", lease_s=30, on_freed=lambda tid, state: freed.append((tid, state)))
+    yield registry
+    registry.close()
+
+
+def offer(registry, transfer_id="t", **kwargs):
+    layers = [torch.arange(4 * 8, dtype=torch.float32).reshape(4, 8) + 100 * i for i in range(2)]
+    return registry.offer(transfer_id, layers, [3, 1], [b"a" * 16, b"b" * 16], 32, **kwargs)
+
+
+def test_an_offer_describes_its_blocks_in_its_handle(registry):
+    handle = offer(registry)
+    assert (handle.sender_address, handle.num_blocks, handle.num_layers, handle.dtype) == ("addr", 2, 2, "float32")
+    assert handle.block_shape == (8,)
+    assert registry.status("t").state == TransferState.OFFERED
+
+
+def test_a_pull_moves_the_state_to_pulling_and_back(registry):
+    offer(registry)
+    reading = registry.open_pull("t", [], [])
+    assert registry.status("t").state == TransferState.PULLING
+    assert torch.equal(registry.read_blocks(reading, 1, [1]), torch.arange(8, 16, dtype=torch.float32)[None] + 100)
+    registry.close_pull(reading, 64)
+    status = registry.status("t")
+    assert (status.state, status.bytes_sent) == (TransferState.OFFERED, 64)
+
+
+def test_an_abort_during_a_pull_frees_the_blocks_only_when_the_pull_lets_go(registry, freed):
+    offer(registry)
+    reading = registry.open_pull("t", [], [])
+    assert registry.abort("t").state == TransferState.ABORTED
+    assert freed == []
+    with pytest.raises(TransferNotFound, match="aborted while being pulled"):
+        registry.read_blocks(reading, 0, [])
+    registry.close_pull(reading, 0)
+    assert freed == [("t", TransferState.ABORTED)]
+
+
+def test_a_lease_that_runs_out_mid_pull_expires_when_the_pull_ends(freed):
+    registry = TransferRegistry("addr", "m", lease_s=0.1, on_freed=lambda tid, state: freed.append((tid, state)))
+    try:
+        offer(registry)
+        reading = registry.open_pull("t", [], [])
+        time.sleep(0.3)
+        assert freed == []
+        registry.close_pull(reading, 0)
+        assert freed == [("t", TransferState.EXPIRED)]
+    finally:
+        registry.close()
+
+
+def test_final_states_are_remembered_and_freed_once(registry, freed):
+    offer(registry)
+    registry.release("t")
+    assert registry.abort("t").state == TransferState.DONE
+    assert registry.status("t").state == TransferState.DONE
+    assert freed == [("t", TransferState.DONE)]
+    with pytest.raises(TransferNotFound, match="already done"):
+        registry.open_pull("t", [], [])
+
+
+def test_out_of_range_blocks_or_layers_are_refused(registry):
+    offer(registry)
+    with pytest.raises(TransferRequestError, match=r"block indices must be in \[0, 2\)"):
+        registry.open_pull("t", [2], [])
+    with pytest.raises(TransferRequestError, match=r"layers must be in \[0, 2\)"):
+        registry.open_pull("t", [], [5])
+
+
+def test_waiting_for_a_layer_that_never_comes_times_out(registry):
+    offer(registry, layers_ready=1)
+    reading = registry.open_pull("t", [], [])
+    with pytest.raises(TransferTimeout, match="layer 1 not ready within 0.1 s"):
+        registry.wait_layer_ready(reading, 1, 0.1)
+    registry.close_pull(reading, 0)
+
+
+def test_a_transfer_id_is_offered_once(registry):
+    offer(registry)
+    with pytest.raises(ValueError, match="offered already"):
+        offer(registry)
+
+
+def test_closing_the_sender_aborts_what_it_still_holds(freed):
+    registry = TransferRegistry("addr", "m", on_freed=lambda tid, state: freed.append((tid, state)))
+    offer(registry, "a")
+    offer(registry, "b")
+    registry.close()
+    assert sorted(freed) == [("a", TransferState.ABORTED), ("b", TransferState.ABORTED)]
