@@ -30,6 +30,7 @@ from engine.vllm_args import apply_vllm_environment, vllm_engine_args
 log = logging.getLogger(__name__)
 
 _IDLE_POLL_S = 0.1
+_SETTLE_POLL_S = 0.005
 
 
 @dataclass
@@ -334,9 +335,15 @@ class Engine:
     def _loop(self) -> None:
         try:
             while not self._closing.is_set():
-                self._take_commands(block=not self._llm.has_unfinished_requests())
-                if self._llm.has_unfinished_requests():
+                serving = self._llm.has_unfinished_requests()
+                # Finished requests can still hold blocks for a KV connector (a transfer in
+                # flight): the engine keeps stepping, gently, until the connector lets go.
+                settling = not serving and self._core.scheduler.has_requests()
+                self._take_commands(block=not serving and not settling)
+                if serving or settling:
                     self._deliver(self._llm.step())
+                if settling:
+                    time.sleep(_SETTLE_POLL_S)
         except Exception as exc:  # an engine step failed: every waiting request learns it
             log.exception("engine loop failed")
             self._failure = exc

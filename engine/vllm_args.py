@@ -40,6 +40,8 @@ def vllm_engine_args(config: EngineConfig, kv_events_endpoint: str | None):
             kv_connector_module_path=spec.module_path,
             kv_role=spec.role,
             kv_connector_extra_config=dict(spec.extra),
+            # A failed KV load is recomputed locally: a request is never lost to a transfer.
+            kv_load_failure_policy="recompute",
         )
     kv_events = None
     if kv_events_endpoint is not None:

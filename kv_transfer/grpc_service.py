@@ -36,6 +36,7 @@ class KVTransferService(pb_grpc.KVTransferServicer):
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext):
         try:
             self._admit(request.transfer_id, request.wire_version, context)
+            self._registry.await_offer(request.transfer_id, self._stall_timeout_s)
             offer = self._registry.open_pull(request.transfer_id, request.block_indices, request.layers)
         except TransferError as exc:
             context.abort(exc.code, str(exc))

@@ -140,6 +140,7 @@ class TransferRegistry:
         self._on_freed = on_freed
         self._clock = clock
         self._lock = threading.Lock()
+        self._offered = threading.Condition(self._lock)
         self._offers: dict[str, Offer] = {}
         self._final: OrderedDict[str, TransferStatus] = OrderedDict()
         self._stop = threading.Event()
@@ -177,7 +178,13 @@ class TransferRegistry:
             if transfer_id in self._offers or transfer_id in self._final:
                 raise ValueError(f"transfer {transfer_id} was offered already")
             self._offers[transfer_id] = offer
+            self._offered.notify_all()
         return handle
+
+    def await_offer(self, transfer_id: str, timeout_s: float) -> None:
+        """Wait for an announced transfer to be offered: a handle may reach the receiver first."""
+        with self._offered:
+            self._offered.wait_for(lambda: transfer_id in self._offers or transfer_id in self._final, timeout_s)
 
     def mark_layer_ready(self, transfer_id: str, layer: int) -> None:
         offer = self._get(transfer_id)

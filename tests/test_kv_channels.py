@@ -226,7 +226,7 @@ def test_release_twice_answers_done_and_frees_once(sender):
 
 
 def test_pulling_an_unknown_or_released_transfer_is_not_found(sender):
-    peer = sender(**LLAMA_LIKE)
+    peer = sender(stall_s=0.5, **LLAMA_LIKE)  # an unknown id is awaited this long: its offer may be on the way
     handle = peer.offer("gone", [1])
     channel = GrpcKVChannel(SECRET)
     channel.release(handle)

@@ -1,0 +1,255 @@
+"""pdserve's vLLM KV connector: hands vLLM's paged blocks to the transfer registry and channels.
+
+vLLM loads it by module path (``kv_connector_module_path``) and runs two
+instances: a scheduler-side one (which blocks, when to free) and a worker-side
+one (the KV tensors, the bytes). Requests opt in through their
+``kv_transfer_params``:
+
+- producer (prefill worker): ``{"pdserve": "produce", "transfer_id": ..., "block_hashes": [hex, ...]}``.
+  The request runs with ``max_tokens=1``; when it finishes, its blocks stay
+  allocated (vLLM's delayed free) under the transfer's lease, and the output's
+  ``kv_transfer_params`` carry ``{"pdserve_handle": hex}``. The blocks are freed
+  when the receiver releases them, on abort, or when the lease expires.
+- consumer (decode worker): ``{"pdserve": "consume", "handle": hex}``. vLLM counts
+  its local prefix hit first; only the blocks beyond it are pulled, straight
+  into blocks vLLM allocated, between steps. A failed or timed-out pull reports
+  those blocks as load errors, so vLLM recomputes them: the request completes,
+  correctly, either way.
+
+The cluster secret comes from ``PDSERVE_CLUSTER_TOKEN`` (never from vLLM's
+config, which vLLM logs). Extra config (``kv_connector_extra_config``):
+``host`` (sender bind address, default 127.0.0.1), ``lease_s`` (30),
+``stall_timeout_s`` (5), ``max_chunk_bytes`` (4 MiB).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorHandshakeMetadata,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.v1.request import RequestStatus
+
+from kv_transfer.channel import GrpcKVChannel
+from kv_transfer.errors import TransferError
+from kv_transfer.grpc_service import DEFAULT_CHUNK_BYTES, KVTransferServer
+from kv_transfer.transfer import TransferHandle, TransferRegistry, TransferState
+
+log = logging.getLogger(__name__)
+
+TOKEN_ENV = "PDSERVE_CLUSTER_TOKEN"
+
+
+@dataclass
+class SenderInfo(KVConnectorHandshakeMetadata):
+    """What the worker side tells the scheduler side once its KV caches exist."""
+
+    address: str
+    dtype: str
+    block_shape: tuple[int, ...]
+    num_layers: int
+    cache_layout: str
+
+
+@dataclass(frozen=True)
+class OfferSpec:
+    request_id: str
+    transfer_id: str
+    block_ids: list[int]
+    block_hashes: list[bytes]
+    num_tokens: int
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    request_id: str
+    handle: TransferHandle
+    block_indices: list[int]
+    dest_block_ids: list[int]
+
+
+@dataclass
+class PdserveConnectorMetadata(KVConnectorMetadata):
+    offers: list[OfferSpec] = field(default_factory=list)
+    loads: list[LoadSpec] = field(default_factory=list)
+
+
+class PdserveConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        self._secret = os.environ.get(TOKEN_ENV)
+        if not self._secret:
+            raise ValueError(f"{TOKEN_ENV} must be set: KV transfers need the cluster token")
+        self._host = extra.get("host", "127.0.0.1")
+        self._lease_s = float(extra.get("lease_s", 30.0))
+        self._stall_timeout_s = float(extra.get("stall_timeout_s", 5.0))
+        self._max_chunk_bytes = int(extra.get("max_chunk_bytes", DEFAULT_CHUNK_BYTES))
+        self._block_size = vllm_config.cache_config.block_size
+        self._layer_names = [name for group in kv_cache_config.kv_cache_groups for name in group.layer_names]
+        # scheduler side
+        self._sender: SenderInfo | None = None
+        self._pending_offers: list[OfferSpec] = []
+        self._pending_loads: list[LoadSpec] = []
+        self._loading: set[str] = set()
+        # worker side
+        self._layers: list[torch.Tensor] = []
+        self._registry: TransferRegistry | None = None
+        self._server: KVTransferServer | None = None
+        self._channel: GrpcKVChannel | None = None
+        self._pullers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-kv-pull")
+        self._lock = threading.Lock()
+        self._request_of: dict[str, str] = {}  # transfer id → request id
+        self._done_sending: set[str] = set()
+        self._done_recving: set[str] = set()
+        self._failed_blocks: set[int] = set()
+
+    # ----- scheduler side -----------------------------------------------------------------
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        self._sender = metadata.get(0)
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        params = request.kv_transfer_params or {}
+        if params.get("pdserve") != "consume" or request.request_id in self._loading:
+            return 0, False
+        handle = TransferHandle.from_bytes(bytes.fromhex(params["handle"]))
+        missing = handle.num_tokens - num_computed_tokens
+        return (missing, True) if missing > 0 else (0, False)
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        params = request.kv_transfer_params or {}
+        if num_external_tokens <= 0 or params.get("pdserve") != "consume":
+            return
+        handle = TransferHandle.from_bytes(bytes.fromhex(params["handle"]))
+        dest = blocks.get_unhashed_block_ids()
+        # The local prefix hit ends where the external tokens begin (get_num_new_matched_tokens).
+        first = (handle.num_tokens - num_external_tokens) // self._block_size
+        indices = list(range(first, handle.num_blocks))
+        self._loading.add(request.request_id)
+        self._pending_loads.append(LoadSpec(request.request_id, handle, indices, dest[: len(indices)]))
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        meta = PdserveConnectorMetadata(self._pending_offers, self._pending_loads)
+        self._pending_offers, self._pending_loads = [], []
+        return meta
+
+    def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        params = request.kv_transfer_params or {}
+        self._loading.discard(request.request_id)
+        if params.get("pdserve") != "produce" or request.status == RequestStatus.FINISHED_ABORTED:
+            return False, None
+        if self._sender is None:
+            log.error("no KV sender registered; request %s is not offered", request.request_id)
+            return False, None
+        num_tokens = request.num_computed_tokens
+        blocks = block_ids[: -(-num_tokens // self._block_size)]
+        hashes = [bytes.fromhex(h) for h in params.get("block_hashes", [])][: len(blocks)]
+        hashes += [b""] * (len(blocks) - len(hashes))
+        transfer_id = params["transfer_id"]
+        self._pending_offers.append(OfferSpec(request.request_id, transfer_id, blocks, hashes, num_tokens))
+        sender = self._sender
+        handle = TransferHandle(
+            sender.address, transfer_id, self._vllm_config.model_config.served_model_name, tuple(hashes),
+            num_tokens, sender.dtype, tuple(sender.block_shape), sender.num_layers, ("grpc",), sender.cache_layout,
+        )  # fmt: skip
+        return True, {"pdserve_handle": handle.to_bytes().hex()}
+
+    # ----- worker side --------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._layers = [kv_caches[name] for name in self._layer_names]
+        self._registry = TransferRegistry("", "", lease_s=self._lease_s, on_freed=self._freed)
+        self._server = KVTransferServer(self._registry, self._secret, self._host, 0, self._stall_timeout_s).start()
+        self._channel = GrpcKVChannel(self._secret, self._max_chunk_bytes)
+
+    def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        first = self._layers[0]
+        return SenderInfo(
+            self._server.address,
+            str(first.dtype).removeprefix("torch."),
+            tuple(first.shape[1:]),
+            len(self._layers),
+            self._kv_cache_config.kv_cache_layout or "",
+        )
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        for load in self._get_connector_metadata().loads:
+            self._pullers.submit(self._load, load)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        """Loads complete between steps (the request waits in WAITING_FOR_REMOTE_KVS)."""
+
+    def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
+        """Blocks are offered whole when the prefill finishes; nothing to do per layer."""
+
+    def wait_for_save(self) -> None:
+        for spec in self._get_connector_metadata().offers:
+            with self._lock:
+                self._request_of[spec.transfer_id] = spec.request_id
+            self._registry.offer(
+                spec.transfer_id, self._layers, spec.block_ids, spec.block_hashes, spec.num_tokens,
+                self._kv_cache_config.kv_cache_layout or "",
+            )  # fmt: skip
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        with self._lock:
+            sending, self._done_sending = self._done_sending, set()
+            recving, self._done_recving = self._done_recving, set()
+        return sending or None, recving or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        with self._lock:
+            failed, self._failed_blocks = self._failed_blocks, set()
+        return failed
+
+    def shutdown(self) -> None:
+        self._pullers.shutdown(wait=False, cancel_futures=True)
+        if self._server is not None:
+            self._server.stop()
+        if self._registry is not None:
+            self._registry.close()
+        if self._channel is not None:
+            self._channel.close()
+
+    def _load(self, load: LoadSpec) -> None:
+        try:
+            self._channel.pull(
+                load.handle, self._layers, load.dest_block_ids, load.block_indices,
+                stall_timeout_s=self._stall_timeout_s,
+            )  # fmt: skip
+            failed = False
+        except TransferError as exc:
+            log.warning("KV load failed, recomputing locally: %s", exc)
+            failed = True
+        except Exception:
+            log.exception("KV load failed, recomputing locally")
+            failed = True
+        self._finish_remote(load.handle, failed)
+        with self._lock:
+            if failed:
+                self._failed_blocks.update(load.dest_block_ids)
+            self._done_recving.add(load.request_id)
+
+    def _finish_remote(self, handle: TransferHandle, failed: bool) -> None:
+        """Tell the sender to free its blocks; a dead sender frees them by its lease."""
+        try:
+            (self._channel.abort if failed else self._channel.release)(handle, timeout_s=self._stall_timeout_s)
+        except TransferError as exc:
+            log.info("could not tell the sender to free %s: %s", handle.transfer_id, exc)
+
+    def _freed(self, transfer_id: str, state: TransferState) -> None:
+        with self._lock:
+            request_id = self._request_of.pop(transfer_id, None)
+            if request_id is not None:
+                self._done_sending.add(request_id)

@@ -1,0 +1,77 @@
+"""A real engine in its own process (a prefill or decode worker stand-in), driven over a pipe."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import os
+import signal
+
+
+def _engine_main(conn, config_json: str, env: dict) -> None:
+    os.environ.update(env)
+    from engine.config import EngineConfig
+    from engine.engine import Engine
+    from engine.types import GenerateRequest, SamplingOptions
+
+    engine = Engine(EngineConfig.model_validate_json(config_json))
+    conn.send(("ready", engine.vocab_size))
+
+    async def run(request: GenerateRequest):
+        deltas = [d async for d in engine.generate(request)]
+        tokens = [t for d in deltas for t in d.token_ids]
+        return tokens, deltas[-1].kv_transfer_params, deltas[0].cached_prompt_tokens, deltas[-1].finish_reason
+
+    while conn.poll(300):
+        command, *args = conn.recv()
+        if command == "generate":
+            request_id, ids, max_tokens, params = args
+            sampling = SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+            try:
+                conn.send(("result", asyncio.run(run(GenerateRequest(request_id, ids, sampling, params)))))
+            except Exception as exc:
+                conn.send(("error", repr(exc)))
+        elif command == "stats":
+            stats = engine.stats()
+            conn.send(("stats", stats.kv_blocks_used, stats.running, stats.waiting))
+        elif command == "stop":
+            break
+    engine.shutdown()
+
+
+class EnginePeer:
+    def __init__(self, config, env: dict[str, str]):
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self.process = context.Process(target=_engine_main, args=(child, config.model_dump_json(), env), daemon=True)
+        self.process.start()
+        self.vocab_size = self._expect("ready", 180)[0]
+
+    def generate(self, request_id: str, ids: list[int], max_tokens: int, params: dict | None = None, timeout=120):
+        """(tokens, kv_transfer_params of the last delta, cached prompt tokens, finish reason)."""
+        self._conn.send(("generate", request_id, ids, max_tokens, params))
+        return self._expect("result", timeout)[0]
+
+    def kv_blocks_used(self) -> int:
+        self._conn.send(("stats",))
+        return self._expect("stats")[0]
+
+    def kill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.join(10)
+
+    def stop(self) -> None:
+        if self.process.is_alive():
+            self._conn.send(("stop",))
+            self.process.join(30)
+        if self.process.is_alive():
+            self.kill()
+
+    def _expect(self, kind: str, timeout_s: float = 60.0):
+        if not self._conn.poll(timeout_s):
+            raise TimeoutError(f"engine process did not answer {kind!r} within {timeout_s} s")
+        message = self._conn.recv()
+        if message[0] == "error":
+            raise RuntimeError(f"engine process: {message[1]}")
+        assert message[0] == kind, message
+        return message[1:]

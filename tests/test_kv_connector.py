@@ -1,0 +1,131 @@
+"""pdserve's KV connector through vLLM: a prefill engine and a decode engine in two processes."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from engine_peer import EnginePeer
+
+from engine.block_hash import hash_chain
+from engine.config import EngineConfig, KVConnectorSpec
+from kv_transfer.channel import GrpcKVChannel
+from kv_transfer.transfer import TransferHandle, TransferState
+
+pytestmark = pytest.mark.engine
+
+BLOCK = 32
+SECRET = "connector-test-secret"
+ENV = {"PDSERVE_CLUSTER_TOKEN": SECRET}
+
+
+def config(model_dir, role: str, **extra) -> EngineConfig:
+    connector = KVConnectorSpec(
+        module_path="kv_transfer.vllm_connector", class_name="PdserveConnector", role=role, extra=extra
+    )
+    return EngineConfig(
+        model=model_dir, dtype="float32", block_size=BLOCK, num_kv_blocks=64, max_model_len=512, kv_connector=connector
+    )
+
+
+@pytest.fixture(scope="module")
+def prefill(make_tiny_model):
+    peer = EnginePeer(config(make_tiny_model("llama"), "kv_producer", lease_s=30), ENV)
+    yield peer
+    peer.stop()
+
+
+@pytest.fixture(scope="module")
+def decode(make_tiny_model):
+    peer = EnginePeer(config(make_tiny_model("llama"), "kv_consumer", stall_timeout_s=2), ENV)
+    yield peer
+    peer.stop()
+
+
+def prompt(n: int, offset: int) -> list[int]:
+    return [(offset * 7919 + i * 31) % 1000 + 2 for i in range(n)]
+
+
+def produce(prefill, request_id: str, ids: list[int]) -> TransferHandle:
+    params = {
+        "pdserve": "produce",
+        "transfer_id": f"x-{request_id}",
+        "block_hashes": [h.hex() for h in hash_chain("tiny", ids, BLOCK)],
+    }
+    tokens, out_params, _, reason = prefill.generate(request_id, ids, 1, params)
+    assert len(tokens) == 1 and reason == "length"
+    return TransferHandle.from_bytes(bytes.fromhex(out_params["pdserve_handle"]))
+
+
+def consume(decode, request_id: str, ids: list[int], handle: TransferHandle, max_tokens: int = 16):
+    return decode.generate(request_id, ids, max_tokens, {"pdserve": "consume", "handle": handle.to_bytes().hex()})
+
+
+def wait_until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_disaggregated_greedy_output_equals_one_engine(prefill, decode):
+    ids = prompt(5 * BLOCK + 7, offset=1)
+    reference = prefill.generate("ref", ids, 16)[0]
+    handle = produce(prefill, "p1", ids)
+    assert handle.num_tokens == len(ids) and handle.num_blocks == 6
+    tokens, _, cached, _ = consume(decode, "d1", ids, handle)
+    assert tokens == reference
+    assert cached >= 5 * BLOCK  # served from the transferred blocks, not recomputed
+
+
+def test_the_prefill_blocks_are_freed_after_the_decode_side_releases_them(prefill, decode):
+    baseline = prefill.kv_blocks_used()
+    ids = prompt(4 * BLOCK, offset=2)
+    handle = produce(prefill, "p2", ids)
+    assert prefill.kv_blocks_used() > baseline  # held for the transfer
+    consume(decode, "d2", ids, handle)
+    wait_until(lambda: prefill.kv_blocks_used() == baseline)
+    assert GrpcKVChannel(SECRET).status(handle).state == TransferState.DONE
+
+
+def test_only_the_blocks_the_decode_side_lacks_cross(prefill, decode):
+    shared = prompt(3 * BLOCK, offset=3)
+    decode.generate("warm", shared + prompt(5, offset=4), 1)  # the decode side caches 3 blocks of the prefix
+    ids = shared + prompt(3 * BLOCK + 4, offset=5)
+    reference = prefill.generate("ref3", ids, 16)[0]
+    handle = produce(prefill, "p3", ids)
+    tokens, _, cached, _ = consume(decode, "d3", ids, handle)
+    assert tokens == reference
+    status = GrpcKVChannel(SECRET).status(handle)
+    one_block = 2 * 2 * BLOCK * 2 * 32 * 4  # layers x kv heads x tokens x (K|V of head_dim 32) x float32
+    assert status.bytes_sent == 4 * one_block  # 7 blocks offered, 3 already local
+
+
+def test_an_abort_frees_the_prefill_blocks(prefill):
+    baseline = prefill.kv_blocks_used()
+    handle = produce(prefill, "p4", prompt(2 * BLOCK, offset=6))
+    assert GrpcKVChannel(SECRET).abort(handle).state == TransferState.ABORTED
+    wait_until(lambda: prefill.kv_blocks_used() == baseline)
+
+
+def test_an_expired_lease_frees_the_prefill_blocks(make_tiny_model):
+    peer = EnginePeer(config(make_tiny_model("llama"), "kv_producer", lease_s=0.5), ENV)
+    try:
+        baseline = peer.kv_blocks_used()
+        handle = produce(peer, "p5", prompt(2 * BLOCK, offset=7))
+        wait_until(lambda: peer.kv_blocks_used() == baseline, 10)
+        assert GrpcKVChannel(SECRET).status(handle).state == TransferState.EXPIRED
+    finally:
+        peer.stop()
+
+
+def test_a_dead_prefill_worker_means_local_recompute_with_the_same_output(make_tiny_model, decode):
+    doomed = EnginePeer(config(make_tiny_model("llama"), "kv_producer"), ENV)
+    ids = prompt(4 * BLOCK + 3, offset=8)
+    reference = doomed.generate("ref6", ids, 16)[0]
+    handle = produce(doomed, "p6", ids)
+    doomed.kill()
+    started = time.monotonic()
+    tokens, _, _, reason = consume(decode, "d6", ids, handle)
+    assert tokens == reference and reason == "length"
+    assert time.monotonic() - started < 10
