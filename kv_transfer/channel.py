@@ -28,8 +28,15 @@ from kv_transfer.errors import (
     TransferTimeout,
     TransferUnavailable,
 )
-from kv_transfer.grpc_service import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES
-from kv_transfer.transfer import WIRE_VERSION, TransferHandle, TransferRegistry, TransferState, TransferStatus
+from kv_transfer.transfer import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
+    WIRE_VERSION,
+    TransferHandle,
+    TransferRegistry,
+    TransferState,
+    TransferStatus,
+)
 from pdserve_pb.v1 import kv_transfer_pb2 as pb
 from pdserve_pb.v1 import kv_transfer_pb2_grpc as pb_grpc
 
@@ -63,7 +70,7 @@ class KVChannel(Protocol):
     def abort(self, handle: TransferHandle, timeout_s: float = 5.0) -> TransferStatus: ...
 
 
-def _check_request(handle, dest_layers, dest_block_ids, block_indices, layers) -> tuple[list[int], list[int]]:
+def check_request(handle, dest_layers, dest_block_ids, block_indices, layers) -> tuple[list[int], list[int]]:
     indices = list(block_indices) or list(range(handle.num_blocks))
     wanted_layers = list(layers) or list(range(handle.num_layers))
     if len(dest_block_ids) != len(indices):
@@ -94,7 +101,7 @@ class GrpcKVChannel:
     def pull(
         self, handle, dest_layers, dest_block_ids, block_indices=(), layers=(), stall_timeout_s=5.0, timeout_s=60.0
     ) -> PullResult:
-        indices, wanted_layers = _check_request(handle, dest_layers, dest_block_ids, block_indices, layers)
+        indices, wanted_layers = check_request(handle, dest_layers, dest_block_ids, block_indices, layers)
         request = pb.PullRequest(
             wire_version=WIRE_VERSION, transfer_id=handle.transfer_id, block_indices=list(block_indices),
             layers=list(layers), max_chunk_bytes=self._max_chunk_bytes,
@@ -145,12 +152,16 @@ class GrpcKVChannel:
                 channel.close()
             self._channels.clear()
 
-    def _control(self, handle: TransferHandle, method: str, timeout_s: float) -> TransferStatus:
-        ref = pb.TransferRef(wire_version=WIRE_VERSION, transfer_id=handle.transfer_id)
+    def call(self, handle: TransferHandle, method: str, request, timeout_s: float):
+        """One unary control call to the sender of ``handle``, failures typed."""
         try:
-            reply = getattr(self._stub(handle), method)(ref, timeout=timeout_s, metadata=self._metadata(handle))
+            return getattr(self._stub(handle), method)(request, timeout=timeout_s, metadata=self._metadata(handle))
         except grpc.RpcError as exc:
             raise self._error(handle, exc, False, timeout_s) from None
+
+    def _control(self, handle: TransferHandle, method: str, timeout_s: float) -> TransferStatus:
+        ref = pb.TransferRef(wire_version=WIRE_VERSION, transfer_id=handle.transfer_id)
+        reply = self.call(handle, method, ref, timeout_s)
         return TransferStatus(
             reply.transfer_id, TransferState(reply.state), reply.detail, reply.lease_remaining_s, reply.bytes_sent,
             reply.layers_ready,
@@ -228,7 +239,7 @@ class LocalKVChannel:
     def pull(
         self, handle, dest_layers, dest_block_ids, block_indices=(), layers=(), stall_timeout_s=5.0, timeout_s=60.0
     ) -> PullResult:
-        indices, wanted_layers = _check_request(handle, dest_layers, dest_block_ids, block_indices, layers)
+        indices, wanted_layers = check_request(handle, dest_layers, dest_block_ids, block_indices, layers)
         start = time.perf_counter()
         offer = self._registry.open_pull(handle.transfer_id, block_indices, layers)
         sent = 0

@@ -16,22 +16,35 @@ import torch
 import xxhash
 
 from kv_transfer import auth
+from kv_transfer.dist_channel import DistSender
 from kv_transfer.errors import TransferDenied, TransferError
-from kv_transfer.transfer import TransferRegistry, TransferStatus, check_wire_version
+from kv_transfer.transfer import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
+    TransferRegistry,
+    TransferStatus,
+    check_wire_version,
+)
 from pdserve_pb.v1 import kv_transfer_pb2 as pb
 from pdserve_pb.v1 import kv_transfer_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CHUNK_BYTES = 4 << 20
-MAX_MESSAGE_BYTES = 64 << 20
-
 
 class KVTransferService(pb_grpc.KVTransferServicer):
-    def __init__(self, registry: TransferRegistry, secret: str, stall_timeout_s: float = 5.0):
+    def __init__(self, registry: TransferRegistry, secret: str, dist_sender: DistSender, stall_timeout_s: float = 5.0):
         self._registry = registry
         self._secret = secret
+        self._dist = dist_sender
         self._stall_timeout_s = stall_timeout_s
+
+    def PullDist(self, request: pb.DistPullRequest, context: grpc.ServicerContext) -> pb.DistPlan:
+        try:
+            self._admit(request.pull.transfer_id, request.pull.wire_version, context)
+            self._registry.await_offer(request.pull.transfer_id, self._stall_timeout_s)
+            return self._dist.plan(request)
+        except TransferError as exc:
+            context.abort(exc.code, str(exc))
 
     def Pull(self, request: pb.PullRequest, context: grpc.ServicerContext):
         try:
@@ -112,7 +125,9 @@ class KVTransferServer:
     ):
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
-        pb_grpc.add_KVTransferServicer_to_server(KVTransferService(registry, secret, stall_timeout_s), self._server)
+        self._dist = DistSender(registry, host, stall_timeout_s)
+        service = KVTransferService(registry, secret, self._dist, stall_timeout_s)
+        pb_grpc.add_KVTransferServicer_to_server(service, self._server)
         target = f"{host}:{port}"
         if tls is None:
             self.port = self._server.add_insecure_port(target)
@@ -128,3 +143,4 @@ class KVTransferServer:
 
     def stop(self, grace_s: float = 1.0) -> None:
         self._server.stop(grace_s).wait(grace_s + 1)
+        self._dist.close()

@@ -19,7 +19,9 @@ one (the KV tensors, the bytes). Requests opt in through their
 The cluster secret comes from ``PDSERVE_CLUSTER_TOKEN`` (never from vLLM's
 config, which vLLM logs). Extra config (``kv_connector_extra_config``):
 ``host`` (sender bind address, default 127.0.0.1), ``lease_s`` (30),
-``stall_timeout_s`` (5), ``max_chunk_bytes`` (4 MiB).
+``stall_timeout_s`` (5), ``max_chunk_bytes`` (4 MiB), ``backends`` (the
+receiver's preference, default ``["torch_dist", "grpc"]``: the first one the
+sender also speaks is used).
 """
 
 from __future__ import annotations
@@ -40,10 +42,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.v1.request import RequestStatus
 
-from kv_transfer.channel import GrpcKVChannel
+from kv_transfer.channel import GrpcKVChannel, KVChannel
+from kv_transfer.dist_channel import DistKVChannel
 from kv_transfer.errors import TransferError
-from kv_transfer.grpc_service import DEFAULT_CHUNK_BYTES, KVTransferServer
-from kv_transfer.transfer import TransferHandle, TransferRegistry, TransferState
+from kv_transfer.grpc_service import KVTransferServer
+from kv_transfer.transfer import DEFAULT_CHUNK_BYTES, TransferHandle, TransferRegistry, TransferState
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ class PdserveConnector(KVConnectorBase_V1):
         self._lease_s = float(extra.get("lease_s", 30.0))
         self._stall_timeout_s = float(extra.get("stall_timeout_s", 5.0))
         self._max_chunk_bytes = int(extra.get("max_chunk_bytes", DEFAULT_CHUNK_BYTES))
+        self._preferred = list(extra.get("backends", ["torch_dist", "grpc"]))
         self._block_size = vllm_config.cache_config.block_size
         self._layer_names = [name for group in kv_cache_config.kv_cache_groups for name in group.layer_names]
         # scheduler side
@@ -106,7 +110,8 @@ class PdserveConnector(KVConnectorBase_V1):
         self._layers: list[torch.Tensor] = []
         self._registry: TransferRegistry | None = None
         self._server: KVTransferServer | None = None
-        self._channel: GrpcKVChannel | None = None
+        self._channel: GrpcKVChannel | None = None  # control calls (release, abort)
+        self._channels: dict[str, KVChannel] = {}
         self._pullers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-kv-pull")
         self._lock = threading.Lock()
         self._request_of: dict[str, str] = {}  # transfer id → request id
@@ -161,7 +166,8 @@ class PdserveConnector(KVConnectorBase_V1):
         sender = self._sender
         handle = TransferHandle(
             sender.address, transfer_id, self._vllm_config.model_config.served_model_name, tuple(hashes),
-            num_tokens, sender.dtype, tuple(sender.block_shape), sender.num_layers, ("grpc",), sender.cache_layout,
+            num_tokens, sender.dtype, tuple(sender.block_shape), sender.num_layers, ("grpc", "torch_dist"),
+            sender.cache_layout,
         )  # fmt: skip
         return True, {"pdserve_handle": handle.to_bytes().hex()}
 
@@ -172,6 +178,7 @@ class PdserveConnector(KVConnectorBase_V1):
         self._registry = TransferRegistry("", "", lease_s=self._lease_s, on_freed=self._freed)
         self._server = KVTransferServer(self._registry, self._secret, self._host, 0, self._stall_timeout_s).start()
         self._channel = GrpcKVChannel(self._secret, self._max_chunk_bytes)
+        self._channels = {"grpc": self._channel, "torch_dist": DistKVChannel(self._channel)}
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         first = self._layers[0]
@@ -224,7 +231,7 @@ class PdserveConnector(KVConnectorBase_V1):
 
     def _load(self, load: LoadSpec) -> None:
         try:
-            self._channel.pull(
+            self._channel_for(load.handle).pull(
                 load.handle, self._layers, load.dest_block_ids, load.block_indices,
                 stall_timeout_s=self._stall_timeout_s,
             )  # fmt: skip
@@ -240,6 +247,10 @@ class PdserveConnector(KVConnectorBase_V1):
             if failed:
                 self._failed_blocks.update(load.dest_block_ids)
             self._done_recving.add(load.request_id)
+
+    def _channel_for(self, handle: TransferHandle) -> KVChannel:
+        backend = next((b for b in self._preferred if b in handle.backends and b in self._channels), "grpc")
+        return self._channels[backend]
 
     def _finish_remote(self, handle: TransferHandle, failed: bool) -> None:
         """Tell the sender to free its blocks; a dead sender frees them by its lease."""

@@ -13,6 +13,7 @@ from kv_peer import SECRET, SenderProcess, block_hashes, layer_tensors, start_re
 
 from kv_transfer import auth
 from kv_transfer.channel import GrpcKVChannel, LocalKVChannel
+from kv_transfer.dist_channel import DistKVChannel
 from kv_transfer.errors import (
     TransferDenied,
     TransferIntegrityError,
@@ -43,6 +44,14 @@ def sender():
         process.stop()
 
 
+BACKENDS = ["grpc", "torch_dist"]
+
+
+def channel_for(backend: str, secret: str = SECRET):
+    control = GrpcKVChannel(secret, max_chunk_bytes=64 << 10)
+    return control if backend == "grpc" else DistKVChannel(control)
+
+
 def empty_like(handle: TransferHandle, blocks: int | None = None) -> list[torch.Tensor]:
     shape = (blocks or handle.num_blocks, *handle.block_shape)
     return [torch.zeros(shape, dtype=getattr(torch, handle.dtype)) for _ in range(handle.num_layers)]
@@ -52,14 +61,15 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
-def test_a_grpc_round_trip_between_processes_is_byte_identical(sender, dtype):
+def test_a_round_trip_between_processes_is_byte_identical(sender, dtype, backend):
     peer = sender(dtype=dtype, **LLAMA_LIKE)
     source_ids = [5, 3, 17, 0, 9, 10, 11, 23]
     handle = peer.offer("t1", source_ids)
     dest = empty_like(handle, blocks=16)
     dest_ids = [15, 14, 13, 12, 2, 4, 6, 8]
-    result = GrpcKVChannel(SECRET, max_chunk_bytes=64 << 10).pull(handle, dest, dest_ids)
+    result = channel_for(backend).pull(handle, dest, dest_ids)
     source = peer.layers()
     for layer in range(handle.num_layers):
         assert same_bytes(dest[layer][dest_ids], source[layer][source_ids])
@@ -68,11 +78,12 @@ def test_a_grpc_round_trip_between_processes_is_byte_identical(sender, dtype):
     assert result.bytes == sum(t[source_ids].numel() * t.element_size() for t in source)
 
 
-def test_only_the_requested_subset_of_blocks_crosses(sender):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_only_the_requested_subset_of_blocks_crosses(sender, backend):
     peer = sender(**LLAMA_LIKE)
     handle = peer.offer("subset", list(range(10)))
     dest = empty_like(handle, blocks=3)
-    result = GrpcKVChannel(SECRET).pull(handle, dest, [0, 1, 2], block_indices=[7, 8, 9])
+    result = channel_for(backend).pull(handle, dest, [0, 1, 2], block_indices=[7, 8, 9])
     source = peer.layers()
     assert all(same_bytes(dest[layer], source[layer][7:10]) for layer in range(handle.num_layers))
     assert result.bytes == 3 * handle.num_layers * source[0][0].numel() * 4
@@ -88,10 +99,11 @@ def test_release_frees_the_blocks_on_the_sender(sender):
     assert peer.wait_freed("rel") == "DONE"
 
 
-def test_eight_concurrent_transfers_to_two_receivers(sender):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eight_concurrent_transfers_to_two_receivers(sender, backend):
     peer = sender(**LLAMA_LIKE)
     handles = [peer.offer(f"c{i}", [i, i + 8, i + 16]) for i in range(8)]
-    receivers = [GrpcKVChannel(SECRET), GrpcKVChannel(SECRET)]
+    receivers = [channel_for(backend), channel_for(backend)]
     source = peer.layers()
 
     def pull(i: int) -> bool:
@@ -126,14 +138,16 @@ def test_a_layerwise_pull_follows_the_layers_as_they_become_ready(sender):
     assert all(same_bytes(dest[layer], source[layer][[4, 5, 6]]) for layer in range(4))
 
 
-def test_sigkill_of_the_sender_mid_pull_fails_the_receiver_within_the_deadline(sender):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sigkill_of_the_sender_mid_pull_fails_the_receiver_within_the_deadline(sender, backend):
     peer = sender(**LLAMA_LIKE)
     handle = peer.offer("doomed", [1, 2, 3], layers_ready=1)  # layer 1 never comes: the pull waits mid-stream
     errors = []
+    receiver = channel_for(backend)
 
     def pull():
         try:
-            GrpcKVChannel(SECRET).pull(handle, empty_like(handle), [0, 1, 2], stall_timeout_s=5)
+            receiver.pull(handle, empty_like(handle), [0, 1, 2], stall_timeout_s=5)
         except Exception as exc:
             errors.append(exc)
 
@@ -150,7 +164,7 @@ def test_sigkill_of_the_sender_mid_pull_fails_the_receiver_within_the_deadline(s
     fresh = sender(**LLAMA_LIKE)
     again = fresh.offer("after", [1, 2, 3])
     dest = empty_like(again)
-    GrpcKVChannel(SECRET).pull(again, dest, [0, 1, 2])
+    receiver.pull(again, dest, [0, 1, 2])  # the same receiver, a new pair
     assert same_bytes(dest[0], fresh.layers()[0][[1, 2, 3]])
 
 
@@ -286,6 +300,32 @@ def test_the_local_channel_copies_in_process_with_the_same_contract():
         assert freed == [("loc", TransferState.DONE)]
     finally:
         registry.close()
+
+
+def test_a_failed_dist_group_is_rebuilt_on_next_use(sender):
+    peer = sender(stall_s=1.0, **LLAMA_LIKE)
+    receiver = channel_for("torch_dist")
+    stalled = peer.offer("stall", [1], layers_ready=1)
+    with pytest.raises(TransferTimeout):
+        receiver.pull(stalled, empty_like(stalled), [0], stall_timeout_s=1.0)
+    handle = peer.offer("next", [2, 3])
+    dest = empty_like(handle)
+    receiver.pull(handle, dest, [0, 1], stall_timeout_s=5)
+    assert same_bytes(dest[3], peer.layers()[3][[2, 3]])
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.device_count() < 2,
+    reason="NCCL needs two GPUs for two ranks (it cannot put both on one GPU); none here",
+)
+def test_nccl_round_trip_between_two_gpus(sender):
+    peer = sender(**LLAMA_LIKE)  # its blocks move to cuda:0 for the send
+    handle = peer.offer("nccl", [1, 2, 3])
+    torch.cuda.set_device(1)
+    dest = [layer.cuda(1) for layer in empty_like(handle)]
+    channel_for("torch_dist").pull(handle, dest, [0, 1, 2])
+    source = peer.layers()
+    assert all(same_bytes(dest[layer].cpu(), source[layer][[1, 2, 3]]) for layer in range(4))
 
 
 def wait_for(condition, timeout_s: float) -> None:

@@ -129,3 +129,15 @@ def test_a_dead_prefill_worker_means_local_recompute_with_the_same_output(make_t
     tokens, _, _, reason = consume(decode, "d6", ids, handle)
     assert tokens == reference and reason == "length"
     assert time.monotonic() - started < 10
+
+
+def test_the_grpc_backend_gives_the_same_output(make_tiny_model, prefill):
+    grpc_decode = EnginePeer(config(make_tiny_model("llama"), "kv_consumer", backends=["grpc"]), ENV)
+    try:
+        ids = prompt(3 * BLOCK + 11, offset=9)
+        reference = prefill.generate("ref7", ids, 16)[0]
+        handle = produce(prefill, "p7", ids)
+        tokens, _, cached, _ = consume(grpc_decode, "d7", ids, handle)
+        assert tokens == reference and cached >= 3 * BLOCK
+    finally:
+        grpc_decode.stop()

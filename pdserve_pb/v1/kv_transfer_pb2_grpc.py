@@ -39,6 +39,11 @@ class KVTransferStub:
                 request_serializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.PullRequest.SerializeToString,
                 response_deserializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.Chunk.FromString,
                 _registered_method=True)
+        self.PullDist = channel.unary_unary(
+                '/pdserve.v1.KVTransfer/PullDist',
+                request_serializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.DistPullRequest.SerializeToString,
+                response_deserializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.DistPlan.FromString,
+                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/pdserve.v1.KVTransfer/Release',
                 request_serializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferRef.SerializeToString,
@@ -60,6 +65,12 @@ class KVTransferServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Pull(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PullDist(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -90,6 +101,11 @@ def add_KVTransferServicer_to_server(servicer, server):
                     servicer.Pull,
                     request_deserializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.PullRequest.FromString,
                     response_serializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.Chunk.SerializeToString,
+            ),
+            'PullDist': grpc.unary_unary_rpc_method_handler(
+                    servicer.PullDist,
+                    request_deserializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.DistPullRequest.FromString,
+                    response_serializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.DistPlan.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -134,6 +150,33 @@ class KVTransfer:
             '/pdserve.v1.KVTransfer/Pull',
             pdserve__pb_dot_v1_dot_kv__transfer__pb2.PullRequest.SerializeToString,
             pdserve__pb_dot_v1_dot_kv__transfer__pb2.Chunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PullDist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVTransfer/PullDist',
+            pdserve__pb_dot_v1_dot_kv__transfer__pb2.DistPullRequest.SerializeToString,
+            pdserve__pb_dot_v1_dot_kv__transfer__pb2.DistPlan.FromString,
             options,
             channel_credentials,
             insecure,

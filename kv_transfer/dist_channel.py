@@ -1,0 +1,217 @@
+"""The torch.distributed channel: KV bytes over a two-rank process group per (sender, receiver) pair.
+
+No global default group: a worker talks to many peers, so each pair gets its own
+``ProcessGroupGloo`` (CPU tensors) or ``ProcessGroupNCCL`` (CUDA tensors), made on
+first use through a rendezvous in the sender's ``TCPStore`` and cached (vLLM's
+stateless groups are the model). Control goes over gRPC (``PullDist`` returns
+where to meet and which tags to use); bytes go over the group, one send per
+layer of all requested blocks, followed by that layer's checksum. Group
+creation and every send/recv run under a timeout; a group that failed is
+dropped and the next pull builds a new one under a new key.
+
+Pulls of one pair run one at a time, in the same order on both ends: the
+receiver holds the pair's lock from its PullDist call to its last receive, and
+the sender pushes each receiver's plans from one FIFO thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+import xxhash
+
+from kv_transfer.channel import GrpcKVChannel, PullResult, check_request
+from kv_transfer.errors import TransferError, TransferIntegrityError, TransferTimeout
+from kv_transfer.transfer import WIRE_VERSION, TransferHandle, TransferRegistry
+from pdserve_pb.v1 import kv_transfer_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+SENDER_RANK, RECEIVER_RANK = 0, 1
+
+
+def _new_group(store: dist.Store, key: str, rank: int, device: str, timeout_s: float):
+    prefixed = dist.PrefixStore(key, store)
+    timeout = timedelta(seconds=timeout_s)
+    if device == "cuda":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(prefixed, rank, 2, options)
+    return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
+
+
+def _checksum(tensor: torch.Tensor) -> torch.Tensor:
+    data = tensor.contiguous().view(-1).view(torch.uint8).cpu().numpy()
+    return torch.tensor([xxhash.xxh3_64_intdigest(data) - 2**63], dtype=torch.int64, device=tensor.device)
+
+
+class DistSender:
+    """The sender's half: serves ``PullDist`` plans and pushes the bytes from a worker thread."""
+
+    def __init__(self, registry: TransferRegistry, host: str, timeout_s: float = 5.0):
+        self._registry = registry
+        self._host = host
+        self._timeout_s = timeout_s
+        self._store: dist.TCPStore | None = None
+        self._groups: dict[str, tuple[str, object]] = {}  # receiver id → (group key, group)
+        self._pushers: dict[str, ThreadPoolExecutor] = {}  # receiver id → its FIFO pusher
+        self._lock = threading.Lock()
+        self._tags = itertools.count(1)
+
+    def plan(self, request: pb.DistPullRequest) -> pb.DistPlan:
+        pull = request.pull
+        offer = self._registry.open_pull(pull.transfer_id, pull.block_indices, pull.layers)
+        try:
+            key = self._group_key(request.receiver_id)
+            layers = list(pull.layers) or list(range(len(offer.layers)))
+            tag_base = next(self._tags) * 2 * (len(offer.layers) + 1)
+            backend = "nccl" if request.device == "cuda" else "gloo"
+        except BaseException:
+            self._registry.close_pull(offer, 0)
+            raise
+        with self._lock:
+            pusher = self._pushers.get(request.receiver_id)
+            if pusher is None:
+                pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-kv-dist-send")
+                self._pushers[request.receiver_id] = pusher
+        pusher.submit(self._push, offer, request, key, tag_base, layers)
+        return pb.DistPlan(
+            store_host=self._host, store_port=self._store.port, group_key=key, tag_base=tag_base,
+            backend=backend, layers=layers,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        with self._lock:
+            pushers, self._pushers = list(self._pushers.values()), {}
+        for pusher in pushers:
+            pusher.shutdown(wait=False, cancel_futures=True)
+
+    def _group_key(self, receiver_id: str) -> str:
+        with self._lock:
+            if self._store is None:
+                self._store = dist.TCPStore(self._host, 0, is_master=True, wait_for_workers=False)
+            if receiver_id not in self._groups:  # the group is made by the first push; its key is fixed now
+                self._groups[receiver_id] = (f"{receiver_id}/{uuid.uuid4().hex[:8]}", None)
+            return self._groups[receiver_id][0]
+
+    def _group(self, receiver_id: str, key: str, device: str):
+        with self._lock:
+            known = self._groups.get(receiver_id)
+        if known and known[0] == key and known[1] is not None:
+            return known[1]
+        group = _new_group(self._store, key, SENDER_RANK, device, self._timeout_s)
+        with self._lock:
+            self._groups[receiver_id] = (key, group)
+        return group
+
+    def _push(self, offer, request: pb.DistPullRequest, key: str, tag_base: int, layers: list[int]) -> None:
+        sent = 0
+        timeout = timedelta(seconds=self._timeout_s)
+        try:
+            group = self._group(request.receiver_id, key, request.device or "cpu")
+            for layer in layers:
+                self._registry.wait_layer_ready(offer, layer, self._timeout_s)
+                blocks = self._registry.read_blocks(offer, layer, request.pull.block_indices)
+                if request.device == "cuda":
+                    blocks = blocks.cuda()
+                group.send([blocks], RECEIVER_RANK, tag_base + 2 * layer).wait(timeout)
+                group.send([_checksum(blocks)], RECEIVER_RANK, tag_base + 2 * layer + 1).wait(timeout)
+                sent += blocks.numel() * blocks.element_size()
+        except Exception as exc:  # the receiver died or stalled: drop the group, keep the offer
+            log.warning("dist push of %s failed: %s", request.pull.transfer_id, exc)
+            with self._lock:
+                if self._groups.get(request.receiver_id, (None,))[0] == key:
+                    del self._groups[request.receiver_id]
+        finally:
+            self._registry.close_pull(offer, sent)
+
+
+class DistKVChannel:
+    """The receiver's half: asks for a plan over gRPC, then receives each layer over the pair's group."""
+
+    name = "torch_dist"
+
+    def __init__(self, control: GrpcKVChannel):
+        self._control = control
+        self._receiver_id = uuid.uuid4().hex
+        self._groups: dict[str, tuple[str, object]] = {}  # sender address → (group key, group)
+        self._pairs: dict[str, threading.Lock] = {}  # sender address → one pull at a time
+        self._lock = threading.Lock()
+
+    def pull(
+        self, handle, dest_layers, dest_block_ids, block_indices=(), layers=(), stall_timeout_s=5.0, timeout_s=60.0
+    ) -> PullResult:
+        indices, wanted_layers = check_request(handle, dest_layers, dest_block_ids, block_indices, layers)
+        device = dest_layers[0].device.type
+        request = pb.DistPullRequest(
+            pull=pb.PullRequest(
+                wire_version=WIRE_VERSION, transfer_id=handle.transfer_id, block_indices=list(block_indices),
+                layers=list(layers),
+            ),
+            receiver_id=self._receiver_id,
+            device=device,
+        )  # fmt: skip
+        with self._lock:
+            pair = self._pairs.setdefault(handle.sender_address, threading.Lock())
+        if not pair.acquire(timeout=timeout_s):
+            raise TransferTimeout(handle.transfer_id, f"the pair is busy for more than {timeout_s:g} s")
+        try:
+            return self._pull(handle, request, dest_layers, dest_block_ids, indices, wanted_layers, stall_timeout_s)
+        finally:
+            pair.release()
+
+    def _pull(self, handle, request, dest_layers, dest_block_ids, indices, wanted_layers, stall_timeout_s):
+        device = request.device
+        plan = self._control.call(handle, "PullDist", request, stall_timeout_s)
+        start = time.perf_counter()
+        timeout = timedelta(seconds=stall_timeout_s)
+        staging = torch.empty((len(indices), *dest_layers[0].shape[1:]), dtype=dest_layers[0].dtype, device=device)
+        checksum = torch.empty(1, dtype=torch.int64, device=device)
+        dest_ids = torch.tensor(list(dest_block_ids), dtype=torch.long, device=device)
+        received = 0
+        try:
+            group = self._group(handle.sender_address, plan, device, stall_timeout_s)
+            for layer in plan.layers:
+                group.recv([staging], SENDER_RANK, plan.tag_base + 2 * layer).wait(timeout)
+                group.recv([checksum], SENDER_RANK, plan.tag_base + 2 * layer + 1).wait(timeout)
+                if not torch.equal(checksum, _checksum(staging)):
+                    raise TransferIntegrityError(handle.transfer_id, f"layer {layer}: checksum mismatch")
+                dest_layers[layer].index_copy_(0, dest_ids, staging)
+                received += staging.numel() * staging.element_size()
+        except TransferError:
+            self._drop(handle.sender_address, plan.group_key)
+            raise
+        except Exception as exc:  # a timed-out or broken group: rebuilt on next use
+            self._drop(handle.sender_address, plan.group_key)
+            raise TransferTimeout(handle.transfer_id, f"torch.distributed receive failed: {exc}") from None
+        return PullResult(handle.transfer_id, len(indices), len(wanted_layers), received, time.perf_counter() - start)
+
+    def release(self, handle: TransferHandle, timeout_s: float = 5.0):
+        return self._control.release(handle, timeout_s)
+
+    def abort(self, handle: TransferHandle, timeout_s: float = 5.0):
+        return self._control.abort(handle, timeout_s)
+
+    def _group(self, address: str, plan: pb.DistPlan, device: str, timeout_s: float):
+        with self._lock:
+            known = self._groups.get(address)
+        if known and known[0] == plan.group_key:
+            return known[1]
+        store = dist.TCPStore(plan.store_host, plan.store_port, is_master=False, timeout=timedelta(seconds=timeout_s))
+        group = _new_group(store, plan.group_key, RECEIVER_RANK, device, timeout_s)
+        with self._lock:
+            self._groups[address] = (plan.group_key, group)
+        return group
+
+    def _drop(self, address: str, key: str) -> None:
+        with self._lock:
+            if self._groups.get(address, (None,))[0] == key:
+                del self._groups[address]
