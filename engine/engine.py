@@ -342,7 +342,9 @@ class Engine:
                 self._take_commands(block=not serving and not settling)
                 if serving or settling:
                     self._deliver(self._llm.step())
-                if settling:
+                # Nothing runnable (only transfers in flight, or requests waiting for their KV):
+                # step gently so the transfer threads get the cores.
+                if settling or (serving and not self._core.scheduler.running):
                     time.sleep(_SETTLE_POLL_S)
         except Exception as exc:  # an engine step failed: every waiting request learns it
             log.exception("engine loop failed")

@@ -36,6 +36,7 @@ from kv_transfer.transfer import (
     TransferRegistry,
     TransferState,
     TransferStatus,
+    runs,
 )
 from pdserve_pb.v1 import kv_transfer_pb2 as pb
 from pdserve_pb.v1 import kv_transfer_pb2_grpc as pb_grpc
@@ -108,21 +109,28 @@ class GrpcKVChannel:
         )  # fmt: skip
         call = self._stub(handle).Pull(request, timeout=timeout_s, metadata=self._metadata(handle))
         watchdog = _StallWatchdog(call, stall_timeout_s)
+        dest_runs = runs(dest_block_ids)
+        direct = len(dest_runs) == 1  # adjacent destination blocks: bytes land in the cache itself
         dest_ids = torch.tensor(list(dest_block_ids), dtype=torch.long)
         staging = torch.empty((len(indices), *dest_layers[0].shape[1:]), dtype=dest_layers[0].dtype)
-        staging_bytes = staging.view(-1).view(torch.uint8).numpy()
-        layer_size = staging_bytes.nbytes
+        layer_size = staging.numel() * staging.element_size()
+        target = None
         start, received, filled, layers_done = time.perf_counter(), 0, 0, 0
         try:
             for chunk in call:
                 watchdog.progress()
                 header = chunk.header
                 self._verify(handle, header, chunk.data, layer_size, filled)
-                staging_bytes[header.byte_offset : header.byte_offset + header.byte_length] = memoryview(chunk.data)
+                if filled == 0:
+                    first, count = dest_runs[0]
+                    layer_target = dest_layers[header.layer][first : first + count] if direct else staging
+                    target = layer_target.view(-1).view(torch.uint8).numpy()
+                target[header.byte_offset : header.byte_offset + header.byte_length] = memoryview(chunk.data)
                 received += header.byte_length
                 filled += header.byte_length
                 if filled == layer_size:
-                    dest_layers[header.layer].index_copy_(0, dest_ids, staging)
+                    if not direct:
+                        dest_layers[header.layer].index_copy_(0, dest_ids, staging)
                     filled, layers_done = 0, layers_done + 1
         except grpc.RpcError as exc:
             raise self._error(handle, exc, watchdog.stalled, stall_timeout_s) from None
@@ -247,7 +255,7 @@ class LocalKVChannel:
         try:
             for layer in wanted_layers:
                 self._registry.wait_layer_ready(offer, layer, stall_timeout_s)
-                blocks = self._registry.read_blocks(offer, layer, block_indices)
+                blocks = torch.cat(self._registry.read_blocks(offer, layer, block_indices))
                 dest_layers[layer].index_copy_(0, dest_ids, blocks)
                 sent += blocks.numel() * blocks.element_size()
         finally:

@@ -30,7 +30,7 @@ import xxhash
 
 from kv_transfer.channel import GrpcKVChannel, PullResult, check_request
 from kv_transfer.errors import TransferError, TransferIntegrityError, TransferTimeout
-from kv_transfer.transfer import WIRE_VERSION, TransferHandle, TransferRegistry
+from kv_transfer.transfer import WIRE_VERSION, TransferHandle, TransferRegistry, runs
 from pdserve_pb.v1 import kv_transfer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -48,9 +48,12 @@ def _new_group(store: dist.Store, key: str, rank: int, device: str, timeout_s: f
     return dist.ProcessGroupGloo(prefixed, rank, 2, timeout)
 
 
-def _checksum(tensor: torch.Tensor) -> torch.Tensor:
-    data = tensor.contiguous().view(-1).view(torch.uint8).cpu().numpy()
-    return torch.tensor([xxhash.xxh3_64_intdigest(data) - 2**63], dtype=torch.int64, device=tensor.device)
+def _checksum(parts: list[torch.Tensor]) -> torch.Tensor:
+    """XXH3-64 over the bytes of ``parts`` in order, as a one-element int64 tensor on their device."""
+    hasher = xxhash.xxh3_64()
+    for part in parts:
+        hasher.update(part.contiguous().view(-1).view(torch.uint8).cpu().numpy())
+    return torch.tensor([hasher.intdigest() - 2**63], dtype=torch.int64, device=parts[0].device)
 
 
 class DistSender:
@@ -72,7 +75,9 @@ class DistSender:
         try:
             key = self._group_key(request.receiver_id)
             layers = list(pull.layers) or list(range(len(offer.layers)))
-            tag_base = next(self._tags) * 2 * (len(offer.layers) + 1)
+            ids = [offer.block_ids[i] for i in pull.block_indices] if pull.block_indices else offer.block_ids
+            run_lengths = [length for _, length in runs(ids)]
+            tag_base = next(self._tags) * (len(offer.layers) + 1) * (len(run_lengths) + 1)
             backend = "nccl" if request.device == "cuda" else "gloo"
         except BaseException:
             self._registry.close_pull(offer, 0)
@@ -82,11 +87,12 @@ class DistSender:
             if pusher is None:
                 pusher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-kv-dist-send")
                 self._pushers[request.receiver_id] = pusher
-        pusher.submit(self._push, offer, request, key, tag_base, layers)
-        return pb.DistPlan(
+        plan = pb.DistPlan(
             store_host=self._host, store_port=self._store.port, group_key=key, tag_base=tag_base,
-            backend=backend, layers=layers,
+            backend=backend, layers=layers, run_lengths=run_lengths,
         )  # fmt: skip
+        pusher.submit(self._push, offer, request, plan)
+        return plan
 
     def close(self) -> None:
         with self._lock:
@@ -112,23 +118,29 @@ class DistSender:
             self._groups[receiver_id] = (key, group)
         return group
 
-    def _push(self, offer, request: pb.DistPullRequest, key: str, tag_base: int, layers: list[int]) -> None:
-        sent = 0
+    def _push(self, offer, request: pb.DistPullRequest, plan: pb.DistPlan) -> None:
+        """Post every send of a layer at once (runs, then checksum), and let them drain while the next waits."""
+        sent, pending = 0, []
         timeout = timedelta(seconds=self._timeout_s)
         try:
-            group = self._group(request.receiver_id, key, request.device or "cpu")
-            for layer in layers:
+            group = self._group(request.receiver_id, plan.group_key, request.device or "cpu")
+            for layer in plan.layers:
                 self._registry.wait_layer_ready(offer, layer, self._timeout_s)
                 blocks = self._registry.read_blocks(offer, layer, request.pull.block_indices)
                 if request.device == "cuda":
-                    blocks = blocks.cuda()
-                group.send([blocks], RECEIVER_RANK, tag_base + 2 * layer).wait(timeout)
-                group.send([_checksum(blocks)], RECEIVER_RANK, tag_base + 2 * layer + 1).wait(timeout)
-                sent += blocks.numel() * blocks.element_size()
+                    blocks = [run.cuda() for run in blocks]
+                base = plan.tag_base + layer * (len(plan.run_lengths) + 1)
+                for index, run in enumerate(blocks):
+                    pending.append(group.send([run], RECEIVER_RANK, base + index))
+                    sent += run.numel() * run.element_size()
+                pending.append(group.send([_checksum(blocks)], RECEIVER_RANK, base + len(blocks)))
+            for work in pending:
+                work.wait(timeout)
         except Exception as exc:  # the receiver died or stalled: drop the group, keep the offer
+            sent = 0
             log.warning("dist push of %s failed: %s", request.pull.transfer_id, exc)
             with self._lock:
-                if self._groups.get(request.receiver_id, (None,))[0] == key:
+                if self._groups.get(request.receiver_id, (None,))[0] == plan.group_key:
                     del self._groups[request.receiver_id]
         finally:
             self._registry.close_pull(offer, sent)
@@ -173,19 +185,18 @@ class DistKVChannel:
         plan = self._control.call(handle, "PullDist", request, stall_timeout_s)
         start = time.perf_counter()
         timeout = timedelta(seconds=stall_timeout_s)
-        staging = torch.empty((len(indices), *dest_layers[0].shape[1:]), dtype=dest_layers[0].dtype, device=device)
-        checksum = torch.empty(1, dtype=torch.int64, device=device)
-        dest_ids = torch.tensor(list(dest_block_ids), dtype=torch.long, device=device)
         received = 0
         try:
             group = self._group(handle.sender_address, plan, device, stall_timeout_s)
-            for layer in plan.layers:
-                group.recv([staging], SENDER_RANK, plan.tag_base + 2 * layer).wait(timeout)
-                group.recv([checksum], SENDER_RANK, plan.tag_base + 2 * layer + 1).wait(timeout)
-                if not torch.equal(checksum, _checksum(staging)):
+            post = self._post_layer
+            posted = [post(group, plan, layer, dest_layers, dest_block_ids, device) for layer in plan.layers]
+            for layer, (works, landing, checksum, finish) in zip(plan.layers, posted, strict=True):
+                for work in works:
+                    work.wait(timeout)
+                if not torch.equal(checksum, _checksum(landing)):
                     raise TransferIntegrityError(handle.transfer_id, f"layer {layer}: checksum mismatch")
-                dest_layers[layer].index_copy_(0, dest_ids, staging)
-                received += staging.numel() * staging.element_size()
+                finish()
+                received += sum(part.numel() * part.element_size() for part in landing)
         except TransferError:
             self._drop(handle.sender_address, plan.group_key)
             raise
@@ -193,6 +204,31 @@ class DistKVChannel:
             self._drop(handle.sender_address, plan.group_key)
             raise TransferTimeout(handle.transfer_id, f"torch.distributed receive failed: {exc}") from None
         return PullResult(handle.transfer_id, len(indices), len(wanted_layers), received, time.perf_counter() - start)
+
+    @staticmethod
+    def _post_layer(group, plan: pb.DistPlan, layer: int, dest_layers, dest_block_ids, device: str):
+        """Post one layer's receives. Where the destination blocks are adjacent, bytes land in the cache."""
+        dest = dest_layers[layer]
+        base = plan.tag_base + layer * (len(plan.run_lengths) + 1)
+        works, landing, copies, position = [], [], [], 0
+        for index, length in enumerate(plan.run_lengths):
+            ids = list(dest_block_ids[position : position + length])
+            position += length
+            if len(runs(ids)) == 1:
+                buffer = dest[ids[0] : ids[0] + length]
+            else:
+                buffer = torch.empty((length, *dest.shape[1:]), dtype=dest.dtype, device=device)
+                copies.append((torch.tensor(ids, dtype=torch.long, device=device), buffer))
+            works.append(group.recv([buffer], SENDER_RANK, base + index))
+            landing.append(buffer)
+        checksum = torch.empty(1, dtype=torch.int64, device=device)
+        works.append(group.recv([checksum], SENDER_RANK, base + len(plan.run_lengths)))
+
+        def finish() -> None:
+            for ids, buffer in copies:
+                dest.index_copy_(0, ids, buffer)
+
+        return works, landing, checksum, finish
 
     def release(self, handle: TransferHandle, timeout_s: float = 5.0):
         return self._control.release(handle, timeout_s)

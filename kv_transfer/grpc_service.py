@@ -2,7 +2,9 @@
 
 Every call must carry the cluster proof for its transfer id before anything
 is read; a pull streams layer by layer, waiting (under the stall deadline) for
-layers the prefill has not finished yet.
+layers the prefill has not finished yet. A handle can reach the receiver
+before the sender has registered its offer (the engine offers at its next
+step), so every call first waits, under the same deadline, for the offer.
 """
 
 from __future__ import annotations
@@ -62,19 +64,21 @@ class KVTransferService(pb_grpc.KVTransferServicer):
             for layer in request.layers or range(len(offer.layers)):
                 if not self._registry.wait_layer_ready(offer, layer, self._stall_timeout_s, gone):
                     return
-                blocks = self._registry.read_blocks(offer, layer, request.block_indices)
-                payload = memoryview(blocks.view(-1).view(torch.uint8).numpy())
-                for offset in range(0, len(payload), chunk_bytes):
-                    if not context.is_active():
-                        return
-                    piece = payload[offset : offset + chunk_bytes]
-                    header = pb.ChunkHeader(
-                        transfer_id=request.transfer_id, layer=layer, part=pb.KV_PART_KV, first_block=0,
-                        num_blocks=num_blocks, byte_offset=offset, byte_length=len(piece),
-                        xxh3_64=xxhash.xxh3_64_intdigest(piece),
-                    )  # fmt: skip
-                    yield pb.Chunk(header=header, data=bytes(piece))
-                    sent += len(piece)
+                offset = 0
+                for run in self._registry.read_blocks(offer, layer, request.block_indices):
+                    payload = memoryview(run.view(-1).view(torch.uint8).numpy())
+                    for start in range(0, len(payload), chunk_bytes):
+                        if not context.is_active():
+                            return
+                        piece = payload[start : start + chunk_bytes]
+                        header = pb.ChunkHeader(
+                            transfer_id=request.transfer_id, layer=layer, part=pb.KV_PART_KV, first_block=0,
+                            num_blocks=num_blocks, byte_offset=offset, byte_length=len(piece),
+                            xxh3_64=xxhash.xxh3_64_intdigest(piece),
+                        )  # fmt: skip
+                        yield pb.Chunk(header=header, data=bytes(piece))
+                        offset += len(piece)
+                        sent += len(piece)
         except TransferError as exc:
             context.abort(exc.code, str(exc))
         finally:
@@ -92,6 +96,7 @@ class KVTransferService(pb_grpc.KVTransferServicer):
     def _control(self, request: pb.TransferRef, context, action) -> pb.TransferStatus:
         try:
             self._admit(request.transfer_id, request.wire_version, context)
+            self._registry.await_offer(request.transfer_id, self._stall_timeout_s)
             return status_to_proto(action(request.transfer_id))
         except TransferError as exc:
             context.abort(exc.code, str(exc))

@@ -99,6 +99,17 @@ def check_wire_version(transfer_id: str, version: int) -> None:
         raise TransferVersionError(transfer_id, f"wire version {version} is newer than this peer's {WIRE_VERSION}")
 
 
+def runs(ids: Sequence[int]) -> list[tuple[int, int]]:
+    """(first id, length) of each run of consecutive ids, in order: one send or copy per run."""
+    out: list[tuple[int, int]] = []
+    for block in ids:
+        if out and out[-1][0] + out[-1][1] == block:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((block, 1))
+    return out
+
+
 @dataclass
 class Offer:
     handle: TransferHandle
@@ -243,12 +254,16 @@ class TransferRegistry:
         with offer.changed:
             offer.changed.notify_all()
 
-    def read_blocks(self, offer: Offer, layer: int, block_indices: Sequence[int]) -> torch.Tensor:
-        """A contiguous copy of the requested blocks of one layer (the sender's own ids stay private)."""
+    def read_blocks(self, offer: Offer, layer: int, block_indices: Sequence[int]) -> list[torch.Tensor]:
+        """The requested blocks of one layer, in request order, as views of each run of adjacent blocks.
+
+        Views, not copies: the blocks cannot be freed while a pull is open on them.
+        """
         if offer.state.final:
             raise TransferNotFound(offer.handle.transfer_id, f"{offer.state.name.lower()} while being pulled")
         ids = [offer.block_ids[i] for i in block_indices] if block_indices else offer.block_ids
-        return offer.layers[layer].index_select(0, torch.tensor(ids, dtype=torch.long))
+        tensor = offer.layers[layer]
+        return [tensor[start : start + length] for start, length in runs(ids)]
 
     def release(self, transfer_id: str) -> TransferStatus:
         return self._finish(transfer_id, TransferState.DONE, "released by the receiver")

@@ -78,6 +78,18 @@ def _parser() -> argparse.ArgumentParser:
         help="also write the figures as JSON (default path: bench/results/router.json)",
     )  # fmt: skip
     router_bench.set_defaults(run=_bench_router)
+    transfer_bench = suites.add_parser(
+        "transfer", help="KV channels vs raw Gloo / gRPC / memcpy, and the hand-off cost"
+    )
+    _add_config_flags(transfer_bench)
+    transfer_bench.add_argument("--repeats", type=int, default=5, help="timed rounds; medians reported")
+    transfer_bench.add_argument("--block-pulls", type=int, default=50, help="one-block pulls for the latency p50")
+    transfer_bench.add_argument("--no-handoff", action="store_true", help="skip the hand-off through two vLLM engines")
+    transfer_bench.add_argument(
+        "--json", nargs="?", const=Path("bench/results/transfer.json"), type=Path, metavar="PATH",
+        help="also write the figures as JSON (default path: bench/results/transfer.json)",
+    )  # fmt: skip
+    transfer_bench.set_defaults(run=_bench_transfer)
     return parser
 
 
@@ -166,6 +178,17 @@ def _bench_router(args: argparse.Namespace) -> int:
     from bench.router_bench import run_router_bench
 
     run_router_bench(args.workers, args.index_blocks, args.decisions, args.json)
+    return 0
+
+
+def _bench_transfer(args: argparse.Namespace) -> int:
+    from bench.transfer_bench import run_transfer_bench
+    from pdserve.models import resolve_model
+
+    model = None
+    if not args.no_handoff:
+        model = resolve_model(_config(args), shape=BENCH_SHAPE, name="pdserve-bench-llama").engine.model
+    run_transfer_bench(args.repeats, args.block_pulls, model, args.json)
     return 0
 
 

@@ -54,7 +54,7 @@ class LocalRedis:
     def start(self) -> LocalRedis:
         args = ["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
         if self.tls:
-            self._make_certificates()
+            make_certificates(self.workdir)
             args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
             args += ["--tls-cert-file", "server.crt", "--tls-key-file", "server.key", "--tls-ca-cert-file", "ca.crt"]
         else:
@@ -79,20 +79,23 @@ class LocalRedis:
             finally:
                 client.close()
 
-    def _make_certificates(self) -> None:
-        def openssl(*args: str) -> None:
-            subprocess.run(["openssl", *args], cwd=self.workdir, check=True, capture_output=True, timeout=60)
-
-        (self.workdir / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
-                "-days", "2", "-subj", "/CN=pdserve-local-ca")  # fmt: skip
-        openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
-                "-subj", "/CN=127.0.0.1")  # fmt: skip
-        openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
-                "-out", "server.crt", "-days", "2", "-extfile", "san.ext")  # fmt: skip
-
     def stop(self) -> None:
         if self._process is not None:
             self._process.terminate()
             self._process.wait(timeout=10)
             self._process = None
+
+
+def make_certificates(workdir: Path) -> None:
+    """A throwaway CA (ca.crt) and a server certificate for 127.0.0.1 (server.crt, server.key), by openssl."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=workdir, check=True, capture_output=True, timeout=60)
+
+    (workdir / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt",
+            "-days", "2", "-subj", "/CN=pdserve-local-ca")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+            "-subj", "/CN=127.0.0.1")  # fmt: skip
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.crt", "-days", "2", "-extfile", "san.ext")  # fmt: skip

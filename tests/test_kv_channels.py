@@ -333,3 +333,23 @@ def wait_for(condition, timeout_s: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def test_grpc_transfers_can_run_over_tls(tmp_path):
+    from pdserve.local_redis import make_certificates
+
+    make_certificates(tmp_path)
+    key, certificate = (tmp_path / "server.key").read_bytes(), (tmp_path / "server.crt").read_bytes()
+    registry = TransferRegistry("", "m")
+    server = KVTransferServer(registry, SECRET, tls=(key, certificate)).start()
+    try:
+        layers = layer_tensors(2, 4, (2, 16, 64), "float32", 5)
+        handle = registry.offer("tls", layers, [3, 2], block_hashes(2), 32)
+        dest = [torch.zeros((2, 2, 16, 64)) for _ in range(2)]
+        GrpcKVChannel(SECRET, tls_root_certificate=(tmp_path / "ca.crt").read_bytes()).pull(handle, dest, [0, 1])
+        assert torch.equal(dest[1], layers[1][[3, 2]])
+        with pytest.raises(TransferUnavailable):  # a plaintext client cannot talk to the TLS server
+            GrpcKVChannel(SECRET).pull(handle, dest, [0, 1], stall_timeout_s=2, timeout_s=3)
+    finally:
+        server.stop()
+        registry.close()

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 
 import pytest
-from engine_peer import EnginePeer
 
+from bench.engine_process import EnginePeer
 from engine.block_hash import hash_chain
 from engine.config import EngineConfig, KVConnectorSpec
 from kv_transfer.channel import GrpcKVChannel

@@ -39,7 +39,9 @@ def test_a_pull_moves_the_state_to_pulling_and_back(registry):
     offer(registry)
     reading = registry.open_pull("t", [], [])
     assert registry.status("t").state == TransferState.PULLING
-    assert torch.equal(registry.read_blocks(reading, 1, [1]), torch.arange(8, 16, dtype=torch.float32)[None] + 100)
+    assert torch.equal(
+        torch.cat(registry.read_blocks(reading, 1, [1])), torch.arange(8, 16, dtype=torch.float32)[None] + 100
+    )
     registry.close_pull(reading, 64)
     status = registry.status("t")
     assert (status.state, status.bytes_sent) == (TransferState.OFFERED, 64)

@@ -1,4 +1,7 @@
-"""A real engine in its own process (a prefill or decode worker stand-in), driven over a pipe."""
+"""A real engine in its own process (a prefill or decode worker stand-in), driven over a pipe.
+
+Used by the transfer benchmark and the connector tests.
+"""
 
 from __future__ import annotations
 

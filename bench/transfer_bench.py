@@ -1,0 +1,248 @@
+"""Transfer benchmark: pdserve's KV channels against raw transports, between two processes.
+
+Payload: the KV of 2,048 tokens in Llama-3-8B's layout (32 layers x K,V x 8 KV
+heads x 128 x fp16 = 256 MiB, laid out as vLLM CPU blocks of 16 tokens), and
+one 16-token block (2 MiB). A sender process holds the blocks; this process
+pulls them. In the same run, the raw baselines move the same bytes between the
+same two processes: one contiguous Gloo send/recv, a bare gRPC byte stream with
+the same chunk size (no protobuf, no checks), and an in-process memcpy.
+
+Hand-off cost, through vLLM on the engine-benchmark model: a prefill engine
+and a decode engine in two processes; the decode side's time to its first
+token for a 2,048-token prompt whose KV it pulls (pull, then its first step),
+divided by the prefill time. For scale, the same first step with all the KV
+already local is reported beside it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import time
+import uuid
+from concurrent import futures
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import torch
+import torch.distributed as dist
+
+from bench.report import Row, report
+from kv_transfer.channel import GrpcKVChannel
+from kv_transfer.dist_channel import DistKVChannel
+from kv_transfer.transfer import DEFAULT_CHUNK_BYTES, TransferHandle
+
+LAYERS, KV_HEADS, HEAD_DIM, BLOCK_TOKENS, TOKENS = 32, 8, 128, 16, 2048
+BLOCKS = TOKENS // BLOCK_TOKENS
+SECRET = "bench-secret"
+_RAW_METHOD = "/pdserve.bench.Raw/Stream"
+
+
+def _sender_main(conn) -> None:
+    from kv_transfer.grpc_service import KVTransferServer
+    from kv_transfer.transfer import TransferRegistry
+
+    layers = [torch.randn(BLOCKS + 1, KV_HEADS, BLOCK_TOKENS, 2 * HEAD_DIM).half() for _ in range(LAYERS)]
+    payload = torch.cat([layer[:BLOCKS].reshape(-1) for layer in layers]).view(torch.uint8).numpy()
+    registry = TransferRegistry("", "bench", lease_s=300)
+    server = KVTransferServer(registry, SECRET).start()
+    raw = _raw_grpc_server(memoryview(payload))
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    conn.send(("ready", server.address, raw[1], store.port))
+    groups = {}
+    while conn.poll(600):
+        command, *args = conn.recv()
+        if command == "offer":
+            transfer_id, block_ids = args
+            hashes = [i.to_bytes(16, "big") for i in range(len(block_ids))]
+            handle = registry.offer(transfer_id, layers, block_ids, hashes, BLOCK_TOKENS * len(block_ids))
+            conn.send(("handle", handle.to_bytes()))
+        elif command == "gloo_send":
+            key = args[0]
+            group = groups.get(key) or dist.ProcessGroupGloo(dist.PrefixStore(key, store), 0, 2, timedelta(seconds=60))
+            groups[key] = group
+            group.send([torch.from_numpy(payload)], 1, 0).wait(timedelta(seconds=60))
+        elif command == "stop":
+            break
+    raw[0].stop(0)
+    server.stop()
+    registry.close()
+
+
+def _raw_grpc_server(payload: memoryview):
+    def stream(request: bytes, context):
+        chunk = int.from_bytes(request, "big")
+        for offset in range(0, len(payload), chunk):
+            yield bytes(payload[offset : offset + chunk])
+
+    handler = grpc.method_handlers_generic_handler(
+        "pdserve.bench.Raw", {"Stream": grpc.unary_stream_rpc_method_handler(stream)}
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(4), options=[("grpc.max_send_message_length", 64 << 20)])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+class _Sender:
+    def __init__(self):
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        self.process = context.Process(target=_sender_main, args=(child,), daemon=True)
+        self.process.start()
+        _, self.address, self.raw_address, self.store_port = self._conn.recv()
+
+    def offer(self, block_ids: list[int]) -> TransferHandle:
+        self._conn.send(("offer", uuid.uuid4().hex, block_ids))
+        return TransferHandle.from_bytes(self._conn.recv()[1])
+
+    def gloo_send(self, key: str) -> None:
+        self._conn.send(("gloo_send", key))
+
+    def stop(self) -> None:
+        self._conn.send(("stop",))
+        self.process.join(30)
+
+
+def run_transfer_bench(repeats: int = 5, block_pulls: int = 50, handoff_model: Path | None = None, json_path=None):
+    sender = _Sender()
+    try:
+        results = _channel_figures(sender, repeats, block_pulls)
+    finally:
+        sender.stop()
+    if handoff_model is not None:
+        results.update(_handoff(handoff_model, repeats))
+    report(_rows(results), results, json_path)
+    return results
+
+
+def _channel_figures(sender: _Sender, repeats: int, block_pulls: int) -> dict:
+    total = LAYERS * BLOCKS * KV_HEADS * BLOCK_TOKENS * 2 * HEAD_DIM * 2
+    dest = [torch.empty(BLOCKS, KV_HEADS, BLOCK_TOKENS, 2 * HEAD_DIM, dtype=torch.float16) for _ in range(LAYERS)]
+    grpc_channel = GrpcKVChannel(SECRET, max_chunk_bytes=DEFAULT_CHUNK_BYTES)
+    channels = {"grpc": grpc_channel, "dist": DistKVChannel(grpc_channel)}
+    seconds = {name: [] for name in ("grpc", "dist", "raw_grpc", "raw_gloo", "memcpy")}
+    raw_buffer = torch.empty(total, dtype=torch.uint8)
+    gloo_key = uuid.uuid4().hex
+    store = dist.TCPStore("127.0.0.1", sender.store_port, is_master=False, timeout=timedelta(seconds=60))
+    gloo = None
+    for _ in range(repeats + 1):  # the first round warms connections and groups up, untimed
+        for name, channel in channels.items():
+            handle = sender.offer(list(range(BLOCKS)))
+            start = time.perf_counter()
+            channel.pull(handle, dest, list(range(BLOCKS)), stall_timeout_s=60, timeout_s=600)
+            seconds[name].append(time.perf_counter() - start)
+            channel.release(handle)
+        seconds["raw_grpc"].append(_raw_grpc_pull(sender.raw_address, raw_buffer))
+        sender.gloo_send(gloo_key)
+        if gloo is None:
+            gloo = dist.ProcessGroupGloo(dist.PrefixStore(gloo_key, store), 1, 2, timedelta(seconds=60))
+        start = time.perf_counter()
+        gloo.recv([raw_buffer], 0, 0).wait(timedelta(seconds=60))
+        seconds["raw_gloo"].append(time.perf_counter() - start)
+        source = torch.empty_like(raw_buffer)
+        start = time.perf_counter()
+        raw_buffer.copy_(source)
+        seconds["memcpy"].append(time.perf_counter() - start)
+    median = {name: statistics.median(values[1:]) for name, values in seconds.items()}
+    gbps = {name: total / s / 1e9 for name, s in median.items()}
+    block_ms = {name: _block_pull_p50_ms(sender, channel, block_pulls) for name, channel in channels.items()}
+    return {
+        "dist_vs_raw": gbps["dist"] / gbps["raw_gloo"],
+        "grpc_vs_raw": gbps["grpc"] / gbps["raw_grpc"],
+        "block_pull_p50_ms": min(block_ms.values()),
+        "block_pull_p50_ms_grpc": block_ms["grpc"],
+        "block_pull_p50_ms_dist": block_ms["dist"],
+        **{f"{name}_gb_per_s": value for name, value in gbps.items()},
+        **{f"{name}_ms": 1000 * value for name, value in median.items()},
+        "payload_bytes": total,
+        "chunk_bytes": DEFAULT_CHUNK_BYTES,
+        "repeats": repeats,
+    }
+
+
+def _raw_grpc_pull(address: str, buffer: torch.Tensor) -> float:
+    target = buffer.numpy()
+    with grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)]) as channel:
+        stream = channel.unary_stream(_RAW_METHOD)
+        start = time.perf_counter()
+        offset = 0
+        for chunk in stream(DEFAULT_CHUNK_BYTES.to_bytes(8, "big"), timeout=600):
+            target[offset : offset + len(chunk)] = memoryview(chunk)
+            offset += len(chunk)
+        return time.perf_counter() - start
+
+
+def _block_pull_p50_ms(sender: _Sender, channel, pulls: int) -> float:
+    dest = [torch.empty(1, KV_HEADS, BLOCK_TOKENS, 2 * HEAD_DIM, dtype=torch.float16) for _ in range(LAYERS)]
+    times = []
+    for i in range(pulls + 1):
+        handle = sender.offer([i % BLOCKS])
+        start = time.perf_counter()
+        channel.pull(handle, dest, [0], stall_timeout_s=30)
+        times.append(time.perf_counter() - start)
+        channel.release(handle)
+    return 1000 * statistics.median(times[1:])
+
+
+def _handoff(model: Path, repeats: int) -> dict:
+    import random
+
+    from bench.engine_process import EnginePeer
+    from engine.config import EngineConfig, KVConnectorSpec
+
+    def config(role: str) -> EngineConfig:
+        spec = KVConnectorSpec(module_path="kv_transfer.vllm_connector", class_name="PdserveConnector", role=role)
+        return EngineConfig(model=model, max_model_len=TOKENS + 256, kv_connector=spec)
+
+    env = {"PDSERVE_CLUSTER_TOKEN": SECRET}
+    prefill, decode = EnginePeer(config("kv_producer"), env), EnginePeer(config("kv_consumer"), env)
+    try:
+        rng = random.Random(0)
+        prefill_s, handoff_s, local_s = [], [], []
+        for i in range(repeats + 1):
+            ids = [rng.randrange(2, prefill.vocab_size) for _ in range(TOKENS)]
+            params = {"pdserve": "produce", "transfer_id": f"h{i}-{uuid.uuid4().hex[:6]}"}
+            start = time.perf_counter()
+            _, out, _, _ = prefill.generate(f"p{i}", ids, 1, params)
+            prefill_s.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            decode.generate(f"d{i}", ids, 1, {"pdserve": "consume", "handle": out["pdserve_handle"]})
+            handoff_s.append(time.perf_counter() - start)
+            start = time.perf_counter()  # the same prompt again, now all local: the first step alone
+            decode.generate(f"l{i}", ids, 1)
+            local_s.append(time.perf_counter() - start)
+    finally:
+        prefill.stop()
+        decode.stop()
+    prefill_med, handoff_med = statistics.median(prefill_s[1:]), statistics.median(handoff_s[1:])
+    local_med = statistics.median(local_s[1:])
+    return {
+        "handoff_vs_prefill": handoff_med / prefill_med,
+        "handoff_ms": 1000 * handoff_med,
+        "prefill_ms": 1000 * prefill_med,
+        "first_step_all_local_ms": 1000 * local_med,
+        "handoff_net_ms": 1000 * (handoff_med - local_med),
+    }
+
+
+def _rows(results: dict) -> list[Row]:
+    rows = [
+        ("dist_vs_raw", f"{results['dist_vs_raw']:.3f}", ">= 0.8"),
+        ("grpc_vs_raw", f"{results['grpc_vs_raw']:.3f}", ">= 0.7"),
+        ("block_pull_p50_ms", f"{results['block_pull_p50_ms']:.2f}", "<= 5"),
+        ("  one block, grpc (ms)", f"{results['block_pull_p50_ms_grpc']:.2f}", ""),
+        ("  one block, torch.distributed (ms)", f"{results['block_pull_p50_ms_dist']:.2f}", ""),
+    ]
+    for name in ("dist", "raw_gloo", "grpc", "raw_grpc", "memcpy"):
+        rows.append((f"  {name} GB/s (256 MiB)", f"{results[f'{name}_gb_per_s']:.2f}", ""))
+    if "handoff_vs_prefill" in results:
+        rows += [
+            ("handoff_vs_prefill", f"{results['handoff_vs_prefill']:.3f}", "<= 0.1"),
+            ("  prefill of 2,048 tokens (ms)", f"{results['prefill_ms']:.1f}", ""),
+            ("  hand-off to first decode token (ms)", f"{results['handoff_ms']:.1f}", ""),
+            ("  same first step, all KV local (ms)", f"{results['first_step_all_local_ms']:.1f}", ""),
+        ]
+    return rows
