@@ -20,6 +20,7 @@ import torch
 import xxhash
 
 from kv_transfer import auth
+from kv_transfer.chunk_codec import decode_chunk
 from kv_transfer.errors import (
     BY_CODE,
     TransferError,
@@ -107,7 +108,10 @@ class GrpcKVChannel:
             wire_version=WIRE_VERSION, transfer_id=handle.transfer_id, block_indices=list(block_indices),
             layers=list(layers), max_chunk_bytes=self._max_chunk_bytes,
         )  # fmt: skip
-        call = self._stub(handle).Pull(request, timeout=timeout_s, metadata=self._metadata(handle))
+        pull = self._channel(handle).unary_stream(
+            "/pdserve.v1.KVTransfer/Pull", request_serializer=pb.PullRequest.SerializeToString
+        )  # chunks decoded by hand (chunk_codec): the payload is copied once, into the cache
+        call = pull(request, timeout=timeout_s, metadata=self._metadata(handle))
         watchdog = _StallWatchdog(call, stall_timeout_s)
         dest_runs = runs(dest_block_ids)
         direct = len(dest_runs) == 1  # adjacent destination blocks: bytes land in the cache itself
@@ -117,15 +121,15 @@ class GrpcKVChannel:
         target = None
         start, received, filled, layers_done = time.perf_counter(), 0, 0, 0
         try:
-            for chunk in call:
+            for message in call:
                 watchdog.progress()
-                header = chunk.header
-                self._verify(handle, header, chunk.data, layer_size, filled)
+                header, data = decode_chunk(message)
+                self._verify(handle, header, data, layer_size, filled)
                 if filled == 0:
                     first, count = dest_runs[0]
                     layer_target = dest_layers[header.layer][first : first + count] if direct else staging
                     target = layer_target.view(-1).view(torch.uint8).numpy()
-                target[header.byte_offset : header.byte_offset + header.byte_length] = memoryview(chunk.data)
+                target[header.byte_offset : header.byte_offset + header.byte_length] = data
                 received += header.byte_length
                 filled += header.byte_length
                 if filled == layer_size:
@@ -176,6 +180,9 @@ class GrpcKVChannel:
         )  # fmt: skip
 
     def _stub(self, handle: TransferHandle) -> pb_grpc.KVTransferStub:
+        return pb_grpc.KVTransferStub(self._channel(handle))
+
+    def _channel(self, handle: TransferHandle) -> grpc.Channel:
         address = handle.sender_address
         with self._lock:
             channel = self._channels.get(address)
@@ -187,13 +194,13 @@ class GrpcKVChannel:
                     credentials = grpc.ssl_channel_credentials(root_certificates=self._tls_root)
                     channel = grpc.secure_channel(address, credentials, options=options)
                 self._channels[address] = channel
-        return pb_grpc.KVTransferStub(channel)
+        return channel
 
     def _metadata(self, handle: TransferHandle) -> list[tuple[str, str]]:
         return [(auth.METADATA_KEY, auth.proof(self._secret, handle.transfer_id))]
 
     @staticmethod
-    def _verify(handle: TransferHandle, header: pb.ChunkHeader, data: bytes, layer_size: int, filled: int) -> None:
+    def _verify(handle: TransferHandle, header: pb.ChunkHeader, data, layer_size: int, filled: int) -> None:
         tid = handle.transfer_id
         if len(data) != header.byte_length or header.byte_offset != filled or filled + len(data) > layer_size:
             raise TransferIntegrityError(tid, f"layer {header.layer}: chunk at {header.byte_offset} is out of place")

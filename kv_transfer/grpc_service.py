@@ -18,6 +18,7 @@ import torch
 import xxhash
 
 from kv_transfer import auth
+from kv_transfer.chunk_codec import encode_chunk
 from kv_transfer.dist_channel import DistSender
 from kv_transfer.errors import TransferDenied, TransferError
 from kv_transfer.transfer import (
@@ -76,7 +77,7 @@ class KVTransferService(pb_grpc.KVTransferServicer):
                             num_blocks=num_blocks, byte_offset=offset, byte_length=len(piece),
                             xxh3_64=xxhash.xxh3_64_intdigest(piece),
                         )  # fmt: skip
-                        yield pb.Chunk(header=header, data=bytes(piece))
+                        yield encode_chunk(header, piece)
                         offset += len(piece)
                         sent += len(piece)
         except TransferError as exc:
@@ -108,6 +109,28 @@ class KVTransferService(pb_grpc.KVTransferServicer):
         check_wire_version(transfer_id, wire_version)
 
 
+def _handlers(service: KVTransferService) -> grpc.GenericRpcHandler:
+    """The generated handlers, except that Pull's chunks arrive already encoded (``chunk_codec``)."""
+
+    def unary(method, request_type, reply_type):
+        return grpc.unary_unary_rpc_method_handler(
+            method, request_deserializer=request_type.FromString, response_serializer=reply_type.SerializeToString
+        )
+
+    return grpc.method_handlers_generic_handler(
+        "pdserve.v1.KVTransfer",
+        {
+            "Pull": grpc.unary_stream_rpc_method_handler(
+                service.Pull, request_deserializer=pb.PullRequest.FromString, response_serializer=bytes
+            ),
+            "PullDist": unary(service.PullDist, pb.DistPullRequest, pb.DistPlan),
+            "Release": unary(service.Release, pb.TransferRef, pb.TransferStatus),
+            "Abort": unary(service.Abort, pb.TransferRef, pb.TransferStatus),
+            "Status": unary(service.Status, pb.TransferRef, pb.TransferStatus),
+        },
+    )
+
+
 def status_to_proto(status: TransferStatus) -> pb.TransferStatus:
     return pb.TransferStatus(
         transfer_id=status.transfer_id, state=int(status.state), detail=status.detail,
@@ -132,7 +155,7 @@ class KVTransferServer:
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
         self._dist = DistSender(registry, host, stall_timeout_s)
         service = KVTransferService(registry, secret, self._dist, stall_timeout_s)
-        pb_grpc.add_KVTransferServicer_to_server(service, self._server)
+        self._server.add_generic_rpc_handlers((_handlers(service),))
         target = f"{host}:{port}"
         if tls is None:
             self.port = self._server.add_insecure_port(target)
