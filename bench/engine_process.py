@@ -42,12 +42,30 @@ def _engine_main(conn, config_json: str, env: dict) -> None:
     engine.shutdown()
 
 
-class EnginePeer:
-    def __init__(self, config, env: dict[str, str]):
+class ChildProcess:
+    """A spawned process driven over a pipe; ``kill`` is a real SIGKILL."""
+
+    def __init__(self, target, *args):
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self.process = context.Process(target=_engine_main, args=(child, config.model_dump_json(), env), daemon=True)
+        self.process = context.Process(target=target, args=(child, *args), daemon=True)
         self.process.start()
+
+    def kill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.join(10)
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process.is_alive():
+            self._conn.send(("stop",))
+            self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.kill()
+
+
+class EnginePeer(ChildProcess):
+    def __init__(self, config, env: dict[str, str]):
+        super().__init__(_engine_main, config.model_dump_json(), env)
         self.vocab_size = self._expect("ready", 180)[0]
 
     def generate(self, request_id: str, ids: list[int], max_tokens: int, params: dict | None = None, timeout=120):
@@ -58,17 +76,6 @@ class EnginePeer:
     def kv_blocks_used(self) -> int:
         self._conn.send(("stats",))
         return self._expect("stats")[0]
-
-    def kill(self) -> None:
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.join(10)
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            self._conn.send(("stop",))
-            self.process.join(30)
-        if self.process.is_alive():
-            self.kill()
 
     def _expect(self, kind: str, timeout_s: float = 60.0):
         if not self._conn.poll(timeout_s):

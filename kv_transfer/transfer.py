@@ -271,9 +271,6 @@ class TransferRegistry:
     def abort(self, transfer_id: str) -> TransferStatus:
         return self._finish(transfer_id, TransferState.ABORTED, "aborted")
 
-    def fail(self, transfer_id: str, detail: str) -> TransferStatus:
-        return self._finish(transfer_id, TransferState.FAILED, detail)
-
     def status(self, transfer_id: str) -> TransferStatus:
         with self._lock:
             if transfer_id in self._final:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
-import signal
 
 import torch
+
+from bench.engine_process import ChildProcess
 
 SECRET = "cluster-secret"
 
@@ -68,16 +68,13 @@ def _sender_main(conn, spec: dict) -> None:
     server.stop()
 
 
-class SenderProcess:
+class SenderProcess(ChildProcess):
     """A sender in its own process: ``offer`` returns a handle; ``kill`` is a real SIGKILL."""
 
     def __init__(self, **spec):
         defaults = dict(layers=4, blocks=32, block_shape=(8, 16, 64), dtype="float32", seed=0)
         self.spec = {**defaults, **spec}
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self.process = context.Process(target=_sender_main, args=(child, self.spec), daemon=True)
-        self.process.start()
+        super().__init__(_sender_main, self.spec)
         self.freed: list[tuple[str, str]] = []
         self.address = self._expect("ready", 60)[0]
 
@@ -104,17 +101,6 @@ class SenderProcess:
                 raise TimeoutError(f"{transfer_id} was not freed within {timeout_s} s")
             self._take(self._conn.recv())
         return next(state for tid, state in self.freed if tid == transfer_id)
-
-    def kill(self) -> None:
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.join(10)
-
-    def stop(self) -> None:
-        if self.process.is_alive():
-            self._conn.send(("stop",))
-            self.process.join(10)
-        if self.process.is_alive():
-            self.kill()
 
     def _expect(self, kind: str, timeout_s: float = 30.0):
         while self._conn.poll(timeout_s):
