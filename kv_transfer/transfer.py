@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -134,6 +134,13 @@ class TransferStatus:
     layers_ready: int = 0
 
 
+@dataclass(frozen=True)
+class RegistryStats:
+    open: dict[str, int]
+    finished: dict[str, int]
+    bytes_sent: int
+
+
 class TransferRegistry:
     """The sender's offers. ``on_freed(transfer_id, state)`` runs once per offer, when its blocks may be freed."""
 
@@ -156,6 +163,8 @@ class TransferRegistry:
         self._offered = threading.Condition(self._lock)
         self._offers: dict[str, Offer] = {}
         self._final: OrderedDict[str, TransferStatus] = OrderedDict()
+        self._finished: Counter[str] = Counter()
+        self._bytes_sent = 0
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="pdserve-lease-reaper", daemon=True)
         self._reaper.start()
@@ -223,6 +232,8 @@ class TransferRegistry:
         with offer.changed:
             offer.pulls -= 1
             offer.bytes_sent += sent_bytes
+            with self._lock:
+                self._bytes_sent += sent_bytes
             if offer.pulls:
                 return
             if offer.state == TransferState.PULLING:
@@ -280,6 +291,12 @@ class TransferRegistry:
             raise TransferNotFound(transfer_id, "unknown transfer")
         return self._status(offer)
 
+    def stats(self) -> RegistryStats:
+        """Counts for metrics: open transfers by state, finished ones by final state, bytes sent."""
+        with self._lock:
+            open_states = Counter(offer.state.name.lower() for offer in self._offers.values())
+            return RegistryStats(dict(open_states), dict(self._finished), self._bytes_sent)
+
     def active(self) -> list[str]:
         with self._lock:
             return list(self._offers)
@@ -333,6 +350,7 @@ class TransferRegistry:
             if self._offers.pop(transfer_id, None) is None:
                 return self._final[transfer_id]
             self._final[transfer_id] = status
+            self._finished[offer.state.name.lower()] += 1
             while len(self._final) > self._TOMBSTONES:
                 self._final.popitem(last=False)
         offer.layers = []  # drop the references to the KV tensors

@@ -109,3 +109,13 @@ def test_closing_the_sender_aborts_what_it_still_holds(freed):
     offer(registry, "b")
     registry.close()
     assert sorted(freed) == [("a", TransferState.ABORTED), ("b", TransferState.ABORTED)]
+
+
+def test_stats_count_open_and_finished_transfers_and_bytes(registry):
+    offer(registry, "a")
+    offer(registry, "b")
+    reading = registry.open_pull("a", [], [])
+    registry.close_pull(reading, 128)
+    registry.release("a")
+    stats = registry.stats()
+    assert (stats.open, stats.finished, stats.bytes_sent) == ({"offered": 1}, {"done": 1}, 128)
