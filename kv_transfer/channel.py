@@ -82,7 +82,7 @@ def check_request(handle, dest_layers, dest_block_ids, block_indices, layers) ->
     if len(dest_layers) != handle.num_layers:
         raise TransferRequestError(handle.transfer_id, f"{len(dest_layers)} destination layers for {handle.num_layers}")
     first = dest_layers[0]
-    handle.check_layout(str(first.dtype).removeprefix("torch."), first.shape[1:], len(dest_layers), handle.cache_layout)
+    handle.check_layout(str(first.dtype).removeprefix("torch."), first.shape[1:], len(dest_layers))
     return indices, wanted_layers
 
 

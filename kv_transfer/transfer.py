@@ -81,10 +81,16 @@ class TransferHandle:
     def num_blocks(self) -> int:
         return len(self.block_hashes)
 
-    def check_layout(self, dtype: str, block_shape: Sequence[int], num_layers: int, cache_layout: str) -> None:
-        """Refuse a receiver whose KV cache is laid out differently (no conversion is done)."""
+    def check_layout(
+        self, dtype: str, block_shape: Sequence[int], num_layers: int, cache_layout: str | None = None
+    ) -> None:
+        """Refuse a receiver whose KV cache is laid out differently (no conversion is done).
+
+        The tensors give dtype, block shape and layer count; only the engine knows its layout's
+        name (e.g. vLLM CPU's ``LBHNC`` vs a GPU layout with the same shape), so it passes it.
+        """
         ours = (self.dtype, tuple(self.block_shape), self.num_layers, self.cache_layout)
-        theirs = (dtype, tuple(block_shape), num_layers, cache_layout)
+        theirs = (dtype, tuple(block_shape), num_layers, self.cache_layout if cache_layout is None else cache_layout)
         if ours != theirs:
             raise TransferLayoutError(
                 self.transfer_id,

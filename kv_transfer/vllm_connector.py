@@ -231,6 +231,11 @@ class PdserveConnector(KVConnectorBase_V1):
 
     def _load(self, load: LoadSpec) -> None:
         try:
+            first = self._layers[0]
+            load.handle.check_layout(
+                str(first.dtype).removeprefix("torch."), first.shape[1:], len(self._layers),
+                self._kv_cache_config.kv_cache_layout or "",
+            )  # fmt: skip
             self._channel_for(load.handle).pull(
                 load.handle, self._layers, load.dest_block_ids, load.block_indices,
                 stall_timeout_s=self._stall_timeout_s,

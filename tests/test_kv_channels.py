@@ -353,3 +353,10 @@ def test_grpc_transfers_can_run_over_tls(tmp_path):
     finally:
         server.stop()
         registry.close()
+
+
+def test_a_receiver_with_another_cache_layout_name_is_refused():
+    handle = TransferHandle("a:1", "t", "m", (b"x" * 16,), 16, "float32", (8, 16, 64), 4, cache_layout="LBHNC")
+    handle.check_layout("float32", (8, 16, 64), 4, "LBHNC")
+    with pytest.raises(TransferLayoutError, match="LBHNC"):
+        handle.check_layout("float32", (8, 16, 64), 4, "NHD")
