@@ -143,7 +143,11 @@ class Engine:
             self._await_subscription()
         except BaseException:
             self._closing.set()
+            if built.done() and built.exception() is None:  # built, then the subscription failed
+                self._thread.join(5)
+                built.result().engine_core.shutdown()
             self._close_subscriber()
+            self._tmp.cleanup()
             raise
         model_config = self._llm.model_config
         self.block_size = self._llm.vllm_config.cache_config.block_size

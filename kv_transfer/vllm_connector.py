@@ -10,7 +10,8 @@ one (the KV tensors, the bytes). Requests opt in through their
   allocated (vLLM's delayed free) under the transfer's lease, and the output's
   ``kv_transfer_params`` carry ``{"pdserve_handle": hex}``. The blocks are freed
   when the receiver releases them, on abort, or when the lease expires.
-- consumer (decode worker): ``{"pdserve": "consume", "handle": hex}``. vLLM counts
+- consumer (decode worker): ``{"pdserve": "consume", "handle": hex, "block_hashes": [hex, ...]}``
+  (the hashes of this request's prompt: a handle whose blocks differ is refused). vLLM counts
   its local prefix hit first; only the blocks beyond it are pulled, straight
   into blocks vLLM allocated, between steps. A failed or timed-out pull reports
   those blocks as load errors, so vLLM recomputes them: the request completes,
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from google.protobuf.message import DecodeError
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorHandshakeMetadata,
@@ -128,15 +130,37 @@ class PdserveConnector(KVConnectorBase_V1):
         params = request.kv_transfer_params or {}
         if params.get("pdserve") != "consume" or request.request_id in self._loading:
             return 0, False
-        handle = TransferHandle.from_bytes(bytes.fromhex(params["handle"]))
-        missing = handle.num_tokens - num_computed_tokens
+        handle = self._handle_of(request)
+        if handle is None:
+            return 0, False
+        missing = min(handle.num_tokens, len(request.prompt_token_ids)) - num_computed_tokens
         return (missing, True) if missing > 0 else (0, False)
+
+    def _handle_of(self, request) -> TransferHandle | None:
+        """The request's handle, or None (the request prefills locally) when it cannot be used."""
+        try:
+            handle = TransferHandle.from_bytes(bytes.fromhex(request.kv_transfer_params["handle"]))
+        except (KeyError, TypeError, ValueError, DecodeError, TransferError) as exc:
+            log.warning("request %s: unusable KV handle, prefilling locally: %s", request.request_id, exc)
+            return None
+        model = self._vllm_config.model_config.served_model_name
+        if handle.model_id != model:
+            log.warning("request %s: handle is for model %r, not %r", request.request_id, handle.model_id, model)
+            return None
+        ours = request.kv_transfer_params.get("block_hashes") or []
+        theirs = [h.hex() for h in handle.block_hashes[: len(ours)]]
+        if ours[: len(theirs)] != theirs:  # the offered KV is of another prompt: never load it
+            log.warning("request %s: the handle's blocks are not this prompt's", request.request_id)
+            return None
+        return handle
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         params = request.kv_transfer_params or {}
         if num_external_tokens <= 0 or params.get("pdserve") != "consume":
             return
-        handle = TransferHandle.from_bytes(bytes.fromhex(params["handle"]))
+        handle = self._handle_of(request)
+        if handle is None:
+            return
         dest = blocks.get_unhashed_block_ids()
         # The local prefix hit ends where the external tokens begin (get_num_new_matched_tokens).
         first = (handle.num_tokens - num_external_tokens) // self._block_size
@@ -157,11 +181,17 @@ class PdserveConnector(KVConnectorBase_V1):
         if self._sender is None:
             log.error("no KV sender registered; request %s is not offered", request.request_id)
             return False, None
+        transfer_id = params.get("transfer_id")
+        if not isinstance(transfer_id, str) or not transfer_id:
+            log.error("request %s asks to produce KV without a transfer_id; not offered", request.request_id)
+            return False, None
         num_tokens = request.num_computed_tokens
         blocks = block_ids[: -(-num_tokens // self._block_size)]
-        hashes = [bytes.fromhex(h) for h in params.get("block_hashes", [])][: len(blocks)]
+        try:
+            hashes = [bytes.fromhex(h) for h in params.get("block_hashes", [])][: len(blocks)]
+        except (TypeError, ValueError):
+            hashes = []
         hashes += [b""] * (len(blocks) - len(hashes))
-        transfer_id = params["transfer_id"]
         self._pending_offers.append(OfferSpec(request.request_id, transfer_id, blocks, hashes, num_tokens))
         sender = self._sender
         handle = TransferHandle(
@@ -203,11 +233,16 @@ class PdserveConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         for spec in self._get_connector_metadata().offers:
             with self._lock:
-                self._request_of[spec.transfer_id] = spec.request_id
-            self._registry.offer(
-                spec.transfer_id, self._layers, spec.block_ids, spec.block_hashes, spec.num_tokens,
-                self._kv_cache_config.kv_cache_layout or "",
-            )  # fmt: skip
+                self._request_of.setdefault(spec.transfer_id, spec.request_id)
+            try:
+                self._registry.offer(
+                    spec.transfer_id, self._layers, spec.block_ids, spec.block_hashes, spec.num_tokens,
+                    self._kv_cache_config.kv_cache_layout or "",
+                )  # fmt: skip
+            except ValueError as exc:  # e.g. a transfer id used twice: free the blocks at once
+                log.error("request %s not offered: %s", spec.request_id, exc)
+                with self._lock:
+                    self._done_sending.add(spec.request_id)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         with self._lock:

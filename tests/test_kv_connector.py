@@ -47,18 +47,20 @@ def prompt(n: int, offset: int) -> list[int]:
 
 
 def produce(prefill, request_id: str, ids: list[int]) -> TransferHandle:
-    params = {
-        "pdserve": "produce",
-        "transfer_id": f"x-{request_id}",
-        "block_hashes": [h.hex() for h in hash_chain("tiny", ids, BLOCK)],
-    }
+    params = {"pdserve": "produce", "transfer_id": f"x-{request_id}", "block_hashes": hashes(ids)}
     tokens, out_params, _, reason = prefill.generate(request_id, ids, 1, params)
     assert len(tokens) == 1 and reason == "length"
     return TransferHandle.from_bytes(bytes.fromhex(out_params["pdserve_handle"]))
 
 
-def consume(decode, request_id: str, ids: list[int], handle: TransferHandle, max_tokens: int = 16):
-    return decode.generate(request_id, ids, max_tokens, {"pdserve": "consume", "handle": handle.to_bytes().hex()})
+def hashes(ids: list[int]) -> list[str]:
+    return [h.hex() for h in hash_chain("tiny", ids, BLOCK)]
+
+
+def consume(decode, request_id: str, ids: list[int], handle: TransferHandle | str, max_tokens: int = 16):
+    encoded = handle if isinstance(handle, str) else handle.to_bytes().hex()
+    params = {"pdserve": "consume", "handle": encoded, "block_hashes": hashes(ids)}
+    return decode.generate(request_id, ids, max_tokens, params)
 
 
 def wait_until(condition, timeout_s: float = 10.0) -> None:
@@ -141,3 +143,28 @@ def test_the_grpc_backend_gives_the_same_output(make_tiny_model, prefill):
         assert tokens == reference and cached >= 3 * BLOCK
     finally:
         grpc_decode.stop()
+
+
+def test_an_unusable_handle_means_a_local_prefill_with_the_same_output(prefill, decode):
+    ids = prompt(2 * BLOCK + 5, offset=10)
+    reference = prefill.generate("ref8", ids, 16)[0]
+    for i, bad in enumerate(["not-hex", "00ff", ""]):
+        tokens, _, cached, reason = consume(decode, f"bad{i}", ids, bad)
+        assert tokens == reference and reason == "length"
+
+
+def test_a_handle_for_another_prompt_is_never_loaded(prefill, decode):
+    ids = prompt(3 * BLOCK, offset=11)
+    other = prompt(3 * BLOCK, offset=12)
+    reference = prefill.generate("ref9", ids, 16)[0]
+    handle = produce(prefill, "p9", other)
+    tokens, _, cached, _ = consume(decode, "d9", ids, handle)
+    assert tokens == reference and cached == 0
+    GrpcKVChannel(SECRET).release(handle)
+
+
+def test_a_produce_request_without_a_transfer_id_holds_nothing(prefill):
+    baseline = prefill.kv_blocks_used()
+    tokens, params, _, reason = prefill.generate("p10", prompt(2 * BLOCK, offset=13), 1, {"pdserve": "produce"})
+    assert len(tokens) == 1 and reason == "length" and not (params or {}).get("pdserve_handle")
+    assert prefill.kv_blocks_used() == baseline
