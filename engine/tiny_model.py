@@ -118,7 +118,9 @@ def make_model(out_dir: str | Path, shape: ModelShape = TINY_SHAPE) -> Path:
     validate_shape(shape)
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _train_tokenizer(shape.vocab_size)

@@ -61,4 +61,5 @@ def vllm_engine_args(config: EngineConfig, kv_events_endpoint: str | None):
         kv_transfer_config=kv_transfer,
         kv_events_config=kv_events,
         disable_log_stats=True,
+        use_tqdm_on_load=config.log_level in ("DEBUG", "INFO"),  # quiet by default
     )

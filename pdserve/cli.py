@@ -9,6 +9,7 @@ import os
 import sys
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 from engine.errors import EngineError
@@ -116,6 +117,8 @@ def _config(args: argparse.Namespace) -> PdserveConfig:
     overrides.update(parse_assignment(item) for item in args.set)
     config = load_config(args.config, os.environ, overrides)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if config.log_level != "DEBUG":  # libraries' deprecation notices are for their developers, not ours
+        warnings.filterwarnings("ignore", category=FutureWarning)
     return config
 
 
