@@ -55,6 +55,10 @@ class ChildProcess:
         os.kill(self.process.pid, signal.SIGKILL)
         self.process.join(10)
 
+    def freeze(self) -> None:
+        """SIGSTOP: the process holds its sockets open and answers nothing, like a hung peer."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.process.is_alive():
             self._conn.send(("stop",))

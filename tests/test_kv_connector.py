@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
@@ -143,6 +144,23 @@ def test_the_grpc_backend_gives_the_same_output(make_tiny_model, prefill):
         assert tokens == reference and cached >= 3 * BLOCK
     finally:
         grpc_decode.stop()
+
+
+def test_a_prefill_worker_that_hangs_then_dies_mid_pull_means_local_recompute(make_tiny_model, decode):
+    doomed = EnginePeer(config(make_tiny_model("llama"), "kv_producer"), ENV)
+    ids = prompt(4 * BLOCK + 9, offset=14)
+    reference = doomed.generate("ref11", ids, 16)[0]
+    handle = produce(doomed, "p11", ids)
+    doomed.freeze()  # the pull connects and then gets nothing
+    killer = threading.Timer(1.0, doomed.kill)  # and dies while the decode side waits on it
+    killer.start()
+    started = time.monotonic()
+    try:
+        tokens, _, _, reason = consume(decode, "d11", ids, handle)
+    finally:
+        killer.join()
+    assert tokens == reference and reason == "length"
+    assert time.monotonic() - started < 2 + 5 + 3  # stall deadline (2 s), the release attempt, one step
 
 
 def test_an_unusable_handle_means_a_local_prefill_with_the_same_output(prefill, decode):
