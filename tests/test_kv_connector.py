@@ -186,3 +186,15 @@ def test_a_produce_request_without_a_transfer_id_holds_nothing(prefill):
     tokens, params, _, reason = prefill.generate("p10", prompt(2 * BLOCK, offset=13), 1, {"pdserve": "produce"})
     assert len(tokens) == 1 and reason == "length" and not (params or {}).get("pdserve_handle")
     assert prefill.kv_blocks_used() == baseline
+
+
+def test_a_transfer_id_used_twice_offers_the_first_and_holds_nothing_for_the_second(prefill):
+    baseline = prefill.kv_blocks_used()
+    first, second = prompt(2 * BLOCK, offset=15), prompt(2 * BLOCK, offset=16)
+    params = {"pdserve": "produce", "transfer_id": "twice"}
+    _, out, _, _ = prefill.generate("p12", first, 1, {**params, "block_hashes": hashes(first)})
+    holding_first = prefill.kv_blocks_used()
+    prefill.generate("p13", second, 1, {**params, "block_hashes": hashes(second)})
+    wait_until(lambda: prefill.kv_blocks_used() == holding_first)
+    GrpcKVChannel(SECRET).release(TransferHandle.from_bytes(bytes.fromhex(out["pdserve_handle"])))
+    wait_until(lambda: prefill.kv_blocks_used() == baseline)
