@@ -64,6 +64,16 @@ def consume(decode, request_id: str, ids: list[int], handle: TransferHandle | st
     return decode.generate(request_id, ids, max_tokens, params)
 
 
+def idle(peer) -> int:
+    """The KV pool of an engine with nothing running and no transfer held: every block free.
+
+    Transfers released by earlier tests are freed at the engine's next steps, so wait for it
+    (a block still held after 10 s is a leak, and fails here).
+    """
+    wait_until(lambda: peer.kv_blocks_used() == 0)
+    return 0
+
+
 def wait_until(condition, timeout_s: float = 10.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -82,7 +92,7 @@ def test_disaggregated_greedy_output_equals_one_engine(prefill, decode):
 
 
 def test_the_prefill_blocks_are_freed_after_the_decode_side_releases_them(prefill, decode):
-    baseline = prefill.kv_blocks_used()
+    baseline = idle(prefill)
     ids = prompt(4 * BLOCK, offset=2)
     handle = produce(prefill, "p2", ids)
     assert prefill.kv_blocks_used() > baseline  # held for the transfer
@@ -105,7 +115,7 @@ def test_only_the_blocks_the_decode_side_lacks_cross(prefill, decode):
 
 
 def test_an_abort_frees_the_prefill_blocks(prefill):
-    baseline = prefill.kv_blocks_used()
+    baseline = idle(prefill)
     handle = produce(prefill, "p4", prompt(2 * BLOCK, offset=6))
     assert GrpcKVChannel(SECRET).abort(handle).state == TransferState.ABORTED
     wait_until(lambda: prefill.kv_blocks_used() == baseline)
@@ -114,7 +124,7 @@ def test_an_abort_frees_the_prefill_blocks(prefill):
 def test_an_expired_lease_frees_the_prefill_blocks(make_tiny_model):
     peer = EnginePeer(config(make_tiny_model("llama"), "kv_producer", lease_s=0.5), ENV)
     try:
-        baseline = peer.kv_blocks_used()
+        baseline = idle(peer)
         handle = produce(peer, "p5", prompt(2 * BLOCK, offset=7))
         wait_until(lambda: peer.kv_blocks_used() == baseline, 10)
         assert GrpcKVChannel(SECRET).status(handle).state == TransferState.EXPIRED
@@ -182,14 +192,14 @@ def test_a_handle_for_another_prompt_is_never_loaded(prefill, decode):
 
 
 def test_a_produce_request_without_a_transfer_id_holds_nothing(prefill):
-    baseline = prefill.kv_blocks_used()
+    baseline = idle(prefill)
     tokens, params, _, reason = prefill.generate("p10", prompt(2 * BLOCK, offset=13), 1, {"pdserve": "produce"})
     assert len(tokens) == 1 and reason == "length" and not (params or {}).get("pdserve_handle")
     assert prefill.kv_blocks_used() == baseline
 
 
 def test_a_transfer_id_used_twice_offers_the_first_and_holds_nothing_for_the_second(prefill):
-    baseline = prefill.kv_blocks_used()
+    baseline = idle(prefill)
     first, second = prompt(2 * BLOCK, offset=15), prompt(2 * BLOCK, offset=16)
     params = {"pdserve": "produce", "transfer_id": "twice"}
     _, out, _, _ = prefill.generate("p12", first, 1, {**params, "block_hashes": hashes(first)})
