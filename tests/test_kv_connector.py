@@ -176,9 +176,13 @@ def test_a_prefill_worker_that_hangs_then_dies_mid_pull_means_local_recompute(ma
 def test_an_unusable_handle_means_a_local_prefill_with_the_same_output(prefill, decode):
     ids = prompt(2 * BLOCK + 5, offset=10)
     reference = prefill.generate("ref8", ids, 16)[0]
-    for i, bad in enumerate(["not-hex", "00ff", ""]):
+    handle = produce(prefill, "p8", ids)
+    other_model = TransferHandle(**{**handle.__dict__, "model_id": "another-model"}).to_bytes().hex()
+    newer_wire = TransferHandle(**{**handle.__dict__, "wire_version": 99}).to_bytes().hex()
+    for i, bad in enumerate(["not-hex", "00ff", "", other_model, newer_wire]):
         tokens, _, cached, reason = consume(decode, f"bad{i}", ids, bad)
         assert tokens == reference and reason == "length"
+    GrpcKVChannel(SECRET).release(handle)
 
 
 def test_a_handle_for_another_prompt_is_never_loaded(prefill, decode):
