@@ -289,13 +289,8 @@ class TransferRegistry:
         return self._finish(transfer_id, TransferState.ABORTED, "aborted")
 
     def status(self, transfer_id: str) -> TransferStatus:
-        with self._lock:
-            if transfer_id in self._final:
-                return self._final[transfer_id]
-            offer = self._offers.get(transfer_id)
-        if offer is None:
-            raise TransferNotFound(transfer_id, "unknown transfer")
-        return self._status(offer)
+        found = self._lookup(transfer_id)
+        return found if isinstance(found, TransferStatus) else self._status(found)
 
     def stats(self) -> RegistryStats:
         """Counts for metrics: open transfers by state, finished ones by final state, bytes sent."""
@@ -331,14 +326,19 @@ class TransferRegistry:
             raise TransferNotFound(transfer_id, f"already {final.state.name.lower()}" if final else "unknown transfer")
         return offer
 
+    def _lookup(self, transfer_id: str) -> TransferStatus | Offer:
+        """A finished transfer's final status, else its open offer."""
+        with self._lock:
+            found = self._final.get(transfer_id) or self._offers.get(transfer_id)
+        if found is None:
+            raise TransferNotFound(transfer_id, "unknown transfer")
+        return found
+
     def _finish(self, transfer_id: str, state: TransferState, detail: str) -> TransferStatus:
         """Move to a final state once; later calls answer the state it reached."""
-        with self._lock:
-            if transfer_id in self._final:
-                return self._final[transfer_id]
-            offer = self._offers.get(transfer_id)
-        if offer is None:
-            raise TransferNotFound(transfer_id, "unknown transfer")
+        offer = self._lookup(transfer_id)
+        if isinstance(offer, TransferStatus):
+            return offer
         with offer.changed:
             if offer.state.final or (state == TransferState.EXPIRED and offer.pulls):
                 return self._status(offer)  # finishing already, or expires when the running pull ends
