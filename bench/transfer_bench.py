@@ -16,7 +16,6 @@ already local is reported beside it.
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
 import time
 import uuid
@@ -28,6 +27,7 @@ import grpc
 import torch
 import torch.distributed as dist
 
+from bench.engine_process import ChildProcess
 from bench.report import Row, report
 from kv_transfer.channel import GrpcKVChannel
 from kv_transfer.dist_channel import DistKVChannel
@@ -86,12 +86,9 @@ def _raw_grpc_server(payload: memoryview):
     return server, f"127.0.0.1:{port}"
 
 
-class _Sender:
+class _Sender(ChildProcess):
     def __init__(self):
-        context = multiprocessing.get_context("spawn")
-        self._conn, child = context.Pipe()
-        self.process = context.Process(target=_sender_main, args=(child,), daemon=True)
-        self.process.start()
+        super().__init__(_sender_main)
         _, self.address, self.raw_address, self.store_port = self._conn.recv()
 
     def offer(self, block_ids: list[int]) -> TransferHandle:
@@ -100,10 +97,6 @@ class _Sender:
 
     def gloo_send(self, key: str) -> None:
         self._conn.send(("gloo_send", key))
-
-    def stop(self) -> None:
-        self._conn.send(("stop",))
-        self.process.join(30)
 
 
 def run_transfer_bench(repeats: int = 5, block_pulls: int = 50, handoff_model: Path | None = None, json_path=None):

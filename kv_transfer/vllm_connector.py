@@ -107,14 +107,15 @@ class PdserveConnector(KVConnectorBase_V1):
         self._sender: SenderInfo | None = None
         self._pending_offers: list[OfferSpec] = []
         self._pending_loads: list[LoadSpec] = []
-        self._loading: set[str] = set()
+        self._handles: dict[str, TransferHandle] = {}  # parsed once, until vLLM allocates the blocks
+        self._settled: set[str] = set()  # requests whose remote KV is decided: loading, loaded or refused
         # worker side
         self._layers: list[torch.Tensor] = []
         self._registry: TransferRegistry | None = None
         self._server: KVTransferServer | None = None
         self._channel: GrpcKVChannel | None = None  # control calls (release, abort)
         self._channels: dict[str, KVChannel] = {}
-        self._pullers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-kv-pull")
+        self._pullers: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._request_of: dict[str, str] = {}  # transfer id → request id
         self._done_sending: set[str] = set()
@@ -128,13 +129,16 @@ class PdserveConnector(KVConnectorBase_V1):
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         params = request.kv_transfer_params or {}
-        if params.get("pdserve") != "consume" or request.request_id in self._loading:
+        rid = request.request_id
+        if params.get("pdserve") != "consume" or rid in self._settled:
             return 0, False
-        handle = self._handle_of(request)
-        if handle is None:
+        handle = self._handles.get(rid) or self._handle_of(request)
+        missing = 0 if handle is None else min(handle.num_tokens, len(request.prompt_token_ids)) - num_computed_tokens
+        if missing <= 0:
+            self._settled.add(rid)
             return 0, False
-        missing = min(handle.num_tokens, len(request.prompt_token_ids)) - num_computed_tokens
-        return (missing, True) if missing > 0 else (0, False)
+        self._handles[rid] = handle
+        return missing, True
 
     def _handle_of(self, request) -> TransferHandle | None:
         """The request's handle, or None (the request prefills locally) when it cannot be used."""
@@ -155,17 +159,14 @@ class PdserveConnector(KVConnectorBase_V1):
         return handle
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        params = request.kv_transfer_params or {}
-        if num_external_tokens <= 0 or params.get("pdserve") != "consume":
-            return
-        handle = self._handle_of(request)
-        if handle is None:
+        handle = self._handles.pop(request.request_id, None)
+        if handle is None or num_external_tokens <= 0:
             return
         dest = blocks.get_unhashed_block_ids()
         # The local prefix hit ends where the external tokens begin (get_num_new_matched_tokens).
         first = (handle.num_tokens - num_external_tokens) // self._block_size
         indices = list(range(first, handle.num_blocks))
-        self._loading.add(request.request_id)
+        self._settled.add(request.request_id)
         self._pending_loads.append(LoadSpec(request.request_id, handle, indices, dest[: len(indices)]))
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
@@ -175,7 +176,8 @@ class PdserveConnector(KVConnectorBase_V1):
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         params = request.kv_transfer_params or {}
-        self._loading.discard(request.request_id)
+        self._settled.discard(request.request_id)
+        self._handles.pop(request.request_id, None)
         if params.get("pdserve") != "produce" or request.status == RequestStatus.FINISHED_ABORTED:
             return False, None
         if self._sender is None:
@@ -209,6 +211,7 @@ class PdserveConnector(KVConnectorBase_V1):
         self._server = KVTransferServer(self._registry, self._secret, self._host, 0, self._stall_timeout_s).start()
         self._channel = GrpcKVChannel(self._secret, self._max_chunk_bytes)
         self._channels = {"grpc": self._channel, "torch_dist": DistKVChannel(self._channel)}
+        self._pullers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-kv-pull")
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         first = self._layers[0]
@@ -256,7 +259,8 @@ class PdserveConnector(KVConnectorBase_V1):
         return failed
 
     def shutdown(self) -> None:
-        self._pullers.shutdown(wait=False, cancel_futures=True)
+        if self._pullers is not None:
+            self._pullers.shutdown(wait=False, cancel_futures=True)
         if self._server is not None:
             self._server.stop()
         if self._registry is not None:
