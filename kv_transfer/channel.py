@@ -114,9 +114,13 @@ class GrpcKVChannel:
         call = pull(request, timeout=timeout_s, metadata=self._metadata(handle))
         watchdog = _StallWatchdog(call, stall_timeout_s)
         dest_runs = runs(dest_block_ids)
-        direct = len(dest_runs) == 1  # adjacent destination blocks: bytes land in the cache itself
-        dest_ids = torch.tensor(list(dest_block_ids), dtype=torch.long)
-        staging = torch.empty((len(indices), *dest_layers[0].shape[1:]), dtype=dest_layers[0].dtype)
+        device = dest_layers[0].device
+        # adjacent destination blocks in host memory: bytes land in the cache itself; else in (pinned) staging
+        direct = len(dest_runs) == 1 and device.type == "cpu"
+        dest_ids = torch.tensor(list(dest_block_ids), dtype=torch.long, device=device)
+        staging = torch.empty(
+            (len(indices), *dest_layers[0].shape[1:]), dtype=dest_layers[0].dtype, pin_memory=device.type == "cuda"
+        )
         layer_size = staging.numel() * staging.element_size()
         target = None
         start, received, filled, layers_done = time.perf_counter(), 0, 0, 0
@@ -134,7 +138,7 @@ class GrpcKVChannel:
                 filled += header.byte_length
                 if filled == layer_size:
                     if not direct:
-                        dest_layers[header.layer].index_copy_(0, dest_ids, staging)
+                        dest_layers[header.layer].index_copy_(0, dest_ids, staging.to(device))
                     filled, layers_done = 0, layers_done + 1
         except grpc.RpcError as exc:
             raise self._error(handle, exc, watchdog.stalled, stall_timeout_s) from None
@@ -258,11 +262,12 @@ class LocalKVChannel:
         start = time.perf_counter()
         offer = self._registry.open_pull(handle.transfer_id, block_indices, layers)
         sent = 0
-        dest_ids = torch.tensor(list(dest_block_ids), dtype=torch.long)
+        device = dest_layers[0].device
+        dest_ids = torch.tensor(list(dest_block_ids), dtype=torch.long, device=device)
         try:
             for layer in wanted_layers:
                 self._registry.wait_layer_ready(offer, layer, stall_timeout_s)
-                blocks = torch.cat(self._registry.read_blocks(offer, layer, block_indices))
+                blocks = torch.cat(self._registry.read_blocks(offer, layer, block_indices)).to(device)
                 dest_layers[layer].index_copy_(0, dest_ids, blocks)
                 sent += blocks.numel() * blocks.element_size()
         finally:

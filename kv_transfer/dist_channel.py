@@ -127,8 +127,7 @@ class DistSender:
             for layer in plan.layers:
                 self._registry.wait_layer_ready(offer, layer, self._timeout_s)
                 blocks = self._registry.read_blocks(offer, layer, request.pull.block_indices)
-                if request.device == "cuda":
-                    blocks = [run.cuda() for run in blocks]
+                blocks = [run.to(request.device or "cpu") for run in blocks]  # NCCL sends CUDA, Gloo host
                 base = plan.tag_base + layer * (len(plan.run_lengths) + 1)
                 for index, run in enumerate(blocks):
                     pending.append(group.send([run], RECEIVER_RANK, base + index))

@@ -67,7 +67,7 @@ class KVTransferService(pb_grpc.KVTransferServicer):
                     return
                 offset = 0
                 for run in self._registry.read_blocks(offer, layer, request.block_indices):
-                    payload = memoryview(run.view(-1).view(torch.uint8).numpy())
+                    payload = memoryview(run.cpu().view(-1).view(torch.uint8).numpy())  # a CUDA cache: one D2H copy
                     for start in range(0, len(payload), chunk_bytes):
                         if not context.is_active():
                             return

@@ -44,6 +44,7 @@ def _sender_main(conn, spec: dict) -> None:
     )
     server = KVTransferServer(registry, SECRET, stall_timeout_s=spec.get("stall_s", 5.0)).start()
     layers = layer_tensors(spec["layers"], spec["blocks"], tuple(spec["block_shape"]), spec["dtype"], spec["seed"])
+    layers = [layer.to(spec.get("device", "cpu")) for layer in layers]
     conn.send(("ready", server.address))
     while conn.poll(120):
         command, *args = conn.recv()

@@ -328,6 +328,46 @@ def test_nccl_round_trip_between_two_gpus(sender):
     assert all(same_bytes(dest[layer].cpu(), source[layer][[1, 2, 3]]) for layer in range(4))
 
 
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here: the CUDA-tensor paths run on a GPU machine"
+)
+
+
+@needs_cuda
+@pytest.mark.parametrize("sender_device, dest_device", [("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cuda")])
+@pytest.mark.parametrize("dest_ids", [[4, 5, 6], [9, 2, 7]], ids=["adjacent", "scattered"])
+def test_grpc_moves_blocks_between_cuda_and_host_caches(sender, sender_device, dest_device, dest_ids):
+    peer = sender(device=sender_device, dtype="bfloat16", **LLAMA_LIKE)
+    handle = peer.offer("gpu", [1, 2, 3])
+    dest = [layer.to(dest_device) for layer in empty_like(handle, blocks=12)]
+    channel_for("grpc").pull(handle, dest, dest_ids)
+    source = peer.layers()
+    assert all(same_bytes(dest[layer][dest_ids].cpu(), source[layer][[1, 2, 3]]) for layer in range(4))
+
+
+@needs_cuda
+def test_dist_pull_from_a_cuda_cache_into_host_memory_goes_over_gloo(sender):
+    peer = sender(device="cuda", dtype="float16", **LLAMA_LIKE)
+    handle = peer.offer("gpu-dist", [7, 0, 1])
+    dest = empty_like(handle, blocks=8)
+    channel_for("torch_dist").pull(handle, dest, [3, 4, 5])
+    source = peer.layers()
+    assert all(same_bytes(dest[layer][[3, 4, 5]], source[layer][[7, 0, 1]]) for layer in range(4))
+
+
+@needs_cuda
+def test_local_channel_copies_between_cuda_caches():
+    registry = TransferRegistry("local", "m")
+    try:
+        layers = [layer.cuda() for layer in layer_tensors(2, 8, (2, 16, 64), "float16", 5)]
+        handle = registry.offer("gpu-local", layers, [6, 1], block_hashes(2), 32, backends=("local",))
+        dest = [torch.zeros((4, 2, 16, 64), dtype=torch.float16, device="cuda") for _ in range(2)]
+        LocalKVChannel(registry).pull(handle, dest, [3, 0])
+        assert all(torch.equal(dest[layer][[3, 0]], layers[layer][[6, 1]]) for layer in range(2))
+    finally:
+        registry.close()
+
+
 def wait_for(condition, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
