@@ -200,6 +200,13 @@ class Engine:
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
 
+    def check_alive(self) -> None:
+        """Raise ``EngineError`` when the loop thread has failed or stopped."""
+        if self._failure is not None:
+            raise EngineError(f"engine is down: {self._failure}")
+        if not self._thread.is_alive():
+            raise EngineError("engine loop stopped")
+
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text))
 

@@ -75,3 +75,42 @@ class KVLayout:
     layer_names: list[str] = field(default_factory=list)
     block_shape: tuple[int, ...] = ()
     cache_layout: str = ""
+
+
+@dataclass(frozen=True)
+class PrefillJob:
+    """What the router asks of a prefill worker: run the prompt, keep its KV under ``transfer_id``.
+
+    ``block_hashes`` are the prompt's chained block digests (hex), so the decode
+    side can check that the blocks it pulls belong to its prompt.
+    """
+
+    request: GenerateRequest
+    transfer_id: str
+    block_hashes: list[str]
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    handle: str | None  # the transfer handle (hex); None: nothing is held, the decode worker prefills
+    prompt_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class DecodeJob:
+    """What the router asks of a decode worker: generate, pulling the KV behind ``handle`` if there is one."""
+
+    request: GenerateRequest
+    handle: str | None = None
+    block_hashes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LoadFigures:
+    """A worker's load, as placement weighs it; sent with every heartbeat."""
+
+    queued_prefill_tokens: int
+    running_seqs: int
+    waiting_seqs: int
+    kv_used_fraction: float

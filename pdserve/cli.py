@@ -1,4 +1,4 @@
-"""The ``pdserve`` command: make-model, generate, bench."""
+"""The ``pdserve`` command: up, generate, status, make-model, bench."""
 
 from __future__ import annotations
 
@@ -45,15 +45,32 @@ def _parser() -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int)
     make.set_defaults(run=_make_model)
 
-    generate = commands.add_parser("generate", help="stream a completion from a model through pdserve's engine")
+    up = commands.add_parser("up", help="run the service: Ray, the Serve app, HTTP and gRPC, until Ctrl-C")
+    _add_config_flags(up)
+    up.add_argument("--mode", choices=("disaggregated", "colocated"))
+    up.add_argument("--redis", metavar="URL", help="Redis index URL; 'local' starts redis-server (default: in-memory)")
+    up.add_argument("--http-port", type=int)
+    up.add_argument("--grpc-port", type=int)
+    up.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray cluster (default: max(cores, 4))")
+    up.add_argument("--try", dest="try_prompt", metavar="PROMPT", help="once up, answer PROMPT over gRPC and HTTP")
+    up.add_argument("--exit", action="store_true", help="stop after --try instead of serving until Ctrl-C")
+    up.set_defaults(run=_up)
+
+    generate = commands.add_parser("generate", help="stream a completion from a running pdserve (gRPC)")
     _add_config_flags(generate)
     generate.add_argument("prompt", help="prompt text")
+    generate.add_argument("--address", default="127.0.0.1:9000", help="gRPC address of pdserve (default: %(default)s)")
+    generate.add_argument("--local", action="store_true", help="run the engine in this process instead")
     generate.add_argument("--max-tokens", type=int, default=64)
     generate.add_argument("--temperature", type=float, default=1.0, help="0 for greedy")
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--top-k", type=int, default=-1)
     generate.add_argument("--seed", type=int)
     generate.set_defaults(run=_generate)
+
+    status = commands.add_parser("status", help="pools, replicas, load, index and hit rate of a running pdserve")
+    status.add_argument("--address", default="127.0.0.1:9000", help="gRPC address of pdserve (default: %(default)s)")
+    status.set_defaults(run=_status)
 
     bench = commands.add_parser("bench", help="run a benchmark")
     suites = bench.add_subparsers(dest="suite", required=True, metavar="SUITE")
@@ -106,8 +123,9 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _config(args: argparse.Namespace) -> PdserveConfig:
+def _config(args: argparse.Namespace, flags: dict | None = None) -> PdserveConfig:
     overrides = {
+        **(flags or {}),
         "engine.model": args.model,
         "engine.dtype": args.dtype,
         "engine.block_size": args.block_size,
@@ -133,11 +151,104 @@ def _make_model(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(args: argparse.Namespace) -> int:
-    from pdserve.models import resolve_model
+def _up(args: argparse.Namespace) -> int:
+    from pdserve.up import run_until_interrupted, start
 
-    config = resolve_model(_config(args))
-    return asyncio.run(_stream_completion(config, args))
+    flags = {"service.mode": args.mode, "router.index.redis_url": args.redis, "service.http_port": args.http_port,
+             "service.grpc_port": args.grpc_port}  # fmt: skip
+    config = _config(args, flags)
+    print("pdserve: starting Ray and the Serve app (first start makes a tiny model)…", flush=True)
+    service = start(config, num_cpus=args.num_cpus)
+    where = f"HTTP {service.http_url}/v1  gRPC {service.grpc_address}"
+    print(f"pdserve is up: {where}  ({config.service.mode})", flush=True)
+    if args.try_prompt:
+        _try(service, args.try_prompt)
+    if args.exit:
+        service.stop()
+        return 0
+    print("pdserve: serving until Ctrl-C", flush=True)
+    run_until_interrupted(service)
+    return 0
+
+
+def _try(service, prompt: str) -> None:
+    """One real request over each API, so a first run shows the service answering."""
+    import json
+    import urllib.request
+
+    from pdserve.client import GenerationClient
+
+    client = GenerationClient(service.grpc_address)
+    try:
+        replies = list(client.generate(prompt, max_tokens=16, temperature=0.0))
+    finally:
+        client.close()
+    timing = replies[-1].timing
+    print(f"gRPC  Generate: {prompt!r} → {''.join(r.text for r in replies)!r} "
+          f"[{timing.placement}, ttft {1000 * timing.ttft_s:.0f} ms]")  # fmt: skip
+    body = json.dumps({"prompt": prompt, "max_tokens": 16, "temperature": 0}).encode()
+    request = urllib.request.Request(f"{service.http_url}/v1/completions", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=300) as reply:
+        answer = json.loads(reply.read())
+    print(f"HTTP  /v1/completions: {prompt!r} → {answer['choices'][0]['text']!r}", flush=True)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    if args.local:
+        from pdserve.models import resolve_model
+
+        config = resolve_model(_config(args))
+        return asyncio.run(_stream_completion(config, args))
+    import grpc
+
+    from pdserve.client import GenerationClient
+
+    sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
+    if args.top_k != -1:
+        sampling["top_k"] = args.top_k
+    if args.seed is not None:
+        sampling["seed"] = args.seed
+    client = GenerationClient(args.address)
+    try:
+        last = None
+        for last in client.generate(args.prompt, **sampling):
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+    except grpc.RpcError as exc:
+        print(f"\npdserve: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    sys.stdout.write("\n")
+    t = last.timing
+    print(f"[{last.usage.completion_tokens} tokens, finish={last.finish_reason}, {t.placement}, "
+          f"ttft={1000 * t.ttft_s:.0f} ms, total={t.e2e_s:.2f} s]", file=sys.stderr)  # fmt: skip
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pdserve.client import GenerationClient
+
+    client = GenerationClient(args.address)
+    try:
+        status = client.status()
+    except grpc.RpcError as exc:
+        print(f"pdserve: {args.address}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    hit = status.prefix_hit_tokens / status.prompt_tokens if status.prompt_tokens else 0.0
+    index = "available" if status.index_available else "UNAVAILABLE"
+    print(f"model {status.model}  mode {status.mode}  policy {status.policy}  running {status.requests_running}")
+    print(f"index {index} (outages {status.index_outages})  prefix hit rate {hit:.1%} "
+          f"({status.prefix_hit_tokens}/{status.prompt_tokens} prompt tokens)")  # fmt: skip
+    print(f"{'pool':8} {'worker':34} {'running':>7} {'waiting':>7} {'queued':>7} {'kv use':>7}")
+    for w in status.workers:
+        print(f"{w.role:8} {w.worker_id:34} {w.running_seqs:7} {w.waiting_seqs:7} {w.queued_prefill_tokens:7} "
+              f"{w.kv_used_fraction:7.1%}")  # fmt: skip
+    return 0
 
 
 async def _stream_completion(config: PdserveConfig, args: argparse.Namespace) -> int:

@@ -24,11 +24,70 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message lists every bad field."""
 
 
+class PoolConfig(BaseModel):
+    """One Serve deployment's scaling and resources; ``autoscaling_config`` is Serve's, checked by Serve."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(default=1, ge=0, description="fixed replica count (ignored with autoscaling_config)")
+    autoscaling_config: dict[str, Any] | None = Field(
+        default=None, description="Ray Serve autoscaling_config (min_replicas, max_replicas, target_ongoing_requests…)"
+    )
+    num_cpus: float = Field(default=1.0, ge=0, description="Ray CPUs per replica")
+    num_gpus: float = Field(default=0.0, ge=0, description="Ray GPUs per replica (1 per engine on GPU clusters)")
+    max_ongoing_requests: int = Field(default=64, ge=1, description="requests one replica takes at once")
+    cpu_cores: str | None = Field(
+        default="auto",
+        description="cores each replica's engine binds to ('0-3'); auto: the node's cores split between the pools; "
+        "none: vLLM's default",
+    )
+    kv_cache_gib: float | None = Field(default=None, gt=0, description="KV memory per replica (default: engine's)")
+
+    @property
+    def present(self) -> bool:
+        return self.num_replicas > 0 or self.autoscaling_config is not None
+
+
+class TransferConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    backends: list[Literal["torch_dist", "grpc"]] = Field(
+        default_factory=lambda: ["torch_dist", "grpc"], description="KV channels in order of preference"
+    )
+    lease_s: float = Field(default=30.0, gt=0, description="how long a prefill worker holds KV nobody pulled")
+    stall_timeout_s: float = Field(default=5.0, gt=0, description="a pull that makes no progress this long fails")
+
+
+class ServiceConfig(BaseModel):
+    """The Serve application: mode, addresses, the three pools."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["disaggregated", "colocated"] = "disaggregated"
+    app_name: str = "pdserve"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=1, le=65535)
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=9000, ge=1, le=65535)
+    heartbeat_s: float = Field(default=1.0, gt=0, description="how often workers report load to the index")
+    max_inflight: int = Field(default=256, ge=1, description="requests one router replica serves at once (then 429)")
+    prefill_timeout_s: float = Field(default=60.0, gt=0, description="a prefill slower than this is redone locally")
+    transfer: TransferConfig = Field(default_factory=TransferConfig)
+    router: PoolConfig = Field(default_factory=lambda: PoolConfig(num_cpus=0.5, max_ongoing_requests=1024))
+    prefill: PoolConfig = Field(default_factory=PoolConfig)
+    decode: PoolConfig = Field(default_factory=PoolConfig)
+
+
 class PdserveConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     engine: EngineConfig = Field(default_factory=EngineConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
+    service: ServiceConfig = Field(default_factory=ServiceConfig)
+    cluster_token: str | None = Field(
+        default=None, description="shared secret KV peers prove with (PDSERVE_CLUSTER_TOKEN); none: one per app"
+    )
+    ray_address: str | None = Field(default=None, description="join this Ray cluster; none: start a local one")
     model_cache_dir: Path = Field(
         default=Path.home() / ".cache" / "pdserve" / "models",
         description="where the tiny model is made when no model directory is configured",
@@ -37,12 +96,13 @@ class PdserveConfig(BaseModel):
 
 
 def load_config(
-    path: Path | None = None, env: Mapping[str, str] | None = None, overrides: Mapping[str, Any] | None = None
+    path: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> PdserveConfig:
-    """Merge file < env < overrides (dotted keys) and validate once."""
-    merged: dict[str, Any] = {}
-    if path is not None:
-        merged = _read_file(path)
+    """Merge file (or ``data``, e.g. a Serve config's ``args``) < env < overrides (dotted keys); validate once."""
+    merged: dict[str, Any] = _read_file(path) if path is not None else dict(data or {})
     for key, value in _env_items(env or {}):
         _set_dotted(merged, key, value)
     for key, value in (overrides or {}).items():

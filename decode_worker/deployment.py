@@ -1,0 +1,44 @@
+"""The decode worker as a Ray Serve deployment: one vLLM engine with pdserve's connector as consumer.
+
+With a transfer handle, vLLM counts its own prefix hit first and the
+connector pulls only the blocks it lacks; without one (local prefill, or
+co-located mode), the same engine prefills the prompt itself. A failed pull
+means a local recompute inside vLLM: the request completes either way.
+Closing the stream (the client went away) aborts the request and frees its KV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import replace
+
+from ray import serve
+
+from engine.config import EngineConfig
+from engine.hosting import HostedEngine, WorkerReporter
+from engine.types import DecodeJob, OutputDelta
+
+
+@serve.deployment(name="DecodeWorker", health_check_period_s=5, health_check_timeout_s=10)
+class DecodeWorker:
+    def __init__(self, engine_config: EngineConfig, reporter: WorkerReporter, heartbeat_s: float = 1.0):
+        worker_id = serve.get_replica_context().replica_id.unique_id
+        self._host = HostedEngine(engine_config, "decode", worker_id, reporter, heartbeat_s)
+
+    async def generate(self, job: DecodeJob, worker_id: str | None = None) -> AsyncIterator[OutputDelta]:
+        params = None
+        if job.handle is not None:
+            params = {"pdserve": "consume", "handle": job.handle, "block_hashes": job.block_hashes}
+        async for delta in self._host.stream(replace(job.request, kv_transfer_params=params)):
+            yield delta
+
+    def load(self, worker_id: str | None = None):
+        return self._host.load()
+
+    def check_health(self) -> None:
+        self._host.check_health()
+
+    def __del__(self):
+        host = getattr(self, "_host", None)
+        if host is not None:
+            host.close()

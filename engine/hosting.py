@@ -1,0 +1,90 @@
+"""An engine hosted by a worker replica: its load and cache events go to a reporter.
+
+The reporter is whatever the composition hands the worker (the prefix index,
+directly or through the router); the engine only knows it through
+``WorkerReporter``. A heartbeat thread sends the load every ``heartbeat_s``; a
+worker whose heartbeats stop drops out of placement when their TTL lapses.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from engine.cache_events import CacheEvent
+from engine.config import EngineConfig
+from engine.engine import Engine
+from engine.types import GenerateRequest, LoadFigures, OutputDelta
+
+log = logging.getLogger(__name__)
+
+
+class WorkerReporter(Protocol):
+    def start(self, worker_id: str, role: str, block_size: int) -> None:
+        """Called once, before the engine exists, so no cache event precedes the identity."""
+
+    def report_load(self, load: LoadFigures) -> None: ...
+
+    def report_events(self, events: list[CacheEvent]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class HostedEngine:
+    def __init__(
+        self, config: EngineConfig, role: str, worker_id: str, reporter: WorkerReporter, heartbeat_s: float = 1.0
+    ):
+        self.worker_id = worker_id
+        self.role = role
+        self._reporter = reporter
+        reporter.start(worker_id, role, config.block_size)
+        self.engine = Engine(config, on_cache_events=reporter.report_events)
+        self._queued_prefill_tokens = 0  # prompt tokens admitted that have not produced a token yet
+        self._stop = threading.Event()
+        self._heartbeat_s = heartbeat_s
+        self._heartbeat = threading.Thread(target=self._beat, name="pdserve-heartbeat", daemon=True)
+        self._heartbeat.start()
+
+    async def stream(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
+        """The engine's stream, counted as queued prefill until its first delta; closing it aborts."""
+        waiting = len(request.prompt_token_ids)
+        self._queued_prefill_tokens += waiting
+        try:
+            async for delta in self.engine.generate(request):
+                self._queued_prefill_tokens -= waiting
+                waiting = 0
+                yield delta
+        finally:
+            self._queued_prefill_tokens -= waiting
+
+    def load(self) -> LoadFigures:
+        stats = self.engine.stats()
+        return LoadFigures(
+            queued_prefill_tokens=max(self._queued_prefill_tokens, 0),
+            running_seqs=stats.running,
+            waiting_seqs=stats.waiting,
+            kv_used_fraction=stats.kv_blocks_used / max(stats.kv_blocks_total, 1),
+        )
+
+    def check_health(self) -> None:
+        """Raise when the engine loop has failed, so Serve replaces the replica."""
+        self.engine.check_alive()
+        if not self._heartbeat.is_alive():
+            raise RuntimeError("the heartbeat thread stopped")
+
+    def close(self) -> None:
+        self._stop.set()
+        self._heartbeat.join(self._heartbeat_s + 1)
+        self._reporter.close()
+        self.engine.shutdown()
+
+    def _beat(self) -> None:
+        while True:
+            try:
+                self._reporter.report_load(self.load())
+            except Exception as exc:  # a lost heartbeat is retried on the next beat; the TTL covers a few
+                log.warning("heartbeat of %s failed: %s", self.worker_id, exc)
+            if self._stop.wait(self._heartbeat_s):
+                return

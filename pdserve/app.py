@@ -1,0 +1,126 @@
+"""The Serve application: Router → PrefillWorker, DecodeWorker, wired from one ``PdserveConfig``.
+
+``build_app`` is what ``pdserve up`` runs; ``app_builder`` is the import path a
+Serve config file names (``import_path: pdserve.app:app_builder``), its ``args``
+being the same config schema. The Serve config's ``deployments:`` section may
+still override each deployment's replicas or autoscaling, by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from typing import Any
+
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from decode_worker.deployment import DecodeWorker
+from engine.config import EngineConfig, KVConnectorSpec
+from kv_transfer.vllm_connector import TOKEN_ENV
+from pdserve.config import PdserveConfig, PoolConfig, load_config
+from pdserve.models import resolve_model
+from prefill_worker.deployment import PrefillWorker
+from router.index.reporting import IndexReporter
+from router.ingress import IngressSettings, Router
+from router.replica_routing import ROUTER_CLASS
+from router.service import ModelInfo
+
+CONNECTOR = dict(module_path="kv_transfer.vllm_connector", class_name="PdserveConnector")
+
+
+def app_builder(args: dict[str, Any]) -> serve.Application:
+    """Entry point for ``serve run`` / ``serve deploy``: ``args`` is a pdserve config, env on top."""
+    return build_app(load_config(env=os.environ, data=args))
+
+
+def build_app(config: PdserveConfig) -> serve.Application:
+    config = resolve_model(config)
+    service = config.service
+    token = config.cluster_token or os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
+    model = model_info(config.engine)
+    reporter = IndexReporter(
+        model.model_id, config.router.index.redis_url, config.router.index.heartbeat_ttl_s,
+        config.router.index.timeout_s, service.app_name,
+    )  # fmt: skip
+    disaggregated = service.mode == "disaggregated" and service.prefill.present
+    cores = _core_split(disaggregated)
+    if service.decode.cpu_cores != "auto":
+        cores["decode"] = service.decode.cpu_cores
+    if service.prefill.cpu_cores != "auto":
+        cores["prefill"] = service.prefill.cpu_cores
+    decode = DecodeWorker.options(**_pool_options(service.decode, token)).bind(
+        _engine_for(config, service.decode, "kv_consumer" if disaggregated else None, cores["decode"]),
+        reporter,
+        service.heartbeat_s,
+    )
+    prefill = None
+    if disaggregated:
+        prefill = PrefillWorker.options(**_pool_options(service.prefill, token)).bind(
+            _engine_for(config, service.prefill, "kv_producer", cores["prefill"]), reporter, service.heartbeat_s
+        )
+    settings = IngressSettings(
+        model=model, router=config.router, mode=service.mode if disaggregated else "colocated",
+        grpc_host=service.grpc_host, grpc_port=service.grpc_port, max_inflight=service.max_inflight,
+        prefill_timeout_s=service.prefill_timeout_s,
+    )  # fmt: skip
+    router_pool = service.router
+    router = Router.options(
+        **_scaling(router_pool),
+        ray_actor_options={"num_cpus": router_pool.num_cpus},
+        max_ongoing_requests=router_pool.max_ongoing_requests,
+    )
+    return router.bind(settings, prefill, decode)
+
+
+def model_info(engine: EngineConfig) -> ModelInfo:
+    """The figures the router validates against, read from the model directory."""
+    hf = json.loads((engine.model / "config.json").read_text())
+    context = engine.max_model_len or hf.get("max_position_embeddings") or 2048
+    return ModelInfo(engine.served_model_id, str(engine.model), engine.block_size, context, hf["vocab_size"])
+
+
+def _engine_for(config: PdserveConfig, pool: PoolConfig, role: str | None, cores: str | None) -> EngineConfig:
+    transfer = config.service.transfer
+    connector = None
+    if role is not None:
+        extra = transfer.model_dump()  # lease_s, stall_timeout_s, backends: the connector's own knobs
+        connector = KVConnectorSpec(**CONNECTOR, role=role, extra=extra)
+    update: dict[str, Any] = {"kv_connector": connector, "cpu_cores": cores}
+    if pool.kv_cache_gib is not None:
+        update["kv_cache_gib"] = pool.kv_cache_gib
+    return config.engine.model_copy(update=update)
+
+
+def _pool_options(pool: PoolConfig, token: str) -> dict[str, Any]:
+    return {
+        **_scaling(pool),
+        "max_ongoing_requests": pool.max_ongoing_requests,
+        "ray_actor_options": {
+            "num_cpus": pool.num_cpus,
+            "num_gpus": pool.num_gpus,
+            "runtime_env": {"env_vars": {TOKEN_ENV: token}},
+        },
+        # Placement picks the replica; Serve's request router only carries that choice out.
+        "request_router_config": RequestRouterConfig(request_router_class=ROUTER_CLASS),
+    }
+
+
+def _scaling(pool: PoolConfig) -> dict[str, Any]:
+    if pool.autoscaling_config is not None:
+        return {"autoscaling_config": pool.autoscaling_config}
+    return {"num_replicas": pool.num_replicas}
+
+
+def _core_split(disaggregated: bool) -> dict[str, str | None]:
+    """``auto`` cores: this node's cores, halved between prefill and decode, so they never share one."""
+    count = os.cpu_count() or 1
+    if not disaggregated or count < 2:
+        return {"prefill": None, "decode": _span(0, count)}
+    half = count // 2
+    return {"prefill": _span(0, half), "decode": _span(half, count)}
+
+
+def _span(first: int, end: int) -> str:
+    return str(first) if end - first == 1 else f"{first}-{end - 1}"

@@ -1,0 +1,34 @@
+"""A small gRPC client for a running pdserve: what ``pdserve generate`` and ``pdserve status`` use."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from pdserve_pb.v1 import generate_pb2 as pb
+from pdserve_pb.v1 import generate_pb2_grpc as pb_grpc
+
+
+class GenerationClient:
+    def __init__(self, address: str, timeout_s: float = 300.0):
+        self._channel = grpc.insecure_channel(address)
+        self._stub = pb_grpc.GenerationStub(self._channel)
+        self._timeout_s = timeout_s
+
+    def generate(self, prompt: str | list[int], **sampling) -> Iterator[pb.GenerateResponse]:
+        request = pb.GenerateRequest(sampling=pb.SamplingParams(**sampling))
+        if isinstance(prompt, str):
+            request.text = prompt
+        else:
+            request.token_ids.ids.extend(prompt)
+        yield from self._stub.Generate(request, timeout=self._timeout_s)
+
+    def status(self) -> pb.StatusResponse:
+        return self._stub.Status(pb.StatusRequest(), timeout=10)
+
+    def models(self) -> pb.ListModelsResponse:
+        return self._stub.ListModels(pb.ListModelsRequest(), timeout=10)
+
+    def close(self) -> None:
+        self._channel.close()

@@ -1,0 +1,106 @@
+"""``pdserve up``: start (or join) Ray, start Redis when asked, run the Serve app, wait for Ctrl-C.
+
+Ray's token authentication stays on: a local cluster started here makes its
+token (``~/.ray/auth_token``) the way ``ray start`` does; joining a cluster
+uses that cluster's token from the environment or that file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+
+from pdserve.config import PdserveConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Service:
+    """A running pdserve: where it answers, and how to stop it."""
+
+    config: PdserveConfig
+    http_url: str
+    grpc_address: str
+    redis: object | None = None
+
+    def stop(self) -> None:
+        import ray
+        from ray import serve
+
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            if self.redis is not None:
+                self.redis.stop()
+
+
+def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: float = 300.0) -> Service:
+    import ray
+    from ray import serve
+
+    from pdserve.app import build_app
+
+    redis = None
+    if config.router.index.redis_url == "local":
+        from pdserve.local_redis import LocalRedis
+
+        redis = LocalRedis(config.model_cache_dir.parent / "redis").start()
+        config = config.model_copy(
+            update={"router": config.router.model_copy(
+                update={"index": config.router.index.model_copy(update={"redis_url": redis.url})})}
+        )  # fmt: skip
+    service = config.service
+    logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's driver-side INFO lines: quiet by default
+    if config.ray_address:
+        ray.init(address=config.ray_address, logging_level=logging.WARNING, log_to_driver=False)
+    else:  # enough logical CPUs for the three pools even on a 2-core machine; cores are bound per engine
+        cpus = num_cpus or max(os.cpu_count() or 1, 4)
+        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": service.http_host, "port": service.http_port})
+        serve.run(build_app(config), name=service.app_name, route_prefix="/", blocking=False)
+        http_url = f"http://{service.http_host}:{service.http_port}"
+        pools = ["decode"] + (["prefill"] if service.mode == "disaggregated" and service.prefill.present else [])
+        _wait_healthy(http_url, pools, ready_timeout_s)
+    except BaseException:
+        serve.shutdown()
+        ray.shutdown()
+        if redis is not None:
+            redis.stop()
+        raise
+    return Service(config, http_url, f"{service.grpc_host}:{service.grpc_port}", redis)
+
+
+def run_until_interrupted(service: Service) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(0.5):
+        pass
+    print("pdserve: shutting down", flush=True)
+    service.stop()
+
+
+def _wait_healthy(http_url: str, pools: list[str], timeout_s: float) -> None:
+    """Serve says the app is running once constructors return; workers count once their first heartbeat lands."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{http_url}/health", timeout=5) as reply:
+                live = json.loads(reply.read())["live_workers"]
+                if all(live.get(pool, 0) > 0 for pool in pools):
+                    return
+                last = f"live workers {live}"
+        except OSError as exc:
+            last = exc
+        time.sleep(0.25)
+    raise TimeoutError(f"pdserve did not become healthy at {http_url} within {timeout_s:g} s: {last}")

@@ -1,0 +1,70 @@
+"""The prefill worker as a Ray Serve deployment: one vLLM engine with pdserve's connector as producer.
+
+A prefill runs the prompt with ``max_tokens=1``; the connector keeps the
+prompt's blocks under a lease and returns a transfer handle, which the router
+passes to the decode worker. The router addresses a replica by its Serve
+replica id (the id the replica heartbeats to the prefix index under), through
+pdserve's pinned request router; ``worker_id`` is that routing key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import replace
+
+import ray
+from ray import serve
+
+from engine.config import EngineConfig
+from engine.hosting import HostedEngine, WorkerReporter
+from engine.types import PrefillJob, PrefillResult
+from kv_transfer.channel import GrpcKVChannel
+from kv_transfer.transfer import TransferHandle
+from kv_transfer.vllm_connector import TOKEN_ENV
+
+
+def with_transfer_host(config: EngineConfig) -> EngineConfig:
+    """The connector serves its blocks on this node's address, so peers on other nodes can pull."""
+    if config.kv_connector is None or "host" in config.kv_connector.extra:
+        return config
+    extra = {**config.kv_connector.extra, "host": ray.util.get_node_ip_address()}
+    return config.model_copy(update={"kv_connector": config.kv_connector.model_copy(update={"extra": extra})})
+
+
+@serve.deployment(name="PrefillWorker", health_check_period_s=5, health_check_timeout_s=10)
+class PrefillWorker:
+    def __init__(self, engine_config: EngineConfig, reporter: WorkerReporter, heartbeat_s: float = 1.0):
+        worker_id = serve.get_replica_context().replica_id.unique_id
+        self._host = HostedEngine(with_transfer_host(engine_config), "prefill", worker_id, reporter, heartbeat_s)
+        self._channel = GrpcKVChannel(os.environ.get(TOKEN_ENV, ""))
+
+    async def prefill(self, job: PrefillJob, worker_id: str | None = None) -> PrefillResult:
+        params = {"pdserve": "produce", "transfer_id": job.transfer_id, "block_hashes": job.block_hashes}
+        sampling = replace(job.request.sampling, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
+        request = replace(job.request, sampling=sampling, kv_transfer_params=params)
+        last = None
+        async for delta in self._host.stream(request):
+            last = delta
+        out = (last.kv_transfer_params or {}) if last else {}
+        return PrefillResult(
+            handle=out.get("pdserve_handle"),
+            prompt_tokens=last.prompt_tokens if last else len(request.prompt_token_ids),
+            cached_prompt_tokens=last.cached_prompt_tokens if last else 0,
+        )
+
+    async def abort_transfer(self, handle: str, worker_id: str | None = None) -> None:
+        """Free a transfer nobody will pull (its request was cancelled between prefill and decode)."""
+        parsed = TransferHandle.from_bytes(bytes.fromhex(handle))
+        await asyncio.to_thread(self._channel.abort, parsed)
+
+    def load(self, worker_id: str | None = None):
+        return self._host.load()
+
+    def check_health(self) -> None:
+        self._host.check_health()
+
+    def __del__(self):
+        host = getattr(self, "_host", None)
+        if host is not None:
+            host.close()

@@ -1,0 +1,130 @@
+"""The gRPC front end: ``pdserve.v1.Generation``, plus ``grpc.health.v1`` and server reflection.
+
+The server belongs to the Router deployment (one per replica, started with it,
+SO_REUSEPORT so replicas on one node share the port) rather than Ray Serve's
+gRPC proxy: the proxy routes by an ``application`` metadata key and serves
+neither the standard health service nor reflection, which internal clients
+and tools (grpcurl, grpc-health-probe) expect.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pdserve_pb.v1 import generate_pb2 as pb
+from pdserve_pb.v1 import generate_pb2_grpc as pb_grpc
+from router.placement import NoWorkerError
+from router.request import RequestError
+from router.service import Chunk, GenerationService, ServiceFullError
+
+log = logging.getLogger(__name__)
+
+_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
+
+
+def request_body(request: pb.GenerateRequest) -> dict:
+    """The request as the fields the one validator reads (the OpenAI completions names)."""
+    body: dict = {}
+    if request.request_id:
+        body["request_id"] = request.request_id
+    if request.model:
+        body["model"] = request.model
+    which = request.WhichOneof("prompt")
+    if which == "text":
+        body["prompt"] = request.text
+    elif which == "token_ids":
+        body["prompt"] = list(request.token_ids.ids)
+    sampling = request.sampling
+    for name in _SAMPLING_FIELDS:
+        if sampling.HasField(name):
+            body[name] = getattr(sampling, name)
+    if sampling.stop:
+        body["stop"] = list(sampling.stop)
+    if sampling.stop_token_ids:
+        body["stop_token_ids"] = list(sampling.stop_token_ids)
+    if sampling.ignore_eos:
+        body["ignore_eos"] = True
+    return body
+
+
+def response(chunk: Chunk) -> pb.GenerateResponse:
+    message = pb.GenerateResponse(request_id=chunk.request_id, token_ids=chunk.token_ids, text=chunk.text)
+    if chunk.finish_reason is not None:
+        message.finish_reason = chunk.finish_reason
+    if chunk.usage is not None:
+        u = chunk.usage
+        message.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+                                        cached_prompt_tokens=u.cached_prompt_tokens))  # fmt: skip
+    if chunk.timing is not None:
+        t = chunk.timing
+        message.timing.CopyFrom(pb.Timing(ttft_s=t.ttft_s, e2e_s=t.e2e_s, placement=t.placement,
+                                          prefill_worker=t.prefill_worker, decode_worker=t.decode_worker))  # fmt: skip
+    return message
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, service: GenerationService):
+        self._service = service
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        try:
+            parsed, token_ids = self._service.parse(request_body(request), "completion")
+        except RequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        try:
+            async for chunk in self._service.generate(parsed, token_ids):
+                yield response(chunk)
+        except ServiceFullError as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except NoWorkerError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except RequestError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        return pb.AbortResponse(found=self._service.abort(request.request_id))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        model = self._service.model
+        card = pb.ModelCard(id=model.model_id, context_length=model.context_length, block_size=model.block_size)
+        return pb.ListModelsResponse(models=[card])
+
+    async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+        service = self._service
+        health_now = service.index.health()
+        workers = [
+            pb.WorkerStatus(
+                worker_id=w.worker_id, role=w.role, running_seqs=w.load.running_seqs, waiting_seqs=w.load.waiting_seqs,
+                queued_prefill_tokens=w.load.queued_prefill_tokens, kv_used_fraction=w.load.kv_used_fraction,
+            )
+            for w in sorted(service.live_workers(), key=lambda w: (w.role, w.worker_id))
+        ]  # fmt: skip
+        return pb.StatusResponse(
+            model=service.model.model_id, mode=service.mode, policy=service.config.placement.policy, workers=workers,
+            index_available=health_now.available, index_outages=health_now.outages,
+            requests_running=service.running(), prompt_tokens=service.prompt_tokens_total,
+            prefix_hit_tokens=service.prefix_hit_tokens_total,
+        )  # fmt: skip
+
+
+async def start_grpc_server(service: GenerationService, host: str, port: int) -> grpc.aio.Server:
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(service), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = (
+        pb.DESCRIPTOR.services_by_name["Generation"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    if server.add_insecure_port(f"{host}:{port}") == 0:
+        raise OSError(f"gRPC cannot listen on {host}:{port}")
+    await server.start()
+    for name in ("", names[0]):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    return server

@@ -1,0 +1,123 @@
+"""The OpenAI-compatible HTTP front end: completions, chat completions, models; SSE when streaming.
+
+Response objects are written here as plain dicts in the OpenAI wire shape.
+Ray Serve LLM's OpenAI protocol models import vLLM, and the router must not
+load torch or vLLM, so they are not reused. Errors use OpenAI's error body
+(``{"error": {"message", "type", "param", "code"}}``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from router.placement import NoWorkerError
+from router.request import GenerationRequest, Kind, RequestError
+from router.service import Chunk, GenerationService, ServiceFullError
+
+
+def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return JSONResponse(body, status_code=status)
+
+
+async def generate(service: GenerationService, body: bytes, kind: Kind):
+    try:
+        request, token_ids = service.parse(body, kind)
+    except RequestError as exc:
+        status = 404 if exc.field == "model" and "unknown model" in str(exc) else 400
+        return error_response(status, str(exc), "invalid_request_error", exc.field)
+    stream = service.generate(request, token_ids)
+    try:  # the first chunk comes before the response starts, so placement errors get their status
+        first = await anext(stream)
+    except StopAsyncIteration:
+        return error_response(500, "the request produced no output", "internal_error")
+    except ServiceFullError as exc:
+        return error_response(429, str(exc), "rate_limit_error")
+    except NoWorkerError as exc:
+        return error_response(503, str(exc), "service_unavailable")
+    shape = _Shape(service.model.model_id, request, kind)
+    if request.stream:
+        return StreamingResponse(_sse(shape, first, stream), media_type="text/event-stream")
+    chunks = [first]
+    async for chunk in stream:
+        chunks.append(chunk)
+    return JSONResponse(shape.whole(chunks))
+
+
+def models(service: GenerationService) -> dict:
+    model = service.model
+    card = {"id": model.model_id, "object": "model", "created": 0, "owned_by": "pdserve",
+            "max_model_len": model.context_length}  # fmt: skip
+    return {"object": "list", "data": [card]}
+
+
+async def _sse(shape: _Shape, first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
+    try:
+        if shape.kind == "chat":
+            yield _event(shape.chunk({"role": "assistant", "content": ""}, None))
+        chunk = first
+        while True:
+            yield _event(shape.chunk(chunk.text, chunk.finish_reason))
+            if chunk.finish_reason is not None:
+                if shape.request.include_usage and chunk.usage is not None:
+                    yield _event({**shape.header("chunk"), "choices": [], "usage": _usage(chunk)})
+                break
+            chunk = await anext(rest)
+        yield b"data: [DONE]\n\n"
+    finally:
+        await rest.aclose()
+
+
+def _event(data: dict) -> bytes:
+    return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _usage(chunk: Chunk) -> dict:
+    u = chunk.usage
+    return {
+        "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
+    }  # fmt: skip
+
+
+class _Shape:
+    """The OpenAI object shapes for one request (completion or chat, whole or chunked)."""
+
+    def __init__(self, model_id: str, request: GenerationRequest, kind: Kind):
+        self.model_id = model_id
+        self.request = request
+        self.kind = kind
+        self.created = int(time.time())
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request.request_id
+
+    def header(self, part: str) -> dict:
+        if self.kind == "chat":
+            kind = "chat.completion.chunk" if part == "chunk" else "chat.completion"
+        else:
+            kind = "text_completion"
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
+
+    def chunk(self, delta: str | dict, finish_reason: str | None) -> dict:
+        if self.kind == "chat":
+            choice = {"index": 0, "delta": delta if isinstance(delta, dict) else {"content": delta}}
+        else:
+            choice = {"index": 0, "text": delta, "logprobs": None}
+        return {**self.header("chunk"), "choices": [{**choice, "finish_reason": finish_reason}]}
+
+    def whole(self, chunks: list[Chunk]) -> dict:
+        text = "".join(c.text for c in chunks)
+        last = chunks[-1]
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None}
+        choice["finish_reason"] = last.finish_reason
+        body = {**self.header("whole"), "choices": [choice], "usage": _usage(last)}
+        body["pdserve"] = {"token_ids": [t for c in chunks for t in c.token_ids], "timing": asdict(last.timing)}
+        return body

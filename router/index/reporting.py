@@ -1,0 +1,73 @@
+"""How a worker replica's heartbeats and cache events reach the prefix index.
+
+Built by the composition and handed (pickled) to each worker, which starts it
+in its own process. With Redis, the worker writes to the index itself, batched
+per event callback. With the in-memory index (one router replica holds it),
+reports go to the router's ``report`` method through a Serve handle, fire and
+forget: a lost report is repaired by the next heartbeat or evicts nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from engine.cache_events import CacheEvent
+from engine.types import LoadFigures
+from router.index import WorkerInfo, WorkerLoad, make_index
+
+log = logging.getLogger(__name__)
+
+
+class IndexReporter:
+    def __init__(
+        self,
+        model_id: str,
+        redis_url: str | None,
+        ttl_s: float,
+        timeout_s: float = 0.5,
+        app_name: str = "pdserve",
+        router_deployment: str = "Router",
+    ):
+        self._model_id = model_id
+        self._redis_url = redis_url
+        self._ttl_s = ttl_s
+        self._timeout_s = timeout_s
+        self._app_name = app_name
+        self._router_deployment = router_deployment
+        self._info: WorkerInfo | None = None
+        self._index = None
+        self._router = None
+
+    def start(self, worker_id: str, role: str, block_size: int) -> None:
+        # A restarted replica gets a new id; the epoch still orders two lives of one id.
+        self._info = WorkerInfo(worker_id, role, time.time_ns() // 1000, block_size)
+        if self._redis_url:
+            self._index = make_index(self._redis_url, self._model_id, self._timeout_s)
+        else:
+            from ray import serve
+
+            self._router = serve.get_deployment_handle(self._router_deployment, self._app_name)
+
+    def report_load(self, load: LoadFigures) -> None:
+        info = replace(
+            self._info,
+            load=WorkerLoad(load.queued_prefill_tokens, load.running_seqs, load.waiting_seqs, load.kv_used_fraction),
+        )
+        if self._index is not None:
+            self._index.heartbeat(info, self._ttl_s)
+        else:
+            self._router.report.remote(info.to_dict(), [], self._ttl_s)
+
+    def report_events(self, events: list[CacheEvent]) -> None:
+        if self._index is not None:
+            self._index.apply_events(self._info.worker_id, self._info.epoch, events)
+        else:
+            self._router.report.remote(self._info.to_dict(), list(events), None)
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.forget_worker(self._info.worker_id)
+        elif self._router is not None:
+            self._router.forget_worker.remote(self._info.worker_id)

@@ -1,0 +1,90 @@
+"""The Router deployment: Serve's HTTP ingress (OpenAI API, health, metrics) and pdserve's gRPC server.
+
+One replica holds one ``GenerationService``. With the in-memory index the
+workers report to this replica (``report``); with Redis they write to Redis and
+any number of router replicas share it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from ray import serve
+
+from engine.cache_events import CacheEvent
+from router import http_api
+from router.config import RouterConfig
+from router.grpc_api import start_grpc_server
+from router.index import WorkerInfo, make_index
+from router.index.sweeper import IndexSweeper
+from router.serve_pools import ServeWorkerPools
+from router.service import GenerationService, Mode, ModelInfo
+
+app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
+
+
+@dataclass(frozen=True)
+class IngressSettings:
+    model: ModelInfo
+    router: RouterConfig
+    mode: Mode = "disaggregated"
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = 9000
+    max_inflight: int = 256
+    prefill_timeout_s: float = 60.0
+
+
+@serve.deployment(name="Router", health_check_period_s=5)
+@serve.ingress(app)
+class Router:
+    async def __init__(self, settings: IngressSettings, prefill_handle, decode_handle):
+        index_config = settings.router.index
+        self._index = make_index(index_config.redis_url, settings.model.model_id, index_config.timeout_s)
+        self._sweeper = IndexSweeper(self._index, index_config.sweep_interval_s).start()
+        pools = ServeWorkerPools(prefill_handle, decode_handle)
+        self.service = GenerationService(
+            settings.model, settings.router, self._index, pools, settings.mode, settings.max_inflight,
+            settings.prefill_timeout_s,
+        )  # fmt: skip
+        self._grpc = await start_grpc_server(self.service, settings.grpc_host, settings.grpc_port)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await http_api.generate(self.service, await request.body(), "completion")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await http_api.generate(self.service, await request.body(), "chat")
+
+    @app.get("/v1/models")
+    async def models(self):
+        return http_api.models(self.service)
+
+    @app.get("/health")
+    async def health(self):
+        live = self.service.live_workers()
+        pools = {role: sum(w.role == role for w in live) for role in ("prefill", "decode")}
+        if not pools["decode"]:
+            return http_api.error_response(503, "no live decode worker", "service_unavailable")
+        return {"status": "ok", "mode": self.service.mode, "live_workers": pools}
+
+    @app.get("/metrics")
+    async def metrics(self):
+        return Response(self.service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    def report(self, worker: dict, events: list[CacheEvent], ttl_s: float | None) -> None:
+        """A worker's heartbeat (``ttl_s`` set) or cache events, for the in-memory index."""
+        info = WorkerInfo.from_dict(worker)
+        if events:
+            self._index.apply_events(info.worker_id, info.epoch, events)
+        if ttl_s is not None:
+            self._index.heartbeat(info, ttl_s)
+
+    def forget_worker(self, worker_id: str) -> None:
+        self._index.forget_worker(worker_id)
+
+    async def __del__(self):
+        self._sweeper.stop()
+        await self._grpc.stop(grace=1.0)

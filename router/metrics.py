@@ -1,0 +1,86 @@
+"""The router's Prometheus metrics; names and buckets follow vLLM's (``pdserve:`` instead of ``vllm:``).
+
+Each ``RouterMetrics`` has its own registry (several routers in one test process
+must not collide); ``/metrics`` renders it. Worker figures (KV use, running and
+waiting sequences, queued prefill tokens) come from the workers' heartbeats in
+the prefix index, read at scrape time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from router.index import IndexHealth, WorkerInfo
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
+ITL_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0)
+
+
+class RouterMetrics:
+    def __init__(self, model_id: str, live_workers: Callable[[], list[WorkerInfo]], health: Callable[[], IndexHealth]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram(
+            "pdserve:time_to_first_token_seconds", "Time to first token.", [], registry=r, buckets=TTFT_BUCKETS
+        )
+        self.itl = Histogram(
+            "pdserve:inter_token_latency_seconds", "Time between output tokens.", [], registry=r, buckets=ITL_BUCKETS
+        )
+        self.e2e = Histogram(
+            "pdserve:e2e_request_latency_seconds", "End-to-end request latency.", [], registry=r, buckets=E2E_BUCKETS
+        )
+        self.requests = Counter("pdserve:requests", "Finished requests by outcome.", ["outcome"], registry=r)
+        self.running = Gauge("pdserve:router_requests_running", "Requests the router is serving now.", registry=r)
+        self.placements = Counter(
+            "pdserve:placement_decisions", "Placement decisions by outcome and reason.", ["outcome", "reason"],
+            registry=r,
+        )  # fmt: skip
+        self.prompt_tokens = Counter("pdserve:prompt_tokens", "Prompt tokens by pool.", ["pool"], registry=r)
+        self.prefix_hit_tokens = Counter(
+            "pdserve:prefix_cache_hit_tokens", "Prompt tokens found in the chosen worker's cache.", ["pool"], registry=r
+        )
+        self.generation_tokens = Counter("pdserve:generation_tokens", "Generated tokens.", registry=r)
+        self.prefill_fallbacks = Counter(
+            "pdserve:prefill_fallbacks", "Prefills that failed and were redone on the decode worker.", registry=r
+        )
+        self.registry.register(_WorkerCollector(live_workers, health))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _WorkerCollector:
+    """Per-pool figures from the latest heartbeats, and the index's health."""
+
+    def __init__(self, live_workers, health):
+        self._live_workers = live_workers
+        self._health = health
+
+    def collect(self):
+        per_worker = {
+            "kv_cache_usage_perc": ("KV pool use, 0 to 1.", lambda w: w.load.kv_used_fraction),
+            "num_requests_running": ("Sequences running.", lambda w: w.load.running_seqs),
+            "num_requests_waiting": ("Sequences waiting.", lambda w: w.load.waiting_seqs),
+            "queued_prefill_tokens": ("Prompt tokens not yet prefilled.", lambda w: w.load.queued_prefill_tokens),
+        }  # fmt: skip
+        workers = self._live_workers()
+        for name, (doc, value) in per_worker.items():
+            family = GaugeMetricFamily(f"pdserve:{name}", doc, labels=["pool", "worker"])
+            for worker in workers:
+                family.add_metric([worker.role, worker.worker_id], value(worker))
+            yield family
+        replicas = GaugeMetricFamily("pdserve:live_workers", "Live workers per pool.", labels=["pool"])
+        for pool in ("prefill", "decode"):
+            replicas.add_metric([pool], sum(w.role == pool for w in workers))
+        yield replicas
+        health = self._health()
+        available = GaugeMetricFamily("pdserve:index_available", "1 while the prefix index answers.")
+        available.add_metric([], 1.0 if health.available else 0.0)
+        yield available
+        outages = GaugeMetricFamily("pdserve:index_outages", "Times the prefix index became unreachable.")
+        outages.add_metric([], health.outages)
+        yield outages

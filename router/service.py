@@ -1,0 +1,247 @@
+"""The request path, front-end neutral: validate, tokenize, hash, place, prefill, decode, release.
+
+Both front ends (gRPC, HTTP) call ``GenerationService``; the worker pools sit
+behind ``WorkerPools`` (Serve handles in the app). Placement comes from the
+router core over the prefix index. A prefill that fails or times out is not
+fatal: the decode worker prefills locally. A request that ends before its
+decode worker took the KV (cancelled, failed) aborts the transfer, so the
+prefill worker frees the blocks at once instead of at lease expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from engine.block_hash import hash_chain
+from engine.types import DecodeJob, GenerateRequest, OutputDelta, PrefillJob, PrefillResult
+from router.config import RouterConfig
+from router.index import PrefixIndex
+from router.metrics import RouterMetrics
+from router.placement import Placement, Placer
+from router.request import GenerationRequest, Kind, RequestError, RequestLimits, parse_request, tokenize
+from router.tokenizer import ModelTokenizer
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["disaggregated", "colocated"]
+
+
+class ServiceFullError(RuntimeError):
+    """Too many requests in flight: maps to gRPC RESOURCE_EXHAUSTED / HTTP 429."""
+
+
+class WorkerPools(Protocol):
+    async def prefill(self, worker_id: str, job: PrefillJob, timeout_s: float) -> PrefillResult: ...
+
+    def decode(self, worker_id: str, job: DecodeJob) -> AsyncIterator[OutputDelta]:
+        """The decode stream; closing it early cancels the request on the worker."""
+
+    async def abort_transfer(self, worker_id: str, handle: str, timeout_s: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_id: str
+    model_dir: str
+    block_size: int
+    context_length: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    cached_prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Timing:
+    ttft_s: float
+    e2e_s: float
+    placement: str
+    prefill_worker: str
+    decode_worker: str
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One step of one request's stream; the last has ``finish_reason``, ``usage`` and ``timing``."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    timing: Timing | None = None
+
+
+class GenerationService:
+    def __init__(
+        self,
+        model: ModelInfo,
+        config: RouterConfig,
+        index: PrefixIndex,
+        pools: WorkerPools,
+        mode: Mode = "disaggregated",
+        max_inflight: int = 256,
+        prefill_timeout_s: float = 60.0,
+    ):
+        self.model = model
+        self.mode = mode
+        self.config = config
+        self.index = index
+        self.limits: RequestLimits = config.limits.for_model(model.context_length, model.vocab_size)
+        self.tokenizer = ModelTokenizer(model.model_dir)
+        self.metrics = RouterMetrics(model.model_id, self.live_workers, index.health)
+        self._pools = pools
+        self._placer = Placer(index, config.placement, model.model_id, model.block_size)
+        self._max_inflight = max_inflight
+        self._prefill_timeout_s = prefill_timeout_s
+        self._running: dict[str, Callable[[], None]] = {}  # request id → cancels it
+        self.prompt_tokens_total = 0
+        self.prefix_hit_tokens_total = 0
+
+    def parse(self, body: bytes | dict, kind: Kind) -> tuple[GenerationRequest, list[int]]:
+        """A validated request and its prompt's token ids; ``RequestError`` names the bad field."""
+        request = parse_request(body, kind, self.limits)
+        if request.model not in (None, "", self.model.model_id):
+            raise RequestError("model", f"unknown model {request.model!r} (served: {self.model.model_id!r})")
+        if request.request_id in self._running:
+            raise RequestError("request_id", f"a request with id {request.request_id!r} is already running")
+        return request, tokenize(request, self.tokenizer, self.limits)
+
+    async def generate(self, request: GenerationRequest, token_ids: list[int]) -> AsyncIterator[Chunk]:
+        """Stream the completion; closing the iterator (client gone, deadline) cancels it everywhere."""
+        if len(self._running) >= self._max_inflight:
+            raise ServiceFullError(f"{len(self._running)} requests in flight (limit {self._max_inflight})")
+        rid = request.request_id
+        task = asyncio.current_task()
+        self._running[rid] = task.cancel if task else (lambda: None)
+        self.metrics.running.inc()
+        start = time.perf_counter()
+        outcome = "error"
+        try:
+            chain = hash_chain(self.model.model_id, token_ids, self.model.block_size)
+            placement = await self._place(len(token_ids), chain)
+            engine_request = GenerateRequest(rid, token_ids, request.sampling)
+            hashes = [digest.hex() for digest in chain]
+            async for chunk in self._run(engine_request, placement, hashes, start):
+                yield chunk
+                if chunk.finish_reason is not None:
+                    outcome = chunk.finish_reason
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        finally:
+            self._running.pop(rid, None)
+            self.metrics.running.dec()
+            self.metrics.requests.labels(outcome).inc()
+            self.metrics.e2e.observe(time.perf_counter() - start)
+
+    def abort(self, request_id: str) -> bool:
+        cancel = self._running.get(request_id)
+        if cancel is not None:
+            cancel()
+        return cancel is not None
+
+    def running(self) -> int:
+        return len(self._running)
+
+    async def _place(self, prompt_tokens: int, chain: list[bytes]) -> Placement:
+        live, cached = await asyncio.to_thread(self.index.match, chain) if chain else (self.live_workers(), {})
+        if self.mode == "colocated":
+            live = [w for w in live if w.role == "decode"]
+        placement = self._placer.place_matched(prompt_tokens, live, cached)
+        self.metrics.placements.labels(placement.outcome, placement.reason).inc()
+        return placement
+
+    async def _run(
+        self, request: GenerateRequest, placement: Placement, hashes: list[str], start: float
+    ) -> AsyncIterator[Chunk]:
+        handle, taken = None, False
+        if placement.prefill_worker is not None:
+            handle = await self._prefill(placement, request, hashes)
+        hit = placement.decode_cached_tokens if handle is None else placement.prefill_cached_tokens
+        pool = "decode" if handle is None else "prefill"
+        self._count_prompt(pool, len(request.prompt_token_ids), hit)
+        stream = self._pools.decode(placement.decode_worker, DecodeJob(request, handle, hashes))
+        first_at = last_at = None
+        finished = False
+        try:
+            async for delta in stream:
+                taken = True
+                now = time.perf_counter()
+                if delta.token_ids:
+                    if first_at is None:
+                        first_at = now
+                        self.metrics.ttft.observe(now - start)
+                    else:
+                        for _ in delta.token_ids:
+                            self.metrics.itl.observe((now - last_at) / len(delta.token_ids))
+                    last_at = now
+                    self.metrics.generation_tokens.inc(len(delta.token_ids))
+                chunk = Chunk(request.request_id, list(delta.token_ids), delta.text)
+                if delta.finished:
+                    finished = True
+                    chunk = self._last_chunk(chunk, delta, placement, handle, start, first_at or now, now)
+                yield chunk
+                if finished:
+                    return
+        finally:
+            await _close(stream)
+            if handle is not None and not (taken and finished):
+                await self._abort_transfer(placement.prefill_worker, handle)
+
+    async def _prefill(self, placement: Placement, request: GenerateRequest, hashes: list[str]) -> str | None:
+        job = PrefillJob(request, f"{request.request_id}-{uuid.uuid4().hex[:8]}", hashes)
+        try:
+            result = await self._pools.prefill(placement.prefill_worker, job, self._prefill_timeout_s)
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:  # the decode worker prefills instead: the request is not lost
+            log.warning("prefill %s on %s failed, local: %s", job.transfer_id, placement.prefill_worker, exc)
+            self.metrics.prefill_fallbacks.inc()
+            return None
+        return result.handle
+
+    async def _abort_transfer(self, worker_id: str, handle: str) -> None:
+        try:
+            await asyncio.shield(self._pools.abort_transfer(worker_id, handle, 2.0))
+        except Exception as exc:  # the lease frees it anyway
+            log.info("abort of an untaken transfer on %s failed (the lease will free it): %s", worker_id, exc)
+
+    def _last_chunk(self, chunk, delta: OutputDelta, placement: Placement, handle, start, first_at, now) -> Chunk:
+        usage = Usage(delta.prompt_tokens, delta.completion_tokens, delta.cached_prompt_tokens)
+        timing = Timing(
+            ttft_s=first_at - start,
+            e2e_s=now - start,
+            placement="disaggregated" if handle is not None else "local_prefill",
+            prefill_worker=(placement.prefill_worker or "") if handle is not None else "",
+            decode_worker=placement.decode_worker,
+        )
+        return Chunk(chunk.request_id, chunk.token_ids, chunk.text, delta.finish_reason, usage, timing)
+
+    def _count_prompt(self, pool: str, prompt_tokens: int, hit_tokens: int) -> None:
+        self.metrics.prompt_tokens.labels(pool).inc(prompt_tokens)
+        self.metrics.prefix_hit_tokens.labels(pool).inc(hit_tokens)
+        self.prompt_tokens_total += prompt_tokens
+        self.prefix_hit_tokens_total += hit_tokens
+
+    def live_workers(self):
+        try:
+            return self.index.live_workers()
+        except Exception:  # an index outage: the health metric says so
+            return []
+
+
+async def _close(stream) -> None:
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        await close()
