@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -104,7 +104,7 @@ class GenerationService:
         self._placer = Placer(index, config.placement, model.model_id, model.block_size)
         self._max_inflight = max_inflight
         self._prefill_timeout_s = prefill_timeout_s
-        self._running: dict[str, Callable[[], None]] = {}  # request id → cancels it
+        self._running: dict[str, asyncio.Event] = {}  # request id → set to abort it
         self.prompt_tokens_total = 0
         self.prefix_hit_tokens_total = 0
 
@@ -122,8 +122,7 @@ class GenerationService:
         if len(self._running) >= self._max_inflight:
             raise ServiceFullError(f"{len(self._running)} requests in flight (limit {self._max_inflight})")
         rid = request.request_id
-        task = asyncio.current_task()
-        self._running[rid] = task.cancel if task else (lambda: None)
+        aborted = self._running[rid] = asyncio.Event()
         self.metrics.running.inc()
         start = time.perf_counter()
         outcome = "error"
@@ -132,7 +131,7 @@ class GenerationService:
             placement = await self._place(len(token_ids), chain)
             engine_request = GenerateRequest(rid, token_ids, request.sampling)
             hashes = [digest.hex() for digest in chain]
-            async for chunk in self._run(engine_request, placement, hashes, start):
+            async for chunk in self._run(engine_request, placement, hashes, start, aborted):
                 yield chunk
                 if chunk.finish_reason is not None:
                     outcome = chunk.finish_reason
@@ -146,10 +145,11 @@ class GenerationService:
             self.metrics.e2e.observe(time.perf_counter() - start)
 
     def abort(self, request_id: str) -> bool:
-        cancel = self._running.get(request_id)
-        if cancel is not None:
-            cancel()
-        return cancel is not None
+        """End a running request: its stream closes with ``finish_reason="abort"`` and its KV is freed."""
+        aborted = self._running.get(request_id)
+        if aborted is not None:
+            aborted.set()
+        return aborted is not None
 
     def running(self) -> int:
         return len(self._running)
@@ -163,7 +163,7 @@ class GenerationService:
         return placement
 
     async def _run(
-        self, request: GenerateRequest, placement: Placement, hashes: list[str], start: float
+        self, request: GenerateRequest, placement: Placement, hashes: list[str], start: float, aborted: asyncio.Event
     ) -> AsyncIterator[Chunk]:
         handle, taken = None, False
         if placement.prefill_worker is not None:
@@ -175,7 +175,10 @@ class GenerationService:
         first_at = last_at = None
         finished = False
         try:
-            async for delta in stream:
+            async for delta in _until(stream, aborted):
+                if delta is None:  # aborted by id: end the stream as vLLM does, finish reason "abort"
+                    yield Chunk(request.request_id, [], "", "abort")
+                    return
                 taken = True
                 now = time.perf_counter()
                 if delta.token_ids:
@@ -239,6 +242,25 @@ class GenerationService:
             return self.index.live_workers()
         except Exception:  # an index outage: the health metric says so
             return []
+
+
+async def _until(stream: AsyncIterator[OutputDelta], stop: asyncio.Event) -> AsyncIterator[OutputDelta | None]:
+    """``stream``'s items until it ends, or one ``None`` once ``stop`` is set."""
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        while True:
+            item = asyncio.ensure_future(anext(stream))
+            await asyncio.wait((item, stopped), return_when=asyncio.FIRST_COMPLETED)
+            if stopped.done():
+                item.cancel()
+                yield None
+                return
+            try:
+                yield item.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        stopped.cancel()
 
 
 async def _close(stream) -> None:

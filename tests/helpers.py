@@ -12,3 +12,14 @@ def collect(engine, request):
         return [delta async for delta in engine.generate(request)]
 
     return asyncio.run(run())
+
+
+def transformers_greedy(model_dir, prompt_ids: list[int], n: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    out = model.generate(
+        torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+    )
+    return out[0, len(prompt_ids) :].tolist()

@@ -8,7 +8,7 @@ import threading
 import time
 
 import pytest
-from helpers import collect
+from helpers import collect, transformers_greedy
 
 from engine.block_hash import hash_chain
 from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored
@@ -65,17 +65,6 @@ def tokens_of(deltas) -> list[int]:
 def prompt(engine, n: int, offset: int = 0) -> list[int]:
     """``n`` distinct in-vocabulary token ids; different offsets give different prompts."""
     return [(offset * 7919 + i * 31) % (engine.vocab_size - 2) + 2 for i in range(n)]
-
-
-def transformers_greedy(model_dir, prompt_ids: list[int], n: int) -> list[int]:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    out = model.generate(
-        torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
-    )
-    return out[0, len(prompt_ids) :].tolist()
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])

@@ -1,0 +1,108 @@
+"""Helpers for the tests that run the whole service on a real local Ray cluster."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import grpc
+
+from pdserve.config import PdserveConfig, load_config
+from pdserve.local_redis import free_port
+from pdserve_pb.v1 import generate_pb2 as pb
+from pdserve_pb.v1 import generate_pb2_grpc as pb_grpc
+
+BLOCK = 32
+LONG = 40  # prompts with more uncached tokens than this are disaggregated
+
+
+def service_config(model_dir: Path, cache_dir: Path, **overrides) -> PdserveConfig:
+    settings = {
+        "engine.model": str(model_dir),
+        "engine.dtype": "float32",
+        "engine.block_size": BLOCK,
+        "engine.num_kv_blocks": 160,
+        "engine.max_model_len": 1024,
+        "model_cache_dir": str(cache_dir),
+        "service.http_port": free_port(),
+        "service.grpc_port": free_port(),
+        "service.heartbeat_s": 0.2,
+        "router.index.heartbeat_ttl_s": 2.0,
+        "router.placement.local_prefill_max_uncached_tokens": LONG,
+        **overrides,
+    }
+    return load_config(overrides=settings)
+
+
+def prompt(n: int, offset: int = 0) -> list[int]:
+    return [(offset * 7919 + i * 31) % 1000 + 2 for i in range(n)]
+
+
+class ServiceClient:
+    def __init__(self, service):
+        self.http_url = service.http_url
+        self.channel = grpc.insecure_channel(service.grpc_address)
+        self.stub = pb_grpc.GenerationStub(self.channel)
+
+    def generate(self, ids_or_text, timeout: float = 120, request_id: str = "", **sampling):
+        """The whole stream: (token ids, text, last message)."""
+        request = pb.GenerateRequest(request_id=request_id, sampling=pb.SamplingParams(**sampling))
+        if isinstance(ids_or_text, str):
+            request.text = ids_or_text
+        else:
+            request.token_ids.ids.extend(ids_or_text)
+        replies = list(self.stub.Generate(request, timeout=timeout))
+        return [t for r in replies for t in r.token_ids], "".join(r.text for r in replies), replies[-1]
+
+    def greedy(self, ids, n: int = 12):
+        return self.generate(ids, max_tokens=n, temperature=0.0, ignore_eos=True)
+
+    def status(self) -> pb.StatusResponse:
+        return self.stub.Status(pb.StatusRequest(), timeout=10)
+
+    def post(self, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
+        request = urllib.request.Request(
+            self.http_url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as reply:
+                return reply.status, json.loads(reply.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.http_url + path, timeout=30) as reply:
+                return reply.status, reply.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def metric(self, name: str, **labels) -> float:
+        """The sum of a Prometheus sample over series matching ``labels``."""
+        _, text = self.get("/metrics")
+        total = 0.0
+        for line in text.decode().splitlines():
+            if not line.startswith(name + "{") and not line.startswith(name + " "):
+                continue
+            series, _, value = line.rpartition(" ")
+            if all(f'{key}="{val}"' in series for key, val in labels.items()):
+                total += float(value)
+        return total
+
+    def wait_idle(self, timeout_s: float) -> float:
+        """Seconds until every worker reports no running request and no KV block in use."""
+        start = time.monotonic()
+        while True:
+            status = self.status()
+            busy = [w for w in status.workers if w.running_seqs or w.waiting_seqs or w.kv_used_fraction > 0]
+            if not busy and status.requests_running == 0:
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout_s:
+                raise AssertionError(f"not idle after {timeout_s} s: {busy}, running {status.requests_running}")
+            time.sleep(0.05)
+
+    def close(self) -> None:
+        self.channel.close()

@@ -1,0 +1,244 @@
+"""The whole service on a real local Ray cluster: two prefill replicas, one decode replica, in-memory index.
+
+Started once per module through ``pdserve.up.start`` (what ``pdserve up`` runs).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlparse
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import transformers_greedy
+from service_client import LONG, ServiceClient, prompt, service_config
+
+from pdserve.up import start
+from pdserve_pb.v1 import generate_pb2 as pb
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_tiny_model):
+    return make_tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def service(model_dir, tmp_path_factory):
+    config = service_config(model_dir, tmp_path_factory.mktemp("cache"), **{"service.prefill.num_replicas": 2})
+    running = start(config, num_cpus=8)
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    c = ServiceClient(service)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    """transformers' greedy continuation of a prompt, computed once per prompt."""
+    cache: dict[tuple[int, ...], list[int]] = {}
+
+    def greedy(ids: list[int], n: int = 12) -> list[int]:
+        key = (*ids, -n)
+        if key not in cache:
+            cache[key] = transformers_greedy(model_dir, ids, n)
+        return cache[key]
+
+    return greedy
+
+
+def test_disaggregated_greedy_output_equals_transformers_over_grpc_and_http(client, reference):
+    ids = prompt(150, 1)
+    tokens, _, last = client.greedy(ids)
+    assert last.timing.placement == "disaggregated" and last.timing.prefill_worker
+    assert tokens == reference(ids)
+    ids = prompt(150, 3)  # another prompt: the decode worker now holds the first one, and would prefill it itself
+    status, body = client.post(
+        "/v1/completions", {"prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    )
+    assert status == 200 and body["pdserve"]["timing"]["placement"] == "disaggregated"
+    assert body["pdserve"]["token_ids"] == reference(ids)
+    assert body["usage"]["prompt_tokens"] == 150 and body["usage"]["completion_tokens"] == 12
+
+
+def test_a_short_uncached_prompt_is_prefilled_on_the_decode_worker(client, reference):
+    ids = prompt(LONG - 10, 2)
+    tokens, _, last = client.greedy(ids)
+    assert last.timing.placement == "local_prefill" and not last.timing.prefill_worker
+    assert tokens == reference(ids)
+
+
+def test_text_prompts_and_token_id_prompts_mean_the_same(client):
+    text = "Once upon a time, in a land far away, there lived a small dragon who loved to read books."
+    by_text, text_out, _ = client.generate(text, max_tokens=8, temperature=0.0)
+    status, body = client.post("/v1/completions", {"prompt": text, "max_tokens": 8, "temperature": 0})
+    assert status == 200 and body["pdserve"]["token_ids"] == by_text and body["choices"][0]["text"] == text_out
+
+
+def test_32_concurrent_streams_all_complete_correctly(client, reference):
+    prompts = [prompt(60 + 10 * (i % 4), 10 + i % 4) for i in range(32)]
+    with ThreadPoolExecutor(32) as pool:
+        results = list(pool.map(lambda ids: client.greedy(ids, 8)[0], prompts))
+    assert all(got == reference(ids, 8) for got, ids in zip(results, prompts, strict=True))
+
+
+def test_requests_sharing_a_long_prefix_land_on_the_prefill_replica_that_holds_it(client):
+    shared = prompt(160, 20)
+    _, _, first = client.greedy(shared + prompt(80, 21), 2)
+    holder = first.timing.prefill_worker
+    time.sleep(1.0)  # the holder's cache events reach the index
+    hits_before = client.metric("pdserve:prefix_cache_hit_tokens_total", pool="prefill")
+    # suffixes longer than the local-prefill bound: the decode worker holds the prefix too, but not 80 more tokens
+    placed = [client.greedy(shared + prompt(80, 22 + i), 2)[2].timing.prefill_worker for i in range(4)]
+    assert placed == [holder] * 4
+    hits = client.metric("pdserve:prefix_cache_hit_tokens_total", pool="prefill") - hits_before
+    assert hits >= 4 * 160
+
+
+def test_the_openai_client_streams_completions_and_chat(client, service):
+    import openai
+
+    api = openai.OpenAI(base_url=service.http_url + "/v1", api_key="unused", max_retries=0)
+    model = api.models.list().data[0].id
+    stream = api.completions.create(
+        model=model, prompt=prompt(90, 30), max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].usage.prompt_tokens == 90
+    whole = api.completions.create(model=model, prompt=prompt(90, 30), max_tokens=10, temperature=0,
+                                   extra_body={"ignore_eos": True})  # fmt: skip
+    assert whole.choices[0].text == text and whole.choices[0].finish_reason == "length"
+    chat = api.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Tell me a story about a dragon."}], max_tokens=6,
+        temperature=0, stream=True,
+    )  # fmt: skip
+    pieces = list(chat)
+    assert pieces[0].choices[0].delta.role == "assistant"
+    assert pieces[-1].choices[0].finish_reason in ("length", "stop")
+    assert "".join(p.choices[0].delta.content or "" for p in pieces)
+
+
+def test_bad_requests_get_clear_errors_and_leave_nothing_behind(client):
+    cases = [
+        (pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=4)), "prompt"),
+        (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[10**6]), sampling=pb.SamplingParams(max_tokens=4)), "prompt"),
+        (pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=5000)), "max_tokens"),
+        (pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(temperature=-1)), "temperature"),
+        (pb.GenerateRequest(text="hi", model="other-model"), "model"),
+    ]
+    for request, field in cases:
+        with pytest.raises(grpc.RpcError) as error:
+            list(client.stub.Generate(request, timeout=30))
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.value.details()
+    status, body = client.post("/v1/completions", {"prompt": "hi", "max_tokens": -1})
+    assert status == 400 and body["error"]["param"] == "max_tokens"
+    status, body = client.post("/v1/completions", {"prompt": "hi", "model": "nope"})
+    assert status == 404 and "unknown model" in body["error"]["message"]
+    status, body = client.post("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]})
+    assert status == 400 and body["error"]["param"].startswith("messages")
+    client.wait_idle(5)
+
+
+def test_cancelling_a_grpc_stream_frees_the_kv_on_both_sides_within_a_second(client):
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt(200, 40)),
+                                 sampling=pb.SamplingParams(max_tokens=600, ignore_eos=True))  # fmt: skip
+    call = client.stub.Generate(request, timeout=120)
+    next(call), next(call)
+    wait_for(lambda: any(w.kv_used_fraction > 0 for w in client.status().workers if w.role == "decode"))
+    call.cancel()
+    assert client.wait_idle(3) <= 1.5  # 1 s, plus one heartbeat (0.2 s) for the figures to show it
+
+
+def test_closing_an_http_stream_frees_the_kv_on_both_sides(client):
+    url = urlparse(client.http_url)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+    body = {"prompt": prompt(200, 41), "max_tokens": 600, "ignore_eos": True, "stream": True}
+    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    reply = connection.getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")
+    connection.close()
+    assert client.wait_idle(5) <= 3.0
+
+
+def test_the_client_deadline_is_honoured_and_frees_the_request(client):
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt(100, 42)),
+                                 sampling=pb.SamplingParams(max_tokens=900, ignore_eos=True))  # fmt: skip
+    with pytest.raises(grpc.RpcError) as error:
+        list(client.stub.Generate(request, timeout=1.0))
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    client.wait_idle(3)
+
+
+def test_abort_stops_a_running_request_by_id(client):
+    request = pb.GenerateRequest(request_id="abort-me", token_ids=pb.TokenIds(ids=prompt(100, 43)),
+                                 sampling=pb.SamplingParams(max_tokens=900, ignore_eos=True))  # fmt: skip
+    call = client.stub.Generate(request, timeout=120)
+    next(call)
+    assert client.stub.Abort(pb.AbortRequest(request_id="abort-me"), timeout=10).found
+    assert list(call)[-1].finish_reason == "abort"
+    assert not client.stub.Abort(pb.AbortRequest(request_id="abort-me"), timeout=10).found
+    client.wait_idle(3)
+
+
+def wait_for(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_health_reflection_models_and_metrics_answer(client):
+    health = health_pb2_grpc.HealthStub(client.channel)
+    reply = health.Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Generation"), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    answers = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for s in next(answers).list_services_response.service}
+    assert {"pdserve.v1.Generation", "grpc.health.v1.Health"} <= names
+    models = client.stub.ListModels(pb.ListModelsRequest(), timeout=10).models
+    assert models[0].block_size == 32 and models[0].context_length == 1024
+    status, body = client.get("/v1/models")
+    assert status == 200 and json.loads(body)["data"][0]["id"] == models[0].id
+    status, body = client.get("/health")
+    assert status == 200 and json.loads(body)["live_workers"] == {"prefill": 2, "decode": 1}
+    text = client.get("/metrics")[1].decode()
+    for name in ("pdserve:time_to_first_token_seconds", "pdserve:inter_token_latency_seconds",
+                 "pdserve:e2e_request_latency_seconds", "pdserve:kv_cache_usage_perc", "pdserve:num_requests_running",
+                 "pdserve:prefix_cache_hit_tokens_total", "pdserve:placement_decisions_total",
+                 "pdserve:index_outages"):  # fmt: skip
+        assert name in text, name
+
+
+def test_status_lists_the_pools_and_their_load(client):
+    status = client.status()
+    assert sorted(w.role for w in status.workers) == ["decode", "prefill", "prefill"]
+    assert status.mode == "disaggregated" and status.policy == "prefix_aware" and status.index_available
+
+
+def test_a_running_stream_survives_other_clients_going_away(client, reference):
+    ids = prompt(120, 50)
+    result = {}
+    worker = threading.Thread(target=lambda: result.setdefault("tokens", client.greedy(ids, 40)[0]))
+    worker.start()
+    for i in range(3):
+        other = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt(100, 60 + i)),
+                                   sampling=pb.SamplingParams(max_tokens=300))  # fmt: skip
+        call = client.stub.Generate(other, timeout=60)
+        next(call)
+        call.cancel()
+    worker.join(120)
+    assert result["tokens"] == reference(ids, 40)
