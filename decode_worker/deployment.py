@@ -15,15 +15,15 @@ from dataclasses import replace
 from ray import serve
 
 from engine.config import EngineConfig
-from engine.hosting import HostedEngine, WorkerReporter
+from engine.hosting import HostedEngine, Reporting
 from engine.types import DecodeJob, OutputDelta
 
 
 @serve.deployment(name="DecodeWorker", health_check_period_s=5, health_check_timeout_s=10)
 class DecodeWorker:
-    def __init__(self, engine_config: EngineConfig, reporter: WorkerReporter, heartbeat_s: float = 1.0):
+    def __init__(self, engine_config: EngineConfig, reporting: Reporting, heartbeat_s: float = 1.0):
         worker_id = serve.get_replica_context().replica_id.unique_id
-        self._host = HostedEngine(engine_config, "decode", worker_id, reporter, heartbeat_s)
+        self._host = HostedEngine(engine_config, "decode", worker_id, reporting, heartbeat_s)
 
     async def generate(self, job: DecodeJob, worker_id: str | None = None) -> AsyncIterator[OutputDelta]:
         params = None

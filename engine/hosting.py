@@ -22,9 +22,6 @@ log = logging.getLogger(__name__)
 
 
 class WorkerReporter(Protocol):
-    def start(self, worker_id: str, role: str, block_size: int) -> None:
-        """Called once, before the engine exists, so no cache event precedes the identity."""
-
     def report_load(self, load: LoadFigures) -> None: ...
 
     def report_events(self, events: list[CacheEvent]) -> None: ...
@@ -32,14 +29,18 @@ class WorkerReporter(Protocol):
     def close(self) -> None: ...
 
 
+class Reporting(Protocol):
+    """The picklable description a worker receives; ``start`` connects it inside the worker's process."""
+
+    def start(self, worker_id: str, role: str, block_size: int) -> WorkerReporter:
+        """Called once, before the engine exists, so no cache event precedes the identity."""
+
+
 class HostedEngine:
-    def __init__(
-        self, config: EngineConfig, role: str, worker_id: str, reporter: WorkerReporter, heartbeat_s: float = 1.0
-    ):
+    def __init__(self, config: EngineConfig, role: str, worker_id: str, reporting: Reporting, heartbeat_s: float = 1.0):
         self.worker_id = worker_id
         self.role = role
-        self._reporter = reporter
-        reporter.start(worker_id, role, config.block_size)
+        self._reporter = reporter = reporting.start(worker_id, role, config.block_size)
         self.engine = Engine(config, on_cache_events=reporter.report_events)
         self._queued_prefill_tokens = 0  # prompt tokens admitted that have not produced a token yet
         self._stop = threading.Event()

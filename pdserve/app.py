@@ -22,7 +22,7 @@ from kv_transfer.vllm_connector import TOKEN_ENV
 from pdserve.config import PdserveConfig, PoolConfig, load_config
 from pdserve.models import resolve_model
 from prefill_worker.deployment import PrefillWorker
-from router.index.reporting import IndexReporter
+from router.index.reporting import IndexReporting
 from router.ingress import IngressSettings, Router
 from router.replica_routing import ROUTER_CLASS
 from router.service import ModelInfo
@@ -40,7 +40,7 @@ def build_app(config: PdserveConfig) -> serve.Application:
     service = config.service
     token = config.cluster_token or os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
     model = model_info(config.engine)
-    reporter = IndexReporter(
+    reporting = IndexReporting(
         model.model_id, config.router.index.redis_url, config.router.index.heartbeat_ttl_s,
         config.router.index.timeout_s, service.app_name,
     )  # fmt: skip
@@ -52,13 +52,13 @@ def build_app(config: PdserveConfig) -> serve.Application:
         cores["prefill"] = service.prefill.cpu_cores
     decode = DecodeWorker.options(**_pool_options(service.decode, token)).bind(
         _engine_for(config, service.decode, "kv_consumer" if disaggregated else None, cores["decode"]),
-        reporter,
+        reporting,
         service.heartbeat_s,
     )
     prefill = None
     if disaggregated:
         prefill = PrefillWorker.options(**_pool_options(service.prefill, token)).bind(
-            _engine_for(config, service.prefill, "kv_producer", cores["prefill"]), reporter, service.heartbeat_s
+            _engine_for(config, service.prefill, "kv_producer", cores["prefill"]), reporting, service.heartbeat_s
         )
     settings = IngressSettings(
         model=model, router=config.router, mode=service.mode if disaggregated else "colocated",

@@ -17,7 +17,7 @@ import ray
 from ray import serve
 
 from engine.config import EngineConfig
-from engine.hosting import HostedEngine, WorkerReporter
+from engine.hosting import HostedEngine, Reporting
 from engine.types import PrefillJob, PrefillResult
 from kv_transfer.channel import GrpcKVChannel
 from kv_transfer.transfer import TransferHandle
@@ -34,9 +34,9 @@ def with_transfer_host(config: EngineConfig) -> EngineConfig:
 
 @serve.deployment(name="PrefillWorker", health_check_period_s=5, health_check_timeout_s=10)
 class PrefillWorker:
-    def __init__(self, engine_config: EngineConfig, reporter: WorkerReporter, heartbeat_s: float = 1.0):
+    def __init__(self, engine_config: EngineConfig, reporting: Reporting, heartbeat_s: float = 1.0):
         worker_id = serve.get_replica_context().replica_id.unique_id
-        self._host = HostedEngine(with_transfer_host(engine_config), "prefill", worker_id, reporter, heartbeat_s)
+        self._host = HostedEngine(with_transfer_host(engine_config), "prefill", worker_id, reporting, heartbeat_s)
         self._channel = GrpcKVChannel(os.environ.get(TOKEN_ENV, ""))
 
     async def prefill(self, job: PrefillJob, worker_id: str | None = None) -> PrefillResult:

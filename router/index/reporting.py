@@ -20,7 +20,9 @@ from router.index import WorkerInfo, WorkerLoad, make_index
 log = logging.getLogger(__name__)
 
 
-class IndexReporter:
+class IndexReporting:
+    """Where workers report: Redis when a URL is given, else the router deployment (in-memory index)."""
+
     def __init__(
         self,
         model_id: str,
@@ -30,25 +32,33 @@ class IndexReporter:
         app_name: str = "pdserve",
         router_deployment: str = "Router",
     ):
-        self._model_id = model_id
-        self._redis_url = redis_url
-        self._ttl_s = ttl_s
-        self._timeout_s = timeout_s
-        self._app_name = app_name
-        self._router_deployment = router_deployment
-        self._info: WorkerInfo | None = None
-        self._index = None
-        self._router = None
+        self.model_id = model_id
+        self.redis_url = redis_url
+        self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
+        self.app_name = app_name
+        self.router_deployment = router_deployment
 
-    def start(self, worker_id: str, role: str, block_size: int) -> None:
+    def start(self, worker_id: str, role: str, block_size: int) -> IndexReporter:
         # A restarted replica gets a new id; the epoch still orders two lives of one id.
-        self._info = WorkerInfo(worker_id, role, time.time_ns() // 1000, block_size)
-        if self._redis_url:
-            self._index = make_index(self._redis_url, self._model_id, self._timeout_s)
-        else:
-            from ray import serve
+        info = WorkerInfo(worker_id, role, time.time_ns() // 1000, block_size)
+        if self.redis_url:
+            return IndexReporter(info, self.ttl_s, index=make_index(self.redis_url, self.model_id, self.timeout_s))
+        from ray import serve
 
-            self._router = serve.get_deployment_handle(self._router_deployment, self._app_name)
+        return IndexReporter(
+            info, self.ttl_s, router=serve.get_deployment_handle(self.router_deployment, self.app_name)
+        )
+
+
+class IndexReporter:
+    """One worker's live reporter: to the index itself, or to the router that holds it."""
+
+    def __init__(self, info: WorkerInfo, ttl_s: float, index=None, router=None):
+        self._info = info
+        self._ttl_s = ttl_s
+        self._index = index
+        self._router = router
 
     def report_load(self, load: LoadFigures) -> None:
         info = replace(
@@ -69,5 +79,5 @@ class IndexReporter:
     def close(self) -> None:
         if self._index is not None:
             self._index.forget_worker(self._info.worker_id)
-        elif self._router is not None:
+        else:
             self._router.forget_worker.remote(self._info.worker_id)
