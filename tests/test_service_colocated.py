@@ -1,0 +1,74 @@
+"""Co-located mode (one pool prefills and decodes, no transfer), with Serve autoscaling on that pool."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from helpers import transformers_greedy
+from service_client import ServiceClient, prompt, service_config
+
+from pdserve.up import start
+
+pytestmark = pytest.mark.service
+
+AUTOSCALING = {
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 1,
+    "upscale_delay_s": 0.5,
+    "downscale_delay_s": 3,
+    "look_back_period_s": 0.5,
+    "metrics_interval_s": 0.2,
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(make_tiny_model):
+    return make_tiny_model("llama")
+
+
+@pytest.fixture(scope="module")
+def client(model_dir, tmp_path_factory):
+    overrides = {"service.mode": "colocated", "service.decode.autoscaling_config": AUTOSCALING}
+    service = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)
+    c = ServiceClient(service)
+    yield c
+    c.close()
+    service.stop()
+
+
+def decode_workers(client) -> int:
+    return sum(w.role == "decode" for w in client.status().workers)
+
+
+def test_colocated_mode_gives_the_same_tokens_without_a_prefill_pool(client, model_dir):
+    ids = prompt(150, 1)
+    tokens, _, last = client.greedy(ids)
+    assert last.timing.placement == "local_prefill" and client.status().mode == "colocated"
+    assert tokens == transformers_greedy(model_dir, ids, 12)
+    assert all(w.role == "decode" for w in client.status().workers)
+
+
+def test_scaling_the_pool_up_and_down_under_load_loses_no_request(client, model_dir):
+    prompts = [prompt(80, 100 + i) for i in range(3)]
+    expected = [transformers_greedy(model_dir, ids, 48) for ids in prompts]
+    seen = {decode_workers(client)}
+    submitted = []
+    with ThreadPoolExecutor(6) as pool:  # six requests in flight against a target of one per replica
+        deadline = time.monotonic() + 90
+        while 2 not in seen and time.monotonic() < deadline:
+            while sum(not f.done() for _, f in submitted) < 6:
+                i = len(submitted) % 3
+                submitted.append((i, pool.submit(lambda ids: client.greedy(ids, 48)[0], prompts[i])))
+            seen.add(decode_workers(client))
+            time.sleep(0.2)
+        results = [(i, f.result()) for i, f in submitted]
+    assert 2 in seen, f"the pool never scaled up (saw {seen})"
+    assert all(got == expected[i] for i, got in results), "a request was lost or wrong while scaling up"
+    deadline = time.monotonic() + 60
+    while decode_workers(client) > 1:
+        assert time.monotonic() < deadline, "the pool did not scale back down"
+        time.sleep(0.5)
+    assert client.greedy(prompts[0], 48)[0] == expected[0]
