@@ -15,12 +15,12 @@ from dataclasses import replace
 from ray import serve
 
 from engine.config import EngineConfig
-from engine.hosting import HostedEngine, Reporting
+from engine.hosting import HostedEngine, HostedWorker, Reporting
 from engine.types import DecodeJob, OutputDelta
 
 
 @serve.deployment(name="DecodeWorker", health_check_period_s=5, health_check_timeout_s=10)
-class DecodeWorker:
+class DecodeWorker(HostedWorker):
     def __init__(self, engine_config: EngineConfig, reporting: Reporting, heartbeat_s: float = 1.0):
         worker_id = serve.get_replica_context().replica_id.unique_id
         self._host = HostedEngine(engine_config, "decode", worker_id, reporting, heartbeat_s)
@@ -31,14 +31,3 @@ class DecodeWorker:
             params = {"pdserve": "consume", "handle": job.handle, "block_hashes": job.block_hashes}
         async for delta in self._host.stream(replace(job.request, kv_transfer_params=params)):
             yield delta
-
-    def load(self, worker_id: str | None = None):
-        return self._host.load()
-
-    def check_health(self) -> None:
-        self._host.check_health()
-
-    def __del__(self):
-        host = getattr(self, "_host", None)
-        if host is not None:
-            host.close()

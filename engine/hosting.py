@@ -89,3 +89,20 @@ class HostedEngine:
                 log.warning("heartbeat of %s failed: %s", self.worker_id, exc)
             if self._stop.wait(self._heartbeat_s):
                 return
+
+
+class HostedWorker:
+    """What every worker deployment answers besides its role's own call: load, health, shutdown."""
+
+    _host: HostedEngine
+
+    def load(self, worker_id: str | None = None) -> LoadFigures:
+        return self._host.load()
+
+    def check_health(self) -> None:
+        self._host.check_health()
+
+    def __del__(self):
+        host = getattr(self, "_host", None)
+        if host is not None:
+            host.close()

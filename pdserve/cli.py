@@ -108,6 +108,18 @@ def _parser() -> argparse.ArgumentParser:
         help="also write the figures as JSON (default path: bench/results/transfer.json)",
     )  # fmt: skip
     transfer_bench.set_defaults(run=_bench_transfer)
+    serve_bench = suites.add_parser(
+        "serve", help="Poisson load on the service; overhead vs in-process; prefix_aware vs round_robin"
+    )
+    _add_config_flags(serve_bench)
+    serve_bench.add_argument("--requests", type=int, default=48, help="requests per workload run")
+    serve_bench.add_argument("--rate", type=float, default=4.0, help="arrival rate, requests per second (Poisson)")
+    serve_bench.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
+    serve_bench.add_argument(
+        "--json", nargs="?", const=Path("bench/results/serve.json"), type=Path, metavar="PATH",
+        help="also write the figures as JSON (default path: bench/results/serve.json)",
+    )  # fmt: skip
+    serve_bench.set_defaults(run=_bench_serve)
     return parser
 
 
@@ -303,6 +315,15 @@ def _bench_transfer(args: argparse.Namespace) -> int:
     if not args.no_handoff:
         model = resolve_model(_config(args), shape=BENCH_SHAPE, name="pdserve-bench-llama").engine.model
     run_transfer_bench(args.repeats, args.block_pulls, model, args.json)
+    return 0
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from bench.serve_bench import run_serve_bench
+    from pdserve.models import resolve_model
+
+    config = resolve_model(_config(args), shape=BENCH_SHAPE, name="pdserve-bench-llama")
+    run_serve_bench(config, args.requests, args.rate, args.max_tokens, args.json)
     return 0
 
 

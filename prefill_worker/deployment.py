@@ -17,7 +17,7 @@ import ray
 from ray import serve
 
 from engine.config import EngineConfig
-from engine.hosting import HostedEngine, Reporting
+from engine.hosting import HostedEngine, HostedWorker, Reporting
 from engine.types import PrefillJob, PrefillResult
 from kv_transfer.channel import GrpcKVChannel
 from kv_transfer.transfer import TransferHandle
@@ -33,7 +33,7 @@ def with_transfer_host(config: EngineConfig) -> EngineConfig:
 
 
 @serve.deployment(name="PrefillWorker", health_check_period_s=5, health_check_timeout_s=10)
-class PrefillWorker:
+class PrefillWorker(HostedWorker):
     def __init__(self, engine_config: EngineConfig, reporting: Reporting, heartbeat_s: float = 1.0):
         worker_id = serve.get_replica_context().replica_id.unique_id
         self._host = HostedEngine(with_transfer_host(engine_config), "prefill", worker_id, reporting, heartbeat_s)
@@ -57,14 +57,3 @@ class PrefillWorker:
         """Free a transfer nobody will pull (its request was cancelled between prefill and decode)."""
         parsed = TransferHandle.from_bytes(bytes.fromhex(handle))
         await asyncio.to_thread(self._channel.abort, parsed)
-
-    def load(self, worker_id: str | None = None):
-        return self._host.load()
-
-    def check_health(self) -> None:
-        self._host.check_health()
-
-    def __del__(self):
-        host = getattr(self, "_host", None)
-        if host is not None:
-            host.close()

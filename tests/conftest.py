@@ -22,6 +22,12 @@ def make_tiny_model(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def model_dir(make_tiny_model):
+    """The tiny Llama the service tests serve."""
+    return make_tiny_model("llama")
+
+
 @pytest.fixture
 def redis_server(tmp_path):
     from pdserve.local_redis import LocalRedis

@@ -1,8 +1,11 @@
 """The pdserve command, run as a user runs it: a real subprocess."""
 
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -13,7 +16,10 @@ def run(*args, env=None, timeout=300):
     return subprocess.run([*PDSERVE, *args], capture_output=True, text=True, timeout=timeout, env=env)
 
 
-@pytest.mark.parametrize("command", [[], ["make-model"], ["generate"], ["bench"], ["bench", "engine"]])
+@pytest.mark.parametrize(
+    "command",
+    [[], ["up"], ["generate"], ["status"], ["make-model"], ["bench"], ["bench", "engine"], ["bench", "serve"]],
+)
 def test_every_command_has_help(command):
     result = run(*command, "--help")
     assert result.returncode == 0
@@ -27,7 +33,7 @@ def test_make_model_refuses_an_unsupported_shape_with_a_clear_message(tmp_path):
 
 
 def test_generate_reports_a_bad_config_field():
-    result = run("generate", "--set", "engine.block_size=0", "hello")
+    result = run("generate", "--local", "--set", "engine.block_size=0", "hello")
     assert result.returncode == 2
     assert "engine.block_size" in result.stderr
 
@@ -41,6 +47,7 @@ def test_generate_on_the_embedded_default_streams_the_greedy_completion(tmp_path
     prompt = "The quick brown fox"
     result = run(
         "generate",
+        "--local",
         "--temperature",
         "0",
         "--max-tokens",
@@ -64,3 +71,39 @@ def test_generate_on_the_embedded_default_streams_the_greedy_completion(tmp_path
     out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=0)
     expected = tokenizer.decode(out[0, len(ids) :], skip_special_tokens=True)
     assert result.stdout.rstrip("\n") == expected
+
+
+def test_generate_without_a_running_service_says_unavailable():
+    from pdserve.local_redis import free_port
+
+    result = run("generate", "--address", f"127.0.0.1:{free_port()}", "hello", timeout=60)
+    assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
+
+
+@pytest.mark.service
+def test_up_answers_over_both_apis_serves_generate_and_status_and_stops_on_ctrl_c(tmp_path):
+    from pdserve.local_redis import free_port
+
+    http_port, grpc_port = free_port(), free_port()
+    env = {**os.environ, "PDSERVE_MODEL_CACHE_DIR": str(tmp_path)}
+    up = subprocess.Popen(
+        [*PDSERVE, "up", "--http-port", str(http_port), "--grpc-port", str(grpc_port), "--try", "Once upon a time"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )  # fmt: skip
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in up.stdout], daemon=True).start()
+    seen = []
+    try:
+        while not any("serving until Ctrl-C" in line for line in seen):
+            seen.append(lines.get(timeout=300))
+        output = "".join(seen)
+        assert f"gRPC 127.0.0.1:{grpc_port}" in output and "gRPC  Generate: 'Once upon a time' →" in output
+        assert "HTTP  /v1/completions: 'Once upon a time' →" in output
+        address = f"127.0.0.1:{grpc_port}"
+        result = run("generate", "--address", address, "--temperature", "0", "--max-tokens", "8", "Hello", timeout=120)
+        assert result.returncode == 0 and "8 tokens" in result.stderr, result.stderr
+        status = run("status", "--address", address, timeout=60)
+        assert status.returncode == 0 and "prefill" in status.stdout and "decode" in status.stdout
+    finally:
+        up.send_signal(signal.SIGINT)
+        assert up.wait(120) == 0

@@ -26,11 +26,6 @@ pytestmark = pytest.mark.service
 
 
 @pytest.fixture(scope="module")
-def model_dir(make_tiny_model):
-    return make_tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
 def service(model_dir, tmp_path_factory):
     config = service_config(model_dir, tmp_path_factory.mktemp("cache"), **{"service.prefill.num_replicas": 2})
     running = start(config, num_cpus=8)

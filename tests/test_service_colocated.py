@@ -25,11 +25,6 @@ AUTOSCALING = {
 
 
 @pytest.fixture(scope="module")
-def model_dir(make_tiny_model):
-    return make_tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
 def client(model_dir, tmp_path_factory):
     overrides = {"service.mode": "colocated", "service.decode.autoscaling_config": AUTOSCALING}
     service = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)

@@ -14,11 +14,6 @@ pytestmark = pytest.mark.service
 
 
 @pytest.fixture(scope="module")
-def model_dir(make_tiny_model):
-    return make_tiny_model("llama")
-
-
-@pytest.fixture(scope="module")
 def client(model_dir, tmp_path_factory):
     from pdserve.local_redis import LocalRedis
 

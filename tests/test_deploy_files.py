@@ -1,0 +1,106 @@
+"""Every file in deploy/ validates against Ray's own schemas and pdserve's config, so none can rot."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pdserve.config import load_config
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
+FILES = sorted(DEPLOY.glob("*.yaml"))
+SERVE_CONFIGS = [f for f in FILES if "applications" in yaml.safe_load(f.read_text())]
+CLUSTER_FILES = [f for f in FILES if "cluster_name" in yaml.safe_load(f.read_text())]
+
+
+def test_every_deploy_file_is_a_serve_config_or_a_cluster_file():
+    assert FILES and set(FILES) == set(SERVE_CONFIGS) | set(CLUSTER_FILES)
+    assert CLUSTER_FILES and len(SERVE_CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_serve_configs_validate_against_the_serve_schema_and_pdserve_config(path):
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.parse_obj(yaml.safe_load(path.read_text()))
+    for app in schema.applications:
+        assert app.import_path == "pdserve.app:app_builder"
+        # The model directory lives on the cluster's nodes, not here: every other field is checked.
+        args = {**app.args, "engine": {**app.args.get("engine", {}), "model": None}}
+        config = load_config(data=args)  # raises ConfigError naming the field
+        for pool in (config.service.prefill, config.service.decode, config.service.router):
+            if pool.autoscaling_config is not None:
+                from ray.serve.config import AutoscalingConfig
+
+                AutoscalingConfig(**pool.autoscaling_config)
+        for deployment in app.deployments or []:
+            assert deployment.name in {"Router", "PrefillWorker", "DecodeWorker"}
+
+
+@pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
+def test_cluster_files_validate_against_the_cluster_launcher_schema(path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load(path.read_text())
+    validate_config(prepare_config(config))  # what `ray up` does: provider defaults filled in, then the schema
+    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    assert any("pdserve" in command for command in config["setup_commands"])
+    assert workers and all(t["max_workers"] >= t["min_workers"] for t in workers)
+
+
+def test_a_broken_serve_config_is_caught():
+    from ray.serve.schema import ServeDeploySchema
+
+    with pytest.raises(Exception, match="route_prefix"):
+        ServeDeploySchema.parse_obj({"applications": [{"import_path": "pdserve.app:app_builder", "route_prefix": 7}]})
+
+
+@pytest.mark.service
+def test_the_local_serve_config_runs_under_serve_run(tmp_path):
+    from pdserve.local_redis import free_port
+
+    config = yaml.safe_load((DEPLOY / "serve-local-cpu.yaml").read_text())
+    http_port, grpc_port = free_port(), free_port()  # the file's own ports, moved off the defaults
+    config["http_options"]["port"] = http_port
+    config["applications"][0]["args"]["service"]["grpc_port"] = grpc_port
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "PDSERVE_MODEL_CACHE_DIR": str(tmp_path / "models")}
+    serve_cli = Path(sys.executable).parent / "serve"
+    process = subprocess.Popen([serve_cli, "run", str(path)], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert process.poll() is None, "serve run exited"
+            assert time.monotonic() < deadline, "the app never became healthy"
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as reply:
+                    live = json.loads(reply.read())["live_workers"]
+                if live["prefill"] and live["decode"]:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        body = json.dumps({"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0}).encode()
+        request = urllib.request.Request(url + "/v1/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            answer = json.loads(reply.read())
+        assert answer["usage"]["completion_tokens"] >= 1 and answer["choices"][0]["finish_reason"]
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            raise
