@@ -4,8 +4,8 @@
    prefill worker, KV transfer, decode worker) over TTFT of the same engine
    called in-process, both on one core, in this invocation.
 2. Placement: the ``shared-prefix`` workload (groups of requests sharing a long
-   system prompt, more groups than one replica's KV holds) against two
-   replicas, ``prefix_aware`` vs ``round_robin``, same arrival times.
+   system prompt, more groups than one replica's KV holds) against several
+   co-located replicas, ``prefix_aware`` vs ``round_robin``, same arrivals.
 Every run reports TTFT / TPOT / ITL / end-to-end p50/p90/p99, throughput and
 the prefix-hit rate (from the router's metrics).
 """
@@ -109,12 +109,15 @@ def summarize(samples: list[Sample], wall_s: float) -> dict:
     }
 
 
-def run_serve_bench(config: PdserveConfig, requests: int, rate: float, max_tokens: int, json_path: Path | None) -> dict:
+def run_serve_bench(
+    config: PdserveConfig, requests: int, rate: float, max_tokens: int, json_path: Path | None, replicas: int = 4
+) -> dict:
     from pdserve.app import model_info
 
     vocab = model_info(config.engine).vocab_size
     rng = random.Random(0)
-    results: dict = {"model": str(config.engine.model), "rate_rps": rate, "max_tokens": max_tokens}
+    results: dict = {"model": str(config.engine.model), "rate_rps": rate, "max_tokens": max_tokens,
+                     "placement_replicas": replicas}  # fmt: skip
 
     overhead_prompts = [[rng.randrange(2, vocab) for _ in range(OVERHEAD_PROMPT)] for _ in range(8)]
     engine_ttft = _in_process_ttft(config, overhead_prompts)
@@ -127,10 +130,12 @@ def run_serve_bench(config: PdserveConfig, requests: int, rate: float, max_token
     results["disaggregated"] = disaggregated
     results["overhead_vs_ttft"] = disaggregated["ttft_1k_ms"] / (1000 * engine_ttft) - 1
 
-    shared = shared_prefix_workload(rng, vocab, requests, groups=8, prefix=1024, suffix=64)
-    # Two replicas whose KV holds about five of the eight prefixes each: affinity keeps each group on one replica.
-    placement = {"service.mode": "colocated", "service.decode.num_replicas": 2, "engine.num_kv_blocks": 48,
-                 "engine.block_size": 128, "engine.max_model_len": 2048}  # fmt: skip
+    shared = shared_prefix_workload(rng, vocab, 2 * requests, groups=4 * replicas, prefix=1024, suffix=64)
+    # Each replica's KV holds five of the prefixes (8 blocks each): with affinity each holds its own four;
+    # round-robin shows every replica every prefix, and LRU keeps about a third of them. The replicas share
+    # one core, one thread each (several multi-threaded engines on two cores would spin against each other).
+    placement = {"service.mode": "colocated", "service.decode.num_replicas": replicas, "service.decode.cpu_cores": "0",
+                 "engine.num_kv_blocks": 40, "engine.block_size": 128, "engine.max_model_len": 2048}  # fmt: skip
     for policy in ("prefix_aware", "round_robin"):
         overrides = {**placement, "router.placement.policy": policy}
         results[policy] = _with_service(config, overrides, lambda url, client: {
@@ -176,10 +181,10 @@ def _sequential_ttft(url: str, prompts: list[list[int]]) -> float:
 
 
 def _in_process_ttft(config: PdserveConfig, prompts: list[list[int]]) -> float:
-    """One engine in its own process, bound to one core as each worker is: time to its one token."""
+    """One engine in its own process, on one core as each worker is (bound, one thread): time to its one token."""
     from bench.engine_process import EnginePeer
 
-    peer = EnginePeer(config.engine.model_copy(update={"cpu_cores": "0"}), {})
+    peer = EnginePeer(config.engine.model_copy(update={"cpu_cores": "0"}), {"OMP_NUM_THREADS": "1"})
     try:
         peer.generate("warmup", prompts[0][::-1], 1)
         times = []

@@ -34,7 +34,9 @@ class EngineConfig(BaseModel):
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     block_size: int = Field(default=128, ge=1, description="tokens per KV block (vLLM CPU wants a multiple of 32)")
-    kv_cache_gib: float = Field(default=1.0, gt=0, description="KV cache memory on CPU (VLLM_CPU_KVCACHE_SPACE)")
+    kv_cache_gib: int = Field(
+        default=1, ge=1, description="KV cache memory on CPU in whole GiB (VLLM_CPU_KVCACHE_SPACE); less: num_kv_blocks"
+    )
     num_kv_blocks: int | None = Field(
         default=None, ge=1, description="fix the KV pool size in blocks, overriding memory"
     )

@@ -226,6 +226,15 @@ class Engine:
             cached_prompt_tokens_total=self._cached_tokens_total,
         )
 
+    def kv_transfer_stats(self) -> dict[str, dict[str, float]]:
+        """The KV connector's transfer figures per backend, where the connector keeps them (pdserve's does)."""
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        if not has_kv_transfer_group():
+            return {}
+        stats = getattr(get_kv_transfer_group(), "transfer_stats", None)
+        return stats() if stats is not None else {}
+
     def kv_layout(self) -> KVLayout:
         runner = self._core.model_executor.driver_worker.worker.model_runner
         kv_config = self._core.scheduler.kv_cache_config

@@ -102,6 +102,9 @@ class HostedWorker:
     def check_health(self) -> None:
         self._host.check_health()
 
+    def transfer_stats(self, worker_id: str | None = None) -> dict[str, dict[str, float]]:
+        return self._host.engine.kv_transfer_stats()
+
     def __del__(self):
         host = getattr(self, "_host", None)
         if host is not None:

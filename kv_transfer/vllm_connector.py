@@ -121,6 +121,7 @@ class PdserveConnector(KVConnectorBase_V1):
         self._done_sending: set[str] = set()
         self._done_recving: set[str] = set()
         self._failed_blocks: set[int] = set()
+        self._pulls: dict[str, dict[str, float]] = {}  # backend → pulls, failures, bytes, seconds
 
     # ----- scheduler side -----------------------------------------------------------------
 
@@ -275,10 +276,12 @@ class PdserveConnector(KVConnectorBase_V1):
                 str(first.dtype).removeprefix("torch."), first.shape[1:], len(self._layers),
                 self._kv_cache_config.kv_cache_layout or "",
             )  # fmt: skip
-            self._channel_for(load.handle).pull(
+            channel = self._channel_for(load.handle)
+            result = channel.pull(
                 load.handle, self._layers, load.dest_block_ids, load.block_indices,
                 stall_timeout_s=self._stall_timeout_s,
             )  # fmt: skip
+            self._count(channel.name, result.bytes, result.seconds, failed=False)
             failed = False
         except TransferError as exc:
             log.warning("KV load failed, recomputing locally: %s", exc)
@@ -286,11 +289,26 @@ class PdserveConnector(KVConnectorBase_V1):
         except Exception:
             log.exception("KV load failed, recomputing locally")
             failed = True
+        if failed:
+            self._count(self._channel_for(load.handle).name, 0, 0.0, failed=True)
         self._finish_remote(load.handle, failed)
         with self._lock:
             if failed:
                 self._failed_blocks.update(load.dest_block_ids)
             self._done_recving.add(load.request_id)
+
+    def transfer_stats(self) -> dict[str, dict[str, float]]:
+        """Pulls this worker made, per backend: counts, failures, bytes and seconds (for metrics)."""
+        with self._lock:
+            return {backend: dict(figures) for backend, figures in self._pulls.items()}
+
+    def _count(self, backend: str, nbytes: int, seconds: float, failed: bool) -> None:
+        with self._lock:
+            figures = self._pulls.setdefault(backend, {"pulls": 0, "failures": 0, "bytes": 0, "seconds": 0.0})
+            figures["pulls"] += 1
+            figures["failures"] += int(failed)
+            figures["bytes"] += nbytes
+            figures["seconds"] += seconds
 
     def _channel_for(self, handle: TransferHandle) -> KVChannel:
         backend = next((b for b in self._preferred if b in handle.backends and b in self._channels), "grpc")

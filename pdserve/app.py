@@ -50,14 +50,14 @@ def build_app(config: PdserveConfig) -> serve.Application:
         cores["decode"] = service.decode.cpu_cores
     if service.prefill.cpu_cores != "auto":
         cores["prefill"] = service.prefill.cpu_cores
-    decode = DecodeWorker.options(**_pool_options(service.decode, token)).bind(
+    decode = DecodeWorker.options(**_pool_options(service.decode, token, cores["decode"])).bind(
         _engine_for(config, service.decode, "kv_consumer" if disaggregated else None, cores["decode"]),
         reporting,
         service.heartbeat_s,
     )
     prefill = None
     if disaggregated:
-        prefill = PrefillWorker.options(**_pool_options(service.prefill, token)).bind(
+        prefill = PrefillWorker.options(**_pool_options(service.prefill, token, cores["prefill"])).bind(
             _engine_for(config, service.prefill, "kv_producer", cores["prefill"]), reporting, service.heartbeat_s
         )
     settings = IngressSettings(
@@ -93,14 +93,18 @@ def _engine_for(config: PdserveConfig, pool: PoolConfig, role: str | None, cores
     return config.engine.model_copy(update=update)
 
 
-def _pool_options(pool: PoolConfig, token: str) -> dict[str, Any]:
+def _pool_options(pool: PoolConfig, token: str, cores: str | None) -> dict[str, Any]:
+    env = {TOKEN_ENV: token}
+    if cores is not None:
+        # Ray sets OMP_NUM_THREADS from num_cpus (a scheduling figure); the engine's threads are its bound cores.
+        env["OMP_NUM_THREADS"] = str(_core_count(cores))
     return {
         **_scaling(pool),
         "max_ongoing_requests": pool.max_ongoing_requests,
         "ray_actor_options": {
             "num_cpus": pool.num_cpus,
             "num_gpus": pool.num_gpus,
-            "runtime_env": {"env_vars": {TOKEN_ENV: token}},
+            "runtime_env": {"env_vars": env},
         },
         # Placement picks the replica; Serve's request router only carries that choice out.
         "request_router_config": RequestRouterConfig(request_router_class=ROUTER_CLASS),
@@ -120,6 +124,15 @@ def _core_split(disaggregated: bool) -> dict[str, str | None]:
         return {"prefill": None, "decode": _span(0, count)}
     half = count // 2
     return {"prefill": _span(0, half), "decode": _span(half, count)}
+
+
+def _core_count(cores: str) -> int:
+    """How many cores a VLLM_CPU_OMP_THREADS_BIND list names: '0-3' → 4, '0,2' → 2."""
+    count = 0
+    for part in cores.split(","):
+        first, _, last = part.partition("-")
+        count += int(last or first) - int(first) + 1
+    return count
 
 
 def _span(first: int, end: int) -> str:

@@ -41,7 +41,7 @@ class PoolConfig(BaseModel):
         description="cores each replica's engine binds to ('0-3'); auto: the node's cores split between the pools; "
         "none: vLLM's default",
     )
-    kv_cache_gib: float | None = Field(default=None, gt=0, description="KV memory per replica (default: engine's)")
+    kv_cache_gib: int | None = Field(default=None, ge=1, description="KV GiB per replica (default: engine's)")
 
     @property
     def present(self) -> bool:

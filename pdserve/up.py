@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -16,7 +17,7 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-from pdserve.config import PdserveConfig
+from pdserve.config import PdserveConfig, ServiceConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +62,12 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's driver-side INFO lines: quiet by default
     if config.ray_address:
         ray.init(address=config.ray_address, logging_level=logging.WARNING, log_to_driver=False)
-    else:  # enough logical CPUs for the three pools even on a 2-core machine; cores are bound per engine
-        cpus = num_cpus or max(os.cpu_count() or 1, 4)
+    else:  # logical CPUs for every replica the pools may have, even on a 2-core machine; cores are bound per engine
+        cpus = max(num_cpus or os.cpu_count() or 1, cpus_needed(service))
         ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     try:
         serve.start(http_options={"host": service.http_host, "port": service.http_port})
-        serve.run(build_app(config), name=service.app_name, route_prefix="/", blocking=False)
+        _deploy(build_app(config), service.app_name, ready_timeout_s)
         http_url = f"http://{service.http_host}:{service.http_port}"
         pools = ["decode"] + (["prefill"] if service.mode == "disaggregated" and service.prefill.present else [])
         _wait_healthy(http_url, pools, ready_timeout_s)
@@ -77,6 +78,39 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
             redis.stop()
         raise
     return Service(config, http_url, f"{service.grpc_host}:{service.grpc_port}", redis)
+
+
+def cpus_needed(service: ServiceConfig) -> float:
+    """Ray CPUs the app asks for at its largest: every pool at its replica count or autoscaling maximum."""
+    pools = [service.router, service.decode] + ([service.prefill] if service.mode == "disaggregated" else [])
+    total = 0.0
+    for pool in pools:
+        replicas = (pool.autoscaling_config or {}).get("max_replicas", pool.num_replicas)
+        total += replicas * pool.num_cpus
+    return math.ceil(total)
+
+
+def _deploy(app, name: str, timeout_s: float) -> None:
+    """``serve.run`` under a deadline: a replica that cannot be placed would otherwise wait forever."""
+    from ray import serve
+
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve.run(app, name=name, route_prefix="/", blocking=False)
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="pdserve-deploy", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if failure:
+        raise failure[0]
+    if thread.is_alive():
+        status = serve.status().applications.get(name)
+        detail = {d: (s.status, s.message) for d, s in status.deployments.items()} if status else "no status"
+        raise TimeoutError(f"the Serve app {name!r} was not running within {timeout_s:g} s: {detail}")
 
 
 def run_until_interrupted(service: Service) -> None:

@@ -84,6 +84,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except RequestError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except Exception as exc:  # a worker failed mid-request: the client gets the reason, not a hang
+            log.warning("request %s failed: %r", parsed.request_id, exc)
+            await context.abort(grpc.StatusCode.INTERNAL, f"request {parsed.request_id} failed: {exc!r}"[:2000])
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         return pb.AbortResponse(found=self._service.abort(request.request_id))

@@ -9,6 +9,7 @@ load torch or vLLM, so they are not reused. Errors use OpenAI's error body
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict
@@ -18,6 +19,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from router.placement import NoWorkerError
 from router.request import GenerationRequest, Kind, RequestError
 from router.service import Chunk, GenerationService, ServiceFullError
+
+log = logging.getLogger(__name__)
 
 
 def error_response(status: int, message: str, kind: str, param: str | None = None) -> JSONResponse:
@@ -40,12 +43,19 @@ async def generate(service: GenerationService, body: bytes, kind: Kind):
         return error_response(429, str(exc), "rate_limit_error")
     except NoWorkerError as exc:
         return error_response(503, str(exc), "service_unavailable")
+    except Exception as exc:  # a worker failed before the first token
+        log.warning("request %s failed: %r", request.request_id, exc)
+        return error_response(500, f"request {request.request_id} failed: {exc!r}"[:2000], "internal_error")
     shape = _Shape(service.model.model_id, request, kind)
     if request.stream:
         return StreamingResponse(_sse(shape, first, stream), media_type="text/event-stream")
     chunks = [first]
-    async for chunk in stream:
-        chunks.append(chunk)
+    try:
+        async for chunk in stream:
+            chunks.append(chunk)
+    except Exception as exc:  # a worker failed mid-request
+        log.warning("request %s failed: %r", request.request_id, exc)
+        return error_response(500, f"request {request.request_id} failed: {exc!r}"[:2000], "internal_error")
     return JSONResponse(shape.whole(chunks))
 
 

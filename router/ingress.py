@@ -72,7 +72,7 @@ class Router:
 
     @app.get("/metrics")
     async def metrics(self):
-        return Response(self.service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(await self.service.render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
     def report(self, worker: dict, events: list[CacheEvent], ttl_s: float | None) -> None:
         """A worker's heartbeat (``ttl_s`` set) or cache events, for the in-memory index."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from router.index import IndexHealth, WorkerInfo
 
@@ -49,8 +49,36 @@ class RouterMetrics:
         )
         self.registry.register(_WorkerCollector(live_workers, health))
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def render(self, transfers: dict[str, dict[str, dict[str, float]]] | None = None) -> bytes:
+        """The registry, plus the decode workers' KV pulls (worker → backend → figures) read just now."""
+        text = generate_latest(self.registry)
+        if transfers:
+            extra = CollectorRegistry()
+            extra.register(_TransferCollector(transfers))
+            text += generate_latest(extra)
+        return text
+
+
+class _TransferCollector:
+    """KV pulls per decode worker and backend; counters that restart with the worker."""
+
+    NAMES = {
+        "pulls": ("kv_transfers", "KV pulls."),
+        "failures": ("kv_transfer_failures", "KV pulls that failed (the tokens were recomputed)."),
+        "bytes": ("kv_transfer_bytes", "Bytes of KV pulled."),
+        "seconds": ("kv_transfer_seconds", "Seconds spent pulling KV."),
+    }
+
+    def __init__(self, transfers: dict[str, dict[str, dict[str, float]]]):
+        self._transfers = transfers
+
+    def collect(self):
+        for key, (name, doc) in self.NAMES.items():
+            family = CounterMetricFamily(f"pdserve:{name}", doc, labels=["backend", "worker"])
+            for worker, backends in sorted(self._transfers.items()):
+                for backend, figures in sorted(backends.items()):
+                    family.add_metric([backend, worker], figures.get(key, 0))
+            yield family
 
 
 class _WorkerCollector:

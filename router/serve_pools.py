@@ -35,6 +35,9 @@ class ServeWorkerPools:
     async def abort_transfer(self, worker_id: str, handle: str, timeout_s: float) -> None:
         await asyncio.wait_for(_result(self._prefill.abort_transfer.remote(handle, worker_id=worker_id)), timeout_s)
 
+    async def transfer_stats(self, worker_id: str, timeout_s: float) -> dict[str, dict[str, float]]:
+        return await asyncio.wait_for(_result(self._decode.transfer_stats.remote(worker_id=worker_id)), timeout_s)
+
 
 async def _result(response):
     return await response

@@ -44,6 +44,9 @@ class WorkerPools(Protocol):
 
     async def abort_transfer(self, worker_id: str, handle: str, timeout_s: float) -> None: ...
 
+    async def transfer_stats(self, worker_id: str, timeout_s: float) -> dict[str, dict[str, float]]:
+        """A decode worker's KV pulls per backend."""
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -150,6 +153,17 @@ class GenerationService:
         if aborted is not None:
             aborted.set()
         return aborted is not None
+
+    async def render_metrics(self) -> bytes:
+        """Prometheus text: the router's own metrics and, read now, every live decode worker's KV pulls."""
+        decoders = [w.worker_id for w in self.live_workers() if w.role == "decode"]
+        if self.mode != "disaggregated":
+            decoders = []
+        answers = await asyncio.gather(
+            *(self._pools.transfer_stats(worker, 1.0) for worker in decoders), return_exceptions=True
+        )
+        transfers = {w: a for w, a in zip(decoders, answers, strict=True) if isinstance(a, dict)}
+        return self.metrics.render(transfers)
 
     def running(self) -> int:
         return len(self._running)

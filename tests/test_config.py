@@ -23,7 +23,7 @@ def test_env_overrides_file_and_flags_override_env(tmp_path):
     config = load_config(path, env, {"engine.block_size": 96})
     assert config.engine.block_size == 96
     assert config.engine.max_num_seqs == 16
-    assert config.engine.kv_cache_gib == 2.0
+    assert config.engine.kv_cache_gib == 2
 
 
 def test_unset_flags_do_not_override(tmp_path):

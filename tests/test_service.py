@@ -214,8 +214,14 @@ def test_health_reflection_models_and_metrics_answer(client):
     for name in ("pdserve:time_to_first_token_seconds", "pdserve:inter_token_latency_seconds",
                  "pdserve:e2e_request_latency_seconds", "pdserve:kv_cache_usage_perc", "pdserve:num_requests_running",
                  "pdserve:prefix_cache_hit_tokens_total", "pdserve:placement_decisions_total",
-                 "pdserve:index_outages"):  # fmt: skip
+                 "pdserve:index_outages", "pdserve:kv_transfer_seconds_total"):  # fmt: skip
         assert name in text, name
+
+
+def test_kv_transfer_bytes_are_counted_per_backend(client):
+    before = client.metric("pdserve:kv_transfer_bytes_total", backend="torch_dist")
+    assert client.greedy(prompt(150, 77), 2)[2].timing.placement == "disaggregated"
+    assert client.metric("pdserve:kv_transfer_bytes_total", backend="torch_dist") > before
 
 
 def test_status_lists_the_pools_and_their_load(client):

@@ -1,0 +1,29 @@
+"""Starting the service: enough Ray CPUs for every pool, and a deadline on a deployment that cannot start."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from service_client import service_config
+
+from pdserve.config import load_config
+from pdserve.up import cpus_needed, start
+
+
+def test_the_local_cluster_gets_a_cpu_for_every_replica_the_pools_may_have():
+    service = load_config(
+        overrides={"service.decode.autoscaling_config": {"min_replicas": 1, "max_replicas": 3},
+                   "service.prefill.num_replicas": 2}
+    ).service  # fmt: skip
+    assert cpus_needed(service) == 6  # router 0.5 + 3 decode + 2 prefill, rounded up
+    assert cpus_needed(service.model_copy(update={"mode": "colocated"})) == 4  # no prefill pool
+
+
+@pytest.mark.service
+def test_a_replica_that_cannot_be_placed_fails_the_start_within_its_deadline(model_dir, tmp_path):
+    config = service_config(model_dir, tmp_path, **{"service.prefill.num_gpus": 1})  # there is no GPU here
+    began = time.monotonic()
+    with pytest.raises(TimeoutError, match="PrefillWorker"):
+        start(config, num_cpus=8, ready_timeout_s=20)
+    assert time.monotonic() - began < 60
