@@ -34,6 +34,8 @@ def _engine_main(conn, config_json: str, env: dict) -> None:
                 conn.send(("result", asyncio.run(run(GenerateRequest(request_id, ids, sampling, params)))))
             except Exception as exc:
                 conn.send(("error", repr(exc)))
+        elif command == "kv_handle":
+            conn.send(("kv_handle", engine.kv_transfer_handle(*args)))
         elif command == "stats":
             stats = engine.stats()
             conn.send(("stats", stats.kv_blocks_used, stats.running, stats.waiting))
@@ -76,6 +78,11 @@ class EnginePeer(ChildProcess):
         """(tokens, kv_transfer_params of the last delta, cached prompt tokens, finish reason)."""
         self._conn.send(("generate", request_id, ids, max_tokens, params))
         return self._expect("result", timeout)[0]
+
+    def kv_handle(self, transfer_id: str, block_hashes: list[str], num_tokens: int) -> str | None:
+        """The handle of a transfer this engine will produce, before it runs the prompt."""
+        self._conn.send(("kv_handle", transfer_id, block_hashes, num_tokens))
+        return self._expect("kv_handle")[0]
 
     def kv_blocks_used(self) -> int:
         self._conn.send(("stats",))

@@ -235,6 +235,13 @@ class Engine:
         stats = getattr(get_kv_transfer_group(), "transfer_stats", None)
         return stats() if stats is not None else {}
 
+    def kv_transfer_handle(self, transfer_id: str, block_hashes: list[str], num_tokens: int) -> str | None:
+        """The connector's handle (hex) for a transfer this engine is about to produce, if it makes them."""
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        make = getattr(get_kv_transfer_group(), "transfer_handle", None) if has_kv_transfer_group() else None
+        return make(transfer_id, block_hashes, num_tokens) if make is not None else None
+
     def kv_layout(self) -> KVLayout:
         runner = self._core.model_executor.driver_worker.worker.model_runner
         kv_config = self._core.scheduler.kv_cache_config

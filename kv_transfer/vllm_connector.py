@@ -68,11 +68,14 @@ class SenderInfo(KVConnectorHandshakeMetadata):
 
 @dataclass(frozen=True)
 class OfferSpec:
+    """Blocks to offer: ``early`` ones before the step that computes them (layer by layer), others after."""
+
     request_id: str
     transfer_id: str
     block_ids: list[int]
     block_hashes: list[bytes]
     num_tokens: int
+    early: bool = False
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,16 @@ class LoadSpec:
 class PdserveConnectorMetadata(KVConnectorMetadata):
     offers: list[OfferSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)  # early offers whose request was aborted
+
+
+def _hashes(params: dict, count: int) -> list[bytes]:
+    """The first ``count`` block digests the request carries, padded (a trailing partial block has none)."""
+    try:
+        hashes = [bytes.fromhex(h) for h in params.get("block_hashes", [])][:count]
+    except (TypeError, ValueError):
+        hashes = []
+    return hashes + [b""] * (count - len(hashes))
 
 
 class PdserveConnector(KVConnectorBase_V1):
@@ -109,6 +122,9 @@ class PdserveConnector(KVConnectorBase_V1):
         self._pending_loads: list[LoadSpec] = []
         self._handles: dict[str, TransferHandle] = {}  # parsed once, until vLLM allocates the blocks
         self._settled: set[str] = set()  # requests whose remote KV is decided: loading, loaded or refused
+        self._fresh_producers: list[tuple[Any, list[int]]] = []  # produce requests allocated this step
+        self._early: dict[str, str] = {}  # request id → transfer id offered before its prefill step
+        self._pending_aborts: list[str] = []
         # worker side
         self._layers: list[torch.Tensor] = []
         self._registry: TransferRegistry | None = None
@@ -122,6 +138,7 @@ class PdserveConnector(KVConnectorBase_V1):
         self._done_recving: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._pulls: dict[str, dict[str, float]] = {}  # backend → pulls, failures, bytes, seconds
+        self._stepping: list[OfferSpec] = []  # early offers whose layers this step computes
 
     # ----- scheduler side -----------------------------------------------------------------
 
@@ -160,6 +177,9 @@ class PdserveConnector(KVConnectorBase_V1):
         return handle
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        if (request.kv_transfer_params or {}).get("pdserve") == "produce":
+            self._fresh_producers.append((request, blocks.get_block_ids()[0]))
+            return
         handle = self._handles.pop(request.request_id, None)
         if handle is None or num_external_tokens <= 0:
             return
@@ -171,43 +191,67 @@ class PdserveConnector(KVConnectorBase_V1):
         self._pending_loads.append(LoadSpec(request.request_id, handle, indices, dest[: len(indices)]))
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
-        meta = PdserveConnectorMetadata(self._pending_offers, self._pending_loads)
-        self._pending_offers, self._pending_loads = [], []
+        for request, block_ids in self._fresh_producers:
+            # The whole prompt runs in this step: offer its blocks now, each layer ready once computed, so a
+            # decode worker that got the handle up front pulls early layers while later ones are computed.
+            prompt = len(request.prompt_token_ids)
+            scheduled = scheduler_output.num_scheduled_tokens.get(request.request_id, 0)
+            spec = self._offer_spec(request, block_ids, prompt, early=True)
+            if spec is not None and request.num_computed_tokens + scheduled >= prompt:
+                self._pending_offers.append(spec)
+                self._early[request.request_id] = spec.transfer_id
+        self._fresh_producers = []
+        meta = PdserveConnectorMetadata(self._pending_offers, self._pending_loads, self._pending_aborts)
+        self._pending_offers, self._pending_loads, self._pending_aborts = [], [], []
         return meta
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         params = request.kv_transfer_params or {}
-        self._settled.discard(request.request_id)
-        self._handles.pop(request.request_id, None)
+        rid = request.request_id
+        self._settled.discard(rid)
+        self._handles.pop(rid, None)
+        early = self._early.pop(rid, None)
+        if early is not None and request.status == RequestStatus.FINISHED_ABORTED:
+            self._pending_aborts.append(early)  # a pull may be reading them: freed once the offer is aborted
+            return True, None
         if params.get("pdserve") != "produce" or request.status == RequestStatus.FINISHED_ABORTED:
             return False, None
+        if early is None:
+            spec = self._offer_spec(request, block_ids, request.num_computed_tokens, early=False)
+            if spec is None:
+                return False, None
+            self._pending_offers.append(spec)
+        num_tokens = request.num_computed_tokens
+        handle = self.transfer_handle(params["transfer_id"], params.get("block_hashes", []), num_tokens)
+        return True, {"pdserve_handle": handle}
+
+    def _offer_spec(self, request, block_ids: list[int], num_tokens: int, early: bool) -> OfferSpec | None:
         if self._sender is None:
             log.error("no KV sender registered; request %s is not offered", request.request_id)
-            return False, None
+            return None
+        params = request.kv_transfer_params or {}
         transfer_id = params.get("transfer_id")
         if not isinstance(transfer_id, str) or not transfer_id:
             log.error("request %s asks to produce KV without a transfer_id; not offered", request.request_id)
-            return False, None
-        num_tokens = request.num_computed_tokens
+            return None
         blocks = block_ids[: -(-num_tokens // self._block_size)]
-        try:
-            hashes = [bytes.fromhex(h) for h in params.get("block_hashes", [])][: len(blocks)]
-        except (TypeError, ValueError):
-            hashes = []
-        hashes += [b""] * (len(blocks) - len(hashes))
-        self._pending_offers.append(OfferSpec(request.request_id, transfer_id, blocks, hashes, num_tokens))
-        sender = self._sender
-        handle = TransferHandle(
+        return OfferSpec(request.request_id, transfer_id, blocks, _hashes(params, len(blocks)), num_tokens, early)
+
+    def transfer_handle(self, transfer_id: str, block_hashes: list[str], num_tokens: int) -> str:
+        """The handle (hex) of a transfer this worker offers, or will offer: a router may hand it out up front."""
+        sender = self._sender or self._sender_info()
+        hashes = _hashes({"block_hashes": block_hashes}, -(-num_tokens // self._block_size))
+        return TransferHandle(
             sender.address, transfer_id, self._vllm_config.model_config.served_model_name, tuple(hashes),
             num_tokens, sender.dtype, tuple(sender.block_shape), sender.num_layers, ("grpc", "torch_dist"),
             sender.cache_layout,
-        )  # fmt: skip
-        return True, {"pdserve_handle": handle.to_bytes().hex()}
+        ).to_bytes().hex()  # fmt: skip
 
     # ----- worker side --------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._layers = [kv_caches[name] for name in self._layer_names]
+        self._layer_index = {name: index for index, name in enumerate(self._layer_names)}
         self._registry = TransferRegistry("", "", lease_s=self._lease_s, on_freed=self._freed)
         self._server = KVTransferServer(self._registry, self._secret, self._host, 0, self._stall_timeout_s).start()
         self._channel = GrpcKVChannel(self._secret, self._max_chunk_bytes)
@@ -215,6 +259,9 @@ class PdserveConnector(KVConnectorBase_V1):
         self._pullers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-kv-pull")
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
+        return self._sender_info()
+
+    def _sender_info(self) -> SenderInfo:
         first = self._layers[0]
         return SenderInfo(
             self._server.address,
@@ -224,6 +271,16 @@ class PdserveConnector(KVConnectorBase_V1):
             self._kv_cache_config.kv_cache_layout or "",
         )
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Before the forward (vLLM starts async loads only after it): aborts, and this step's early offers."""
+        super().bind_connector_metadata(connector_metadata)
+        for transfer_id in connector_metadata.aborts:
+            try:
+                self._registry.abort(transfer_id)
+            except TransferError:  # already released or expired: its blocks were reported freed then
+                pass
+        self._stepping = [spec for spec in connector_metadata.offers if spec.early and self._offer(spec, 0)]
+
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         for load in self._get_connector_metadata().loads:
             self._pullers.submit(self._load, load)
@@ -232,21 +289,40 @@ class PdserveConnector(KVConnectorBase_V1):
         """Loads complete between steps (the request waits in WAITING_FOR_REMOTE_KVS)."""
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata, **kwargs: Any) -> None:
-        """Blocks are offered whole when the prefill finishes; nothing to do per layer."""
+        """This layer's KV is in the cache now: early offers may send it while later layers run."""
+        if self._stepping:
+            layer = self._layer_index[layer_name]
+            for spec in self._stepping:
+                self._mark_ready(spec, layer)
 
     def wait_for_save(self) -> None:
+        for spec in self._stepping:  # every layer has run, whether or not each reported
+            self._mark_ready(spec, len(self._layers) - 1)
+        self._stepping = []
         for spec in self._get_connector_metadata().offers:
+            if not spec.early:
+                self._offer(spec, layers_ready=None)
+
+    def _mark_ready(self, spec: OfferSpec, layer: int) -> None:
+        try:
+            self._registry.mark_layer_ready(spec.transfer_id, layer)
+        except TransferError:  # already pulled and released (or aborted): nothing waits for this layer
+            pass
+
+    def _offer(self, spec: OfferSpec, layers_ready: int | None) -> bool:
+        with self._lock:
+            self._request_of.setdefault(spec.transfer_id, spec.request_id)
+        try:
+            self._registry.offer(
+                spec.transfer_id, self._layers, spec.block_ids, spec.block_hashes, spec.num_tokens,
+                self._kv_cache_config.kv_cache_layout or "", layers_ready=layers_ready,
+            )  # fmt: skip
+        except ValueError as exc:  # e.g. a transfer id used twice: free the blocks at once
+            log.error("request %s not offered: %s", spec.request_id, exc)
             with self._lock:
-                self._request_of.setdefault(spec.transfer_id, spec.request_id)
-            try:
-                self._registry.offer(
-                    spec.transfer_id, self._layers, spec.block_ids, spec.block_hashes, spec.num_tokens,
-                    self._kv_cache_config.kv_cache_layout or "",
-                )  # fmt: skip
-            except ValueError as exc:  # e.g. a transfer id used twice: free the blocks at once
-                log.error("request %s not offered: %s", spec.request_id, exc)
-                with self._lock:
-                    self._done_sending.add(spec.request_id)
+                self._done_sending.add(spec.request_id)
+            return False
+        return True
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import ray
@@ -39,19 +40,23 @@ class PrefillWorker(HostedWorker):
         self._host = HostedEngine(with_transfer_host(engine_config), "prefill", worker_id, reporting, heartbeat_s)
         self._channel = GrpcKVChannel(os.environ.get(TOKEN_ENV, ""))
 
-    async def prefill(self, job: PrefillJob, worker_id: str | None = None) -> PrefillResult:
+    async def prefill(self, job: PrefillJob, worker_id: str | None = None) -> AsyncIterator[PrefillResult]:
+        """Yield the transfer handle at once (the decode worker pulls each layer as it is computed), then the end.
+
+        As SGLang's bootstrap: the decode side need not wait for the prefill to finish to start pulling.
+        """
         params = {"pdserve": "produce", "transfer_id": job.transfer_id, "block_hashes": job.block_hashes}
         sampling = replace(job.request.sampling, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
         request = replace(job.request, sampling=sampling, kv_transfer_params=params)
+        prompt = len(request.prompt_token_ids)
+        handle = self._host.engine.kv_transfer_handle(job.transfer_id, job.block_hashes, prompt)
+        if handle is not None:
+            yield PrefillResult(handle, prompt, 0, finished=False)
         last = None
         async for delta in self._host.stream(request):
             last = delta
         out = (last.kv_transfer_params or {}) if last else {}
-        return PrefillResult(
-            handle=out.get("pdserve_handle"),
-            prompt_tokens=last.prompt_tokens if last else len(request.prompt_token_ids),
-            cached_prompt_tokens=last.cached_prompt_tokens if last else 0,
-        )
+        yield PrefillResult(out.get("pdserve_handle"), prompt, last.cached_prompt_tokens if last else 0)
 
     async def abort_transfer(self, handle: str, worker_id: str | None = None) -> None:
         """Free a transfer nobody will pull (its request was cancelled between prefill and decode)."""

@@ -13,13 +13,16 @@ class ServeWorkerPools:
         self._prefill = prefill_handle  # None in co-located mode
         self._decode = decode_handle
 
-    async def prefill(self, worker_id: str, job: PrefillJob, timeout_s: float) -> PrefillResult:
-        response = self._prefill.prefill.remote(job, worker_id=worker_id)
+    async def prefill(self, worker_id: str, job: PrefillJob) -> AsyncIterator[PrefillResult]:
+        stream = self._prefill.options(stream=True).prefill.remote(job, worker_id=worker_id)
+        done = False
         try:
-            return await asyncio.wait_for(_result(response), timeout_s)
-        except BaseException:
-            response.cancel()  # the worker aborts the prefill; a timed-out one must not hold blocks
-            raise
+            async for result in stream:
+                done = result.finished
+                yield result
+        finally:
+            if not done:
+                stream.cancel()  # the worker aborts the prefill; an abandoned one must not hold blocks
 
     async def decode(self, worker_id: str, job: DecodeJob) -> AsyncIterator[OutputDelta]:
         stream = self._decode.options(stream=True).generate.remote(job, worker_id=worker_id)

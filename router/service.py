@@ -37,7 +37,8 @@ class ServiceFullError(RuntimeError):
 
 
 class WorkerPools(Protocol):
-    async def prefill(self, worker_id: str, job: PrefillJob, timeout_s: float) -> PrefillResult: ...
+    def prefill(self, worker_id: str, job: PrefillJob) -> AsyncIterator[PrefillResult]:
+        """The handle up front (``finished`` false) where the worker can give it, then the outcome."""
 
     def decode(self, worker_id: str, job: DecodeJob) -> AsyncIterator[OutputDelta]:
         """The decode stream; closing it early cancels the request on the worker."""
@@ -108,6 +109,7 @@ class GenerationService:
         self._max_inflight = max_inflight
         self._prefill_timeout_s = prefill_timeout_s
         self._running: dict[str, asyncio.Event] = {}  # request id → set to abort it
+        self._background: set[asyncio.Task] = set()
         self.prompt_tokens_total = 0
         self.prefix_hit_tokens_total = 0
 
@@ -179,9 +181,9 @@ class GenerationService:
     async def _run(
         self, request: GenerateRequest, placement: Placement, hashes: list[str], start: float, aborted: asyncio.Event
     ) -> AsyncIterator[Chunk]:
-        handle, taken = None, False
+        handle, taken, prefilling = None, False, None
         if placement.prefill_worker is not None:
-            handle = await self._prefill(placement, request, hashes)
+            handle, prefilling = await self._prefill(placement, request, hashes)
         hit = placement.decode_cached_tokens if handle is None else placement.prefill_cached_tokens
         pool = "decode" if handle is None else "prefill"
         self._count_prompt(pool, len(request.prompt_token_ids), hit)
@@ -213,20 +215,43 @@ class GenerationService:
                     return
         finally:
             await _close(stream)
+            if prefilling is not None and not (taken and finished):
+                prefilling.cancel()  # the request ended early: stop the prefill too (it frees its blocks)
             if handle is not None and not (taken and finished):
                 await self._abort_transfer(placement.prefill_worker, handle)
 
-    async def _prefill(self, placement: Placement, request: GenerateRequest, hashes: list[str]) -> str | None:
+    async def _prefill(self, placement: Placement, request: GenerateRequest, hashes: list[str]):
+        """The transfer handle (None: prefill locally), and the prefill still running when it came up front."""
         job = PrefillJob(request, f"{request.request_id}-{uuid.uuid4().hex[:8]}", hashes)
+        stream = self._pools.prefill(placement.prefill_worker, job)
         try:
-            result = await self._pools.prefill(placement.prefill_worker, job, self._prefill_timeout_s)
+            first = await asyncio.wait_for(anext(stream), self._prefill_timeout_s)
         except (asyncio.CancelledError, GeneratorExit):
+            await _close(stream)
             raise
         except Exception as exc:  # the decode worker prefills instead: the request is not lost
+            await _close(stream)
             log.warning("prefill %s on %s failed, local: %s", job.transfer_id, placement.prefill_worker, exc)
             self.metrics.prefill_fallbacks.inc()
-            return None
-        return result.handle
+            return None, None
+        if first.finished:
+            await _close(stream)
+            return first.handle, None
+        task = asyncio.create_task(self._finish_prefill(job, stream))
+        self._background.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._background.discard)
+        return first.handle, task
+
+    async def _finish_prefill(self, job: PrefillJob, stream: AsyncIterator[PrefillResult]) -> None:
+        """Run an up-front prefill to its end; if it fails, the decode worker's pull fails and it recomputes."""
+        try:
+            async with asyncio.timeout(self._prefill_timeout_s):
+                async for _ in stream:
+                    pass
+        except Exception as exc:
+            log.warning("prefill %s failed after its handle was given out: %r", job.transfer_id, exc)
+        finally:
+            await _close(stream)
 
     async def _abort_transfer(self, worker_id: str, handle: str) -> None:
         try:
@@ -261,12 +286,12 @@ class GenerationService:
 async def _until(stream: AsyncIterator[OutputDelta], stop: asyncio.Event) -> AsyncIterator[OutputDelta | None]:
     """``stream``'s items until it ends, or one ``None`` once ``stop`` is set."""
     stopped = asyncio.ensure_future(stop.wait())
+    item = None
     try:
         while True:
             item = asyncio.ensure_future(anext(stream))
             await asyncio.wait((item, stopped), return_when=asyncio.FIRST_COMPLETED)
             if stopped.done():
-                item.cancel()
                 yield None
                 return
             try:
@@ -275,9 +300,15 @@ async def _until(stream: AsyncIterator[OutputDelta], stop: asyncio.Event) -> Asy
                 return
     finally:
         stopped.cancel()
+        if item is not None and not item.done():
+            item.cancel()  # the pending read gets the cancellation, and closes ``stream`` on its way out
 
 
 async def _close(stream) -> None:
     close = getattr(stream, "aclose", None)
-    if close is not None:
+    if close is None:
+        return
+    try:
         await close()
+    except RuntimeError:  # a cancelled read is still unwinding it (see _until); it closes itself
+        pass

@@ -91,6 +91,24 @@ def test_disaggregated_greedy_output_equals_one_engine(prefill, decode):
     assert cached >= 5 * BLOCK  # served from the transferred blocks, not recomputed
 
 
+def test_a_handle_given_up_front_is_pulled_layer_by_layer_while_the_prompt_runs(prefill, decode):
+    ids = prompt(5 * BLOCK + 3, offset=9)
+    reference = prefill.generate("ref-early", ids, 16)[0]
+    handle = prefill.kv_handle("x-early", hashes(ids), len(ids))
+    assert TransferHandle.from_bytes(bytes.fromhex(handle)).num_blocks == 6
+    result = {}
+    puller = threading.Thread(target=lambda: result.setdefault("out", consume(decode, "d-early", ids, handle)))
+    puller.start()  # the decode side asks first: the sender waits for the offer, then sends each layer once computed
+    time.sleep(0.3)
+    params = {"pdserve": "produce", "transfer_id": "x-early", "block_hashes": hashes(ids)}
+    _, out_params, _, _ = prefill.generate("p-early", ids, 1, params)
+    puller.join(60)
+    tokens, _, cached, _ = result["out"]
+    assert out_params["pdserve_handle"] == handle  # the same handle the router gave out up front
+    assert tokens == reference and cached >= 5 * BLOCK
+    wait_until(lambda: prefill.kv_blocks_used() == 0)
+
+
 def test_the_prefill_blocks_are_freed_after_the_decode_side_releases_them(prefill, decode):
     baseline = idle(prefill)
     ids = prompt(4 * BLOCK, offset=2)

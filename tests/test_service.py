@@ -27,7 +27,10 @@ pytestmark = pytest.mark.service
 
 @pytest.fixture(scope="module")
 def service(model_dir, tmp_path_factory):
-    config = service_config(model_dir, tmp_path_factory.mktemp("cache"), **{"service.prefill.num_replicas": 2})
+    # A loose load bound: these tests send bursts of one prefix to a fresh router, and the default bound
+    # (1.3x the fair share of recent placements, tested in test_placement.py) would spread them on purpose.
+    overrides = {"service.prefill.num_replicas": 2, "router.placement.load_bound": 3.0}
+    config = service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides)
     running = start(config, num_cpus=8)
     yield running
     running.stop()
