@@ -257,10 +257,12 @@ def _status(args: argparse.Namespace) -> int:
     print(f"model {status.model}  mode {status.mode}  policy {status.policy}  running {status.requests_running}")
     print(f"index {index} (outages {status.index_outages})  prefix hit rate {hit:.1%} "
           f"({status.prefix_hit_tokens}/{status.prompt_tokens} prompt tokens)")  # fmt: skip
-    print(f"{'pool':8} {'worker':34} {'running':>7} {'waiting':>7} {'queued':>7} {'kv use':>7}")
+    size = sum(w.cached_blocks for w in status.workers)
+    print(f"index size {size} blocks over {len(status.workers)} live workers")
+    print(f"{'pool':8} {'worker':34} {'running':>7} {'waiting':>7} {'queued':>7} {'kv use':>7} {'cached':>7}")
     for w in status.workers:
         print(f"{w.role:8} {w.worker_id:34} {w.running_seqs:7} {w.waiting_seqs:7} {w.queued_prefill_tokens:7} "
-              f"{w.kv_used_fraction:7.1%}")  # fmt: skip
+              f"{w.kv_used_fraction:7.1%} {w.cached_blocks:7}")  # fmt: skip
     return 0
 
 

@@ -88,6 +88,9 @@ class PdserveConfig(BaseModel):
         default=None, description="shared secret KV peers prove with (PDSERVE_CLUSTER_TOKEN); none: one per app"
     )
     ray_address: str | None = Field(default=None, description="join this Ray cluster; none: start a local one")
+    ray_metrics_export_port: int | None = Field(
+        default=None, ge=1, le=65535, description="a local cluster's Prometheus port for Ray's metrics (pdserve_*)"
+    )
     model_cache_dir: Path = Field(
         default=Path.home() / ".cache" / "pdserve" / "models",
         description="where the tiny model is made when no model directory is configured",

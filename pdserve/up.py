@@ -64,7 +64,10 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
         ray.init(address=config.ray_address, logging_level=logging.WARNING, log_to_driver=False)
     else:  # logical CPUs for every replica the pools may have, even on a 2-core machine; cores are bound per engine
         cpus = max(num_cpus or os.cpu_count() or 1, cpus_needed(service))
-        ray.init(num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+        ray.init(
+            num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+            _metrics_export_port=config.ray_metrics_export_port,
+        )  # fmt: skip
     try:
         serve.start(http_options={"host": service.http_host, "port": service.http_port})
         _deploy(build_app(config), service.app_name, ready_timeout_s)

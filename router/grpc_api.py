@@ -9,6 +9,7 @@ and tools (grpcurl, grpc-health-probe) expect.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import grpc
@@ -99,10 +100,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
         service = self._service
         health_now = service.index.health()
+        held = await asyncio.to_thread(service.index.held_blocks)
         workers = [
             pb.WorkerStatus(
                 worker_id=w.worker_id, role=w.role, running_seqs=w.load.running_seqs, waiting_seqs=w.load.waiting_seqs,
                 queued_prefill_tokens=w.load.queued_prefill_tokens, kv_used_fraction=w.load.kv_used_fraction,
+                cached_blocks=held.get(w.worker_id, 0),
             )
             for w in sorted(service.live_workers(), key=lambda w: (w.role, w.worker_id))
         ]  # fmt: skip

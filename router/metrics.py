@@ -1,5 +1,8 @@
 """The router's Prometheus metrics; names and buckets follow vLLM's (``pdserve:`` instead of ``vllm:``).
 
+Inside a Ray cluster the request metrics are also Ray metrics (``ray_pdserve_*`` on
+Ray's metrics export port), next to Serve's own.
+
 Each ``RouterMetrics`` has its own registry (several routers in one test process
 must not collide); ``/metrics`` renders it. Worker figures (KV use, running and
 waiting sequences, queued prefill tokens) come from the workers' heartbeats in
@@ -10,8 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import ray
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from ray.util import metrics
 
 from router.index import IndexHealth, WorkerInfo
 
@@ -22,30 +27,22 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 
 class RouterMetrics:
     def __init__(self, model_id: str, live_workers: Callable[[], list[WorkerInfo]], health: Callable[[], IndexHealth]):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.ttft = Histogram(
-            "pdserve:time_to_first_token_seconds", "Time to first token.", [], registry=r, buckets=TTFT_BUCKETS
+        self.registry = r = CollectorRegistry()
+        self.ttft = _Mirrored(Histogram, "time_to_first_token_seconds", "Time to first token.", r, (), TTFT_BUCKETS)
+        self.itl = _Mirrored(Histogram, "inter_token_latency_seconds", "Between output tokens.", r, (), ITL_BUCKETS)
+        self.e2e = _Mirrored(Histogram, "e2e_request_latency_seconds", "End-to-end latency.", r, (), E2E_BUCKETS)
+        self.requests = _Mirrored(Counter, "requests", "Finished requests by outcome.", r, ("outcome",))
+        self.running = _Mirrored(Gauge, "router_requests_running", "Requests the router is serving now.", r)
+        self.placements = _Mirrored(
+            Counter, "placement_decisions", "Placement decisions by outcome and reason.", r, ("outcome", "reason")
         )
-        self.itl = Histogram(
-            "pdserve:inter_token_latency_seconds", "Time between output tokens.", [], registry=r, buckets=ITL_BUCKETS
+        self.prompt_tokens = _Mirrored(Counter, "prompt_tokens", "Prompt tokens by pool.", r, ("pool",))
+        self.prefix_hit_tokens = _Mirrored(
+            Counter, "prefix_cache_hit_tokens", "Prompt tokens found in the chosen worker's cache.", r, ("pool",)
         )
-        self.e2e = Histogram(
-            "pdserve:e2e_request_latency_seconds", "End-to-end request latency.", [], registry=r, buckets=E2E_BUCKETS
-        )
-        self.requests = Counter("pdserve:requests", "Finished requests by outcome.", ["outcome"], registry=r)
-        self.running = Gauge("pdserve:router_requests_running", "Requests the router is serving now.", registry=r)
-        self.placements = Counter(
-            "pdserve:placement_decisions", "Placement decisions by outcome and reason.", ["outcome", "reason"],
-            registry=r,
-        )  # fmt: skip
-        self.prompt_tokens = Counter("pdserve:prompt_tokens", "Prompt tokens by pool.", ["pool"], registry=r)
-        self.prefix_hit_tokens = Counter(
-            "pdserve:prefix_cache_hit_tokens", "Prompt tokens found in the chosen worker's cache.", ["pool"], registry=r
-        )
-        self.generation_tokens = Counter("pdserve:generation_tokens", "Generated tokens.", registry=r)
-        self.prefill_fallbacks = Counter(
-            "pdserve:prefill_fallbacks", "Prefills that failed and were redone on the decode worker.", registry=r
+        self.generation_tokens = _Mirrored(Counter, "generation_tokens", "Generated tokens.", r)
+        self.prefill_fallbacks = _Mirrored(
+            Counter, "prefill_fallbacks", "Prefills that failed and were redone on the decode worker.", r
         )
         self.registry.register(_WorkerCollector(live_workers, health))
 
@@ -57,6 +54,55 @@ class RouterMetrics:
             extra.register(_TransferCollector(transfers))
             text += generate_latest(extra)
         return text
+
+
+class _Mirrored:
+    """A metric in the router's registry (``pdserve:NAME``) and, inside a Ray cluster, in Ray's own metrics
+    (``pdserve_NAME``, exported by Ray's metrics agent with the cluster's other metrics)."""
+
+    def __init__(self, kind, name: str, doc: str, registry, labels: tuple[str, ...] = (), buckets=None):
+        extra = {"buckets": buckets} if buckets else {}
+        self._prom = kind(f"pdserve:{name}", doc, list(labels), registry=registry, **extra)
+        self._labels = labels
+        self._ray = None
+        self._value = 0.0  # a Ray gauge is set, not moved
+        if ray.is_initialized():
+            ray_kind = {Histogram: metrics.Histogram, Counter: metrics.Counter, Gauge: metrics.Gauge}[kind]
+            ray_extra = {"boundaries": list(buckets)} if buckets else {}
+            self._ray = ray_kind(f"pdserve_{name}", doc, tag_keys=labels, **ray_extra)
+
+    def labels(self, *values: str) -> _Bound:
+        return _Bound(self, dict(zip(self._labels, values, strict=True)))
+
+    def observe(self, value: float, tags: dict[str, str] | None = None) -> None:
+        (self._prom.labels(**tags) if tags else self._prom).observe(value)
+        if self._ray is not None:
+            self._ray.observe(value, tags=tags)
+
+    def inc(self, value: float = 1.0, tags: dict[str, str] | None = None) -> None:
+        (self._prom.labels(**tags) if tags else self._prom).inc(value)
+        if self._ray is None:
+            return
+        if isinstance(self._prom, Gauge):
+            self._value += value
+            self._ray.set(self._value, tags=tags)
+        elif value > 0:  # Ray's counters refuse a zero step
+            self._ray.inc(value, tags=tags)
+
+    def dec(self, value: float = 1.0) -> None:
+        self.inc(-value)
+
+
+class _Bound:
+    def __init__(self, metric: _Mirrored, tags: dict[str, str]):
+        self._metric = metric
+        self._tags = tags
+
+    def observe(self, value: float) -> None:
+        self._metric.observe(value, self._tags)
+
+    def inc(self, value: float = 1.0) -> None:
+        self._metric.inc(value, self._tags)
 
 
 class _TransferCollector:

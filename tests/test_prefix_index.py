@@ -56,6 +56,16 @@ def test_match_counts_the_leading_blocks_each_live_worker_holds(index):
     assert counts == {"a": 5, "b": 3, "c": 0}
 
 
+def test_held_blocks_counts_each_workers_entries(index):
+    live(index, "a")
+    live(index, "b")
+    index.apply_events("a", 1, [stored(CHAIN[:5])])
+    index.apply_events("b", 1, [stored(CHAIN[:2]), BlocksRemoved([CHAIN[1]])])
+    assert index.held_blocks() == {"a": 5, "b": 1}
+    index.forget_worker("a")
+    assert index.held_blocks() == {"b": 1}
+
+
 def test_a_missing_block_ends_the_match(index):
     live(index, "a")
     index.apply_events("a", 1, [stored(CHAIN[:2]), stored(CHAIN[3:6])])

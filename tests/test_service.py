@@ -9,6 +9,7 @@ import http.client
 import json
 import threading
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlparse
 
@@ -19,6 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import transformers_greedy
 from service_client import LONG, ServiceClient, prompt, service_config
 
+from pdserve.local_redis import free_port
 from pdserve.up import start
 from pdserve_pb.v1 import generate_pb2 as pb
 
@@ -29,7 +31,8 @@ pytestmark = pytest.mark.service
 def service(model_dir, tmp_path_factory):
     # A loose load bound: these tests send bursts of one prefix to a fresh router, and the default bound
     # (1.3x the fair share of recent placements, tested in test_placement.py) would spread them on purpose.
-    overrides = {"service.prefill.num_replicas": 2, "router.placement.load_bound": 3.0}
+    overrides = {"service.prefill.num_replicas": 2, "router.placement.load_bound": 3.0,
+                 "ray_metrics_export_port": free_port()}  # fmt: skip
     config = service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides)
     running = start(config, num_cpus=8)
     yield running
@@ -221,6 +224,19 @@ def test_health_reflection_models_and_metrics_answer(client):
         assert name in text, name
 
 
+def test_request_metrics_are_ray_metrics_too(client, service):
+    client.greedy(prompt(60, 79), 2)
+    url = f"http://127.0.0.1:{service.config.ray_metrics_export_port}/metrics"
+    deadline = time.monotonic() + 60  # Ray's agent exports every few seconds
+    while True:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            text = reply.read().decode()
+        if "ray_pdserve_time_to_first_token_seconds_bucket" in text and "ray_pdserve_requests" in text:
+            break
+        assert time.monotonic() < deadline, "pdserve's metrics never reached Ray's metrics export"
+        time.sleep(1)
+
+
 def test_kv_transfer_bytes_are_counted_per_backend(client):
     before = client.metric("pdserve:kv_transfer_bytes_total", backend="torch_dist")
     assert client.greedy(prompt(150, 77), 2)[2].timing.placement == "disaggregated"
@@ -228,9 +244,12 @@ def test_kv_transfer_bytes_are_counted_per_backend(client):
 
 
 def test_status_lists_the_pools_and_their_load(client):
+    client.greedy(prompt(100, 78), 2)
+    time.sleep(0.5)  # its cache events reach the index
     status = client.status()
     assert sorted(w.role for w in status.workers) == ["decode", "prefill", "prefill"]
     assert status.mode == "disaggregated" and status.policy == "prefix_aware" and status.index_available
+    assert any(w.cached_blocks >= 3 for w in status.workers)
 
 
 def test_a_running_stream_survives_other_clients_going_away(client, reference):

@@ -62,6 +62,9 @@ class PrefixIndex(Protocol):
 
     def live_workers(self) -> list[WorkerInfo]: ...
 
+    def held_blocks(self) -> dict[str, int]:
+        """How many blocks the index records for each worker it knows (the index's size, for status)."""
+
     def forget_worker(self, worker_id: str) -> None:
         """Drop a worker and every entry it holds."""
 

@@ -62,6 +62,10 @@ class MemoryPrefixIndex:
         with self._lock:
             return self._live()
 
+    def held_blocks(self) -> dict[str, int]:
+        with self._lock:
+            return {worker_id: len(held) for worker_id, held in self._held.items()}
+
     def forget_worker(self, worker_id: str) -> None:
         with self._lock:
             self._drop_all(worker_id)

@@ -210,6 +210,16 @@ class RedisPrefixIndex:
     def live_workers(self) -> list[WorkerInfo]:
         return self.match([])[0]
 
+    def held_blocks(self) -> dict[str, int]:
+        def call() -> dict[str, int]:
+            workers = sorted(w.decode() for w in self._client.hkeys(self._ns + "epoch"))
+            pipe = self._client.pipeline(transaction=False)
+            for worker_id in workers:
+                pipe.scard(self._ns + "held:" + worker_id)
+            return dict(zip(workers, pipe.execute(), strict=True))
+
+        return self._guard(call, {})
+
     def forget_worker(self, worker_id: str) -> None:
         self._guard(lambda: self._forget(keys=[self._ns], args=[worker_id]), None)
 
