@@ -7,7 +7,8 @@
    system prompt, more groups than one replica's KV holds) against several
    co-located replicas, ``prefix_aware`` vs ``round_robin``, same arrivals.
 Every run reports TTFT / TPOT / ITL / end-to-end p50/p90/p99, throughput and
-the prefix-hit rate (from the router's metrics).
+the prefix-hit rate (from the router's metrics); the ``random`` workload runs
+over HTTP (SSE) and over gRPC.
 """
 
 from __future__ import annotations
@@ -20,11 +21,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import grpc
 import httpx
 
 from bench.report import report
 from pdserve.config import PdserveConfig
 from pdserve.local_redis import free_port
+from pdserve_pb.v1 import generate_pb2 as pb
+from pdserve_pb.v1 import generate_pb2_grpc as pb_grpc
 
 OVERHEAD_PROMPT = 1024
 
@@ -54,17 +58,43 @@ def shared_prefix_workload(rng: random.Random, vocab: int, n: int, groups: int, 
     return Workload("shared-prefix", [heads[g] + [rng.randrange(2, vocab) for _ in range(suffix)] for g in order])
 
 
-async def run_load(url: str, workload: Workload, rate: float, max_tokens: int, seed: int) -> tuple[list[Sample], float]:
-    """Send every prompt at Poisson arrival times (open loop); return the samples and the wall time."""
+async def run_load(
+    service, workload: Workload, rate: float, max_tokens: int, seed: int, api: str = "http"
+) -> tuple[list[Sample], float]:
+    """Send every prompt at Poisson arrival times (open loop) over ``api``; return the samples and the wall time."""
     rng = random.Random(seed)
-    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
-        start = time.perf_counter()
-        tasks = []
-        for ids in workload.prompts:
-            tasks.append(asyncio.create_task(_one(client, ids, max_tokens)))
-            await asyncio.sleep(rng.expovariate(rate))
-        samples = await asyncio.gather(*tasks)
-        return samples, time.perf_counter() - start
+    async with httpx.AsyncClient(base_url=service.http_url, timeout=300) as client:
+        async with grpc.aio.insecure_channel(service.grpc_address) as channel:
+            stub = pb_grpc.GenerationStub(channel)
+            start = time.perf_counter()
+            tasks = []
+            for ids in workload.prompts:
+                one = _one(client, ids, max_tokens) if api == "http" else _one_grpc(stub, ids, max_tokens)
+                tasks.append(asyncio.create_task(one))
+                await asyncio.sleep(rng.expovariate(rate))
+            samples = await asyncio.gather(*tasks)
+            return samples, time.perf_counter() - start
+
+
+async def _one_grpc(stub, ids: list[int], max_tokens: int) -> Sample:
+    sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=sampling)
+    start = time.perf_counter()
+    first = last = None
+    sample = Sample(0.0, 0.0)
+    async for reply in stub.Generate(request, timeout=300):
+        if not reply.token_ids:
+            continue
+        now = time.perf_counter()
+        if first is None:
+            first = now
+        else:
+            sample.itl_s.extend([(now - last) / len(reply.token_ids)] * len(reply.token_ids))
+        last = now
+        sample.tokens += len(reply.token_ids)
+    sample.ttft_s = (first or time.perf_counter()) - start
+    sample.e2e_s = time.perf_counter() - start
+    return sample
 
 
 async def _one(client: httpx.AsyncClient, ids: list[int], max_tokens: int) -> Sample:
@@ -121,10 +151,12 @@ def run_serve_bench(
 
     overhead_prompts = [[rng.randrange(2, vocab) for _ in range(OVERHEAD_PROMPT)] for _ in range(8)]
     engine_ttft = _in_process_ttft(config, overhead_prompts)
-    disaggregated = _with_service(config, {"service.mode": "disaggregated"}, lambda url, client: {
-        "ttft_1k_ms": 1000 * _sequential_ttft(url, [[rng.randrange(2, vocab) for _ in range(OVERHEAD_PROMPT)]
-                                                    for _ in range(8)]),
-        "random": _load(url, client, random_workload(rng, vocab, requests, 512), rate, max_tokens),
+    randoms = random_workload(rng, vocab, requests, 512)
+    disaggregated = _with_service(config, {"service.mode": "disaggregated"}, lambda service, client: {
+        "ttft_1k_ms": 1000 * _sequential_ttft(service.http_url, [
+            [rng.randrange(2, vocab) for _ in range(OVERHEAD_PROMPT)] for _ in range(8)]),
+        "random": _load(service, client, randoms, rate, max_tokens),
+        "random_grpc": _load(service, client, random_workload(rng, vocab, requests, 512), rate, max_tokens, "grpc"),
     })  # fmt: skip
     results["engine_in_process_ttft_1k_ms"] = 1000 * engine_ttft
     results["disaggregated"] = disaggregated
@@ -138,8 +170,8 @@ def run_serve_bench(
                  "engine.num_kv_blocks": 40, "engine.block_size": 128, "engine.max_model_len": 2048}  # fmt: skip
     for policy in ("prefix_aware", "round_robin"):
         overrides = {**placement, "router.placement.policy": policy}
-        results[policy] = _with_service(config, overrides, lambda url, client: {
-            "shared-prefix": _load(url, client, shared, rate, max_tokens)})  # fmt: skip
+        results[policy] = _with_service(config, overrides, lambda service, client: {
+            "shared-prefix": _load(service, client, shared, rate, max_tokens)})  # fmt: skip
     aware, rr = (results[p]["shared-prefix"]["ttft"]["p50_ms"] for p in ("prefix_aware", "round_robin"))
     results["prefix_aware_vs_round_robin_ttft_p50"] = rr / aware
 
@@ -150,6 +182,7 @@ def run_serve_bench(
         ("round_robin / prefix_aware p50 TTFT", f"{results['prefix_aware_vs_round_robin_ttft_p50']:.2f}", ">= 3"),
     ]
     for label, run in (("random (disagg.)", disaggregated["random"]),
+                       ("random (disagg., gRPC)", disaggregated["random_grpc"]),
                        ("shared, prefix_aware", results["prefix_aware"]["shared-prefix"]),
                        ("shared, round_robin", results["round_robin"]["shared-prefix"])):  # fmt: skip
         for metric in ("ttft", "tpot", "itl", "e2e"):
@@ -163,9 +196,9 @@ def run_serve_bench(
     return results
 
 
-def _load(url: str, client, workload: Workload, rate: float, max_tokens: int) -> dict:
+def _load(service, client, workload: Workload, rate: float, max_tokens: int, api: str = "http") -> dict:
     hits_before, prompt_before = client.hit_counts()
-    samples, wall = asyncio.run(run_load(url, workload, rate, max_tokens, seed=1))
+    samples, wall = asyncio.run(run_load(service, workload, rate, max_tokens, seed=1, api=api))
     hits, prompts = client.hit_counts()
     summary = summarize(samples, wall)
     summary["prefix_hit_rate"] = (hits - hits_before) / max(prompts - prompt_before, 1)
@@ -220,8 +253,7 @@ def _with_service(config: PdserveConfig, overrides: dict, body):
     merged = load_config(data=config.model_dump(mode="json"), overrides=settings)
     service = start(merged)
     try:
-        url = service.http_url
-        _sequential_ttft(url, [[7] * 64])  # warm-up: the first request pays for lazy imports
-        return body(url, _HitCounter(url))
+        _sequential_ttft(service.http_url, [[7] * 64])  # warm-up: the first request pays for lazy imports
+        return body(service, _HitCounter(service.http_url))
     finally:
         service.stop()
