@@ -116,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     serve_bench.add_argument("--rate", type=float, default=2.0, help="arrival rate, requests per second (Poisson)")
     serve_bench.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
     serve_bench.add_argument("--replicas", type=int, default=4, help="replicas for the placement comparison")
+    serve_bench.add_argument("--repeats", type=int, default=3, help="rounds of the placement comparison (median)")
     serve_bench.add_argument(
         "--json", nargs="?", const=Path("bench/results/serve.json"), type=Path, metavar="PATH",
         help="also write the figures as JSON (default path: bench/results/serve.json)",
@@ -326,7 +327,7 @@ def _bench_serve(args: argparse.Namespace) -> int:
     from pdserve.models import resolve_model
 
     config = resolve_model(_config(args), shape=BENCH_SHAPE, name="pdserve-bench-llama")
-    run_serve_bench(config, args.requests, args.rate, args.max_tokens, args.json, args.replicas)
+    run_serve_bench(config, args.requests, args.rate, args.max_tokens, args.json, args.replicas, args.repeats)
     return 0
 
 
