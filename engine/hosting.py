@@ -39,7 +39,6 @@ class Reporting(Protocol):
 class HostedEngine:
     def __init__(self, config: EngineConfig, role: str, worker_id: str, reporting: Reporting, heartbeat_s: float = 1.0):
         self.worker_id = worker_id
-        self.role = role
         self._reporter = reporter = reporting.start(worker_id, role, config.block_size)
         self.engine = Engine(config, on_cache_events=reporter.report_events)
         self._queued_prefill_tokens = 0  # prompt tokens admitted that have not produced a token yet
@@ -95,9 +94,6 @@ class HostedWorker:
     """What every worker deployment answers besides its role's own call: load, health, shutdown."""
 
     _host: HostedEngine
-
-    def load(self, worker_id: str | None = None) -> LoadFigures:
-        return self._host.load()
 
     def check_health(self) -> None:
         self._host.check_health()

@@ -95,8 +95,6 @@ class PrefillResult:
     """A prefill's answer: first the handle, up front (``finished`` false), then the outcome."""
 
     handle: str | None  # the transfer handle (hex); None: nothing is held, the decode worker prefills
-    prompt_tokens: int
-    cached_prompt_tokens: int
     finished: bool = True
 
 

@@ -45,11 +45,9 @@ def build_app(config: PdserveConfig) -> serve.Application:
         config.router.index.timeout_s, service.app_name,
     )  # fmt: skip
     disaggregated = service.mode == "disaggregated" and service.prefill.present
-    cores = _core_split(disaggregated)
-    if service.decode.cpu_cores != "auto":
-        cores["decode"] = service.decode.cpu_cores
-    if service.prefill.cpu_cores != "auto":
-        cores["prefill"] = service.prefill.cpu_cores
+    split = _core_split(disaggregated)
+    cores = {name: split[name] if pool.cpu_cores == "auto" else pool.cpu_cores
+             for name, pool in (("decode", service.decode), ("prefill", service.prefill))}  # fmt: skip
     decode = DecodeWorker.options(**_pool_options(service.decode, token, cores["decode"])).bind(
         _engine_for(config, service.decode, "kv_consumer" if disaggregated else None, cores["decode"]),
         reporting,

@@ -68,19 +68,18 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
             num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
             _metrics_export_port=config.ray_metrics_export_port,
         )  # fmt: skip
+    running = Service(
+        config, f"http://{service.http_host}:{service.http_port}", f"{service.grpc_host}:{service.grpc_port}", redis
+    )
     try:
         serve.start(http_options={"host": service.http_host, "port": service.http_port})
         _deploy(build_app(config), service.app_name, ready_timeout_s)
-        http_url = f"http://{service.http_host}:{service.http_port}"
         pools = ["decode"] + (["prefill"] if service.mode == "disaggregated" and service.prefill.present else [])
-        _wait_healthy(http_url, pools, ready_timeout_s)
+        _wait_healthy(running.http_url, pools, ready_timeout_s)
     except BaseException:
-        serve.shutdown()
-        ray.shutdown()
-        if redis is not None:
-            redis.stop()
+        running.stop()
         raise
-    return Service(config, http_url, f"{service.grpc_host}:{service.grpc_port}", redis)
+    return running
 
 
 def cpus_needed(service: ServiceConfig) -> float:

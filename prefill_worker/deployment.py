@@ -51,12 +51,11 @@ class PrefillWorker(HostedWorker):
         prompt = len(request.prompt_token_ids)
         handle = self._host.engine.kv_transfer_handle(job.transfer_id, job.block_hashes, prompt)
         if handle is not None:
-            yield PrefillResult(handle, prompt, 0, finished=False)
+            yield PrefillResult(handle, finished=False)
         last = None
         async for delta in self._host.stream(request):
             last = delta
-        out = (last.kv_transfer_params or {}) if last else {}
-        yield PrefillResult(out.get("pdserve_handle"), prompt, last.cached_prompt_tokens if last else 0)
+        yield PrefillResult(((last.kv_transfer_params or {}) if last else {}).get("pdserve_handle"))
 
     async def abort_transfer(self, handle: str, worker_id: str | None = None) -> None:
         """Free a transfer nobody will pull (its request was cancelled between prefill and decode)."""

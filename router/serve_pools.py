@@ -13,27 +13,11 @@ class ServeWorkerPools:
         self._prefill = prefill_handle  # None in co-located mode
         self._decode = decode_handle
 
-    async def prefill(self, worker_id: str, job: PrefillJob) -> AsyncIterator[PrefillResult]:
-        stream = self._prefill.options(stream=True).prefill.remote(job, worker_id=worker_id)
-        done = False
-        try:
-            async for result in stream:
-                done = result.finished
-                yield result
-        finally:
-            if not done:
-                stream.cancel()  # the worker aborts the prefill; an abandoned one must not hold blocks
+    def prefill(self, worker_id: str, job: PrefillJob) -> AsyncIterator[PrefillResult]:
+        return _pinned_stream(self._prefill.options(stream=True).prefill, job, worker_id)
 
-    async def decode(self, worker_id: str, job: DecodeJob) -> AsyncIterator[OutputDelta]:
-        stream = self._decode.options(stream=True).generate.remote(job, worker_id=worker_id)
-        done = False
-        try:
-            async for delta in stream:
-                done = delta.finished
-                yield delta
-        finally:
-            if not done:
-                stream.cancel()
+    def decode(self, worker_id: str, job: DecodeJob) -> AsyncIterator[OutputDelta]:
+        return _pinned_stream(self._decode.options(stream=True).generate, job, worker_id)
 
     async def abort_transfer(self, worker_id: str, handle: str, timeout_s: float) -> None:
         await asyncio.wait_for(_result(self._prefill.abort_transfer.remote(handle, worker_id=worker_id)), timeout_s)
@@ -42,5 +26,19 @@ class ServeWorkerPools:
         return await asyncio.wait_for(_result(self._decode.transfer_stats.remote(worker_id=worker_id)), timeout_s)
 
 
+async def _pinned_stream(method, job, worker_id: str):
+    """A worker's stream; left before its ``finished`` item, the call is cancelled and the worker frees its KV."""
+    stream = method.remote(job, worker_id=worker_id)
+    done = False
+    try:
+        async for item in stream:
+            done = item.finished
+            yield item
+    finally:
+        if not done:
+            stream.cancel()
+
+
 async def _result(response):
+    """A Serve response as a coroutine, so ``asyncio.wait_for`` can bound it."""
     return await response

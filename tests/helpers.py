@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 
 def collect(engine, request):
@@ -23,3 +24,10 @@ def transformers_greedy(model_dir, prompt_ids: list[int], n: int) -> list[int]:
         torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
     )
     return out[0, len(prompt_ids) :].tolist()
+
+
+def wait_for(condition, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)

@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import torch
+from helpers import wait_for
 from kv_peer import SECRET, SenderProcess, block_hashes, layer_tensors, start_receiver
 
 from kv_transfer import auth
@@ -366,13 +367,6 @@ def test_local_channel_copies_between_cuda_caches():
         assert all(torch.equal(dest[layer][[3, 0]], layers[layer][[6, 1]]) for layer in range(2))
     finally:
         registry.close()
-
-
-def wait_for(condition, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def test_grpc_transfers_can_run_over_tls(tmp_path):

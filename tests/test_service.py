@@ -17,7 +17,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import transformers_greedy
+from helpers import transformers_greedy, wait_for
 from service_client import LONG, ServiceClient, prompt, service_config
 
 from pdserve.local_redis import free_port
@@ -26,13 +26,15 @@ from pdserve_pb.v1 import generate_pb2 as pb
 
 pytestmark = pytest.mark.service
 
+MAX_INFLIGHT = 40  # requests one router replica serves at once; above it: RESOURCE_EXHAUSTED / 429
+
 
 @pytest.fixture(scope="module")
 def service(model_dir, tmp_path_factory):
     # A loose load bound: these tests send bursts of one prefix to a fresh router, and the default bound
     # (1.3x the fair share of recent placements, tested in test_placement.py) would spread them on purpose.
     overrides = {"service.prefill.num_replicas": 2, "router.placement.load_bound": 3.0,
-                 "ray_metrics_export_port": free_port()}  # fmt: skip
+                 "ray_metrics_export_port": free_port(), "service.max_inflight": MAX_INFLIGHT}  # fmt: skip
     config = service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides)
     running = start(config, num_cpus=8)
     yield running
@@ -175,6 +177,25 @@ def test_closing_an_http_stream_frees_the_kv_on_both_sides(client):
     assert client.wait_idle(5) <= 3.0
 
 
+def test_a_full_service_refuses_more_with_resource_exhausted_and_429(client):
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt(20, 44)),
+                                 sampling=pb.SamplingParams(max_tokens=800, ignore_eos=True))  # fmt: skip
+    calls = [client.stub.Generate(request, timeout=120) for _ in range(MAX_INFLIGHT)]
+    try:
+        for call in calls:
+            next(call)  # every one is running
+        with pytest.raises(grpc.RpcError) as error:
+            list(client.stub.Generate(request, timeout=30))
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        status, body = client.post("/v1/completions", {"prompt": prompt(20, 45), "max_tokens": 4})
+        assert status == 429 and "in flight" in body["error"]["message"]
+    finally:
+        for call in calls:
+            call.cancel()
+    client.wait_idle(10)
+    assert client.greedy(prompt(20, 46), 2)[2].finish_reason == "length"  # room again once they are gone
+
+
 def test_the_client_deadline_is_honoured_and_frees_the_request(client):
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt(100, 42)),
                                  sampling=pb.SamplingParams(max_tokens=900, ignore_eos=True))  # fmt: skip
@@ -193,13 +214,6 @@ def test_abort_stops_a_running_request_by_id(client):
     assert list(call)[-1].finish_reason == "abort"
     assert not client.stub.Abort(pb.AbortRequest(request_id="abort-me"), timeout=10).found
     client.wait_idle(3)
-
-
-def wait_for(condition, timeout_s: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_health_reflection_models_and_metrics_answer(client):
