@@ -104,7 +104,10 @@ def test_requests_sharing_a_long_prefix_land_on_the_prefill_replica_that_holds_i
     time.sleep(1.0)  # the holder's cache events reach the index
     hits_before = client.metric("pdserve:prefix_cache_hit_tokens_total", pool="prefill")
     # suffixes longer than the local-prefill bound: the decode worker holds the prefix too, but not 80 more tokens
-    placed = [client.greedy(shared + prompt(80, 22 + i), 2)[2].timing.prefill_worker for i in range(4)]
+    placed = []
+    for i in range(4):
+        placed.append(client.greedy(shared + prompt(80, 22 + i), 2)[2].timing.prefill_worker)
+        time.sleep(0.5)  # a heartbeat passes: the holder no longer reports the last prompt as queued
     assert placed == [holder] * 4
     hits = client.metric("pdserve:prefix_cache_hit_tokens_total", pool="prefill") - hits_before
     assert hits >= 4 * 160
