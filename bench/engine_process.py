@@ -76,7 +76,14 @@ class EnginePeer(ChildProcess):
 
     def generate(self, request_id: str, ids: list[int], max_tokens: int, params: dict | None = None, timeout=120):
         """(tokens, kv_transfer_params of the last delta, cached prompt tokens, finish reason)."""
+        self.submit(request_id, ids, max_tokens, params)
+        return self.result(timeout)
+
+    def submit(self, request_id: str, ids: list[int], max_tokens: int, params: dict | None = None) -> None:
+        """Start a request without waiting; ``result`` collects it (one at a time)."""
         self._conn.send(("generate", request_id, ids, max_tokens, params))
+
+    def result(self, timeout: float = 120):
         return self._expect("result", timeout)[0]
 
     def kv_handle(self, transfer_id: str, block_hashes: list[str], num_tokens: int) -> str | None:

@@ -13,14 +13,17 @@ cache size or the rate and read the hit rate and the balance.
 
 from __future__ import annotations
 
+import functools
+import heapq
+import itertools
 import random
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from engine.block_hash import hash_chain
 from engine.cache_events import BlocksRemoved, BlocksStored
-from router.index import MemoryPrefixIndex, PrefixIndex, WorkerInfo, WorkerLoad
+from router.index import Claim, MemoryPrefixIndex, PrefixIndex, WorkerInfo, WorkerLoad
 from router.placement import PlacementConfig, Placer
 
 DECODE_ID = "decode-0"
@@ -121,6 +124,21 @@ class SimResult:
     requests_per_worker: list[int]
 
 
+class _Deliveries:
+    """Index writes that land later than they happen: the view delay between workers and routers."""
+
+    def __init__(self):
+        self._due: list[tuple[float, int, Callable[[], None]]] = []
+        self._order = itertools.count()
+
+    def at(self, when_s: float, write: Callable[[], None]) -> None:
+        heapq.heappush(self._due, (when_s, next(self._order), write))
+
+    def until(self, now_s: float) -> None:
+        while self._due and self._due[0][0] <= now_s:
+            heapq.heappop(self._due)[2]()
+
+
 def simulate(
     trace,
     policy: str,
@@ -131,37 +149,58 @@ def simulate(
     index: PrefixIndex | None = None,
     model_id: str = "sim",
     placement: PlacementConfig | None = None,
+    routers: int = 1,
+    view_delay_s: float = 0.0,
+    shared_index: bool = True,
 ) -> SimResult:
-    """Replay ``trace`` with ``policy`` (a placement policy name, or ``oracle``)."""
-    index = index if index is not None else MemoryPrefixIndex()
+    """Replay ``trace`` with ``policy`` (a placement policy name, or ``oracle``).
+
+    Requests go to ``routers`` routers in turn, each with its own policy state.
+    Cache events and heartbeats reach the index ``view_delay_s`` after they
+    happen (event batching, heartbeat period); a router's reservation of a
+    worker counts at once for every router sharing the index (a Redis round
+    trip, far shorter than the gaps between arrivals). ``shared_index=False``
+    gives each router a private index that hears only of its own placements
+    (their cache events and reservations), as routers that each keep their own
+    prefix tree do.
+    """
+    if not shared_index and index is not None:
+        raise ValueError("a private index per router is always in memory")
+    views = [index if index is not None else MemoryPrefixIndex()] if shared_index else []
+    views += [MemoryPrefixIndex() for _ in range(routers - len(views))]
     sims = {f"prefill-{i}": SimWorker(f"prefill-{i}", capacity_blocks, tokens_per_s) for i in range(workers)}
     # Every request is disaggregated here: the simulator measures the prefill pool's cache.
     config = (placement or PlacementConfig()).model_copy(
         update={"policy": "prefix_aware" if policy == "oracle" else policy, "local_prefill_max_uncached_tokens": 0}
     )
-    placer = Placer(index, config, model_id, block_size)
-    index.heartbeat(WorkerInfo(DECODE_ID, "decode", 1, block_size), ttl_s=1e9)
-    for sim in sims.values():
-        _heartbeat(index, sim, block_size, 0.0)
+    placers = [Placer(views[r % len(views)], config, model_id, block_size) for r in range(routers)]
+    deliveries = _Deliveries()
+    for view in views:
+        view.heartbeat(WorkerInfo(DECODE_ID, "decode", 1, block_size), ttl_s=1e9)
+        for sim in sims.values():
+            view.heartbeat(WorkerInfo(sim.worker_id, "prefill", 1, block_size), ttl_s=1e9)
     cached_total = prompt_total = 0
-    for request in trace:
+    for number, request in enumerate(trace):
         now, tokens = request.arrival_s, request.token_ids
+        for sim in sims.values():  # each worker's heartbeat, as of now, lands after the view delay
+            info = WorkerInfo(sim.worker_id, "prefill", 1, block_size, WorkerLoad(sim.queued_tokens(now)))
+            for view in views:
+                deliveries.at(now + view_delay_s, functools.partial(view.heartbeat, info, 1e9))
+        deliveries.until(now)
         chain = hash_chain(model_id, tokens, block_size)
+        own = views[number % routers % len(views)]
         if policy == "oracle":
             target = max(sims.values(), key=lambda s: (s.cached_blocks(chain), -s.busy_until_s))
         else:
-            for sim in sims.values():
-                _heartbeat(index, sim, block_size, now)
-            target = sims[placer.place(tokens).prefill_worker]
+            target = sims[placers[number % routers].place(tokens).prefill_worker]
         cached, events = target.serve(chain, len(tokens), block_size, now)
-        index.apply_events(target.worker_id, 1, events)
+        claim = Claim(str(number), target.worker_id, len(tokens) - cached)
+        own.reserve([claim], ttl_s=1e9)
+        deliveries.at(target.busy_until_s, functools.partial(own.release, [claim]))
+        for view in views if shared_index else [own]:
+            deliveries.at(now + view_delay_s, functools.partial(view.apply_events, target.worker_id, 1, events))
         cached_total += cached
         prompt_total += len(tokens)
     counts = [s.requests for s in sims.values()]
     mean = sum(counts) / len(counts)
     return SimResult(policy, cached_total / prompt_total, max(counts) / mean, counts)
-
-
-def _heartbeat(index: PrefixIndex, sim: SimWorker, block_size: int, now_s: float) -> None:
-    load = WorkerLoad(queued_prefill_tokens=sim.queued_tokens(now_s))
-    index.heartbeat(WorkerInfo(sim.worker_id, "prefill", 1, block_size, load), ttl_s=1e9)

@@ -9,6 +9,12 @@ Hit rate: the placement simulator on a shared-prefix trace (200 system prompts
 of 1-4k tokens drawn Zipf(1.1), unique suffixes, 8 prefill workers each
 caching ~10 % of the working set), for every policy and an oracle that sees
 every cache. The baseline of each ratio runs in the same invocation.
+
+Many routers: the same trace through ``routers`` prefix_aware routers that
+share one index, each seeing cache events and heartbeats ``view_delay_s``
+late, against one router; and, for contrast, through routers that each keep a
+private index fed only by their own placements. With a service config, also
+the real service: hit rate through 2 router replicas over one Redis vs 1.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from bench.placement_sim import SharedPrefixTrace, simulate
 from bench.report import Row, report
 from engine.block_hash import hash_chain
 from engine.cache_events import BlocksStored
+from pdserve.config import PdserveConfig
 from pdserve.local_redis import LocalRedis
 from router.index import MemoryPrefixIndex, PrefixIndex, WorkerInfo, WorkerLoad
 from router.index.redis_index import RedisPrefixIndex
@@ -33,7 +40,13 @@ MODEL, BLOCK, PROMPT_TOKENS = "bench", 16, 4096
 
 
 def run_router_bench(
-    workers: int = 64, index_blocks: int = 1_000_000, decisions: int = 2000, json_path: Path | None = None
+    workers: int = 64,
+    index_blocks: int = 1_000_000,
+    decisions: int = 2000,
+    routers: int = 8,
+    view_delay_s: float = 0.05,
+    json_path: Path | None = None,
+    service_config: PdserveConfig | None = None,
 ) -> dict:
     documents = _documents(index_blocks)
     results: dict = {}
@@ -53,6 +66,22 @@ def run_router_bench(
     capacity = trace.working_set_tokens() // BLOCK // 10
     requests = list(trace)
     hits = {p: simulate(requests, p, capacity_blocks=capacity, tokens_per_s=10_000) for p in _SIM_POLICIES}
+    many = {
+        shared: simulate(
+            requests, "prefix_aware", capacity_blocks=capacity, tokens_per_s=10_000,
+            routers=routers, view_delay_s=view_delay_s, shared_index=shared,
+        )
+        for shared in (True, False)
+    }  # fmt: skip
+    results.update(
+        multi_router_hit_vs_single=many[True].hit_rate / hits["prefix_aware"].hit_rate,
+        multi_router_load_imbalance=many[True].load_imbalance,
+        private_index_hit_vs_single=many[False].hit_rate / hits["prefix_aware"].hit_rate,
+        routers=routers,
+        view_delay_ms=1000 * view_delay_s,
+        multi_router_hit_rate=many[True].hit_rate,
+        private_index_hit_rate=many[False].hit_rate,
+    )
     results.update(
         hit_rate_vs_oracle=hits["prefix_aware"].hit_rate / hits["oracle"].hit_rate,
         hit_rate_vs_round_robin=hits["prefix_aware"].hit_rate / hits["round_robin"].hit_rate,
@@ -65,6 +94,10 @@ def run_router_bench(
         block_size=BLOCK,
         sim_capacity_blocks_per_worker=capacity,
     )
+    if service_config is not None:
+        from bench.serve_bench import run_router_replicas_bench
+
+        results.update(run_router_replicas_bench(service_config, routers=2, requests=96, rate=2.0, repeats=3))
     report(_rows(results), results, json_path)
     return results
 
@@ -127,6 +160,15 @@ def _rows(results: dict) -> list[Row]:
         ("hit_rate_vs_oracle", f"{results['hit_rate_vs_oracle']:.3f}", ">= 0.9"),
         ("hit_rate_vs_round_robin", f"{results['hit_rate_vs_round_robin']:.2f}", ">= 3"),
         ("load_imbalance", f"{results['load_imbalance']:.2f}", "<= 1.5"),
+        ("multi_router_hit_vs_single", f"{results['multi_router_hit_vs_single']:.3f}", ">= 0.95"),
+        ("multi_router_load_imbalance", f"{results['multi_router_load_imbalance']:.2f}", "<= 1.5"),
+        ("  private_index_hit_vs_single", f"{results['private_index_hit_vs_single']:.3f}", ""),
     ]
+    if "service_multi_router_hit_vs_single" in results:
+        rounds = " ".join(f"{r:.3f}" for r in results["service_multi_router_hit_vs_single_rounds"])
+        rows += [
+            ("service: 2 routers / 1 hit rate", f"{results['service_multi_router_hit_vs_single']:.3f}", ">= 0.95"),
+            ("  ... per round", rounds, ""),
+        ]
     rows += [(f"  hit rate {p}", f"{r:.3f}", "") for p, r in results["hit_rates"].items()]
     return rows

@@ -278,3 +278,60 @@ def _with_service(config: PdserveConfig, overrides: dict, body):
         return body(service, _HitCounter(service.http_url))
     finally:
         service.stop()
+
+
+def run_router_replicas_bench(config: PdserveConfig, routers: int, requests: int, rate: float, repeats: int) -> dict:
+    """Prefix-hit rate of ``shared-prefix`` through ``routers`` router replicas over one Redis index, vs one router.
+
+    The placement comparison's setup (co-located replicas on one core, KV for
+    five of the prefixes each), ``prefix_aware``, Redis for both runs; each
+    round runs both from a cold start on the same arrivals. Hit rates are the
+    requests' own cached-token counts (``usage``), so no router's metrics are missed.
+    """
+    from pdserve.app import model_info
+
+    vocab = model_info(config.engine).vocab_size
+    replicas = 4
+    shared = shared_prefix_workload(random.Random(0), vocab, requests, groups=4 * replicas, prefix=1024, suffix=64)
+    setup = {"service.mode": "colocated", "service.decode.num_replicas": replicas, "service.decode.cpu_cores": "0",
+             "engine.num_kv_blocks": 40, "engine.block_size": 128, "engine.max_model_len": 2048,
+             "router.index.redis_url": "local"}  # fmt: skip
+    runs: dict[int, list[dict]] = {1: [], routers: []}
+    for round_no in range(repeats):
+        for count in runs:
+            overrides = {**setup, "service.router.num_replicas": count}
+            run = _with_service(config, overrides, lambda service, _, seed=round_no:
+                                asyncio.run(_hit_rate_load(service.http_url, shared, rate, seed)))  # fmt: skip
+            runs[count].append(run)
+    ratios = [many["hit_rate"] / one["hit_rate"] for one, many in zip(runs[1], runs[routers], strict=True)]
+    return {
+        "service_multi_router_hit_vs_single": statistics.median(ratios),
+        "service_multi_router_hit_vs_single_rounds": ratios,
+        "service_routers": routers,
+        "service_single_router_rounds": runs[1],
+        "service_multi_router_rounds": runs[routers],
+    }
+
+
+async def _hit_rate_load(url: str, workload: Workload, rate: float, seed: int) -> dict:
+    """Open-loop load, non-streaming: the hit rate from each reply's usage, and which router served it."""
+    rng = random.Random(seed)
+
+    async def one(client: httpx.AsyncClient, ids: list[int]) -> dict:
+        reply = await client.post("/v1/completions", json={"prompt": ids, "max_tokens": 2, "temperature": 0})
+        reply.raise_for_status()
+        return reply.json()
+
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        tasks = []
+        for ids in workload.prompts:
+            tasks.append(asyncio.create_task(one(client, ids)))
+            await asyncio.sleep(rng.expovariate(rate))
+        bodies = await asyncio.gather(*tasks)
+    cached = sum(b["usage"]["prompt_tokens_details"]["cached_tokens"] for b in bodies)
+    prompt = sum(b["usage"]["prompt_tokens"] for b in bodies)
+    served: dict[str, int] = {}
+    for body in bodies:
+        router = body["pdserve"]["timing"]["router"]
+        served[router] = served.get(router, 0) + 1
+    return {"hit_rate": cached / prompt, "requests_per_router": sorted(served.values())}

@@ -88,9 +88,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     engine_bench.set_defaults(run=_bench_engine)
     router_bench = suites.add_parser("router", help="placement decision latency (memory, Redis) and prefix hit rate")
+    _add_config_flags(router_bench)
     router_bench.add_argument("--workers", type=int, default=64, help="live workers in the index")
     router_bench.add_argument("--index-blocks", type=int, default=1_000_000, help="blocks held in the index")
     router_bench.add_argument("--decisions", type=int, default=2000, help="timed placement decisions per backend")
+    router_bench.add_argument("--routers", type=int, default=8, help="routers sharing the index in the simulation")
+    router_bench.add_argument(
+        "--service", action="store_true", help="also the real service: hit rate with 2 router replicas vs 1 (~10 min)"
+    )
+    router_bench.add_argument(
+        "--view-delay-ms", type=float, default=50.0, help="how late cache events and heartbeats reach the routers"
+    )
     router_bench.add_argument(
         "--json", nargs="?", const=Path("bench/results/router.json"), type=Path, metavar="PATH",
         help="also write the figures as JSON (default path: bench/results/router.json)",
@@ -260,10 +268,11 @@ def _status(args: argparse.Namespace) -> int:
           f"({status.prefix_hit_tokens}/{status.prompt_tokens} prompt tokens)")  # fmt: skip
     size = sum(w.cached_blocks for w in status.workers)
     print(f"index size {size} blocks over {len(status.workers)} live workers")
-    print(f"{'pool':8} {'worker':34} {'running':>7} {'waiting':>7} {'queued':>7} {'kv use':>7} {'cached':>7}")
+    print(f"{'pool':8} {'worker':34} {'running':>7} {'waiting':>7} {'queued':>7} {'kv use':>7} {'cached':>7} "
+          f"{'placed':>7}")  # fmt: skip
     for w in status.workers:
         print(f"{w.role:8} {w.worker_id:34} {w.running_seqs:7} {w.waiting_seqs:7} {w.queued_prefill_tokens:7} "
-              f"{w.kv_used_fraction:7.1%} {w.cached_blocks:7}")  # fmt: skip
+              f"{w.kv_used_fraction:7.1%} {w.cached_blocks:7} {w.in_flight:7}")  # fmt: skip
     return 0
 
 
@@ -307,7 +316,14 @@ def _bench_engine(args: argparse.Namespace) -> int:
 def _bench_router(args: argparse.Namespace) -> int:
     from bench.router_bench import run_router_bench
 
-    run_router_bench(args.workers, args.index_blocks, args.decisions, args.json)
+    service = None
+    if args.service:
+        from pdserve.models import resolve_model
+
+        service = resolve_model(_config(args), shape=BENCH_SHAPE, name="pdserve-bench-llama")
+    run_router_bench(
+        args.workers, args.index_blocks, args.decisions, args.routers, args.view_delay_ms / 1000, args.json, service
+    )
     return 0
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from engine.config import EngineConfig
 from router.config import RouterConfig
@@ -46,6 +46,12 @@ class PoolConfig(BaseModel):
     @property
     def present(self) -> bool:
         return self.num_replicas > 0 or self.autoscaling_config is not None
+
+    @property
+    def most_replicas(self) -> int:
+        if self.autoscaling_config is not None:
+            return int(self.autoscaling_config.get("max_replicas", 1))
+        return self.num_replicas
 
 
 class TransferConfig(BaseModel):
@@ -96,6 +102,15 @@ class PdserveConfig(BaseModel):
         description="where the tiny model is made when no model directory is configured",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+    @model_validator(mode="after")
+    def _many_routers_share_redis(self) -> PdserveConfig:
+        if self.service.router.most_replicas > 1 and not self.router.index.redis_url:
+            raise ValueError(
+                "service.router: more than one router replica needs router.index.redis_url "
+                "(the in-memory index lives in one replica; Redis is the index routers share)"
+            )
+        return self
 
 
 def load_config(

@@ -17,6 +17,9 @@ class IndexConfig(BaseModel):
     timeout_s: float = Field(default=0.5, gt=0, description="deadline of one Redis call")
     heartbeat_ttl_s: float = Field(default=3.0, gt=0, description="a worker whose heartbeat is this old stops counting")
     sweep_interval_s: float = Field(default=10.0, gt=0, description="how often dead workers' entries are collected")
+    in_flight_ttl_s: float = Field(
+        default=10.0, gt=0, description="a placement stops counting this long after its router last renewed it"
+    )
 
 
 class RequestLimitsConfig(BaseModel):

@@ -63,7 +63,8 @@ def response(chunk: Chunk) -> pb.GenerateResponse:
     if chunk.timing is not None:
         t = chunk.timing
         message.timing.CopyFrom(pb.Timing(ttft_s=t.ttft_s, e2e_s=t.e2e_s, placement=t.placement,
-                                          prefill_worker=t.prefill_worker, decode_worker=t.decode_worker))  # fmt: skip
+                                          prefill_worker=t.prefill_worker, decode_worker=t.decode_worker,
+                                          router=t.router))  # fmt: skip
     return message
 
 
@@ -105,7 +106,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             pb.WorkerStatus(
                 worker_id=w.worker_id, role=w.role, running_seqs=w.load.running_seqs, waiting_seqs=w.load.waiting_seqs,
                 queued_prefill_tokens=w.load.queued_prefill_tokens, kv_used_fraction=w.load.kv_used_fraction,
-                cached_blocks=held.get(w.worker_id, 0),
+                cached_blocks=held.get(w.worker_id, 0), in_flight=w.in_flight.requests,
             )
             for w in sorted(service.live_workers(), key=lambda w: (w.role, w.worker_id))
         ]  # fmt: skip

@@ -1,8 +1,10 @@
 """The Router deployment: Serve's HTTP ingress (OpenAI API, health, metrics) and pdserve's gRPC server.
 
 One replica holds one ``GenerationService``. With the in-memory index the
-workers report to this replica (``report``); with Redis they write to Redis and
-any number of router replicas share it.
+workers report to this replica (``report``), so there is one router replica;
+with Redis they write to Redis and any number of router replicas share it
+(each its own gRPC listener on the same port, SO_REUSEPORT; Serve's proxy
+spreads HTTP).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class Router:
         pools = ServeWorkerPools(prefill_handle, decode_handle)
         self.service = GenerationService(
             settings.model, settings.router, self._index, pools, settings.mode, settings.max_inflight,
-            settings.prefill_timeout_s,
+            settings.prefill_timeout_s, serve.get_replica_context().replica_id.unique_id,
         )  # fmt: skip
         self._grpc = await start_grpc_server(self.service, settings.grpc_host, settings.grpc_port)
 

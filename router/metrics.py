@@ -140,6 +140,8 @@ class _WorkerCollector:
             "num_requests_running": ("Sequences running.", lambda w: w.load.running_seqs),
             "num_requests_waiting": ("Sequences waiting.", lambda w: w.load.waiting_seqs),
             "queued_prefill_tokens": ("Prompt tokens not yet prefilled.", lambda w: w.load.queued_prefill_tokens),
+            "requests_in_flight": ("Requests every router placed there, not yet released.",
+                                   lambda w: w.in_flight.requests),
         }  # fmt: skip
         workers = self._live_workers()
         for name, (doc, value) in per_worker.items():

@@ -13,16 +13,24 @@ request, in prompt-token units, and takes the cheapest:
   + ``decode_seq_cost_tokens`` × running sequences + ``decode_kv_cost_tokens`` × KV pool use
 
 so a worker holding the prefix wins until its queue costs more than the
-prefix saves, and then the request spills to the next best worker. A hot prefix
-is served fast from cache, so its holder's queue may never grow: a worker that
-took more than ``load_bound`` × its fair share of this router's last
-``balance_window`` placements is skipped while others are under the bound,
-which also copies hot prefixes onto a second worker. Ties go round-robin.
+prefix saves, and then the request spills to the next best worker. The
+heartbeat lags: queued prefill is the worker's last heartbeat plus the prompt
+tokens placed on it since (by every router, through the index), and running
+sequences are the heartbeat's or the requests in flight there, whichever is more.
+
+A hot prefix is served fast from cache, so its holder's queue may never grow.
+The load bound caps it, over the requests in flight from every router (``ceil(
+load_bound`` × the fair share), or ``load_bound_floor``, as in consistent
+hashing with bounded loads: N routers that see one hot prefix at once spread
+it) and over this router's last ``balance_window`` placements (``load_bound``
+× the fair share, which also copies hot prefixes onto a second worker). A
+worker over either bound is skipped while others are under. Ties go round-robin.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,8 +62,13 @@ class PlacementConfig(BaseModel):
     transfer_cost_per_token: float = Field(default=0.25, ge=0, description="cost of a token the decode worker lacks")
     decode_seq_cost_tokens: float = Field(default=64.0, ge=0, description="cost of one running decode sequence")
     decode_kv_cost_tokens: float = Field(default=4096.0, ge=0, description="cost of a full decode KV pool")
-    load_bound: float = Field(default=1.3, ge=1.0, description="max share of recent placements, over the fair share")
-    balance_window: int = Field(default=256, ge=1, description="placements the load bound looks back on")
+    load_bound: float = Field(
+        default=1.3, ge=1.0, description="max share of requests in flight and of recent placements, over fair share"
+    )
+    load_bound_floor: int = Field(
+        default=2, ge=1, description="requests in flight a worker may always have, whatever its share"
+    )
+    balance_window: int = Field(default=256, ge=1, description="this router's placements the load bound looks back on")
 
 
 @dataclass(frozen=True)
@@ -118,15 +131,15 @@ class PrefixAware:
 
     def __init__(self, config: PlacementConfig):
         self._config = config
-        self._prefill_share = _RecentShare(config.balance_window, config.load_bound)
-        self._decode_share = _RecentShare(config.balance_window, config.load_bound)
+        bound = (config.balance_window, config.load_bound, config.load_bound_floor)
+        self._prefill_share = _RecentShare(*bound)
+        self._decode_share = _RecentShare(*bound)
 
     def choose(self, prompt_tokens, prefill, decode):
         config = self._config
 
         def prefill_cost(c: Candidate) -> float:
-            queued = c.worker.load.queued_prefill_tokens
-            return (prompt_tokens - c.cached_tokens) + config.prefill_queue_weight * queued
+            return (prompt_tokens - c.cached_tokens) + config.prefill_queue_weight * _queued_prefill(c)
 
         def decode_cost(c: Candidate) -> float:
             lacking = prompt_tokens - c.cached_tokens
@@ -139,16 +152,18 @@ class PrefixAware:
 class _RecentShare:
     """Cheapest candidate among those under the load bound of recent placements; ties rotate."""
 
-    def __init__(self, window: int, bound: float):
+    def __init__(self, window: int, bound: float, floor: int):
         self._recent: deque[str] = deque(maxlen=window)
         self._counts: Counter[str] = Counter()
         self._bound = bound
+        self._floor = floor
         self._turn = itertools.count()
 
     def pick(self, candidates: Sequence[Candidate], cost) -> Candidate:
         ordered = _rotated(candidates, next(self._turn))
-        limit = self._bound * max(len(self._recent), 1) / len(ordered)
-        under = [c for c in ordered if self._counts[c.worker.worker_id] < limit] or ordered
+        flights = _in_flight_bounded(ordered, self._bound, self._floor)
+        capacity = math.ceil(self._bound * (len(self._recent) + 1) / len(ordered))
+        under = [c for c in flights if self._counts[c.worker.worker_id] + 1 <= capacity] or flights
         chosen = min(under, key=cost)
         self._record(chosen.worker.worker_id)
         return chosen
@@ -203,7 +218,7 @@ class Placer:
             reason = "no_prefill_worker"
         elif prompt_tokens - decode.cached_tokens <= config.local_prefill_max_uncached_tokens:
             reason = "short_uncached"
-        elif all(c.worker.load.queued_prefill_tokens > config.prefill_queue_limit_tokens for c in pool):
+        elif all(_queued_prefill(c) > config.prefill_queue_limit_tokens for c in pool):
             reason = "prefill_saturated"
         else:
             return Placement(
@@ -217,13 +232,27 @@ class Placer:
         return Placement(None, decode.worker.worker_id, 0, decode.cached_tokens, "local_prefill", reason)
 
 
+def _in_flight_bounded(candidates: list[Candidate], bound: float, floor: int) -> list[Candidate]:
+    """Those that may take one more request in flight: ``ceil(bound × fair share)``, or ``floor``, counting this one.
+
+    The counts are every router's placements (the shared index), so routers
+    that see one hot prefix at once spread it instead of piling onto its holder.
+    Never empty: a worker at or under the mean is always under the bound.
+    """
+    total = sum(c.worker.in_flight.requests for c in candidates) + 1
+    capacity = max(floor, math.ceil(bound * total / len(candidates)))
+    return [c for c in candidates if c.worker.in_flight.requests + 1 <= capacity]
+
+
 def _by_id(candidates: Sequence[Candidate]) -> list[Candidate]:
     """Stable order, so ties break the same way on every router."""
     return sorted(candidates, key=lambda c: c.worker.worker_id)
 
 
 def _queued_prefill(candidate: Candidate) -> int:
-    return candidate.worker.load.queued_prefill_tokens
+    """The worker's last heartbeat, plus what routers have placed on it since."""
+    worker = candidate.worker
+    return worker.load.queued_prefill_tokens + worker.in_flight.unreported_tokens
 
 
 def _rotated(candidates: Sequence[Candidate], turn: int) -> list[Candidate]:
@@ -235,6 +264,5 @@ def _rotated(candidates: Sequence[Candidate], turn: int) -> list[Candidate]:
 
 def _decode_load_cost(worker: WorkerInfo, config: PlacementConfig) -> float:
     load = worker.load
-    return config.decode_seq_cost_tokens * (load.running_seqs + load.waiting_seqs) + (
-        config.decode_kv_cost_tokens * load.kv_used_fraction
-    )
+    sequences = max(load.running_seqs + load.waiting_seqs, worker.in_flight.requests)
+    return config.decode_seq_cost_tokens * sequences + config.decode_kv_cost_tokens * load.kv_used_fraction

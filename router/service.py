@@ -6,6 +6,11 @@ router core over the prefix index. A prefill that fails or times out is not
 fatal: the decode worker prefills locally. A request that ends before its
 decode worker took the KV (cancelled, failed) aborts the transfer, so the
 prefill worker frees the blocks at once instead of at lease expiry.
+
+Every placement is reserved in the prefix index (a claim on each chosen
+worker) until that worker is done with the request, so every router sharing
+the index sees it at once; the service renews its claims while they run, and a
+router that dies leaves claims that lapse after ``in_flight_ttl_s``.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Literal, Protocol
 from engine.block_hash import hash_chain
 from engine.types import DecodeJob, GenerateRequest, OutputDelta, PrefillJob, PrefillResult
 from router.config import RouterConfig
-from router.index import PrefixIndex
+from router.index import Claim, PrefixIndex
 from router.metrics import RouterMetrics
 from router.placement import Placement, Placer
 from router.request import GenerationRequest, Kind, RequestError, RequestLimits, parse_request, tokenize
@@ -72,6 +77,7 @@ class Timing:
     placement: str
     prefill_worker: str
     decode_worker: str
+    router: str
 
 
 @dataclass(frozen=True)
@@ -96,8 +102,10 @@ class GenerationService:
         mode: Mode = "disaggregated",
         max_inflight: int = 256,
         prefill_timeout_s: float = 60.0,
+        router_id: str = "",
     ):
         self.model = model
+        self.router_id = router_id
         self.mode = mode
         self.config = config
         self.index = index
@@ -109,6 +117,9 @@ class GenerationService:
         self._max_inflight = max_inflight
         self._prefill_timeout_s = prefill_timeout_s
         self._running: dict[str, asyncio.Event] = {}  # request id → set to abort it
+        self._claims: dict[tuple[str, str], Claim] = {}  # (request id, worker id) → its reservation in the index
+        self._claim_ttl_s = config.index.in_flight_ttl_s
+        self._renewing: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self.prompt_tokens_total = 0
         self.prefix_hit_tokens_total = 0
@@ -133,7 +144,7 @@ class GenerationService:
         outcome = "error"
         try:
             chain = hash_chain(self.model.model_id, token_ids, self.model.block_size)
-            placement = await self._place(len(token_ids), chain)
+            placement = await self._place(rid, len(token_ids), chain)
             engine_request = GenerateRequest(rid, token_ids, request.sampling)
             hashes = [digest.hex() for digest in chain]
             async for chunk in self._run(engine_request, placement, hashes, start, aborted):
@@ -144,6 +155,7 @@ class GenerationService:
             outcome = "cancelled"
             raise
         finally:
+            self._release(rid)
             self._running.pop(rid, None)
             self.metrics.running.dec()
             self.metrics.requests.labels(outcome).inc()
@@ -170,13 +182,47 @@ class GenerationService:
     def running(self) -> int:
         return len(self._running)
 
-    async def _place(self, prompt_tokens: int, chain: list[bytes]) -> Placement:
+    async def _place(self, request_id: str, prompt_tokens: int, chain: list[bytes]) -> Placement:
         live, cached = await asyncio.to_thread(self.index.match, chain) if chain else (self.live_workers(), {})
         if self.mode == "colocated":
             live = [w for w in live if w.role == "decode"]
         placement = self._placer.place_matched(prompt_tokens, live, cached)
         self.metrics.placements.labels(placement.outcome, placement.reason).inc()
+        claims = [Claim(request_id, placement.decode_worker, 0)]
+        if placement.prefill_worker is None:
+            claims[0] = Claim(request_id, placement.decode_worker, prompt_tokens - placement.decode_cached_tokens)
+        else:
+            claims.append(Claim(request_id, placement.prefill_worker, prompt_tokens - placement.prefill_cached_tokens))
+        self._claims.update(((c.request_id, c.worker_id), c) for c in claims)
+        self._renew_claims()
+        await asyncio.to_thread(self.index.reserve, claims, self._claim_ttl_s)
         return placement
+
+    def _release(self, request_id: str, worker_id: str | None = None) -> None:
+        """Drop the request's claim on ``worker_id`` (all its claims when None), without waiting for the index."""
+        keys = [k for k in self._claims if k[0] == request_id and worker_id in (None, k[1])]
+        claims = [self._claims.pop(key) for key in keys]
+        if claims:
+            self._in_background(asyncio.to_thread(self.index.release, claims))
+
+    def _renew_claims(self) -> None:
+        """Keep renewing running claims, so only a dead router's lapse."""
+        if self._renewing is None or self._renewing.done():
+            self._renewing = asyncio.create_task(self._renew_every(self._claim_ttl_s / 3))
+
+    async def _renew_every(self, period_s: float) -> None:
+        while self._claims:
+            await asyncio.sleep(period_s)
+            try:
+                await asyncio.to_thread(self.index.reserve, list(self._claims.values()), self._claim_ttl_s)
+            except Exception as exc:  # an index outage: the next renewal tries again
+                log.warning("renewing %d placements in the index failed: %s", len(self._claims), exc)
+
+    def _in_background(self, work) -> asyncio.Future:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def _run(
         self, request: GenerateRequest, placement: Placement, hashes: list[str], start: float, aborted: asyncio.Event
@@ -231,18 +277,17 @@ class GenerationService:
             raise
         except Exception as exc:  # the decode worker prefills instead: the request is not lost
             await _close(stream)
+            self._release(request.request_id, placement.prefill_worker)
             log.warning("prefill %s on %s failed, local: %s", job.transfer_id, placement.prefill_worker, exc)
             self.metrics.prefill_fallbacks.inc()
             return None, None
         if first.finished:
             await _close(stream)
+            self._release(request.request_id, placement.prefill_worker)
             return first.handle, None
-        task = asyncio.create_task(self._finish_prefill(job, stream))
-        self._background.add(task)  # held until done: the loop keeps only weak references to tasks
-        task.add_done_callback(self._background.discard)
-        return first.handle, task
+        return first.handle, self._in_background(self._finish_prefill(job, stream, placement.prefill_worker))
 
-    async def _finish_prefill(self, job: PrefillJob, stream: AsyncIterator[PrefillResult]) -> None:
+    async def _finish_prefill(self, job: PrefillJob, stream: AsyncIterator[PrefillResult], worker_id: str) -> None:
         """Run an up-front prefill to its end; if it fails, the decode worker's pull fails and it recomputes."""
         try:
             async with asyncio.timeout(self._prefill_timeout_s):
@@ -251,6 +296,7 @@ class GenerationService:
         except Exception as exc:
             log.warning("prefill %s failed after its handle was given out: %r", job.transfer_id, exc)
         finally:
+            self._release(job.request.request_id, worker_id)
             await _close(stream)
 
     async def _abort_transfer(self, worker_id: str, handle: str) -> None:
@@ -267,6 +313,7 @@ class GenerationService:
             placement="disaggregated" if handle is not None else "local_prefill",
             prefill_worker=(placement.prefill_worker or "") if handle is not None else "",
             decode_worker=placement.decode_worker,
+            router=self.router_id,
         )
         return Chunk(chunk.request_id, chunk.token_ids, chunk.text, delta.finish_reason, usage, timing)
 

@@ -35,3 +35,13 @@ def redis_server(tmp_path):
     server = LocalRedis(tmp_path).start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    """A gRPC + HTTP client of the module's ``service`` fixture (a running pdserve)."""
+    from service_client import ServiceClient
+
+    c = ServiceClient(service)
+    yield c
+    c.close()

@@ -87,3 +87,15 @@ def test_request_limits_combine_config_and_model_figures():
     config = load_config(overrides={"router.limits.max_stop_strings": 2})
     limits = config.router.limits.for_model(context_length=512, vocab_size=1024)
     assert (limits.max_stop_strings, limits.context_length, limits.vocab_size) == (2, 512, 1024)
+
+
+@pytest.mark.parametrize(
+    "router",
+    [{"num_replicas": 2}, {"autoscaling_config": {"min_replicas": 1, "max_replicas": 4}}],
+    ids=["fixed", "autoscaled"],
+)
+def test_more_than_one_router_replica_needs_the_redis_index(router):
+    with pytest.raises(ConfigError, match="router.index.redis_url"):
+        load_config(data={"service": {"router": router}})
+    config = load_config(data={"service": {"router": router}, "router": {"index": {"redis_url": "redis://h:1"}}})
+    assert config.service.router.most_replicas >= 2

@@ -109,6 +109,29 @@ def test_a_handle_given_up_front_is_pulled_layer_by_layer_while_the_prompt_runs(
     wait_until(lambda: prefill.kv_blocks_used() == 0)
 
 
+def test_a_prefill_process_killed_mid_pull_is_recomputed_by_the_decode_side(make_tiny_model, prefill, decode):
+    doomed = EnginePeer(config(make_tiny_model("llama"), "kv_producer", lease_s=30), ENV)
+    ids = prompt(12 * BLOCK + 5, offset=13)
+    reference = prefill.generate("ref-killed", ids, 16)[0]
+    handle = doomed.kv_handle("x-killed", hashes(ids), len(ids))
+    result = {}
+    puller = threading.Thread(target=lambda: result.setdefault("out", consume(decode, "d-killed", ids, handle)))
+    puller.start()
+    time.sleep(0.3)  # the decode side is pulling: connected, waiting for the offer's layers
+    doomed.submit("p-killed", ids, 1, {"pdserve": "produce", "transfer_id": "x-killed", "block_hashes": hashes(ids)})
+    time.sleep(0.05)
+    doomed.kill()
+    killed_at = time.monotonic()
+    puller.join(30)
+    assert not puller.is_alive(), "the decode side hung on a dead sender"
+    tokens, _, cached, reason = result["out"]
+    assert time.monotonic() - killed_at < 10  # the stall deadline (2 s) plus the local recompute
+    assert tokens == reference and reason == "length"
+    wait_until(lambda: decode.kv_blocks_used() == 0)
+    assert consume(decode, "d-after-kill", prompt(3 * BLOCK, offset=14), produce(prefill, "p-after-kill",
+                   prompt(3 * BLOCK, offset=14)))[3] == "length"  # fmt: skip
+
+
 def test_the_prefill_blocks_are_freed_after_the_decode_side_releases_them(prefill, decode):
     baseline = idle(prefill)
     ids = prompt(4 * BLOCK, offset=2)

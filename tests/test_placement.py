@@ -7,7 +7,7 @@ from pydantic import ValidationError
 
 from engine.block_hash import hash_chain
 from engine.cache_events import BlocksStored
-from router.index import MemoryPrefixIndex, WorkerInfo, WorkerLoad
+from router.index import Claim, MemoryPrefixIndex, WorkerInfo, WorkerLoad, make_index
 from router.placement import NoWorkerError, PlacementConfig, Placer
 
 MODEL, BLOCK = "tiny", 16
@@ -16,8 +16,8 @@ CHAIN = hash_chain(MODEL, PROMPT, BLOCK)
 
 
 class Cluster:
-    def __init__(self, policy: str = "prefix_aware", **config):
-        self.index = MemoryPrefixIndex()
+    def __init__(self, policy: str = "prefix_aware", index=None, **config):
+        self.index = index if index is not None else MemoryPrefixIndex()
         self.placer = Placer(self.index, PlacementConfig(policy=policy, **config), MODEL, BLOCK)
 
     def worker(self, worker_id, role, blocks=0, block_size=BLOCK, **load):
@@ -28,6 +28,10 @@ class Cluster:
 
     def place(self, tokens=PROMPT):
         return self.placer.place(tokens)
+
+    def router(self, **config):
+        """Another router over the same index, with its own policy state."""
+        return Placer(self.index, PlacementConfig(**config), MODEL, BLOCK)
 
 
 def test_prefix_aware_sends_the_prefill_to_the_worker_holding_the_prefix():
@@ -47,6 +51,41 @@ def test_prefix_aware_spills_when_the_holder_queue_costs_more_than_the_prefix_sa
     cluster = Cluster().worker("p0", "prefill", blocks=32, queued_prefill_tokens=4000).worker("p1", "prefill")
     cluster.worker("d0", "decode")
     assert cluster.place().prefill_worker == "p1"
+
+
+def test_prefill_tokens_placed_since_the_last_heartbeat_count_as_queued():
+    cluster = Cluster().worker("p0", "prefill", blocks=32).worker("p1", "prefill").worker("d0", "decode")
+    cluster.index.reserve([Claim("earlier", "p0", 4000)], ttl_s=30)
+    assert cluster.place().prefill_worker == "p1"
+
+
+def test_one_routers_hot_prefix_goes_to_its_holder_up_to_the_bound_on_recent_placements():
+    cluster = Cluster(local_prefill_max_uncached_tokens=0).worker("p0", "prefill", blocks=64)
+    cluster.worker("p1", "prefill").worker("d0", "decode")
+    chosen = [cluster.place().prefill_worker for _ in range(20)]
+    assert chosen[:2] == ["p0", "p0"]  # a fresh router does not spread the first requests
+    assert chosen.count("p0") == 13  # ceil(1.3 × 20 / 2): the rest copies the prefix to p1
+
+
+@pytest.fixture(params=["memory", "redis"])
+def shared_index(request):
+    if request.param == "memory":
+        return MemoryPrefixIndex()
+    return make_index(request.getfixturevalue("redis_server").url, MODEL)
+
+
+def test_routers_sharing_the_index_spread_a_burst_on_one_prefix_by_the_load_bound(shared_index):
+    cluster = Cluster(index=shared_index).worker("d0", "decode")
+    for worker_id in ("p0", "p1", "p2", "p3"):
+        cluster.worker(worker_id, "prefill", blocks=64 if worker_id == "p0" else 0)
+    routers = [cluster.router(local_prefill_max_uncached_tokens=0) for _ in range(8)]
+    chosen = []
+    for number, router in enumerate(routers):  # each router's first request: its own window is empty
+        placement = router.place(PROMPT)
+        cluster.index.reserve([Claim(str(number), placement.prefill_worker, 1)], ttl_s=30)
+        chosen.append(placement.prefill_worker)
+    # ceil(1.3 × 8 / 4) = 3 in flight at most on the holder; without the shared count all 8 would land there.
+    assert chosen.count("p0") == 3 and len(set(chosen)) == 4
 
 
 def test_prefix_aware_weighs_decode_load_against_cached_tokens():

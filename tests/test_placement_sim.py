@@ -48,3 +48,14 @@ def test_prefix_aware_beats_round_robin_and_stays_near_the_oracle(index):
     assert aware.hit_rate > 0.85 * results["oracle"].hit_rate
     assert aware.load_imbalance <= 1.5
     assert sum(aware.requests_per_worker) == TRACE.requests
+
+
+def test_routers_sharing_one_index_keep_the_hit_rate_of_one_router_and_private_indexes_lose_it():
+    capacity = TRACE.working_set_tokens() // 16 // 8
+    requests = list(TRACE)
+    run = dict(workers=4, capacity_blocks=capacity, tokens_per_s=20_000)
+    single = simulate(requests, "prefix_aware", **run)
+    shared = simulate(requests, "prefix_aware", routers=4, view_delay_s=0.01, **run)
+    private = simulate(requests, "prefix_aware", routers=4, shared_index=False, **run)
+    assert shared.hit_rate >= 0.95 * single.hit_rate and shared.load_imbalance <= 1.5
+    assert private.hit_rate < 0.9 * single.hit_rate

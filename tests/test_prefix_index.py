@@ -11,7 +11,7 @@ import redis
 from engine.block_hash import hash_chain
 from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored
 from pdserve.local_redis import LocalRedis
-from router.index import MemoryPrefixIndex, WorkerInfo, WorkerLoad, make_index
+from router.index import Claim, InFlight, MemoryPrefixIndex, WorkerInfo, WorkerLoad, make_index
 from router.index.redis_index import RedisPrefixIndex
 
 MODEL = "tiny"
@@ -75,7 +75,7 @@ def test_a_missing_block_ends_the_match(index):
 def test_an_empty_chain_lists_live_workers_with_no_blocks(index):
     live(index, "a", queued_prefill_tokens=7)
     workers, counts = index.match([])
-    assert workers == [worker("a", queued_prefill_tokens=7)]
+    assert workers == [worker("a", queued_prefill_tokens=7)] and workers[0].in_flight == InFlight()
     assert counts == {"a": 0}
 
 
@@ -158,6 +158,49 @@ def test_sweep_collects_the_entries_of_dead_workers(index):
     assert index.sweep() == 0
 
 
+def in_flight(index) -> dict[str, InFlight]:
+    return {w.worker_id: w.in_flight for w in index.match(CHAIN)[0]}
+
+
+def test_reserved_placements_count_in_flight_on_their_workers_until_released(index):
+    live(index, "p", role="prefill")
+    live(index, "d")
+    index.reserve([Claim("r1", "p", 100), Claim("r1", "d"), Claim("r2", "p", 30)], TTL)
+    assert in_flight(index) == {"p": InFlight(2, 130), "d": InFlight(1, 0)}
+    index.release([Claim("r1", "p", 100)])
+    assert in_flight(index) == {"p": InFlight(1, 30), "d": InFlight(1, 0)}
+    index.release([Claim("r2", "p"), Claim("r1", "d"), Claim("never", "d")])
+    assert in_flight(index) == {"p": InFlight(), "d": InFlight()}
+
+
+def test_tokens_placed_before_the_workers_last_heartbeat_are_in_its_own_figures(index):
+    live(index, "p", role="prefill")
+    index.reserve([Claim("old", "p", 100)], TTL)
+    time.sleep(0.01)
+    live(index, "p", role="prefill", queued_prefill_tokens=100)
+    time.sleep(0.01)
+    index.reserve([Claim("new", "p", 40), Claim("old", "p", 100)], TTL)  # renewing keeps the placing time
+    assert in_flight(index) == {"p": InFlight(requests=2, unreported_tokens=40)}
+
+
+def test_a_reservation_nobody_renews_lapses_after_its_ttl(index):
+    live(index, "p", role="prefill")
+    index.reserve([Claim("short", "p", 10)], 0.3)
+    index.reserve([Claim("renewed", "p", 5)], 0.3)
+    time.sleep(0.2)
+    index.reserve([Claim("renewed", "p", 5)], 0.3)
+    time.sleep(0.2)
+    assert in_flight(index) == {"p": InFlight(1, 5)}
+
+
+def test_forgetting_a_worker_drops_its_reservations(index):
+    live(index, "p", role="prefill")
+    index.reserve([Claim("r", "p", 10)], TTL)
+    index.forget_worker("p")
+    live(index, "p", role="prefill")
+    assert in_flight(index) == {"p": InFlight()}
+
+
 def test_health_reports_available(index):
     health = index.health()
     assert health.available and health.outages == 0
@@ -183,6 +226,13 @@ def test_redis_match_is_one_round_trip_whatever_the_chain_length(redis_server, m
     counts = index.match(long_chain)[1]
     assert len(sent) == 1
     assert counts == {f"w{i}": 32 * i for i in range(8)}
+
+
+def test_redis_routers_sharing_the_index_see_each_others_reservations(redis_server):
+    first, second = RedisPrefixIndex(redis_server.url, MODEL), RedisPrefixIndex(redis_server.url, MODEL)
+    first.heartbeat(worker("p", role="prefill"), TTL)
+    first.reserve([Claim("r", "p", 64)], TTL)
+    assert [w.in_flight for w in second.match(CHAIN)[0]] == [InFlight(1, 64)]
 
 
 def test_redis_keys_carry_the_scheme_version_and_model(redis_server):

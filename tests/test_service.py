@@ -18,7 +18,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from helpers import transformers_greedy, wait_for
-from service_client import LONG, ServiceClient, prompt, service_config
+from service_client import LONG, prompt, service_config
 
 from pdserve.local_redis import free_port
 from pdserve.up import start
@@ -39,13 +39,6 @@ def service(model_dir, tmp_path_factory):
     running = start(config, num_cpus=8)
     yield running
     running.stop()
-
-
-@pytest.fixture(scope="module")
-def client(service):
-    c = ServiceClient(service)
-    yield c
-    c.close()
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
-from router.index.base import IndexHealth, PrefixIndex, Role, WorkerInfo, WorkerLoad
+from router.index.base import Claim, IndexHealth, InFlight, PrefixIndex, Role, WorkerInfo, WorkerLoad
 from router.index.memory import MemoryPrefixIndex
 
-__all__ = ["IndexHealth", "MemoryPrefixIndex", "PrefixIndex", "Role", "WorkerInfo", "WorkerLoad", "make_index"]
+__all__ = [
+    "Claim",
+    "IndexHealth",
+    "InFlight",
+    "MemoryPrefixIndex",
+    "PrefixIndex",
+    "Role",
+    "WorkerInfo",
+    "WorkerLoad",
+    "make_index",
+]
 
 
 def make_index(redis_url: str | None, model_id: str, timeout_s: float = 0.5) -> PrefixIndex:

@@ -4,6 +4,15 @@ The index answers one question per request: for each live worker, how many
 leading blocks of this hash chain does it hold? Its writes are the workers'
 cache events and heartbeats. A worker restarted with a higher epoch drops its
 old entries; a worker whose heartbeat lapses stops counting at once.
+
+The index also counts the placements in flight on each worker, from every
+router that shares it: a router ``reserve``s a worker when it places a request
+there and ``release``s it when that worker is done with the request. Heartbeats
+lag by up to a beat; these counts are current within a round trip, so N
+routers placing at once see each other's placements (no stampede onto the
+holder of a hot prefix), and the tokens placed since a worker's last heartbeat
+are added to the queue it reported. A router that dies stops renewing its
+reservations, and they lapse after their TTL.
 """
 
 from __future__ import annotations
@@ -28,19 +37,41 @@ class WorkerLoad:
 
 
 @dataclass(frozen=True)
+class InFlight:
+    """Placements on a worker that routers have made and not yet released: the router-side load."""
+
+    requests: int = 0
+    unreported_tokens: int = 0  # prompt tokens placed there since its last heartbeat, so not in its figures yet
+
+
+@dataclass(frozen=True)
 class WorkerInfo:
+    """A worker as reported by its heartbeat (``load``), with the index's own ``in_flight`` count."""
+
     worker_id: str
     role: Role
     epoch: int
     block_size: int
     load: WorkerLoad = field(default_factory=WorkerLoad)
+    in_flight: InFlight = field(default_factory=InFlight)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        del data["in_flight"]  # the index's count, never part of what a worker reports
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> WorkerInfo:
         return cls(**{**data, "load": WorkerLoad(**data["load"])})
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One worker's share of one placement: the prompt tokens it computes (0 for a decode taking shipped KV)."""
+
+    request_id: str
+    worker_id: str
+    tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,7 +89,15 @@ class PrefixIndex(Protocol):
         """Mark ``worker`` live for ``ttl_s`` seconds with its load; a newer epoch drops its old entries."""
 
     def match(self, chain: Sequence[bytes]) -> tuple[list[WorkerInfo], dict[str, int]]:
-        """Live workers, and for each the number of leading blocks of ``chain`` it holds (one round trip)."""
+        """Live workers with their in-flight counts, and for each the leading blocks of ``chain`` it holds.
+
+        One round trip."""
+
+    def reserve(self, claims: Sequence[Claim], ttl_s: float) -> None:
+        """Count each claim in flight on its worker for ``ttl_s``; reserving a claim again renews it."""
+
+    def release(self, claims: Sequence[Claim]) -> None:
+        """Those workers are done with those requests: the claims stop counting."""
 
     def live_workers(self) -> list[WorkerInfo]: ...
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 
 from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored, CacheEvent
-from router.index.base import IndexHealth, WorkerInfo
+from router.index.base import Claim, IndexHealth, InFlight, WorkerInfo
 
 
 class MemoryPrefixIndex:
@@ -19,6 +20,8 @@ class MemoryPrefixIndex:
         self._workers: dict[str, WorkerInfo] = {}
         self._expires: dict[str, float] = {}
         self._epochs: dict[str, int] = {}
+        self._beats: dict[str, float] = {}  # worker → time of its last heartbeat
+        self._flights: dict[str, dict[str, tuple[float, float, int]]] = {}  # worker → request → (expiry, at, tokens)
 
     def apply_events(self, worker_id: str, epoch: int, events: Sequence[CacheEvent]) -> None:
         with self._lock:
@@ -42,8 +45,10 @@ class MemoryPrefixIndex:
         with self._lock:
             if not self._advance_epoch(worker.worker_id, worker.epoch):
                 return
+            now = self._clock()
             self._workers[worker.worker_id] = worker
-            self._expires[worker.worker_id] = self._clock() + ttl_s
+            self._expires[worker.worker_id] = now + ttl_s
+            self._beats[worker.worker_id] = now
 
     def match(self, chain: Sequence[bytes]) -> tuple[list[WorkerInfo], dict[str, int]]:
         with self._lock:
@@ -57,6 +62,19 @@ class MemoryPrefixIndex:
                 for worker_id in active:
                     counts[worker_id] = depth
             return live, counts
+
+    def reserve(self, claims: Sequence[Claim], ttl_s: float) -> None:
+        now = self._clock()
+        with self._lock:
+            for claim in claims:
+                flights = self._flights.setdefault(claim.worker_id, {})
+                _, placed_at, _ = flights.get(claim.request_id, (0.0, now, 0))  # a renewal keeps its placing time
+                flights[claim.request_id] = (now + ttl_s, placed_at, claim.tokens)
+
+    def release(self, claims: Sequence[Claim]) -> None:
+        with self._lock:
+            for claim in claims:
+                self._flights.get(claim.worker_id, {}).pop(claim.request_id, None)
 
     def live_workers(self) -> list[WorkerInfo]:
         with self._lock:
@@ -73,6 +91,8 @@ class MemoryPrefixIndex:
             self._workers.pop(worker_id, None)
             self._expires.pop(worker_id, None)
             self._epochs.pop(worker_id, None)
+            self._flights.pop(worker_id, None)
+            self._beats.pop(worker_id, None)
 
     def sweep(self) -> int:
         now = self._clock()
@@ -87,7 +107,19 @@ class MemoryPrefixIndex:
 
     def _live(self) -> list[WorkerInfo]:
         now = self._clock()
-        return [w for w in self._workers.values() if self._expires[w.worker_id] > now]
+        live = []
+        for worker in self._workers.values():
+            if self._expires[worker.worker_id] > now:
+                flights = self._flights.get(worker.worker_id)
+                live.append(replace(worker, in_flight=self._in_flight(worker.worker_id, now)) if flights else worker)
+        return live
+
+    def _in_flight(self, worker_id: str, now: float) -> InFlight:
+        flights = self._flights[worker_id]
+        for request_id in [r for r, (expiry, _, _) in flights.items() if expiry <= now]:
+            del flights[request_id]
+        beat = self._beats.get(worker_id, 0.0)
+        return InFlight(len(flights), sum(tokens for _, at, tokens in flights.values() if at >= beat))
 
     def _advance_epoch(self, worker_id: str, epoch: int) -> bool:
         """False for a stale epoch; a newer one drops everything the old incarnation held."""

@@ -10,10 +10,14 @@ block hash's 16 raw bytes):
 - ``{ns}workers``        HASH worker id → JSON ``WorkerInfo`` (role, epoch, block size, load)
 - ``{ns}version``        counter bumped by every heartbeat: routers re-read worker records only when it moved
 - ``{ns}live``           ZSET worker id → liveness deadline (Redis clock, ms): the heartbeat TTL
+- ``{ns}beat``           HASH worker id → time of its last heartbeat (Redis clock, ms)
+- ``{ns}flight:{worker}`` HASH request id → ``"{expiry ms}:{placed ms}:{tokens}"``: placements in flight on it
+- ``{ns}flying``         SET of the workers with a ``flight:`` hash, so a match reads only those
 
-Each operation is one server-side Lua script, so a match is one round trip
-whatever the chain length, and a batch of events is one atomic write. The chain
-travels as one blob of concatenated digests. A match asks the holders of the
+Each operation is one server-side Lua script, so a match (the chain's hits and
+every live worker's placements in flight) is one round trip whatever the chain
+length, and a batch of events is one atomic write. The chain travels as one
+blob of concatenated digests. A match asks the holders of the
 chain's first block for their whole chain at once (``SMISMEMBER`` on the
 worker's held set), so its cost grows with the number of workers that share
 the prefix, not with the chain length.
@@ -29,13 +33,14 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import TypeVar
 
 import redis
 
 from engine.block_hash import SCHEME_VERSION
 from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored, CacheEvent
-from router.index.base import IndexHealth, WorkerInfo
+from router.index.base import Claim, IndexHealth, InFlight, WorkerInfo
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,6 +60,24 @@ local function drop_all(p, w)
   local held = p .. 'held:' .. w
   for _, h in ipairs(redis.call('SMEMBERS', held)) do redis.call('SREM', p .. 'blk:' .. h, w) end
   redis.call('DEL', held)
+end
+-- Placements in flight on worker ``w`` that have not lapsed (lapsed ones are dropped):
+-- {count, tokens placed since its last heartbeat}.
+local function in_flight(p, w, now)
+  local key, n, tokens = p .. 'flight:' .. w, 0, 0
+  local beat = tonumber(redis.call('HGET', p .. 'beat', w) or '0')
+  local entries = redis.call('HGETALL', key)
+  for i = 1, #entries, 2 do
+    local expiry, placed, count = string.match(entries[i + 1], '^(%d+):(%d+):(%d+)$')
+    if tonumber(expiry) <= now then
+      redis.call('HDEL', key, entries[i])
+    else
+      n = n + 1
+      if tonumber(placed) >= beat then tokens = tokens + tonumber(count) end
+    end
+  end
+  if n == 0 then redis.call('SREM', p .. 'flying', w) end
+  return {n, tokens}
 end
 -- A stale epoch is refused; a newer one drops what the old incarnation held.
 local function advance_epoch(p, w, epoch)
@@ -98,7 +121,9 @@ local p, w, epoch, info, ttl_ms = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3], 
 if not advance_epoch(p, w, epoch) then return 0 end
 redis.call('HSET', p .. 'workers', w, info)
 redis.call('INCR', p .. 'version')
-redis.call('ZADD', p .. 'live', now_ms() + ttl_ms, w)
+local now = now_ms()
+redis.call('ZADD', p .. 'live', now + ttl_ms, w)
+redis.call('HSET', p .. 'beat', w, now)
 return 1
 """
 )
@@ -108,7 +133,8 @@ _MATCH = (
     + """
 local p, chain, known_version = KEYS[1], digests(ARGV[1]), ARGV[2]
 local version = redis.call('GET', p .. 'version') or '0'
-local live = redis.call('ZRANGEBYSCORE', p .. 'live', now_ms(), '+inf')
+local now = now_ms()
+local live = redis.call('ZRANGEBYSCORE', p .. 'live', now, '+inf')
 local infos = {}
 if version ~= known_version then infos = redis.call('HGETALL', p .. 'workers') end
 local counts = {}
@@ -131,7 +157,37 @@ if #chain > 0 and #live > 0 then
     end
   end
 end
-return {version, live, infos, counts}
+local flights = {}
+if #live > 0 and redis.call('SCARD', p .. 'flying') > 0 then
+  local flying = redis.call('SMISMEMBER', p .. 'flying', unpack(live))
+  for k = 1, #live do
+    if flying[k] == 1 then
+      local figures = in_flight(p, live[k], now)
+      if figures[1] > 0 then
+        flights[#flights + 1] = live[k]
+        flights[#flights + 1] = figures[1]
+        flights[#flights + 1] = figures[2]
+      end
+    end
+  end
+end
+return {version, live, infos, counts, flights}
+"""
+)
+
+_RESERVE = (
+    _DROP_ALL
+    + """
+local p, now = KEYS[1], now_ms()
+local expiry = now + tonumber(ARGV[1])
+for i = 2, #ARGV, 3 do
+  local key, request = p .. 'flight:' .. ARGV[i], ARGV[i + 1]
+  local known = redis.call('HGET', key, request)
+  local placed = known and string.match(known, '^%d+:(%d+):') or now  -- a renewal keeps its placing time
+  redis.call('HSET', key, request, expiry .. ':' .. placed .. ':' .. ARGV[i + 2])
+  redis.call('SADD', p .. 'flying', ARGV[i])
+end
+return 1
 """
 )
 
@@ -143,6 +199,9 @@ drop_all(p, w)
 redis.call('HDEL', p .. 'workers', w)
 redis.call('HDEL', p .. 'epoch', w)
 redis.call('ZREM', p .. 'live', w)
+redis.call('DEL', p .. 'flight:' .. w)
+redis.call('SREM', p .. 'flying', w)
+redis.call('HDEL', p .. 'beat', w)
 return 1
 """
 )
@@ -161,6 +220,7 @@ class RedisPrefixIndex:
         self._heartbeat = self._client.register_script(_HEARTBEAT)
         self._match = self._client.register_script(_MATCH)
         self._forget = self._client.register_script(_FORGET)
+        self._reserve = self._client.register_script(_RESERVE)
         self._last_live: list[WorkerInfo] = []
         self._workers: dict[str, WorkerInfo] = {}  # decoded worker records as of ``_version``
         self._version = b""
@@ -192,13 +252,22 @@ class RedisPrefixIndex:
 
     def match(self, chain: Sequence[bytes]) -> tuple[list[WorkerInfo], dict[str, int]]:
         def call():
-            version, live_ids, infos, flat = self._match(keys=[self._ns], args=[b"".join(chain), self._version])
+            version, live_ids, infos, flat, flights = self._match(
+                keys=[self._ns], args=[b"".join(chain), self._version]
+            )
             if infos:
                 self._workers = {
                     infos[i].decode(): WorkerInfo.from_dict(json.loads(infos[i + 1])) for i in range(0, len(infos), 2)
                 }
                 self._version = version
-            live = [self._workers[w] for w in map(bytes.decode, live_ids) if w in self._workers]
+            in_flight = {
+                flights[i].decode(): InFlight(flights[i + 1], flights[i + 2]) for i in range(0, len(flights), 3)
+            }
+            live = [
+                replace(self._workers[w], in_flight=in_flight[w]) if w in in_flight else self._workers[w]
+                for w in map(bytes.decode, live_ids)
+                if w in self._workers
+            ]
             counts = dict.fromkeys((w.worker_id for w in live), 0)
             for i in range(0, len(flat), 2):
                 counts[flat[i].decode()] = int(flat[i + 1])
@@ -206,6 +275,23 @@ class RedisPrefixIndex:
             return live, counts
 
         return self._guard(call, (self._last_live, dict.fromkeys((w.worker_id for w in self._last_live), 0)))
+
+    def reserve(self, claims: Sequence[Claim], ttl_s: float) -> None:
+        args: list[str | int] = [max(1, int(ttl_s * 1000))]
+        for claim in claims:
+            args += [claim.worker_id, claim.request_id, claim.tokens]
+        if claims:
+            self._guard(lambda: self._reserve(keys=[self._ns], args=args), None)
+
+    def release(self, claims: Sequence[Claim]) -> None:
+        def call() -> None:
+            pipe = self._client.pipeline(transaction=False)
+            for claim in claims:
+                pipe.hdel(self._ns + "flight:" + claim.worker_id, claim.request_id)
+            pipe.execute()
+
+        if claims:
+            self._guard(call, None)
 
     def live_workers(self) -> list[WorkerInfo]:
         return self.match([])[0]
