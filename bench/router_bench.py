@@ -95,9 +95,9 @@ def run_router_bench(
         sim_capacity_blocks_per_worker=capacity,
     )
     if service_config is not None:
-        from bench.serve_bench import run_router_replicas_bench
+        from bench.serve_bench import run_router_replicas
 
-        results.update(run_router_replicas_bench(service_config, routers=2, requests=96, rate=2.0, repeats=3))
+        results.update(run_router_replicas(service_config, routers=2, requests=96, rate=2.0, repeats=3))
     report(_rows(results), results, json_path)
     return results
 

@@ -342,6 +342,9 @@ class Engine:
                 stop_token_ids=list(options.stop_token_ids),
                 ignore_eos=options.ignore_eos,
                 logprobs=options.logprobs,
+                presence_penalty=options.presence_penalty,
+                frequency_penalty=options.frequency_penalty,
+                repetition_penalty=options.repetition_penalty,
                 output_kind=RequestOutputKind.DELTA,
                 extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
             )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -117,19 +118,39 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     transfer_bench.set_defaults(run=_bench_transfer)
     serve_bench = suites.add_parser(
-        "serve", help="Poisson load on the service; overhead vs in-process; prefix_aware vs round_robin"
+        "serve", help="load a running pdserve (or one started here) with a workload, over HTTP or gRPC"
     )
     _add_config_flags(serve_bench)
-    serve_bench.add_argument("--requests", type=int, default=48, help="requests per workload run")
-    serve_bench.add_argument("--rate", type=float, default=2.0, help="arrival rate, requests per second (Poisson)")
-    serve_bench.add_argument("--max-tokens", type=int, default=32, help="output tokens per request")
-    serve_bench.add_argument("--replicas", type=int, default=4, help="replicas for the placement comparison")
-    serve_bench.add_argument("--repeats", type=int, default=3, help="rounds of the placement comparison (median)")
+    _add_load_flags(serve_bench)
+    serve_bench.add_argument("--url", help="HTTP base URL of a running pdserve (default: start one here)")
+    serve_bench.add_argument("--grpc-address", help="its gRPC address host:port (for --api grpc)")
     serve_bench.add_argument(
-        "--json", nargs="?", const=Path("bench/results/serve.json"), type=Path, metavar="PATH",
-        help="also write the figures as JSON (default path: bench/results/serve.json)",
+        "--out", nargs="?", const=Path("bench/results/serve"), type=Path, metavar="DIR",
+        help="write summary.json, records.json and CDF plots there (default: bench/results/serve)",
     )  # fmt: skip
     serve_bench.set_defaults(run=_bench_serve)
+    compare_bench = suites.add_parser("compare", help="one workload against several configurations, one report")
+    _add_config_flags(compare_bench)
+    _add_load_flags(compare_bench)
+    compare_bench.add_argument("--variants", choices=("modes", "policies"), default="modes",
+                               help="modes: colocated vs disaggregated; policies: round_robin, least_loaded, "
+                                    "prefix_aware on four replicas")  # fmt: skip
+    compare_bench.add_argument("--out", type=Path, help="report folder (default: bench/results/compare-VARIANTS)")
+    compare_bench.set_defaults(run=_bench_compare)
+    questions_bench = suites.add_parser(
+        "questions", help="ITL under interference, goodput, placement: the three answers (~20 min)"
+    )
+    _add_config_flags(questions_bench)
+    questions_bench.add_argument("--rounds", type=int, default=3, help="rounds of the placement comparison")
+    questions_bench.add_argument("--out", type=Path, default=Path("bench/results"), help="where the answers go")
+    questions_bench.set_defaults(run=_bench_questions)
+    overhead_bench = suites.add_parser("overhead", help="TTFT through the service vs the engine in-process")
+    _add_config_flags(overhead_bench)
+    overhead_bench.add_argument(
+        "--json", nargs="?", const=Path("bench/results/overhead.json"), type=Path, metavar="PATH",
+        help="also write the figures as JSON (default path: bench/results/overhead.json)",
+    )  # fmt: skip
+    overhead_bench.set_defaults(run=_bench_overhead)
     return parser
 
 
@@ -306,9 +327,8 @@ async def _stream_completion(config: PdserveConfig, args: argparse.Namespace) ->
 
 def _bench_engine(args: argparse.Namespace) -> int:
     from bench.engine_bench import run_engine_bench
-    from pdserve.models import resolve_model
 
-    config = resolve_model(_config(args), shape=BENCH_SHAPE, name="pdserve-bench-llama")
+    config = _bench_config(args)
     run_engine_bench(config.engine, requests=args.requests, repeats=args.repeats, json_path=args.json)
     return 0
 
@@ -316,11 +336,7 @@ def _bench_engine(args: argparse.Namespace) -> int:
 def _bench_router(args: argparse.Namespace) -> int:
     from bench.router_bench import run_router_bench
 
-    service = None
-    if args.service:
-        from pdserve.models import resolve_model
-
-        service = resolve_model(_config(args), shape=BENCH_SHAPE, name="pdserve-bench-llama")
+    service = _bench_config(args) if args.service else None
     run_router_bench(
         args.workers, args.index_blocks, args.decisions, args.routers, args.view_delay_ms / 1000, args.json, service
     )
@@ -329,21 +345,96 @@ def _bench_router(args: argparse.Namespace) -> int:
 
 def _bench_transfer(args: argparse.Namespace) -> int:
     from bench.transfer_bench import run_transfer_bench
-    from pdserve.models import resolve_model
 
-    model = None
-    if not args.no_handoff:
-        model = resolve_model(_config(args), shape=BENCH_SHAPE, name="pdserve-bench-llama").engine.model
+    model = None if args.no_handoff else _bench_config(args).engine.model
     run_transfer_bench(args.repeats, args.block_pulls, model, args.json)
     return 0
 
 
-def _bench_serve(args: argparse.Namespace) -> int:
-    from bench.serve_bench import run_serve_bench
+def _add_load_flags(parser: argparse.ArgumentParser) -> None:
+    from bench.workloads import WORKLOADS
+
+    parser.add_argument("--workload", choices=list(WORKLOADS), default="random")
+    parser.add_argument("--requests", type=int, default=64, help="requests in the workload")
+    parser.add_argument(
+        "--input-tokens", type=int, default=512, help="mean prompt length (the question, with a prefix)"
+    )
+    parser.add_argument("--output-tokens", type=int, default=64, help="mean output length")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    loop = parser.add_mutually_exclusive_group()
+    loop.add_argument("--rate", help="open loop: Poisson arrivals, sessions per second (default 2); a sweep: 0.5,1,2")
+    loop.add_argument("--users", type=int, help="closed loop: this many concurrent users")
+    parser.add_argument("--api", choices=("http", "grpc"), default="http")
+    parser.add_argument("--slo-ttft-ms", type=float, help="TTFT SLO for goodput (with --slo-tpot-ms)")
+    parser.add_argument("--slo-tpot-ms", type=float, help="TPOT SLO for goodput")
+
+
+def _load_args(args: argparse.Namespace):
+    from bench.load import SLO, LoadSpec
+    from bench.workloads import WorkloadSpec
+
+    workload = WorkloadSpec(args.workload, args.requests, args.input_tokens, args.output_tokens, seed=args.seed)
+    if args.users is not None:
+        loads = [LoadSpec(args.api, None, args.users, args.seed)]
+    else:
+        try:
+            rates = [float(rate) for rate in (args.rate or "2").split(",")]
+        except ValueError:
+            raise ConfigError(f"--rate {args.rate!r}: expected a number or a comma-separated list") from None
+        if any(rate <= 0 for rate in rates):
+            raise ConfigError(f"--rate {args.rate!r}: rates must be positive")
+        loads = [LoadSpec(args.api, rate, None, args.seed) for rate in rates]
+    if (args.slo_ttft_ms is None) != (args.slo_tpot_ms is None):
+        raise ConfigError("give both --slo-ttft-ms and --slo-tpot-ms, or neither")
+    slo = SLO(args.slo_ttft_ms, args.slo_tpot_ms) if args.slo_ttft_ms is not None else None
+    return workload, loads, slo
+
+
+def _bench_config(args: argparse.Namespace) -> PdserveConfig:
     from pdserve.models import resolve_model
 
-    config = resolve_model(_config(args), shape=BENCH_SHAPE, name="pdserve-bench-llama")
-    run_serve_bench(config, args.requests, args.rate, args.max_tokens, args.json, args.replicas, args.repeats)
+    return resolve_model(_config(args), shape=BENCH_SHAPE, name="pdserve-bench-llama")
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from bench.serve_bench import run_serve
+
+    workload, loads, slo = _load_args(args)
+    if args.url is not None and args.api == "grpc" and not args.grpc_address:
+        raise ConfigError("--api grpc against --url needs --grpc-address")
+    config = _config(args) if args.url is not None else _bench_config(args)  # a running service has its model
+    run_serve(config, workload, loads, slo, args.out, args.url, args.grpc_address)
+    return 0
+
+
+def _bench_compare(args: argparse.Namespace) -> int:
+    from bench.compare import VARIANT_SETS, run_compare
+
+    workload, loads, slo = _load_args(args)
+    if len(loads) > 1:
+        raise ConfigError("bench compare runs one load: give one --rate")
+    load = loads[0]
+    out = args.out or Path(f"bench/results/compare-{args.variants}")
+    report = run_compare(_bench_config(args), VARIANT_SETS[args.variants], workload, load, slo, out)
+    print(json.dumps(report["ratios_to_first"], indent=2))
+    print(f"wrote {out}/report.md")
+    return 0
+
+
+def _bench_questions(args: argparse.Namespace) -> int:
+    from bench.questions import run_questions
+
+    answers = run_questions(_bench_config(args), args.out, args.rounds)
+    keys = ("itl_p99_disagg_vs_colocated", "goodput_disagg_vs_colocated", "ttft_p50_round_robin_vs_prefix_aware")
+    print(json.dumps({key: answers[key] for key in keys}, indent=2))
+    print(f"wrote {args.out}/questions.json and questions.md")
+    return 0
+
+
+def _bench_overhead(args: argparse.Namespace) -> int:
+    from bench.serve_bench import run_overhead
+
+    run_overhead(_bench_config(args), args.json)
     return 0
 
 

@@ -52,6 +52,7 @@ class LocalRedis:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self) -> LocalRedis:
+        self.workdir.mkdir(parents=True, exist_ok=True)
         args = ["redis-server", "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(self.workdir)]
         if self.tls:
             make_certificates(self.workdir)
@@ -65,7 +66,9 @@ class LocalRedis:
             args += ["--user", self.user, "on", f">{self.password}", "~*", "&*", "+@all", "--user", "default", "off"]
         elif self.password:
             args += ["--requirepass", self.password]
-        self._process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        log_path = self.workdir / "redis-server.log"
+        with log_path.open("w") as log_file:
+            self._process = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 10
         client = redis.Redis.from_url(self.url)
         while True:
@@ -73,7 +76,11 @@ class LocalRedis:
                 client.ping()
                 return self
             except redis.ConnectionError:
+                if self._process.poll() is not None:
+                    said = " ".join(log_path.read_text().split())[-300:]
+                    raise RedisServerError(f"redis-server exited ({self._process.returncode}): {said}") from None
                 if time.monotonic() > deadline:
+                    self.stop()
                     raise RedisServerError("redis-server did not start in 10 s") from None
                 time.sleep(0.05)
             finally:

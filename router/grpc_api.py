@@ -24,7 +24,17 @@ from router.service import Chunk, GenerationService, ServiceFullError
 
 log = logging.getLogger(__name__)
 
-_SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed")
+_SAMPLING_FIELDS = (
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
 
 
 def request_body(request: pb.GenerateRequest) -> dict:

@@ -62,7 +62,7 @@ async def generate(service: GenerationService, body: bytes, kind: Kind):
 def models(service: GenerationService) -> dict:
     model = service.model
     card = {"id": model.model_id, "object": "model", "created": 0, "owned_by": "pdserve",
-            "max_model_len": model.context_length}  # fmt: skip
+            "max_model_len": model.context_length, "vocab_size": model.vocab_size}  # fmt: skip
     return {"object": "list", "data": [card]}
 
 

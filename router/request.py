@@ -58,7 +58,8 @@ class GenerationRequest:
 
 _COMMON = {
     "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
-    "stop_token_ids", "ignore_eos", "stream", "stream_options", "request_id", "n", "user",
+    "stop_token_ids", "ignore_eos", "stream", "stream_options", "request_id", "n", "user", "presence_penalty",
+    "frequency_penalty", "repetition_penalty",
 }  # fmt: skip
 _FIELDS: dict[Kind, set[str]] = {
     "completion": _COMMON | {"prompt", "logprobs"},
@@ -228,6 +229,13 @@ def _sampling(data: Mapping[str, Any], kind: Kind, limits: RequestLimits) -> Sam
     min_p = _get(data, "min_p", float, 0.0)
     if not 0.0 <= min_p <= 1.0:
         raise RequestError("min_p", f"must be in [0, 1], got {min_p}")
+    penalties = {name: _get(data, name, float, 0.0) for name in ("presence_penalty", "frequency_penalty")}
+    for name, value in penalties.items():
+        if not -2.0 <= value <= 2.0:
+            raise RequestError(name, f"must be in [-2, 2], got {value}")
+    repetition_penalty = _get(data, "repetition_penalty", float, 1.0)
+    if not repetition_penalty > 0.0:
+        raise RequestError("repetition_penalty", f"must be above 0 (1 is off), got {repetition_penalty}")
     seed = _get(data, "seed", int, None)
     stop = _stop_strings(data, limits)
     stop_token_ids = _get(data, "stop_token_ids", list, [])
@@ -247,6 +255,8 @@ def _sampling(data: Mapping[str, Any], kind: Kind, limits: RequestLimits) -> Sam
         stop_token_ids=tuple(stop_token_ids),
         ignore_eos=_get(data, "ignore_eos", bool, False),
         logprobs=_logprobs(data, kind, limits),
+        repetition_penalty=repetition_penalty,
+        **penalties,
     )
 
 

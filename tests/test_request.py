@@ -27,9 +27,11 @@ def test_a_completion_with_every_sampling_field_parses():
     request = completion(
         model="tiny", max_tokens=5, temperature=0.5, top_p=0.9, top_k=40, min_p=0.1, seed=7, stop=["\n"],
         stop_token_ids=[1], logprobs=2, stream=True, stream_options={"include_usage": True}, request_id="r-1",
+        presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2,
     )  # fmt: skip
     s = request.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p, s.seed) == (5, 0.5, 0.9, 40, 0.1, 7)
+    assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -1.0, 1.2)
     assert (s.stop, s.stop_token_ids, s.logprobs) == (("\n",), (1,), 2)
     assert request.stream and request.include_usage and request.request_id == "r-1"
 
@@ -95,6 +97,9 @@ BAD = [
     ("stop_token_ids", {"prompt": "x", "stop_token_ids": [4096]}, "token ids in"),
     ("logprobs", {"prompt": "x", "logprobs": 50}, r"must be in \[0, 20\]"),
     ("n", {"prompt": "x", "n": 3}, "only n=1"),
+    ("presence_penalty", {"prompt": "x", "presence_penalty": 2.5}, r"must be in \[-2, 2\]"),
+    ("frequency_penalty", {"prompt": "x", "frequency_penalty": -3}, r"must be in \[-2, 2\]"),
+    ("repetition_penalty", {"prompt": "x", "repetition_penalty": 0}, "must be above 0"),
     ("best_of", {"prompt": "x", "best_of": 2}, "unknown field"),
     ("request_id", {"prompt": "x", "request_id": "r" * 200}, "1 to 128 characters"),
 ]

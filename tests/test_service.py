@@ -223,7 +223,8 @@ def test_health_reflection_models_and_metrics_answer(client):
     models = client.stub.ListModels(pb.ListModelsRequest(), timeout=10).models
     assert models[0].block_size == 32 and models[0].context_length == 1024
     status, body = client.get("/v1/models")
-    assert status == 200 and json.loads(body)["data"][0]["id"] == models[0].id
+    card = json.loads(body)["data"][0]
+    assert status == 200 and card["id"] == models[0].id and card["max_model_len"] == 1024 and card["vocab_size"] > 2
     status, body = client.get("/health")
     assert status == 200 and json.loads(body)["live_workers"] == {"prefill": 2, "decode": 1}
     text = client.get("/metrics")[1].decode()
@@ -275,3 +276,20 @@ def test_a_running_stream_survives_other_clients_going_away(client, reference):
         call.cancel()
     worker.join(120)
     assert result["tokens"] == reference(ids, 40)
+
+
+@pytest.mark.parametrize("api", ["http", "grpc"])
+def test_the_benchmark_load_generator_records_every_request(service, api):
+    import asyncio
+
+    from bench.load import LoadSpec, run_load, summarize
+    from bench.workloads import WorkloadSpec, make_workload
+
+    workload = make_workload(WorkloadSpec("multi-turn", requests=4, turns=2, input_tokens=60, output_tokens=6), 1000)
+    load = LoadSpec(api, rate=20.0, progress=False)
+    records, wall = asyncio.run(run_load(service.http_url, service.grpc_address, workload, load))
+    assert [(r.error, r.output_tokens) for r in records] == [("", 6)] * 4
+    assert all(r.ttft_s > 0 and r.e2e_s > r.ttft_s and r.itl_s for r in records)
+    second_turns = [r for r in records if r.turn == 1]
+    assert all(r.cached_tokens >= 32 for r in second_turns)  # the conversation's first turn is a cached prefix
+    assert summarize(records, wall)["prefix_hit_rate"] > 0

@@ -1,0 +1,66 @@
+"""The benchmark's workloads, summaries and plots (the load generator itself runs against the service in
+test_service.py and test_cli.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench import plots
+from bench.load import SLO, LoadSpec, Record, summarize
+from bench.workloads import WorkloadSpec, make_workload
+
+VOCAB = 1000
+
+
+@pytest.mark.parametrize("name", ["random", "shared-prefix", "multi-turn", "long-doc"])
+def test_every_workload_is_reproducible_from_its_seed(name):
+    spec = WorkloadSpec(name, requests=12, input_tokens=40, output_tokens=8, system_prompt_tokens=64,
+                        document_tokens=128, seed=5)  # fmt: skip
+    assert make_workload(spec, VOCAB) == make_workload(spec, VOCAB)
+    assert make_workload(spec, VOCAB) != make_workload(WorkloadSpec(**{**spec.__dict__, "seed": 6}), VOCAB)
+    assert make_workload(spec, VOCAB).requests == 12
+
+
+def test_shared_prefix_prompts_start_with_one_of_the_system_prompts():
+    spec = WorkloadSpec("shared-prefix", requests=50, input_tokens=10, system_prompts=3, system_prompt_tokens=32)
+    heads = {tuple(session[0].prompt[:32]) for session in make_workload(spec, VOCAB).sessions}
+    assert len(heads) == 3
+
+
+def test_each_turn_of_a_conversation_extends_the_one_before():
+    sessions = make_workload(WorkloadSpec("multi-turn", requests=8, turns=4, input_tokens=10), VOCAB).sessions
+    assert len(sessions) == 2
+    for turns in sessions:
+        for before, after in zip(turns, turns[1:], strict=False):
+            assert after.prompt[: len(before.prompt)] == before.prompt and len(after.prompt) > len(before.prompt)
+
+
+def test_an_unknown_workload_is_named():
+    with pytest.raises(ValueError, match="unknown workload 'chat'"):
+        make_workload(WorkloadSpec("chat"), VOCAB)
+
+
+def test_a_load_is_either_open_or_closed_loop():
+    with pytest.raises(ValueError, match="either a rate"):
+        LoadSpec(rate=1.0, users=2)
+    with pytest.raises(ValueError, match="either a rate"):
+        LoadSpec()
+
+
+def test_goodput_counts_requests_meeting_both_slos_per_second():
+    records = [
+        Record(0, 0, 0.0, 100, ttft_s=0.1, e2e_s=0.1 + 9 * 0.02, output_tokens=10),  # meets both
+        Record(1, 0, 0.0, 100, ttft_s=0.5, e2e_s=0.5 + 9 * 0.02, output_tokens=10),  # TTFT too slow
+        Record(2, 0, 0.0, 100, ttft_s=0.1, e2e_s=0.1 + 9 * 0.05, output_tokens=10),  # TPOT too slow
+        Record(3, 0, 0.0, 100, error="HTTP 429"),
+    ]
+    summary = summarize(records, wall_s=2.0, slo=SLO(ttft_ms=200, tpot_ms=30))
+    assert summary["goodput_rps"] == 0.5 and summary["slo_attainment"] == 0.25
+    assert summary["errors"] == 1 and summary["requests"] == 4
+
+
+def test_plots_are_png_files(tmp_path):
+    cdf = plots.cdf({"a": [0.1, 0.2, 0.3], "b": [0.2, 0.4]}, "TTFT", "ms", tmp_path / "cdf.png")
+    goodput = plots.goodput([0.5, 1.0], {"a": [0.5, 0.8]}, "goodput", tmp_path / "g" / "goodput.png")
+    for path in (cdf, goodput):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
