@@ -117,6 +117,23 @@ def _parser() -> argparse.ArgumentParser:
         help="also write the figures as JSON (default path: bench/results/transfer.json)",
     )  # fmt: skip
     transfer_bench.set_defaults(run=_bench_transfer)
+    plan = commands.add_parser("plan", help="prefill and decode replicas for a target rate, from measured figures")
+    plan.add_argument("--rate", type=float, required=True, help="target requests per second")
+    plan.add_argument("--input-tokens", type=float, required=True, help="mean prompt length")
+    plan.add_argument("--output-tokens", type=float, required=True, help="mean output length")
+    plan.add_argument("--prefill-tokens-per-s", type=float, required=True, help="one prefill replica's prompt tokens/s")
+    plan.add_argument("--decode-tokens-per-s", type=float, required=True, help="one decode replica's tokens/s, batched")
+    plan.add_argument("--decode-step-ms", type=float, required=True, help="one decode step with a batch of one")
+    plan.add_argument("--kv-bytes-per-token", type=int, required=True, help="e.g. 131072 for Llama-3-8B in fp16")
+    plan.add_argument("--link-gb-per-s", type=float, default=25.0, help="KV transfer bandwidth between replicas")
+    plan.add_argument("--kv-cache-gib", type=float, default=40.0, help="KV cache per decode replica")
+    plan.add_argument("--ttft-slo-ms", type=float, required=True)
+    plan.add_argument("--tpot-slo-ms", type=float, required=True)
+    plan.add_argument("--hit-rate", type=float, default=0.0, help="share of prompt tokens already cached")
+    plan.add_argument(
+        "--shared-prefix", action="store_true", help="estimate the hit rate with the placement simulator instead"
+    )
+    plan.set_defaults(run=_plan)
     serve_bench = suites.add_parser(
         "serve", help="load a running pdserve (or one started here) with a workload, over HTTP or gRPC"
     )
@@ -348,6 +365,27 @@ def _bench_transfer(args: argparse.Namespace) -> int:
 
     model = None if args.no_handoff else _bench_config(args).engine.model
     run_transfer_bench(args.repeats, args.block_pulls, model, args.json)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from bench.placement_sim import SharedPrefixTrace
+    from bench.plan import PlanError, PlanInput, plan
+
+    spec = PlanInput(
+        args.rate, args.input_tokens, args.output_tokens, args.prefill_tokens_per_s, args.decode_tokens_per_s,
+        args.decode_step_ms, args.kv_bytes_per_token, args.link_gb_per_s, args.kv_cache_gib, args.ttft_slo_ms,
+        args.tpot_slo_ms, hit_rate=None if args.shared_prefix else args.hit_rate,
+        trace=SharedPrefixTrace() if args.shared_prefix else None,
+    )  # fmt: skip
+    try:
+        result = plan(spec)
+    except PlanError as exc:
+        print(f"pdserve plan: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(result.to_dict(), indent=2))
+    print(f"prefill {result.prefill.replicas} : decode {result.decode.replicas} replicas (ratio {result.ratio}); "
+          f"TTFT p90 ~{result.prefill.predicted_ms:.0f} ms, TPOT ~{result.decode.predicted_ms:.1f} ms")  # fmt: skip
     return 0
 
 

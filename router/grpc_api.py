@@ -101,7 +101,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INTERNAL, f"request {parsed.request_id} failed: {exc!r}"[:2000])
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        return pb.AbortResponse(found=self._service.abort(request.request_id))
+        return pb.AbortResponse(found=await self._service.abort(request.request_id))
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         model = self._service.model

@@ -41,6 +41,8 @@ async def generate(service: GenerationService, body: bytes, kind: Kind):
         return error_response(500, "the request produced no output", "internal_error")
     except ServiceFullError as exc:
         return error_response(429, str(exc), "rate_limit_error")
+    except RequestError as exc:
+        return error_response(400, str(exc), "invalid_request_error", exc.field)
     except NoWorkerError as exc:
         return error_response(503, str(exc), "service_unavailable")
     except Exception as exc:  # a worker failed before the first token

@@ -9,6 +9,7 @@ spreads HTTP).
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request, Response
@@ -21,6 +22,7 @@ from router.config import RouterConfig
 from router.grpc_api import start_grpc_server
 from router.index import WorkerInfo, make_index
 from router.index.sweeper import IndexSweeper
+from router.request_registry import make_registry
 from router.serve_pools import ServeWorkerPools
 from router.service import GenerationService, Mode, ModelInfo
 
@@ -46,10 +48,14 @@ class Router:
         self._index = make_index(index_config.redis_url, settings.model.model_id, index_config.timeout_s)
         self._sweeper = IndexSweeper(self._index, index_config.sweep_interval_s).start()
         pools = ServeWorkerPools(prefill_handle, decode_handle)
+        router_id = serve.get_replica_context().replica_id.unique_id
+        self._registry = make_registry(index_config, settings.model.model_id, router_id)
         self.service = GenerationService(
             settings.model, settings.router, self._index, pools, settings.mode, settings.max_inflight,
-            settings.prefill_timeout_s, serve.get_replica_context().replica_id.unique_id,
+            settings.prefill_timeout_s, router_id, self._registry,
         )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        self._registry.start(lambda request_id: loop.call_soon_threadsafe(self.service.abort_local, request_id))
         self._grpc = await start_grpc_server(self.service, settings.grpc_host, settings.grpc_port)
 
     @app.post("/v1/completions")
@@ -89,4 +95,5 @@ class Router:
 
     async def __del__(self):
         self._sweeper.stop()
+        self._registry.close()
         await self._grpc.stop(grace=1.0)

@@ -10,7 +10,9 @@ prefill worker frees the blocks at once instead of at lease expiry.
 Every placement is reserved in the prefix index (a claim on each chosen
 worker) until that worker is done with the request, so every router sharing
 the index sees it at once; the service renews its claims while they run, and a
-router that dies leaves claims that lapse after ``in_flight_ttl_s``.
+router that dies leaves claims that lapse after ``in_flight_ttl_s``. Request
+ids are held the same way in the request registry, so a running id is refused
+and an abort is carried out whichever router replica gets it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from router.index import Claim, PrefixIndex
 from router.metrics import RouterMetrics
 from router.placement import Placement, Placer
 from router.request import GenerationRequest, Kind, RequestError, RequestLimits, parse_request, tokenize
+from router.request_registry import LocalRegistry, RequestRegistry
 from router.tokenizer import ModelTokenizer
 
 log = logging.getLogger(__name__)
@@ -103,9 +106,11 @@ class GenerationService:
         max_inflight: int = 256,
         prefill_timeout_s: float = 60.0,
         router_id: str = "",
+        registry: RequestRegistry | None = None,
     ):
         self.model = model
         self.router_id = router_id
+        self._registry = registry or LocalRegistry()
         self.mode = mode
         self.config = config
         self.index = index
@@ -138,6 +143,8 @@ class GenerationService:
         if len(self._running) >= self._max_inflight:
             raise ServiceFullError(f"{len(self._running)} requests in flight (limit {self._max_inflight})")
         rid = request.request_id
+        if rid in self._running or not await asyncio.to_thread(self._registry.claim, rid):
+            raise RequestError("request_id", f"a request with id {rid!r} is already running")
         aborted = self._running[rid] = asyncio.Event()
         self.metrics.running.inc()
         start = time.perf_counter()
@@ -156,13 +163,18 @@ class GenerationService:
             raise
         finally:
             self._release(rid)
+            self._in_background(asyncio.to_thread(self._registry.release, rid))
             self._running.pop(rid, None)
             self.metrics.running.dec()
             self.metrics.requests.labels(outcome).inc()
             self.metrics.e2e.observe(time.perf_counter() - start)
 
-    def abort(self, request_id: str) -> bool:
-        """End a running request: its stream closes with ``finish_reason="abort"`` and its KV is freed."""
+    async def abort(self, request_id: str) -> bool:
+        """End a running request, here or on the router replica running it: its stream closes with
+        ``finish_reason="abort"`` and its KV is freed."""
+        return self.abort_local(request_id) or await asyncio.to_thread(self._registry.abort_elsewhere, request_id)
+
+    def abort_local(self, request_id: str) -> bool:
         aborted = self._running.get(request_id)
         if aborted is not None:
             aborted.set()
@@ -215,6 +227,7 @@ class GenerationService:
             await asyncio.sleep(period_s)
             try:
                 await asyncio.to_thread(self.index.reserve, list(self._claims.values()), self._claim_ttl_s)
+                await asyncio.to_thread(self._registry.renew, list(self._running))
             except Exception as exc:  # an index outage: the next renewal tries again
                 log.warning("renewing %d placements in the index failed: %s", len(self._claims), exc)
 

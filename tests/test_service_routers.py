@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from helpers import wait_for
 from service_client import prompt, service_config
 
 from pdserve.up import start
@@ -140,3 +141,17 @@ def test_a_killed_router_replica_fails_only_its_own_requests_and_the_other_serve
     assert all(last.finish_reason == "length" and last.timing.router != victim for last in lasts)
     assert client.status().index_available and len(client.status().workers) == 3
     client.wait_idle(30)
+
+
+def test_an_abort_or_a_reused_id_reaches_the_router_running_the_request(connections):
+    first, second = (group[0] for group in connections.values())
+    sampling = pb.SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True)
+    request = pb.GenerateRequest(request_id="shared-id-1", token_ids=pb.TokenIds(ids=prompt(60, 70)), sampling=sampling)
+    stream = first.stub.Generate(request, timeout=60)
+    next(stream)  # running on the first router
+    with pytest.raises(grpc.RpcError) as reused:
+        list(second.stub.Generate(request, timeout=30))
+    assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already running" in reused.value.details()
+    assert second.stub.Abort(pb.AbortRequest(request_id="shared-id-1"), timeout=10).found
+    assert [r.finish_reason for r in stream if r.finish_reason] == ["abort"]
+    wait_for(lambda: not second.stub.Abort(pb.AbortRequest(request_id="shared-id-1"), timeout=10).found)
