@@ -8,7 +8,8 @@ A sizing model, not a simulator of the engine. Its assumptions, stated:
   replica is an M/M/1 queue, so the p90 wait is ``ln(10 ρ) / (μ (1 - ρ))``
   when ``ρ > 0.1`` (none below). TTFT p90 ≈ that wait + the prompt's own
   prefill + the KV transfer (``kv_bytes_per_token`` × prompt over the link) +
-  one decode step.
+  one decode step + ``overhead_ms`` (the serving path's own cost: front end,
+  router, queues; ``pdserve bench overhead`` measures it).
 - Prefix hits: the share of prompt tokens cached where the prompt is placed.
   Given as a figure, or estimated with the placement simulator
   (``bench/placement_sim.py``) on a shared-prefix trace for each candidate
@@ -46,6 +47,7 @@ class PlanInput:
     tpot_slo_ms: float
     hit_rate: float | None = 0.0  # None: estimate it with the placement simulator on ``trace``
     trace: SharedPrefixTrace | None = None
+    overhead_ms: float = 0.0
     utilization_cap: float = 0.85
     max_replicas: int = 256
 
@@ -89,7 +91,7 @@ def _prefill(spec: PlanInput, decode_step_ms: float) -> PoolPlan:
         if rho >= spec.utilization_cap:
             continue
         wait_ms = 0.0 if rho <= 0.1 else 1000 * math.log(10 * rho) * service_s / (1 - rho)
-        ttft_ms = wait_ms + 1000 * service_s + transfer_ms + decode_step_ms
+        ttft_ms = wait_ms + 1000 * service_s + transfer_ms + decode_step_ms + spec.overhead_ms
         if ttft_ms <= spec.ttft_slo_ms:
             figures = {"wait_p90_ms": wait_ms, "prefill_ms": 1000 * service_s, "transfer_ms": transfer_ms,
                        "hit_rate": hit}  # fmt: skip

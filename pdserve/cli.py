@@ -130,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--ttft-slo-ms", type=float, required=True)
     plan.add_argument("--tpot-slo-ms", type=float, required=True)
     plan.add_argument("--hit-rate", type=float, default=0.0, help="share of prompt tokens already cached")
+    plan.add_argument("--overhead-ms", type=float, default=0.0, help="the serving path's own cost per request")
     plan.add_argument(
         "--shared-prefix", action="store_true", help="estimate the hit rate with the placement simulator instead"
     )
@@ -375,7 +376,7 @@ def _plan(args: argparse.Namespace) -> int:
     spec = PlanInput(
         args.rate, args.input_tokens, args.output_tokens, args.prefill_tokens_per_s, args.decode_tokens_per_s,
         args.decode_step_ms, args.kv_bytes_per_token, args.link_gb_per_s, args.kv_cache_gib, args.ttft_slo_ms,
-        args.tpot_slo_ms, hit_rate=None if args.shared_prefix else args.hit_rate,
+        args.tpot_slo_ms, hit_rate=None if args.shared_prefix else args.hit_rate, overhead_ms=args.overhead_ms,
         trace=SharedPrefixTrace() if args.shared_prefix else None,
     )  # fmt: skip
     try:

@@ -54,3 +54,9 @@ def test_the_hit_rate_can_come_from_the_placement_simulator():
 def test_an_slo_no_pool_can_meet_is_said_plainly(changes, message):
     with pytest.raises(PlanError, match=message):
         plan(replace(BASE, **changes))
+
+
+def test_the_serving_paths_own_cost_adds_to_ttft():
+    base, slower = plan(BASE), plan(replace(BASE, overhead_ms=100))
+    assert slower.prefill.replicas == base.prefill.replicas
+    assert slower.prefill.predicted_ms == pytest.approx(base.prefill.predicted_ms + 100)
