@@ -68,21 +68,27 @@ def run_compare(
 
 
 def _ratios(runs: dict) -> dict:
-    """Each variant's figures over the first variant's (latencies: first / this, so > 1 means this is faster)."""
+    """Each variant's figures over the first variant's (latencies: first / this, so > 1 means this is faster).
+
+    None where the first variant's figure is zero (no ratio to speak of)."""
     names = list(runs)
     base = runs[names[0]]["summary"]
     ratios = {}
     for name in names[1:]:
         summary = runs[name]["summary"]
         ratios[name] = {
-            "ttft_p50_speedup": base["ttft"]["p50_ms"] / max(summary["ttft"]["p50_ms"], 1e-9),
-            "itl_p99_ratio": summary["itl"]["p99_ms"] / max(base["itl"]["p99_ms"], 1e-9),
-            "throughput_ratio": summary["output_tokens_per_s"] / max(base["output_tokens_per_s"], 1e-9),
-            "hit_rate_ratio": summary["prefix_hit_rate"] / max(base["prefix_hit_rate"], 1e-9),
+            "ttft_p50_speedup": _ratio(base["ttft"]["p50_ms"], summary["ttft"]["p50_ms"]),
+            "itl_p99_ratio": _ratio(summary["itl"]["p99_ms"], base["itl"]["p99_ms"]),
+            "throughput_ratio": _ratio(summary["output_tokens_per_s"], base["output_tokens_per_s"]),
+            "hit_rate_ratio": _ratio(summary["prefix_hit_rate"], base["prefix_hit_rate"]),
         }
         if "goodput_rps" in base:
-            ratios[name]["goodput_ratio"] = summary["goodput_rps"] / max(base["goodput_rps"], 1e-9)
+            ratios[name]["goodput_ratio"] = _ratio(summary["goodput_rps"], base["goodput_rps"])
     return ratios
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return numerator / denominator if denominator else None
 
 
 def markdown(report: dict, images: list[str]) -> str:

@@ -64,3 +64,20 @@ def test_plots_are_png_files(tmp_path):
     goodput = plots.goodput([0.5, 1.0], {"a": [0.5, 0.8]}, "goodput", tmp_path / "g" / "goodput.png")
     for path in (cdf, goodput):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_comparison_reports_ratios_to_its_first_variant():
+    from bench.compare import _ratios, markdown
+
+    def run(ttft_ms: float, hit_rate: float) -> dict:
+        records = [Record(0, 0, 0.0, 100, ttft_s=ttft_ms / 1000, e2e_s=1.0, output_tokens=10,
+                          cached_tokens=int(100 * hit_rate))]  # fmt: skip
+        return {"summary": summarize(records, 1.0, SLO(1000, 1000)), "overrides": {}}
+
+    runs = {"round_robin": run(400, 0.0), "prefix_aware": run(100, 0.5)}
+    ratios = _ratios(runs)
+    assert ratios["prefix_aware"]["ttft_p50_speedup"] == 4.0
+    assert ratios["prefix_aware"]["hit_rate_ratio"] is None  # no ratio to a hit rate of zero
+    report = {"workload": {"name": "shared-prefix"}, "variants": runs, "ratios_to_first": ratios}
+    text = markdown(report, ["ttft_cdf.png"])
+    assert text.startswith("# shared-prefix: round_robin vs prefix_aware") and "![ttft_cdf.png](ttft_cdf.png)" in text
