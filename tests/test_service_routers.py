@@ -76,6 +76,7 @@ def connections(service):
         if len(by_router) == 2 and min(len(c) for c in by_router.values()) >= 2:
             break
     assert len(by_router) == 2, f"40 connections all reached one router: {list(by_router)}"
+    assert min(len(c) for c in by_router.values()) >= 2, f"too few connections to one router: {by_router}"
     yield by_router
     for connection in opened:
         connection.close()
@@ -107,6 +108,20 @@ def test_a_burst_on_one_prefix_through_both_routers_is_spread_by_their_shared_in
     # The holder saves 160 of 560 tokens: with every router's queued tokens in view, it is not worth a queue.
     assert 1 <= placed.count(holder) <= math.ceil(LOAD_BOUND * len(burst) / 2)
     assert all(last.finish_reason == "length" for last in lasts)
+
+
+def test_an_abort_or_a_reused_id_reaches_the_router_running_the_request(connections):
+    first, second = (group[0] for group in connections.values())
+    sampling = pb.SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True)
+    request = pb.GenerateRequest(request_id="shared-id-1", token_ids=pb.TokenIds(ids=prompt(60, 70)), sampling=sampling)
+    stream = first.stub.Generate(request, timeout=60)
+    next(stream)  # running on the first router
+    with pytest.raises(grpc.RpcError) as reused:
+        list(second.stub.Generate(request, timeout=30))
+    assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already running" in reused.value.details()
+    assert second.stub.Abort(pb.AbortRequest(request_id="shared-id-1"), timeout=10).found
+    assert [r.finish_reason for r in stream if r.finish_reason] == ["abort"]
+    wait_for(lambda: not second.stub.Abort(pb.AbortRequest(request_id="shared-id-1"), timeout=10).found)
 
 
 def test_a_killed_router_replica_fails_only_its_own_requests_and_the_other_serves_on(service, client, connections):
@@ -142,16 +157,11 @@ def test_a_killed_router_replica_fails_only_its_own_requests_and_the_other_serve
     assert client.status().index_available and len(client.status().workers) == 3
     client.wait_idle(30)
 
+    def replaced() -> bool:  # Serve starts a new router replica in the dead one's place
+        connection = Connection(service.grpc_address)
+        try:
+            return connection.router() not in (victim, survivor)
+        finally:
+            connection.close()
 
-def test_an_abort_or_a_reused_id_reaches_the_router_running_the_request(connections):
-    first, second = (group[0] for group in connections.values())
-    sampling = pb.SamplingParams(max_tokens=600, temperature=0.0, ignore_eos=True)
-    request = pb.GenerateRequest(request_id="shared-id-1", token_ids=pb.TokenIds(ids=prompt(60, 70)), sampling=sampling)
-    stream = first.stub.Generate(request, timeout=60)
-    next(stream)  # running on the first router
-    with pytest.raises(grpc.RpcError) as reused:
-        list(second.stub.Generate(request, timeout=30))
-    assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already running" in reused.value.details()
-    assert second.stub.Abort(pb.AbortRequest(request_id="shared-id-1"), timeout=10).found
-    assert [r.finish_reason for r in stream if r.finish_reason] == ["abort"]
-    wait_for(lambda: not second.stub.Abort(pb.AbortRequest(request_id="shared-id-1"), timeout=10).found)
+    wait_for(replaced, 120)
