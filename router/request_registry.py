@@ -27,6 +27,8 @@ _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
 class RequestRegistry(Protocol):
+    network_io: bool  # True: calls go to a server, so an event loop runs them in a thread
+
     def start(self, on_abort: Callable[[str], None]) -> None:
         """Begin taking aborts from other routers; ``on_abort`` is called from a background thread."""
 
@@ -44,6 +46,8 @@ class RequestRegistry(Protocol):
 
 
 class LocalRegistry:
+    network_io = False
+
     def start(self, on_abort: Callable[[str], None]) -> None:
         pass
 
@@ -64,6 +68,8 @@ class LocalRegistry:
 
 
 class RedisRegistry:
+    network_io = True
+
     def __init__(self, url: str, namespace: str, router_id: str, ttl_s: float, timeout_s: float = 0.5):
         self._client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
         self._ns = namespace

@@ -122,7 +122,7 @@ class GenerationService:
         self._max_inflight = max_inflight
         self._prefill_timeout_s = prefill_timeout_s
         self._running: dict[str, asyncio.Event] = {}  # request id → set to abort it
-        self._claims: dict[tuple[str, str], Claim] = {}  # (request id, worker id) → its reservation in the index
+        self._claims: dict[str, dict[str, Claim]] = {}  # request id → worker id → its reservation in the index
         self._claim_ttl_s = config.index.in_flight_ttl_s
         self._renewing: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
@@ -143,7 +143,7 @@ class GenerationService:
         if len(self._running) >= self._max_inflight:
             raise ServiceFullError(f"{len(self._running)} requests in flight (limit {self._max_inflight})")
         rid = request.request_id
-        if rid in self._running or not await asyncio.to_thread(self._registry.claim, rid):
+        if rid in self._running or not await _call(self._registry, "claim", rid):
             raise RequestError("request_id", f"a request with id {rid!r} is already running")
         aborted = self._running[rid] = asyncio.Event()
         self.metrics.running.inc()
@@ -163,7 +163,7 @@ class GenerationService:
             raise
         finally:
             self._release(rid)
-            self._in_background(asyncio.to_thread(self._registry.release, rid))
+            self._in_background(_call(self._registry, "release", rid))
             self._running.pop(rid, None)
             self.metrics.running.dec()
             self.metrics.requests.labels(outcome).inc()
@@ -172,7 +172,7 @@ class GenerationService:
     async def abort(self, request_id: str) -> bool:
         """End a running request, here or on the router replica running it: its stream closes with
         ``finish_reason="abort"`` and its KV is freed."""
-        return self.abort_local(request_id) or await asyncio.to_thread(self._registry.abort_elsewhere, request_id)
+        return self.abort_local(request_id) or await _call(self._registry, "abort_elsewhere", request_id)
 
     def abort_local(self, request_id: str) -> bool:
         aborted = self._running.get(request_id)
@@ -195,27 +195,30 @@ class GenerationService:
         return len(self._running)
 
     async def _place(self, request_id: str, prompt_tokens: int, chain: list[bytes]) -> Placement:
-        live, cached = await asyncio.to_thread(self.index.match, chain) if chain else (self.live_workers(), {})
+        live, cached = await _call(self.index, "match", chain) if chain else (self.live_workers(), {})
         if self.mode == "colocated":
             live = [w for w in live if w.role == "decode"]
         placement = self._placer.place_matched(prompt_tokens, live, cached)
         self.metrics.placements.labels(placement.outcome, placement.reason).inc()
-        claims = [Claim(request_id, placement.decode_worker, 0)]
-        if placement.prefill_worker is None:
-            claims[0] = Claim(request_id, placement.decode_worker, prompt_tokens - placement.decode_cached_tokens)
+        if placement.prefill_worker is None:  # the decode worker computes the uncached part itself
+            claims = [Claim(request_id, placement.decode_worker, prompt_tokens - placement.decode_cached_tokens)]
         else:
-            claims.append(Claim(request_id, placement.prefill_worker, prompt_tokens - placement.prefill_cached_tokens))
-        self._claims.update(((c.request_id, c.worker_id), c) for c in claims)
+            claims = [Claim(request_id, placement.prefill_worker, prompt_tokens - placement.prefill_cached_tokens),
+                      Claim(request_id, placement.decode_worker)]  # fmt: skip
+        self._claims[request_id] = {c.worker_id: c for c in claims}
         self._renew_claims()
-        await asyncio.to_thread(self.index.reserve, claims, self._claim_ttl_s)
+        await _call(self.index, "reserve", claims, self._claim_ttl_s)
         return placement
 
     def _release(self, request_id: str, worker_id: str | None = None) -> None:
         """Drop the request's claim on ``worker_id`` (all its claims when None), without waiting for the index."""
-        keys = [k for k in self._claims if k[0] == request_id and worker_id in (None, k[1])]
-        claims = [self._claims.pop(key) for key in keys]
+        if worker_id is None:
+            claims = list(self._claims.pop(request_id, {}).values())
+        else:
+            claim = self._claims.get(request_id, {}).pop(worker_id, None)
+            claims = [claim] if claim is not None else []
         if claims:
-            self._in_background(asyncio.to_thread(self.index.release, claims))
+            self._in_background(_call(self.index, "release", claims))
 
     def _renew_claims(self) -> None:
         """Keep renewing running claims, so only a dead router's lapse."""
@@ -226,8 +229,9 @@ class GenerationService:
         while self._claims:
             await asyncio.sleep(period_s)
             try:
-                await asyncio.to_thread(self.index.reserve, list(self._claims.values()), self._claim_ttl_s)
-                await asyncio.to_thread(self._registry.renew, list(self._running))
+                claims = [claim for held in self._claims.values() for claim in held.values()]
+                await _call(self.index, "reserve", claims, self._claim_ttl_s)
+                await _call(self._registry, "renew", list(self._running))
             except Exception as exc:  # an index outage: the next renewal tries again
                 log.warning("renewing %d placements in the index failed: %s", len(self._claims), exc)
 
@@ -362,6 +366,12 @@ async def _until(stream: AsyncIterator[OutputDelta], stop: asyncio.Event) -> Asy
         stopped.cancel()
         if item is not None and not item.done():
             item.cancel()  # the pending read gets the cancellation, and closes ``stream`` on its way out
+
+
+async def _call(backend, method: str, *args):
+    """A backend call: in a thread when it goes over the network, inline when it is in this process."""
+    call = getattr(backend, method)
+    return await asyncio.to_thread(call, *args) if backend.network_io else call(*args)
 
 
 async def _close(stream) -> None:

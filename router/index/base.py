@@ -82,6 +82,8 @@ class IndexHealth:
 
 
 class PrefixIndex(Protocol):
+    network_io: bool  # True: calls go to a server, so an event loop runs them in a thread
+
     def apply_events(self, worker_id: str, epoch: int, events: Sequence[CacheEvent]) -> None:
         """Record a batch of one worker's cache events; events from an older epoch are ignored."""
 

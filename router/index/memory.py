@@ -12,6 +12,8 @@ from router.index.base import Claim, IndexHealth, InFlight, WorkerInfo
 
 
 class MemoryPrefixIndex:
+    network_io = False
+
     def __init__(self, clock: Callable[[], float] = time.monotonic):
         self._clock = clock
         self._lock = threading.Lock()

@@ -211,6 +211,8 @@ _MAX_BACKOFF_S = 5.0
 
 
 class RedisPrefixIndex:
+    network_io = True
+
     def __init__(self, url: str, model_id: str, timeout_s: float = 0.5):
         self._client = redis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=30
