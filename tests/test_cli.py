@@ -108,7 +108,10 @@ def test_up_answers_over_both_apis_serves_generate_and_status_and_stops_on_ctrl_
     seen = []
     try:
         while not any("serving until Ctrl-C" in line for line in seen):
-            seen.append(lines.get(timeout=300))
+            try:
+                seen.append(lines.get(timeout=300))
+            except queue.Empty:
+                pytest.fail("pdserve up was not serving after 300 s; it said:\n" + "".join(seen)[-4000:])
         output = "".join(seen)
         assert f"gRPC 127.0.0.1:{grpc_port}" in output and "gRPC  Generate: 'Once upon a time' →" in output
         assert "HTTP  /v1/completions: 'Once upon a time' →" in output
