@@ -61,6 +61,9 @@ class ChildProcess:
         """SIGSTOP: the process holds its sockets open and answers nothing, like a hung peer."""
         os.kill(self.process.pid, signal.SIGSTOP)
 
+    def thaw(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
     def stop(self, timeout_s: float = 30.0) -> None:
         if self.process.is_alive():
             self._conn.send(("stop",))

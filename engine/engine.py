@@ -242,6 +242,14 @@ class Engine:
         make = getattr(get_kv_transfer_group(), "transfer_handle", None) if has_kv_transfer_group() else None
         return make(transfer_id, block_hashes, num_tokens) if make is not None else None
 
+    def abort_kv_transfer(self, transfer_id: str) -> None:
+        """Free a transfer this engine offers (or will offer) that nobody will pull."""
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        abort = getattr(get_kv_transfer_group(), "abort_transfer", None) if has_kv_transfer_group() else None
+        if abort is not None:
+            abort(transfer_id)
+
     def kv_layout(self) -> KVLayout:
         runner = self._core.model_executor.driver_worker.worker.model_runner
         kv_config = self._core.scheduler.kv_cache_config

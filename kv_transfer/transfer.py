@@ -147,6 +147,9 @@ class RegistryStats:
     bytes_sent: int
 
 
+_ABORTED_EARLY = "aborted before it was offered"
+
+
 class TransferRegistry:
     """The sender's offers. ``on_freed(transfer_id, state)`` runs once per offer, when its blocks may be freed."""
 
@@ -203,7 +206,10 @@ class TransferRegistry:
             layers_ready=len(layers) if layers_ready is None else layers_ready,
         )
         with self._lock:
-            if transfer_id in self._offers or transfer_id in self._final:
+            final = self._final.get(transfer_id)
+            if final is not None and final.detail == _ABORTED_EARLY:
+                raise ValueError(f"transfer {transfer_id} was {_ABORTED_EARLY}")
+            if transfer_id in self._offers or final is not None:
                 raise ValueError(f"transfer {transfer_id} was offered already")
             self._offers[transfer_id] = offer
             self._offered.notify_all()
@@ -286,6 +292,14 @@ class TransferRegistry:
         return self._finish(transfer_id, TransferState.DONE, "released by the receiver")
 
     def abort(self, transfer_id: str) -> TransferStatus:
+        """Free an offer; an abort that comes before its offer (the handle went out up front) is kept,
+        so the offer, when it comes, is refused and its blocks are freed at once, not at lease expiry."""
+        with self._lock:
+            if transfer_id not in self._offers and transfer_id not in self._final:
+                status = TransferStatus(transfer_id, TransferState.ABORTED, _ABORTED_EARLY)
+                self._remember(status)
+                self._offered.notify_all()
+                return status
         return self._finish(transfer_id, TransferState.ABORTED, "aborted")
 
     def status(self, transfer_id: str) -> TransferStatus:
@@ -355,14 +369,18 @@ class TransferRegistry:
         with self._lock:
             if self._offers.pop(transfer_id, None) is None:
                 return self._final[transfer_id]
-            self._final[transfer_id] = status
-            self._finished[offer.state.name.lower()] += 1
-            while len(self._final) > self._TOMBSTONES:
-                self._final.popitem(last=False)
+            self._remember(status)
         offer.layers = []  # drop the references to the KV tensors
         if self._on_freed is not None:
             self._on_freed(transfer_id, offer.state)
         return status
+
+    def _remember(self, status: TransferStatus) -> None:
+        """Record a final state (the lock held)."""
+        self._final[status.transfer_id] = status
+        self._finished[status.state.name.lower()] += 1
+        while len(self._final) > self._TOMBSTONES:
+            self._final.popitem(last=False)
 
     def _reap(self) -> None:
         while not self._stop.wait(0.05):

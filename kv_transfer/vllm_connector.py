@@ -373,6 +373,14 @@ class PdserveConnector(KVConnectorBase_V1):
                 self._failed_blocks.update(load.dest_block_ids)
             self._done_recving.add(load.request_id)
 
+    def abort_transfer(self, transfer_id: str) -> None:
+        """Free an offer nobody will pull, from this process (no network hop); one not offered yet is
+        refused when its prefill ends."""
+        try:
+            self._registry.abort(transfer_id)
+        except TransferError:  # already released or expired
+            pass
+
     def transfer_stats(self) -> dict[str, dict[str, float]]:
         """Pulls this worker made, per backend: counts, failures, bytes and seconds (for metrics)."""
         with self._lock:

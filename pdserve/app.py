@@ -13,6 +13,7 @@ import os
 import secrets
 from typing import Any
 
+from pydantic import SecretStr
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
@@ -38,7 +39,7 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 def build_app(config: PdserveConfig) -> serve.Application:
     config = resolve_model(config)
     service = config.service
-    token = config.cluster_token or os.environ.get(TOKEN_ENV) or secrets.token_hex(16)
+    token = config.cluster_token or SecretStr(os.environ.get(TOKEN_ENV) or secrets.token_hex(16))
     model = model_info(config.engine)
     reporting = IndexReporting(
         model.model_id, config.router.index.redis_url, config.router.index.heartbeat_ttl_s,
@@ -48,15 +49,16 @@ def build_app(config: PdserveConfig) -> serve.Application:
     split = _core_split(disaggregated)
     cores = {name: split[name] if pool.cpu_cores == "auto" else pool.cpu_cores
              for name, pool in (("decode", service.decode), ("prefill", service.prefill))}  # fmt: skip
-    decode = DecodeWorker.options(**_pool_options(service.decode, token, cores["decode"])).bind(
+    decode = DecodeWorker.options(**_pool_options(service.decode, cores["decode"])).bind(
         _engine_for(config, service.decode, "kv_consumer" if disaggregated else None, cores["decode"]),
         reporting,
+        token,
         service.heartbeat_s,
     )
     prefill = None
     if disaggregated:
-        prefill = PrefillWorker.options(**_pool_options(service.prefill, token, cores["prefill"])).bind(
-            _engine_for(config, service.prefill, "kv_producer", cores["prefill"]), reporting, service.heartbeat_s
+        prefill = PrefillWorker.options(**_pool_options(service.prefill, cores["prefill"])).bind(
+            _engine_for(config, service.prefill, "kv_producer", cores["prefill"]), reporting, token, service.heartbeat_s
         )
     settings = IngressSettings(
         model=model, router=config.router, mode=service.mode if disaggregated else "colocated",
@@ -91,8 +93,10 @@ def _engine_for(config: PdserveConfig, pool: PoolConfig, role: str | None, cores
     return config.engine.model_copy(update=update)
 
 
-def _pool_options(pool: PoolConfig, token: str, cores: str | None) -> dict[str, Any]:
-    env = {TOKEN_ENV: token}
+def _pool_options(pool: PoolConfig, cores: str | None) -> dict[str, Any]:
+    """Serve options of a worker pool. The cluster token is a constructor argument, not an env var:
+    Ray's runtime-env agent logs the env vars it sets."""
+    env = {}
     if cores is not None:
         # Ray sets OMP_NUM_THREADS from num_cpus (a scheduling figure); the engine's threads are its bound cores.
         env["OMP_NUM_THREADS"] = str(_core_count(cores))

@@ -169,6 +169,19 @@ def _parser() -> argparse.ArgumentParser:
         help="also write the figures as JSON (default path: bench/results/overhead.json)",
     )  # fmt: skip
     overhead_bench.set_defaults(run=_bench_overhead)
+    soak_bench = suites.add_parser(
+        "soak", help="bounded mixed load with cancels: no errors, no memory growth, KV pools back to baseline"
+    )
+    _add_config_flags(soak_bench)
+    soak_bench.add_argument("--clients", type=int, default=8, help="concurrent closed-loop clients")
+    soak_bench.add_argument("--minutes", type=float, default=10.0, help="how long the load runs")
+    soak_bench.add_argument("--warmup-s", type=float, default=60.0, help="memory is compared from then on")
+    soak_bench.add_argument("--seed", type=int, default=0)
+    soak_bench.add_argument(
+        "--json", nargs="?", const=Path("bench/results"), type=Path, metavar="DIR",
+        help="also write soak.json there (default: bench/results)",
+    )  # fmt: skip
+    soak_bench.set_defaults(run=_bench_soak)
     return parser
 
 
@@ -223,7 +236,8 @@ def _up(args: argparse.Namespace) -> int:
     where = f"HTTP {service.http_url}/v1  gRPC {service.grpc_address}"
     print(f"pdserve is up: {where}  ({config.service.mode})", flush=True)
     if args.try_prompt:
-        _try(service, args.try_prompt)
+        keys = config.router.api_keys
+        _try(service, args.try_prompt, keys[0].get_secret_value() if keys else None)
     if args.exit:
         service.stop()
         return 0
@@ -232,14 +246,14 @@ def _up(args: argparse.Namespace) -> int:
     return 0
 
 
-def _try(service, prompt: str) -> None:
+def _try(service, prompt: str, api_key: str | None) -> None:
     """One real request over each API, so a first run shows the service answering."""
     import json
     import urllib.request
 
     from pdserve.client import GenerationClient
 
-    client = GenerationClient(service.grpc_address)
+    client = GenerationClient(service.grpc_address, api_key=api_key)
     try:
         replies = list(client.generate(prompt, max_tokens=16, temperature=0.0))
     finally:
@@ -248,7 +262,8 @@ def _try(service, prompt: str) -> None:
     print(f"gRPC  Generate: {prompt!r} → {''.join(r.text for r in replies)!r} "
           f"[{timing.placement}, ttft {1000 * timing.ttft_s:.0f} ms]")  # fmt: skip
     body = json.dumps({"prompt": prompt, "max_tokens": 16, "temperature": 0}).encode()
-    request = urllib.request.Request(f"{service.http_url}/v1/completions", body, {"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if api_key else {})}
+    request = urllib.request.Request(f"{service.http_url}/v1/completions", body, headers)
     with urllib.request.urlopen(request, timeout=300) as reply:
         answer = json.loads(reply.read())
     print(f"HTTP  /v1/completions: {prompt!r} → {answer['choices'][0]['text']!r}", flush=True)
@@ -262,14 +277,14 @@ def _generate(args: argparse.Namespace) -> int:
         return asyncio.run(_stream_completion(config, args))
     import grpc
 
-    from pdserve.client import GenerationClient
+    from pdserve.client import API_KEY_ENV, GenerationClient
 
     sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p}
     if args.top_k != -1:
         sampling["top_k"] = args.top_k
     if args.seed is not None:
         sampling["seed"] = args.seed
-    client = GenerationClient(args.address)
+    client = GenerationClient(args.address, api_key=os.environ.get(API_KEY_ENV))
     try:
         last = None
         for last in client.generate(args.prompt, **sampling):
@@ -290,9 +305,9 @@ def _generate(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import grpc
 
-    from pdserve.client import GenerationClient
+    from pdserve.client import API_KEY_ENV, GenerationClient
 
-    client = GenerationClient(args.address)
+    client = GenerationClient(args.address, api_key=os.environ.get(API_KEY_ENV))
     try:
         status = client.status()
     except grpc.RpcError as exc:
@@ -475,6 +490,22 @@ def _bench_overhead(args: argparse.Namespace) -> int:
 
     run_overhead(_bench_config(args), args.json)
     return 0
+
+
+def _bench_soak(args: argparse.Namespace) -> int:
+    from bench.running import with_service
+    from bench.soak import SoakSpec, soak, write
+    from pdserve.app import model_info
+
+    spec = SoakSpec(clients=args.clients, duration_s=60 * args.minutes, warmup_s=args.warmup_s, seed=args.seed)
+    config = _bench_config(args)
+    keys = config.router.api_keys
+    key = keys[0].get_secret_value() if keys else None
+    result = with_service(config, {}, lambda service: soak(service, spec, model_info(config.engine).vocab_size, key))
+    print(json.dumps(result, indent=2))
+    if args.json is not None:
+        print(f"wrote {write(result, args.json)}")
+    return 0 if result["passed"] else 1
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
 from engine.config import EngineConfig
 from router.config import RouterConfig
@@ -90,7 +90,7 @@ class PdserveConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
     service: ServiceConfig = Field(default_factory=ServiceConfig)
-    cluster_token: str | None = Field(
+    cluster_token: SecretStr | None = Field(
         default=None, description="shared secret KV peers prove with (PDSERVE_CLUSTER_TOKEN); none: one per app"
     )
     ray_address: str | None = Field(default=None, description="join this Ray cluster; none: start a local one")

@@ -6,6 +6,7 @@ Used by the tests and benchmarks, and by ``pdserve`` when the index URL says ``l
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -86,11 +87,19 @@ class LocalRedis:
             finally:
                 client.close()
 
-    def stop(self) -> None:
+    def stop(self, signal_number: int = signal.SIGTERM) -> None:
+        """End the server (SIGKILL: as a crash would); ``start`` brings it back, empty, on the same port."""
         if self._process is not None:
-            self._process.terminate()
+            self._process.send_signal(signal_number)
             self._process.wait(timeout=10)
             self._process = None
+
+    def pause(self) -> None:
+        """SIGSTOP: the server holds its data and its connections but answers nothing, as in a partition."""
+        self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._process.send_signal(signal.SIGCONT)
 
 
 def make_certificates(workdir: Path) -> None:

@@ -9,19 +9,17 @@ pdserve's pinned request router; ``worker_id`` is that routing key.
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import ray
+from pydantic import SecretStr
 from ray import serve
 
 from engine.config import EngineConfig
 from engine.hosting import HostedEngine, HostedWorker, Reporting
 from engine.types import PrefillJob, PrefillResult
-from kv_transfer.channel import GrpcKVChannel
-from kv_transfer.transfer import TransferHandle
 from kv_transfer.vllm_connector import TOKEN_ENV
 
 
@@ -35,10 +33,12 @@ def with_transfer_host(config: EngineConfig) -> EngineConfig:
 
 @serve.deployment(name="PrefillWorker", health_check_period_s=5, health_check_timeout_s=10)
 class PrefillWorker(HostedWorker):
-    def __init__(self, engine_config: EngineConfig, reporting: Reporting, heartbeat_s: float = 1.0):
+    def __init__(
+        self, engine_config: EngineConfig, reporting: Reporting, cluster_token: SecretStr, heartbeat_s: float = 1.0
+    ):
         worker_id = serve.get_replica_context().replica_id.unique_id
+        os.environ[TOKEN_ENV] = cluster_token.get_secret_value()  # the connector vLLM builds reads it here
         self._host = HostedEngine(with_transfer_host(engine_config), "prefill", worker_id, reporting, heartbeat_s)
-        self._channel = GrpcKVChannel(os.environ.get(TOKEN_ENV, ""))
 
     async def prefill(self, job: PrefillJob, worker_id: str | None = None) -> AsyncIterator[PrefillResult]:
         """Yield the transfer handle at once (the decode worker pulls each layer as it is computed), then the end.
@@ -57,7 +57,9 @@ class PrefillWorker(HostedWorker):
             last = delta
         yield PrefillResult(((last.kv_transfer_params or {}) if last else {}).get("pdserve_handle"))
 
-    async def abort_transfer(self, handle: str, worker_id: str | None = None) -> None:
-        """Free a transfer nobody will pull (its request was cancelled between prefill and decode)."""
-        parsed = TransferHandle.from_bytes(bytes.fromhex(handle))
-        await asyncio.to_thread(self._channel.abort, parsed)
+    async def abort_transfer(self, transfer_id: str, worker_id: str | None = None) -> None:
+        """Free a transfer nobody will pull (its request was cancelled between prefill and decode).
+
+        By id, so the router can abort a transfer whose handle it never received: one not offered
+        yet is refused when its prefill ends, and its blocks are freed then."""
+        self._host.engine.abort_kv_transfer(transfer_id)

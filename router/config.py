@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from router.placement import PlacementConfig
 from router.request import RequestLimits
@@ -34,9 +34,34 @@ class RequestLimitsConfig(BaseModel):
         return RequestLimits(context_length=context_length, vocab_size=vocab_size, **self.model_dump())
 
 
+class RecoveryConfig(BaseModel):
+    """What the router does when a decode worker is lost mid-stream."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    migrate_decode: bool = Field(
+        default=True,
+        description="carry the stream on to another decode worker, which prefills the prompt and the tokens "
+        "already streamed; off: the client gets UNAVAILABLE / an HTTP error",
+    )
+    max_migrations: int = Field(default=2, ge=0, description="decode workers one request may lose before it fails")
+
+
 class RouterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     index: IndexConfig = Field(default_factory=IndexConfig)
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig)
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="keys the generation API accepts as 'Authorization: Bearer <key>' (HTTP header, gRPC metadata); "
+        "none: open. From env: PDSERVE_ROUTER__API_KEYS=key1,key2",
+    )
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        return [key.strip() for key in value.split(",") if key.strip()] if isinstance(value, str) else value
+
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     limits: RequestLimitsConfig = Field(default_factory=RequestLimitsConfig)

@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from pdserve_pb.v1 import generate_pb2 as pb
 from pdserve_pb.v1 import generate_pb2_grpc as pb_grpc
+from router.auth import ApiKeys
 from router.placement import NoWorkerError
 from router.request import RequestError
-from router.service import Chunk, GenerationService, ServiceFullError
+from router.service import Chunk, GenerationService, ServiceFullError, WorkerGoneError
 
 log = logging.getLogger(__name__)
 
@@ -74,41 +77,55 @@ def response(chunk: Chunk) -> pb.GenerateResponse:
         t = chunk.timing
         message.timing.CopyFrom(pb.Timing(ttft_s=t.ttft_s, e2e_s=t.e2e_s, placement=t.placement,
                                           prefill_worker=t.prefill_worker, decode_worker=t.decode_worker,
-                                          router=t.router))  # fmt: skip
+                                          router=t.router, migrations=t.migrations))  # fmt: skip
     return message
 
 
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, service: GenerationService):
+    """Every method wants an API key when keys are configured (``authorization`` metadata)."""
+
+    def __init__(self, service: GenerationService, keys: ApiKeys):
         self._service = service
+        self._keys = keys
+
+    async def _admit(self, request, context: grpc.aio.ServicerContext) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        if refusal := self._keys.refusal(metadata.get("authorization")):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+        if isinstance(request, Unparsable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse: {request.reason}")
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        await self._admit(request, context)
         try:
             parsed, token_ids = self._service.parse(request_body(request), "completion")
         except RequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode[exc.grpc_status], str(exc))
         try:
             async for chunk in self._service.generate(parsed, token_ids):
                 yield response(chunk)
         except ServiceFullError as exc:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except NoWorkerError as exc:
+        except (NoWorkerError, WorkerGoneError) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         except RequestError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            await context.abort(grpc.StatusCode[exc.grpc_status], str(exc))
         except Exception as exc:  # a worker failed mid-request: the client gets the reason, not a hang
             log.warning("request %s failed: %r", parsed.request_id, exc)
             await context.abort(grpc.StatusCode.INTERNAL, f"request {parsed.request_id} failed: {exc!r}"[:2000])
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        await self._admit(request, context)
         return pb.AbortResponse(found=await self._service.abort(request.request_id))
 
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        await self._admit(request, context)
         model = self._service.model
         card = pb.ModelCard(id=model.model_id, context_length=model.context_length, block_size=model.block_size)
         return pb.ListModelsResponse(models=[card])
 
     async def Status(self, request: pb.StatusRequest, context) -> pb.StatusResponse:
+        await self._admit(request, context)
         service = self._service
         health_now = service.index.health()
         held = await asyncio.to_thread(service.index.held_blocks)
@@ -128,9 +145,44 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         )  # fmt: skip
 
 
-async def start_grpc_server(service: GenerationService, host: str, port: int) -> grpc.aio.Server:
+@dataclass(frozen=True)
+class Unparsable:
+    """Request bytes that are not the method's message (e.g. a string that is not UTF-8)."""
+
+    reason: str
+
+
+def _lenient(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except DecodeError as exc:
+            return Unparsable(str(exc))
+
+    return parse
+
+
+def _add_generation(servicer: GenerationServicer, server: grpc.aio.Server) -> None:
+    """As the generated ``add_GenerationServicer_to_server``, except that a request that does not parse
+    reaches the method (answered INVALID_ARGUMENT, naming the problem) instead of failing in grpc as UNKNOWN."""
+    unary, streaming = grpc.unary_unary_rpc_method_handler, grpc.unary_stream_rpc_method_handler
+    handlers = {
+        name: kind(getattr(servicer, name), _lenient(request), response.SerializeToString)
+        for name, kind, request, response in (
+            ("Generate", streaming, pb.GenerateRequest, pb.GenerateResponse),
+            ("Abort", unary, pb.AbortRequest, pb.AbortResponse),
+            ("ListModels", unary, pb.ListModelsRequest, pb.ListModelsResponse),
+            ("Status", unary, pb.StatusRequest, pb.StatusResponse),
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("pdserve.v1.Generation", handlers),))
+
+
+async def start_grpc_server(
+    service: GenerationService, host: str, port: int, keys: ApiKeys | None = None
+) -> grpc.aio.Server:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(service), server)
+    _add_generation(GenerationServicer(service, keys or ApiKeys([])), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (

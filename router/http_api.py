@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from router.placement import NoWorkerError
 from router.request import GenerationRequest, Kind, RequestError
-from router.service import Chunk, GenerationService, ServiceFullError
+from router.service import Chunk, GenerationService, ServiceFullError, WorkerGoneError
 
 log = logging.getLogger(__name__)
 
@@ -28,12 +28,17 @@ def error_response(status: int, message: str, kind: str, param: str | None = Non
     return JSONResponse(body, status_code=status)
 
 
+def unauthorized(message: str) -> JSONResponse:
+    response = error_response(401, message, "authentication_error")
+    response.headers["WWW-Authenticate"] = "Bearer"
+    return response
+
+
 async def generate(service: GenerationService, body: bytes, kind: Kind):
     try:
         request, token_ids = service.parse(body, kind)
     except RequestError as exc:
-        status = 404 if exc.field == "model" and "unknown model" in str(exc) else 400
-        return error_response(status, str(exc), "invalid_request_error", exc.field)
+        return error_response(exc.http_status, str(exc), "invalid_request_error", exc.field)
     stream = service.generate(request, token_ids)
     try:  # the first chunk comes before the response starts, so placement errors get their status
         first = await anext(stream)
@@ -42,8 +47,8 @@ async def generate(service: GenerationService, body: bytes, kind: Kind):
     except ServiceFullError as exc:
         return error_response(429, str(exc), "rate_limit_error")
     except RequestError as exc:
-        return error_response(400, str(exc), "invalid_request_error", exc.field)
-    except NoWorkerError as exc:
+        return error_response(exc.http_status, str(exc), "invalid_request_error", exc.field)
+    except (NoWorkerError, WorkerGoneError) as exc:
         return error_response(503, str(exc), "service_unavailable")
     except Exception as exc:  # a worker failed before the first token
         log.warning("request %s failed: %r", request.request_id, exc)
@@ -55,6 +60,8 @@ async def generate(service: GenerationService, body: bytes, kind: Kind):
     try:
         async for chunk in stream:
             chunks.append(chunk)
+    except WorkerGoneError as exc:
+        return error_response(503, f"request {request.request_id} failed: {exc}", "service_unavailable")
     except Exception as exc:  # a worker failed mid-request
         log.warning("request %s failed: %r", request.request_id, exc)
         return error_response(500, f"request {request.request_id} failed: {exc!r}"[:2000], "internal_error")
@@ -80,6 +87,12 @@ async def _sse(shape: _Shape, first: Chunk, rest: AsyncIterator[Chunk]) -> Async
                     yield _event({**shape.header("chunk"), "choices": [], "usage": _usage(chunk)})
                 break
             chunk = await anext(rest)
+    except WorkerGoneError as exc:  # the status is sent: the failure is an error event, as vLLM's server does
+        yield _event({"error": {"message": str(exc), "type": "service_unavailable", "param": None, "code": 503}})
+    except Exception as exc:
+        log.warning("request %s failed mid-stream: %r", shape.request.request_id, exc)
+        yield _event({"error": {"message": f"{exc!r}"[:2000], "type": "internal_error", "param": None, "code": 500}})
+    else:
         yield b"data: [DONE]\n\n"
     finally:
         await rest.aclose()

@@ -18,6 +18,7 @@ from ray import serve
 
 from engine.cache_events import CacheEvent
 from router import http_api
+from router.auth import ApiKeys
 from router.config import RouterConfig
 from router.grpc_api import start_grpc_server
 from router.index import WorkerInfo, make_index
@@ -56,18 +57,25 @@ class Router:
         )  # fmt: skip
         loop = asyncio.get_running_loop()
         self._registry.start(lambda request_id: loop.call_soon_threadsafe(self.service.abort_local, request_id))
-        self._grpc = await start_grpc_server(self.service, settings.grpc_host, settings.grpc_port)
+        self._keys = ApiKeys([key.get_secret_value() for key in settings.router.api_keys])
+        self._grpc = await start_grpc_server(self.service, settings.grpc_host, settings.grpc_port, self._keys)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
+        if refusal := self._keys.refusal(request.headers.get("authorization")):
+            return http_api.unauthorized(refusal)
         return await http_api.generate(self.service, await request.body(), "completion")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        if refusal := self._keys.refusal(request.headers.get("authorization")):
+            return http_api.unauthorized(refusal)
         return await http_api.generate(self.service, await request.body(), "chat")
 
     @app.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        if refusal := self._keys.refusal(request.headers.get("authorization")):
+            return http_api.unauthorized(refusal)
         return http_api.models(self.service)
 
     @app.get("/health")

@@ -44,6 +44,9 @@ class RouterMetrics:
         self.prefill_fallbacks = _Mirrored(
             Counter, "prefill_fallbacks", "Prefills that failed and were redone on the decode worker.", r
         )
+        self.migrations = _Mirrored(
+            Counter, "decode_migrations", "Requests carried on to another decode worker after theirs was lost.", r
+        )
         self.registry.register(_WorkerCollector(live_workers, health))
 
     def render(self, transfers: dict[str, dict[str, dict[str, float]]] | None = None) -> bytes:

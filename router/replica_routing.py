@@ -12,14 +12,20 @@ correct, only without that replica's cache.
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 from collections.abc import Sequence
 
-from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+from ray.serve.context import _get_serve_request_context, _serve_request_context
+from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
 ROUTER_CLASS = f"{__name__}:PinnedReplicaRouter"
 
 
-class PinnedReplicaRouter(FIFOMixin, RequestRouter):
+class PinnedReplicaRouter(RequestRouter):
+    """No ``FIFOMixin``: it hands the replica chosen for one request to the oldest pending request,
+    which is pinned elsewhere; the base router gives each request the replica chosen for it."""
+
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
     ) -> Sequence[list[RunningReplica]]:
@@ -30,3 +36,18 @@ class PinnedReplicaRouter(FIFOMixin, RequestRouter):
             if pinned:
                 return [pinned]
         return [sorted(candidate_replicas, key=lambda r: r.replica_id.unique_id)]
+
+
+def pinned_call(method, *args, worker_id: str, **kwargs):
+    """``method.remote(*args, worker_id=worker_id, **kwargs)``, routed as a request of its own.
+
+    Serve names a handle call after the request it is made in (its internal request id), and
+    its request router gives the replica it chose to the pending call of that id. Two calls
+    made in one HTTP request and routed at once (a decode stream and an abort, say) would
+    share the id, and one could run on the other's replica, or wait forever. With its own
+    request context (Serve's context variable; no public API sets it) each call has its own id.
+    """
+    context = contextvars.copy_context()
+    own = dataclasses.replace(_get_serve_request_context(), _internal_request_id="")
+    context.run(_serve_request_context.set, own)
+    return context.run(method.remote, *args, worker_id=worker_id, **kwargs)

@@ -22,11 +22,31 @@ CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 class RequestError(ValueError):
-    """A request the router refuses: maps to HTTP 400 / gRPC INVALID_ARGUMENT."""
+    """A request the router refuses: maps to HTTP 400 / gRPC INVALID_ARGUMENT, or a subclass's own status."""
+
+    http_status = 400
+    grpc_status = "INVALID_ARGUMENT"
 
     def __init__(self, field: str, message: str):
         self.field = field
         super().__init__(f"{field}: {message}")
+
+
+class UnknownModelError(RequestError):
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+
+
+class DuplicateRequestError(RequestError):
+    """A request id that is already running (on any router replica sharing the registry)."""
+
+    http_status = 409
+    grpc_status = "ALREADY_EXISTS"
+
+
+class BodyTooLargeError(RequestError):
+    http_status = 413
+    grpc_status = "RESOURCE_EXHAUSTED"
 
 
 @dataclass(frozen=True)
@@ -121,7 +141,7 @@ def tokenize(request: GenerationRequest, tokenizer: ModelTokenizer, limits: Requ
 
 def _decode_body(body: bytes, limits: RequestLimits) -> dict[str, Any]:
     if len(body) > limits.max_body_bytes:
-        raise RequestError("body", f"{len(body)} bytes exceeds the limit of {limits.max_body_bytes} bytes")
+        raise BodyTooLargeError("body", f"{len(body)} bytes exceeds the limit of {limits.max_body_bytes} bytes")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:

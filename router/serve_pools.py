@@ -1,11 +1,22 @@
-"""The worker pools as Ray Serve deployment handles, each call pinned to the replica placement chose."""
+"""The worker pools as Ray Serve deployment handles, each call pinned to the replica placement chose.
+
+Ray's errors for a replica whose process died or cannot be reached become
+``WorkerGoneError``, so the service can tell a lost worker (retry elsewhere)
+from a failed request.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
 
+from ray.exceptions import ActorUnavailableError, RayActorError
+
 from engine.types import DecodeJob, OutputDelta, PrefillJob, PrefillResult
+from router.replica_routing import pinned_call
+from router.service import WorkerGoneError
+
+_GONE = (RayActorError, ActorUnavailableError)
 
 
 class ServeWorkerPools:
@@ -19,21 +30,24 @@ class ServeWorkerPools:
     def decode(self, worker_id: str, job: DecodeJob) -> AsyncIterator[OutputDelta]:
         return _pinned_stream(self._decode.options(stream=True).generate, job, worker_id)
 
-    async def abort_transfer(self, worker_id: str, handle: str, timeout_s: float) -> None:
-        await asyncio.wait_for(_result(self._prefill.abort_transfer.remote(handle, worker_id=worker_id)), timeout_s)
+    async def abort_transfer(self, worker_id: str, transfer_id: str, timeout_s: float) -> None:
+        call = pinned_call(self._prefill.abort_transfer, transfer_id, worker_id=worker_id)
+        await asyncio.wait_for(_result(call), timeout_s)
 
     async def transfer_stats(self, worker_id: str, timeout_s: float) -> dict[str, dict[str, float]]:
-        return await asyncio.wait_for(_result(self._decode.transfer_stats.remote(worker_id=worker_id)), timeout_s)
+        return await asyncio.wait_for(_result(pinned_call(self._decode.transfer_stats, worker_id=worker_id)), timeout_s)
 
 
 async def _pinned_stream(method, job, worker_id: str):
     """A worker's stream; left before its ``finished`` item, the call is cancelled and the worker frees its KV."""
-    stream = method.remote(job, worker_id=worker_id)
+    stream = pinned_call(method, job, worker_id=worker_id)
     done = False
     try:
         async for item in stream:
             done = item.finished
             yield item
+    except _GONE as exc:
+        raise WorkerGoneError(worker_id, exc) from exc
     finally:
         if not done:
             stream.cancel()

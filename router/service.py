@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 from engine.block_hash import hash_chain
@@ -30,8 +30,16 @@ from engine.types import DecodeJob, GenerateRequest, OutputDelta, PrefillJob, Pr
 from router.config import RouterConfig
 from router.index import Claim, PrefixIndex
 from router.metrics import RouterMetrics
-from router.placement import Placement, Placer
-from router.request import GenerationRequest, Kind, RequestError, RequestLimits, parse_request, tokenize
+from router.placement import NoWorkerError, Placement, Placer
+from router.request import (
+    DuplicateRequestError,
+    GenerationRequest,
+    Kind,
+    RequestLimits,
+    UnknownModelError,
+    parse_request,
+    tokenize,
+)
 from router.request_registry import LocalRegistry, RequestRegistry
 from router.tokenizer import ModelTokenizer
 
@@ -51,7 +59,8 @@ class WorkerPools(Protocol):
     def decode(self, worker_id: str, job: DecodeJob) -> AsyncIterator[OutputDelta]:
         """The decode stream; closing it early cancels the request on the worker."""
 
-    async def abort_transfer(self, worker_id: str, handle: str, timeout_s: float) -> None: ...
+    async def abort_transfer(self, worker_id: str, transfer_id: str, timeout_s: float) -> None:
+        """Free a transfer nobody will take, offered or not yet (then it is refused when offered)."""
 
     async def transfer_stats(self, worker_id: str, timeout_s: float) -> dict[str, dict[str, float]]:
         """A decode worker's KV pulls per backend."""
@@ -81,6 +90,7 @@ class Timing:
     prefill_worker: str
     decode_worker: str
     router: str
+    migrations: int = 0  # decode workers lost mid-stream, the request carried on elsewhere
 
 
 @dataclass(frozen=True)
@@ -93,6 +103,36 @@ class Chunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     timing: Timing | None = None
+
+
+class WorkerGoneError(RuntimeError):
+    """The worker's process is gone (died, killed, unreachable): not the request's fault."""
+
+    def __init__(self, worker_id: str, cause: BaseException):
+        self.worker_id = worker_id
+        super().__init__(f"worker {worker_id} is gone: {type(cause).__name__}")
+
+
+@dataclass
+class _Progress:
+    """One request's decode so far, across the decode workers it has run on."""
+
+    start: float
+    placement: Placement
+    handle: str | None
+    transfer_id: str
+    decode_worker: str = ""
+    token_ids: list[int] = field(default_factory=list)  # every token the client has been sent
+    first_at: float | None = None
+    last_at: float = 0.0
+    taken: bool = False  # a decode worker answered, so it took the KV
+    finished: bool = False
+    migrations: int = 0
+    resumed_after: int = 0  # tokens streamed before the last migration (part of the resumed prompt)
+    gone: set[str] = field(default_factory=set)
+
+    def __post_init__(self):
+        self.decode_worker = self.decode_worker or self.placement.decode_worker
 
 
 class GenerationService:
@@ -133,9 +173,9 @@ class GenerationService:
         """A validated request and its prompt's token ids; ``RequestError`` names the bad field."""
         request = parse_request(body, kind, self.limits)
         if request.model not in (None, "", self.model.model_id):
-            raise RequestError("model", f"unknown model {request.model!r} (served: {self.model.model_id!r})")
+            raise UnknownModelError("model", f"unknown model {request.model!r} (served: {self.model.model_id!r})")
         if request.request_id in self._running:
-            raise RequestError("request_id", f"a request with id {request.request_id!r} is already running")
+            raise DuplicateRequestError("request_id", f"a request with id {request.request_id!r} is already running")
         return request, tokenize(request, self.tokenizer, self.limits)
 
     async def generate(self, request: GenerationRequest, token_ids: list[int]) -> AsyncIterator[Chunk]:
@@ -144,7 +184,7 @@ class GenerationService:
             raise ServiceFullError(f"{len(self._running)} requests in flight (limit {self._max_inflight})")
         rid = request.request_id
         if rid in self._running or not await _call(self._registry, "claim", rid):
-            raise RequestError("request_id", f"a request with id {rid!r} is already running")
+            raise DuplicateRequestError("request_id", f"a request with id {rid!r} is already running")
         aborted = self._running[rid] = asyncio.Event()
         self.metrics.running.inc()
         start = time.perf_counter()
@@ -244,65 +284,124 @@ class GenerationService:
     async def _run(
         self, request: GenerateRequest, placement: Placement, hashes: list[str], start: float, aborted: asyncio.Event
     ) -> AsyncIterator[Chunk]:
-        handle, taken, prefilling = None, False, None
+        handle, prefilling, transfer_id = None, None, f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         if placement.prefill_worker is not None:
-            handle, prefilling = await self._prefill(placement, request, hashes)
+            handle, prefilling = await self._prefill(placement, PrefillJob(request, transfer_id, hashes))
         hit = placement.decode_cached_tokens if handle is None else placement.prefill_cached_tokens
         pool = "decode" if handle is None else "prefill"
         self._count_prompt(pool, len(request.prompt_token_ids), hit)
-        stream = self._pools.decode(placement.decode_worker, DecodeJob(request, handle, hashes))
-        first_at = last_at = None
-        finished = False
+        progress = _Progress(start, placement, handle, transfer_id)
+        job = DecodeJob(request, handle, hashes)
+        try:
+            while True:
+                try:
+                    async for chunk in self._decode(job, progress, aborted):
+                        yield chunk
+                    return
+                except WorkerGoneError as exc:
+                    job = await self._migrate(request, progress, exc)
+        finally:
+            done = progress.taken and progress.finished
+            if prefilling is not None and not done:
+                prefilling.cancel()  # the request ended early: stop the prefill too (it frees its blocks)
+            if handle is not None and not done:
+                await self._abort_transfer(placement.prefill_worker, transfer_id)
+
+    async def _decode(self, job: DecodeJob, progress: _Progress, aborted: asyncio.Event) -> AsyncIterator[Chunk]:
+        """One decode worker's stream as chunks, its tokens recorded in ``progress`` for a migration."""
+        rid = job.request.request_id
+        stream = self._pools.decode(progress.decode_worker, job)
         try:
             async for delta in _until(stream, aborted):
                 if delta is None:  # aborted by id: end the stream as vLLM does, finish reason "abort"
-                    yield Chunk(request.request_id, [], "", "abort")
+                    yield Chunk(rid, [], "", "abort")
                     return
-                taken = True
+                progress.taken = True
                 now = time.perf_counter()
                 if delta.token_ids:
-                    if first_at is None:
-                        first_at = now
-                        self.metrics.ttft.observe(now - start)
+                    if progress.first_at is None:
+                        progress.first_at = now
+                        self.metrics.ttft.observe(now - progress.start)
                     else:
                         for _ in delta.token_ids:
-                            self.metrics.itl.observe((now - last_at) / len(delta.token_ids))
-                    last_at = now
+                            self.metrics.itl.observe((now - progress.last_at) / len(delta.token_ids))
+                    progress.last_at = now
+                    progress.token_ids.extend(delta.token_ids)
                     self.metrics.generation_tokens.inc(len(delta.token_ids))
-                chunk = Chunk(request.request_id, list(delta.token_ids), delta.text)
                 if delta.finished:
-                    finished = True
-                    chunk = self._last_chunk(chunk, delta, placement, handle, start, first_at or now, now)
-                yield chunk
-                if finished:
+                    progress.finished = True
+                    yield self._last_chunk(rid, delta, progress, now)
                     return
+                yield Chunk(rid, list(delta.token_ids), delta.text)
         finally:
             await _close(stream)
-            if prefilling is not None and not (taken and finished):
-                prefilling.cancel()  # the request ended early: stop the prefill too (it frees its blocks)
-            if handle is not None and not (taken and finished):
-                await self._abort_transfer(placement.prefill_worker, handle)
 
-    async def _prefill(self, placement: Placement, request: GenerateRequest, hashes: list[str]):
-        """The transfer handle (None: prefill locally), and the prefill still running when it came up front."""
-        job = PrefillJob(request, f"{request.request_id}-{uuid.uuid4().hex[:8]}", hashes)
-        stream = self._pools.prefill(placement.prefill_worker, job)
+    async def _migrate(self, request: GenerateRequest, progress: _Progress, lost: WorkerGoneError) -> DecodeJob:
+        """Continue on another decode worker, which prefills the prompt and the tokens already streamed.
+
+        The client's stream goes on where it stopped: no token repeated or missing. With migration
+        off, or its attempts spent, the loss reaches the client (gRPC UNAVAILABLE / an HTTP error)."""
+        rid = request.request_id
+        progress.gone.add(progress.decode_worker)
+        self._forget(progress.decode_worker)
+        self._release(rid, progress.decode_worker)
+        recovery = self.config.recovery
+        if not recovery.migrate_decode or progress.migrations >= recovery.max_migrations:
+            raise lost
+        prompt = [*request.prompt_token_ids, *progress.token_ids]
+        chain = hash_chain(self.model.model_id, prompt, self.model.block_size)
+        live, cached = await _call(self.index, "match", chain)
+        survivors = [w for w in live if w.role == "decode" and w.worker_id not in progress.gone]
+        try:
+            placement = self._placer.place_matched(len(prompt), survivors, cached)
+        except NoWorkerError:
+            raise lost from None
+        if progress.handle is not None and progress.migrations == 0:  # the lost worker may not have pulled it
+            self._in_background(self._abort_transfer(progress.placement.prefill_worker, progress.transfer_id))
+        progress.migrations += 1
+        progress.decode_worker = placement.decode_worker
+        claim = Claim(rid, placement.decode_worker, len(prompt) - placement.decode_cached_tokens)
+        self._claims.setdefault(rid, {})[claim.worker_id] = claim
+        await _call(self.index, "reserve", [claim], self._claim_ttl_s)
+        self.metrics.migrations.inc()
+        progress.resumed_after = len(progress.token_ids)
+        log.warning("request %s: %s; resumed on %s after %d tokens", rid, lost, claim.worker_id, progress.resumed_after)
+        sampling = replace(request.sampling, max_tokens=request.sampling.max_tokens - len(progress.token_ids))
+        resumed = GenerateRequest(rid, prompt, sampling)
+        return DecodeJob(resumed, None, [digest.hex() for digest in chain])
+
+    def _forget(self, worker_id: str) -> None:
+        """A worker that died stops counting at once, not when its heartbeat lapses; a live one re-registers."""
+        self._in_background(_call(self.index, "forget_worker", worker_id))
+
+    async def _prefill(self, placement: Placement, job: PrefillJob):
+        """The transfer handle (None: prefill locally), and the prefill still running when it came up front.
+
+        Leaving without the handle, the transfer is aborted by id: the prefill may have offered its
+        blocks (or be about to) while the handle was on its way."""
+        request, worker = job.request, placement.prefill_worker
+        stream = self._pools.prefill(worker, job)
         try:
             first = await asyncio.wait_for(anext(stream), self._prefill_timeout_s)
         except (asyncio.CancelledError, GeneratorExit):
             await _close(stream)
+            self._in_background(self._abort_transfer(worker, job.transfer_id))
             raise
         except Exception as exc:  # the decode worker prefills instead: the request is not lost
             await _close(stream)
-            self._release(request.request_id, placement.prefill_worker)
-            log.warning("prefill %s on %s failed, local: %s", job.transfer_id, placement.prefill_worker, exc)
+            self._release(request.request_id, worker)
+            if isinstance(exc, WorkerGoneError):
+                self._forget(worker)
+            else:  # e.g. too slow: it may still offer the blocks
+                self._in_background(self._abort_transfer(worker, job.transfer_id))
+            log.warning("prefill %s on %s failed, local: %s", job.transfer_id, worker, exc)
             self.metrics.prefill_fallbacks.inc()
             return None, None
         if first.finished:
             await _close(stream)
-            self._release(request.request_id, placement.prefill_worker)
+            self._release(request.request_id, worker)
             return first.handle, None
-        return first.handle, self._in_background(self._finish_prefill(job, stream, placement.prefill_worker))
+        return first.handle, self._in_background(self._finish_prefill(job, stream, worker))
 
     async def _finish_prefill(self, job: PrefillJob, stream: AsyncIterator[PrefillResult], worker_id: str) -> None:
         """Run an up-front prefill to its end; if it fails, the decode worker's pull fails and it recomputes."""
@@ -312,27 +411,33 @@ class GenerationService:
                     pass
         except Exception as exc:
             log.warning("prefill %s failed after its handle was given out: %r", job.transfer_id, exc)
+            self.metrics.prefill_fallbacks.inc()  # the decode worker's pull fails, and it computes the prompt
+            if isinstance(exc, WorkerGoneError):
+                self._forget(worker_id)
         finally:
             self._release(job.request.request_id, worker_id)
             await _close(stream)
 
-    async def _abort_transfer(self, worker_id: str, handle: str) -> None:
+    async def _abort_transfer(self, worker_id: str, transfer_id: str) -> None:
         try:
-            await asyncio.shield(self._pools.abort_transfer(worker_id, handle, 2.0))
+            await asyncio.shield(self._pools.abort_transfer(worker_id, transfer_id, 2.0))
         except Exception as exc:  # the lease frees it anyway
             log.info("abort of an untaken transfer on %s failed (the lease will free it): %s", worker_id, exc)
 
-    def _last_chunk(self, chunk, delta: OutputDelta, placement: Placement, handle, start, first_at, now) -> Chunk:
-        usage = Usage(delta.prompt_tokens, delta.completion_tokens, delta.cached_prompt_tokens)
+    def _last_chunk(self, request_id: str, delta: OutputDelta, progress: _Progress, now: float) -> Chunk:
+        prompt_tokens = delta.prompt_tokens - progress.resumed_after  # a migration's prompt has the tokens before
+        usage = Usage(prompt_tokens, len(progress.token_ids), min(delta.cached_prompt_tokens, prompt_tokens))
+        placement, first_at = progress.placement, progress.first_at or now
         timing = Timing(
-            ttft_s=first_at - start,
-            e2e_s=now - start,
-            placement="disaggregated" if handle is not None else "local_prefill",
-            prefill_worker=(placement.prefill_worker or "") if handle is not None else "",
-            decode_worker=placement.decode_worker,
+            ttft_s=first_at - progress.start,
+            e2e_s=now - progress.start,
+            placement="disaggregated" if progress.handle is not None else "local_prefill",
+            prefill_worker=(placement.prefill_worker or "") if progress.handle is not None else "",
+            decode_worker=progress.decode_worker,
             router=self.router_id,
+            migrations=progress.migrations,
         )
-        return Chunk(chunk.request_id, chunk.token_ids, chunk.text, delta.finish_reason, usage, timing)
+        return Chunk(request_id, list(delta.token_ids), delta.text, delta.finish_reason, usage, timing)
 
     def _count_prompt(self, pool: str, prompt_tokens: int, hit_tokens: int) -> None:
         self.metrics.prompt_tokens.labels(pool).inc(prompt_tokens)

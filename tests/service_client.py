@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -41,11 +43,29 @@ def prompt(n: int, offset: int = 0) -> list[int]:
     return [(offset * 7919 + i * 31) % 1000 + 2 for i in range(n)]
 
 
+class _WithKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds ``authorization: Bearer <key>`` to every call, as an API-key client would."""
+
+    def __init__(self, key: str):
+        self._metadata = ("authorization", f"Bearer {key}")
+
+    def _details(self, details):
+        return details._replace(metadata=[*(details.metadata or ()), self._metadata])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
 class ServiceClient:
-    def __init__(self, service):
+    def __init__(self, service, api_key: str | None = None):
         self.http_url = service.http_url
-        self.channel = grpc.insecure_channel(service.grpc_address)
+        self.raw_channel = grpc.insecure_channel(service.grpc_address)
+        self.channel = grpc.intercept_channel(self.raw_channel, _WithKey(api_key)) if api_key else self.raw_channel
         self.stub = pb_grpc.GenerationStub(self.channel)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     def generate(self, ids_or_text, timeout: float = 120, request_id: str = "", **sampling):
         """The whole stream: (token ids, text, last message)."""
@@ -64,18 +84,34 @@ class ServiceClient:
         return self.stub.Status(pb.StatusRequest(), timeout=10)
 
     def post(self, path: str, body: dict, timeout: float = 120) -> tuple[int, dict]:
-        request = urllib.request.Request(
-            self.http_url + path, json.dumps(body).encode(), {"Content-Type": "application/json"}
-        )
+        return self.post_raw(path, json.dumps(body).encode(), timeout)
+
+    def post_raw(self, path: str, data: bytes, timeout: float = 120, headers: dict | None = None) -> tuple[int, dict]:
+        headers = {"Content-Type": "application/json", **self.headers, **(headers or {})}
+        request = urllib.request.Request(self.http_url + path, data, headers)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as reply:
                 return reply.status, json.loads(reply.read())
         except urllib.error.HTTPError as exc:
-            return exc.code, json.loads(exc.read())
+            text = exc.read()
+            try:
+                return exc.code, json.loads(text)
+            except ValueError:
+                return exc.code, {"error": {"message": text.decode(errors="replace")}}
+
+    def open_stream(self, body: dict, path: str = "/v1/completions"):
+        """An SSE request sent and left open; ``getresponse()`` waits for it, ``close()`` is a client gone."""
+        url = urllib.parse.urlparse(self.http_url)
+        connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
+        headers = {"Content-Type": "application/json", **self.headers}
+        connection.request("POST", path, json.dumps({**body, "stream": True}), headers)
+        return connection
 
     def get(self, path: str) -> tuple[int, bytes]:
         try:
-            with urllib.request.urlopen(self.http_url + path, timeout=30) as reply:
+            with urllib.request.urlopen(
+                urllib.request.Request(self.http_url + path, headers=self.headers), timeout=30
+            ) as reply:
                 return reply.status, reply.read()
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read()
@@ -105,4 +141,4 @@ class ServiceClient:
             time.sleep(0.05)
 
     def close(self) -> None:
-        self.channel.close()
+        self.raw_channel.close()

@@ -214,6 +214,42 @@ def test_a_prefill_worker_that_hangs_then_dies_mid_pull_means_local_recompute(ma
     assert time.monotonic() - started < 2 + 5 + 3  # stall deadline (2 s), the release attempt, one step
 
 
+def test_a_stalled_sender_means_local_recompute_and_both_sides_free_their_blocks(make_tiny_model, decode):
+    stalled = EnginePeer(config(make_tiny_model("llama"), "kv_producer", lease_s=4), ENV)
+    try:
+        ids = prompt(4 * BLOCK + 3, offset=15)
+        reference = stalled.generate("ref12", ids, 16)[0]
+        handle = produce(stalled, "p12", ids)
+        stalled.freeze()  # alive, sockets open, no progress
+        started = time.monotonic()
+        tokens, _, _, reason = consume(decode, "d12", ids, handle)
+        assert tokens == reference and reason == "length"
+        assert time.monotonic() - started < 2 + 5 + 3  # stall deadline (2 s), the release attempt, one step
+        idle(decode)
+        stalled.thaw()  # nobody pulls any more: its lease (4 s) frees the blocks
+        wait_until(lambda: stalled.kv_blocks_used() == 0, 4 + 5)
+    finally:
+        stalled.stop()
+
+
+def test_a_chunk_corrupted_on_the_wire_means_local_recompute_and_nothing_corrupt_is_kept(prefill, decode):
+    from faults import CorruptingProxy
+
+    ids = prompt(6 * BLOCK + 1, offset=16)
+    reference = prefill.generate("ref13", ids, 16)[0]
+    handle = produce(prefill, "p13", ids)
+    proxy = CorruptingProxy(handle.sender_address, offset=64 * 1024)
+    try:
+        through_proxy = TransferHandle(**{**handle.__dict__, "sender_address": proxy.address, "backends": ("grpc",)})
+        tokens, _, _, reason = consume(decode, "d13", ids, through_proxy)
+        assert proxy.corrupted >= 1
+        assert tokens == reference and reason == "length"
+    finally:
+        proxy.close()
+    idle(decode)
+    idle(prefill)  # the failed pull aborted the transfer: the sender freed its blocks at once
+
+
 def test_an_unusable_handle_means_a_local_prefill_with_the_same_output(prefill, decode):
     ids = prompt(2 * BLOCK + 5, offset=10)
     reference = prefill.generate("ref8", ids, 16)[0]

@@ -5,13 +5,11 @@ Started once per module through ``pdserve.up.start`` (what ``pdserve up`` runs).
 
 from __future__ import annotations
 
-import http.client
 import json
 import threading
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from urllib.parse import urlparse
 
 import grpc
 import pytest
@@ -137,12 +135,14 @@ def test_bad_requests_get_clear_errors_and_leave_nothing_behind(client):
         (pb.GenerateRequest(token_ids=pb.TokenIds(ids=[10**6]), sampling=pb.SamplingParams(max_tokens=4)), "prompt"),
         (pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=5000)), "max_tokens"),
         (pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(temperature=-1)), "temperature"),
-        (pb.GenerateRequest(text="hi", model="other-model"), "model"),
     ]
     for request, field in cases:
         with pytest.raises(grpc.RpcError) as error:
             list(client.stub.Generate(request, timeout=30))
         assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in error.value.details()
+    with pytest.raises(grpc.RpcError) as error:
+        list(client.stub.Generate(pb.GenerateRequest(text="hi", model="other-model"), timeout=30))
+    assert error.value.code() == grpc.StatusCode.NOT_FOUND and "unknown model" in error.value.details()
     status, body = client.post("/v1/completions", {"prompt": "hi", "max_tokens": -1})
     assert status == 400 and body["error"]["param"] == "max_tokens"
     status, body = client.post("/v1/completions", {"prompt": "hi", "model": "nope"})
@@ -163,31 +163,41 @@ def test_cancelling_a_grpc_stream_frees_the_kv_on_both_sides_within_a_second(cli
 
 
 def test_closing_an_http_stream_frees_the_kv_on_both_sides(client):
-    url = urlparse(client.http_url)
-    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
-    body = {"prompt": prompt(200, 41), "max_tokens": 600, "ignore_eos": True, "stream": True}
-    connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+    connection = client.open_stream({"prompt": prompt(200, 41), "max_tokens": 600, "ignore_eos": True})
     reply = connection.getresponse()
     assert reply.status == 200 and reply.readline().startswith(b"data: ")
     connection.close()
     assert client.wait_idle(5) <= 3.0
 
 
-def test_a_full_service_refuses_more_with_resource_exhausted_and_429(client):
+def test_a_full_service_refuses_more_at_once_with_429_and_resource_exhausted_and_serves_the_admitted(client):
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt(20, 44)),
-                                 sampling=pb.SamplingParams(max_tokens=800, ignore_eos=True))  # fmt: skip
+                                 sampling=pb.SamplingParams(max_tokens=120, ignore_eos=True))  # fmt: skip
+    started = time.monotonic()
     calls = [client.stub.Generate(request, timeout=120) for _ in range(MAX_INFLIGHT)]
-    try:
-        for call in calls:
-            next(call)  # every one is running
-        with pytest.raises(grpc.RpcError) as error:
-            list(client.stub.Generate(request, timeout=30))
-        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        status, body = client.post("/v1/completions", {"prompt": prompt(20, 45), "max_tokens": 4})
-        assert status == 429 and "in flight" in body["error"]["message"]
-    finally:
-        for call in calls:
-            call.cancel()
+    for call in calls:
+        next(call)  # every one is running
+
+    def refused(api: str) -> float:
+        begun = time.monotonic()
+        if api == "grpc":
+            with pytest.raises(grpc.RpcError) as error:
+                list(client.stub.Generate(request, timeout=30))
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        else:
+            status, body = client.post("/v1/completions", {"prompt": prompt(20, 45), "max_tokens": 4})
+            assert status == 429 and "in flight" in body["error"]["message"]
+        return time.monotonic() - begun
+
+    with ThreadPoolExecutor(16) as pool:
+        waits = list(pool.map(refused, ["grpc", "http"] * 8))
+    latencies = []
+    for call in calls:
+        assert list(call)[-1].finish_reason == "length"
+        latencies.append(time.monotonic() - started)
+    p99 = sorted(latencies)[int(0.99 * len(latencies))]
+    print(f"\noverload: 16 refused in at most {max(waits):.2f} s; {MAX_INFLIGHT} admitted, e2e p99 {p99:.1f} s")
+    assert max(waits) < 1.0 and p99 < 60.0
     client.wait_idle(10)
     assert client.greedy(prompt(20, 46), 2)[2].finish_reason == "length"  # room again once they are gone
 

@@ -1,20 +1,24 @@
-"""The service with its prefix index in a real Redis, and the round-robin policy as the baseline."""
+"""The service with its prefix index in a real Redis, the round-robin policy as the baseline, and decode
+migration off (the lost-worker test comes last)."""
 
 from __future__ import annotations
 
 import time
 
+import grpc
 import pytest
+from faults import kill_replica, live_workers
 from helpers import transformers_greedy
 from service_client import ServiceClient, prompt, service_config
 
 from pdserve.up import start
+from pdserve_pb.v1 import generate_pb2 as pb
 
 pytestmark = pytest.mark.service
 
 
 @pytest.fixture(scope="module")
-def client(model_dir, tmp_path_factory):
+def service(model_dir, tmp_path_factory):
     from pdserve.local_redis import LocalRedis
 
     redis = LocalRedis(tmp_path_factory.mktemp("redis")).start()
@@ -22,13 +26,19 @@ def client(model_dir, tmp_path_factory):
         "service.prefill.num_replicas": 2,
         "router.index.redis_url": redis.url,
         "router.placement.policy": "round_robin",
+        "router.recovery.migrate_decode": False,
     }
-    service = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)
+    running = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)
+    yield running
+    running.stop()
+    redis.stop()
+
+
+@pytest.fixture(scope="module")
+def client(service):
     c = ServiceClient(service)
     yield c
     c.close()
-    service.stop()
-    redis.stop()
 
 
 def test_disaggregated_greedy_output_with_the_redis_index_equals_transformers(client, model_dir):
@@ -53,3 +63,21 @@ def test_round_robin_spreads_a_shared_prefix_over_the_prefill_replicas(client):
     assert len(set(placed)) == 2  # prefix_aware sends all four to the holder (test_service.py)
     hits = client.metric("pdserve:prefix_cache_hit_tokens_total", pool="prefill") - hits_before
     assert hits < 4 * 160
+
+
+def test_with_migration_off_a_lost_decode_worker_ends_its_streams_with_a_clear_error(service, client):
+    """Runs last: it kills the module's only decode worker."""
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt(100, 90)),
+                                 sampling=pb.SamplingParams(max_tokens=900, ignore_eos=True))  # fmt: skip
+    call = client.stub.Generate(request, timeout=120)
+    next(call)
+    reply = client.open_stream({"prompt": prompt(100, 91), "max_tokens": 900, "ignore_eos": True}).getresponse()
+    assert reply.status == 200 and reply.readline().startswith(b"data: ")
+    (victim,) = live_workers(client, "decode")
+    killed_at = kill_replica(service, "DecodeWorker", victim)
+    with pytest.raises(grpc.RpcError) as error:
+        list(call)
+    assert error.value.code() == grpc.StatusCode.UNAVAILABLE and victim in error.value.details()
+    events = [line for line in reply.read().split(b"\n") if line.startswith(b"data: ")]
+    assert b'"type":"service_unavailable"' in events[-1] and victim.encode() in events[-1]
+    assert time.monotonic() - killed_at < 10

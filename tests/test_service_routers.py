@@ -118,7 +118,7 @@ def test_an_abort_or_a_reused_id_reaches_the_router_running_the_request(connecti
     next(stream)  # running on the first router
     with pytest.raises(grpc.RpcError) as reused:
         list(second.stub.Generate(request, timeout=30))
-    assert reused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "already running" in reused.value.details()
+    assert reused.value.code() == grpc.StatusCode.ALREADY_EXISTS and "already running" in reused.value.details()
     assert second.stub.Abort(pb.AbortRequest(request_id="shared-id-1"), timeout=10).found
     assert [r.finish_reason for r in stream if r.finish_reason] == ["abort"]
     wait_for(lambda: not second.stub.Abort(pb.AbortRequest(request_id="shared-id-1"), timeout=10).found)

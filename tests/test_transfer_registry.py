@@ -103,6 +103,15 @@ def test_a_transfer_id_is_offered_once(registry):
         offer(registry)
 
 
+def test_an_abort_before_the_offer_refuses_the_offer_when_it_comes(registry):
+    assert registry.abort("early").state == TransferState.ABORTED  # the handle went out up front
+    with pytest.raises(ValueError, match="aborted before it was offered"):
+        offer(registry, "early")  # the connector frees the blocks at once instead of holding them a lease
+    with pytest.raises(TransferNotFound, match="already aborted"):
+        registry.open_pull("early", [], [])
+    assert registry.active() == []
+
+
 def test_closing_the_sender_aborts_what_it_still_holds(freed):
     registry = TransferRegistry("addr", "m", on_freed=lambda tid, state: freed.append((tid, state)))
     offer(registry, "a")

@@ -87,8 +87,11 @@ class PrefixIndex(Protocol):
     def apply_events(self, worker_id: str, epoch: int, events: Sequence[CacheEvent]) -> None:
         """Record a batch of one worker's cache events; events from an older epoch are ignored."""
 
-    def heartbeat(self, worker: WorkerInfo, ttl_s: float) -> None:
-        """Mark ``worker`` live for ``ttl_s`` seconds with its load; a newer epoch drops its old entries."""
+    def heartbeat(self, worker: WorkerInfo, ttl_s: float) -> bool | None:
+        """Mark ``worker`` live for ``ttl_s`` seconds with its load; a newer epoch drops its old entries.
+
+        False: the index did not know this incarnation (a new worker, an index restarted empty, or its
+        entries collected), so the worker re-sends what it holds. None: the index could not be reached."""
 
     def match(self, chain: Sequence[bytes]) -> tuple[list[WorkerInfo], dict[str, int]]:
         """Live workers with their in-flight counts, and for each the leading blocks of ``chain`` it holds.

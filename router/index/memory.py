@@ -43,14 +43,16 @@ class MemoryPrefixIndex:
                     self._drop_all(worker_id)
                     held = self._held.setdefault(worker_id, set())
 
-    def heartbeat(self, worker: WorkerInfo, ttl_s: float) -> None:
+    def heartbeat(self, worker: WorkerInfo, ttl_s: float) -> bool:
         with self._lock:
+            known = self._epochs.get(worker.worker_id) == worker.epoch
             if not self._advance_epoch(worker.worker_id, worker.epoch):
-                return
+                return True  # an older incarnation still beating: it has nothing to re-send
             now = self._clock()
             self._workers[worker.worker_id] = worker
             self._expires[worker.worker_id] = now + ttl_s
             self._beats[worker.worker_id] = now
+            return known
 
     def match(self, chain: Sequence[bytes]) -> tuple[list[WorkerInfo], dict[str, int]]:
         with self._lock:

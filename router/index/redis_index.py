@@ -24,7 +24,10 @@ the prefix, not with the chain length.
 
 When Redis is unreachable the index answers from its last view of the live
 workers with no cached prefixes (placement falls back to load alone), logs one
-warning per outage, counts it, and retries with backoff.
+warning per outage, counts it, and retries with backoff. The workers of that view
+still count for a few seconds after Redis is back, as a Redis restarted empty
+lists none until they have heartbeat and re-sent what they hold
+(``router.index.reporting``).
 """
 
 from __future__ import annotations
@@ -118,12 +121,14 @@ _HEARTBEAT = (
     _DROP_ALL
     + """
 local p, w, epoch, info, ttl_ms = KEYS[1], ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
-if not advance_epoch(p, w, epoch) then return 0 end
+local known = tonumber(redis.call('HGET', p .. 'epoch', w) or '-1') == epoch
+if not advance_epoch(p, w, epoch) then return 2 end
 redis.call('HSET', p .. 'workers', w, info)
 redis.call('INCR', p .. 'version')
 local now = now_ms()
 redis.call('ZADD', p .. 'live', now + ttl_ms, w)
 redis.call('HSET', p .. 'beat', w, now)
+if known then return 2 end
 return 1
 """
 )
@@ -207,7 +212,10 @@ return 1
 )
 
 _UNREACHABLE = (redis.ConnectionError, redis.TimeoutError, OSError)
-_MAX_BACKOFF_S = 5.0
+_MAX_BACKOFF_S = 2.0
+# A Redis back from an outage may have restarted empty: the workers of the last view that it does
+# not list yet still count this long, while their heartbeats (and re-sent blocks) fill it again.
+_RESTART_GRACE_S = 5.0
 
 
 class RedisPrefixIndex:
@@ -231,6 +239,7 @@ class RedisPrefixIndex:
         self._failed_calls = 0
         self._backoff_s = 0.0
         self._retry_at = 0.0
+        self._back_at = -_RESTART_GRACE_S
 
     @property
     def namespace(self) -> str:
@@ -247,10 +256,13 @@ class RedisPrefixIndex:
                 args += ["C", b""]
         self._guard(lambda: self._apply(keys=[self._ns], args=args), None)
 
-    def heartbeat(self, worker: WorkerInfo, ttl_s: float) -> None:
+    def heartbeat(self, worker: WorkerInfo, ttl_s: float) -> bool | None:
         info = json.dumps(worker.to_dict())
         ttl_ms = max(1, int(ttl_s * 1000))
-        self._guard(lambda: self._heartbeat(keys=[self._ns], args=[worker.worker_id, worker.epoch, info, ttl_ms]), None)
+        answer = self._guard(
+            lambda: self._heartbeat(keys=[self._ns], args=[worker.worker_id, worker.epoch, info, ttl_ms]), None
+        )
+        return None if answer is None else answer == 2
 
     def match(self, chain: Sequence[bytes]) -> tuple[list[WorkerInfo], dict[str, int]]:
         def call():
@@ -270,6 +282,9 @@ class RedisPrefixIndex:
                 for w in map(bytes.decode, live_ids)
                 if w in self._workers
             ]
+            if not self._available or time.monotonic() - self._back_at < _RESTART_GRACE_S:
+                seen = {w.worker_id for w in live}  # back from an outage: those not heard from yet still count
+                live += [w for w in self._last_live if w.worker_id not in seen]
             counts = dict.fromkeys((w.worker_id for w in live), 0)
             for i in range(0, len(flat), 2):
                 counts[flat[i].decode()] = int(flat[i + 1])
@@ -351,6 +366,7 @@ class RedisPrefixIndex:
             return fallback
         if not self._available:
             self._available = True
+            self._back_at = time.monotonic()
             self._backoff_s = 0.0
             log.info("prefix index reachable again after %d failed calls", self._failed_calls)
         return result

@@ -1,0 +1,141 @@
+"""Fault injection into a running pdserve: real processes, real signals, real Redis.
+
+Each helper acts on what the service really runs: a Serve replica is a Ray
+actor process (its engine in-process), killed with SIGKILL as the kernel's OOM
+killer or a crashed host would; Redis is a ``redis-server`` process. Nothing
+is patched inside the service.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import ray
+
+
+def replica_actor(service, deployment: str, replica_id: str):
+    """The Ray actor of one Serve replica, by the replica id it reports to the index under."""
+    name = f"SERVE_REPLICA::{service.config.service.app_name}#{deployment}#{replica_id}"
+    return ray.get_actor(name, namespace="serve")
+
+
+def replica_pid(service, deployment: str, replica_id: str) -> int:
+    actor = replica_actor(service, deployment, replica_id)
+    return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=30)
+
+
+def kill_replica(service, deployment: str, replica_id: str) -> float:
+    """SIGKILL the replica's process; returns when (``time.monotonic()``) it was killed."""
+    pid = replica_pid(service, deployment, replica_id)
+    os.kill(pid, signal.SIGKILL)
+    return time.monotonic()
+
+
+def live_workers(client, role: str) -> set[str]:
+    return {w.worker_id for w in client.status().workers if w.role == role}
+
+
+def wait_for_replacement(client, role: str, count: int, gone: str, timeout_s: float = 180.0) -> float:
+    """Seconds until ``count`` live ``role`` workers report again, none of them ``gone``."""
+    start = time.monotonic()
+    while True:
+        live = live_workers(client, role)
+        if len(live) == count and gone not in live:
+            return time.monotonic() - start
+        assert time.monotonic() - start < timeout_s, f"no replacement for {gone} within {timeout_s} s: {live}"
+        time.sleep(0.5)
+
+
+@dataclass
+class Load:
+    """Requests sent back to back from ``clients`` threads until stopped; every outcome recorded."""
+
+    send: Callable[[int], object]  # request number → the request's result (raises on failure)
+    clients: int = 4
+    results: list = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        self._stop = threading.Event()
+        self._count = iter(range(10**9))
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(self.clients)]
+
+    def start(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 120.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout_s)
+            assert not thread.is_alive(), "a load client is stuck"
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                number = next(self._count)
+            try:
+                result = self.send(number)
+            except Exception as exc:
+                with self._lock:
+                    self.errors.append(f"request {number}: {exc!r}"[:500])
+            else:
+                with self._lock:
+                    self.results.append(result)
+
+
+class CorruptingProxy:
+    """A TCP proxy that flips one byte of what the server sends, ``offset`` bytes into each connection.
+
+    Between a receiver and a KV sender it corrupts a chunk on the wire as a bad NIC or
+    switch would, far enough in to land in block bytes rather than in framing.
+    """
+
+    def __init__(self, target: str, offset: int = 200_000):
+        import socket
+
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self._offset = offset
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.corrupted = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self._target, timeout=30)
+            threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, self._offset), daemon=True).start()
+
+    def _pipe(self, source, sink, flip_at: int | None) -> None:
+        seen = 0
+        try:
+            while data := source.recv(65536):
+                if flip_at is not None and seen <= flip_at < seen + len(data):
+                    data = bytearray(data)
+                    data[flip_at - seen] ^= 0xFF
+                    self.corrupted += 1
+                seen += len(data)
+                sink.sendall(bytes(data))
+        except OSError:
+            pass
+        finally:
+            source.close()
+            sink.close()
+
+    def close(self) -> None:
+        self._listener.close()
