@@ -68,7 +68,7 @@ def build_app(config: PdserveConfig) -> serve.Application:
     router_pool = service.router
     router = Router.options(
         **_scaling(router_pool),
-        ray_actor_options={"num_cpus": router_pool.num_cpus},
+        ray_actor_options={"num_cpus": router_pool.num_cpus, "resources": router_pool.resources},
         max_ongoing_requests=router_pool.max_ongoing_requests,
     )
     return router.bind(settings, prefill, decode)
@@ -106,6 +106,7 @@ def _pool_options(pool: PoolConfig, cores: str | None) -> dict[str, Any]:
         "ray_actor_options": {
             "num_cpus": pool.num_cpus,
             "num_gpus": pool.num_gpus,
+            "resources": pool.resources,
             "runtime_env": {"env_vars": env},
         },
         # Placement picks the replica; Serve's request router only carries that choice out.

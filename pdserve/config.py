@@ -35,6 +35,10 @@ class PoolConfig(BaseModel):
     )
     num_cpus: float = Field(default=1.0, ge=0, description="Ray CPUs per replica")
     num_gpus: float = Field(default=0.0, ge=0, description="Ray GPUs per replica (1 per engine on GPU clusters)")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources per replica, to keep a pool on some nodes ({'prefill_node': 1})",
+    )
     max_ongoing_requests: int = Field(default=64, ge=1, description="requests one replica takes at once")
     cpu_cores: str | None = Field(
         default="auto",

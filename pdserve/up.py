@@ -61,6 +61,7 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
     service = config.service
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's driver-side INFO lines: quiet by default
     if config.ray_address:
+        _join_with_token()
         ray.init(address=config.ray_address, logging_level=logging.WARNING, log_to_driver=False)
     else:  # logical CPUs for every replica the pools may have, even on a 2-core machine; cores are bound per engine
         cpus = max(num_cpus or os.cpu_count() or 1, cpus_needed(service))
@@ -80,6 +81,15 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
         running.stop()
         raise
     return running
+
+
+def _join_with_token() -> None:
+    """Turn token authentication on for joining a cluster when a token is at hand (``RAY_AUTH_TOKEN``,
+    ``~/.ray/auth_token``) and ``RAY_AUTH_MODE`` is unset: Ray does so only for a cluster it finds by
+    itself, never for an explicit address. Ray's own helper (no public API yet)."""
+    from ray._private.authentication.authentication_token_setup import maybe_enable_token_auth_if_token_available
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
 def cpus_needed(service: ServiceConfig) -> float:

@@ -45,6 +45,12 @@ class RecoveryConfig(BaseModel):
         "already streamed; off: the client gets UNAVAILABLE / an HTTP error",
     )
     max_migrations: int = Field(default=2, ge=0, description="decode workers one request may lose before it fails")
+    decode_stall_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a decode stream with no output this long (after its first token) counts as a lost worker: "
+        "a hung process or a node cut off the network",
+    )
 
 
 class RouterConfig(BaseModel):

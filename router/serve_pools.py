@@ -47,7 +47,7 @@ async def _pinned_stream(method, job, worker_id: str):
             done = item.finished
             yield item
     except _GONE as exc:
-        raise WorkerGoneError(worker_id, exc) from exc
+        raise WorkerGoneError(worker_id, type(exc).__name__) from exc
     finally:
         if not done:
             stream.cancel()

@@ -108,9 +108,9 @@ class Chunk:
 class WorkerGoneError(RuntimeError):
     """The worker's process is gone (died, killed, unreachable): not the request's fault."""
 
-    def __init__(self, worker_id: str, cause: BaseException):
+    def __init__(self, worker_id: str, reason: str):
         self.worker_id = worker_id
-        super().__init__(f"worker {worker_id} is gone: {type(cause).__name__}")
+        super().__init__(f"worker {worker_id} is gone: {reason}")
 
 
 @dataclass
@@ -311,8 +311,9 @@ class GenerationService:
         """One decode worker's stream as chunks, its tokens recorded in ``progress`` for a migration."""
         rid = job.request.request_id
         stream = self._pools.decode(progress.decode_worker, job)
+        stall_s = self.config.recovery.decode_stall_s
         try:
-            async for delta in _until(stream, aborted):
+            async for delta in _until(stream, aborted, self._prefill_timeout_s + stall_s, stall_s):
                 if delta is None:  # aborted by id: end the stream as vLLM does, finish reason "abort"
                     yield Chunk(rid, [], "", "abort")
                     return
@@ -333,6 +334,8 @@ class GenerationService:
                     yield self._last_chunk(rid, delta, progress, now)
                     return
                 yield Chunk(rid, list(delta.token_ids), delta.text)
+        except TimeoutError as exc:  # a hung or cut-off worker: as lost as a dead one
+            raise WorkerGoneError(progress.decode_worker, str(exc)) from exc
         finally:
             await _close(stream)
 
@@ -452,21 +455,28 @@ class GenerationService:
             return []
 
 
-async def _until(stream: AsyncIterator[OutputDelta], stop: asyncio.Event) -> AsyncIterator[OutputDelta | None]:
-    """``stream``'s items until it ends, or one ``None`` once ``stop`` is set."""
+async def _until(
+    stream: AsyncIterator[OutputDelta], stop: asyncio.Event, first_s: float, next_s: float
+) -> AsyncIterator[OutputDelta | None]:
+    """``stream``'s items until it ends, or one ``None`` once ``stop`` is set; ``TimeoutError`` when the
+    first item takes over ``first_s`` or a later one over ``next_s``."""
     stopped = asyncio.ensure_future(stop.wait())
     item = None
+    deadline = first_s
     try:
         while True:
             item = asyncio.ensure_future(anext(stream))
-            await asyncio.wait((item, stopped), return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((item, stopped), timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
             if stopped.done():
                 yield None
                 return
+            if not item.done():
+                raise TimeoutError(f"no output for {deadline:g} s")
             try:
                 yield item.result()
             except StopAsyncIteration:
                 return
+            deadline = next_s
     finally:
         stopped.cancel()
         if item is not None and not item.done():

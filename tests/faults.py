@@ -36,6 +36,23 @@ def kill_replica(service, deployment: str, replica_id: str) -> float:
     return time.monotonic()
 
 
+def cancel_grpc_after(client, ids: list[int], delay_s: float) -> None:
+    """A gRPC stream the client cancels ``delay_s`` in, wherever the request is by then."""
+    from pdserve_pb.v1 import generate_pb2 as pb
+
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(max_tokens=300))
+    call = client.stub.Generate(request, timeout=60)
+    time.sleep(delay_s)
+    call.cancel()
+
+
+def cancel_http_after(client, ids: list[int], delay_s: float) -> None:
+    """An SSE request whose client goes away (closes the connection) ``delay_s`` in."""
+    connection = client.open_stream({"prompt": ids, "max_tokens": 300})
+    time.sleep(delay_s)
+    connection.close()
+
+
 def live_workers(client, role: str) -> set[str]:
     return {w.worker_id for w in client.status().workers if w.role == role}
 

@@ -3,7 +3,8 @@
 The head (and the test, its driver) stays in the root namespace on the bridge's
 address; each other node gets a namespace, a veth pair into the bridge and its
 own address, so what travels between nodes crosses real interfaces, where
-``tc netem`` adds delay and loss and ``ip link set … down`` cuts a node off.
+``tc`` adds delay and loss (``netem``, or ``tbf`` on kernels built without
+netem) and ``ip link set … down`` cuts a node off.
 Needs root and iproute2 (CI runs as root).
 """
 
@@ -20,6 +21,8 @@ BRIDGE = "pdbr0"
 SUBNET = "10.77.0"
 HEAD_IP = f"{SUBNET}.1"
 RAY = str(Path(sys.executable).with_name("ray"))
+NETEM = ("netem", "delay", "20ms", "5ms", "loss", "1%")
+TBF = ("tbf", "rate", "8mbit", "burst", "8kb", "latency", "20ms")
 
 
 def _run(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -47,7 +50,7 @@ class NetnsCluster:
         self.nodes = nodes
         self.head_resources = head_resources
         self.cpus = cpus
-        self.port = 16379
+        self.port = 6390
         self.ips = {name: f"{SUBNET}.{i}" for i, name in enumerate(nodes, start=2)}
 
     @property
@@ -67,8 +70,8 @@ class NetnsCluster:
             self.exec(name, "ip", "addr", "add", f"{ip}/24", "dev", "eth0")
             self.exec(name, "ip", "link", "set", "eth0", "up")
             self.exec(name, "ip", "link", "set", "lo", "up")
-        self._ray_start(None, "--head", f"--port={self.port}", f"--node-ip-address={HEAD_IP}",
-                        f"--resources={json.dumps(self.head_resources)}")  # fmt: skip
+        self._ray_start(None, "--head", "--include-dashboard=false", f"--port={self.port}",
+                        f"--node-ip-address={HEAD_IP}", f"--resources={json.dumps(self.head_resources)}")  # fmt: skip
         for name, ip in self.ips.items():
             self._ray_start(name, f"--address={self.address}", f"--node-ip-address={ip}",
                             f"--resources={json.dumps(self.nodes[name])}")  # fmt: skip
@@ -83,11 +86,17 @@ class NetnsCluster:
     def exec(self, name: str, *command: str, check: bool = True) -> subprocess.CompletedProcess:
         return _run("ip", "netns", "exec", self.namespace(name), *command, check=check)
 
-    def netem(self, name: str, *spec: str) -> None:
-        """``tc netem`` on the node's interface, e.g. ``netem("decode", "delay", "20ms", "loss", "1%")``."""
-        self.exec(name, "tc", "qdisc", "replace", "dev", "eth0", "root", "netem", *spec)
+    def impair(self, name: str) -> str:
+        """A bad link on the node's interface: ``tc netem`` delay and loss where the kernel has netem,
+        else ``tc tbf``, a rate limit whose full queue drops packets (loss) and holds the rest (delay).
+        Returns what was applied."""
+        for spec in (NETEM, TBF):
+            applied = self.exec(name, "tc", "qdisc", "replace", "dev", "eth0", "root", *spec, check=False)
+            if applied.returncode == 0:
+                return " ".join(spec)
+        raise RuntimeError(f"tc could not impair {name}: {applied.stderr.strip()}")
 
-    def clear_netem(self, name: str) -> None:
+    def clear(self, name: str) -> None:
         self.exec(name, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
 
     def cut(self, name: str) -> None:
@@ -106,9 +115,8 @@ class NetnsCluster:
 
     def _ray_start(self, name: str | None, *args: str) -> None:
         # Gloo finds its peers by the interface named here, not by the host name (the root namespace's).
-        env = ["env", "GLOO_SOCKET_IFNAME=eth0" if name else f"GLOO_SOCKET_IFNAME={BRIDGE}"]
-        command = [*env, RAY, "start", f"--num-cpus={self.cpus}", "--include-dashboard=false",
-                   "--disable-usage-stats", *args]  # fmt: skip
+        env = ["env", "RAY_AUTH_MODE=token", "GLOO_SOCKET_IFNAME=eth0" if name else f"GLOO_SOCKET_IFNAME={BRIDGE}"]
+        command = [*env, RAY, "start", f"--num-cpus={self.cpus}", "--disable-usage-stats", *args]
         if name is None:
             _run(*command, timeout=180)
         else:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from faults import Load, kill_replica, live_workers, wait_for_replacement
+from faults import Load, cancel_grpc_after, cancel_http_after, kill_replica, live_workers, wait_for_replacement
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import transformers_greedy, wait_for
 from service_client import ServiceClient, prompt, service_config
@@ -200,23 +200,10 @@ def test_every_bad_input_gets_a_clear_error_and_leaves_nothing_behind(client, re
     assert all(w.in_flight == 0 for w in client.status().workers)
 
 
-def _cancel_grpc(client, ids: list[int], delay_s: float) -> None:
-    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(max_tokens=300))
-    call = client.stub.Generate(request, timeout=60)
-    time.sleep(delay_s)
-    call.cancel()
-
-
-def _cancel_http(client, ids: list[int], delay_s: float) -> None:
-    connection = client.open_stream({"prompt": ids, "max_tokens": 300})
-    time.sleep(delay_s)
-    connection.close()  # the client goes away, wherever the request is
-
-
 def test_100_cancels_at_random_points_return_every_pool_to_its_baseline(client):
     rng = random.Random(100)
-    plan = [(rng.choice((_cancel_grpc, _cancel_http)), prompt(rng.randint(20, 400), 500 + i), rng.uniform(0, 1.2))
-            for i in range(100)]  # fmt: skip
+    ways = (cancel_grpc_after, cancel_http_after)
+    plan = [(rng.choice(ways), prompt(rng.randint(20, 400), 500 + i), rng.uniform(0, 1.2)) for i in range(100)]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda step: step[0](client, step[1], step[2]), plan))
     idle_s = client.wait_idle(10)
