@@ -6,9 +6,10 @@ prefixes, HTTP (SSE or whole) and gRPC, and cancels at random points (a share
 ``cancel_share`` of requests, HTTP disconnects and gRPC cancels). Every
 request either completes or is cancelled on purpose; anything else is an
 error. The resident memory (RSS) of every process of the service (each Serve
-replica, proxy and controller) is sampled after ``warmup_s`` and at the end;
-the run passes when there are no errors, no process grew by ``max_rss_growth``
-or more, and every KV pool is back to its baseline once the load stops.
+replica, proxy and controller) is sampled all along; the run passes when there
+are no errors, no process grew by ``max_rss_growth`` or more after
+``warmup_s`` (``rss_growth``), and every KV pool is back to its baseline once
+the load stops.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,11 +50,11 @@ class Tally:
     completed: int = 0
     cancelled: int = 0
     errors: list[str] = field(default_factory=list)
-    rss_series: list[tuple[float, int]] = field(default_factory=list)
+    rss: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # (seconds in, RSS by process)
 
 
 async def run_soak(http_url: str, grpc_address: str, spec: SoakSpec, vocab_size: int, headers: dict | None = None):
-    """The tally of every request and the RSS of every service process at the end of warm-up and at the end."""
+    """The tally of every request, with the RSS of every service process sampled all along."""
     tally = Tally()
     rng = random.Random(spec.seed)
     prefixes = [[rng.randrange(2, vocab_size) for _ in range(256)] for _ in range(SHARED_PREFIXES)]
@@ -60,17 +62,13 @@ async def run_soak(http_url: str, grpc_address: str, spec: SoakSpec, vocab_size:
     metadata = tuple((k.lower(), v) for k, v in (headers or {}).items()) or None
     channel = grpc.aio.insecure_channel(grpc_address)
     stub = pb_grpc.GenerationStub(channel)
-    samples: dict[str, dict[str, int]] = {}
-    series: list[tuple[float, int]] = []  # (seconds in, the service's total RSS)
     begun = time.monotonic()
 
     async def sample() -> None:
         while time.monotonic() < deadline:
             rss = await asyncio.to_thread(service_rss)
-            series.append((round(time.monotonic() - begun, 1), sum(rss.values())))
-            if "after_warmup" not in samples and time.monotonic() - begun >= spec.warmup_s:
-                samples["after_warmup"] = rss
-            await asyncio.sleep(min(10.0, spec.warmup_s / 2))
+            tally.rss.append((round(time.monotonic() - begun, 1), rss))
+            await asyncio.sleep(min(10.0, spec.duration_s / 20))
 
     async def client(number: int) -> None:
         draw = random.Random(spec.seed * 1000 + number)
@@ -99,10 +97,7 @@ async def run_soak(http_url: str, grpc_address: str, spec: SoakSpec, vocab_size:
         await asyncio.gather(*(client(n) for n in range(spec.clients)))
         await sampling
     await channel.close()
-    samples["end"] = await asyncio.to_thread(service_rss)
-    samples.setdefault("after_warmup", samples["end"])
-    tally.rss_series = series
-    return tally, samples
+    return tally
 
 
 async def _over_grpc(stub, ids: list[int], sampling: dict, cancel_after: float | None, metadata) -> None:
@@ -162,21 +157,35 @@ def _rss_bytes(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for process {pid}")
 
 
-def verdict(spec: SoakSpec, tally: Tally, samples: dict[str, dict[str, int]], idle_s: float | None) -> dict:
+def rss_growth(spec: SoakSpec, samples: list[tuple[float, dict[str, int]]]) -> dict[str, float]:
+    """Each process's RSS growth after warm-up: the median of the last quarter of the samples over the
+    median of the first quarter. Medians, because allocators hand memory back in steps (a sawtooth),
+    and two single samples would measure its phase rather than a trend."""
+    after = [rss for seconds, rss in samples if seconds >= spec.warmup_s]
+    quarter = max(1, len(after) // 4)
+    first, last = after[:quarter], after[-quarter:]
+    return {
+        name: statistics.median(r[name] for r in last) / statistics.median(r[name] for r in first) - 1
+        for name in first[0]
+        if all(name in r for r in first + last)
+    }
+
+
+def verdict(spec: SoakSpec, tally: Tally, idle_s: float | None) -> dict:
     """The soak's figures and whether it passed."""
-    before, after = samples["after_warmup"], samples["end"]
-    growth = {name: after[name] / before[name] - 1 for name in before if name in after}
+    growth = rss_growth(spec, tally.rss)
     worst = max(growth.values(), default=0.0)
+    warm = next(rss for seconds, rss in tally.rss if seconds >= spec.warmup_s)
     return {
         "spec": asdict(spec),
         "completed": tally.completed,
         "cancelled": tally.cancelled,
         "errors": len(tally.errors),
         "first_errors": tally.errors[:5],
-        "rss_mib_after_warmup": {n: round(v / 2**20, 1) for n, v in before.items()},
+        "rss_mib_after_warmup": {n: round(v / 2**20, 1) for n, v in warm.items()},
         "rss_growth": {n: round(g, 4) for n, g in growth.items()},
         "max_rss_growth": round(worst, 4),
-        "total_rss_mib_over_time": [(t, round(v / 2**20, 1)) for t, v in tally.rss_series],
+        "rss_mib_over_time": [(t, {n: round(v / 2**20, 1) for n, v in rss.items()}) for t, rss in tally.rss],
         "kv_back_to_baseline_s": idle_s,
         "passed": not tally.errors and worst < spec.max_rss_growth and idle_s is not None,
     }
@@ -199,9 +208,9 @@ def wait_idle(grpc_address: str, timeout_s: float, metadata=None) -> float | Non
 def soak(service, spec: SoakSpec, vocab_size: int, api_key: str | None = None) -> dict:
     """Run the soak against a running service (this process is its Ray driver) and judge it."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
-    tally, samples = asyncio.run(run_soak(service.http_url, service.grpc_address, spec, vocab_size, headers))
+    tally = asyncio.run(run_soak(service.http_url, service.grpc_address, spec, vocab_size, headers))
     metadata = (("authorization", headers["Authorization"]),) if headers else None
-    return verdict(spec, tally, samples, wait_idle(service.grpc_address, 10.0, metadata))
+    return verdict(spec, tally, wait_idle(service.grpc_address, 10.0, metadata))
 
 
 def write(result: dict, out: Path) -> Path:

@@ -175,7 +175,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flags(soak_bench)
     soak_bench.add_argument("--clients", type=int, default=8, help="concurrent closed-loop clients")
     soak_bench.add_argument("--minutes", type=float, default=10.0, help="how long the load runs")
-    soak_bench.add_argument("--warmup-s", type=float, default=60.0, help="memory is compared from then on")
+    soak_bench.add_argument("--warmup-s", type=float, default=180.0, help="memory is compared from then on")
     soak_bench.add_argument("--seed", type=int, default=0)
     soak_bench.add_argument(
         "--json", nargs="?", const=Path("bench/results"), type=Path, metavar="DIR",

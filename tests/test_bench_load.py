@@ -81,3 +81,13 @@ def test_a_comparison_reports_ratios_to_its_first_variant():
     report = {"workload": {"name": "shared-prefix"}, "variants": runs, "ratios_to_first": ratios}
     text = markdown(report, ["ttft_cdf.png"])
     assert text.startswith("# shared-prefix: round_robin vs prefix_aware") and "![ttft_cdf.png](ttft_cdf.png)" in text
+
+
+def test_soak_memory_growth_is_a_trend_not_the_phase_of_an_allocators_sawtooth():
+    from bench.soak import SoakSpec, rss_growth
+
+    spec = SoakSpec(duration_s=400, warmup_s=100)
+    sawtooth = [(t, {"worker": 1000 + 50 * (t // 10 % 4)}) for t in range(0, 400, 10)]  # drops back every 40 s
+    leaking = [(t, {"worker": 1000 + t}) for t in range(0, 400, 10)]
+    assert abs(rss_growth(spec, sawtooth)["worker"]) < 0.01
+    assert rss_growth(spec, leaking)["worker"] > 0.1

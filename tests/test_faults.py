@@ -115,6 +115,20 @@ def test_the_generation_api_wants_an_api_key_and_the_probes_do_not(client, anony
     assert client.post("/v1/completions", body)[0] == 200 and client.generate("hi", max_tokens=2)[2].finish_reason
 
 
+def test_http_and_grpc_listen_on_loopback_only(service):
+    import socket
+    import subprocess
+
+    listed = subprocess.run(["ip", "-4", "-o", "addr", "show", "scope", "global"], capture_output=True, text=True)
+    addresses = [line.split()[3].split("/")[0] for line in listed.stdout.splitlines()]
+    if not addresses:
+        pytest.skip("this machine has no address but loopback")
+    for port in (service.config.service.http_port, service.config.service.grpc_port):
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((addresses[0], port), timeout=5)
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
+
 HTTP_CASES = [  # (what, path, body, status, named in the message)
     ("empty prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("empty token list", "/v1/completions", {"prompt": []}, 400, "prompt"),
