@@ -101,6 +101,15 @@ class HostedWorker:
     def transfer_stats(self, worker_id: str | None = None) -> dict[str, dict[str, float]]:
         return self._host.engine.kv_transfer_stats()
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's autoscaler reads the load the heartbeat reports (the pools' policies: pdserve/autoscaling.py)."""
+        load = self._host.load()
+        return {
+            "queued_prefill_tokens": float(load.queued_prefill_tokens),
+            "running_seqs": float(load.running_seqs + load.waiting_seqs),
+            "kv_used_fraction": load.kv_used_fraction,
+        }
+
     def __del__(self):
         host = getattr(self, "_host", None)
         if host is not None:

@@ -49,7 +49,7 @@ def build_app(config: PdserveConfig) -> serve.Application:
     split = _core_split(disaggregated)
     cores = {name: split[name] if pool.cpu_cores == "auto" else pool.cpu_cores
              for name, pool in (("decode", service.decode), ("prefill", service.prefill))}  # fmt: skip
-    decode = DecodeWorker.options(**_pool_options(service.decode, cores["decode"])).bind(
+    decode = DecodeWorker.options(**_pool_options(service.decode, "decode", cores["decode"])).bind(
         _engine_for(config, service.decode, "kv_consumer" if disaggregated else None, cores["decode"]),
         reporting,
         token,
@@ -57,7 +57,7 @@ def build_app(config: PdserveConfig) -> serve.Application:
     )
     prefill = None
     if disaggregated:
-        prefill = PrefillWorker.options(**_pool_options(service.prefill, cores["prefill"])).bind(
+        prefill = PrefillWorker.options(**_pool_options(service.prefill, "prefill", cores["prefill"])).bind(
             _engine_for(config, service.prefill, "kv_producer", cores["prefill"]), reporting, token, service.heartbeat_s
         )
     settings = IngressSettings(
@@ -93,7 +93,7 @@ def _engine_for(config: PdserveConfig, pool: PoolConfig, role: str | None, cores
     return config.engine.model_copy(update=update)
 
 
-def _pool_options(pool: PoolConfig, cores: str | None) -> dict[str, Any]:
+def _pool_options(pool: PoolConfig, role: str, cores: str | None) -> dict[str, Any]:
     """Serve options of a worker pool. The cluster token is a constructor argument, not an env var:
     Ray's runtime-env agent logs the env vars it sets."""
     env = {}
@@ -101,7 +101,7 @@ def _pool_options(pool: PoolConfig, cores: str | None) -> dict[str, Any]:
         # Ray sets OMP_NUM_THREADS from num_cpus (a scheduling figure); the engine's threads are its bound cores.
         env["OMP_NUM_THREADS"] = str(_core_count(cores))
     return {
-        **_scaling(pool),
+        **_scaling(pool, role),
         "max_ongoing_requests": pool.max_ongoing_requests,
         "ray_actor_options": {
             "num_cpus": pool.num_cpus,
@@ -114,7 +114,9 @@ def _pool_options(pool: PoolConfig, cores: str | None) -> dict[str, Any]:
     }
 
 
-def _scaling(pool: PoolConfig) -> dict[str, Any]:
+def _scaling(pool: PoolConfig, role: str | None = None) -> dict[str, Any]:
+    if pool.autoscaling is not None:
+        return {"autoscaling_config": pool.autoscaling.serve_config(role)}
     if pool.autoscaling_config is not None:
         return {"autoscaling_config": pool.autoscaling_config}
     return {"num_replicas": pool.num_replicas}

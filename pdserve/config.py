@@ -24,6 +24,48 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message lists every bad field."""
 
 
+class PoolAutoscaling(BaseModel):
+    """pdserve's autoscaling of a worker pool: Serve's bounds and delays, on the signal that loads the pool.
+
+    The prefill pool scales on prompt tokens queued per replica, the decode pool on running
+    sequences and KV pool use per replica (``pdserve/autoscaling.py``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_replicas: int = Field(default=1, ge=1, description="at least one: the router places only on live workers")
+    max_replicas: int = Field(default=4, ge=1)
+    upscale_delay_s: float = Field(default=10.0, ge=0, description="a need for more replicas this long scales up")
+    downscale_delay_s: float = Field(default=60.0, ge=0, description="a need for fewer this long scales down")
+    look_back_period_s: float = Field(
+        default=10.0, gt=0, description="the window each reported figure is averaged over"
+    )
+    metrics_interval_s: float = Field(default=2.0, gt=0, description="how often replicas report")
+    target_queued_prefill_tokens: float = Field(
+        default=4096, gt=0, description="prefill: prompt tokens queued per replica"
+    )
+    target_running_seqs: float = Field(default=32, gt=0, description="decode: running sequences per replica")
+    target_kv_used_fraction: float = Field(default=0.7, gt=0, le=1, description="decode: KV pool in use per replica")
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> PoolAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})")
+        return self
+
+    def serve_config(self, role: Literal["prefill", "decode"]) -> dict[str, Any]:
+        """Serve's ``autoscaling_config`` for the pool of ``role``, its policy pdserve's."""
+        if role == "prefill":
+            policy = {"policy_function": "pdserve.autoscaling:PrefillPolicy",
+                      "policy_kwargs": {"target_queued_prefill_tokens": self.target_queued_prefill_tokens}}  # fmt: skip
+        else:
+            policy = {"policy_function": "pdserve.autoscaling:DecodePolicy",
+                      "policy_kwargs": {"target_running_seqs": self.target_running_seqs,
+                                        "target_kv_used_fraction": self.target_kv_used_fraction}}  # fmt: skip
+        bounds = self.model_dump(include={"min_replicas", "max_replicas", "upscale_delay_s", "downscale_delay_s",
+                                          "look_back_period_s", "metrics_interval_s"})  # fmt: skip
+        return {**bounds, "policy": policy}
+
+
 class PoolConfig(BaseModel):
     """One Serve deployment's scaling and resources; ``autoscaling_config`` is Serve's, checked by Serve."""
 
@@ -47,12 +89,25 @@ class PoolConfig(BaseModel):
     )
     kv_cache_gib: int | None = Field(default=None, ge=1, description="KV GiB per replica (default: engine's)")
 
+    autoscaling: PoolAutoscaling | None = Field(
+        default=None,
+        description="pdserve's autoscaling on the pool's own load (worker pools; not with autoscaling_config)",
+    )
+
+    @model_validator(mode="after")
+    def _one_autoscaler(self) -> PoolConfig:
+        if self.autoscaling is not None and self.autoscaling_config is not None:
+            raise ValueError("autoscaling and autoscaling_config: give one (pdserve's policy, or Serve's default)")
+        return self
+
     @property
     def present(self) -> bool:
-        return self.num_replicas > 0 or self.autoscaling_config is not None
+        return self.num_replicas > 0 or self.autoscaling_config is not None or self.autoscaling is not None
 
     @property
     def most_replicas(self) -> int:
+        if self.autoscaling is not None:
+            return self.autoscaling.max_replicas
         if self.autoscaling_config is not None:
             return int(self.autoscaling_config.get("max_replicas", 1))
         return self.num_replicas
@@ -106,6 +161,12 @@ class PdserveConfig(BaseModel):
         description="where the tiny model is made when no model directory is configured",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+    @model_validator(mode="after")
+    def _router_scales_on_requests(self) -> PdserveConfig:
+        if self.service.router.autoscaling is not None:
+            raise ValueError("service.router.autoscaling: the router pool scales on Serve's autoscaling_config")
+        return self
 
     @model_validator(mode="after")
     def _many_routers_share_redis(self) -> PdserveConfig:

@@ -97,8 +97,7 @@ def cpus_needed(service: ServiceConfig) -> float:
     pools = [service.router, service.decode] + ([service.prefill] if service.mode == "disaggregated" else [])
     total = 0.0
     for pool in pools:
-        replicas = (pool.autoscaling_config or {}).get("max_replicas", pool.num_replicas)
-        total += replicas * pool.num_cpus
+        total += pool.most_replicas * pool.num_cpus
     return math.ceil(total)
 
 
