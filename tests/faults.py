@@ -53,6 +53,20 @@ def cancel_http_after(client, ids: list[int], delay_s: float) -> None:
     connection.close()
 
 
+def cancel_at_random(client, count: int, seed: int, longest_prompt: int, latest_s: float, at_once: int) -> None:
+    """``count`` requests, gRPC or HTTP at random, each cancelled at a random point up to ``latest_s`` in."""
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service_client import prompt
+
+    rng = random.Random(seed)
+    plan = [(rng.choice((cancel_grpc_after, cancel_http_after)), prompt(rng.randint(20, longest_prompt), seed + i),
+             rng.uniform(0, latest_s)) for i in range(count)]  # fmt: skip
+    with ThreadPoolExecutor(at_once) as pool:
+        list(pool.map(lambda step: step[0](client, step[1], step[2]), plan))
+
+
 def live_workers(client, role: str) -> set[str]:
     return {w.worker_id for w in client.status().workers if w.role == role}
 

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
-from faults import Load, cancel_grpc_after, cancel_http_after, kill_replica, live_workers, wait_for_replacement
+from faults import Load, cancel_at_random, kill_replica, live_workers, wait_for_replacement
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import transformers_greedy, wait_for
 from service_client import ServiceClient, prompt, service_config
@@ -215,11 +213,7 @@ def test_every_bad_input_gets_a_clear_error_and_leaves_nothing_behind(client, re
 
 
 def test_100_cancels_at_random_points_return_every_pool_to_its_baseline(client):
-    rng = random.Random(100)
-    ways = (cancel_grpc_after, cancel_http_after)
-    plan = [(rng.choice(ways), prompt(rng.randint(20, 400), 500 + i), rng.uniform(0, 1.2)) for i in range(100)]
-    with ThreadPoolExecutor(8) as pool:
-        list(pool.map(lambda step: step[0](client, step[1], step[2]), plan))
+    cancel_at_random(client, 100, seed=500, longest_prompt=400, latest_s=1.2, at_once=8)
     idle_s = client.wait_idle(10)
     print(f"\n100 cancels: pools back to baseline {idle_s:.2f} s after the last one")
     # The target is 1 s (plus a 0.2 s heartbeat for the figures to show it), met in every run but one:

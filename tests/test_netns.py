@@ -10,7 +10,6 @@ cluster would.
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 import ray
-from faults import cancel_grpc_after, cancel_http_after, replica_actor
+from faults import cancel_at_random, replica_actor
 from helpers import transformers_greedy, wait_for
 from netns import NetnsCluster, why_not
 from service_client import prompt, service_config
@@ -97,11 +96,7 @@ def test_kv_crosses_the_links_and_output_is_unchanged_under_delay_and_loss(servi
 
 
 def test_cancels_across_nodes_return_every_pool_to_its_baseline(client):
-    rng = random.Random(10)
-    ways = (cancel_grpc_after, cancel_http_after)
-    plan = [(rng.choice(ways), prompt(rng.randint(50, 300), 400 + i), rng.uniform(0, 1.0)) for i in range(20)]
-    with ThreadPoolExecutor(4) as pool:
-        list(pool.map(lambda step: step[0](client, step[1], step[2]), plan))
+    cancel_at_random(client, 20, seed=400, longest_prompt=300, latest_s=1.0, at_once=4)
     assert client.wait_idle(10) <= 1.2
 
 
