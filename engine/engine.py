@@ -250,6 +250,13 @@ class Engine:
         if abort is not None:
             abort(transfer_id)
 
+    def open_kv_transfers(self) -> int:
+        """Transfers this engine offers that no peer has finished pulling yet."""
+        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+
+        count = getattr(get_kv_transfer_group(), "open_transfers", None) if has_kv_transfer_group() else None
+        return count() if count is not None else 0
+
     def kv_layout(self) -> KVLayout:
         runner = self._core.model_executor.driver_worker.worker.model_runner
         kv_config = self._core.scheduler.kv_cache_config

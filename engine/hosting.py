@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -74,10 +75,17 @@ class HostedEngine:
         if not self._heartbeat.is_alive():
             raise RuntimeError("the heartbeat thread stopped")
 
-    def close(self) -> None:
+    def close(self, transfers_s: float = 0.0) -> None:
+        """Leave: stop heartbeating and withdraw from the index (no router places here any more), give
+        peers up to ``transfers_s`` to pull the KV still offered, then stop the engine."""
         self._stop.set()
         self._heartbeat.join(self._heartbeat_s + 1)
         self._reporter.close()
+        deadline = time.monotonic() + transfers_s
+        while self.engine.open_kv_transfers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if held := self.engine.open_kv_transfers():
+            log.warning("%s leaves with %d transfers nobody pulled in %g s", self.worker_id, held, transfers_s)
         self.engine.shutdown()
 
     def _beat(self) -> None:
@@ -91,9 +99,15 @@ class HostedEngine:
 
 
 class HostedWorker:
-    """What every worker deployment answers besides its role's own call: load, health, shutdown."""
+    """What every worker deployment answers besides its role's own call: load, health, shutdown.
+
+    Scale-down: Serve takes the replica out of the routing set (the router stops placing on it and
+    moves its streams off within ``router.recovery.drain_finish_s``), waits for its calls to end, then
+    calls ``__del__``, which withdraws it from the index and waits ``leave_s`` for the KV still
+    offered to be pulled, all within the pool's ``graceful_shutdown_timeout_s``."""
 
     _host: HostedEngine
+    _leave_s: float = 0.0
 
     def check_health(self) -> None:
         self._host.check_health()
@@ -113,4 +127,4 @@ class HostedWorker:
     def __del__(self):
         host = getattr(self, "_host", None)
         if host is not None:
-            host.close()
+            host.close(self._leave_s)

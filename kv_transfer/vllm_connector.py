@@ -381,6 +381,10 @@ class PdserveConnector(KVConnectorBase_V1):
         except TransferError:  # already released or expired
             pass
 
+    def open_transfers(self) -> int:
+        """Offers still held for a peer to pull (a producer's; none on a consumer)."""
+        return len(self._registry.active()) if self._registry is not None else 0
+
     def transfer_stats(self) -> dict[str, dict[str, float]]:
         """Pulls this worker made, per backend: counts, failures, bytes and seconds (for metrics)."""
         with self._lock:

@@ -54,11 +54,16 @@ def build_app(config: PdserveConfig) -> serve.Application:
         reporting,
         token,
         service.heartbeat_s,
+        service.decode.graceful_shutdown_timeout_s / 2,
     )
     prefill = None
     if disaggregated:
         prefill = PrefillWorker.options(**_pool_options(service.prefill, "prefill", cores["prefill"])).bind(
-            _engine_for(config, service.prefill, "kv_producer", cores["prefill"]), reporting, token, service.heartbeat_s
+            _engine_for(config, service.prefill, "kv_producer", cores["prefill"]),
+            reporting,
+            token,
+            service.heartbeat_s,
+            service.prefill.graceful_shutdown_timeout_s / 2,  # the other half: its calls draining first
         )
     settings = IngressSettings(
         model=model, router=config.router, mode=service.mode if disaggregated else "colocated",
@@ -103,6 +108,8 @@ def _pool_options(pool: PoolConfig, role: str, cores: str | None) -> dict[str, A
     return {
         **_scaling(pool, role),
         "max_ongoing_requests": pool.max_ongoing_requests,
+        "graceful_shutdown_timeout_s": pool.graceful_shutdown_timeout_s,
+        "graceful_shutdown_wait_loop_s": 0.5,  # how often a draining replica looks whether its calls ended
         "ray_actor_options": {
             "num_cpus": pool.num_cpus,
             "num_gpus": pool.num_gpus,

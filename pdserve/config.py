@@ -88,6 +88,12 @@ class PoolConfig(BaseModel):
         "none: vLLM's default",
     )
     kv_cache_gib: int | None = Field(default=None, ge=1, description="KV GiB per replica (default: engine's)")
+    graceful_shutdown_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        description="a replica Serve stops (scale-down, redeploy) drains this long at most: its streams end or "
+        "move (router.recovery.drain_finish_s), peers pull the KV it still offers, then it exits",
+    )
 
     autoscaling: PoolAutoscaling | None = Field(
         default=None,
@@ -166,6 +172,16 @@ class PdserveConfig(BaseModel):
     def _router_scales_on_requests(self) -> PdserveConfig:
         if self.service.router.autoscaling is not None:
             raise ValueError("service.router.autoscaling: the router pool scales on Serve's autoscaling_config")
+        return self
+
+    @model_validator(mode="after")
+    def _streams_move_before_the_drain_deadline(self) -> PdserveConfig:
+        finish, deadline = self.router.recovery.drain_finish_s, self.service.decode.graceful_shutdown_timeout_s
+        if finish + 2 > deadline:
+            raise ValueError(
+                f"router.recovery.drain_finish_s ({finish:g}) must leave streams 2 s to move before "
+                f"service.decode.graceful_shutdown_timeout_s ({deadline:g})"
+            )
         return self
 
     @model_validator(mode="after")

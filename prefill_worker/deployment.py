@@ -34,10 +34,16 @@ def with_transfer_host(config: EngineConfig) -> EngineConfig:
 @serve.deployment(name="PrefillWorker", health_check_period_s=5, health_check_timeout_s=10)
 class PrefillWorker(HostedWorker):
     def __init__(
-        self, engine_config: EngineConfig, reporting: Reporting, cluster_token: SecretStr, heartbeat_s: float = 1.0
+        self,
+        engine_config: EngineConfig,
+        reporting: Reporting,
+        cluster_token: SecretStr,
+        heartbeat_s: float = 1.0,
+        leave_s: float = 0.0,
     ):
         worker_id = serve.get_replica_context().replica_id.unique_id
         os.environ[TOKEN_ENV] = cluster_token.get_secret_value()  # the connector vLLM builds reads it here
+        self._leave_s = leave_s
         self._host = HostedEngine(with_transfer_host(engine_config), "prefill", worker_id, reporting, heartbeat_s)
 
     async def prefill(self, job: PrefillJob, worker_id: str | None = None) -> AsyncIterator[PrefillResult]:

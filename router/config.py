@@ -51,6 +51,13 @@ class RecoveryConfig(BaseModel):
         description="a decode stream with no output this long (after its first token) counts as a lost worker: "
         "a hung process or a node cut off the network",
     )
+    drain_finish_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="a stream on a decode replica Serve is stopping (scale-down, redeploy) may run this long to "
+        "finish there, then moves to another decode worker; keep it under the decode pool's "
+        "graceful_shutdown_timeout_s",
+    )
 
 
 class RouterConfig(BaseModel):

@@ -8,6 +8,11 @@ backpressure (``max_ongoing_requests``) and replica lifecycle; direct actor
 handles would bypass them. A replica that is gone (scaled down, died) is not
 waited for: the call falls back to the other live replicas (Serve picks among them), which is still
 correct, only without that replica's cache.
+
+A replica leaving a pool's routing set (Serve is draining it for a
+scale-down or a redeploy, or it died) is recorded in ``LeftReplicas``, so the
+service stops placing on it at once and moves its streams before Serve's
+graceful-shutdown deadline.
 """
 
 from __future__ import annotations
@@ -19,12 +24,20 @@ from collections.abc import Sequence
 from ray.serve.context import _get_serve_request_context, _serve_request_context
 from ray.serve.request_router import PendingRequest, RequestRouter, RunningReplica
 
+from router.left_replicas import LeftReplicas
+
 ROUTER_CLASS = f"{__name__}:PinnedReplicaRouter"
 
 
 class PinnedReplicaRouter(RequestRouter):
     """No ``FIFOMixin``: it hands the replica chosen for one request to the oldest pending request,
     which is pinned elsewhere; the base router gives each request the replica chosen for it."""
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """Serve's new routing set: a replica missing from it is draining (or dead) from now on."""
+        serving = {r.replica_id.unique_id for r in replicas}
+        LeftReplicas.record({rid.unique_id for rid in self.curr_replicas} - serving)
+        super().update_replicas(replicas)
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None

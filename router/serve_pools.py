@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from ray.exceptions import ActorUnavailableError, RayActorError
 
 from engine.types import DecodeJob, OutputDelta, PrefillJob, PrefillResult
+from router.left_replicas import LeftReplicas
 from router.replica_routing import pinned_call
 from router.service import WorkerGoneError
 
@@ -36,6 +37,9 @@ class ServeWorkerPools:
 
     async def transfer_stats(self, worker_id: str, timeout_s: float) -> dict[str, dict[str, float]]:
         return await asyncio.wait_for(_result(pinned_call(self._decode.transfer_stats, worker_id=worker_id)), timeout_s)
+
+    def leaving(self) -> dict[str, float]:
+        return LeftReplicas.since()
 
 
 async def _pinned_stream(method, job, worker_id: str):

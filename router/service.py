@@ -106,7 +106,7 @@ class Chunk:
 
 
 class WorkerGoneError(RuntimeError):
-    """The worker's process is gone (died, killed, unreachable): not the request's fault."""
+    """The worker's process is gone (died, killed, unreachable) or leaving: not the request's fault."""
 
     def __init__(self, worker_id: str, reason: str):
         self.worker_id = worker_id
@@ -130,6 +130,7 @@ class _Progress:
     migrations: int = 0
     resumed_after: int = 0  # tokens streamed before the last migration (part of the resumed prompt)
     gone: set[str] = field(default_factory=set)
+    move: asyncio.Event = field(default_factory=asyncio.Event)  # set: leave a draining decode worker now
 
     def __post_init__(self):
         self.decode_worker = self.decode_worker or self.placement.decode_worker
@@ -165,6 +166,8 @@ class GenerationService:
         self._claims: dict[str, dict[str, Claim]] = {}  # request id → worker id → its reservation in the index
         self._claim_ttl_s = config.index.in_flight_ttl_s
         self._renewing: asyncio.Task | None = None
+        self._streams: dict[str, _Progress] = {}  # request id → its decode so far, while it streams
+        self._drain_watch: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self.prompt_tokens_total = 0
         self.prefix_hit_tokens_total = 0
@@ -236,6 +239,7 @@ class GenerationService:
 
     async def _place(self, request_id: str, prompt_tokens: int, chain: list[bytes]) -> Placement:
         live, cached = await _call(self.index, "match", chain) if chain else (self.live_workers(), {})
+        live = self._staying(live)
         if self.mode == "colocated":
             live = [w for w in live if w.role == "decode"]
         placement = self._placer.place_matched(prompt_tokens, live, cached)
@@ -290,7 +294,8 @@ class GenerationService:
         hit = placement.decode_cached_tokens if handle is None else placement.prefill_cached_tokens
         pool = "decode" if handle is None else "prefill"
         self._count_prompt(pool, len(request.prompt_token_ids), hit)
-        progress = _Progress(start, placement, handle, transfer_id)
+        progress = self._streams[request.request_id] = _Progress(start, placement, handle, transfer_id)
+        self._watch_drains()
         job = DecodeJob(request, handle, hashes)
         try:
             while True:
@@ -301,6 +306,7 @@ class GenerationService:
                 except WorkerGoneError as exc:
                     job = await self._migrate(request, progress, exc)
         finally:
+            self._streams.pop(request.request_id, None)
             done = progress.taken and progress.finished
             if prefilling is not None and not done:
                 prefilling.cancel()  # the request ended early: stop the prefill too (it frees its blocks)
@@ -312,11 +318,14 @@ class GenerationService:
         rid = job.request.request_id
         stream = self._pools.decode(progress.decode_worker, job)
         stall_s = self.config.recovery.decode_stall_s
+        progress.move.clear()
         try:
-            async for delta in _until(stream, aborted, self._prefill_timeout_s + stall_s, stall_s):
-                if delta is None:  # aborted by id: end the stream as vLLM does, finish reason "abort"
+            async for delta in _until(stream, (aborted, progress.move), self._prefill_timeout_s + stall_s, stall_s):
+                if delta is aborted:  # aborted by id: end the stream as vLLM does, finish reason "abort"
                     yield Chunk(rid, [], "", "abort")
                     return
+                if delta is progress.move:
+                    raise WorkerGoneError(progress.decode_worker, "draining (Serve is stopping the replica)")
                 progress.taken = True
                 now = time.perf_counter()
                 if delta.token_ids:
@@ -354,7 +363,7 @@ class GenerationService:
         prompt = [*request.prompt_token_ids, *progress.token_ids]
         chain = hash_chain(self.model.model_id, prompt, self.model.block_size)
         live, cached = await _call(self.index, "match", chain)
-        survivors = [w for w in live if w.role == "decode" and w.worker_id not in progress.gone]
+        survivors = [w for w in self._staying(live) if w.role == "decode" and w.worker_id not in progress.gone]
         try:
             placement = self._placer.place_matched(len(prompt), survivors, cached)
         except NoWorkerError:
@@ -372,6 +381,28 @@ class GenerationService:
         sampling = replace(request.sampling, max_tokens=request.sampling.max_tokens - len(progress.token_ids))
         resumed = GenerateRequest(rid, prompt, sampling)
         return DecodeJob(resumed, None, [digest.hex() for digest in chain])
+
+    def _staying(self, live: list) -> list:
+        """Live workers less those leaving: placement stops choosing a draining replica at once."""
+        leaving = self._pools.leaving()
+        return [w for w in live if w.worker_id not in leaving] if leaving else live
+
+    def _watch_drains(self) -> None:
+        if self._drain_watch is None or self._drain_watch.done():
+            self._drain_watch = asyncio.create_task(self._move_off_draining(0.25))
+
+    async def _move_off_draining(self, period_s: float) -> None:
+        """A stream on a draining decode worker has ``drain_finish_s`` to end there, then moves on
+        (``_migrate``), so the replica empties before Serve's graceful-shutdown deadline."""
+        finish_s = self.config.recovery.drain_finish_s
+        while self._streams:
+            await asyncio.sleep(period_s)
+            leaving = self._pools.leaving()
+            now = time.monotonic()
+            for progress in self._streams.values():
+                since = leaving.get(progress.decode_worker)
+                if since is not None and now - since >= finish_s and self.config.recovery.migrate_decode:
+                    progress.move.set()
 
     def _forget(self, worker_id: str) -> None:
         """A worker that died stops counting at once, not when its heartbeat lapses; a live one re-registers."""
@@ -456,19 +487,20 @@ class GenerationService:
 
 
 async def _until(
-    stream: AsyncIterator[OutputDelta], stop: asyncio.Event, first_s: float, next_s: float
-) -> AsyncIterator[OutputDelta | None]:
-    """``stream``'s items until it ends, or one ``None`` once ``stop`` is set; ``TimeoutError`` when the
-    first item takes over ``first_s`` or a later one over ``next_s``."""
-    stopped = asyncio.ensure_future(stop.wait())
+    stream: AsyncIterator[OutputDelta], stops: tuple[asyncio.Event, ...], first_s: float, next_s: float
+) -> AsyncIterator[OutputDelta | asyncio.Event]:
+    """``stream``'s items until it ends, or the first of ``stops`` that is set (yielded, then the end);
+    ``TimeoutError`` when the first item takes over ``first_s`` or a later one over ``next_s``."""
+    waits = {asyncio.ensure_future(stop.wait()): stop for stop in stops}
     item = None
     deadline = first_s
     try:
         while True:
             item = asyncio.ensure_future(anext(stream))
-            await asyncio.wait((item, stopped), timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
-            if stopped.done():
-                yield None
+            await asyncio.wait((item, *waits), timeout=deadline, return_when=asyncio.FIRST_COMPLETED)
+            stopped = next((stop for wait, stop in waits.items() if wait.done()), None)
+            if stopped is not None:
+                yield stopped
                 return
             if not item.done():
                 raise TimeoutError(f"no output for {deadline:g} s")
@@ -478,7 +510,8 @@ async def _until(
                 return
             deadline = next_s
     finally:
-        stopped.cancel()
+        for wait in waits:
+            wait.cancel()
         if item is not None and not item.done():
             item.cancel()  # the pending read gets the cancellation, and closes ``stream`` on its way out
 

@@ -69,6 +69,8 @@ def test_the_pools_autoscaling_is_a_valid_serve_autoscaling_config_with_pdserves
         ({"service.decode.autoscaling": {"upscale_delay_s": -1}}, "upscale_delay_s"),
         ({"service.decode.autoscaling": {}, "service.decode.autoscaling_config": {"max_replicas": 2}}, "give one"),
         ({"service.router.autoscaling": {}}, "service.router.autoscaling"),
+        ({"router.recovery.drain_finish_s": 29}, "drain_finish_s (29) must leave streams 2 s"),
+        ({"service.decode.graceful_shutdown_timeout_s": 0}, "service.decode.graceful_shutdown_timeout_s"),
     ],
 )
 def test_bad_autoscaling_config_is_refused_naming_the_field(changes, field):
