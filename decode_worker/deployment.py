@@ -13,29 +13,19 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
-from pydantic import SecretStr
 from ray import serve
 
 from engine.config import EngineConfig
-from engine.hosting import HostedEngine, HostedWorker, Reporting
+from engine.hosting import HostedWorker, WorkerSettings
 from engine.types import DecodeJob, OutputDelta
 from kv_transfer.vllm_connector import TOKEN_ENV
 
 
 @serve.deployment(name="DecodeWorker", health_check_period_s=5, health_check_timeout_s=10)
 class DecodeWorker(HostedWorker):
-    def __init__(
-        self,
-        engine_config: EngineConfig,
-        reporting: Reporting,
-        cluster_token: SecretStr,
-        heartbeat_s: float = 1.0,
-        leave_s: float = 0.0,
-    ):
-        worker_id = serve.get_replica_context().replica_id.unique_id
-        os.environ[TOKEN_ENV] = cluster_token.get_secret_value()  # the connector vLLM builds reads it here
-        self._leave_s = leave_s
-        self._host = HostedEngine(engine_config, "decode", worker_id, reporting, heartbeat_s)
+    def __init__(self, engine_config: EngineConfig, settings: WorkerSettings):
+        os.environ[TOKEN_ENV] = settings.cluster_token.get_secret_value()  # the connector vLLM builds reads it here
+        self._start(engine_config, "decode", serve.get_replica_context().replica_id.unique_id, settings)
 
     async def generate(self, job: DecodeJob, worker_id: str | None = None) -> AsyncIterator[OutputDelta]:
         params = None

@@ -12,7 +12,10 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Protocol
+
+from pydantic import SecretStr
 
 from engine.cache_events import CacheEvent
 from engine.config import EngineConfig
@@ -35,6 +38,16 @@ class Reporting(Protocol):
 
     def start(self, worker_id: str, role: str, block_size: int) -> WorkerReporter:
         """Called once, before the engine exists, so no cache event precedes the identity."""
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What the composition hands every worker replica besides its engine's config."""
+
+    reporting: Reporting
+    cluster_token: SecretStr  # KV peers prove they belong with it
+    heartbeat_s: float = 1.0
+    leave_s: float = 0.0  # how long leaving waits for peers to pull the KV still offered
 
 
 class HostedEngine:
@@ -108,6 +121,10 @@ class HostedWorker:
 
     _host: HostedEngine
     _leave_s: float = 0.0
+
+    def _start(self, config: EngineConfig, role: str, worker_id: str, settings: WorkerSettings) -> None:
+        self._leave_s = settings.leave_s
+        self._host = HostedEngine(config, role, worker_id, settings.reporting, settings.heartbeat_s)
 
     def check_health(self) -> None:
         self._host.check_health()

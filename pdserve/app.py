@@ -19,8 +19,9 @@ from ray.serve.config import RequestRouterConfig
 
 from decode_worker.deployment import DecodeWorker
 from engine.config import EngineConfig, KVConnectorSpec
+from engine.hosting import WorkerSettings
 from kv_transfer.vllm_connector import TOKEN_ENV
-from pdserve.config import PdserveConfig, PoolConfig, load_config
+from pdserve.config import PdserveConfig, PoolConfig, ServiceConfig, load_config
 from pdserve.models import resolve_model
 from prefill_worker.deployment import PrefillWorker
 from router.index.reporting import IndexReporting
@@ -51,19 +52,13 @@ def build_app(config: PdserveConfig) -> serve.Application:
              for name, pool in (("decode", service.decode), ("prefill", service.prefill))}  # fmt: skip
     decode = DecodeWorker.options(**_pool_options(service.decode, "decode", cores["decode"])).bind(
         _engine_for(config, service.decode, "kv_consumer" if disaggregated else None, cores["decode"]),
-        reporting,
-        token,
-        service.heartbeat_s,
-        service.decode.graceful_shutdown_timeout_s / 2,
+        _worker_settings(service, service.decode, reporting, token),
     )
     prefill = None
     if disaggregated:
         prefill = PrefillWorker.options(**_pool_options(service.prefill, "prefill", cores["prefill"])).bind(
             _engine_for(config, service.prefill, "kv_producer", cores["prefill"]),
-            reporting,
-            token,
-            service.heartbeat_s,
-            service.prefill.graceful_shutdown_timeout_s / 2,  # the other half: its calls draining first
+            _worker_settings(service, service.prefill, reporting, token),
         )
     settings = IngressSettings(
         model=model, router=config.router, mode=service.mode if disaggregated else "colocated",
@@ -96,6 +91,11 @@ def _engine_for(config: PdserveConfig, pool: PoolConfig, role: str | None, cores
     if pool.kv_cache_gib is not None:
         update["kv_cache_gib"] = pool.kv_cache_gib
     return config.engine.model_copy(update=update)
+
+
+def _worker_settings(service: ServiceConfig, pool: PoolConfig, reporting: IndexReporting, token) -> WorkerSettings:
+    # Half the graceful-shutdown budget for peers to pull the KV still offered; the other half for calls to end.
+    return WorkerSettings(reporting, token, service.heartbeat_s, pool.graceful_shutdown_timeout_s / 2)
 
 
 def _pool_options(pool: PoolConfig, role: str, cores: str | None) -> dict[str, Any]:

@@ -14,11 +14,10 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 
 import ray
-from pydantic import SecretStr
 from ray import serve
 
 from engine.config import EngineConfig
-from engine.hosting import HostedEngine, HostedWorker, Reporting
+from engine.hosting import HostedWorker, WorkerSettings
 from engine.types import PrefillJob, PrefillResult
 from kv_transfer.vllm_connector import TOKEN_ENV
 
@@ -33,18 +32,10 @@ def with_transfer_host(config: EngineConfig) -> EngineConfig:
 
 @serve.deployment(name="PrefillWorker", health_check_period_s=5, health_check_timeout_s=10)
 class PrefillWorker(HostedWorker):
-    def __init__(
-        self,
-        engine_config: EngineConfig,
-        reporting: Reporting,
-        cluster_token: SecretStr,
-        heartbeat_s: float = 1.0,
-        leave_s: float = 0.0,
-    ):
+    def __init__(self, engine_config: EngineConfig, settings: WorkerSettings):
+        os.environ[TOKEN_ENV] = settings.cluster_token.get_secret_value()  # the connector vLLM builds reads it here
         worker_id = serve.get_replica_context().replica_id.unique_id
-        os.environ[TOKEN_ENV] = cluster_token.get_secret_value()  # the connector vLLM builds reads it here
-        self._leave_s = leave_s
-        self._host = HostedEngine(with_transfer_host(engine_config), "prefill", worker_id, reporting, heartbeat_s)
+        self._start(with_transfer_host(engine_config), "prefill", worker_id, settings)
 
     async def prefill(self, job: PrefillJob, worker_id: str | None = None) -> AsyncIterator[PrefillResult]:
         """Yield the transfer handle at once (the decode worker pulls each layer as it is computed), then the end.
