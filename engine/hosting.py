@@ -20,6 +20,7 @@ from pydantic import SecretStr
 from engine.cache_events import CacheEvent
 from engine.config import EngineConfig
 from engine.engine import Engine
+from engine.throughput import BusyRate, RunningMean
 from engine.types import GenerateRequest, LoadFigures, OutputDelta
 
 log = logging.getLogger(__name__)
@@ -56,22 +57,39 @@ class HostedEngine:
         self._reporter = reporter = reporting.start(worker_id, role, config.block_size)
         self.engine = Engine(config, on_cache_events=reporter.report_events)
         self._queued_prefill_tokens = 0  # prompt tokens admitted that have not produced a token yet
+        # For the coordinated autoscaler: what this worker sustains, and the requests it sees.
+        self.prefill_rate, self.decode_rate = BusyRate(), BusyRate()
+        self.prompt_tokens, self.output_tokens = RunningMean(), RunningMean()
         self._stop = threading.Event()
         self._heartbeat_s = heartbeat_s
         self._heartbeat = threading.Thread(target=self._beat, name="pdserve-heartbeat", daemon=True)
         self._heartbeat.start()
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
-        """The engine's stream, counted as queued prefill until its first delta; closing it aborts."""
+        """The engine's stream, counted as queued prefill until its first delta, decoding after; closing it aborts."""
         waiting = len(request.prompt_token_ids)
         self._queued_prefill_tokens += waiting
+        self.prefill_rate.begin()
+        decoding = False
         try:
             async for delta in self.engine.generate(request):
-                self._queued_prefill_tokens -= waiting
-                waiting = 0
+                if not decoding:
+                    self._queued_prefill_tokens -= waiting
+                    waiting = 0
+                    computed = delta.prompt_tokens - delta.cached_prompt_tokens
+                    self.prefill_rate.add(computed)
+                    self.prompt_tokens.add(computed)
+                    self.prefill_rate.end()
+                    self.decode_rate.begin()
+                    decoding = True
+                else:
+                    self.decode_rate.add(len(delta.token_ids))
+                if delta.finished:
+                    self.output_tokens.add(delta.completion_tokens)
                 yield delta
         finally:
             self._queued_prefill_tokens -= waiting
+            (self.decode_rate if decoding else self.prefill_rate).end()
 
     def load(self) -> LoadFigures:
         stats = self.engine.stats()
@@ -133,12 +151,21 @@ class HostedWorker:
         return self._host.engine.kv_transfer_stats()
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve's autoscaler reads the load the heartbeat reports (the pools' policies: pdserve/autoscaling.py)."""
-        load = self._host.load()
+        """Serve's autoscaler reads the load the heartbeat reports, and the measured rates and lengths
+        (the policies: pdserve/autoscaling.py); a figure not measured yet is left out."""
+        host = self._host
+        load = host.load()
+        measured = {
+            "prefill_tokens_per_s": host.prefill_rate.rate(),
+            "decode_tokens_per_s": host.decode_rate.rate(),
+            "prompt_tokens_mean": host.prompt_tokens.value,
+            "output_tokens_mean": host.output_tokens.value,
+        }
         return {
             "queued_prefill_tokens": float(load.queued_prefill_tokens),
             "running_seqs": float(load.running_seqs + load.waiting_seqs),
             "kv_used_fraction": load.kv_used_fraction,
+            **{name: value for name, value in measured.items() if value is not None},
         }
 
     def __del__(self):

@@ -74,6 +74,23 @@ def build_app(config: PdserveConfig) -> serve.Application:
     return router.bind(settings, prefill, decode)
 
 
+def serve_application(config: PdserveConfig) -> dict[str, Any]:
+    """``config`` as an application of a Serve config (what ``serve deploy`` / ``serve run`` take), with
+    the app-level autoscaling policy when the pools are coordinated. No secret goes in: Serve shows an
+    application's args to whoever can query it, so the nodes give them as env (``PDSERVE_CLUSTER_TOKEN``,
+    ``PDSERVE_ROUTER__API_KEYS``)."""
+    private = {"cluster_token": True, "ray_address": True, "ray_metrics_export_port": True, "router": {"api_keys"}}
+    application = {
+        "name": config.service.app_name,
+        "route_prefix": "/",
+        "import_path": "pdserve.app:app_builder",
+        "args": config.model_dump(mode="json", exclude=private),
+    }
+    if config.service.coordination is not None:
+        application["autoscaling_policy"] = config.service.coordination.serve_policy()
+    return application
+
+
 def model_info(engine: EngineConfig) -> ModelInfo:
     """The figures the router validates against, read from the model directory."""
     hf = json.loads((engine.model / "config.json").read_text())

@@ -53,3 +53,91 @@ class DecodePolicy:
         by_seqs = _total(ctx, RUNNING_SEQS) / self.target_seqs
         by_kv = _total(ctx, KV_USED_FRACTION) / self.target_kv
         return math.ceil(max(by_seqs, by_kv)), {}
+
+
+# Measured by every worker replica (``engine/throughput.py``): what it sustains while busy, what its requests look like.
+PREFILL_TOKENS_PER_S = "prefill_tokens_per_s"
+DECODE_TOKENS_PER_S = "decode_tokens_per_s"
+PROMPT_TOKENS_MEAN = "prompt_tokens_mean"
+OUTPUT_TOKENS_MEAN = "output_tokens_mean"
+
+
+class CoordinatedPolicy:
+    """The application-level policy: each pool's own policy, then the prefill:decode ratio kept in bounds.
+
+    A request costs the prefill pool ``prompt / R_p`` replica-seconds and the decode pool
+    ``output / R_d``, where ``R`` is what one replica of the pool sustains while busy (measured by
+    the replicas) and the lengths are the means the replicas see (uncached prompt tokens; output
+    tokens). So the pools should stand in the ratio ``(prompt / R_p) : (output / R_d)``. When the
+    replica counts fall outside ``[ideal / ratio_slack, ideal * ratio_slack]``, the smaller side is
+    raised, never the larger lowered: a burst of long prompts grows the prefill pool, a burst of long
+    generations the decode pool, and growing one never starves the other. Until both pools have
+    measured their rates, each pool's own policy alone decides. Any other deployment (the router)
+    scales on ongoing requests, as Serve's default policy does.
+    """
+
+    def __init__(self, ratio_slack: float = 2.0):
+        self.slack = ratio_slack
+
+    def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, float], dict]:
+        decisions: dict[Any, float] = {}
+        pools: dict[str, Any] = {}
+        for deployment, ctx in contexts.items():
+            role, own = _pool_policy(ctx.config)
+            if role is not None:
+                pools[role] = deployment
+            if ctx.current_num_replicas == 0:
+                decisions[deployment] = ctx.target_num_replicas
+            elif own is not None:
+                decisions[deployment] = own(ctx)[0]
+            else:
+                decisions[deployment] = ctx.total_num_requests / ctx.config.get_target_ongoing_requests()
+        if "prefill" in pools and "decode" in pools:
+            self._keep_ratio(decisions, contexts[pools["prefill"]], pools["prefill"], contexts[pools["decode"]],
+                             pools["decode"])  # fmt: skip
+        return decisions, {}
+
+    def ideal_ratio(self, prefill: Any, decode: Any) -> float | None:
+        """Prefill replicas per decode replica that the measured work asks for; None until measured."""
+        figures = (_mean(prefill, PROMPT_TOKENS_MEAN), _mean(prefill, PREFILL_TOKENS_PER_S),
+                   _mean(decode, OUTPUT_TOKENS_MEAN), _mean(decode, DECODE_TOKENS_PER_S))  # fmt: skip
+        if any(not figure for figure in figures):
+            return None
+        prompt, prefill_rate, output, decode_rate = figures
+        return (prompt / prefill_rate) / (output / decode_rate)
+
+    def _keep_ratio(self, decisions: dict, prefill: Any, prefill_id: Any, decode: Any, decode_id: Any) -> None:
+        ideal = self.ideal_ratio(prefill, decode)
+        if ideal is None:
+            return
+        p = _bounded(prefill, decisions[prefill_id])
+        d = _bounded(decode, decisions[decode_id])
+        if p / d < ideal / self.slack:
+            decisions[prefill_id] = max(decisions[prefill_id], math.ceil(d * ideal / self.slack))
+        elif p / d > ideal * self.slack:
+            decisions[decode_id] = max(decisions[decode_id], math.ceil(p / (ideal * self.slack)))
+
+
+def _pool_policy(config: Any) -> tuple[str | None, Any]:
+    """The pool (prefill / decode) a deployment is and its own pdserve policy, from its autoscaling config."""
+    policy = getattr(config, "policy", None)
+    function = getattr(policy, "policy_function", "")
+    name = function.rpartition(":")[2] if isinstance(function, str) else getattr(function, "__name__", "")
+    kwargs = getattr(policy, "policy_kwargs", None) or {}
+    if name == PrefillPolicy.__name__:
+        return "prefill", PrefillPolicy(**kwargs)
+    if name == DecodePolicy.__name__:
+        return "decode", DecodePolicy(**kwargs)
+    return None, None
+
+
+def _mean(ctx: Any, metric: str) -> float | None:
+    """The mean over replicas of one reported figure; None when no replica reports it yet."""
+    values = list((ctx.aggregated_metrics or {}).get(metric, {}).values())
+    return sum(values) / len(values) if values else None
+
+
+def _bounded(ctx: Any, replicas: float) -> int:
+    """The replica count Serve will apply: within the pool's min and max, at least one."""
+    low, high = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
+    return max(1, min(max(math.ceil(replicas), low), high))

@@ -66,6 +66,27 @@ class PoolAutoscaling(BaseModel):
         return {**bounds, "policy": policy}
 
 
+class PoolCoordination(BaseModel):
+    """The two worker pools scaled as one application: each on its own load, their ratio kept in bounds.
+
+    Ray Serve runs an application-level policy only for apps deployed from a Serve config
+    (``serve deploy`` / ``serve run`` of a YAML); ``pdserve up`` deploys that way when this is set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ratio_slack: float = Field(
+        default=2.0,
+        ge=1.0,
+        description="how far the prefill:decode replica ratio may stray from what the measured prefill and "
+        "decode rates and prompt and output lengths ask for before the smaller pool is grown",
+    )
+
+    def serve_policy(self) -> dict[str, Any]:
+        """The Serve application's ``autoscaling_policy``."""
+        return {"policy_function": "pdserve.autoscaling:CoordinatedPolicy",
+                "policy_kwargs": {"ratio_slack": self.ratio_slack}}  # fmt: skip
+
+
 class PoolConfig(BaseModel):
     """One Serve deployment's scaling and resources; ``autoscaling_config`` is Serve's, checked by Serve."""
 
@@ -147,6 +168,15 @@ class ServiceConfig(BaseModel):
     router: PoolConfig = Field(default_factory=lambda: PoolConfig(num_cpus=0.5, max_ongoing_requests=1024))
     prefill: PoolConfig = Field(default_factory=PoolConfig)
     decode: PoolConfig = Field(default_factory=PoolConfig)
+    coordination: PoolCoordination | None = Field(
+        default=None, description="scale the worker pools as one (both need autoscaling): see PoolCoordination"
+    )
+
+    @model_validator(mode="after")
+    def _coordinated_pools_autoscale(self) -> ServiceConfig:
+        if self.coordination is not None and (self.prefill.autoscaling is None or self.decode.autoscaling is None):
+            raise ValueError("coordination: give service.prefill.autoscaling and service.decode.autoscaling")
+        return self
 
 
 class PdserveConfig(BaseModel):

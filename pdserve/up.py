@@ -7,6 +7,7 @@ uses that cluster's token from the environment or that file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -61,20 +62,29 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
     service = config.service
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's driver-side INFO lines: quiet by default
     if config.ray_address:
+        if service.coordination is not None and (config.cluster_token or config.router.api_keys):
+            raise ValueError(
+                "service.coordination on a running cluster: give the cluster token and API keys as env on its "
+                "nodes (PDSERVE_CLUSTER_TOKEN, PDSERVE_ROUTER__API_KEYS), not in the config"
+            )
         _join_with_token()
         ray.init(address=config.ray_address, logging_level=logging.WARNING, log_to_driver=False)
     else:  # logical CPUs for every replica the pools may have, even on a 2-core machine; cores are bound per engine
         cpus = max(num_cpus or os.cpu_count() or 1, cpus_needed(service))
-        ray.init(
-            num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-            _metrics_export_port=config.ray_metrics_export_port,
-        )  # fmt: skip
+        with _secrets_in_env(config if service.coordination is not None else None):
+            ray.init(
+                num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+                _metrics_export_port=config.ray_metrics_export_port,
+            )  # fmt: skip
     running = Service(
         config, f"http://{service.http_host}:{service.http_port}", f"{service.grpc_host}:{service.grpc_port}", redis
     )
     try:
         serve.start(http_options={"host": service.http_host, "port": service.http_port})
-        _deploy(build_app(config), service.app_name, ready_timeout_s)
+        if service.coordination is not None:  # an app-level policy: Serve takes one only from a Serve config
+            _deploy_config(config, ready_timeout_s)
+        else:
+            _deploy(build_app(config), service.app_name, ready_timeout_s)
         pools = ["decode"] + (["prefill"] if service.mode == "disaggregated" and service.prefill.present else [])
         _wait_healthy(running.http_url, pools, ready_timeout_s)
     except BaseException:
@@ -122,6 +132,44 @@ def _deploy(app, name: str, timeout_s: float) -> None:
         status = serve.status().applications.get(name)
         detail = {d: (s.status, s.message) for d, s in status.deployments.items()} if status else "no status"
         raise TimeoutError(f"the Serve app {name!r} was not running within {timeout_s:g} s: {detail}")
+
+
+def _deploy_config(config: PdserveConfig, timeout_s: float) -> None:
+    """Deploy as ``serve run <config.yaml>`` does (Serve's controller builds the app from its import path)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from pdserve.app import serve_application
+
+    name = config.service.app_name
+    http = {"host": config.service.http_host, "port": config.service.http_port}
+    _get_global_client().deploy_apps(ServeDeploySchema(http_options=http, applications=[serve_application(config)]))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = serve.status().applications.get(name)
+        if status is not None and status.status == "RUNNING":
+            return
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"the Serve app {name!r} failed to deploy: {status.message}")
+        time.sleep(0.5)
+    raise TimeoutError(f"the Serve app {name!r} was not running within {timeout_s:g} s")
+
+
+@contextlib.contextmanager
+def _secrets_in_env(config: PdserveConfig | None):
+    """The local cluster's processes inherit the secrets as env while Ray starts (a Serve config
+    carries none); this process's env is as it was afterwards."""
+    saved = dict(os.environ)
+    if config is not None and config.cluster_token is not None:
+        os.environ["PDSERVE_CLUSTER_TOKEN"] = config.cluster_token.get_secret_value()
+    if config is not None and config.router.api_keys:
+        os.environ["PDSERVE_ROUTER__API_KEYS"] = ",".join(k.get_secret_value() for k in config.router.api_keys)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def run_until_interrupted(service: Service) -> None:

@@ -71,6 +71,46 @@ def live_workers(client, role: str) -> set[str]:
     return {w.worker_id for w in client.status().workers if w.role == role}
 
 
+def pools(client) -> dict[str, int]:
+    """Live workers per pool, as the router's index sees them."""
+    return {role: len(live_workers(client, role)) for role in ("prefill", "decode")}
+
+
+def wait_pools(client, want: dict[str, int], timeout_s: float) -> float:
+    start = time.monotonic()
+    while pools(client) != want:
+        assert time.monotonic() - start < timeout_s, f"pools {pools(client)}, not {want}, after {timeout_s} s"
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
+def ramp_each_pool_and_back(client) -> tuple[float, float]:
+    """Long prompts (the prefill pool grows first, the decode pool stays), then long generations (the
+    decode pool grows), then nothing (both back to one replica), with no request failed. Returns the
+    seconds the prefill pool took to grow and both to come back after the load."""
+    from service_client import prompt
+
+    assert pools(client) == {"prefill": 1, "decode": 1}
+    long_prompts = Load(lambda n: client.greedy(prompt(800, 1000 + n), 1)[2], clients=6).start()
+    try:
+        grew = wait_pools(client, {"prefill": 2, "decode": 1}, 90)
+    finally:
+        long_prompts.stop()
+    long_outputs = Load(lambda n: client.greedy(prompt(30, 5000 + n), 300)[2], clients=16).start()
+    try:
+        wait_for_decode = time.monotonic()
+        while pools(client)["decode"] < 2:
+            assert time.monotonic() - wait_for_decode < 90, f"the decode pool did not grow: {pools(client)}"
+            time.sleep(0.5)
+    finally:
+        long_outputs.stop()
+    shrank = wait_pools(client, {"prefill": 1, "decode": 1}, 120)
+    assert long_prompts.errors == [] and long_outputs.errors == []
+    assert all(last.finish_reason == "length" for last in long_prompts.results + long_outputs.results)
+    client.wait_idle(10)
+    return grew, shrank
+
+
 def wait_for_replacement(client, role: str, count: int, gone: str, timeout_s: float = 180.0) -> float:
     """Seconds until ``count`` live ``role`` workers report again, none of them ``gone``."""
     start = time.monotonic()

@@ -6,16 +6,30 @@ import pytest
 from ray.serve._private.common import DeploymentID
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from pdserve.autoscaling import KV_USED_FRACTION, QUEUED_PREFILL_TOKENS, RUNNING_SEQS, DecodePolicy, PrefillPolicy
-from pdserve.config import ConfigError, PoolAutoscaling, load_config
+from engine.throughput import BusyRate, RunningMean
+from pdserve.autoscaling import (
+    DECODE_TOKENS_PER_S,
+    KV_USED_FRACTION,
+    OUTPUT_TOKENS_MEAN,
+    PREFILL_TOKENS_PER_S,
+    PROMPT_TOKENS_MEAN,
+    QUEUED_PREFILL_TOKENS,
+    RUNNING_SEQS,
+    CoordinatedPolicy,
+    DecodePolicy,
+    PrefillPolicy,
+)
+from pdserve.config import ConfigError, PoolAutoscaling, PoolCoordination, load_config
 
 
-def context(replicas: int, config: AutoscalingConfig | None = None, **per_replica: list[float]) -> AutoscalingContext:
+def context(
+    replicas: int, config: AutoscalingConfig | None = None, name: str = "PrefillWorker", **per_replica: list[float]
+) -> AutoscalingContext:
     """What Serve hands a policy: each figure averaged per replica over the look-back window."""
     ids = [f"r{i}" for i in range(replicas)]
-    metrics = {name: dict(zip(ids, values, strict=True)) for name, values in per_replica.items()}
+    metrics = {metric: dict(zip(ids, values, strict=True)) for metric, values in per_replica.items()}
     return AutoscalingContext(
-        deployment_id=DeploymentID("PrefillWorker", "pdserve"), deployment_name="PrefillWorker", app_name="pdserve",
+        deployment_id=DeploymentID(name, "pdserve"), deployment_name=name, app_name="pdserve",
         current_num_replicas=replicas, target_num_replicas=replicas, running_replicas=ids, total_num_requests=0.0,
         total_queued_requests=0.0, aggregated_metrics=metrics, raw_metrics={}, capacity_adjusted_min_replicas=1,
         capacity_adjusted_max_replicas=config.max_replicas if config else 8, policy_state={},
@@ -58,6 +72,78 @@ def test_the_pools_autoscaling_is_a_valid_serve_autoscaling_config_with_pdserves
     assert policy(context(1, serve_config, **busy))[0] == {"prefill": 3, "decode": 4}[role]
 
 
+PREFILL, DECODE = DeploymentID("PrefillWorker", "pdserve"), DeploymentID("DecodeWorker", "pdserve")
+
+
+def pools(prefill_replicas: int, decode_replicas: int, prefill: dict, decode: dict) -> dict:
+    """Both pools' contexts as Serve hands them to an application-level policy, each with pdserve's own
+    pool policy in its config (1 to 8 replicas, no delay; targets: 4096 queued tokens, 32 sequences)."""
+    scaling = PoolAutoscaling(min_replicas=1, max_replicas=8, upscale_delay_s=0)
+    return {
+        PREFILL: context(prefill_replicas, AutoscalingConfig(**scaling.serve_config("prefill")), **prefill),
+        DECODE: context(decode_replicas, AutoscalingConfig(**scaling.serve_config("decode")), "DecodeWorker", **decode),
+    }
+
+
+def app_policy(slack: float = 2.0):
+    """The coordinated policy as Serve's controller runs it: resolved from config, delays and bounds applied."""
+    from ray.serve._private.autoscaling_state import _resolve_policy_callable
+    from ray.serve.autoscaling_policy import _apply_app_level_autoscaling_config
+    from ray.serve.config import AutoscalingPolicy
+
+    policy = AutoscalingPolicy(**PoolCoordination(ratio_slack=slack).serve_policy())
+    return _apply_app_level_autoscaling_config(_resolve_policy_callable(policy))
+
+
+# The measured work of one request: 2000 prompt tokens at 4000 tokens/s on a prefill replica (0.5 s),
+# 100 output tokens at 400 tokens/s on a decode replica (0.25 s): two prefill replicas per decode replica.
+RATES = (
+    {PREFILL_TOKENS_PER_S: [4000], PROMPT_TOKENS_MEAN: [2000]},
+    {DECODE_TOKENS_PER_S: [400], OUTPUT_TOKENS_MEAN: [100]},
+)
+
+
+def test_the_measured_work_gives_the_prefill_to_decode_ratio():
+    prefill, decode = RATES
+    assert CoordinatedPolicy().ideal_ratio(context(1, **prefill), context(1, **decode)) == pytest.approx(2.0)
+
+
+def test_a_decode_pool_growing_on_long_generations_grows_the_prefill_pool_with_it():
+    prefill, decode = RATES
+    busy_decode = {**decode, RUNNING_SEQS: [150], KV_USED_FRACTION: [0.3]}  # 150 sequences: five decode replicas
+    decisions, _ = app_policy(slack=2.0)(pools(1, 1, {**prefill, QUEUED_PREFILL_TOKENS: [0]}, busy_decode))
+    assert decisions == {PREFILL: 5, DECODE: 5}  # ideal 2 per decode replica; within slack 2: at least 1 each
+
+
+def test_a_prefill_pool_growing_on_long_prompts_grows_the_decode_pool_only_past_the_slack():
+    prefill, decode = RATES
+    queued = {**prefill, QUEUED_PREFILL_TOKENS: [24_000]}  # six prefill replicas' worth
+    idle_decode = {**decode, RUNNING_SEQS: [2], KV_USED_FRACTION: [0.1]}
+    assert app_policy(slack=4.0)(pools(1, 1, queued, idle_decode))[0] == {PREFILL: 6, DECODE: 1}  # 6 ≤ 2 × 4
+    assert app_policy(slack=1.0)(pools(1, 1, queued, idle_decode))[0] == {PREFILL: 6, DECODE: 3}  # 6 = 2 × 3
+
+
+def test_without_measured_rates_each_pool_scales_on_its_own_load():
+    decisions, _ = app_policy()(pools(1, 1, {QUEUED_PREFILL_TOKENS: [9000]}, {RUNNING_SEQS: [10]}))
+    assert decisions == {PREFILL: 3, DECODE: 1}
+
+
+def test_a_busy_rate_counts_only_the_time_with_work():
+    now = [0.0]
+    rate = BusyRate(window_s=1e9, clock=lambda: now[0])
+    assert rate.rate() is None  # nothing seen
+    rate.begin()
+    now[0] = 2.0
+    rate.add(1000)
+    rate.end()
+    now[0] = 60.0  # a minute idle does not dilute it
+    assert rate.rate() == pytest.approx(500.0)
+    mean = RunningMean(weight=0.5)
+    mean.add(100)
+    mean.add(300)
+    assert mean.value == 200
+
+
 @pytest.mark.parametrize(
     "changes, field",
     [
@@ -71,6 +157,15 @@ def test_the_pools_autoscaling_is_a_valid_serve_autoscaling_config_with_pdserves
         ({"service.router.autoscaling": {}}, "service.router.autoscaling"),
         ({"router.recovery.drain_finish_s": 29}, "drain_finish_s (29) must leave streams 2 s"),
         ({"service.decode.graceful_shutdown_timeout_s": 0}, "service.decode.graceful_shutdown_timeout_s"),
+        ({"service.coordination": {}}, "coordination: give service.prefill.autoscaling"),
+        (
+            {
+                "service.coordination": {"ratio_slack": 0.5},
+                "service.prefill.autoscaling": {},
+                "service.decode.autoscaling": {},
+            },
+            "service.coordination.ratio_slack",
+        ),  # fmt: skip
     ],
 )
 def test_bad_autoscaling_config_is_refused_naming_the_field(changes, field):

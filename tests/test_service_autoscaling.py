@@ -8,7 +8,7 @@ import time
 
 import grpc
 import pytest
-from faults import Load, live_workers
+from faults import Load, ramp_each_pool_and_back, wait_pools
 from service_client import prompt, service_config
 
 from pdserve.up import start
@@ -34,38 +34,9 @@ def service(model_dir, tmp_path_factory):
     running.stop()
 
 
-def pools(client) -> dict[str, int]:
-    return {role: len(live_workers(client, role)) for role in ("prefill", "decode")}
-
-
-def wait_pools(client, want: dict[str, int], timeout_s: float) -> float:
-    start = time.monotonic()
-    while pools(client) != want:
-        assert time.monotonic() - start < timeout_s, f"pools {pools(client)}, not {want}, after {timeout_s} s"
-        time.sleep(0.5)
-    return time.monotonic() - start
-
-
 def test_long_prompts_grow_the_prefill_pool_and_long_generations_the_decode_pool_and_both_come_back(client):
-    assert pools(client) == {"prefill": 1, "decode": 1}
-    long_prompts = Load(lambda n: client.greedy(prompt(800, 1000 + n), 1)[2], clients=6).start()
-    try:
-        grew = wait_pools(client, {"prefill": 2, "decode": 1}, 90)
-    finally:
-        long_prompts.stop()
-    long_outputs = Load(lambda n: client.greedy(prompt(30, 5000 + n), 300)[2], clients=16).start()
-    try:
-        wait_for_decode = time.monotonic()
-        while pools(client)["decode"] < 2:
-            assert time.monotonic() - wait_for_decode < 90, f"the decode pool did not grow: {pools(client)}"
-            time.sleep(0.5)
-    finally:
-        long_outputs.stop()
-    shrank = wait_pools(client, {"prefill": 1, "decode": 1}, 120)
+    grew, shrank = ramp_each_pool_and_back(client)
     print(f"\nautoscaling: prefill grew in {grew:.1f} s, both back to one replica {shrank:.1f} s after the load")
-    assert long_prompts.errors == [] and long_outputs.errors == []
-    assert all(last.finish_reason == "length" for last in long_prompts.results + long_outputs.results)
-    client.wait_idle(10)
 
 
 class Stream:

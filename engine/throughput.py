@@ -1,0 +1,64 @@
+"""What a worker sustains and what its requests look like, measured as it serves, for the autoscaler.
+
+The coordinated autoscaling policy sizes the prefill pool against the decode
+pool from these: tokens per second a replica computes *while it has work*
+(idle time would make a lightly loaded pool look slow), and the mean prompt
+and output lengths. Both forget the past with a time constant of
+``window_s``, so a change of workload shows within a window.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+
+class BusyRate:
+    """Tokens per busy second: time counts only while at least one request is in progress."""
+
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+        self._window_s = window_s
+        self._clock = clock
+        self._tokens = 0.0
+        self._busy_s = 0.0
+        self._active = 0
+        self._at = clock()
+
+    def begin(self) -> None:
+        self._advance()
+        self._active += 1
+
+    def end(self) -> None:
+        self._advance()
+        self._active = max(self._active - 1, 0)
+
+    def add(self, tokens: int) -> None:
+        self._advance()
+        self._tokens += tokens
+
+    def rate(self) -> float | None:
+        """None until a full second of work has been seen: no figure is better than a wild one."""
+        self._advance()
+        return self._tokens / self._busy_s if self._busy_s >= 1.0 else None
+
+    def _advance(self) -> None:
+        now = self._clock()
+        elapsed = now - self._at
+        if self._active:
+            self._busy_s += elapsed
+        decay = math.exp(-elapsed / self._window_s)
+        self._tokens *= decay
+        self._busy_s *= decay
+        self._at = now
+
+
+class RunningMean:
+    """A mean that weighs recent samples more: each new one counts ``weight`` of the whole."""
+
+    def __init__(self, weight: float = 0.05):
+        self._weight = weight
+        self.value: float | None = None
+
+    def add(self, sample: float) -> None:
+        self.value = sample if self.value is None else self.value + (sample - self.value) * self._weight
