@@ -87,7 +87,7 @@ async def run_load(http_url: str, grpc_address: str, workload: Workload, spec: L
                     if stub is None:
                         await _over_http(client, turn, record)
                     else:
-                        await _over_grpc(stub, turn, record, spec.timeout_s)
+                        await send_grpc(stub, turn, record, spec.timeout_s)
                 except Exception as exc:  # recorded, and the rest of the session is not sent
                     record.error = repr(exc)[:500]
                 bar.update(1)
@@ -141,7 +141,7 @@ async def _over_http(client: httpx.AsyncClient, turn: Turn, record: Record) -> N
         record.cached_tokens = usage.get("prompt_tokens_details", {}).get("cached_tokens", 0)
 
 
-async def _over_grpc(stub, turn: Turn, record: Record, timeout_s: float) -> None:
+async def send_grpc(stub, turn: Turn, record: Record, timeout_s: float) -> None:
     sampling = pb.SamplingParams(max_tokens=turn.max_tokens, temperature=0, ignore_eos=True)
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=turn.prompt), sampling=sampling)
     start = last = time.perf_counter()

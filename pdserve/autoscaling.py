@@ -70,8 +70,10 @@ class CoordinatedPolicy:
     the replicas) and the lengths are the means the replicas see (uncached prompt tokens; output
     tokens). So the pools should stand in the ratio ``(prompt / R_p) : (output / R_d)``. When the
     replica counts fall outside ``[ideal / ratio_slack, ideal * ratio_slack]``, the smaller side is
-    raised, never the larger lowered: a burst of long prompts grows the prefill pool, a burst of long
-    generations the decode pool, and growing one never starves the other. Until both pools have
+    raised, never the larger lowered, and only once the larger has grown past its minimum (the ratio
+    guards growth; at low load the rates, measured on small batches, say little): a burst of long
+    prompts grows the prefill pool, a burst of long generations the decode pool, and growing one
+    never starves the other. Until both pools have
     measured their rates, each pool's own policy alone decides. Any other deployment (the router)
     scales on ongoing requests, as Serve's default policy does.
     """
@@ -112,9 +114,9 @@ class CoordinatedPolicy:
             return
         p = _bounded(prefill, decisions[prefill_id])
         d = _bounded(decode, decisions[decode_id])
-        if p / d < ideal / self.slack:
+        if p / d < ideal / self.slack and d > decode.capacity_adjusted_min_replicas:
             decisions[prefill_id] = max(decisions[prefill_id], math.ceil(d * ideal / self.slack))
-        elif p / d > ideal * self.slack:
+        elif p / d > ideal * self.slack and p > prefill.capacity_adjusted_min_replicas:
             decisions[decode_id] = max(decisions[decode_id], math.ceil(p / (ideal * self.slack)))
 
 

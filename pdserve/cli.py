@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--exit", action="store_true", help="stop after --try instead of serving until Ctrl-C")
     up.set_defaults(run=_up)
 
+    serve_config = commands.add_parser(
+        "serve-config", help="print this config as a Serve config file, for `serve deploy` / `serve run`"
+    )
+    _add_config_flags(serve_config)
+    serve_config.set_defaults(run=_serve_config)
+
     generate = commands.add_parser("generate", help="stream a completion from a running pdserve (gRPC)")
     _add_config_flags(generate)
     generate.add_argument("prompt", help="prompt text")
@@ -177,12 +183,28 @@ def _parser() -> argparse.ArgumentParser:
     soak_bench.add_argument("--minutes", type=float, default=10.0, help="how long the load runs")
     soak_bench.add_argument("--warmup-s", type=float, default=180.0, help="memory is compared from then on")
     soak_bench.add_argument("--seed", type=int, default=0)
-    soak_bench.add_argument(
-        "--json", nargs="?", const=Path("bench/results"), type=Path, metavar="DIR",
-        help="also write soak.json there (default: bench/results)",
-    )  # fmt: skip
+    _add_json_dir_flag(soak_bench, "soak.json")
     soak_bench.set_defaults(run=_bench_soak)
+    autoscale_bench = suites.add_parser(
+        "autoscale", help="a step load (low, high, low): fixed pools vs Serve's default policy vs pdserve's"
+    )
+    _add_config_flags(autoscale_bench)
+    autoscale_bench.add_argument("--low-rate", type=float, default=0.5, help="requests per second, low phases")
+    autoscale_bench.add_argument("--high-rate", type=float, default=2.0, help="requests per second, high phase")
+    autoscale_bench.add_argument("--phase-s", type=float, nargs=3, default=(45.0, 75.0, 75.0), metavar="S",
+                                 help="seconds of the low, high and low phases")  # fmt: skip
+    autoscale_bench.add_argument("--max-replicas", type=int, default=2, help="per worker pool (the fixed sizing)")
+    autoscale_bench.add_argument("--seed", type=int, default=0)
+    _add_json_dir_flag(autoscale_bench, "autoscale.json")
+    autoscale_bench.set_defaults(run=_bench_autoscale)
     return parser
+
+
+def _add_json_dir_flag(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument(
+        "--json", nargs="?", const=Path("bench/results"), type=Path, metavar="DIR",
+        help=f"also write {name} there (default: bench/results)",
+    )  # fmt: skip
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
@@ -243,6 +265,19 @@ def _up(args: argparse.Namespace) -> int:
         return 0
     print("pdserve: serving until Ctrl-C", flush=True)
     run_until_interrupted(service)
+    return 0
+
+
+def _serve_config(args: argparse.Namespace) -> int:
+    """The Serve config of this pdserve config: the app-level policy when the pools are coordinated,
+    and no secret (the nodes give them as env)."""
+    import yaml
+
+    from pdserve.app import serve_application
+
+    config = _config(args)
+    http = {"host": config.service.http_host, "port": config.service.http_port}
+    print(yaml.safe_dump({"http_options": http, "applications": [serve_application(config)]}, sort_keys=False))
     return 0
 
 
@@ -506,6 +541,21 @@ def _bench_soak(args: argparse.Namespace) -> int:
     if args.json is not None:
         print(f"wrote {write(result, args.json)}")
     return 0 if result["passed"] else 1
+
+
+def _bench_autoscale(args: argparse.Namespace) -> int:
+    from bench.autoscale import StepTrace, run_autoscale, write
+    from pdserve.app import model_info
+
+    low, high, tail = args.phase_s
+    phases = ((args.low_rate, low), (args.high_rate, high), (args.low_rate, tail))
+    trace = StepTrace(phases=phases, max_replicas=args.max_replicas, seed=args.seed)
+    config = _bench_config(args)
+    result = run_autoscale(config, trace, model_info(config.engine).vocab_size)
+    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
+    if args.json is not None:
+        print(f"wrote {write(result, args.json)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -123,6 +123,12 @@ def test_a_prefill_pool_growing_on_long_prompts_grows_the_decode_pool_only_past_
     assert app_policy(slack=1.0)(pools(1, 1, queued, idle_decode))[0] == {PREFILL: 6, DECODE: 3}  # 6 = 2 × 3
 
 
+def test_pools_at_their_minimum_ask_nothing_of_each_other_whatever_the_ratio():
+    prefill, decode = RATES  # ideal 2 prefill per decode replica: 1:1 is outside slack 1.5
+    idle = app_policy(slack=1.5)(pools(1, 1, {**prefill, QUEUED_PREFILL_TOKENS: [0]}, {**decode, RUNNING_SEQS: [3]}))
+    assert idle[0] == {PREFILL: 1, DECODE: 1}
+
+
 def test_without_measured_rates_each_pool_scales_on_its_own_load():
     decisions, _ = app_policy()(pools(1, 1, {QUEUED_PREFILL_TOKENS: [9000]}, {RUNNING_SEQS: [10]}))
     assert decisions == {PREFILL: 3, DECODE: 1}

@@ -91,3 +91,32 @@ def test_soak_memory_growth_is_a_trend_not_the_phase_of_an_allocators_sawtooth()
     leaking = [(t, {"worker": 1000 + t}) for t in range(0, 400, 10)]
     assert abs(rss_growth(spec, sawtooth)["worker"]) < 0.01
     assert rss_growth(spec, leaking)["worker"] > 0.1
+
+
+def test_a_step_trace_sends_at_each_phases_rate_and_is_reproducible():
+    from bench.autoscale import StepTrace
+
+    trace = StepTrace(phases=((1.0, 200.0), (10.0, 100.0), (1.0, 200.0)), seed=3)
+    arrivals = trace.arrivals()
+    assert arrivals == sorted(arrivals) and arrivals == StepTrace(phases=trace.phases, seed=3).arrivals()
+    per_phase = [sum(lo <= at < hi for at in arrivals) for lo, hi in ((0, 200), (200, 300), (300, 500))]
+    assert 150 < per_phase[0] < 250 and 850 < per_phase[1] < 1150 and 150 < per_phase[2] < 250
+
+
+def test_replica_seconds_are_the_area_under_the_replicas_held():
+    from bench.autoscale import replica_seconds
+
+    held = [(0.0, 2), (10.0, 4), (20.0, 2)]  # 2 for 10 s, 4 for 10 s, 2 until the end at 25 s
+    assert replica_seconds(held, 25.0) == 20 + 40 + 10
+
+
+def test_the_three_autoscaling_settings_share_bounds_and_delays():
+    from bench.autoscale import StepTrace, settings
+    from pdserve.config import load_config
+
+    configs = {name: load_config(overrides=changes) for name, changes in settings(StepTrace(max_replicas=3)).items()}
+    assert configs["fixed"].service.decode.num_replicas == 3 and configs["fixed"].service.prefill.num_replicas == 3
+    default, ours = configs["serve_default"].service.decode, configs["pdserve"].service.decode
+    assert default.autoscaling_config["max_replicas"] == ours.autoscaling.max_replicas == 3
+    assert default.autoscaling_config["downscale_delay_s"] == ours.autoscaling.downscale_delay_s
+    assert configs["pdserve"].service.coordination is not None

@@ -9,6 +9,7 @@ import sys
 import threading
 
 import pytest
+import yaml
 
 PDSERVE = [sys.executable, "-m", "pdserve.cli"]
 
@@ -31,6 +32,8 @@ def run(*args, env=None, timeout=300):
         ["bench", "compare"],
         ["bench", "questions"],
         ["bench", "overhead"],
+        ["bench", "autoscale"],
+        ["serve-config"],
     ],
 )
 def test_every_command_has_help(command):
@@ -43,6 +46,21 @@ def test_make_model_refuses_an_unsupported_shape_with_a_clear_message(tmp_path):
     result = run("make-model", str(tmp_path / "m"), "--hidden-size", "120", "--heads", "4")
     assert result.returncode == 2
     assert "head_dim 30 is not supported" in result.stderr
+
+
+def test_serve_config_writes_a_serve_config_with_the_coordinated_policy_and_no_secret():
+    from ray.serve.schema import ServeDeploySchema
+
+    scaled = ["--set", "service.prefill.autoscaling={}", "--set", "service.decode.autoscaling={}"]
+    secrets = ["--set", "cluster_token=s3cret-token", "--set", "router.api_keys=[s3cret-key]"]
+    result = run("serve-config", *scaled, "--set", "service.coordination={ratio_slack: 3}", *secrets)
+    assert result.returncode == 0, result.stderr
+    schema = ServeDeploySchema.model_validate(yaml.safe_load(result.stdout))
+    app = schema.applications[0]
+    assert app.import_path == "pdserve.app:app_builder"
+    assert app.autoscaling_policy["policy_function"] == "pdserve.autoscaling:CoordinatedPolicy"
+    assert app.autoscaling_policy["policy_kwargs"] == {"ratio_slack": 3.0}
+    assert "s3cret" not in result.stdout
 
 
 def test_generate_reports_a_bad_config_field():

@@ -44,6 +44,8 @@ def test_serve_configs_validate_against_the_serve_schema_and_pdserve_config(path
                 AutoscalingConfig(**pool.autoscaling_config)
         for deployment in app.deployments or []:
             assert deployment.name in {"Router", "PrefillWorker", "DecodeWorker"}
+        coordination = config.service.coordination
+        assert app.autoscaling_policy == (coordination.serve_policy() if coordination else None)
 
 
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
