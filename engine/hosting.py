@@ -17,6 +17,7 @@ from typing import Protocol
 
 from pydantic import SecretStr
 
+from engine import autoscaling_stats as stats
 from engine.cache_events import CacheEvent
 from engine.config import EngineConfig
 from engine.engine import Engine
@@ -156,15 +157,15 @@ class HostedWorker:
         host = self._host
         load = host.load()
         measured = {
-            "prefill_tokens_per_s": host.prefill_rate.rate(),
-            "decode_tokens_per_s": host.decode_rate.rate(),
-            "prompt_tokens_mean": host.prompt_tokens.value,
-            "output_tokens_mean": host.output_tokens.value,
+            stats.PREFILL_TOKENS_PER_S: host.prefill_rate.rate(),
+            stats.DECODE_TOKENS_PER_S: host.decode_rate.rate(),
+            stats.PROMPT_TOKENS_MEAN: host.prompt_tokens.value,
+            stats.OUTPUT_TOKENS_MEAN: host.output_tokens.value,
         }
         return {
-            "queued_prefill_tokens": float(load.queued_prefill_tokens),
-            "running_seqs": float(load.running_seqs + load.waiting_seqs),
-            "kv_used_fraction": load.kv_used_fraction,
+            stats.QUEUED_PREFILL_TOKENS: float(load.queued_prefill_tokens),
+            stats.RUNNING_SEQS: float(load.running_seqs + load.waiting_seqs),
+            stats.KV_USED_FRACTION: load.kv_used_fraction,
             **{name: value for name, value in measured.items() if value is not None},
         }
 

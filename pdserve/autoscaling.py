@@ -9,7 +9,8 @@ calls the pool's policy, which returns the replica count that brings the load
 per replica to its target. Serve then applies ``min_replicas`` /
 ``max_replicas``, the up and down delays and the scaling factors, as it does
 for its own policy. The controller imports this module by path: it stays free
-of torch, vLLM and Ray imports.
+of torch, vLLM and Ray imports (the figures' names come from the torch-free
+``engine/autoscaling_stats.py``).
 """
 
 from __future__ import annotations
@@ -17,10 +18,15 @@ from __future__ import annotations
 import math
 from typing import Any
 
-# The figures a worker replica reports to Serve's autoscaler (``HostedWorker.record_autoscaling_stats``).
-QUEUED_PREFILL_TOKENS = "queued_prefill_tokens"
-RUNNING_SEQS = "running_seqs"
-KV_USED_FRACTION = "kv_used_fraction"
+from engine.autoscaling_stats import (
+    DECODE_TOKENS_PER_S,
+    KV_USED_FRACTION,
+    OUTPUT_TOKENS_MEAN,
+    PREFILL_TOKENS_PER_S,
+    PROMPT_TOKENS_MEAN,
+    QUEUED_PREFILL_TOKENS,
+    RUNNING_SEQS,
+)
 
 
 def _total(ctx: Any, metric: str) -> float:
@@ -53,13 +59,6 @@ class DecodePolicy:
         by_seqs = _total(ctx, RUNNING_SEQS) / self.target_seqs
         by_kv = _total(ctx, KV_USED_FRACTION) / self.target_kv
         return math.ceil(max(by_seqs, by_kv)), {}
-
-
-# Measured by every worker replica (``engine/throughput.py``): what it sustains while busy, what its requests look like.
-PREFILL_TOKENS_PER_S = "prefill_tokens_per_s"
-DECODE_TOKENS_PER_S = "decode_tokens_per_s"
-PROMPT_TOKENS_MEAN = "prompt_tokens_mean"
-OUTPUT_TOKENS_MEAN = "output_tokens_mean"
 
 
 class CoordinatedPolicy:

@@ -1,0 +1,14 @@
+"""The names of the figures a worker replica reports to Serve's autoscaler, shared by the replica
+(``engine/hosting.py``) and the policies (``pdserve/autoscaling.py``). Torch-free, so the Serve
+controller can import it."""
+
+# Load: what the heartbeat reports too.
+QUEUED_PREFILL_TOKENS = "queued_prefill_tokens"
+RUNNING_SEQS = "running_seqs"
+KV_USED_FRACTION = "kv_used_fraction"
+
+# Measured (``engine/throughput.py``): what the replica sustains while busy, what its requests look like.
+PREFILL_TOKENS_PER_S = "prefill_tokens_per_s"
+DECODE_TOKENS_PER_S = "decode_tokens_per_s"
+PROMPT_TOKENS_MEAN = "prompt_tokens_mean"
+OUTPUT_TOKENS_MEAN = "output_tokens_mean"
