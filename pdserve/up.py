@@ -112,48 +112,40 @@ def cpus_needed(service: ServiceConfig) -> float:
 
 
 def _deploy(app, name: str, timeout_s: float) -> None:
-    """``serve.run`` under a deadline: a replica that cannot be placed would otherwise wait forever."""
-    from ray import serve
+    """``serve.run`` without its unbounded wait for the app to run (a replica that cannot be placed would
+    wait forever), then the wait here, under a deadline. Serve's own non-waiting form (no public API yet)."""
+    from ray.serve.api import _run
 
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            serve.run(app, name=name, route_prefix="/", blocking=False)
-        except BaseException as exc:
-            failure.append(exc)
-
-    thread = threading.Thread(target=run, name="pdserve-deploy", daemon=True)
-    thread.start()
-    thread.join(timeout_s)
-    if failure:
-        raise failure[0]
-    if thread.is_alive():
-        status = serve.status().applications.get(name)
-        detail = {d: (s.status, s.message) for d, s in status.deployments.items()} if status else "no status"
-        raise TimeoutError(f"the Serve app {name!r} was not running within {timeout_s:g} s: {detail}")
+    _run(app, name=name, route_prefix="/", _blocking=False)
+    _wait_running(name, timeout_s)
 
 
 def _deploy_config(config: PdserveConfig, timeout_s: float) -> None:
     """Deploy as ``serve run <config.yaml>`` does (Serve's controller builds the app from its import path)."""
-    from ray import serve
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     from pdserve.app import serve_application
 
-    name = config.service.app_name
     http = {"host": config.service.http_host, "port": config.service.http_port}
     _get_global_client().deploy_apps(ServeDeploySchema(http_options=http, applications=[serve_application(config)]))
+    _wait_running(config.service.app_name, timeout_s)
+
+
+def _wait_running(name: str, timeout_s: float) -> None:
+    from ray import serve
+
     deadline = time.monotonic() + timeout_s
+    status = None
     while time.monotonic() < deadline:
         status = serve.status().applications.get(name)
         if status is not None and status.status == "RUNNING":
             return
         if status is not None and status.status == "DEPLOY_FAILED":
             raise RuntimeError(f"the Serve app {name!r} failed to deploy: {status.message}")
-        time.sleep(0.5)
-    raise TimeoutError(f"the Serve app {name!r} was not running within {timeout_s:g} s")
+        time.sleep(0.25)
+    detail = {d: (s.status, s.message) for d, s in status.deployments.items()} if status else "no status"
+    raise TimeoutError(f"the Serve app {name!r} was not running within {timeout_s:g} s: {detail}")
 
 
 @contextlib.contextmanager
