@@ -114,9 +114,9 @@ class HostedEngine:
         self._heartbeat.join(self._heartbeat_s + 1)
         self._reporter.close()
         deadline = time.monotonic() + transfers_s
-        while self.engine.open_kv_transfers() and time.monotonic() < deadline:
+        while (held := self.engine.open_kv_transfers()) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if held := self.engine.open_kv_transfers():
+        if held:
             log.warning("%s leaves with %d transfers nobody pulled in %g s", self.worker_id, held, transfers_s)
         self.engine.shutdown()
 

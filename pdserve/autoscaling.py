@@ -72,9 +72,9 @@ class CoordinatedPolicy:
     raised, never the larger lowered, and only once the larger has grown past its minimum (the ratio
     guards growth; at low load the rates, measured on small batches, say little): a burst of long
     prompts grows the prefill pool, a burst of long generations the decode pool, and growing one
-    never starves the other. Until both pools have
-    measured their rates, each pool's own policy alone decides. Any other deployment (the router)
-    scales on ongoing requests, as Serve's default policy does.
+    never starves the other. Until both pools have measured their rates, each pool's own policy
+    alone decides. Any other deployment (the router) scales on ongoing requests, as Serve's default
+    policy does. Serve's wrapper applies each pool's bounds and delays, and starts a pool at zero.
     """
 
     def __init__(self, ratio_slack: float = 2.0):
@@ -87,15 +87,12 @@ class CoordinatedPolicy:
             role, own = _pool_policy(ctx.config)
             if role is not None:
                 pools[role] = deployment
-            if ctx.current_num_replicas == 0:
-                decisions[deployment] = ctx.target_num_replicas
-            elif own is not None:
+            if own is not None:
                 decisions[deployment] = own(ctx)[0]
             else:
                 decisions[deployment] = ctx.total_num_requests / ctx.config.get_target_ongoing_requests()
         if "prefill" in pools and "decode" in pools:
-            self._keep_ratio(decisions, contexts[pools["prefill"]], pools["prefill"], contexts[pools["decode"]],
-                             pools["decode"])  # fmt: skip
+            self._keep_ratio(decisions, contexts, pools["prefill"], pools["decode"])
         return decisions, {}
 
     def ideal_ratio(self, prefill: Any, decode: Any) -> float | None:
@@ -107,7 +104,8 @@ class CoordinatedPolicy:
         prompt, prefill_rate, output, decode_rate = figures
         return (prompt / prefill_rate) / (output / decode_rate)
 
-    def _keep_ratio(self, decisions: dict, prefill: Any, prefill_id: Any, decode: Any, decode_id: Any) -> None:
+    def _keep_ratio(self, decisions: dict, contexts: dict, prefill_id: Any, decode_id: Any) -> None:
+        prefill, decode = contexts[prefill_id], contexts[decode_id]
         ideal = self.ideal_ratio(prefill, decode)
         if ideal is None:
             return

@@ -15,6 +15,7 @@ import os
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 
@@ -62,11 +63,6 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
     service = config.service
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's driver-side INFO lines: quiet by default
     if config.ray_address:
-        if service.coordination is not None and (config.cluster_token or config.router.api_keys):
-            raise ValueError(
-                "service.coordination on a running cluster: give the cluster token and API keys as env on its "
-                "nodes (PDSERVE_CLUSTER_TOKEN, PDSERVE_ROUTER__API_KEYS), not in the config"
-            )
         _join_with_token()
         ray.init(address=config.ray_address, logging_level=logging.WARNING, log_to_driver=False)
     else:  # logical CPUs for every replica the pools may have, even on a 2-core machine; cores are bound per engine
@@ -87,6 +83,8 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
             _deploy(build_app(config), service.app_name, ready_timeout_s)
         pools = ["decode"] + (["prefill"] if service.mode == "disaggregated" and service.prefill.present else [])
         _wait_healthy(running.http_url, pools, ready_timeout_s)
+        if service.coordination is not None and config.router.api_keys:
+            _check_keys_enforced(running.http_url)
     except BaseException:
         running.stop()
         raise
@@ -152,16 +150,36 @@ def _wait_running(name: str, timeout_s: float) -> None:
 def _secrets_in_env(config: PdserveConfig | None):
     """The local cluster's processes inherit the secrets as env while Ray starts (a Serve config
     carries none); this process's env is as it was afterwards."""
-    saved = dict(os.environ)
+    secrets_env = {}
     if config is not None and config.cluster_token is not None:
-        os.environ["PDSERVE_CLUSTER_TOKEN"] = config.cluster_token.get_secret_value()
+        secrets_env["PDSERVE_CLUSTER_TOKEN"] = config.cluster_token.get_secret_value()
     if config is not None and config.router.api_keys:
-        os.environ["PDSERVE_ROUTER__API_KEYS"] = ",".join(k.get_secret_value() for k in config.router.api_keys)
+        secrets_env["PDSERVE_ROUTER__API_KEYS"] = ",".join(k.get_secret_value() for k in config.router.api_keys)
+    saved = {name: os.environ.get(name) for name in secrets_env}
+    os.environ.update(secrets_env)
     try:
         yield
     finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _check_keys_enforced(http_url: str) -> None:
+    """A Serve config carries no API keys: the router got them from its node's env, or it runs open.
+    Open is refused: a request without a key must get 401."""
+    try:
+        urllib.request.urlopen(f"{http_url}/v1/models", timeout=10).close()
+    except urllib.error.HTTPError as exc:
+        if exc.code == 401:
+            return
+        raise
+    raise RuntimeError(
+        "router.api_keys are set but the router does not ask for them: give PDSERVE_ROUTER__API_KEYS as env "
+        "on the cluster's nodes (a Serve config carries no secret)"
+    )
 
 
 def run_until_interrupted(service: Service) -> None:

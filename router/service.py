@@ -388,6 +388,9 @@ class GenerationService:
         return [w for w in live if w.worker_id not in leaving] if leaving else live
 
     def _watch_drains(self) -> None:
+        """With migration off, a draining replica's streams run until they end or Serve's deadline cuts them."""
+        if not self.config.recovery.migrate_decode:
+            return
         if self._drain_watch is None or self._drain_watch.done():
             self._drain_watch = asyncio.create_task(self._move_off_draining(0.25))
 
@@ -401,7 +404,7 @@ class GenerationService:
             now = time.monotonic()
             for progress in self._streams.values():
                 since = leaving.get(progress.decode_worker)
-                if since is not None and now - since >= finish_s and self.config.recovery.migrate_decode:
+                if since is not None and now - since >= finish_s:
                     progress.move.set()
 
     def _forget(self, worker_id: str) -> None:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import pytest
 from faults import ramp_each_pool_and_back
-from service_client import service_config
+from service_client import ServiceClient, service_config
 from test_service_autoscaling import SCALING
 
 from pdserve.up import start
 
 pytestmark = pytest.mark.service
+
+API_KEY = "coordinated-key-81d2"
 
 
 @pytest.fixture(scope="module")
@@ -19,10 +21,18 @@ def service(model_dir, tmp_path_factory):
         "service.prefill.autoscaling": {**SCALING, "target_queued_prefill_tokens": 800},
         "service.decode.autoscaling": {**SCALING, "target_running_seqs": 6},
         "service.coordination": {"ratio_slack": 4.0},
+        "router.api_keys": [API_KEY],  # reaches the router as env, not through the Serve config
     }
     running = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)
     yield running
     running.stop()
+
+
+@pytest.fixture(scope="module")
+def client(service):
+    c = ServiceClient(service, api_key=API_KEY)
+    yield c
+    c.close()
 
 
 def test_the_app_runs_pdserves_application_level_policy(service):
@@ -32,6 +42,14 @@ def test_the_app_runs_pdserves_application_level_policy(service):
     deployed = details["applications"][service.config.service.app_name]["deployed_app_config"]
     assert deployed["autoscaling_policy"]["policy_function"] == "pdserve.autoscaling:CoordinatedPolicy"
     assert "cluster_token" not in deployed["args"] and "api_keys" not in deployed["args"]["router"]
+    assert API_KEY not in str(details)
+
+
+def test_the_api_keys_left_out_of_the_serve_config_still_guard_the_router(client):
+    body = b'{"prompt": "hi", "max_tokens": 1}'
+    status, reply = client.post_raw("/v1/completions", body, headers={"Authorization": ""})  # no key
+    assert status == 401, reply
+    assert client.post("/v1/completions", {"prompt": "hi", "max_tokens": 1})[0] == 200
 
 
 def test_under_the_coordinated_policy_each_pool_grows_on_its_own_load_and_both_come_back(client):
