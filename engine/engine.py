@@ -23,6 +23,7 @@ from pathlib import Path
 
 from engine.cache_events import CacheEvent, CacheEventSubscriber, CacheEventTranslator
 from engine.config import EngineConfig
+from engine.cpu_isa import AmxPermission, request_amx_permission
 from engine.errors import EngineConfigError, EngineError, EngineInputError
 from engine.types import EngineStats, GenerateRequest, KVLayout, OutputDelta, SamplingOptions
 from engine.vllm_args import apply_vllm_environment, vllm_engine_args
@@ -109,6 +110,17 @@ def _check_sampling(options: SamplingOptions, rid: str) -> None:
             raise EngineInputError(field, message, rid)
 
 
+def _refuse_bfloat16_without_amx(config: EngineConfig) -> None:
+    """vLLM's bfloat16 CPU attention runs AMX tiles on an AMX CPU: without the kernel's permission
+    (engine/cpu_isa.py) the first short prompt kills the process, so refuse to start instead."""
+    if config.dtype in ("auto", "bfloat16") and request_amx_permission() is AmxPermission.REFUSED:
+        raise EngineConfigError(
+            "dtype",
+            f"{config.dtype} runs vLLM's AMX kernels on this CPU, and the kernel refused this process AMX "
+            "tile data (arch_prctl ARCH_REQ_XCOMP_PERM): set engine.dtype=float32",
+        )
+
+
 class Engine:
     """Submit token-id prompts, stream their deltas, abort them, read pool and layout figures."""
 
@@ -119,6 +131,7 @@ class Engine:
         self.model_id = config.served_model_id
         apply_vllm_environment(config)
         logging.getLogger("vllm").setLevel(config.log_level)
+        _refuse_bfloat16_without_amx(config)
         self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-engine-")
         endpoint = config.kv_events_endpoint
         if endpoint is None and on_cache_events is not None:

@@ -9,6 +9,8 @@ worker whose heartbeats stop drops out of placement when their TTL lapses.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -50,11 +52,21 @@ class WorkerSettings:
     cluster_token: SecretStr  # KV peers prove they belong with it
     heartbeat_s: float = 1.0
     leave_s: float = 0.0  # how long leaving waits for peers to pull the KV still offered
+    die_on_token: int | None = None  # fault injection (tests): a prompt holding this token id kills the process
 
 
 class HostedEngine:
-    def __init__(self, config: EngineConfig, role: str, worker_id: str, reporting: Reporting, heartbeat_s: float = 1.0):
+    def __init__(
+        self,
+        config: EngineConfig,
+        role: str,
+        worker_id: str,
+        reporting: Reporting,
+        heartbeat_s: float = 1.0,
+        die_on_token: int | None = None,
+    ):
         self.worker_id = worker_id
+        self._die_on_token = die_on_token
         self._reporter = reporter = reporting.start(worker_id, role, config.block_size)
         self.engine = Engine(config, on_cache_events=reporter.report_events)
         self._queued_prefill_tokens = 0  # prompt tokens admitted that have not produced a token yet
@@ -68,6 +80,9 @@ class HostedEngine:
 
     async def stream(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
         """The engine's stream, counted as queued prefill until its first delta, decoding after; closing it aborts."""
+        if self._die_on_token is not None and self._die_on_token in request.prompt_token_ids:
+            log.error("request %s holds token %d: dying as configured", request.request_id, self._die_on_token)
+            os.kill(os.getpid(), signal.SIGKILL)  # as a query of death would: no cleanup, no answer
         waiting = len(request.prompt_token_ids)
         self._queued_prefill_tokens += waiting
         self.prefill_rate.begin()
@@ -143,7 +158,9 @@ class HostedWorker:
 
     def _start(self, config: EngineConfig, role: str, worker_id: str, settings: WorkerSettings) -> None:
         self._leave_s = settings.leave_s
-        self._host = HostedEngine(config, role, worker_id, settings.reporting, settings.heartbeat_s)
+        self._host = HostedEngine(
+            config, role, worker_id, settings.reporting, settings.heartbeat_s, settings.die_on_token
+        )
 
     def check_health(self) -> None:
         self._host.check_health()

@@ -112,7 +112,9 @@ def _engine_for(config: PdserveConfig, pool: PoolConfig, role: str | None, cores
 
 def _worker_settings(service: ServiceConfig, pool: PoolConfig, reporting: IndexReporting, token) -> WorkerSettings:
     # Half the graceful-shutdown budget for peers to pull the KV still offered; the other half for calls to end.
-    return WorkerSettings(reporting, token, service.heartbeat_s, pool.graceful_shutdown_timeout_s / 2)
+    return WorkerSettings(
+        reporting, token, service.heartbeat_s, pool.graceful_shutdown_timeout_s / 2, service.test_die_on_token
+    )
 
 
 def _pool_options(pool: PoolConfig, role: str, cores: str | None) -> dict[str, Any]:

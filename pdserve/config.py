@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationError, model_validator
 
 from engine.config import EngineConfig
 from router.config import RouterConfig
@@ -168,6 +168,11 @@ class ServiceConfig(BaseModel):
     router: PoolConfig = Field(default_factory=lambda: PoolConfig(num_cpus=0.5, max_ongoing_requests=1024))
     prefill: PoolConfig = Field(default_factory=PoolConfig)
     decode: PoolConfig = Field(default_factory=PoolConfig)
+    test_die_on_token: int | None = Field(
+        default=None,
+        description="fault injection, for tests only: a worker given a prompt that holds this token id kills its "
+        "own process at once, as a query of death would",
+    )
     coordination: PoolCoordination | None = Field(
         default=None, description="scale the worker pools as one (both need autoscaling): see PoolCoordination"
     )
@@ -244,11 +249,45 @@ def load_config(
 
 
 def parse_assignment(text: str) -> tuple[str, Any]:
-    """``engine.block_size=32`` → (``engine.block_size``, 32), the value read as YAML."""
+    """``engine.block_size=32`` → (``engine.block_size``, 32): the value read as YAML, unless the field
+    takes text and YAML read another scalar (``service.decode.cpu_cores=1`` → ``"1"``)."""
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError(f"--set {text!r}: expected KEY=VALUE")
-    return key.strip(), yaml.safe_load(raw)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    annotation = _field_annotation(key)
+    if annotation is None or value is None or isinstance(value, dict | list):
+        return key, value
+    adapter = TypeAdapter(annotation)
+    for candidate in (value, raw):
+        try:
+            adapter.validate_python(candidate)
+        except ValidationError:
+            continue
+        return key, candidate
+    return key, value  # neither fits: validation names the field
+
+
+def _field_annotation(dotted: str) -> Any:
+    """The type of the config field at ``dotted`` (None where the path leaves the schema's models)."""
+    model: type[BaseModel] = PdserveConfig
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        field = model.model_fields.get(part)
+        nested = [t for t in (field.annotation, *get_args(field.annotation)) if _is_model(t)] if field else []
+        if not nested:
+            return None
+        model = nested[0]
+    field = model.model_fields.get(leaf)
+    return field.annotation if field is not None else None
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
 
 
 def _read_file(path: Path) -> dict[str, Any]:

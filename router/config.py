@@ -35,7 +35,11 @@ class RequestLimitsConfig(BaseModel):
 
 
 class RecoveryConfig(BaseModel):
-    """What the router does when a decode worker is lost mid-stream."""
+    """What the router does when a worker is lost: mid-stream, before a request starts, or because of the request.
+
+    A worker's death is charged to the requests whose prompt it was computing (no token streamed from
+    it yet); a request charged twice fails with ``PoisonRequestError`` instead of being tried on a third
+    worker, so one query of death cannot walk through a pool."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -50,6 +54,13 @@ class RecoveryConfig(BaseModel):
         gt=0,
         description="a decode stream with no output this long (after its first token) counts as a lost worker: "
         "a hung process or a node cut off the network",
+    )
+    wait_for_worker_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="a request that finds no live decode worker (the pool's replica died and Serve is starting "
+        "its replacement) waits this long for one before failing with 503 / UNAVAILABLE; a client's deadline or "
+        "disconnect ends the wait sooner, and waiting requests count against max_inflight",
     )
     drain_finish_s: float = Field(
         default=10.0,

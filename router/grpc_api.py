@@ -23,7 +23,7 @@ from pdserve_pb.v1 import generate_pb2_grpc as pb_grpc
 from router.auth import ApiKeys
 from router.placement import NoWorkerError
 from router.request import RequestError
-from router.service import Chunk, GenerationService, ServiceFullError, WorkerGoneError
+from router.service import Chunk, GenerationService, PoisonRequestError, ServiceFullError, WorkerGoneError
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             parsed, token_ids = self._service.parse(request_body(request), "completion")
         except RequestError as exc:
             await context.abort(grpc.StatusCode[exc.grpc_status], str(exc))
+        except Exception as exc:  # something past validation could not take the request: still the caller's answer
+            log.warning("a Generate request could not be read: %r", exc)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request could not be read: {exc!r}"[:2000])
         try:
             async for chunk in self._service.generate(parsed, token_ids):
                 yield response(chunk)
@@ -108,6 +111,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except (NoWorkerError, WorkerGoneError) as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except PoisonRequestError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
         except RequestError as exc:
             await context.abort(grpc.StatusCode[exc.grpc_status], str(exc))
         except Exception as exc:  # a worker failed mid-request: the client gets the reason, not a hang

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from router.placement import NoWorkerError
 from router.request import GenerationRequest, Kind, RequestError
-from router.service import Chunk, GenerationService, ServiceFullError, WorkerGoneError
+from router.service import Chunk, GenerationService, PoisonRequestError, ServiceFullError, WorkerGoneError
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,9 @@ async def generate(service: GenerationService, body: bytes, kind: Kind):
         request, token_ids = service.parse(body, kind)
     except RequestError as exc:
         return error_response(exc.http_status, str(exc), "invalid_request_error", exc.field)
+    except Exception as exc:  # a body that breaks something past validation: still a 400 in OpenAI's shape
+        log.warning("a %s body could not be read: %r", kind, exc)
+        return error_response(400, f"the request could not be read: {exc!r}"[:2000], "invalid_request_error")
     stream = service.generate(request, token_ids)
     try:  # the first chunk comes before the response starts, so placement errors get their status
         first = await anext(stream)
@@ -50,6 +53,8 @@ async def generate(service: GenerationService, body: bytes, kind: Kind):
         return error_response(exc.http_status, str(exc), "invalid_request_error", exc.field)
     except (NoWorkerError, WorkerGoneError) as exc:
         return error_response(503, str(exc), "service_unavailable")
+    except PoisonRequestError as exc:
+        return error_response(500, str(exc), "worker_crash")
     except Exception as exc:  # a worker failed before the first token
         log.warning("request %s failed: %r", request.request_id, exc)
         return error_response(500, f"request {request.request_id} failed: {exc!r}"[:2000], "internal_error")
@@ -62,6 +67,8 @@ async def generate(service: GenerationService, body: bytes, kind: Kind):
             chunks.append(chunk)
     except WorkerGoneError as exc:
         return error_response(503, f"request {request.request_id} failed: {exc}", "service_unavailable")
+    except PoisonRequestError as exc:
+        return error_response(500, str(exc), "worker_crash")
     except Exception as exc:  # a worker failed mid-request
         log.warning("request %s failed: %r", request.request_id, exc)
         return error_response(500, f"request {request.request_id} failed: {exc!r}"[:2000], "internal_error")
@@ -89,6 +96,8 @@ async def _sse(shape: _Shape, first: Chunk, rest: AsyncIterator[Chunk]) -> Async
             chunk = await anext(rest)
     except WorkerGoneError as exc:  # the status is sent: the failure is an error event, as vLLM's server does
         yield _event({"error": {"message": str(exc), "type": "service_unavailable", "param": None, "code": 503}})
+    except PoisonRequestError as exc:
+        yield _event({"error": {"message": str(exc), "type": "worker_crash", "param": None, "code": 500}})
     except Exception as exc:
         log.warning("request %s failed mid-stream: %r", shape.request.request_id, exc)
         yield _event({"error": {"message": f"{exc!r}"[:2000], "type": "internal_error", "param": None, "code": 500}})

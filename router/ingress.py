@@ -80,11 +80,14 @@ class Router:
 
     @app.get("/health")
     async def health(self):
-        live = self.service.live_workers()
-        pools = {role: sum(w.role == role for w in live) for role in ("prefill", "decode")}
-        if not pools["decode"]:
-            return http_api.error_response(503, "no live decode worker", "service_unavailable")
-        return {"status": "ok", "mode": self.service.mode, "live_workers": pools}
+        """200 while a decode worker is live ("degraded" while a pool waits for a replacement), else 503."""
+        pools = self.service.pool_health()
+        degraded = {role: pool["degraded"] for role, pool in pools.items() if pool["degraded"]}
+        if not pools["decode"]["live"]:
+            why = "; ".join(degraded.get("decode", [])) or "none has reported yet"
+            return http_api.error_response(503, f"no live decode worker ({why})", "service_unavailable")
+        return {"status": "degraded" if degraded else "ok", "mode": self.service.mode,
+                "live_workers": {role: pool["live"] for role, pool in pools.items()}, "degraded": degraded}  # fmt: skip
 
     @app.get("/metrics")
     async def metrics(self):

@@ -47,6 +47,15 @@ class RouterMetrics:
         self.migrations = _Mirrored(
             Counter, "decode_migrations", "Requests carried on to another decode worker after theirs was lost.", r
         )
+        self.worker_deaths = _Mirrored(
+            Counter, "worker_deaths", "Workers whose process died (or was cut off) under a request.", r, ("pool",)
+        )
+        self.poison_requests = _Mirrored(
+            Counter, "poison_requests", "Requests failed because two workers died computing them.", r
+        )
+        self.waiting_for_worker = _Mirrored(
+            Gauge, "router_requests_waiting_for_worker", "Requests waiting for a live decode worker.", r
+        )
         self.registry.register(_WorkerCollector(live_workers, health))
 
     def render(self, transfers: dict[str, dict[str, dict[str, float]]] | None = None) -> bytes:

@@ -19,6 +19,7 @@ from router.tokenizer import ModelTokenizer, TokenizerError
 
 Kind = Literal["completion", "chat"]
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+_LONE_SURROGATE = "holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text"
 
 
 class RequestError(ValueError):
@@ -126,6 +127,8 @@ def tokenize(request: GenerationRequest, tokenizer: ModelTokenizer, limits: Requ
             text = request.prompt if request.kind == "completion" else tokenizer.render_chat(request.messages or [])
         except TokenizerError as exc:
             raise RequestError("messages", str(exc)) from exc
+        if not _is_unicode(text or ""):
+            raise RequestError("prompt", _LONE_SURROGATE)
         ids = tokenizer.encode(text or "")
     if not ids:
         raise RequestError("prompt", "must not be empty")
@@ -139,6 +142,15 @@ def tokenize(request: GenerationRequest, tokenizer: ModelTokenizer, limits: Requ
     return ids
 
 
+def _is_unicode(text: str) -> bool:
+    """JSON's ``\\udXXX`` escapes can leave a lone surrogate, which no tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _decode_body(body: bytes, limits: RequestLimits) -> dict[str, Any]:
     if len(body) > limits.max_body_bytes:
         raise BodyTooLargeError("body", f"{len(body)} bytes exceeds the limit of {limits.max_body_bytes} bytes")
@@ -150,6 +162,10 @@ def _decode_body(body: bytes, limits: RequestLimits) -> dict[str, Any]:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RequestError("body", f"is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise RequestError("body", "is nested too deeply to parse") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise RequestError("body", f"is not JSON this server can read: {exc}") from None
     if not isinstance(data, dict):
         raise RequestError("body", "must be a JSON object")
     return data
@@ -226,6 +242,8 @@ def _messages(data: Mapping[str, Any]) -> list[dict[str, str]]:
             content = "".join(p["text"] for p in content)
         if not isinstance(content, str):
             raise RequestError(f"{where}.content", f"must be a string, got {type(content).__name__}")
+        if not _is_unicode(content):
+            raise RequestError(f"{where}.content", _LONE_SURROGATE)
         clean.append({"role": role, "content": content})
     return clean
 
@@ -290,6 +308,8 @@ def _stop_strings(data: Mapping[str, Any], limits: RequestLimits) -> tuple[str, 
             raise RequestError("stop", "entries must be non-empty strings")
         if len(s) > limits.max_stop_string_chars:
             raise RequestError("stop", f"entries must be at most {limits.max_stop_string_chars} characters")
+        if not _is_unicode(s):
+            raise RequestError("stop", _LONE_SURROGATE)
     return tuple(stop)
 
 

@@ -42,10 +42,13 @@ from router.request import (
 )
 from router.request_registry import LocalRegistry, RequestRegistry
 from router.tokenizer import ModelTokenizer
+from router.worker_losses import WorkerLosses
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["disaggregated", "colocated"]
+_WORKER_POLL_S = 0.25  # how often a request waiting for a live decode worker looks again
+_DEATHS_ALLOWED = 1  # worker deaths charged to one request that it survives (retried once); the next fails it
 
 
 class ServiceFullError(RuntimeError):
@@ -110,7 +113,24 @@ class WorkerGoneError(RuntimeError):
 
     def __init__(self, worker_id: str, reason: str):
         self.worker_id = worker_id
+        self.reason = reason
         super().__init__(f"worker {worker_id} is gone: {reason}")
+
+
+class WorkerLeavingError(WorkerGoneError):
+    """The worker is draining (Serve is stopping the replica): its streams move on, nobody died."""
+
+
+class PoisonRequestError(RuntimeError):
+    """Two workers died computing this request: it is not tried on a third (HTTP 500 / gRPC INTERNAL)."""
+
+    def __init__(self, request_id: str, deaths: list[str]):
+        self.request_id = request_id
+        self.deaths = deaths
+        super().__init__(
+            f"request {request_id} failed: the workers computing it died {len(deaths)} times "
+            f"({'; '.join(deaths)}); it is not tried again"
+        )
 
 
 @dataclass
@@ -129,6 +149,7 @@ class _Progress:
     finished: bool = False
     migrations: int = 0
     resumed_after: int = 0  # tokens streamed before the last migration (part of the resumed prompt)
+    streamed_here: bool = False  # the current decode worker has streamed a token (it got past the prompt)
     gone: set[str] = field(default_factory=set)
     move: asyncio.Event = field(default_factory=asyncio.Event)  # set: leave a draining decode worker now
 
@@ -169,6 +190,8 @@ class GenerationService:
         self._streams: dict[str, _Progress] = {}  # request id → its decode so far, while it streams
         self._drain_watch: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
+        self._deaths: dict[str, list[str]] = {}  # request id → the worker deaths charged to it
+        self.losses = WorkerLosses()
         self.prompt_tokens_total = 0
         self.prefix_hit_tokens_total = 0
 
@@ -189,6 +212,7 @@ class GenerationService:
         if rid in self._running or not await _call(self._registry, "claim", rid):
             raise DuplicateRequestError("request_id", f"a request with id {rid!r} is already running")
         aborted = self._running[rid] = asyncio.Event()
+        self._deaths[rid] = []
         self.metrics.running.inc()
         start = time.perf_counter()
         outcome = "error"
@@ -206,6 +230,7 @@ class GenerationService:
             raise
         finally:
             self._release(rid)
+            self._deaths.pop(rid, None)
             self._in_background(_call(self._registry, "release", rid))
             self._running.pop(rid, None)
             self.metrics.running.dec()
@@ -237,12 +262,21 @@ class GenerationService:
     def running(self) -> int:
         return len(self._running)
 
+    def pool_health(self) -> dict[str, dict]:
+        """Per pool: live workers, and the deaths no replacement has made good yet (a degraded pool)."""
+        live = self.live_workers()
+        losses = self.losses.unreplaced(live)
+        now = time.monotonic()
+        return {
+            role: {
+                "live": sum(w.role == role for w in live),
+                "degraded": [loss.describe(now) for loss in losses if loss.pool == role],
+            }
+            for role in ("prefill", "decode")
+        }
+
     async def _place(self, request_id: str, prompt_tokens: int, chain: list[bytes]) -> Placement:
-        live, cached = await _call(self.index, "match", chain) if chain else (self.live_workers(), {})
-        live = self._staying(live)
-        if self.mode == "colocated":
-            live = [w for w in live if w.role == "decode"]
-        placement = self._placer.place_matched(prompt_tokens, live, cached)
+        placement = await self._place_when_live(request_id, prompt_tokens, chain, decode_only=self.mode == "colocated")
         self.metrics.placements.labels(placement.outcome, placement.reason).inc()
         if placement.prefill_worker is None:  # the decode worker computes the uncached part itself
             claims = [Claim(request_id, placement.decode_worker, prompt_tokens - placement.decode_cached_tokens)]
@@ -253,6 +287,55 @@ class GenerationService:
         self._renew_claims()
         await _call(self.index, "reserve", claims, self._claim_ttl_s)
         return placement
+
+    async def _place_when_live(
+        self, rid: str, prompt_tokens: int, chain: list[bytes], decode_only: bool, gone: frozenset[str] = frozenset()
+    ) -> Placement:
+        """Place now; with no live decode worker (the pool's replica died, Serve is starting another), wait
+        for one, up to ``recovery.wait_for_worker_s``, instead of failing at once."""
+        wait_s = self.config.recovery.wait_for_worker_s
+        deadline = time.monotonic() + wait_s
+        waiting = False
+        try:
+            while True:
+                live, cached = await _call(self.index, "match", chain) if chain else (self.live_workers(), {})
+                live = [w for w in self._staying(live) if w.worker_id not in gone]
+                if decode_only:
+                    live = [w for w in live if w.role == "decode"]
+                try:
+                    return self._placer.place_matched(prompt_tokens, live, cached)
+                except NoWorkerError:
+                    if time.monotonic() >= deadline:
+                        raise NoWorkerError(f"no live decode worker (waited {wait_s:g} s for one)") from None
+                if not waiting:
+                    waiting = True
+                    self.metrics.waiting_for_worker.inc()
+                    log.warning("request %s: no live decode worker, waiting up to %g s for one", rid, wait_s)
+                await asyncio.sleep(_WORKER_POLL_S)
+        finally:
+            if waiting:
+                self.metrics.waiting_for_worker.dec()
+
+    def _lost_worker(self, request_id: str, pool: str, lost: WorkerGoneError, computing_prompt: bool) -> None:
+        """A worker died under a request: counted once per worker, logged with the request; charged to the
+        request when it was computing its prompt there, and a request charged twice fails (a query of death)."""
+        if self.losses.record(pool, lost.worker_id, [w.worker_id for w in self.live_workers() if w.role == pool]):
+            self.metrics.worker_deaths.labels(pool).inc()
+        self._forget(lost.worker_id)
+        charged = self._deaths.get(request_id)
+        if not computing_prompt or charged is None:
+            log.warning("request %s: %s worker %s died (%s) after streaming from it", request_id, pool,
+                        lost.worker_id, lost.reason)  # fmt: skip
+            return
+        charged.append(f"{pool} worker {lost.worker_id}: {lost.reason}")
+        log.warning("request %s: %s worker %s died (%s) computing it (%d of %d allowed)", request_id, pool,
+                    lost.worker_id, lost.reason, len(charged), _DEATHS_ALLOWED)  # fmt: skip
+
+    def _check_not_poison(self, request_id: str) -> None:
+        charged = self._deaths.get(request_id, [])
+        if len(charged) > _DEATHS_ALLOWED:
+            self.metrics.poison_requests.inc()
+            raise PoisonRequestError(request_id, charged)
 
     def _release(self, request_id: str, worker_id: str | None = None) -> None:
         """Drop the request's claim on ``worker_id`` (all its claims when None), without waiting for the index."""
@@ -319,16 +402,18 @@ class GenerationService:
         stream = self._pools.decode(progress.decode_worker, job)
         stall_s = self.config.recovery.decode_stall_s
         progress.move.clear()
+        progress.streamed_here = False
         try:
             async for delta in _until(stream, (aborted, progress.move), self._prefill_timeout_s + stall_s, stall_s):
                 if delta is aborted:  # aborted by id: end the stream as vLLM does, finish reason "abort"
                     yield Chunk(rid, [], "", "abort")
                     return
                 if delta is progress.move:
-                    raise WorkerGoneError(progress.decode_worker, "draining (Serve is stopping the replica)")
+                    raise WorkerLeavingError(progress.decode_worker, "draining (Serve is stopping the replica)")
                 progress.taken = True
                 now = time.perf_counter()
                 if delta.token_ids:
+                    progress.streamed_here = True
                     if progress.first_at is None:
                         progress.first_at = now
                         self.metrics.ttft.observe(now - progress.start)
@@ -355,17 +440,19 @@ class GenerationService:
         off, or its attempts spent, the loss reaches the client (gRPC UNAVAILABLE / an HTTP error)."""
         rid = request.request_id
         progress.gone.add(progress.decode_worker)
-        self._forget(progress.decode_worker)
+        if isinstance(lost, WorkerLeavingError):
+            self._forget(progress.decode_worker)
+        else:
+            self._lost_worker(rid, "decode", lost, computing_prompt=not progress.streamed_here)
         self._release(rid, progress.decode_worker)
+        self._check_not_poison(rid)
         recovery = self.config.recovery
         if not recovery.migrate_decode or progress.migrations >= recovery.max_migrations:
             raise lost
         prompt = [*request.prompt_token_ids, *progress.token_ids]
         chain = hash_chain(self.model.model_id, prompt, self.model.block_size)
-        live, cached = await _call(self.index, "match", chain)
-        survivors = [w for w in self._staying(live) if w.role == "decode" and w.worker_id not in progress.gone]
         try:
-            placement = self._placer.place_matched(len(prompt), survivors, cached)
+            placement = await self._place_when_live(rid, len(prompt), chain, True, frozenset(progress.gone))
         except NoWorkerError:
             raise lost from None
         if progress.handle is not None and progress.migrations == 0:  # the lost worker may not have pulled it
@@ -428,7 +515,7 @@ class GenerationService:
             await _close(stream)
             self._release(request.request_id, worker)
             if isinstance(exc, WorkerGoneError):
-                self._forget(worker)
+                self._lost_worker(request.request_id, "prefill", exc, computing_prompt=True)
             else:  # e.g. too slow: it may still offer the blocks
                 self._in_background(self._abort_transfer(worker, job.transfer_id))
             log.warning("prefill %s on %s failed, local: %s", job.transfer_id, worker, exc)
@@ -450,7 +537,7 @@ class GenerationService:
             log.warning("prefill %s failed after its handle was given out: %r", job.transfer_id, exc)
             self.metrics.prefill_fallbacks.inc()  # the decode worker's pull fails, and it computes the prompt
             if isinstance(exc, WorkerGoneError):
-                self._forget(worker_id)
+                self._lost_worker(job.request.request_id, "prefill", exc, computing_prompt=True)
         finally:
             self._release(job.request.request_id, worker_id)
             await _close(stream)

@@ -1,0 +1,107 @@
+"""The service as a user first starts it: `pdserve up`'s defaults (disaggregated, the embedded tiny model,
+``dtype: auto`` = bfloat16 here, ``enforce_eager``, one prefill and one decode replica, the default core
+layout). Issue #17: short prompts, parser-breaking bodies, and the only decode replica dying."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from faults import kill_replica, live_workers, wait_for_replacement
+from service_client import ServiceClient, prompt
+from short_prompts import ask_every_short_prompt, replica_ids
+
+from pdserve.config import load_config
+from pdserve.local_redis import free_port
+from pdserve.models import resolve_model
+from pdserve.up import start
+
+pytestmark = pytest.mark.service
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    config = load_config(overrides={"model_cache_dir": str(cache), "service.http_port": free_port(),
+                                    "service.grpc_port": free_port()})  # fmt: skip
+    assert config.engine.dtype == "auto" and config.engine.enforce_eager and config.service.mode == "disaggregated"
+    running = start(config)
+    yield running
+    running.stop()
+
+
+def test_prompts_of_1_to_4_tokens_are_answered_on_the_defaults_with_no_replica_restarted(client, service):
+    before = replica_ids(client)
+    assert len(before) == 2
+    failures = ask_every_short_prompt(client, resolve_model(service.config).engine.model)
+    assert failures == []
+    assert replica_ids(client) == before
+
+
+PARSER_BREAKING_BODIES = {
+    "nested 100,000 deep": b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "object nested 100,000 deep": b'{"a": ' * 100_000 + b"1" + b"}" * 100_000,
+    "an integer of 5,000 digits": b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}",
+    "a lone surrogate": b'{"prompt": "\\ud800 hi"}',
+    "a byte-order mark": b'\xef\xbb\xbf{"prompt": "hi"}',
+    "not UTF-8": b'{"prompt": "\xff\xfe"}',
+    "empty": b"",
+    "a JSON array": b'[{"prompt": "hi"}]',
+    "truncated": b'{"prompt": "hi", "max_tokens": ',
+}
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_bodies_that_break_the_parser_answer_400_in_openais_error_shape(client, path):
+    for name, body in PARSER_BREAKING_BODIES.items():
+        if path.endswith("chat/completions"):
+            body = body.replace(b'"prompt"', b'"messages": [{"role": "user", "content": "x"}], "stop"')
+        status, answer = client.post_raw(path, body, timeout=30)
+        assert status == 400, (name, status, answer)
+        error = answer["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["code"] == 400, (name, answer)
+    status, _ = client.post("/v1/completions", {"prompt": "hi", "max_tokens": 2})
+    assert status == 200
+
+
+def test_requests_wait_for_the_replacement_when_the_only_decode_replica_dies(client, service):
+    (victim,) = live_workers(client, "decode")
+    in_flight = ThreadPoolExecutor(1).submit(client.greedy, prompt(30, 7), 3000)  # streaming when the replica dies
+    _wait_streaming(client)
+    killed_at = kill_replica(service, "DecodeWorker", victim)
+    results, errors = [], []
+
+    def ask(i: int) -> None:
+        try:
+            tokens, _, last = client.greedy(prompt(20, 40 + i), 6)
+            results.append((len(tokens), time.monotonic() - killed_at))
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    arrivals = []
+    for i in range(5):  # one every 2 s over the 10 s after the kill
+        arrivals.append(threading.Thread(target=ask, args=(i,)))
+        arrivals[-1].start()
+        time.sleep(2)
+    status, health = client.get("/health")
+    assert status == 503 or json.loads(health)["degraded"].get("decode"), (status, health)
+    for thread in arrivals:
+        thread.join(180)
+    assert errors == [] and sorted(n for n, _ in results) == [6] * 5
+    tokens, _, last = in_flight.result(180)
+    assert len(tokens) == 3000 and last.timing.migrations == 1
+    wait_for_replacement(client, "decode", 1, victim)
+    assert client.metric("pdserve:worker_deaths_total", pool="decode") == 1
+    status, health = client.get("/health")
+    assert status == 200 and json.loads(health)["status"] == "ok"
+
+
+def _wait_streaming(client, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not any(w.running_seqs for w in client.status().workers if w.role == "decode"):
+        assert time.monotonic() < deadline, "the request never started decoding"
+        time.sleep(0.05)
+
