@@ -104,6 +104,28 @@ def test_generate_on_the_embedded_default_streams_the_greedy_completion(tmp_path
     assert result.stdout.rstrip("\n") == expected
 
 
+@pytest.mark.engine
+def test_generate_local_on_the_defaults_answers_prompts_of_1_to_4_tokens(tmp_path):
+    """Issue #17: `dtype: auto` (bfloat16 here) with `enforce_eager` died of SIGILL on these (exit 132)."""
+    from transformers import AutoTokenizer
+
+    from pdserve.config import load_config
+    from pdserve.models import resolve_model
+
+    model_dir = resolve_model(load_config(overrides={"model_cache_dir": str(tmp_path)})).engine.model
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)  # what the local engine prompts with
+    words = ("a", "hi", "hello", "dragon", "world", "Once upon a time")
+    by_length = {}
+    for word in words:
+        by_length.setdefault(len(tokenizer.encode(word)), word)
+    assert {1, 2, 3, 4} <= by_length.keys(), by_length
+    env = {**os.environ, "PDSERVE_MODEL_CACHE_DIR": str(tmp_path)}
+    for n in (1, 2, 3, 4):
+        result = run("generate", "--local", "--max-tokens", "4", by_length[n], env=env)
+        assert result.returncode == 0, (n, by_length[n], result.returncode, result.stderr[-2000:])
+        assert "[4 tokens" in result.stderr or "finish=stop" in result.stderr
+
+
 def test_generate_without_a_running_service_says_unavailable():
     from pdserve.local_redis import free_port
 

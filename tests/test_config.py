@@ -69,6 +69,21 @@ def test_set_assignments_read_values_as_yaml():
         parse_assignment("engine.block_size")
 
 
+def test_set_gives_a_text_field_the_text_typed_even_where_yaml_reads_a_number():
+    assert parse_assignment("service.decode.cpu_cores=1") == ("service.decode.cpu_cores", "1")
+    assert parse_assignment("engine.model_id=7") == ("engine.model_id", "7")
+    assert parse_assignment("engine.max_model_len=null") == ("engine.max_model_len", None)
+    assert parse_assignment("service.transfer.backends=[grpc]") == ("service.transfer.backends", ["grpc"])
+    config = load_config(overrides=dict([parse_assignment("service.decode.cpu_cores=1"),
+                                         parse_assignment("cluster_token=12345")]))  # fmt: skip
+    assert config.service.decode.cpu_cores == "1" and config.cluster_token.get_secret_value() == "12345"
+
+
+def test_set_leaves_a_value_no_reading_fits_to_validation_which_names_the_field():
+    with pytest.raises(ConfigError, match="engine.block_size"):
+        load_config(overrides=dict([parse_assignment("engine.block_size=lots")]))
+
+
 def test_router_settings_come_from_the_same_schema(tmp_path):
     path = write(tmp_path, "router:\n  placement:\n    policy: round_robin\n")
     env = {"PDSERVE_ROUTER__INDEX__REDIS_URL": "redis://127.0.0.1:6379/0"}

@@ -150,3 +150,27 @@ def test_the_router_never_imports_torch_or_vllm():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "False False"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        b'{"a": ' * 100_000 + b"1" + b"}" * 100_000,
+        b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}",
+        b'\xef\xbb\xbf{"prompt": "hi"}',
+        b'{"prompt": "hi", "stop": "\\udc00"}',
+    ],
+    ids=["nested-array", "nested-object", "5000-digit-int", "byte-order-mark", "lone-surrogate-stop"],
+)
+def test_a_body_the_json_parser_cannot_take_is_a_400_request_error(body):
+    with pytest.raises(RequestError) as error:
+        parse_request(body, "completion", RequestLimits(context_length=512, vocab_size=1024))
+    assert error.value.http_status == 400
+
+
+def test_a_prompt_with_a_lone_surrogate_is_refused_before_the_tokenizer(tokenizer):
+    for kind, body in (("completion", b'{"prompt": "\\ud800 hi"}'),
+                       ("chat", b'{"messages": [{"role": "user", "content": "hi \\udfff"}]}')):  # fmt: skip
+        with pytest.raises(RequestError, match="lone surrogate"):
+            tokenize(parse_request(body, kind, LIMITS), tokenizer, LIMITS)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from faults import kill_replica, live_workers, wait_for_replacement
-from service_client import ServiceClient, prompt
+from service_client import prompt
 from short_prompts import ask_every_short_prompt, replica_ids
 
 from pdserve.config import load_config
@@ -104,4 +104,3 @@ def _wait_streaming(client, timeout_s: float = 60) -> None:
     while not any(w.running_seqs for w in client.status().workers if w.role == "decode"):
         assert time.monotonic() < deadline, "the request never started decoding"
         time.sleep(0.05)
-

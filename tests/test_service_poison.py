@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from faults import live_workers
-from service_client import ServiceClient, prompt
+from service_client import prompt
 from short_prompts import ask_every_short_prompt, replica_ids
 
 from pdserve.config import load_config
