@@ -35,7 +35,10 @@ def _engine_main(conn, config_json: str, env: dict) -> None:
             except Exception as exc:
                 conn.send(("error", repr(exc)))
         elif command == "kv_handle":
-            conn.send(("kv_handle", engine.kv_transfer_handle(*args)))
+            from kv_transfer.vllm_connector import SenderInfo, transfer_handle
+
+            sender = SenderInfo(**engine.kv_connector_handshake())
+            conn.send(("kv_handle", transfer_handle(sender, engine.model_id, engine.block_size, *args)))
         elif command == "stats":
             stats = engine.stats()
             conn.send(("stats", stats.kv_blocks_used, stats.running, stats.waiting))
@@ -50,7 +53,8 @@ class ChildProcess:
     def __init__(self, target, *args):
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        self.process = context.Process(target=target, args=(child, *args), daemon=True)
+        # Not a daemon: vLLM's engine core is a child of this process (it dies with it: engine/vllm_plugin.py).
+        self.process = context.Process(target=target, args=(child, *args))
         self.process.start()
 
     def kill(self) -> None:

@@ -101,9 +101,11 @@ class CacheEventSubscriber:
         self._socket = self._context.socket(zmq.SUB)
         self._socket.setsockopt(zmq.SUBSCRIBE, b"")
         self._socket.setsockopt(zmq.LINGER, 0)
+        # The handshake with vLLM's publisher, seen on a monitor socket: the subscription is sent right after it.
+        self._monitor = self._socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         self._socket.connect(endpoint)  # before vLLM binds, so no early event is missed
         self._stop = threading.Event()
-        self.receiving = threading.Event()  # set by the first message: the subscription is live
+        self.connected = threading.Event()
         self._next_seq: int | None = None
         self.gaps = 0
         self._thread = threading.Thread(target=self._run, name="pdserve-cache-events", daemon=True)
@@ -111,14 +113,21 @@ class CacheEventSubscriber:
 
     def _run(self) -> None:
         import msgspec
+        import zmq
         from vllm.distributed.kv_events import KVEventBatch
 
         decoder = msgspec.msgpack.Decoder(type=KVEventBatch)
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
-            if not self._socket.poll(self._POLL_MS):
+            ready = dict(poller.poll(self._POLL_MS))
+            if self._monitor in ready:
+                self._monitor.recv_multipart()
+                self.connected.set()
+            if self._socket not in ready:
                 continue
             _topic, seq_bytes, payload = self._socket.recv_multipart()
-            self.receiving.set()
             self._check_sequence(int.from_bytes(seq_bytes, "big"))
             batch = decoder.decode(payload)
             events = [e for e in map(self._translator.translate, batch.events) if e is not None]
@@ -137,4 +146,6 @@ class CacheEventSubscriber:
     def close(self, timeout: float = 2.0) -> None:
         self._stop.set()
         self._thread.join(timeout)
+        self._socket.disable_monitor()
+        self._monitor.close()
         self._socket.close()

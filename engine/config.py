@@ -42,13 +42,31 @@ class EngineConfig(BaseModel):
     )
     max_model_len: int | None = Field(default=None, ge=1, description="context length; defaults to the model's")
     max_num_seqs: int = Field(default=64, ge=1, description="sequences in one running batch")
-    max_num_batched_tokens: int | None = Field(default=None, ge=1, description="tokens per step (chunked prefill)")
+    max_num_batched_tokens: int | None = Field(
+        default=None, ge=1, description="tokens per step (chunked prefill); none: vLLM's default"
+    )
+    enable_chunked_prefill: bool | None = Field(
+        default=None, description="split long prompts over steps, beside running decodes; none: vLLM's default (on)"
+    )
     enable_prefix_caching: bool = True
     enforce_eager: bool = Field(
         default=True, description="skip torch.compile: start in seconds instead of ~30 s on CPU"
     )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="ranks one engine is split over, one worker process each (GPUs, or core sets)"
+    )
+    gpu_memory_utilization: float | None = Field(
+        default=None, gt=0, le=1,
+        description="fraction of each GPU's memory vLLM may take (weights, activations, KV); none: vLLM's default. "
+        "On CPU the KV pool is kv_cache_gib",
+    )  # fmt: skip
+    kv_cache_dtype: Literal["auto", "float16", "bfloat16", "fp8", "fp8_e4m3", "fp8_e5m2"] = Field(
+        default="auto", description="KV cache element type; auto: the model's dtype"
+    )
     cpu_cores: str | None = Field(
-        default=None, description="cores the engine's threads bind to (VLLM_CPU_OMP_THREADS_BIND), e.g. '0' or '0-1'"
+        default=None,
+        description="cores the engine's threads bind to (VLLM_CPU_OMP_THREADS_BIND): '0-3' for one rank, "
+        "'0-1|2-3' for two ranks",
     )
     seed: int = 0
     kv_connector: KVConnectorSpec | None = None

@@ -10,9 +10,9 @@ when ``enforce_eager`` is off. With ``dtype: auto`` (bfloat16 on these CPUs),
 dies with SIGILL in ``cpu_attention::AttentionMainLoop``.
 
 vLLM loads its ``vllm.general_plugins`` entry points in every process it starts
-(front end, engine core, each worker), so this module is one, registered in
-pyproject.toml: the request happens before any model code runs, wherever it runs.
-No torch or vLLM import: a plain ``syscall`` through libc.
+(front end, engine core, each worker), and pdserve's (engine/vllm_plugin.py) asks
+here: the request happens before any model code runs, wherever it runs. No torch
+or vLLM import: a plain ``syscall`` through libc.
 """
 
 from __future__ import annotations
@@ -64,8 +64,3 @@ def request_amx_permission() -> AmxPermission:
         log.error("AMX tile-data permission refused (%s): bfloat16 on vLLM CPU may SIGILL", errno.errorcode.get(code))
         return AmxPermission.REFUSED
     return AmxPermission.GRANTED
-
-
-def vllm_plugin() -> None:
-    """The ``vllm.general_plugins`` entry point: vLLM calls it once in each of its processes."""
-    request_amx_permission()

@@ -1,25 +1,30 @@
-"""One worker's engine: vLLM's ``LLMEngine`` run in this process, stepped by one thread.
+"""One worker's engine: vLLM's ``AsyncLLM``, its engine core and workers in processes of their own.
 
-vLLM's async engine always puts the engine core in another process; the
-in-process ``LLMEngine`` does not, which starts faster and lets the worker read
-the KV pool and scheduler directly. A single loop thread owns the engine:
-callers hand it commands (add, abort) through a queue and read their outputs
-from per-request asyncio queues, so vLLM is never touched from two threads.
+As vLLM's own server runs it: the engine core (scheduler, KV cache manager,
+the scheduler side of the KV connector) in one process, and one worker process
+per tensor-parallel rank (with one rank, the worker runs inside the engine
+core's process), its OpenMP threads bound to the engine's cores. The serving
+process only submits, streams and reports, so the engine's steps never
+compete with Serve's event loop, heartbeats or streaming for the interpreter.
+
+``AsyncLLM`` lives on an event loop of its own, on a thread of this process:
+callers on any loop (a Serve replica's, a test's ``asyncio.run``, the CLI's)
+submit to it and read their deltas from per-request queues on their own loop.
+Everything pdserve learns from vLLM comes through public surfaces: request
+outputs, a stat logger (running, waiting, KV use), KV cache events over ZMQ,
+and ``collective_rpc`` into the worker processes (engine/worker_extension.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import tempfile
 import threading
-import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 from engine.cache_events import CacheEvent, CacheEventSubscriber, CacheEventTranslator
 from engine.config import EngineConfig
@@ -30,29 +35,11 @@ from engine.vllm_args import apply_vllm_environment, vllm_engine_args
 
 log = logging.getLogger(__name__)
 
-_IDLE_POLL_S = 0.1
-_SETTLE_POLL_S = 0.005
-
-
-@dataclass
-class _Add:
-    request: GenerateRequest
-    params: object  # vllm.SamplingParams
-
-
-@dataclass
-class _Abort:
-    request_id: str
-
-
-@dataclass
-class _Call:
-    fn: Callable[[], object]
-    done: asyncio.Future
+_RPC_TIMEOUT_S = 30.0  # a collective_rpc into the worker processes
 
 
 class _Stream:
-    """Where the loop thread delivers one request's deltas (or its error)."""
+    """Where one request's deltas (or its error) are delivered, on the consumer's event loop."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
@@ -60,6 +47,7 @@ class _Stream:
         self._arrived = asyncio.Event()
         self.completion_tokens = 0
         self.cached_counted = False
+        self.task: asyncio.Task | None = None  # on the engine's loop: the vLLM request it reads
 
     def put(self, item: OutputDelta | Exception) -> None:
         """Called on the stream's own event loop."""
@@ -74,21 +62,48 @@ class _Stream:
         return self._items.popleft()
 
     def push(self, item: OutputDelta | Exception) -> None:
-        """Called from the engine thread."""
-        _post(self.loop, [(self, item)])
+        """Called from the engine's loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.put, item)
+        except RuntimeError:  # the consumer's loop is gone; nobody is listening
+            pass
 
 
-def _post(loop: asyncio.AbstractEventLoop, items: list[tuple[_Stream, OutputDelta | Exception]]) -> None:
-    """Hand items to their streams on the streams' event loop, in one wake-up of that loop."""
+class _SchedulerFigures:
+    """vLLM's stat logger interface (``StatLoggerBase``, duck-typed so this module imports vLLM lazily):
+    the last step's running and waiting requests and KV use, as vLLM's own /metrics reports them."""
 
-    def put_all() -> None:
-        for stream, item in items:
-            stream.put(item)
+    def __init__(self):
+        self.running = self.waiting = 0
+        self.kv_cache_usage = 0.0
 
-    try:
-        loop.call_soon_threadsafe(put_all)
-    except RuntimeError:  # the consumer's loop is gone; nobody is listening
-        pass
+    def factory(self, vllm_config, engine_index: int = 0):
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        figures = self
+
+        class Recorder(StatLoggerBase):
+            def __init__(self, vllm_config, engine_index: int = 0):
+                pass
+
+            def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+                if scheduler_stats is not None:
+                    figures.running = scheduler_stats.num_running_reqs
+                    figures.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+                    figures.kv_cache_usage = scheduler_stats.kv_cache_usage
+
+            def log_engine_initialized(self):
+                pass
+
+        return Recorder(vllm_config, engine_index)
+
+
+async def _cancel_pending_tasks() -> None:
+    """vLLM's output handler and our readers, ended before the engine's loop stops."""
+    tasks = [task for task in asyncio.all_tasks() if task is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _local_address(endpoint: str) -> str:
@@ -141,54 +156,49 @@ class Engine:
             translator = CacheEventTranslator(self.model_id, config.block_size)
             self._subscriber = CacheEventSubscriber(_local_address(endpoint), translator, on_cache_events)
         self._streams: dict[str, _Stream] = {}
-        self._commands: queue.Queue = queue.Queue()
         self._prompt_tokens_total = 0
         self._cached_tokens_total = 0
-        self._failure: BaseException | None = None
-        self._closing = threading.Event()
-        # The loop thread builds the engine too: vLLM binds its OpenMP threads to cores from the
-        # thread that builds it, and steps run at full speed only from that same thread.
-        built: Future = Future()
-        self._thread = threading.Thread(target=self._run, args=(endpoint, built), name="pdserve-engine", daemon=True)
+        self._figures = _SchedulerFigures()
+        self._handshake: dict | None = None
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-engine", daemon=True)
         self._thread.start()
+        self._llm = None
         try:
-            self._llm = built.result(timeout=config.start_timeout_s)
-            self._await_subscription()
+            self._llm = self._on_engine_loop(self._build(endpoint), config.start_timeout_s)
+            if self._subscriber is not None and not self._subscriber.connected.wait(10.0):
+                raise EngineError("the KV event subscriber did not connect to vLLM's publisher in 10 s")
         except BaseException:
-            self._closing.set()
-            if built.done() and built.exception() is None:  # built, then the subscription failed
-                self._thread.join(5)
-                built.result().engine_core.shutdown()
-            self._close_subscriber()
-            self._tmp.cleanup()
+            self._stop()
             raise
-        model_config = self._llm.model_config
-        self.block_size = self._llm.vllm_config.cache_config.block_size
-        self.max_model_len = model_config.max_model_len
-        self.vocab_size = model_config.get_vocab_size()
+        vllm_config = self._llm.vllm_config
+        self.block_size = vllm_config.cache_config.block_size
+        self.max_model_len = vllm_config.model_config.max_model_len
+        self.vocab_size = vllm_config.model_config.get_vocab_size()
+        self._kv_blocks_total = (vllm_config.cache_config.num_gpu_blocks or 1) - 1  # less vLLM's null block
         self._tokenizer = self._llm.get_tokenizer()
 
-    @staticmethod
-    def _build(config: EngineConfig, endpoint: str | None):
-        from vllm.v1.engine.llm_engine import LLMEngine
+    async def _build(self, endpoint: str | None):
+        """On the engine's loop: vLLM starts its engine core process (and worker processes) and waits for them."""
+        from vllm.v1.engine.async_llm import AsyncLLM
 
         try:
-            return LLMEngine.from_engine_args(vllm_engine_args(config, endpoint))
+            return AsyncLLM.from_engine_args(
+                vllm_engine_args(self.config, endpoint), stat_loggers=[self._figures.factory]
+            )
         except Exception as exc:  # whatever vLLM or transformers raise, the model cannot be served
-            raise EngineConfigError("model", f"vLLM could not build an engine for {config.model}: {exc}") from exc
+            raise EngineConfigError("model", f"vLLM could not build an engine for {self.config.model}: {exc}") from exc
 
     # ----- the interface the workers call -------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
         """Stream ``request``'s deltas; closing the iterator early aborts the request."""
         params = self._validate(request)
-        if self._failure is not None:
-            raise EngineError(f"engine is down: {self._failure}")
+        self.check_alive()
         if request.request_id in self._streams:
             raise EngineInputError("request_id", "a request with this id is already running", request.request_id)
-        stream = _Stream(asyncio.get_running_loop())
-        self._streams[request.request_id] = stream
-        self._commands.put(_Add(request, params))
+        stream = self._streams[request.request_id] = _Stream(asyncio.get_running_loop())
+        self._loop.call_soon_threadsafe(self._start_reading, request, params, stream)
         finished = False
         try:
             while True:
@@ -208,15 +218,20 @@ class Engine:
         finally:
             self._streams.pop(request.request_id, None)
             if not finished:
-                self._commands.put(_Abort(request.request_id))
+                self._loop.call_soon_threadsafe(self._cancel_reading, stream)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(_Abort(request_id))
+        """End a running request: its stream gets a last delta with ``finish_reason="abort"``."""
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            self._loop.call_soon_threadsafe(self._cancel_reading, stream)
 
     def check_alive(self) -> None:
-        """Raise ``EngineError`` when the loop thread has failed or stopped."""
-        if self._failure is not None:
-            raise EngineError(f"engine is down: {self._failure}")
+        """Raise ``EngineError`` when vLLM's engine core (or one of its workers) has died, or the loop stopped."""
+        if self._llm is None:
+            raise EngineError("engine is shut down")
+        if self._llm.errored:
+            raise EngineError(f"engine is down: {self._llm.dead_error!r}")
         if not self._thread.is_alive():
             raise EngineError("engine loop stopped")
 
@@ -227,109 +242,140 @@ class Engine:
         return self._tokenizer.decode(token_ids)
 
     def stats(self) -> EngineStats:
-        scheduler = self._core.scheduler
-        pool = scheduler.kv_cache_manager.block_pool
+        """As of vLLM's last step (its stat logger), plus the prompt figures of the requests served."""
+        figures = self._figures
+        used = round(figures.kv_cache_usage * self._kv_blocks_total)
         return EngineStats(
-            # vLLM keeps one block aside as the null block; it is never free or used.
-            kv_blocks_total=pool.num_gpu_blocks - 1,
-            kv_blocks_free=pool.get_num_free_blocks(),
-            running=len(scheduler.running),
-            waiting=len(scheduler.waiting),
+            kv_blocks_total=self._kv_blocks_total,
+            kv_blocks_free=self._kv_blocks_total - used,
+            running=figures.running,
+            waiting=figures.waiting,
             prompt_tokens_total=self._prompt_tokens_total,
             cached_prompt_tokens_total=self._cached_tokens_total,
         )
 
+    def kv_connector_handshake(self) -> dict | None:
+        """Rank 0's KV connector handshake (where its KV server listens, its cache layout); None without one."""
+        if self._handshake is None and self.config.kv_connector is not None:
+            self._handshake = self._rpc("pdserve_kv_handshake")[0]
+        return self._handshake
+
     def kv_transfer_stats(self) -> dict[str, dict[str, float]]:
-        """The KV connector's transfer figures per backend, where the connector keeps them (pdserve's does)."""
-        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
+        """The KV connector's pulls per backend, summed over the ranks."""
+        total: dict[str, dict[str, float]] = {}
+        for rank in self._rpc("pdserve_transfer_stats") if self.config.kv_connector else ():
+            for backend, figures in rank.items():
+                into = total.setdefault(backend, {})
+                for name, value in figures.items():
+                    into[name] = into.get(name, 0) + value
+        return total
 
-        if not has_kv_transfer_group():
-            return {}
-        stats = getattr(get_kv_transfer_group(), "transfer_stats", None)
-        return stats() if stats is not None else {}
-
-    def kv_transfer_handle(self, transfer_id: str, block_hashes: list[str], num_tokens: int) -> str | None:
-        """The connector's handle (hex) for a transfer this engine is about to produce, if it makes them."""
-        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-        make = getattr(get_kv_transfer_group(), "transfer_handle", None) if has_kv_transfer_group() else None
-        return make(transfer_id, block_hashes, num_tokens) if make is not None else None
-
-    def abort_kv_transfer(self, transfer_id: str) -> None:
+    async def abort_kv_transfer(self, transfer_id: str) -> None:
         """Free a transfer this engine offers (or will offer) that nobody will pull."""
-        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-        abort = getattr(get_kv_transfer_group(), "abort_transfer", None) if has_kv_transfer_group() else None
-        if abort is not None:
-            abort(transfer_id)
+        if self.config.kv_connector is not None:
+            call = self._llm.collective_rpc("pdserve_abort_transfer", _RPC_TIMEOUT_S, (transfer_id,))
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call, self._loop))
 
     def open_kv_transfers(self) -> int:
         """Transfers this engine offers that no peer has finished pulling yet."""
-        from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
-
-        count = getattr(get_kv_transfer_group(), "open_transfers", None) if has_kv_transfer_group() else None
-        return count() if count is not None else 0
+        return sum(self._rpc("pdserve_open_transfers")) if self.config.kv_connector is not None else 0
 
     def kv_layout(self) -> KVLayout:
-        runner = self._core.model_executor.driver_worker.worker.model_runner
-        kv_config = self._core.scheduler.kv_cache_config
-        first = runner.kv_caches[0]
+        """Rank 0's cache (with tensor parallelism each rank holds its share of the KV heads)."""
+        layout = self._rpc("pdserve_kv_layout")[0]
         return KVLayout(
-            device=first.device.type,
-            dtype=str(first.dtype).removeprefix("torch."),
+            device=layout["device"],
+            dtype=layout["dtype"],
             block_size=self.block_size,
-            num_blocks=kv_config.num_blocks,
-            layer_names=[name for group in kv_config.kv_cache_groups for name in group.layer_names],
-            block_shape=tuple(first.shape[1:]),
-            cache_layout=kv_config.kv_cache_layout,
+            num_blocks=layout["num_blocks"],
+            layer_names=list(layout["layer_names"]),
+            block_shape=tuple(layout["block_shape"]),
+            cache_layout=layout["cache_layout"],
         )
 
     async def reset_prefix_cache(self) -> bool:
-        """Drop every cached block not in use (emits ``cleared``); true when it did."""
-        future = asyncio.get_running_loop().create_future()
-        self._commands.put(_Call(self._reset_prefix_cache_now, future))
-        return bool(await asyncio.wait_for(future, self.config.stall_timeout_s))
+        """Drop every cached block not in use; the ``cleared`` event is published with vLLM's next step."""
+        call = self._llm.reset_prefix_cache()
+        return bool(await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call, self._loop)))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        self._closing.set()
-        self._thread.join(timeout)
-        self._llm.engine_core.shutdown()
-        self._close_subscriber()
-        self._tmp.cleanup()
+        self._stop(timeout)
 
     # ----- internals ----------------------------------------------------------------------
 
-    @property
-    def _core(self):
-        return self._llm.engine_core.engine_core
+    def _on_engine_loop(self, work: Coroutine, timeout_s: float):
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout_s)
 
-    def _await_subscription(self, timeout_s: float = 10.0) -> None:
-        """Publish empty batches until our subscriber sees one, so no real event is published unheard.
+    def _rpc(self, method: str, *args) -> list[Any]:
+        """``collective_rpc`` into the worker processes: one answer per rank."""
+        call = self._llm.collective_rpc(method, _RPC_TIMEOUT_S, args)
+        return self._on_engine_loop(call, _RPC_TIMEOUT_S + 5)
 
-        ZMQ drops what a PUB socket sends before a subscription has reached it.
-        """
-        if self._subscriber is None:
-            return
-        from vllm.distributed.kv_events import KVEventBatch
+    def _start_reading(self, request: GenerateRequest, params, stream: _Stream) -> None:
+        stream.task = self._loop.create_task(self._read(request, params, stream))
 
-        publisher = self._core.scheduler.kv_event_publisher
-        deadline = time.monotonic() + timeout_s
-        while not self._subscriber.receiving.wait(0.05):
-            if time.monotonic() > deadline:
-                raise EngineError(f"no KV event reached the subscriber in {timeout_s:g} s")
-            publisher.publish(KVEventBatch(ts=time.time(), events=[]))
+    @staticmethod
+    def _cancel_reading(stream: _Stream) -> None:
+        if stream.task is not None:
+            stream.task.cancel()  # vLLM aborts a request whose generator is cancelled
 
-    def _reset_prefix_cache_now(self) -> bool:
-        reset = self._llm.reset_prefix_cache()
-        # vLLM publishes cache events only at the end of a step; an idle engine would sit on
-        # the "cleared" event until the next request, leaving the index stale meanwhile.
-        scheduler = self._core.scheduler
-        pending = scheduler.kv_cache_manager.take_events()
-        if pending:
-            from vllm.distributed.kv_events import KVEventBatch
+    async def _read(self, request: GenerateRequest, params, stream: _Stream) -> None:
+        """On the engine's loop: vLLM's outputs for one request, as deltas on its stream."""
+        from vllm.v1.engine.exceptions import EngineDeadError
 
-            scheduler.kv_event_publisher.publish(KVEventBatch(ts=time.time(), events=pending))
-        return reset
+        rid = request.request_id
+        try:
+            async for output in self._llm.generate({"prompt_token_ids": list(request.prompt_token_ids)}, params, rid):
+                stream.push(self._delta(stream, output))
+        except asyncio.CancelledError:
+            stream.push(OutputDelta(rid, [], "", "abort", 0, stream.completion_tokens, 0))
+        except EngineDeadError as exc:
+            stream.push(EngineError(f"engine failed: {exc}"))
+        except (ValueError, TypeError) as exc:  # vLLM's own input checks
+            stream.push(EngineInputError("prompt", str(exc), rid))
+        except Exception as exc:
+            log.exception("request %s failed in vLLM", rid)
+            stream.push(EngineError(f"request {rid} failed: {exc!r}"))
+
+    def _delta(self, stream: _Stream, output) -> OutputDelta:
+        completion = output.outputs[0]
+        prompt_tokens = len(output.prompt_token_ids or ())
+        cached = output.num_cached_tokens or 0
+        if not stream.cached_counted:
+            stream.cached_counted = True
+            self._prompt_tokens_total += prompt_tokens
+            self._cached_tokens_total += cached
+        stream.completion_tokens += len(completion.token_ids)
+        return OutputDelta(
+            request_id=output.request_id,
+            token_ids=list(completion.token_ids),
+            text=completion.text,
+            finish_reason=completion.finish_reason if output.finished else None,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=stream.completion_tokens,
+            cached_prompt_tokens=cached,
+            kv_transfer_params=output.kv_transfer_params,
+        )
+
+    def _stop(self, timeout: float = 10.0) -> None:
+        """Stop vLLM's processes, the engine's loop and the event subscriber; safe on a half-built engine."""
+        if self._thread.is_alive():  # first the tasks reading from vLLM, so none reports the engine's end as an error
+            try:
+                self._on_engine_loop(_cancel_pending_tasks(), timeout)
+            except Exception as exc:  # a task that will not end: the loop stops regardless
+                log.info("engine loop tasks at shutdown: %r", exc)
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            try:
+                llm.shutdown(timeout=timeout)
+            except Exception as exc:  # already dead: its processes are gone either way
+                log.info("vLLM shutdown: %r", exc)
+        if self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout)
+        if self._subscriber is not None:
+            self._subscriber.close()
+        self._tmp.cleanup()
 
     def _validate(self, request: GenerateRequest):
         rid = request.request_id
@@ -380,114 +426,3 @@ class Engine:
             raise EngineInputError(exc.parameter or "sampling", exc.args[0], rid) from exc
         except (ValueError, TypeError) as exc:
             raise EngineInputError("sampling", str(exc), rid) from exc
-
-    def _run(self, endpoint: str | None, built: Future) -> None:
-        try:
-            self._llm = self._build(self.config, endpoint)
-        except BaseException as exc:
-            built.set_exception(exc)
-            return
-        built.set_result(self._llm)
-        self._loop()
-
-    def _loop(self) -> None:
-        try:
-            while not self._closing.is_set():
-                serving = self._llm.has_unfinished_requests()
-                # Finished requests can still hold blocks for a KV connector (a transfer in
-                # flight): the engine keeps stepping, gently, until the connector lets go.
-                settling = not serving and self._core.scheduler.has_requests()
-                self._take_commands(block=not serving and not settling)
-                if serving or settling:
-                    self._deliver(self._llm.step())
-                # Nothing runnable (only transfers in flight, or requests waiting for their KV):
-                # step gently so the transfer threads get the cores.
-                if settling or (serving and not self._core.scheduler.running):
-                    time.sleep(_SETTLE_POLL_S)
-        except Exception as exc:  # an engine step failed: every waiting request learns it
-            log.exception("engine loop failed")
-            self._failure = exc
-            for stream in list(self._streams.values()):
-                stream.push(EngineError(f"engine failed: {exc}"))
-
-    def _take_commands(self, block: bool) -> None:
-        try:
-            command = self._commands.get(timeout=_IDLE_POLL_S) if block else self._commands.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._run_command(command)
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-
-    def _run_command(self, command) -> None:
-        if isinstance(command, _Add):
-            request = command.request
-            try:
-                self._llm.add_request(
-                    request.request_id, {"prompt_token_ids": list(request.prompt_token_ids)}, command.params
-                )
-            except (ValueError, TypeError) as exc:
-                self._push(request.request_id, EngineInputError("prompt", str(exc), request.request_id))
-        elif isinstance(command, _Abort):
-            self._llm.abort_request([command.request_id])
-            stream = self._streams.get(command.request_id)
-            if stream is not None:
-                stream.push(self._abort_delta(command.request_id, stream))
-        else:
-            self._resolve(command)
-
-    @staticmethod
-    def _resolve(command: _Call) -> None:
-        future = command.done
-        try:
-            result: object = command.fn()
-        except Exception as exc:
-            result = exc
-        setter = future.set_exception if isinstance(result, Exception) else future.set_result
-        future.get_loop().call_soon_threadsafe(lambda: future.done() or setter(result))
-
-    def _push(self, request_id: str, item: OutputDelta | Exception) -> None:
-        stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.push(item)
-
-    def _deliver(self, outputs) -> None:
-        """One engine step's outputs, posted to each event loop at once (one wake-up per loop per step)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for output in outputs:
-            stream = self._streams.get(output.request_id)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream, self._delta(stream, output)))
-        for loop, items in by_loop.items():
-            _post(loop, items)
-
-    def _delta(self, stream: _Stream, output) -> OutputDelta:
-        completion = output.outputs[0]
-        prompt_tokens = len(output.prompt_token_ids or ())
-        cached = output.num_cached_tokens or 0
-        if not stream.cached_counted:
-            stream.cached_counted = True
-            self._prompt_tokens_total += prompt_tokens
-            self._cached_tokens_total += cached
-        stream.completion_tokens += len(completion.token_ids)
-        return OutputDelta(
-            request_id=output.request_id,
-            token_ids=list(completion.token_ids),
-            text=completion.text,
-            finish_reason=completion.finish_reason if output.finished else None,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=stream.completion_tokens,
-            cached_prompt_tokens=cached,
-            kv_transfer_params=output.kv_transfer_params,
-        )
-
-    @staticmethod
-    def _abort_delta(request_id: str, stream: _Stream) -> OutputDelta:
-        return OutputDelta(request_id, [], "", "abort", 0, stream.completion_tokens, 0)
-
-    def _close_subscriber(self) -> None:
-        if self._subscriber is not None:
-            self._subscriber.close()

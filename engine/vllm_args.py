@@ -1,7 +1,8 @@
 """The one place that turns pdserve's engine config into vLLM's arguments and environment.
 
 Nothing else in pdserve sets ``VLLM_*`` variables. vLLM reads them from the
-process environment, so one process runs one engine: the worker's.
+process environment (its engine core and worker processes inherit it), so one
+serving process runs one engine: the worker's.
 """
 
 from __future__ import annotations
@@ -10,11 +11,13 @@ import os
 
 from engine.config import EngineConfig
 
+WORKER_EXTENSION = "engine.worker_extension.PdserveWorkerExtension"
+
 
 def vllm_environment(config: EngineConfig) -> dict[str, str]:
     env = {
-        # Engine core in this process: the worker drives steps itself, start-up is ~5 s not ~16 s.
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+        # The engine core in a process of its own, as vLLM's server runs it (whatever the environment says).
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
         "VLLM_CPU_KVCACHE_SPACE": f"{config.kv_cache_gib:g}",
         "VLLM_LOGGING_LEVEL": config.log_level,
         "VLLM_NO_USAGE_STATS": "1",
@@ -29,7 +32,7 @@ def apply_vllm_environment(config: EngineConfig) -> None:
 
 
 def vllm_engine_args(config: EngineConfig, kv_events_endpoint: str | None):
-    from vllm import EngineArgs
+    from vllm import AsyncEngineArgs
     from vllm.config import KVEventsConfig, KVTransferConfig
 
     kv_transfer = None
@@ -46,7 +49,7 @@ def vllm_engine_args(config: EngineConfig, kv_events_endpoint: str | None):
     kv_events = None
     if kv_events_endpoint is not None:
         kv_events = KVEventsConfig(enable_kv_cache_events=True, publisher="zmq", endpoint=kv_events_endpoint)
-    return EngineArgs(
+    return AsyncEngineArgs(
         model=str(config.model),
         served_model_name=config.served_model_id,
         dtype=config.dtype,
@@ -56,10 +59,16 @@ def vllm_engine_args(config: EngineConfig, kv_events_endpoint: str | None):
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         enable_prefix_caching=config.enable_prefix_caching,
+        enable_chunked_prefill=config.enable_chunked_prefill,
         enforce_eager=config.enforce_eager,
         seed=config.seed,
+        tensor_parallel_size=config.tensor_parallel_size,
+        distributed_executor_backend="mp" if config.tensor_parallel_size > 1 else None,
+        kv_cache_dtype=config.kv_cache_dtype,
         kv_transfer_config=kv_transfer,
         kv_events_config=kv_events,
-        disable_log_stats=True,
+        worker_extension_cls=WORKER_EXTENSION,
+        disable_log_stats=False,  # pdserve's stat logger reads the scheduler's figures (engine.py)
         use_tqdm_on_load=config.log_level in ("DEBUG", "INFO"),  # quiet by default
+        **({"gpu_memory_utilization": config.gpu_memory_utilization} if config.gpu_memory_utilization else {}),
     )

@@ -102,6 +102,18 @@ def _hashes(params: dict, count: int) -> list[bytes]:
     return hashes + [b""] * (count - len(hashes))
 
 
+def transfer_handle(
+    sender: SenderInfo, model_id: str, block_size: int, transfer_id: str, block_hashes: list[str], num_tokens: int
+) -> str:
+    """The handle (hex) of a transfer ``sender`` offers, or will offer: the prefill worker hands it out up front,
+    from the handshake its engine's connector made (``Engine.kv_connector_handshake``), with no call into vLLM."""
+    hashes = _hashes({"block_hashes": block_hashes}, -(-num_tokens // block_size))
+    return TransferHandle(
+        sender.address, transfer_id, model_id, tuple(hashes), num_tokens, sender.dtype, tuple(sender.block_shape),
+        sender.num_layers, ("grpc", "torch_dist"), sender.cache_layout,
+    ).to_bytes().hex()  # fmt: skip
+
+
 class PdserveConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         super().__init__(vllm_config, role, kv_cache_config)
@@ -238,14 +250,8 @@ class PdserveConnector(KVConnectorBase_V1):
         return OfferSpec(request.request_id, transfer_id, blocks, _hashes(params, len(blocks)), num_tokens, early)
 
     def transfer_handle(self, transfer_id: str, block_hashes: list[str], num_tokens: int) -> str:
-        """The handle (hex) of a transfer this worker offers, or will offer: a router may hand it out up front."""
-        sender = self._sender or self._sender_info()
-        hashes = _hashes({"block_hashes": block_hashes}, -(-num_tokens // self._block_size))
-        return TransferHandle(
-            sender.address, transfer_id, self._vllm_config.model_config.served_model_name, tuple(hashes),
-            num_tokens, sender.dtype, tuple(sender.block_shape), sender.num_layers, ("grpc", "torch_dist"),
-            sender.cache_layout,
-        ).to_bytes().hex()  # fmt: skip
+        model = self._vllm_config.model_config.served_model_name
+        return transfer_handle(self._sender, model, self._block_size, transfer_id, block_hashes, num_tokens)
 
     # ----- worker side --------------------------------------------------------------------
 

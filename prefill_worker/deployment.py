@@ -19,7 +19,7 @@ from ray import serve
 from engine.config import EngineConfig
 from engine.hosting import HostedWorker, WorkerSettings
 from engine.types import PrefillJob, PrefillResult
-from kv_transfer.vllm_connector import TOKEN_ENV
+from kv_transfer.vllm_connector import TOKEN_ENV, SenderInfo, transfer_handle
 
 
 def with_transfer_host(config: EngineConfig) -> EngineConfig:
@@ -36,6 +36,7 @@ class PrefillWorker(HostedWorker):
         os.environ[TOKEN_ENV] = settings.cluster_token.get_secret_value()  # the connector vLLM builds reads it here
         worker_id = serve.get_replica_context().replica_id.unique_id
         self._start(with_transfer_host(engine_config), "prefill", worker_id, settings)
+        self._sender = SenderInfo(**self._host.engine.kv_connector_handshake())
 
     async def prefill(self, job: PrefillJob, worker_id: str | None = None) -> AsyncIterator[PrefillResult]:
         """Yield the transfer handle at once (the decode worker pulls each layer as it is computed), then the end.
@@ -46,9 +47,9 @@ class PrefillWorker(HostedWorker):
         sampling = replace(job.request.sampling, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
         request = replace(job.request, sampling=sampling, kv_transfer_params=params)
         prompt = len(request.prompt_token_ids)
-        handle = self._host.engine.kv_transfer_handle(job.transfer_id, job.block_hashes, prompt)
-        if handle is not None:
-            yield PrefillResult(handle, finished=False)
+        handle = transfer_handle(self._sender, self._host.engine.model_id, self._host.engine.block_size,
+                                 job.transfer_id, job.block_hashes, prompt)  # fmt: skip
+        yield PrefillResult(handle, finished=False)
         last = None
         async for delta in self._host.stream(request):
             last = delta
@@ -59,4 +60,4 @@ class PrefillWorker(HostedWorker):
 
         By id, so the router can abort a transfer whose handle it never received: one not offered
         yet is refused when its prefill ends, and its blocks are freed then."""
-        self._host.engine.abort_kv_transfer(transfer_id)
+        await self._host.engine.abort_kv_transfer(transfer_id)

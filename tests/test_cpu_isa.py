@@ -10,14 +10,14 @@ from engine.cpu_isa import AmxPermission, cpu_reports_amx, request_amx_permissio
 
 
 def test_the_permission_request_is_a_vllm_general_plugin_so_every_vllm_process_runs_it():
-    (plugin,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "pdserve_cpu_isa"]
-    assert plugin.value == "engine.cpu_isa:vllm_plugin"
+    (plugin,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "pdserve"]
+    assert plugin.value == "engine.vllm_plugin:register"
     loaded = subprocess.run(
         [sys.executable, "-c", "from vllm.plugins import load_plugins_by_group as load; "
                                "print(sorted(load('vllm.general_plugins')))"],  # fmt: skip
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
-    assert "pdserve_cpu_isa" in loaded.stdout, loaded.stderr[-2000:]
+    assert "'pdserve'" in loaded.stdout, loaded.stderr[-2000:]
 
 
 def test_the_cpu_flags_say_whether_amx_is_there(tmp_path):
