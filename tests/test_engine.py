@@ -138,9 +138,17 @@ def test_cache_events_carry_the_pdserve_hashes_of_the_request(engine, events):
         assert after.parent == before.hashes[-1]
 
 
+def test_a_reset_is_announced_as_cleared_before_the_next_blocks(engine, events):
+    asyncio.run(engine.reset_prefix_cache())
+    events.take()  # vLLM publishes events at the end of a step: an idle engine announces the reset with the next one
+    collect(engine, GenerateRequest("after-reset", prompt(engine, 2 * BLOCK, offset=6), GREEDY))
+    kinds = [type(e) for e in events.take()]
+    assert AllCleared in kinds and BlocksStored in kinds
+    assert kinds.index(AllCleared) < kinds.index(BlocksStored)
+
+
 def test_removed_events_follow_eviction(engine, events):
     asyncio.run(engine.reset_prefix_cache())
-    assert any(isinstance(e, AllCleared) for e in events.take())
     first = prompt(engine, 8 * BLOCK, offset=5)
     collect(engine, GenerateRequest("evict-me", first, SamplingOptions(max_tokens=1, temperature=0.0)))
     first_hashes = hash_chain(engine.model_id, first, BLOCK)
