@@ -29,7 +29,7 @@ from typing import Any
 from engine.cache_events import CacheEvent, CacheEventSubscriber, CacheEventTranslator
 from engine.config import EngineConfig
 from engine.cpu_isa import AmxPermission, request_amx_permission
-from engine.errors import EngineConfigError, EngineError, EngineInputError
+from engine.errors import EngineConfigError, EngineDeadError, EngineError, EngineInputError
 from engine.types import EngineStats, GenerateRequest, KVLayout, OutputDelta, SamplingOptions
 from engine.vllm_args import apply_vllm_environment, vllm_engine_args
 
@@ -229,11 +229,11 @@ class Engine:
     def check_alive(self) -> None:
         """Raise ``EngineError`` when vLLM's engine core (or one of its workers) has died, or the loop stopped."""
         if self._llm is None:
-            raise EngineError("engine is shut down")
+            raise EngineDeadError("engine is shut down")
         if self._llm.errored:
-            raise EngineError(f"engine is down: {self._llm.dead_error!r}")
+            raise EngineDeadError(f"engine is down: {self._llm.dead_error!r}")
         if not self._thread.is_alive():
-            raise EngineError("engine loop stopped")
+            raise EngineDeadError("engine loop stopped")
 
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text))
@@ -308,6 +308,7 @@ class Engine:
 
     def _rpc(self, method: str, *args) -> list[Any]:
         """``collective_rpc`` into the worker processes: one answer per rank."""
+        self.check_alive()
         call = self._llm.collective_rpc(method, _RPC_TIMEOUT_S, args)
         return self._on_engine_loop(call, _RPC_TIMEOUT_S + 5)
 
@@ -321,7 +322,7 @@ class Engine:
 
     async def _read(self, request: GenerateRequest, params, stream: _Stream) -> None:
         """On the engine's loop: vLLM's outputs for one request, as deltas on its stream."""
-        from vllm.v1.engine.exceptions import EngineDeadError
+        from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
         rid = request.request_id
         try:
@@ -329,8 +330,8 @@ class Engine:
                 stream.push(self._delta(stream, output))
         except asyncio.CancelledError:
             stream.push(OutputDelta(rid, [], "", "abort", 0, stream.completion_tokens, 0))
-        except EngineDeadError as exc:
-            stream.push(EngineError(f"engine failed: {exc}"))
+        except VllmEngineDead as exc:
+            stream.push(EngineDeadError(f"engine died under request {rid}: {exc}"))
         except (ValueError, TypeError) as exc:  # vLLM's own input checks
             stream.push(EngineInputError("prompt", str(exc), rid))
         except Exception as exc:

@@ -21,3 +21,10 @@ class EngineInputError(EngineError):
         self.request_id = request_id
         where = f" (request {request_id})" if request_id else ""
         super().__init__(f"{field}: {message}{where}")
+
+
+class EngineDeadError(EngineError):
+    """The engine's processes (engine core, a worker rank) died: the worker is lost, not the request.
+
+    The router treats it as a lost worker (the request moves on); the replica reports itself
+    unhealthy, so Serve replaces it."""

@@ -22,7 +22,9 @@ from pydantic import SecretStr
 from engine import autoscaling_stats as stats
 from engine.cache_events import CacheEvent
 from engine.config import EngineConfig
+from engine.core_ledger import CoreLedger, CoreRequest, omp_bind
 from engine.engine import Engine
+from engine.errors import EngineDeadError
 from engine.throughput import BusyRate, RunningMean
 from engine.types import GenerateRequest, LoadFigures, OutputDelta
 
@@ -53,6 +55,7 @@ class WorkerSettings:
     heartbeat_s: float = 1.0
     leave_s: float = 0.0  # how long leaving waits for peers to pull the KV still offered
     die_on_token: int | None = None  # fault injection (tests): a prompt holding this token id kills the process
+    cores: CoreRequest | None = None  # cores to claim on the node (cpu_cores: auto); None: the engine config's
 
 
 class HostedEngine:
@@ -129,8 +132,11 @@ class HostedEngine:
         self._heartbeat.join(self._heartbeat_s + 1)
         self._reporter.close()
         deadline = time.monotonic() + transfers_s
-        while (held := self.engine.open_kv_transfers()) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        try:
+            while (held := self.engine.open_kv_transfers()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        except EngineDeadError:  # its transfers died with it
+            held = 0
         if held:
             log.warning("%s leaves with %d transfers nobody pulled in %g s", self.worker_id, held, transfers_s)
         self.engine.shutdown()
@@ -138,11 +144,31 @@ class HostedEngine:
     def _beat(self) -> None:
         while True:
             try:
+                self.engine.check_alive()
+            except EngineDeadError as exc:  # out of placement at once; Serve's health check replaces the replica
+                log.error("%s: %s; leaving the index", self.worker_id, exc)
+                self._reporter.close()
+                return
+            try:
                 self._reporter.report_load(self.load())
             except Exception as exc:  # a lost heartbeat is retried on the next beat; the TTL covers a few
                 log.warning("heartbeat of %s failed: %s", self.worker_id, exc)
             if self._stop.wait(self._heartbeat_s):
                 return
+
+
+def claim_cores(request: CoreRequest, worker_id: str) -> str | None:
+    """Cores of this node no other engine binds; where the node has none left (a pool grew past what was
+    planned), the engine shares the unreserved cores, and says so."""
+    bind = CoreLedger().claim(os.getpid(), request)
+    if bind is None:
+        log.warning("%s: no free cores left on this node for %d rank(s) × %d; sharing the unreserved cores",
+                    worker_id, request.ranks, request.per_rank)  # fmt: skip
+        cores = sorted(os.sched_getaffinity(0))[request.reserved :] or sorted(os.sched_getaffinity(0))
+        bind = (
+            omp_bind([cores[r :: request.ranks] for r in range(request.ranks)]) if len(cores) >= request.ranks else None
+        )
+    return bind
 
 
 class HostedWorker:
@@ -158,6 +184,8 @@ class HostedWorker:
 
     def _start(self, config: EngineConfig, role: str, worker_id: str, settings: WorkerSettings) -> None:
         self._leave_s = settings.leave_s
+        if settings.cores is not None and config.cpu_cores is None:
+            config = config.model_copy(update={"cpu_cores": claim_cores(settings.cores, worker_id)})
         self._host = HostedEngine(
             config, role, worker_id, settings.reporting, settings.heartbeat_s, settings.die_on_token
         )

@@ -21,7 +21,9 @@ from decode_worker.deployment import DecodeWorker
 from engine.config import EngineConfig, KVConnectorSpec
 from engine.hosting import WorkerSettings
 from kv_transfer.vllm_connector import TOKEN_ENV
+from pdserve import engine_layout
 from pdserve.config import PdserveConfig, PoolConfig, ServiceConfig, load_config
+from pdserve.engine_layout import PoolLayout
 from pdserve.models import resolve_model
 from prefill_worker.deployment import PrefillWorker
 from router.index.reporting import IndexReporting
@@ -47,18 +49,16 @@ def build_app(config: PdserveConfig) -> serve.Application:
         config.router.index.timeout_s, service.app_name,
     )  # fmt: skip
     disaggregated = service.mode == "disaggregated" and service.prefill.present
-    split = _core_split(disaggregated)
-    cores = {name: split[name] if pool.cpu_cores == "auto" else pool.cpu_cores
-             for name, pool in (("decode", service.decode), ("prefill", service.prefill))}  # fmt: skip
-    decode = DecodeWorker.options(**_pool_options(service.decode, "decode", cores["decode"])).bind(
-        _engine_for(config, service.decode, "kv_consumer" if disaggregated else None, cores["decode"]),
-        _worker_settings(service, service.decode, reporting, token),
+    layouts = layout(config)
+    decode = DecodeWorker.options(**_pool_options(service.decode, layouts["decode"])).bind(
+        _engine_for(config, layouts["decode"], "kv_consumer" if disaggregated else None),
+        _worker_settings(service, service.decode, layouts["decode"], reporting, token),
     )
     prefill = None
     if disaggregated:
-        prefill = PrefillWorker.options(**_pool_options(service.prefill, "prefill", cores["prefill"])).bind(
-            _engine_for(config, service.prefill, "kv_producer", cores["prefill"]),
-            _worker_settings(service, service.prefill, reporting, token),
+        prefill = PrefillWorker.options(**_pool_options(service.prefill, layouts["prefill"])).bind(
+            _engine_for(config, layouts["prefill"], "kv_producer"),
+            _worker_settings(service, service.prefill, layouts["prefill"], reporting, token),
         )
     settings = IngressSettings(
         model=model, router=config.router, mode=service.mode if disaggregated else "colocated",
@@ -98,46 +98,65 @@ def model_info(engine: EngineConfig) -> ModelInfo:
     return ModelInfo(engine.served_model_id, str(engine.model), engine.block_size, context, hf["vocab_size"])
 
 
-def _engine_for(config: PdserveConfig, pool: PoolConfig, role: str | None, cores: str | None) -> EngineConfig:
+def layout(config: PdserveConfig) -> dict[str, PoolLayout]:
+    """Each worker pool's engine and cores, checked (``ConfigError``) before any replica starts."""
+    service = config.service
+    roles = ["decode"] + (["prefill"] if service.mode == "disaggregated" and service.prefill.present else [])
+    return engine_layout.plan(config, roles, _gpus_per_node())
+
+
+def _gpus_per_node() -> float:
+    import ray
+
+    if not ray.is_initialized():
+        return 0.0
+    return max((node["Resources"].get("GPU", 0.0) for node in ray.nodes() if node["Alive"]), default=0.0)
+
+
+def _engine_for(config: PdserveConfig, pool: PoolLayout, role: str | None) -> EngineConfig:
     transfer = config.service.transfer
     connector = None
     if role is not None:
         extra = transfer.model_dump()  # lease_s, stall_timeout_s, backends: the connector's own knobs
         connector = KVConnectorSpec(**CONNECTOR, role=role, extra=extra)
-    update: dict[str, Any] = {"kv_connector": connector, "cpu_cores": cores}
-    if pool.kv_cache_gib is not None:
-        update["kv_cache_gib"] = pool.kv_cache_gib
-    return config.engine.model_copy(update=update)
+    settings = getattr(config.service, pool.role)
+    update: dict[str, Any] = {"kv_connector": connector}
+    if settings.cpu_cores not in (None, "auto"):  # the pool's own cores, as given
+        update["cpu_cores"] = settings.cpu_cores
+    if settings.kv_cache_gib is not None:
+        update["kv_cache_gib"] = settings.kv_cache_gib
+    return pool.engine.model_copy(update=update)
 
 
-def _worker_settings(service: ServiceConfig, pool: PoolConfig, reporting: IndexReporting, token) -> WorkerSettings:
+def _worker_settings(
+    service: ServiceConfig, pool: PoolConfig, layout: PoolLayout, reporting: IndexReporting, token
+) -> WorkerSettings:
     # Half the graceful-shutdown budget for peers to pull the KV still offered; the other half for calls to end.
     return WorkerSettings(
-        reporting, token, service.heartbeat_s, pool.graceful_shutdown_timeout_s / 2, service.test_die_on_token
-    )
+        reporting, token, service.heartbeat_s, pool.graceful_shutdown_timeout_s / 2, service.test_die_on_token,
+        layout.cores,
+    )  # fmt: skip
 
 
-def _pool_options(pool: PoolConfig, role: str, cores: str | None) -> dict[str, Any]:
+def _pool_options(pool: PoolConfig, layout: PoolLayout) -> dict[str, Any]:
     """Serve options of a worker pool. The cluster token is a constructor argument, not an env var:
-    Ray's runtime-env agent logs the env vars it sets."""
-    env = {}
-    if cores is not None:
-        # Ray sets OMP_NUM_THREADS from num_cpus (a scheduling figure); the engine's threads are its bound cores.
-        env["OMP_NUM_THREADS"] = str(_core_count(cores))
-    return {
-        **_scaling(pool, role),
+    Ray's runtime-env agent logs the env vars it sets. A replica owns every device of its engine's
+    ranks: its GPUs in one placement-group bundle (as Ray Serve LLM places a TP engine), or its cores."""
+    tp = layout.engine.tensor_parallel_size
+    options: dict[str, Any] = {
+        **_scaling(pool, layout.role),
         "max_ongoing_requests": pool.max_ongoing_requests,
         "graceful_shutdown_timeout_s": pool.graceful_shutdown_timeout_s,
         "graceful_shutdown_wait_loop_s": 0.5,  # how often a draining replica looks whether its calls ended
-        "ray_actor_options": {
-            "num_cpus": pool.num_cpus,
-            "num_gpus": pool.num_gpus,
-            "resources": pool.resources,
-            "runtime_env": {"env_vars": env},
-        },
+        "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus * tp, "resources": pool.resources},
         # Placement picks the replica; Serve's request router only carries that choice out.
         "request_router_config": RequestRouterConfig(request_router_class=ROUTER_CLASS),
     }
+    if pool.num_gpus > 0 and tp > 1:
+        bundle = {"CPU": pool.num_cpus, "GPU": pool.num_gpus * tp, **pool.resources}
+        options["placement_group_bundles"] = [bundle]
+        options["placement_group_strategy"] = "STRICT_PACK"
+    return options
 
 
 def _scaling(pool: PoolConfig, role: str | None = None) -> dict[str, Any]:
@@ -146,25 +165,3 @@ def _scaling(pool: PoolConfig, role: str | None = None) -> dict[str, Any]:
     if pool.autoscaling_config is not None:
         return {"autoscaling_config": pool.autoscaling_config}
     return {"num_replicas": pool.num_replicas}
-
-
-def _core_split(disaggregated: bool) -> dict[str, str | None]:
-    """``auto`` cores: this node's cores, halved between prefill and decode, so they never share one."""
-    count = os.cpu_count() or 1
-    if not disaggregated or count < 2:
-        return {"prefill": None, "decode": _span(0, count)}
-    half = count // 2
-    return {"prefill": _span(0, half), "decode": _span(half, count)}
-
-
-def _core_count(cores: str) -> int:
-    """How many cores a VLLM_CPU_OMP_THREADS_BIND list names: '0-3' → 4, '0,2' → 2."""
-    count = 0
-    for part in cores.split(","):
-        first, _, last = part.partition("-")
-        count += int(last or first) - int(first) + 1
-    return count
-
-
-def _span(first: int, end: int) -> str:
-    return str(first) if end - first == 1 else f"{first}-{end - 1}"

@@ -24,6 +24,10 @@ class ConfigError(ValueError):
     """The configuration is invalid; the message lists every bad field."""
 
 
+# What makes KV and block hashes interchangeable between the pools: one value for the whole service.
+_SERVICE_WIDE_ENGINE_FIELDS = {"model", "model_id", "block_size", "kv_connector", "kv_events_endpoint"}
+
+
 class PoolAutoscaling(BaseModel):
     """pdserve's autoscaling of a worker pool: Serve's bounds and delays, on the signal that loads the pool.
 
@@ -105,10 +109,15 @@ class PoolConfig(BaseModel):
     max_ongoing_requests: int = Field(default=64, ge=1, description="requests one replica takes at once")
     cpu_cores: str | None = Field(
         default="auto",
-        description="cores each replica's engine binds to ('0-3'); auto: the node's cores split between the pools; "
-        "none: vLLM's default",
+        description="cores each replica's engine binds to ('0-3', '0-1|2-3' for two ranks); auto: cores of its own "
+        "on its node, above service.reserved_cores (pdserve/engine_layout.py); none: vLLM's default",
     )
     kv_cache_gib: int | None = Field(default=None, ge=1, description="KV GiB per replica (default: engine's)")
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="engine fields for this pool only, over the top-level engine's (e.g. {tensor_parallel_size: 2}); "
+        "the model and block size are the service's",
+    )
     graceful_shutdown_timeout_s: float = Field(
         default=30.0,
         gt=0,
@@ -162,6 +171,11 @@ class ServiceConfig(BaseModel):
     grpc_host: str = "127.0.0.1"
     grpc_port: int = Field(default=9000, ge=1, le=65535)
     heartbeat_s: float = Field(default=1.0, gt=0, description="how often workers report load to the index")
+    reserved_cores: int = Field(
+        default=1, ge=0,
+        description="the lowest cores of each CPU node that no engine binds with cpu_cores: auto (Ray, the Serve "
+        "proxy, the router and the replicas' own processes run there, as vLLM's server keeps one for its front end)",
+    )  # fmt: skip
     max_inflight: int = Field(default=256, ge=1, description="requests one router replica serves at once (then 429)")
     prefill_timeout_s: float = Field(default=60.0, gt=0, description="a prefill slower than this is redone locally")
     transfer: TransferConfig = Field(default_factory=TransferConfig)
@@ -202,6 +216,31 @@ class PdserveConfig(BaseModel):
         description="where the tiny model is made when no model directory is configured",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
+
+    def pool_engine(self, role: Literal["prefill", "decode"]) -> EngineConfig:
+        """The engine a pool runs: the top-level ``engine`` with the pool's ``engine`` fields over it."""
+        overrides = getattr(self.service, role).engine
+        if not overrides:
+            return self.engine
+        where = f"service.{role}.engine"
+        unknown = sorted(set(overrides) - set(EngineConfig.model_fields))
+        if unknown:
+            raise ValueError(f"{where}.{unknown[0]}: not an engine field")
+        shared = sorted(set(overrides) & _SERVICE_WIDE_ENGINE_FIELDS)
+        if shared:
+            raise ValueError(f"{where}.{shared[0]}: the same for every pool (set engine.{shared[0]})")
+        try:
+            return EngineConfig.model_validate({**self.engine.model_dump(exclude_unset=True), **overrides})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"{where}.{field}: {first['msg']} (got {first.get('input')!r})") from None
+
+    @model_validator(mode="after")
+    def _pool_engines_are_valid(self) -> PdserveConfig:
+        for role in ("prefill", "decode"):
+            self.pool_engine(role)
+        return self
 
     @model_validator(mode="after")
     def _router_scales_on_requests(self) -> PdserveConfig:
@@ -320,6 +359,9 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
+        if error["type"] == "value_error" and not error["loc"]:  # a check across fields: its message names them
+            lines.append(error["msg"].removeprefix("Value error, "))
+            continue
         field = ".".join(str(part) for part in error["loc"]) or "config"
         got = (
             f" (got {error['input']!r})" if error["type"] != "missing" and not isinstance(error["input"], dict) else ""

@@ -12,12 +12,14 @@ from collections.abc import AsyncIterator
 
 from ray.exceptions import ActorUnavailableError, RayActorError
 
+from engine.errors import EngineDeadError
 from engine.types import DecodeJob, OutputDelta, PrefillJob, PrefillResult
 from router.left_replicas import LeftReplicas
 from router.replica_routing import pinned_call
 from router.service import WorkerGoneError
 
-_GONE = (RayActorError, ActorUnavailableError)
+# The replica's process died (Ray's errors), or its engine's processes did (the replica lives on, unhealthy).
+_GONE = (RayActorError, ActorUnavailableError, EngineDeadError)
 
 
 class ServeWorkerPools:

@@ -1,0 +1,113 @@
+"""Which cores of this node each engine binds, kept in a ledger on local disk, so engines never share one by accident.
+
+vLLM's CPU engine binds one OpenMP thread per core it is given
+(``VLLM_CPU_OMP_THREADS_BIND``) and spins on them. Two engines bound to one core,
+or an engine bound to the core the serving processes run on, cost far more than
+the core's share: the figures are in README ("Cores on CPU nodes"). Every
+replica of every pool on a node claims its own cores here when it starts (replica
+k of a pool does not land on replica 0's cores) and they are free again when its
+process is gone. The lowest ``reserved`` cores are never claimed: Ray, the Serve
+proxy, the router and the replicas' own processes run there, as vLLM's server
+keeps one core for its front end.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PATH = Path(tempfile.gettempdir()) / f"pdserve-cores-{os.getuid()}.json"
+
+
+@dataclass(frozen=True)
+class CoreRequest:
+    """What a replica asks for: ``per_rank`` cores for each of ``ranks`` ranks, above the ``reserved`` ones."""
+
+    per_rank: int
+    ranks: int = 1
+    reserved: int = 1
+
+
+def omp_bind(cores_by_rank: list[list[int]]) -> str:
+    """vLLM's ``VLLM_CPU_OMP_THREADS_BIND``: ranks separated by '|', each a list of spans ('0-1|2-3')."""
+    return "|".join(",".join(_spans(cores)) for cores in cores_by_rank)
+
+
+def bound_cores(bind: str) -> list[int]:
+    """The cores a ``VLLM_CPU_OMP_THREADS_BIND`` value names, all ranks together ('0-1|3' → [0, 1, 3])."""
+    cores: list[int] = []
+    for rank in bind.split("|"):
+        for part in rank.split(","):
+            first, _, last = part.partition("-")
+            cores.extend(range(int(first), int(last or first) + 1))
+    return cores
+
+
+class CoreLedger:
+    def __init__(self, path: Path = DEFAULT_PATH, node_cores: list[int] | None = None):
+        self._path = path
+        self._node_cores = sorted(node_cores if node_cores is not None else os.sched_getaffinity(0))
+
+    def claim(self, owner_pid: int, request: CoreRequest) -> str | None:
+        """Cores for ``owner_pid``'s engine as a bind string, or None when this node has too few free ones."""
+        with self._locked() as claims:
+            taken = {core for cores in claims.values() for core in cores}
+            free = [c for c in self._node_cores[request.reserved :] if c not in taken]
+            want = request.per_rank * request.ranks
+            if want < 1 or len(free) < want:
+                return None
+            mine = free[:want]
+            claims[str(owner_pid)] = mine
+        return omp_bind([mine[r * request.per_rank : (r + 1) * request.per_rank] for r in range(request.ranks)])
+
+    def release(self, owner_pid: int) -> None:
+        with self._locked() as claims:
+            claims.pop(str(owner_pid), None)
+
+    def claims(self) -> dict[int, list[int]]:
+        with self._locked() as claims:
+            return {int(pid): cores for pid, cores in claims.items()}
+
+    @contextmanager
+    def _locked(self) -> Iterator[dict[str, list[int]]]:
+        """The live claims, under the node-wide lock, written back when the block ends."""
+        with open(self._path, "a+") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            try:
+                file.seek(0)
+                text = file.read()
+                loaded = json.loads(text) if text.strip() else {}
+                # A claim whose process is gone (exited, killed) is free again.
+                claims = {pid: cores for pid, cores in loaded.items() if _alive(int(pid))}
+                yield claims
+                file.seek(0)
+                file.truncate()
+                json.dump(claims, file)
+            finally:
+                fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _spans(cores: list[int]) -> list[str]:
+    spans: list[str] = []
+    for core in cores:
+        if spans and core == int(spans[-1].rpartition("-")[2]) + 1:
+            spans[-1] = f"{spans[-1].partition('-')[0]}-{core}"
+        else:
+            spans.append(str(core))
+    return spans

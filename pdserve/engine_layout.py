@@ -1,0 +1,109 @@
+"""Each pool's engine, checked before any replica starts, and the cores its replicas bind on CPU nodes.
+
+``pdserve up`` (and ``serve deploy`` through ``app_builder``) refuses an engine
+that cannot run: a tensor-parallel size that does not divide the model's heads,
+or that asks for more devices than a node has. The message names the field.
+
+Cores (CPU pools with ``cpu_cores: auto``): the node's lowest ``reserved_cores``
+stay with the serving processes; the rest are shared out, so that every rank of
+every replica planned (initial replicas × tensor-parallel size) binds cores no
+other engine binds (engine/core_ledger.py). Where a node has fewer engine cores
+than ranks, no core is reserved and the ranks split the node's cores: on a
+2-core node, disaggregated, prefill on one core and decode on the other
+measured best (README, "Cores on CPU nodes"). Where even that cannot give each
+rank a core, the engines share all cores (vLLM's own binding), said at start.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Literal
+
+from engine.config import EngineConfig
+from engine.core_ledger import CoreRequest
+from pdserve.config import ConfigError, PdserveConfig, PoolConfig
+
+Role = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class PoolLayout:
+    role: Role
+    engine: EngineConfig
+    cores: CoreRequest | None  # None: explicit cores (engine.cpu_cores), a GPU pool, or vLLM's default
+
+    def describe(self) -> str:
+        tp = self.engine.tensor_parallel_size
+        if self.engine.cpu_cores is not None:
+            where = f"cores {self.engine.cpu_cores} (as configured)"
+        elif self.cores is None:
+            where = "vLLM's default binding"
+        else:
+            where = (
+                f"{self.cores.per_rank} core(s) per rank of its own, above core {self.cores.reserved - 1}"
+                if (self.cores.reserved)
+                else f"{self.cores.per_rank} core(s) per rank of its own, no core reserved"
+            )
+        return f"{self.role}: TP={tp}, {where}"
+
+
+def plan(config: PdserveConfig, roles: list[Role], gpus_per_node: float = 0.0) -> dict[Role, PoolLayout]:
+    """Every pool's engine and cores; ``ConfigError`` for an engine that cannot run."""
+    engines = {role: config.pool_engine(role) for role in roles}
+    pools = {role: getattr(config.service, role) for role in roles}
+    node_cores = len(os.sched_getaffinity(0))
+    for role in roles:
+        _check_engine(engines[role], _field(config, role), pools[role], node_cores, gpus_per_node)
+    auto = [r for r in roles if _binds_auto(pools[r], engines[r])]
+    ranks = sum(_initial_replicas(pools[r]) * engines[r].tensor_parallel_size for r in auto)
+    reserved = config.service.reserved_cores
+    if ranks and node_cores - reserved >= ranks:
+        request = {"per_rank": (node_cores - reserved) // ranks, "reserved": reserved}
+    elif ranks and node_cores >= ranks:  # too few to keep one back: split the node, reserve none
+        request = {"per_rank": node_cores // ranks, "reserved": 0}
+    else:
+        request = None
+    return {
+        role: PoolLayout(
+            role,
+            engines[role],
+            CoreRequest(ranks=engines[role].tensor_parallel_size, **request) if role in auto and request else None,
+        )
+        for role in roles
+    }
+
+
+def _binds_auto(pool: PoolConfig, engine: EngineConfig) -> bool:
+    return pool.cpu_cores == "auto" and engine.cpu_cores is None and pool.num_gpus == 0
+
+
+def _initial_replicas(pool: PoolConfig) -> int:
+    if pool.autoscaling is not None:
+        return pool.autoscaling.min_replicas
+    if pool.autoscaling_config is not None:
+        return int(pool.autoscaling_config.get("min_replicas", pool.autoscaling_config.get("initial_replicas", 1)))
+    return pool.num_replicas
+
+
+def _field(config: PdserveConfig, role: Role) -> str:
+    overrides = getattr(config.service, role).engine
+    return f"service.{role}.engine" if "tensor_parallel_size" in overrides else "engine"
+
+
+def _check_engine(engine: EngineConfig, where: str, pool: PoolConfig, node_cores: int, gpus: float) -> None:
+    tp = engine.tensor_parallel_size
+    field = f"{where}.tensor_parallel_size"
+    hf = json.loads((engine.model / "config.json").read_text())
+    heads = hf.get("num_attention_heads")
+    kv_heads = hf.get("num_key_value_heads") or heads
+    if heads and heads % tp:
+        raise ConfigError(f"{field}: {tp} does not divide the model's {heads} attention heads")
+    if kv_heads and kv_heads % tp and tp % kv_heads:
+        raise ConfigError(f"{field}: {tp} and the model's {kv_heads} KV heads: neither divides the other")
+    if pool.num_gpus > 0:
+        if gpus and tp * pool.num_gpus > gpus:
+            raise ConfigError(f"{field}: {tp} ranks × {pool.num_gpus:g} GPU need more GPUs than a node has ({gpus:g})")
+    elif tp > node_cores:
+        raise ConfigError(f"{field}: {tp} ranks need a core each; this node has {node_cores}")
