@@ -36,6 +36,35 @@ def kill_replica(service, deployment: str, replica_id: str) -> float:
     return time.monotonic()
 
 
+def engine_workers(service, deployment: str, replica_id: str, timeout_s: float = 10.0) -> dict[str, int]:
+    """The replica's vLLM worker processes (one per tensor-parallel rank): process title → pid."""
+    import psutil
+
+    replica = psutil.Process(replica_pid(service, deployment, replica_id))
+    deadline = time.monotonic() + timeout_s
+    while True:
+        workers = {}
+        for child in replica.children(recursive=True):
+            try:
+                title = " ".join(child.cmdline()) or child.name()
+            except psutil.Error:  # gone meanwhile
+                continue
+            if title.startswith("VLLM::Worker"):
+                workers[title.split()[0]] = child.pid
+        if workers or time.monotonic() > deadline:
+            return workers
+        time.sleep(0.2)
+
+
+def bound_cores(pid: int) -> set[int]:
+    """The cores a process may run on (``Cpus_allowed_list`` in /proc/PID/status)."""
+    from engine.core_ledger import bound_cores as cores_of
+
+    status = open(f"/proc/{pid}/status").read()
+    allowed = next(line for line in status.splitlines() if line.startswith("Cpus_allowed_list:"))
+    return set(cores_of(allowed.split()[1]))
+
+
 def cancel_grpc_after(client, ids: list[int], delay_s: float) -> None:
     """A gRPC stream the client cancels ``delay_s`` in, wherever the request is by then."""
     from pdserve_pb.v1 import generate_pb2 as pb

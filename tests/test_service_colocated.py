@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from faults import bound_cores, engine_workers
 from helpers import transformers_greedy
-from service_client import ServiceClient, prompt, service_config
+from service_client import prompt, service_config
 
 from pdserve.up import start
 
@@ -25,13 +27,11 @@ AUTOSCALING = {
 
 
 @pytest.fixture(scope="module")
-def client(model_dir, tmp_path_factory):
+def service(model_dir, tmp_path_factory):
     overrides = {"service.mode": "colocated", "service.decode.autoscaling_config": AUTOSCALING}
-    service = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)
-    c = ServiceClient(service)
-    yield c
-    c.close()
-    service.stop()
+    running = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)
+    yield running
+    running.stop()
 
 
 def decode_workers(client) -> int:
@@ -44,6 +44,12 @@ def test_colocated_mode_gives_the_same_tokens_without_a_prefill_pool(client, mod
     assert last.timing.placement == "local_prefill" and client.status().mode == "colocated"
     assert tokens == transformers_greedy(model_dir, ids, 12)
     assert all(w.role == "decode" for w in client.status().workers)
+
+
+def test_the_engine_binds_a_core_of_its_own_and_leaves_the_reserved_core_to_the_serving_processes(client, service):
+    (replica,) = [w.worker_id for w in client.status().workers]
+    (worker,) = engine_workers(service, "DecodeWorker", replica).values()
+    assert bound_cores(worker) == set(sorted(os.sched_getaffinity(0))[1:2])  # core 0 stays with Ray, Serve, router
 
 
 def test_scaling_the_pool_up_and_down_under_load_loses_no_request(client, model_dir):

@@ -13,7 +13,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from faults import live_workers
+from faults import bound_cores, engine_workers, live_workers
 from service_client import prompt
 from short_prompts import ask_every_short_prompt, replica_ids
 
@@ -45,6 +45,13 @@ def test_colocated_prompts_of_1_to_4_tokens_are_answered_with_no_replica_restart
     assert len(before) == 2
     assert ask_every_short_prompt(client, resolve_model(service.config).engine.model) == []
     assert replica_ids(client) == before
+
+
+def test_two_replicas_on_two_cores_bind_one_core_each(service, client):
+    """2 engines, 2 cores: too few to keep one back, so none is reserved and each engine has its own."""
+    cores = [bound_cores(pid) for replica in live_workers(client, "decode")
+             for pid in engine_workers(service, "DecodeWorker", replica).values()]  # fmt: skip
+    assert len(cores) == 2 and all(len(c) == 1 for c in cores) and cores[0].isdisjoint(cores[1])
 
 
 def test_a_request_that_kills_its_worker_is_retried_once_then_fails_and_the_others_complete(client):

@@ -1,0 +1,59 @@
+"""The service on a tensor-parallel engine: two ranks, each in its own vLLM worker process on its own core.
+
+SIGKILL of one rank's process under load: vLLM's engine core sees its worker die and fails its
+requests; the replica's requests move on (here: wait for Serve's replacement, the pool's only
+replica) and finish with the tokens a healthy engine gives. Nothing is lost.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from faults import bound_cores, engine_workers, live_workers, wait_for_replacement
+from helpers import transformers_greedy
+from service_client import prompt, service_config
+
+from pdserve.up import start
+
+pytestmark = [
+    pytest.mark.service,
+    pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two ranks need two cores"),
+]
+
+
+@pytest.fixture(scope="module")
+def service(model_dir, tmp_path_factory):
+    overrides = {"service.mode": "colocated", "engine.tensor_parallel_size": 2}
+    running = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides))
+    yield running
+    running.stop()
+
+
+def test_each_rank_runs_in_its_own_process_on_its_own_core(service, client):
+    (replica,) = live_workers(client, "decode")
+    workers = engine_workers(service, "DecodeWorker", replica)
+    assert sorted(workers) == ["VLLM::Worker_TP0", "VLLM::Worker_TP1"]
+    cores = [bound_cores(pid) for pid in workers.values()]
+    assert all(len(c) == 1 for c in cores) and cores[0].isdisjoint(cores[1])
+
+
+def test_sigkill_of_one_rank_under_load_loses_no_request_and_changes_no_token(service, client, model_dir):
+    prompts = [prompt(40 + 10 * i, 70 + i) for i in range(3)]
+    expected = [transformers_greedy(model_dir, ids, 60) for ids in prompts]
+    (replica,) = live_workers(client, "decode")
+    rank1 = engine_workers(service, "DecodeWorker", replica)["VLLM::Worker_TP1"]
+    with ThreadPoolExecutor(3) as pool:
+        running = [pool.submit(client.greedy, ids, 60) for ids in prompts]
+        deadline = time.monotonic() + 60
+        while not any(w.running_seqs for w in client.status().workers):
+            assert time.monotonic() < deadline, "the load never started"
+            time.sleep(0.05)
+        os.kill(rank1, signal.SIGKILL)
+        results = [future.result(300) for future in running]
+    assert [tokens for tokens, _, _ in results] == expected
+    assert any(last.timing.migrations for _, _, last in results)  # those in flight moved on
+    wait_for_replacement(client, "decode", 1, replica)
