@@ -185,6 +185,13 @@ def _parser() -> argparse.ArgumentParser:
     soak_bench.add_argument("--seed", type=int, default=0)
     _add_json_dir_flag(soak_bench, "soak.json")
     soak_bench.set_defaults(run=_bench_soak)
+    vllm_bench = suites.add_parser(
+        "vllm", help="raw vLLM's server vs pdserve up (colocated, disaggregated), one outside client (~10 min)"
+    )
+    _add_config_flags(vllm_bench)
+    vllm_bench.add_argument("--port", type=int, default=8000, help="HTTP port each server takes in turn")
+    _add_json_dir_flag(vllm_bench, "vllm_compare.json")
+    vllm_bench.set_defaults(run=_bench_vllm)
     autoscale_bench = suites.add_parser(
         "autoscale", help="a step load (low, high, low): fixed pools vs Serve's default policy vs pdserve's"
     )
@@ -248,12 +255,16 @@ def _make_model(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from pdserve.app import layout
+    from pdserve.models import resolve_model
     from pdserve.up import run_until_interrupted, start
 
     flags = {"service.mode": args.mode, "router.index.redis_url": args.redis, "service.http_port": args.http_port,
              "service.grpc_port": args.grpc_port}  # fmt: skip
-    config = _config(args, flags)
-    print("pdserve: starting Ray and the Serve app (first start makes a tiny model)…", flush=True)
+    config = resolve_model(_config(args, flags))
+    for pool in layout(config).values():  # bad engine settings stop here, before Ray or any replica starts
+        print(f"pdserve: {pool.describe()}", flush=True)
+    print("pdserve: starting Ray and the Serve app…", flush=True)
     service = start(config, num_cpus=args.num_cpus)
     where = f"HTTP {service.http_url}/v1  gRPC {service.grpc_address}"
     print(f"pdserve is up: {where}  ({config.service.mode})", flush=True)
@@ -541,6 +552,20 @@ def _bench_soak(args: argparse.Namespace) -> int:
     if args.json is not None:
         print(f"wrote {write(result, args.json)}")
     return 0 if result["passed"] else 1
+
+
+def _bench_vllm(args: argparse.Namespace) -> int:
+    from bench.vllm_compare import TARGETS, run
+
+    config = _bench_config(args)
+    result = run(config.engine.model, args.json, args.port, config.engine.kv_cache_gib)
+    for key, (bound, kind) in TARGETS.items():
+        for suffix in ("", "_prefix"):
+            value = result.get(key + suffix)
+            met = value is not None and (value >= bound if kind == "min" else value <= bound)
+            print(f"{key + suffix:42s} {value!s:>8}  target {'≥' if kind == 'min' else '≤'} {bound}  "
+                  f"{'met' if met else 'MISSED'}")  # fmt: skip
+    return 0
 
 
 def _bench_autoscale(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ def run(*args, env=None, timeout=300):
         ["bench", "questions"],
         ["bench", "overhead"],
         ["bench", "autoscale"],
+        ["bench", "vllm"],
         ["serve-config"],
     ],
 )

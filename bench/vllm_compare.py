@@ -1,0 +1,127 @@
+"""pdserve against raw vLLM on the same model and machine, driven by the same outside client.
+
+One invocation starts, one after the other: vLLM's own OpenAI server
+(``python -m vllm.entrypoints.openai.api_server``, its defaults), ``pdserve up
+--mode colocated`` and ``pdserve up`` (disaggregated), both on pdserve's
+out-of-the-box defaults. Each gets the same two workloads from vLLM's ``bench
+serve`` (scripts/vllm_bench_serve.py), streaming OpenAI completions with
+``ignore_eos``:
+
+- ``random``: 512 prompt tokens, 64 output tokens, 4 concurrent, 48 requests;
+- ``prefix``: 8 prefixes of 1,024 tokens, 64-token suffixes, 32 output tokens.
+
+Ratios are pdserve / raw vLLM, of output throughput and of the medians vLLM's
+client reports (TTFT, ITL). Each server runs alone: no two share the cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+WORKLOADS = {
+    "random": ["--dataset-name", "random", "--random-input-len", "512", "--random-output-len", "64",
+               "--num-prompts", "48", "--max-concurrency", "4"],
+    "prefix": ["--dataset-name", "prefix_repetition", "--prefix-repetition-prefix-len", "1024",
+               "--prefix-repetition-suffix-len", "64", "--prefix-repetition-num-prefixes", "8",
+               "--prefix-repetition-output-len", "32", "--num-prompts", "32", "--max-concurrency", "4"],
+}  # fmt: skip
+TARGETS = {  # key → (bound, "min" or "max")
+    "colocated_throughput_vs_vllm": (0.95, "min"),
+    "colocated_itl_p50_vs_vllm": (1.1, "max"),
+    "colocated_ttft_p50_vs_vllm": (1.1, "max"),
+    "disagg_throughput_vs_vllm": (0.8, "min"),
+    "disagg_itl_p50_vs_vllm": (1.1, "max"),
+}
+
+
+def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: int = 1) -> dict:
+    figures: dict[str, dict[str, dict[str, float]]] = {}
+    name = model_dir.name
+    vllm_server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+                   "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    servers = {
+        "vllm": (vllm_server, {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}),
+        "colocated": (_pdserve_up(model_dir, port, "colocated"), {}),
+        "disagg": (_pdserve_up(model_dir, port, "disaggregated"), {}),
+    }
+    for server, (command, env) in servers.items():
+        with _Server(command, env, f"http://127.0.0.1:{port}") as url:
+            figures[server] = {workload: _client(url, name, model_dir, flags) for workload, flags in WORKLOADS.items()}
+    result = {"figures": figures, **ratios(figures), "workloads": {k: " ".join(v) for k, v in WORKLOADS.items()}}
+    if json_dir is not None:
+        json_dir.mkdir(parents=True, exist_ok=True)
+        (json_dir / "vllm_compare.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def ratios(figures: dict) -> dict[str, float]:
+    """pdserve / raw vLLM per mode and workload (suffix ``_prefix`` for the shared-prefix one)."""
+    out = {}
+    for mode in ("colocated", "disagg"):
+        for workload, suffix in (("random", ""), ("prefix", "_prefix")):
+            ours, theirs = figures[mode][workload], figures["vllm"][workload]
+            for metric, key in (("output_throughput", "throughput"), ("median_itl_ms", "itl_p50"),
+                                ("median_ttft_ms", "ttft_p50")):  # fmt: skip
+                if theirs[metric]:
+                    out[f"{mode}_{key}_vs_vllm{suffix}"] = round(ours[metric] / theirs[metric], 3)
+    return out
+
+
+def _pdserve_up(model_dir: Path, port: int, mode: str) -> list[str]:
+    return [sys.executable, "-m", "pdserve.cli", "up", "--model", str(model_dir), "--mode", mode,
+            "--http-port", str(port)]  # fmt: skip
+
+
+def _client(url: str, name: str, model_dir: Path, flags: list[str]) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, str(REPO / "scripts" / "vllm_bench_serve.py"), "--backend", "openai",
+                   "--base-url", url, "--model", name, "--tokenizer", str(model_dir), "--ignore-eos", "--seed", "0",
+                   "--save-result", "--result-dir", out, "--result-filename", "result.json", *flags]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True, timeout=1800)
+        data = json.loads((Path(out) / "result.json").read_text())
+    keys = ("completed", "output_throughput", "median_ttft_ms", "median_itl_ms", "median_tpot_ms", "p99_ttft_ms")
+    return {key: data[key] for key in keys}
+
+
+class _Server:
+    """A server process in its own session, ready once ``/v1/models`` answers; stopped with SIGINT, then SIGKILL."""
+
+    def __init__(self, command: list[str], env: dict[str, str], url: str, start_timeout_s: float = 600.0):
+        self._command, self._env, self._url, self._timeout = command, env, url, start_timeout_s
+
+    def __enter__(self) -> str:
+        self._log = tempfile.TemporaryFile()
+        self._process = subprocess.Popen(self._command, env={**os.environ, **self._env}, stdout=self._log,
+                                         stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)  # fmt: skip
+        deadline = time.monotonic() + self._timeout
+        while True:
+            if self._process.poll() is not None:
+                self._log.seek(0)
+                raise RuntimeError(f"{self._command[:4]} exited: {self._log.read()[-3000:].decode(errors='replace')}")
+            try:
+                with urllib.request.urlopen(self._url + "/v1/models", timeout=5) as reply:
+                    if reply.status == 200:
+                        return self._url
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self._command[:4]} did not answer in {self._timeout:g} s")
+            time.sleep(1)
+
+    def __exit__(self, *exc) -> None:
+        os.killpg(self._process.pid, signal.SIGINT)
+        try:
+            self._process.wait(120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self._process.pid, signal.SIGKILL)
+            self._process.wait(30)
+        self._log.close()

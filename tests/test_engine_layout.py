@@ -1,0 +1,90 @@
+"""Each pool's engine checked, and its cores planned, before any replica starts (pdserve/engine_layout.py)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engine.core_ledger import CoreLedger, CoreRequest
+from pdserve.config import ConfigError, load_config
+from pdserve.engine_layout import plan
+
+
+@pytest.fixture
+def cores(monkeypatch):
+    """Pretend this node has ``n`` cores."""
+
+    def set_cores(n: int) -> None:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)))
+
+    return set_cores
+
+
+def config(model_dir, **overrides):
+    return load_config(overrides={"engine.model": str(model_dir), **overrides})
+
+
+def test_on_a_big_node_every_rank_gets_cores_of_its_own_above_the_reserved_one(model_dir, cores):
+    cores(16)
+    pools = plan(config(model_dir, **{"service.decode.num_replicas": 2, "service.prefill.engine":
+                                      {"tensor_parallel_size": 2}}), ["decode", "prefill"])  # fmt: skip
+    # 2 decode replicas × 1 rank + 1 prefill replica × 2 ranks = 4 ranks over 15 unreserved cores
+    assert pools["decode"].cores == CoreRequest(per_rank=3, ranks=1, reserved=1)
+    assert pools["prefill"].cores == CoreRequest(per_rank=3, ranks=2, reserved=1)
+    assert pools["prefill"].engine.tensor_parallel_size == 2 and pools["decode"].engine.tensor_parallel_size == 1
+
+
+def test_two_cores_disaggregated_split_the_node_and_reserve_none(model_dir, cores):
+    cores(2)
+    pools = plan(config(model_dir), ["decode", "prefill"])
+    assert pools["decode"].cores == pools["prefill"].cores == CoreRequest(per_rank=1, ranks=1, reserved=0)
+
+
+def test_cores_given_are_never_replaced(model_dir, cores):
+    cores(8)
+    pools = plan(config(model_dir, **{"engine.cpu_cores": "5"}), ["decode"])
+    assert pools["decode"].cores is None and pools["decode"].engine.cpu_cores == "5"
+
+
+def test_replicas_claim_disjoint_cores_and_a_dead_ones_come_back(tmp_path):
+    ledger = CoreLedger(tmp_path / "cores.json", node_cores=list(range(4)))
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        assert ledger.claim(first.pid, CoreRequest(per_rank=2, reserved=1)) == "1-2"
+        assert ledger.claim(os.getpid(), CoreRequest(per_rank=1, reserved=1)) == "3"
+        assert ledger.claim(12345678, CoreRequest(per_rank=1, reserved=1)) is None  # none left
+    finally:
+        first.kill()
+        first.wait()
+    assert ledger.claim(os.getppid(), CoreRequest(per_rank=2, reserved=1)) == "1-2"  # the killed one's, free again
+    ledger.release(os.getpid())
+    assert ledger.claims() == {os.getppid(): [1, 2]}
+
+
+@pytest.mark.parametrize(
+    ("setting", "field", "message"),
+    [
+        ("engine.tensor_parallel_size=3", "engine.tensor_parallel_size", "does not divide the model's 4 attention"),
+        ("service.prefill.engine={tensor_parallel_size: 64}", "service.prefill.engine.tensor_parallel_size",
+         "does not divide"),
+        ("engine.gpu_memory_utilization=1.5", "engine.gpu_memory_utilization", "less than or equal to 1"),
+        ("engine.gpu_memory_utilization=0", "engine.gpu_memory_utilization", "greater than 0"),
+    ],
+)  # fmt: skip
+def test_bad_engine_settings_stop_pdserve_up_before_anything_starts(tmp_path, setting, field, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "pdserve.cli", "up", "--set", setting, "--set", f"model_cache_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert field in result.stderr and message in result.stderr, result.stderr[-2000:]
+    assert "starting Ray" not in result.stdout
+
+
+def test_more_ranks_than_a_node_has_cores_is_refused(model_dir, cores):
+    cores(2)
+    with pytest.raises(ConfigError, match="engine.tensor_parallel_size: 4 ranks need a core each; this node has 2"):
+        plan(config(model_dir, **{"engine.tensor_parallel_size": 4}), ["decode"])
