@@ -42,7 +42,7 @@ class WorkerReporter(Protocol):
 class Reporting(Protocol):
     """The picklable description a worker receives; ``start`` connects it inside the worker's process."""
 
-    def start(self, worker_id: str, role: str, block_size: int) -> WorkerReporter:
+    def start(self, worker_id: str, role: str, block_size: int, cpu_cores: str = "") -> WorkerReporter:
         """Called once, before the engine exists, so no cache event precedes the identity."""
 
 
@@ -70,7 +70,7 @@ class HostedEngine:
     ):
         self.worker_id = worker_id
         self._die_on_token = die_on_token
-        self._reporter = reporter = reporting.start(worker_id, role, config.block_size)
+        self._reporter = reporter = reporting.start(worker_id, role, config.block_size, config.cpu_cores or "")
         self.engine = Engine(config, on_cache_events=reporter.report_events)
         self._queued_prefill_tokens = 0  # prompt tokens admitted that have not produced a token yet
         # For the coordinated autoscaler: what this worker sustains, and the requests it sees.

@@ -369,10 +369,10 @@ def _status(args: argparse.Namespace) -> int:
     size = sum(w.cached_blocks for w in status.workers)
     print(f"index size {size} blocks over {len(status.workers)} live workers")
     print(f"{'pool':8} {'worker':34} {'running':>7} {'waiting':>7} {'queued':>7} {'kv use':>7} {'cached':>7} "
-          f"{'placed':>7}")  # fmt: skip
+          f"{'placed':>7} cores")  # fmt: skip
     for w in status.workers:
         print(f"{w.role:8} {w.worker_id:34} {w.running_seqs:7} {w.waiting_seqs:7} {w.queued_prefill_tokens:7} "
-              f"{w.kv_used_fraction:7.1%} {w.cached_blocks:7} {w.in_flight:7}")  # fmt: skip
+              f"{w.kv_used_fraction:7.1%} {w.cached_blocks:7} {w.in_flight:7} {w.cpu_cores or '-'}")  # fmt: skip
     return 0
 
 

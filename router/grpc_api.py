@@ -138,7 +138,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             pb.WorkerStatus(
                 worker_id=w.worker_id, role=w.role, running_seqs=w.load.running_seqs, waiting_seqs=w.load.waiting_seqs,
                 queued_prefill_tokens=w.load.queued_prefill_tokens, kv_used_fraction=w.load.kv_used_fraction,
-                cached_blocks=held.get(w.worker_id, 0), in_flight=w.in_flight.requests,
+                cached_blocks=held.get(w.worker_id, 0), in_flight=w.in_flight.requests, cpu_cores=w.cpu_cores,
             )
             for w in sorted(service.live_workers(), key=lambda w: (w.role, w.worker_id))
         ]  # fmt: skip

@@ -154,6 +154,7 @@ def test_up_answers_over_both_apis_serves_generate_and_status_and_stops_on_ctrl_
             except queue.Empty:
                 pytest.fail("pdserve up was not serving after 300 s; it said:\n" + "".join(seen)[-4000:])
         output = "".join(seen)
+        assert "pdserve: prefill: TP=1" in output and "pdserve: decode: TP=1" in output  # the layout it chose
         assert f"gRPC 127.0.0.1:{grpc_port}" in output and "gRPC  Generate: 'Once upon a time' →" in output
         assert "HTTP  /v1/completions: 'Once upon a time' →" in output
         address = f"127.0.0.1:{grpc_port}"
@@ -161,6 +162,10 @@ def test_up_answers_over_both_apis_serves_generate_and_status_and_stops_on_ctrl_
         assert result.returncode == 0 and "8 tokens" in result.stderr, result.stderr
         status = run("status", "--address", address, timeout=60)
         assert status.returncode == 0 and "prefill" in status.stdout and "decode" in status.stdout
+        bound = [line.split()[-1] for line in status.stdout.splitlines() if line.startswith(("prefill", "decode"))]
+        assert len(bound) == 2 and all(cores != "-" for cores in bound), status.stdout  # each replica's cores
+        if len(os.sched_getaffinity(0)) >= 2:
+            assert bound[0] != bound[1], status.stdout  # never the same cores
         bench = run(
             "bench",
             "serve",

@@ -54,6 +54,7 @@ class WorkerInfo:
     block_size: int
     load: WorkerLoad = field(default_factory=WorkerLoad)
     in_flight: InFlight = field(default_factory=InFlight)
+    cpu_cores: str = ""  # the cores its engine binds (VLLM_CPU_OMP_THREADS_BIND), for `pdserve status`
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -40,9 +40,9 @@ class IndexReporting:
         self.app_name = app_name
         self.router_deployment = router_deployment
 
-    def start(self, worker_id: str, role: str, block_size: int) -> IndexReporter:
+    def start(self, worker_id: str, role: str, block_size: int, cpu_cores: str = "") -> IndexReporter:
         # A restarted replica gets a new id; the epoch still orders two lives of one id.
-        info = WorkerInfo(worker_id, role, time.time_ns() // 1000, block_size)
+        info = WorkerInfo(worker_id, role, time.time_ns() // 1000, block_size, cpu_cores=cpu_cores)
         if self.redis_url:
             return IndexReporter(info, self.ttl_s, index=make_index(self.redis_url, self.model_id, self.timeout_s))
         from ray import serve
