@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pdserve.config import PdserveConfig, load_config
+from pdserve.local_redis import free_port
 from router.tokenizer import ModelTokenizer
 
 WORDS = ("a", "hi", "hello", "Once", "upon", "hello world", "the cat sat", "time", "dragon", "Once upon a time")
@@ -43,3 +45,11 @@ def ask_every_short_prompt(client, model_dir: Path) -> list[str]:
 
 def replica_ids(client) -> set[str]:
     return {w.worker_id for w in client.status().workers}
+
+
+def defaults_config(cache_dir: Path, **overrides) -> PdserveConfig:
+    """pdserve up's defaults (the embedded tiny model, dtype auto, enforce_eager), on free ports."""
+    fields = {"model_cache_dir": str(cache_dir), "service.http_port": free_port(), "service.grpc_port": free_port()}
+    config = load_config(overrides={**fields, **overrides})
+    assert config.engine.dtype == "auto" and config.engine.enforce_eager
+    return config

@@ -12,10 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from faults import kill_replica, live_workers, wait_for_replacement
 from service_client import prompt
-from short_prompts import ask_every_short_prompt, replica_ids
+from short_prompts import ask_every_short_prompt, defaults_config, replica_ids
 
-from pdserve.config import load_config
-from pdserve.local_redis import free_port
 from pdserve.models import resolve_model
 from pdserve.up import start
 
@@ -24,10 +22,8 @@ pytestmark = pytest.mark.service
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    config = load_config(overrides={"model_cache_dir": str(cache), "service.http_port": free_port(),
-                                    "service.grpc_port": free_port()})  # fmt: skip
-    assert config.engine.dtype == "auto" and config.engine.enforce_eager and config.service.mode == "disaggregated"
+    config = defaults_config(tmp_path_factory.mktemp("cache"))
+    assert config.service.mode == "disaggregated"
     running = start(config)
     yield running
     running.stop()

@@ -15,10 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from faults import bound_cores, engine_workers, live_workers
 from service_client import prompt
-from short_prompts import ask_every_short_prompt, replica_ids
+from short_prompts import ask_every_short_prompt, defaults_config, replica_ids
 
-from pdserve.config import load_config
-from pdserve.local_redis import free_port
 from pdserve.models import resolve_model
 from pdserve.up import start
 
@@ -29,13 +27,8 @@ POISON = 1010  # a token id no other test prompt holds (prompt() draws from 2..1
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    config = load_config(overrides={
-        "model_cache_dir": str(cache), "service.http_port": free_port(), "service.grpc_port": free_port(),
-        "service.mode": "colocated", "service.decode.num_replicas": 2, "service.test_die_on_token": POISON,
-    })  # fmt: skip
-    assert config.engine.dtype == "auto"
-    running = start(config)
+    overrides = {"service.mode": "colocated", "service.decode.num_replicas": 2, "service.test_die_on_token": POISON}
+    running = start(defaults_config(tmp_path_factory.mktemp("cache"), **overrides))
     yield running
     running.stop()
 
