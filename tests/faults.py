@@ -96,6 +96,11 @@ def cancel_at_random(client, count: int, seed: int, longest_prompt: int, latest_
         list(pool.map(lambda step: step[0](client, step[1], step[2]), plan))
 
 
+# A new replica under load on 2 cores: Ray starts its process (~30 s), then vLLM its engine core and
+# worker processes (~25 s idle, ~70 s beside two busy engines).
+SCALE_UP_S = 240
+
+
 def live_workers(client, role: str) -> set[str]:
     return {w.worker_id for w in client.status().workers if w.role == role}
 
@@ -122,14 +127,14 @@ def ramp_each_pool_and_back(client) -> tuple[float, float]:
     assert pools(client) == {"prefill": 1, "decode": 1}
     long_prompts = Load(lambda n: client.greedy(prompt(800, 1000 + n), 1)[2], clients=6).start()
     try:
-        grew = wait_pools(client, {"prefill": 2, "decode": 1}, 90)
+        grew = wait_pools(client, {"prefill": 2, "decode": 1}, SCALE_UP_S)
     finally:
         long_prompts.stop()
     long_outputs = Load(lambda n: client.greedy(prompt(30, 5000 + n), 300)[2], clients=16).start()
     try:
         wait_for_decode = time.monotonic()
         while pools(client)["decode"] < 2:
-            assert time.monotonic() - wait_for_decode < 90, f"the decode pool did not grow: {pools(client)}"
+            assert time.monotonic() - wait_for_decode < SCALE_UP_S, f"the decode pool did not grow: {pools(client)}"
             time.sleep(0.5)
     finally:
         long_outputs.stop()

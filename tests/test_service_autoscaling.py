@@ -8,7 +8,7 @@ import time
 
 import grpc
 import pytest
-from faults import Load, ramp_each_pool_and_back, wait_pools
+from faults import SCALE_UP_S, Load, ramp_each_pool_and_back, wait_pools
 from service_client import prompt, service_config
 
 from pdserve.up import start
@@ -92,7 +92,7 @@ def test_a_decode_replica_removed_while_streaming_leaves_its_streams_intact(serv
     wait_pools(client, {"prefill": 1, "decode": 1}, 120)
     load = Load(lambda n: client.greedy(prompt(30, 7000 + n), 900)[2], clients=14).start()
     try:
-        wait_pools(client, {"prefill": 1, "decode": 2}, 90)
+        wait_pools(client, {"prefill": 1, "decode": 2}, SCALE_UP_S)
         long = [Stream(client, prompt(30, 8000 + n), 3500) for n in range(6)]
     finally:
         load.stop()
