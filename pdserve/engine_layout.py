@@ -56,6 +56,13 @@ def plan(config: PdserveConfig, roles: list[Role], gpus_per_node: float = 0.0) -
     node_cores = len(os.sched_getaffinity(0))
     for role in roles:
         _check_engine(engines[role], _field(config, role), pools[role], node_cores, gpus_per_node)
+        if "prefill" in roles and engines[role].tensor_parallel_size > 1:
+            # pdserve's connector serves and pulls one rank's KV: between multi-rank engines each rank
+            # would need its own peer (issue #19). Refused rather than moving one rank's heads to all.
+            raise ConfigError(
+                f"{_field(config, role)}.tensor_parallel_size: KV transfer between multi-rank engines is not built "
+                "yet; disaggregated pools run tensor_parallel_size 1 (colocated mode runs any)"
+            )
     auto = [r for r in roles if _binds_auto(pools[r], engines[r])]
     ranks = sum(_initial_replicas(pools[r]) * engines[r].tensor_parallel_size for r in auto)
     reserved = config.service.reserved_cores

@@ -29,12 +29,24 @@ def config(model_dir, **overrides):
 
 def test_on_a_big_node_every_rank_gets_cores_of_its_own_above_the_reserved_one(model_dir, cores):
     cores(16)
-    pools = plan(config(model_dir, **{"service.decode.num_replicas": 2, "service.prefill.engine":
-                                      {"tensor_parallel_size": 2}}), ["decode", "prefill"])  # fmt: skip
-    # 2 decode replicas × 1 rank + 1 prefill replica × 2 ranks = 4 ranks over 15 unreserved cores
-    assert pools["decode"].cores == CoreRequest(per_rank=3, ranks=1, reserved=1)
-    assert pools["prefill"].cores == CoreRequest(per_rank=3, ranks=2, reserved=1)
-    assert pools["prefill"].engine.tensor_parallel_size == 2 and pools["decode"].engine.tensor_parallel_size == 1
+    pools = plan(config(model_dir, **{"service.decode.num_replicas": 2, "service.prefill.num_replicas": 2}),
+                 ["decode", "prefill"])  # fmt: skip
+    # 2 decode + 2 prefill replicas, one rank each: 4 ranks over 15 unreserved cores
+    assert pools["decode"].cores == pools["prefill"].cores == CoreRequest(per_rank=3, ranks=1, reserved=1)
+
+
+def test_a_pool_runs_its_own_tensor_parallel_size_and_gets_cores_for_each_rank(model_dir, cores):
+    cores(16)
+    pools = plan(config(model_dir, **{"service.mode": "colocated", "service.decode.engine":
+                                      {"tensor_parallel_size": 2}}), ["decode"])  # fmt: skip
+    assert pools["decode"].engine.tensor_parallel_size == 2
+    assert pools["decode"].cores == CoreRequest(per_rank=7, ranks=2, reserved=1)
+
+
+def test_disaggregated_pools_with_several_ranks_are_refused_until_rank_to_rank_transfer_exists(model_dir, cores):
+    cores(16)
+    with pytest.raises(ConfigError, match="service.prefill.engine.tensor_parallel_size: KV transfer between"):
+        plan(config(model_dir, **{"service.prefill.engine": {"tensor_parallel_size": 2}}), ["decode", "prefill"])
 
 
 def test_two_cores_disaggregated_split_the_node_and_reserve_none(model_dir, cores):
