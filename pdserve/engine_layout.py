@@ -9,9 +9,10 @@ stay with the serving processes; the rest are shared out, so that every rank of
 every replica planned (initial replicas × tensor-parallel size) binds cores no
 other engine binds (engine/core_ledger.py). Where a node has fewer engine cores
 than ranks, no core is reserved and the ranks split the node's cores: on a
-2-core node, disaggregated, prefill on one core and decode on the other
-measured best (README, "Cores on CPU nodes"). Where even that cannot give each
-rank a core, the engines share all cores (vLLM's own binding), said at start.
+2-core node, disaggregated, prefill on one core and decode on the other, as
+pdserve ran before, rather than two spinning engines on one core (README,
+"Cores on CPU nodes"). Where even that cannot give each rank a core, the
+engines share all cores (vLLM's own binding), said at start.
 """
 
 from __future__ import annotations
