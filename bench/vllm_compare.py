@@ -48,13 +48,13 @@ def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: 
     name = model_dir.name
     vllm_server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                    "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    servers = {
-        "vllm": (vllm_server, {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}),
-        "colocated": (_pdserve_up(model_dir, port, "colocated"), {}),
-        "disagg": (_pdserve_up(model_dir, port, "disaggregated"), {}),
+    servers = {  # the command, its env, and the pools /health must report live before the load starts
+        "vllm": (vllm_server, {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}, {}),
+        "colocated": (_pdserve_up(model_dir, port, "colocated"), {}, {"decode": 1}),
+        "disagg": (_pdserve_up(model_dir, port, "disaggregated"), {}, {"prefill": 1, "decode": 1}),
     }
-    for server, (command, env) in servers.items():
-        with _Server(command, env, f"http://127.0.0.1:{port}") as url:
+    for server, (command, env, pools) in servers.items():
+        with _Server(command, env, f"http://127.0.0.1:{port}", pools) as url:
             figures[server] = {workload: _client(url, name, model_dir, flags) for workload, flags in WORKLOADS.items()}
     result = {"figures": figures, **ratios(figures), "workloads": {k: " ".join(v) for k, v in WORKLOADS.items()}}
     if json_dir is not None:
@@ -93,10 +93,13 @@ def _client(url: str, name: str, model_dir: Path, flags: list[str]) -> dict[str,
 
 
 class _Server:
-    """A server process in its own session, ready once ``/v1/models`` answers; stopped with SIGINT, then SIGKILL."""
+    """A server process in its own session, ready once ``/health`` answers 200 with every pool in ``pools``
+    live (pdserve's router answers before its workers are up); stopped with SIGINT, then SIGKILL."""
 
-    def __init__(self, command: list[str], env: dict[str, str], url: str, start_timeout_s: float = 600.0):
+    def __init__(self, command: list[str], env: dict[str, str], url: str, pools: dict[str, int],
+                 start_timeout_s: float = 600.0):  # fmt: skip
         self._command, self._env, self._url, self._timeout = command, env, url, start_timeout_s
+        self._pools = pools
 
     def __enter__(self) -> str:
         self._log = tempfile.TemporaryFile()
@@ -108,10 +111,12 @@ class _Server:
                 self._log.seek(0)
                 raise RuntimeError(f"{self._command[:4]} exited: {self._log.read()[-3000:].decode(errors='replace')}")
             try:
-                with urllib.request.urlopen(self._url + "/v1/models", timeout=5) as reply:
-                    if reply.status == 200:
-                        return self._url
-            except OSError:
+                with urllib.request.urlopen(self._url + "/health", timeout=5) as reply:
+                    body = reply.read()
+                live = json.loads(body).get("live_workers", {}) if self._pools else {}
+                if all(live.get(pool, 0) >= count for pool, count in self._pools.items()):
+                    return self._url
+            except (OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{self._command[:4]} did not answer in {self._timeout:g} s")
