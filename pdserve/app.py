@@ -121,8 +121,6 @@ def _engine_for(config: PdserveConfig, pool: PoolLayout, role: str | None) -> En
         connector = KVConnectorSpec(**CONNECTOR, role=role, extra=extra)
     settings = getattr(config.service, pool.role)
     update: dict[str, Any] = {"kv_connector": connector}
-    if settings.cpu_cores not in (None, "auto"):  # the pool's own cores, as given
-        update["cpu_cores"] = settings.cpu_cores
     if settings.kv_cache_gib is not None:
         update["kv_cache_gib"] = settings.kv_cache_gib
     return pool.engine.model_copy(update=update)

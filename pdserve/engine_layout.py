@@ -42,18 +42,15 @@ class PoolLayout:
         elif self.cores is None:
             where = "vLLM's default binding"
         else:
-            where = (
-                f"{self.cores.per_rank} core(s) per rank of its own, above core {self.cores.reserved - 1}"
-                if (self.cores.reserved)
-                else f"{self.cores.per_rank} core(s) per rank of its own, no core reserved"
-            )
+            above = f"above core {self.cores.reserved - 1}" if self.cores.reserved else "no core reserved"
+            where = f"{self.cores.per_rank} core(s) per rank of its own, {above}"
         return f"{self.role}: TP={tp}, {where}"
 
 
 def plan(config: PdserveConfig, roles: list[Role], gpus_per_node: float = 0.0) -> dict[Role, PoolLayout]:
     """Every pool's engine and cores; ``ConfigError`` for an engine that cannot run."""
-    engines = {role: config.pool_engine(role) for role in roles}
     pools = {role: getattr(config.service, role) for role in roles}
+    engines = {role: _with_pool_cores(config.pool_engine(role), pools[role]) for role in roles}
     node_cores = len(os.sched_getaffinity(0))
     for role in roles:
         _check_engine(engines[role], _field(config, role), pools[role], node_cores, gpus_per_node)
@@ -81,6 +78,13 @@ def plan(config: PdserveConfig, roles: list[Role], gpus_per_node: float = 0.0) -
         )
         for role in roles
     }
+
+
+def _with_pool_cores(engine: EngineConfig, pool: PoolConfig) -> EngineConfig:
+    """A pool's own ``cpu_cores``, as given, over its engine's."""
+    if pool.cpu_cores in (None, "auto"):
+        return engine
+    return engine.model_copy(update={"cpu_cores": pool.cpu_cores})
 
 
 def _binds_auto(pool: PoolConfig, engine: EngineConfig) -> bool:

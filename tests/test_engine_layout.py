@@ -57,8 +57,11 @@ def test_two_cores_disaggregated_split_the_node_and_reserve_none(model_dir, core
 
 def test_cores_given_are_never_replaced(model_dir, cores):
     cores(8)
-    pools = plan(config(model_dir, **{"engine.cpu_cores": "5"}), ["decode"])
+    pools = plan(config(model_dir, **{"engine.cpu_cores": "5", "service.prefill.cpu_cores": "6-7"}),
+                 ["decode", "prefill"])  # fmt: skip
     assert pools["decode"].cores is None and pools["decode"].engine.cpu_cores == "5"
+    assert pools["prefill"].cores is None and pools["prefill"].engine.cpu_cores == "6-7"
+    assert "cores 6-7 (as configured)" in pools["prefill"].describe()
 
 
 def test_replicas_claim_disjoint_cores_and_a_dead_ones_come_back(tmp_path):
