@@ -22,6 +22,7 @@ import json
 import multiprocessing
 import random
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,7 +114,8 @@ async def _engine_throughput(engine: Engine, prompts: list[list[int]]) -> float:
 def _vllm_side(config: EngineConfig, warmup: list[list[int]], prompts: list[list[int]]) -> float:
     from vllm import LLM, EngineArgs, SamplingParams
 
-    apply_vllm_environment(config)
+    rpc_dir = tempfile.TemporaryDirectory(prefix="pdserve-bench-vllm-")
+    apply_vllm_environment(config, rpc_dir.name)
     args = vllm_engine_args(config, None)
     defaults = EngineArgs(model=args.model)
     kwargs = {
@@ -132,6 +134,7 @@ def _vllm_side(config: EngineConfig, warmup: list[list[int]], prompts: list[list
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
+        rpc_dir.cleanup()
 
 
 async def _ttft(engine: Engine, request_id: str, ids: list[int]) -> float:

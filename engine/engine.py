@@ -5,7 +5,9 @@ the scheduler side of the KV connector) in one process, and one worker process
 per tensor-parallel rank (with one rank, the worker runs inside the engine
 core's process), its OpenMP threads bound to the engine's cores. The serving
 process only submits, streams and reports, so the engine's steps never
-compete with Serve's event loop, heartbeats or streaming for the interpreter.
+compete with Serve's event loop, heartbeats or streaming for the interpreter;
+and the processes that step the model run ahead of the serving ones for the
+CPU (engine/process_priority.py).
 
 ``AsyncLLM`` lives on an event loop of its own, on a thread of this process:
 callers on any loop (a Serve replica's, a test's ``asyncio.run``, the CLI's)
@@ -30,6 +32,7 @@ from engine.cache_events import CacheEvent, CacheEventSubscriber, CacheEventTran
 from engine.config import EngineConfig
 from engine.cpu_isa import AmxPermission, request_amx_permission
 from engine.errors import EngineConfigError, EngineDeadError, EngineError, EngineInputError
+from engine.process_priority import descendants, model_processes, prioritize
 from engine.types import EngineStats, GenerateRequest, KVLayout, OutputDelta, SamplingOptions
 from engine.vllm_args import apply_vllm_environment, vllm_engine_args
 
@@ -55,11 +58,17 @@ class _Stream:
         self._arrived.set()
 
     async def get(self, timeout_s: float) -> OutputDelta | Exception:
+        """The next delta, merged with every delta already behind it: a reader that falls behind the
+        engine (a busy serving core) catches up with one message per hop instead of one per token, as
+        vLLM's own output collector merges deltas for a slow reader."""
         while not self._items:
             self._arrived.clear()
             async with asyncio.timeout(timeout_s):
                 await self._arrived.wait()
-        return self._items.popleft()
+        item = self._items.popleft()
+        while isinstance(item, OutputDelta) and self._items and isinstance(self._items[0], OutputDelta):
+            item = item.followed_by(self._items.popleft())
+        return item
 
     def push(self, item: OutputDelta | Exception) -> None:
         """Called from the engine's loop."""
@@ -144,10 +153,10 @@ class Engine:
             raise EngineConfigError("model", "no model directory given")
         self.config = config
         self.model_id = config.served_model_id
-        apply_vllm_environment(config)
-        logging.getLogger("vllm").setLevel(config.log_level)
         _refuse_bfloat16_without_amx(config)
         self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-engine-")
+        apply_vllm_environment(config, rpc_dir=self._tmp.name)
+        logging.getLogger("vllm").setLevel(config.log_level)
         endpoint = config.kv_events_endpoint
         if endpoint is None and on_cache_events is not None:
             endpoint = f"ipc://{Path(self._tmp.name) / 'kv-events.sock'}"
@@ -165,7 +174,9 @@ class Engine:
         self._thread.start()
         self._llm = None
         try:
+            before = descendants()
             self._llm = self._on_engine_loop(self._build(endpoint), config.start_timeout_s)
+            prioritize(model_processes(descendants() - before), config.nice)
             if self._subscriber is not None and not self._subscriber.connected.wait(10.0):
                 raise EngineError("the KV event subscriber did not connect to vLLM's publisher in 10 s")
         except BaseException:
@@ -416,7 +427,6 @@ class Engine:
                 stop=list(options.stop),
                 stop_token_ids=list(options.stop_token_ids),
                 ignore_eos=options.ignore_eos,
-                logprobs=options.logprobs,
                 presence_penalty=options.presence_penalty,
                 frequency_penalty=options.frequency_penalty,
                 repetition_penalty=options.repetition_penalty,

@@ -186,6 +186,10 @@ class HostedWorker:
         self._leave_s = settings.leave_s
         if settings.cores is not None and config.cpu_cores is None:
             config = config.model_copy(update={"cpu_cores": claim_cores(settings.cores, worker_id)})
+        if settings.cores is not None and not settings.cores.reserved and config.nice is None:
+            # Engines on every core of the node: ahead of the serving processes they would starve them
+            # (measured: streams stall, then burst). They stay at the replica's own niceness.
+            config = config.model_copy(update={"nice": os.getpriority(os.PRIO_PROCESS, 0)})
         self._host = HostedEngine(
             config, role, worker_id, settings.reporting, settings.heartbeat_s, settings.die_on_token
         )

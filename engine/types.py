@@ -17,7 +17,6 @@ class SamplingOptions:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
@@ -47,6 +46,19 @@ class OutputDelta:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def followed_by(self, later: OutputDelta) -> OutputDelta:
+        """This delta and the next of the same request as one (counts are running totals)."""
+        return OutputDelta(
+            request_id=self.request_id,
+            token_ids=self.token_ids + later.token_ids,
+            text=self.text + later.text,
+            finish_reason=later.finish_reason,
+            prompt_tokens=self.prompt_tokens or later.prompt_tokens,
+            completion_tokens=later.completion_tokens,
+            cached_prompt_tokens=self.cached_prompt_tokens,
+            kv_transfer_params=later.kv_transfer_params or self.kv_transfer_params,
+        )
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,12 @@ from engine.config import EngineConfig
 WORKER_EXTENSION = "engine.worker_extension.PdserveWorkerExtension"
 
 
-def vllm_environment(config: EngineConfig) -> dict[str, str]:
+def vllm_environment(config: EngineConfig, rpc_dir: str) -> dict[str, str]:
     env = {
         # The engine core in a process of its own, as vLLM's server runs it (whatever the environment says).
         "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        # vLLM's ZMQ ipc sockets: in the engine's own directory, removed with it (vLLM leaves them in /tmp).
+        "VLLM_RPC_BASE_PATH": rpc_dir,
         "VLLM_CPU_KVCACHE_SPACE": f"{config.kv_cache_gib:g}",
         "VLLM_LOGGING_LEVEL": config.log_level,
         "VLLM_NO_USAGE_STATS": "1",
@@ -27,8 +29,8 @@ def vllm_environment(config: EngineConfig) -> dict[str, str]:
     return env
 
 
-def apply_vllm_environment(config: EngineConfig) -> None:
-    os.environ.update(vllm_environment(config))
+def apply_vllm_environment(config: EngineConfig, rpc_dir: str) -> None:
+    os.environ.update(vllm_environment(config, rpc_dir))
 
 
 def vllm_engine_args(config: EngineConfig, kv_events_endpoint: str | None):

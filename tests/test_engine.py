@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import stat
+import tempfile
 import threading
 import time
 
@@ -295,3 +298,15 @@ def test_kv_events_reach_a_subscriber_in_another_process_on_a_configured_endpoin
     finally:
         outside.close(linger=0)
         engine.shutdown()
+
+
+def test_a_stopped_engine_leaves_no_socket_in_the_temp_directory(make_tiny_model):
+    def sockets() -> set[str]:
+        root = tempfile.gettempdir()
+        return {name for name in os.listdir(root) if stat.S_ISSOCK(os.lstat(os.path.join(root, name)).st_mode)}
+
+    before = sockets()
+    engine = Engine(engine_config(make_tiny_model("llama")), on_cache_events=EventLog())
+    collect(engine, GenerateRequest("one", prompt(engine, 3), GREEDY))
+    engine.shutdown()
+    assert sockets() - before == set()

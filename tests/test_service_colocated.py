@@ -6,8 +6,9 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
-from faults import bound_cores, engine_workers
+from faults import bound_cores, engine_workers, replica_pid
 from helpers import transformers_greedy
 from service_client import prompt, service_config
 
@@ -50,6 +51,21 @@ def test_the_engine_binds_a_core_of_its_own_and_leaves_the_reserved_core_to_the_
     (replica,) = [w.worker_id for w in client.status().workers]
     (worker,) = engine_workers(service, "DecodeWorker", replica).values()
     assert bound_cores(worker) == set(sorted(os.sched_getaffinity(0))[1:2])  # core 0 stays with Ray, Serve, router
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="lowering a niceness needs root (CAP_SYS_NICE)")
+def test_the_rank_process_runs_ahead_of_the_serving_processes_and_the_engine_core_stays_with_them(client, service):
+    (replica,) = [w.worker_id for w in client.status().workers]
+    (worker,) = engine_workers(service, "DecodeWorker", replica).values()
+    assert niceness(worker) == 0
+    assert niceness(psutil.Process(worker).ppid()) == 15  # the engine core, as Ray started the replica
+    assert os.getpriority(os.PRIO_PROCESS, replica_pid(service, "DecodeWorker", replica)) == 15
+
+
+def niceness(pid: int) -> int:
+    """Every thread's niceness, which must agree (Linux keeps one per thread)."""
+    (value,) = {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+    return value
 
 
 def test_scaling_the_pool_up_and_down_under_load_loses_no_request(client, model_dir):

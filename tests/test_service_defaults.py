@@ -5,12 +5,13 @@ layout). Issue #17: short prompts, parser-breaking bodies, and the only decode r
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from faults import kill_replica, live_workers, wait_for_replacement
+from faults import engine_workers, kill_replica, live_workers, replica_pid, wait_for_replacement
 from service_client import prompt
 from short_prompts import ask_every_short_prompt, defaults_config, replica_ids
 
@@ -100,3 +101,13 @@ def _wait_streaming(client, timeout_s: float = 60) -> None:
     while not any(w.running_seqs for w in client.status().workers if w.role == "decode"):
         assert time.monotonic() < deadline, "the request never started decoding"
         time.sleep(0.05)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) > 2, reason="the layout reserves no core only on a 2-core node")
+def test_engines_on_every_core_stay_at_the_niceness_of_their_replicas(client, service):
+    for role, deployment in (("prefill", "PrefillWorker"), ("decode", "DecodeWorker")):
+        (replica,) = live_workers(client, role)
+        replica_niceness = os.getpriority(os.PRIO_PROCESS, replica_pid(service, deployment, replica))
+        for worker in engine_workers(service, deployment, replica).values():
+            threads = os.listdir(f"/proc/{worker}/task")
+            assert {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in threads} == {replica_niceness}

@@ -1,0 +1,95 @@
+"""The engine's processes are set ahead of the serving processes for the CPU, thread by thread."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engine.process_priority import model_processes, prioritize
+
+REPO = Path(__file__).resolve().parent.parent
+_TWO_THREADS = "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); time.sleep(60)"
+_UNPRIVILEGED = f"""
+import os, subprocess, sys
+from engine.errors import EngineConfigError
+from engine.process_priority import prioritize
+child = subprocess.Popen([sys.executable, "-c", {_TWO_THREADS!r}], preexec_fn=lambda: os.nice(15))
+try:
+    print(prioritize({{child.pid}}, None if sys.argv[1] == "unset" else int(sys.argv[1])))
+except EngineConfigError as exc:
+    print("refused", exc.field, exc)
+finally:
+    child.kill()
+"""
+
+
+def nicenesses(pid: int) -> set[int]:
+    return {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+@pytest.fixture
+def engine_like():
+    """A two-thread process started at nice 15, as Ray starts its workers (and so vLLM's processes)."""
+    child = subprocess.Popen([sys.executable, "-c", _TWO_THREADS], preexec_fn=lambda: os.nice(15))
+    deadline = time.monotonic() + 30
+    while len(os.listdir(f"/proc/{child.pid}/task")) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield child.pid
+    child.kill()
+    child.wait(10)
+
+
+def unprivileged(nice: str) -> str:
+    """``prioritize`` run by a process that may not lower a niceness (CAP_SYS_NICE dropped, util-linux's
+    ``setpriv``), on a nice-15 child of its own."""
+    command = [sys.executable, "-c", _UNPRIVILEGED, nice]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-sys_nice", *command]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip() + "\n" + done.stderr
+
+
+def test_a_niceness_given_reaches_every_thread(engine_like):
+    assert prioritize({engine_like}, 17) == 17
+    assert nicenesses(engine_like) == {17}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="lowering a niceness needs root (CAP_SYS_NICE)")
+def test_unset_lowers_the_engine_to_nice_0_where_the_os_allows(engine_like):
+    assert prioritize({engine_like}, None) == 0
+    assert nicenesses(engine_like) == {0}
+
+
+def test_unset_leaves_the_engine_as_started_where_lowering_is_refused():
+    out = unprivileged("unset")
+    assert out.startswith("15\n") and "stay at nice 15" in out
+
+
+def test_a_niceness_given_that_the_os_refuses_fails_naming_the_field():
+    out = unprivileged("0")
+    assert out.startswith("refused nice ") and "CAP_SYS_NICE" in out
+
+
+def test_the_model_processes_are_the_leaves_of_the_engines_process_tree():
+    """vLLM's engine core starts the rank workers: the workers step the model, the engine core schedules."""
+    spawn_child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {_TWO_THREADS!r}]); time.sleep(60)"
+    engine_core = subprocess.Popen([sys.executable, "-c", spawn_child])
+    try:
+        deadline = time.monotonic() + 30
+        while not psutil.Process(engine_core.pid).children() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (worker,) = psutil.Process(engine_core.pid).children()
+        assert model_processes({engine_core.pid, worker.pid}) == {worker.pid}
+        assert model_processes({engine_core.pid}) == {engine_core.pid}  # one process: it steps the model itself
+    finally:
+        for process in psutil.Process(engine_core.pid).children() + [psutil.Process(engine_core.pid)]:
+            process.kill()
+        engine_core.wait(10)
