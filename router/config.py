@@ -27,8 +27,10 @@ class RequestLimitsConfig(BaseModel):
 
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_stop_strings: int = Field(default=16, ge=0)
-    max_logprobs: int = Field(default=20, ge=0)
-    default_max_tokens: int = Field(default=16, ge=1)
+    default_max_tokens: int = Field(
+        default=16, ge=1, description="a completion without max_tokens (OpenAI's and vLLM's 16); a chat without "
+        "it may generate to the end of the context, as vLLM's server allows",
+    )  # fmt: skip
 
     def for_model(self, context_length: int, vocab_size: int) -> RequestLimits:
         return RequestLimits(context_length=context_length, vocab_size=vocab_size, **self.model_dump())

@@ -101,10 +101,9 @@ async def _sse(shape: _Shape, first: Chunk, rest: AsyncIterator[Chunk]) -> Async
     except Exception as exc:
         log.warning("request %s failed mid-stream: %r", shape.request.request_id, exc)
         yield _event({"error": {"message": f"{exc!r}"[:2000], "type": "internal_error", "param": None, "code": 500}})
-    else:
-        yield b"data: [DONE]\n\n"
     finally:
         await rest.aclose()
+    yield b"data: [DONE]\n\n"  # after an error event too, as vLLM's server ends every stream
 
 
 def _event(data: dict) -> bytes:

@@ -11,7 +11,7 @@ import json
 import math
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from engine.types import SamplingOptions
@@ -60,7 +60,6 @@ class RequestLimits:
     max_stop_strings: int = 16
     max_stop_string_chars: int = 256
     max_stop_token_ids: int = 64
-    max_logprobs: int = 20
     default_max_tokens: int = 16
 
 
@@ -75,6 +74,7 @@ class GenerationRequest:
     sampling: SamplingOptions = SamplingOptions()
     stream: bool = False
     include_usage: bool = False
+    to_end_of_context: bool = False  # a chat without max_tokens: the rest of the context (vLLM's default)
 
 
 _COMMON = {
@@ -115,6 +115,7 @@ def parse_request(body: bytes | Mapping[str, Any], kind: Kind, limits: RequestLi
         sampling=_sampling(data, kind, limits),
         stream=_get(data, "stream", bool, False),
         include_usage=bool(stream_options.get("include_usage", False)),
+        to_end_of_context=kind == "chat" and _max_tokens_field(data) is None,
     )
 
 
@@ -129,9 +130,15 @@ def tokenize(request: GenerationRequest, tokenizer: ModelTokenizer, limits: Requ
             raise RequestError("messages", str(exc)) from exc
         if not _is_unicode(text or ""):
             raise RequestError("prompt", _LONE_SURROGATE)
-        ids = tokenizer.encode(text or "")
+        ids = tokenizer.encode(text or "", add_special_tokens=request.kind == "completion")
     if not ids:
         raise RequestError("prompt", "must not be empty")
+    if request.to_end_of_context:
+        if len(ids) >= limits.context_length:
+            raise RequestError(
+                "messages", f"the prompt ({len(ids)} tokens) leaves no room in the context length {limits.context_length}"
+            )
+        return ids
     total = len(ids) + request.sampling.max_tokens
     if total > limits.context_length:
         raise RequestError(
@@ -140,6 +147,14 @@ def tokenize(request: GenerationRequest, tokenizer: ModelTokenizer, limits: Requ
             f"the model's context length {limits.context_length}",
         )
     return ids
+
+
+def fit_to_context(request: GenerationRequest, prompt_tokens: int, limits: RequestLimits) -> GenerationRequest:
+    """A chat without ``max_tokens`` may generate up to the end of the context, as vLLM's server allows."""
+    if not request.to_end_of_context:
+        return request
+    sampling = replace(request.sampling, max_tokens=limits.context_length - prompt_tokens)
+    return replace(request, sampling=sampling, to_end_of_context=False)
 
 
 def _is_unicode(text: str) -> bool:
@@ -249,7 +264,7 @@ def _messages(data: Mapping[str, Any]) -> list[dict[str, str]]:
 
 
 def _sampling(data: Mapping[str, Any], kind: Kind, limits: RequestLimits) -> SamplingOptions:
-    max_tokens_field = "max_completion_tokens" if data.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens_field = _max_tokens_field(data) or "max_tokens"
     max_tokens = _get(data, max_tokens_field, int, limits.default_max_tokens)
     if max_tokens < 1:
         raise RequestError(max_tokens_field, f"must be at least 1, got {max_tokens}")
@@ -275,6 +290,7 @@ def _sampling(data: Mapping[str, Any], kind: Kind, limits: RequestLimits) -> Sam
     if not repetition_penalty > 0.0:
         raise RequestError("repetition_penalty", f"must be above 0 (1 is off), got {repetition_penalty}")
     seed = _get(data, "seed", int, None)
+    _refuse_logprobs(data, kind)
     stop = _stop_strings(data, limits)
     stop_token_ids = _get(data, "stop_token_ids", list, [])
     if len(stop_token_ids) > limits.max_stop_token_ids:
@@ -292,10 +308,17 @@ def _sampling(data: Mapping[str, Any], kind: Kind, limits: RequestLimits) -> Sam
         stop=stop,
         stop_token_ids=tuple(stop_token_ids),
         ignore_eos=_get(data, "ignore_eos", bool, False),
-        logprobs=_logprobs(data, kind, limits),
         repetition_penalty=repetition_penalty,
         **penalties,
     )
+
+
+def _max_tokens_field(data: Mapping[str, Any]) -> str | None:
+    """The field that sets the output length (``max_completion_tokens`` wins), or None when neither does."""
+    for field in ("max_completion_tokens", "max_tokens"):
+        if data.get(field) is not None:
+            return field
+    return None
 
 
 def _stop_strings(data: Mapping[str, Any], limits: RequestLimits) -> tuple[str, ...]:
@@ -313,17 +336,11 @@ def _stop_strings(data: Mapping[str, Any], limits: RequestLimits) -> tuple[str, 
     return tuple(stop)
 
 
-def _logprobs(data: Mapping[str, Any], kind: Kind, limits: RequestLimits) -> int | None:
-    if kind == "chat":
-        if not _get(data, "logprobs", bool, False):
-            return None
-        count = _get(data, "top_logprobs", int, 0)
-        name = "top_logprobs"
-    else:
-        count = _get(data, "logprobs", int, None)
-        name = "logprobs"
-        if count is None:
-            return None
-    if not 0 <= count <= limits.max_logprobs:
-        raise RequestError(name, f"must be in [0, {limits.max_logprobs}], got {count}")
-    return count
+def _refuse_logprobs(data: Mapping[str, Any], kind: Kind) -> None:
+    """vLLM computes logprobs, but pdserve does not carry them to the client yet (issue #21): asking for them
+    is refused rather than answered without them."""
+    asked = _get(data, "logprobs", int, None) is not None if kind == "completion" else _get(data, "logprobs", bool, False)
+    if asked:
+        raise RequestError("logprobs", "not returned by pdserve yet; omit the field")
+    if kind == "chat" and _get(data, "top_logprobs", int, 0):
+        raise RequestError("top_logprobs", "not returned by pdserve yet; omit the field")

@@ -37,6 +37,7 @@ from router.request import (
     Kind,
     RequestLimits,
     UnknownModelError,
+    fit_to_context,
     parse_request,
     tokenize,
 )
@@ -202,7 +203,8 @@ class GenerationService:
             raise UnknownModelError("model", f"unknown model {request.model!r} (served: {self.model.model_id!r})")
         if request.request_id in self._running:
             raise DuplicateRequestError("request_id", f"a request with id {request.request_id!r} is already running")
-        return request, tokenize(request, self.tokenizer, self.limits)
+        ids = tokenize(request, self.tokenizer, self.limits)
+        return fit_to_context(request, len(ids), self.limits), ids
 
     async def generate(self, request: GenerationRequest, token_ids: list[int]) -> AsyncIterator[Chunk]:
         """Stream the completion; closing the iterator (client gone, deadline) cancels it everywhere."""

@@ -40,9 +40,11 @@ class ModelTokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``text``'s ids, BOS first where the tokenizer config asks for it (``add_special_tokens``): not
+        for a rendered chat, whose template writes its own, as vLLM and transformers encode chats."""
         ids = self._tokenizer.encode(text, add_special_tokens=False).ids
-        if self._add_bos and self.bos_token:
+        if add_special_tokens and self._add_bos and self.bos_token:
             ids = [self._tokenizer.token_to_id(self.bos_token), *ids]
         return ids
 

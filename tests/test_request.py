@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from router.request import RequestError, RequestLimits, parse_request, tokenize
+from router.request import RequestError, RequestLimits, fit_to_context, parse_request, tokenize
 from router.tokenizer import ModelTokenizer
 
 LIMITS = RequestLimits(context_length=512, vocab_size=1024, max_body_bytes=4096, max_stop_strings=4)
@@ -26,13 +26,13 @@ def completion(**fields):
 def test_a_completion_with_every_sampling_field_parses():
     request = completion(
         model="tiny", max_tokens=5, temperature=0.5, top_p=0.9, top_k=40, min_p=0.1, seed=7, stop=["\n"],
-        stop_token_ids=[1], logprobs=2, stream=True, stream_options={"include_usage": True}, request_id="r-1",
+        stop_token_ids=[1], stream=True, stream_options={"include_usage": True}, request_id="r-1",
         presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.2,
     )  # fmt: skip
     s = request.sampling
     assert (s.max_tokens, s.temperature, s.top_p, s.top_k, s.min_p, s.seed) == (5, 0.5, 0.9, 40, 0.1, 7)
     assert (s.presence_penalty, s.frequency_penalty, s.repetition_penalty) == (0.5, -1.0, 1.2)
-    assert (s.stop, s.stop_token_ids, s.logprobs) == (("\n",), (1,), 2)
+    assert (s.stop, s.stop_token_ids) == (("\n",), (1,))
     assert request.stream and request.include_usage and request.request_id == "r-1"
 
 
@@ -95,7 +95,7 @@ BAD = [
     ("stop", {"prompt": "x", "stop": [""]}, "non-empty strings"),
     ("stop", {"prompt": "x", "stop": [3]}, "non-empty strings"),
     ("stop_token_ids", {"prompt": "x", "stop_token_ids": [4096]}, "token ids in"),
-    ("logprobs", {"prompt": "x", "logprobs": 50}, r"must be in \[0, 20\]"),
+    ("logprobs", {"prompt": "x", "logprobs": 0}, "not returned by pdserve yet"),
     ("n", {"prompt": "x", "n": 3}, "only n=1"),
     ("presence_penalty", {"prompt": "x", "presence_penalty": 2.5}, r"must be in \[-2, 2\]"),
     ("frequency_penalty", {"prompt": "x", "frequency_penalty": -3}, r"must be in \[-2, 2\]"),
@@ -120,7 +120,8 @@ BAD_CHAT = [
     ("messages[0].role", {"messages": [{"role": "wizard", "content": "x"}]}, "must be one of system, user"),
     ("messages[1].content", {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": 3}]}, "string"),
     ("messages[0].content", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text parts"),
-    ("top_logprobs", {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 99}, "20"),
+    ("logprobs", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "not returned by pdserve yet"),
+    ("top_logprobs", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "not returned by pdserve yet"),
     ("prompt", {"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "unknown field"),
 ]
 
@@ -174,3 +175,47 @@ def test_a_prompt_with_a_lone_surrogate_is_refused_before_the_tokenizer(tokenize
                        ("chat", b'{"messages": [{"role": "user", "content": "hi \\udfff"}]}')):  # fmt: skip
         with pytest.raises(RequestError, match="lone surrogate"):
             tokenize(parse_request(body, kind, LIMITS), tokenizer, LIMITS)
+
+
+def test_a_chat_template_that_writes_bos_gets_one_bos_where_the_tokenizer_adds_it_too(make_tiny_model, tmp_path):
+    """Llama-2 / Mistral style: ``add_bos_token`` and ``{{ bos_token }}`` in the template. A completion gets
+    the tokenizer's BOS; a rendered chat is encoded without it, as vLLM and transformers do."""
+    source = make_tiny_model("llama")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_text((source / name).read_text())
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    template = "{{ bos_token }}" + config["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "add_bos_token": True,
+                                                                "chat_template": template}))  # fmt: skip
+    bos_adding = ModelTokenizer(tmp_path)
+    bos = bos_adding.encode("", add_special_tokens=True)
+    assert len(bos) == 1
+    chat = parse_request({"messages": [{"role": "user", "content": "hi"}]}, "chat", LIMITS)
+    assert tokenize(chat, bos_adding, LIMITS).count(bos[0]) == 1
+    assert tokenize(completion(), bos_adding, LIMITS)[0] == bos[0]
+
+
+def test_a_chat_without_max_tokens_may_generate_to_the_end_of_the_context(tokenizer):
+    chat = parse_request({"messages": [{"role": "user", "content": "hi"}]}, "chat", LIMITS)
+    ids = tokenize(chat, tokenizer, LIMITS)
+    assert fit_to_context(chat, len(ids), LIMITS).sampling.max_tokens == LIMITS.context_length - len(ids)
+
+
+def test_a_chat_with_max_completion_tokens_keeps_it_and_a_completion_keeps_its_default(tokenizer):
+    chat = parse_request({"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 7}, "chat", LIMITS)
+    assert fit_to_context(chat, len(tokenize(chat, tokenizer, LIMITS)), LIMITS).sampling.max_tokens == 7
+    assert fit_to_context(completion(), 3, LIMITS).sampling.max_tokens == LIMITS.default_max_tokens
+
+
+def test_a_chat_prompt_that_fills_the_context_is_refused_naming_messages(tokenizer):
+    long = " ".join(["word"] * 2000)
+    chat = parse_request({"messages": [{"role": "user", "content": long}]}, "chat", LIMITS)
+    with pytest.raises(RequestError, match="leaves no room") as error:
+        tokenize(chat, tokenizer, LIMITS)
+    assert error.value.field == "messages"
+
+
+def test_logprobs_turned_off_are_accepted():
+    assert parse_request({"messages": [{"role": "user", "content": "x"}], "logprobs": False, "top_logprobs": 0},
+                         "chat", LIMITS).kind == "chat"  # fmt: skip
+    assert completion(logprobs=None).kind == "completion"

@@ -79,5 +79,6 @@ def test_with_migration_off_a_lost_decode_worker_ends_its_streams_with_a_clear_e
         list(call)
     assert error.value.code() == grpc.StatusCode.UNAVAILABLE and victim in error.value.details()
     events = [line for line in reply.read().split(b"\n") if line.startswith(b"data: ")]
-    assert b'"type":"service_unavailable"' in events[-1] and victim.encode() in events[-1]
+    assert b'"type":"service_unavailable"' in events[-2] and victim.encode() in events[-2]
+    assert events[-1] == b"data: [DONE]"  # after the error event, as vLLM's server ends a stream
     assert time.monotonic() - killed_at < 10
