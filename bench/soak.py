@@ -129,12 +129,18 @@ async def _over_http(http: httpx.AsyncClient, ids: list[int], sampling: dict, st
     async with http.stream("POST", "/v1/completions", json=body) as reply:
         if reply.status_code != 200:
             raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}")
-        last = ""
+        finished, last = False, ""
         async for line in reply.aiter_lines():
-            if line.startswith("data: "):
-                last = line
-        if last != "data: [DONE]":
-            raise RuntimeError(f"the stream ended with {last[:200]!r}")
+            if not line.startswith("data: "):
+                continue
+            last = line
+            if line != "data: [DONE]":
+                event = json.loads(line[6:])
+                if "error" in event:  # a stream that fails mid-way sends its error, then [DONE]
+                    raise RuntimeError(f"the stream failed: {line[:200]!r}")
+                finished = finished or any(c.get("finish_reason") for c in event.get("choices", []))
+        if not finished or last != "data: [DONE]":
+            raise RuntimeError(f"the stream ended without a finish reason, with {last[:200]!r}")
 
 
 def service_rss() -> dict[str, int]:

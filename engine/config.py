@@ -71,9 +71,10 @@ class EngineConfig(BaseModel):
     seed: int = 0
     nice: int | None = Field(
         default=None, ge=-20, le=19,
-        description="niceness of the processes that step the model (vLLM's rank workers); none: lowered to 0 where the OS "
-        "allows (CAP_SYS_NICE), else left as started (Ray workers: 15), and left as started where the engines "
-        "bind every core of the node (cpu_cores: auto, no core reserved). Given, it is applied or the engine fails",
+        description="niceness of the processes that step the model (vLLM's rank workers); none: lowered to 0 "
+        "where the OS allows (CAP_SYS_NICE), else left as started (Ray workers: 15), and left as started where "
+        "the engines bind every core of the node (cpu_cores: auto, no core reserved). Given, it is applied or the "
+        "engine fails",
     )  # fmt: skip
     kv_connector: KVConnectorSpec | None = None
     kv_events_endpoint: str | None = Field(

@@ -2,8 +2,9 @@
 
 As vLLM's own server runs it: the engine core (scheduler, KV cache manager,
 the scheduler side of the KV connector) in one process, and one worker process
-per tensor-parallel rank (with one rank, the worker runs inside the engine
-core's process), its OpenMP threads bound to the engine's cores. The serving
+per tensor-parallel rank, its OpenMP threads bound to the engine's cores (on
+CPU vLLM always runs its workers apart; on a GPU with one rank, the model runs
+in the engine core's process). The serving
 process only submits, streams and reports, so the engine's steps never
 compete with Serve's event loop, heartbeats or streaming for the interpreter;
 and the processes that step the model run ahead of the serving ones for the
@@ -66,9 +67,10 @@ class _Stream:
             async with asyncio.timeout(timeout_s):
                 await self._arrived.wait()
         item = self._items.popleft()
+        behind = []
         while isinstance(item, OutputDelta) and self._items and isinstance(self._items[0], OutputDelta):
-            item = item.followed_by(self._items.popleft())
-        return item
+            behind.append(self._items.popleft())
+        return item.followed_by(behind) if behind else item
 
     def push(self, item: OutputDelta | Exception) -> None:
         """Called from the engine's loop."""

@@ -100,6 +100,7 @@ class HostedEngine:
                     self.prompt_tokens.add(computed)
                     self.prefill_rate.end()
                     self.decode_rate.begin()
+                    self.decode_rate.add(len(delta.token_ids) - 1)  # merged deltas: the rest were decoded
                     decoding = True
                 else:
                     self.decode_rate.add(len(delta.token_ids))

@@ -14,10 +14,11 @@ the niceness changed between runs:
   step (vLLM's shared-memory queue), so at 0 it starves the router's
   tokenizing and hashing. It stays as started, with the serving processes.
 
-So the model's processes are the leaves of the engine's process tree: the rank
-workers, or with a single process (vLLM's uniprocessor executor on a GPU), the
-engine core itself. Linux keeps a niceness per thread and a thread starts with
-its creator's; they are set thread by thread once the engine has started (their
+So the model's processes are the leaves of the engine's process tree (less
+``multiprocessing``'s resource trackers): the rank workers, or with a single
+process (vLLM's uniprocessor executor on a GPU), the engine core itself.
+Linux keeps a niceness per thread and a thread starts with its creator's;
+they are set thread by thread once the engine has started (their
 OpenMP threads exist by then: vLLM runs a warm-up step). Lowering a niceness
 needs CAP_SYS_NICE (root outside a container) or a raised RLIMIT_NICE.
 """
@@ -42,14 +43,18 @@ def descendants() -> set[int]:
 
 
 def model_processes(pids: set[int]) -> set[int]:
-    """The processes of an engine's tree (``pids``) that step the model: those with no child in the tree."""
-    parents = set()
+    """The processes of an engine's tree (``pids``) that step the model: those with no child in the tree,
+    leaving out the resource trackers that ``multiprocessing``'s spawn starts beside each parent."""
+    engine, parents = set(), set()
     for pid in pids:
         try:
-            parents.add(psutil.Process(pid).ppid())
+            process = psutil.Process(pid)
+            if "multiprocessing.resource_tracker" not in " ".join(process.cmdline()):
+                engine.add(pid)
+                parents.add(process.ppid())
         except psutil.NoSuchProcess:
             continue
-    return pids - parents
+    return engine - parents
 
 
 def prioritize(pids: set[int], nice: int | None) -> int | None:

@@ -47,18 +47,20 @@ class OutputDelta:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
-    def followed_by(self, later: OutputDelta) -> OutputDelta:
-        """This delta and the next of the same request as one (counts are running totals)."""
+    def followed_by(self, later: list[OutputDelta]) -> OutputDelta:
+        """This delta and the ones after it of the same request as one (counts are running totals)."""
+        last = later[-1]
         return OutputDelta(
             request_id=self.request_id,
-            token_ids=self.token_ids + later.token_ids,
-            text=self.text + later.text,
-            finish_reason=later.finish_reason,
-            prompt_tokens=self.prompt_tokens or later.prompt_tokens,
-            completion_tokens=later.completion_tokens,
+            token_ids=[t for delta in (self, *later) for t in delta.token_ids],
+            text="".join(delta.text for delta in (self, *later)),
+            finish_reason=last.finish_reason,
+            prompt_tokens=self.prompt_tokens or last.prompt_tokens,
+            completion_tokens=last.completion_tokens,
             cached_prompt_tokens=self.cached_prompt_tokens,
-            kv_transfer_params=later.kv_transfer_params or self.kv_transfer_params,
-        )
+            kv_transfer_params=next((d.kv_transfer_params for d in reversed(later) if d.kv_transfer_params),
+                                    self.kv_transfer_params),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -96,6 +96,7 @@ def parse_request(body: bytes | Mapping[str, Any], kind: Kind, limits: RequestLi
         raise RequestError(unknown[0], f"unknown field (allowed: {', '.join(sorted(_FIELDS[kind]))})")
     if _get(data, "n", int, 1) != 1:
         raise RequestError("n", "only n=1 is supported")
+    _refuse_logprobs(data, kind)
     request_id = _get(data, "request_id", str, None) or uuid.uuid4().hex
     if not request_id or len(request_id) > 128:
         raise RequestError("request_id", "must be 1 to 128 characters")
@@ -135,9 +136,8 @@ def tokenize(request: GenerationRequest, tokenizer: ModelTokenizer, limits: Requ
         raise RequestError("prompt", "must not be empty")
     if request.to_end_of_context:
         if len(ids) >= limits.context_length:
-            raise RequestError(
-                "messages", f"the prompt ({len(ids)} tokens) leaves no room in the context length {limits.context_length}"
-            )
+            room = f"leaves no room in the context length {limits.context_length}"
+            raise RequestError("messages", f"the prompt ({len(ids)} tokens) {room}")
         return ids
     total = len(ids) + request.sampling.max_tokens
     if total > limits.context_length:
@@ -290,7 +290,6 @@ def _sampling(data: Mapping[str, Any], kind: Kind, limits: RequestLimits) -> Sam
     if not repetition_penalty > 0.0:
         raise RequestError("repetition_penalty", f"must be above 0 (1 is off), got {repetition_penalty}")
     seed = _get(data, "seed", int, None)
-    _refuse_logprobs(data, kind)
     stop = _stop_strings(data, limits)
     stop_token_ids = _get(data, "stop_token_ids", list, [])
     if len(stop_token_ids) > limits.max_stop_token_ids:
@@ -339,7 +338,10 @@ def _stop_strings(data: Mapping[str, Any], limits: RequestLimits) -> tuple[str, 
 def _refuse_logprobs(data: Mapping[str, Any], kind: Kind) -> None:
     """vLLM computes logprobs, but pdserve does not carry them to the client yet (issue #21): asking for them
     is refused rather than answered without them."""
-    asked = _get(data, "logprobs", int, None) is not None if kind == "completion" else _get(data, "logprobs", bool, False)
+    if kind == "completion":
+        asked = _get(data, "logprobs", int, None) is not None
+    else:
+        asked = _get(data, "logprobs", bool, False)
     if asked:
         raise RequestError("logprobs", "not returned by pdserve yet; omit the field")
     if kind == "chat" and _get(data, "top_logprobs", int, 0):

@@ -103,3 +103,8 @@ def test_more_ranks_than_a_node_has_cores_is_refused(model_dir, cores):
     cores(2)
     with pytest.raises(ConfigError, match="engine.tensor_parallel_size: 4 ranks need a core each; this node has 2"):
         plan(config(model_dir, **{"engine.tensor_parallel_size": 4}), ["decode"])
+
+
+def test_a_pools_own_context_length_is_refused_the_router_checks_one_for_the_service(model_dir):
+    with pytest.raises(ValueError, match=r"service.decode.engine.max_model_len: the same for every pool"):
+        config(model_dir, **{"service.decode.engine": {"max_model_len": 256}}).pool_engine("decode")

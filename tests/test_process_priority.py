@@ -1,4 +1,4 @@
-"""The engine's processes are set ahead of the serving processes for the CPU, thread by thread."""
+"""The processes that step the model are set ahead of the serving processes for the CPU, thread by thread."""
 
 from __future__ import annotations
 
@@ -10,16 +10,18 @@ from pathlib import Path
 
 import psutil
 import pytest
+from faults import can_lower_niceness
 
-from engine.process_priority import model_processes, prioritize
+from engine.process_priority import descendants, model_processes, prioritize
 
 REPO = Path(__file__).resolve().parent.parent
 _TWO_THREADS = "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); time.sleep(60)"
+_AT_15 = "os.setpriority(os.PRIO_PROCESS, 0, 15)"
 _UNPRIVILEGED = f"""
 import os, subprocess, sys
 from engine.errors import EngineConfigError
 from engine.process_priority import prioritize
-child = subprocess.Popen([sys.executable, "-c", {_TWO_THREADS!r}], preexec_fn=lambda: os.nice(15))
+child = subprocess.Popen([sys.executable, "-c", {_TWO_THREADS!r}], preexec_fn=lambda: {_AT_15})
 try:
     print(prioritize({{child.pid}}, None if sys.argv[1] == "unset" else int(sys.argv[1])))
 except EngineConfigError as exc:
@@ -27,19 +29,33 @@ except EngineConfigError as exc:
 finally:
     child.kill()
 """
+# As vLLM starts its engine core and the core its rank worker: multiprocessing's spawn, which also
+# starts a resource tracker beside the parent.
+_ENGINE_CORE = """
+import multiprocessing, time
+if __name__ == "__main__":
+    multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,), daemon=True).start()
+    time.sleep(60)
+"""
 
 
 def nicenesses(pid: int) -> set[int]:
     return {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
 
 
+def wait_for(condition, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
 @pytest.fixture
 def engine_like():
     """A two-thread process started at nice 15, as Ray starts its workers (and so vLLM's processes)."""
-    child = subprocess.Popen([sys.executable, "-c", _TWO_THREADS], preexec_fn=lambda: os.nice(15))
-    deadline = time.monotonic() + 30
-    while len(os.listdir(f"/proc/{child.pid}/task")) < 2 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    at_15 = lambda: os.setpriority(os.PRIO_PROCESS, 0, 15)  # noqa: E731
+    child = subprocess.Popen([sys.executable, "-c", _TWO_THREADS], preexec_fn=at_15)
+    wait_for(lambda: len(os.listdir(f"/proc/{child.pid}/task")) >= 2)
     yield child.pid
     child.kill()
     child.wait(10)
@@ -50,7 +66,7 @@ def unprivileged(nice: str) -> str:
     ``setpriv``), on a nice-15 child of its own."""
     command = [sys.executable, "-c", _UNPRIVILEGED, nice]
     if os.geteuid() == 0:
-        command = ["setpriv", "--bounding-set=-sys_nice", *command]
+        command = ["setpriv", "--bounding-set=-sys_nice", "--inh-caps=-sys_nice", *command]
     done = subprocess.run(command, capture_output=True, text=True, timeout=60,
                           env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
     assert done.returncode == 0, done.stderr
@@ -62,7 +78,7 @@ def test_a_niceness_given_reaches_every_thread(engine_like):
     assert nicenesses(engine_like) == {17}
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="lowering a niceness needs root (CAP_SYS_NICE)")
+@pytest.mark.skipif(not can_lower_niceness(), reason="lowering a niceness needs CAP_SYS_NICE")
 def test_unset_lowers_the_engine_to_nice_0_where_the_os_allows(engine_like):
     assert prioritize({engine_like}, None) == 0
     assert nicenesses(engine_like) == {0}
@@ -78,17 +94,15 @@ def test_a_niceness_given_that_the_os_refuses_fails_naming_the_field():
     assert out.startswith("refused nice ") and "CAP_SYS_NICE" in out
 
 
-def test_the_model_processes_are_the_leaves_of_the_engines_process_tree():
-    """vLLM's engine core starts the rank workers: the workers step the model, the engine core schedules."""
-    spawn_child = f"import subprocess, sys, time; subprocess.Popen([sys.executable, '-c', {_TWO_THREADS!r}]); time.sleep(60)"
-    engine_core = subprocess.Popen([sys.executable, "-c", spawn_child])
+def test_the_model_process_is_the_rank_worker_not_the_engine_core_nor_a_resource_tracker():
+    before = descendants()
+    engine_core = subprocess.Popen([sys.executable, "-c", _ENGINE_CORE])
     try:
-        deadline = time.monotonic() + 30
-        while not psutil.Process(engine_core.pid).children() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        (worker,) = psutil.Process(engine_core.pid).children()
-        assert model_processes({engine_core.pid, worker.pid}) == {worker.pid}
-        assert model_processes({engine_core.pid}) == {engine_core.pid}  # one process: it steps the model itself
+        wait_for(lambda: len(descendants() - before) >= 3)  # the core, its worker, the core's resource tracker
+        (worker,) = [p.pid for p in psutil.Process(engine_core.pid).children()
+                     if "resource_tracker" not in " ".join(p.cmdline())]  # fmt: skip
+        assert model_processes(descendants() - before) == {worker}
+        assert model_processes({engine_core.pid}) == {engine_core.pid}  # alone, it steps the model itself
     finally:
         for process in psutil.Process(engine_core.pid).children() + [psutil.Process(engine_core.pid)]:
             process.kill()

@@ -120,8 +120,8 @@ BAD_CHAT = [
     ("messages[0].role", {"messages": [{"role": "wizard", "content": "x"}]}, "must be one of system, user"),
     ("messages[1].content", {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": 3}]}, "string"),
     ("messages[0].content", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text parts"),
-    ("logprobs", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "not returned by pdserve yet"),
-    ("top_logprobs", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "not returned by pdserve yet"),
+    ("logprobs", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "not returned by pdserve"),
+    ("top_logprobs", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "not returned by pdserve"),
     ("prompt", {"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "unknown field"),
 ]
 

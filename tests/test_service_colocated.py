@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
-from faults import bound_cores, engine_workers, replica_pid
+from faults import bound_cores, can_lower_niceness, engine_workers, replica_pid
 from helpers import transformers_greedy
 from service_client import prompt, service_config
 
@@ -53,7 +53,7 @@ def test_the_engine_binds_a_core_of_its_own_and_leaves_the_reserved_core_to_the_
     assert bound_cores(worker) == set(sorted(os.sched_getaffinity(0))[1:2])  # core 0 stays with Ray, Serve, router
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="lowering a niceness needs root (CAP_SYS_NICE)")
+@pytest.mark.skipif(not can_lower_niceness(), reason="lowering a niceness needs CAP_SYS_NICE")
 def test_the_rank_process_runs_ahead_of_the_serving_processes_and_the_engine_core_stays_with_them(client, service):
     (replica,) = [w.worker_id for w in client.status().workers]
     (worker,) = engine_workers(service, "DecodeWorker", replica).values()

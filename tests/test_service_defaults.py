@@ -11,7 +11,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from faults import engine_workers, kill_replica, live_workers, replica_pid, wait_for_replacement
+from faults import can_lower_niceness, engine_workers, kill_replica, live_workers, replica_pid, wait_for_replacement
 from service_client import prompt
 from short_prompts import ask_every_short_prompt, defaults_config, replica_ids
 
@@ -104,10 +104,13 @@ def _wait_streaming(client, timeout_s: float = 60) -> None:
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) > 2, reason="the layout reserves no core only on a 2-core node")
+@pytest.mark.skipif(not can_lower_niceness(), reason="without CAP_SYS_NICE no engine is ever lowered")
 def test_engines_on_every_core_stay_at_the_niceness_of_their_replicas(client, service):
     for role, deployment in (("prefill", "PrefillWorker"), ("decode", "DecodeWorker")):
         (replica,) = live_workers(client, role)
         replica_niceness = os.getpriority(os.PRIO_PROCESS, replica_pid(service, deployment, replica))
-        for worker in engine_workers(service, deployment, replica).values():
+        workers = engine_workers(service, deployment, replica).values()
+        assert workers and replica_niceness > 0
+        for worker in workers:
             threads = os.listdir(f"/proc/{worker}/task")
             assert {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in threads} == {replica_niceness}
