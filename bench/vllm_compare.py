@@ -48,14 +48,17 @@ def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: 
     name = model_dir.name
     vllm_server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                    "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    rpc_dir = tempfile.TemporaryDirectory(prefix="pdserve-bench-vllm-")  # vLLM's ipc sockets, removed after
+    vllm_env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_RPC_BASE_PATH": rpc_dir.name}
     servers = {  # the command, its env, and the pools /health must report live before the load starts
-        "vllm": (vllm_server, {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)}, {}),
+        "vllm": (vllm_server, vllm_env, {}),
         "colocated": (_pdserve_up(model_dir, port, "colocated"), {}, {"decode": 1}),
         "disagg": (_pdserve_up(model_dir, port, "disaggregated"), {}, {"prefill": 1, "decode": 1}),
     }
-    for server, (command, env, pools) in servers.items():
-        with _Server(command, env, f"http://127.0.0.1:{port}", pools) as url:
-            figures[server] = {workload: _client(url, name, model_dir, flags) for workload, flags in WORKLOADS.items()}
+    with rpc_dir:
+        for server, (command, env, pools) in servers.items():
+            with _Server(command, env, f"http://127.0.0.1:{port}", pools) as url:
+                figures[server] = {w: _client(url, name, model_dir, flags) for w, flags in WORKLOADS.items()}
     result = {"figures": figures, **ratios(figures), "workloads": {k: " ".join(v) for k, v in WORKLOADS.items()}}
     if json_dir is not None:
         json_dir.mkdir(parents=True, exist_ok=True)
