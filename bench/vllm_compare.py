@@ -104,6 +104,10 @@ class _Server:
         self._command, self._env, self._url, self._timeout = command, env, url, start_timeout_s
         self._pools = pools
 
+    @property
+    def pid(self) -> int:
+        return self._process.pid
+
     def __enter__(self) -> str:
         self._log = tempfile.TemporaryFile()
         self._process = subprocess.Popen(self._command, env={**os.environ, **self._env}, stdout=self._log,

@@ -56,13 +56,6 @@ def engine_workers(service, deployment: str, replica_id: str, timeout_s: float =
         time.sleep(0.2)
 
 
-def can_lower_niceness() -> bool:
-    """Whether this process holds CAP_SYS_NICE (bit 23 of CapEff): root in a container often does not."""
-    status = open("/proc/self/status").read()
-    effective = next(line for line in status.splitlines() if line.startswith("CapEff:"))
-    return bool(int(effective.split()[1], 16) & (1 << 23))
-
-
 def bound_cores(pid: int) -> set[int]:
     """The cores a process may run on (``Cpus_allowed_list`` in /proc/PID/status)."""
     from engine.core_ledger import bound_cores as cores_of

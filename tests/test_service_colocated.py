@@ -8,10 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
-from faults import bound_cores, can_lower_niceness, engine_workers, replica_pid
+from faults import bound_cores, engine_workers, replica_pid
 from helpers import transformers_greedy
 from service_client import prompt, service_config
 
+from engine.process_priority import can_lower_niceness
 from pdserve.up import start
 
 pytestmark = pytest.mark.service

@@ -11,10 +11,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from faults import can_lower_niceness, engine_workers, kill_replica, live_workers, replica_pid, wait_for_replacement
+from faults import engine_workers, kill_replica, live_workers, replica_pid, wait_for_replacement
 from service_client import prompt
 from short_prompts import ask_every_short_prompt, defaults_config, replica_ids
 
+from engine.process_priority import can_lower_niceness
 from pdserve.models import resolve_model
 from pdserve.up import start
 
