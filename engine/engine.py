@@ -34,7 +34,7 @@ from engine.config import EngineConfig
 from engine.cpu_isa import AmxPermission, request_amx_permission
 from engine.errors import EngineConfigError, EngineDeadError, EngineError, EngineInputError
 from engine.process_priority import descendants, model_processes, prioritize
-from engine.types import EngineStats, GenerateRequest, KVLayout, OutputDelta, SamplingOptions
+from engine.types import EngineStats, GenerateRequest, KVLayout, OutputDelta, SamplingOptions, TokenLogprob
 from engine.vllm_args import apply_vllm_environment, vllm_engine_args
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,11 @@ _RPC_TIMEOUT_S = 30.0  # a collective_rpc into the worker processes
 class _Stream:
     """Where one request's deltas (or its error) are delivered, on the consumer's event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, top_logprobs: int | None = None):
         self.loop = loop
         self._items: deque[OutputDelta | Exception] = deque()
         self._arrived = asyncio.Event()
+        self.top_logprobs = top_logprobs  # alternatives asked for per token; None: no logprobs
         self.completion_tokens = 0
         self.cached_counted = False
         self.task: asyncio.Task | None = None  # on the engine's loop: the vLLM request it reads
@@ -120,6 +121,22 @@ async def _cancel_pending_tasks() -> None:
 def _local_address(endpoint: str) -> str:
     """Where a subscriber on this machine connects for a publisher bound to ``endpoint``."""
     return endpoint.replace("://*:", "://127.0.0.1:").replace("://0.0.0.0:", "://127.0.0.1:")
+
+
+def _token_logprobs(completion, top: int | None) -> tuple[TokenLogprob, ...] | None:
+    """vLLM's per-position logprobs (the sampled token and the ``top`` most likely, each with its rank) as
+    one ``TokenLogprob`` per sampled token."""
+    if top is None:
+        return None
+    positions = completion.logprobs or ()
+    out = []
+    for token_id, position in zip(completion.token_ids, positions, strict=True):
+        chosen = position[token_id]
+        likeliest = sorted((e for e in position.items() if e[1].rank is not None and e[1].rank <= top),
+                           key=lambda e: e[1].rank)  # fmt: skip
+        alternatives = tuple((t, e.decoded_token or "", e.logprob) for t, e in likeliest)
+        out.append(TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob, alternatives))
+    return tuple(out)
 
 
 def _check_sampling(options: SamplingOptions, rid: str) -> None:
@@ -210,7 +227,8 @@ class Engine:
         self.check_alive()
         if request.request_id in self._streams:
             raise EngineInputError("request_id", "a request with this id is already running", request.request_id)
-        stream = self._streams[request.request_id] = _Stream(asyncio.get_running_loop())
+        stream = _Stream(asyncio.get_running_loop(), request.sampling.logprobs)
+        self._streams[request.request_id] = stream
         self._loop.call_soon_threadsafe(self._start_reading, request, params, stream)
         finished = False
         try:
@@ -369,6 +387,8 @@ class Engine:
             completion_tokens=stream.completion_tokens,
             cached_prompt_tokens=cached,
             kv_transfer_params=output.kv_transfer_params,
+            stop_reason=completion.stop_reason if output.finished else None,
+            logprobs=_token_logprobs(completion, stream.top_logprobs),
         )
 
     def _stop(self, timeout: float = 10.0) -> None:
@@ -432,6 +452,12 @@ class Engine:
                 presence_penalty=options.presence_penalty,
                 frequency_penalty=options.frequency_penalty,
                 repetition_penalty=options.repetition_penalty,
+                min_tokens=options.min_tokens,
+                logit_bias=dict(options.logit_bias) or None,
+                allowed_token_ids=list(options.allowed_token_ids) if options.allowed_token_ids is not None else None,
+                include_stop_str_in_output=options.include_stop_str_in_output,
+                skip_special_tokens=options.skip_special_tokens,
+                logprobs=options.logprobs,
                 output_kind=RequestOutputKind.DELTA,
                 extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
             )

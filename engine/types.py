@@ -20,6 +20,22 @@ class SamplingOptions:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
+    min_tokens: int = 0  # stop tokens and strings held off until this many are generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    allowed_token_ids: tuple[int, ...] | None = None  # None: every token
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    logprobs: int | None = None  # each output token's log-probability and this many alternatives; None: none
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One output token's log-probability, and the most likely tokens at its position (most likely first)."""
+
+    token_id: int
+    token: str  # the token's text as vLLM decodes it
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token id, text, log-probability)
 
 
 @dataclass(frozen=True)
@@ -42,6 +58,8 @@ class OutputDelta:
     completion_tokens: int
     cached_prompt_tokens: int
     kv_transfer_params: dict[str, Any] | None = None
+    stop_reason: int | str | None = None  # the stop token id or string that ended it (vLLM's)
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token in ``token_ids``, when asked for
 
     @property
     def finished(self) -> bool:
@@ -60,6 +78,8 @@ class OutputDelta:
             cached_prompt_tokens=self.cached_prompt_tokens,
             kv_transfer_params=next((d.kv_transfer_params for d in reversed(later) if d.kv_transfer_params),
                                     self.kv_transfer_params),
+            stop_reason=last.stop_reason,
+            logprobs=None if self.logprobs is None else tuple(t for d in (self, *later) for t in d.logprobs or ()),
         )  # fmt: skip
 
 

@@ -45,7 +45,7 @@ def build_app(config: PdserveConfig) -> serve.Application:
     token = config.cluster_token or SecretStr(os.environ.get(TOKEN_ENV) or secrets.token_hex(16))
     model = model_info(config.engine)
     reporting = IndexReporting(
-        model.model_id, config.router.index.redis_url, config.router.index.heartbeat_ttl_s,
+        model.model_id, config.router.index.redis_url, config.router.index.heartbeat_ttl_s, token,
         config.router.index.timeout_s, service.app_name,
     )  # fmt: skip
     disaggregated = service.mode == "disaggregated" and service.prefill.present
@@ -61,7 +61,7 @@ def build_app(config: PdserveConfig) -> serve.Application:
             _worker_settings(service, service.prefill, layouts["prefill"], reporting, token),
         )
     settings = IngressSettings(
-        model=model, router=config.router, mode=service.mode if disaggregated else "colocated",
+        model=model, router=config.router, cluster_token=token, mode=service.mode if disaggregated else "colocated",
         grpc_host=service.grpc_host, grpc_port=service.grpc_port, max_inflight=service.max_inflight,
         prefill_timeout_s=service.prefill_timeout_s,
     )  # fmt: skip

@@ -44,7 +44,8 @@ class PrefillWorker(HostedWorker):
         As SGLang's bootstrap: the decode side need not wait for the prefill to finish to start pulling.
         """
         params = {"pdserve": "produce", "transfer_id": job.transfer_id, "block_hashes": job.block_hashes}
-        sampling = replace(job.request.sampling, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
+        one_token = dict(max_tokens=1, min_tokens=0, stop=(), stop_token_ids=(), ignore_eos=True, logprobs=None)
+        sampling = replace(job.request.sampling, **one_token)  # the decode worker makes every output token
         request = replace(job.request, sampling=sampling, kv_transfer_params=params)
         prompt = len(request.prompt_token_ids)
         handle = transfer_handle(self._sender, self._host.engine.model_id, self._host.engine.block_size,

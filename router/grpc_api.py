@@ -62,6 +62,17 @@ def request_body(request: pb.GenerateRequest) -> dict:
         body["stop_token_ids"] = list(sampling.stop_token_ids)
     if sampling.ignore_eos:
         body["ignore_eos"] = True
+    if sampling.min_tokens:
+        body["min_tokens"] = sampling.min_tokens
+    if sampling.logit_bias:
+        body["logit_bias"] = {str(token): bias for token, bias in sampling.logit_bias.items()}
+    if sampling.allowed_token_ids:
+        body["allowed_token_ids"] = list(sampling.allowed_token_ids)
+    if sampling.include_stop_str_in_output:
+        body["include_stop_str_in_output"] = True
+    for name in ("skip_special_tokens", "truncate_prompt_tokens", "logprobs"):
+        if sampling.HasField(name):
+            body[name] = getattr(sampling, name)
     return body
 
 
@@ -69,6 +80,15 @@ def response(chunk: Chunk) -> pb.GenerateResponse:
     message = pb.GenerateResponse(request_id=chunk.request_id, token_ids=chunk.token_ids, text=chunk.text)
     if chunk.finish_reason is not None:
         message.finish_reason = chunk.finish_reason
+    if isinstance(chunk.stop_reason, int):
+        message.stop_token_id = chunk.stop_reason
+    elif isinstance(chunk.stop_reason, str):
+        message.stop_string = chunk.stop_reason
+    for entry in chunk.logprobs or ():
+        top = [pb.TopLogprob(token_id=t, token=text, logprob=lp) for t, text, lp in entry.top]
+        message.logprobs.append(
+            pb.TokenLogprob(token_id=entry.token_id, token=entry.token, logprob=entry.logprob, top=top)
+        )
     if chunk.usage is not None:
         u = chunk.usage
         message.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
@@ -140,7 +160,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 queued_prefill_tokens=w.load.queued_prefill_tokens, kv_used_fraction=w.load.kv_used_fraction,
                 cached_blocks=held.get(w.worker_id, 0), in_flight=w.in_flight.requests, cpu_cores=w.cpu_cores,
             )
-            for w in sorted(service.live_workers(), key=lambda w: (w.role, w.worker_id))
+            for w in sorted(await service.live_workers(), key=lambda w: (w.role, w.worker_id))
         ]  # fmt: skip
         return pb.StatusResponse(
             model=service.model.model_id, mode=service.mode, policy=service.config.placement.policy, workers=workers,

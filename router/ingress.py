@@ -1,10 +1,11 @@
 """The Router deployment: Serve's HTTP ingress (OpenAI API, health, metrics) and pdserve's gRPC server.
 
 One replica holds one ``GenerationService``. With the in-memory index the
-workers report to this replica (``report``), so there is one router replica;
-with Redis they write to Redis and any number of router replicas share it
-(each its own gRPC listener on the same port, SO_REUSEPORT; Serve's proxy
-spreads HTTP).
+workers write to this replica's index over a listener of its own (the index
+writer, on the node's address; they look it up with ``index_writer_address``),
+so there is one router replica; with Redis they write to Redis and any number
+of router replicas share it (each its own gRPC listener on the same port,
+SO_REUSEPORT; Serve's proxy spreads HTTP).
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
+import ray
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 from ray import serve
 
-from engine.cache_events import CacheEvent
 from router import http_api
 from router.auth import ApiKeys
 from router.config import RouterConfig
 from router.grpc_api import start_grpc_server
-from router.index import WorkerInfo, make_index
+from router.index import make_index
+from router.index.remote_writer import start_index_writer
 from router.index.sweeper import IndexSweeper
 from router.request_registry import make_registry
 from router.serve_pools import ServeWorkerPools
@@ -34,6 +37,7 @@ app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
 class IngressSettings:
     model: ModelInfo
     router: RouterConfig
+    cluster_token: SecretStr  # workers prove it to write into the in-memory index
     mode: Mode = "disaggregated"
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 9000
@@ -59,6 +63,11 @@ class Router:
         self._registry.start(lambda request_id: loop.call_soon_threadsafe(self.service.abort_local, request_id))
         self._keys = ApiKeys([key.get_secret_value() for key in settings.router.api_keys])
         self._grpc = await start_grpc_server(self.service, settings.grpc_host, settings.grpc_port, self._keys)
+        self._index_writer, self._index_writer_address = None, None
+        if index_config.redis_url is None:
+            token = settings.cluster_token.get_secret_value()
+            host = ray.util.get_node_ip_address()
+            self._index_writer, self._index_writer_address = await start_index_writer(self._index, host, token)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -78,10 +87,26 @@ class Router:
             return http_api.unauthorized(refusal)
         return http_api.models(self.service)
 
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        if refusal := self._keys.refusal(request.headers.get("authorization")):
+            return http_api.unauthorized(refusal)
+        return http_api.tokenize(self.service, await request.body())
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        if refusal := self._keys.refusal(request.headers.get("authorization")):
+            return http_api.unauthorized(refusal)
+        return http_api.detokenize(self.service, await request.body())
+
+    @app.get("/version")
+    async def version(self):
+        return http_api.versions()
+
     @app.get("/health")
     async def health(self):
         """200 while a decode worker is live ("degraded" while a pool waits for a replacement), else 503."""
-        pools = self.service.pool_health()
+        pools = await self.service.pool_health()
         degraded = {role: pool["degraded"] for role, pool in pools.items() if pool["degraded"]}
         if not pools["decode"]["live"]:
             why = "; ".join(degraded.get("decode", [])) or "none has reported yet"
@@ -93,18 +118,15 @@ class Router:
     async def metrics(self):
         return Response(await self.service.render_metrics(), media_type=CONTENT_TYPE_LATEST)
 
-    def report(self, worker: dict, events: list[CacheEvent], ttl_s: float | None) -> None:
-        """A worker's heartbeat (``ttl_s`` set) or cache events, for the in-memory index."""
-        info = WorkerInfo.from_dict(worker)
-        if events:
-            self._index.apply_events(info.worker_id, info.epoch, events)
-        if ttl_s is not None:
-            self._index.heartbeat(info, ttl_s)
-
-    def forget_worker(self, worker_id: str) -> None:
-        self._index.forget_worker(worker_id)
+    def index_writer_address(self) -> str:
+        """Where workers write to this replica's in-memory index (``host:port``)."""
+        if self._index_writer_address is None:
+            raise RuntimeError("this router's index is in Redis: workers write there")
+        return self._index_writer_address
 
     async def __del__(self):
         self._sweeper.stop()
         self._registry.close()
         await self._grpc.stop(grace=1.0)
+        if self._index_writer is not None:
+            await self._index_writer.stop(grace=1.0)

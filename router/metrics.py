@@ -26,7 +26,7 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 
 
 class RouterMetrics:
-    def __init__(self, model_id: str, live_workers: Callable[[], list[WorkerInfo]], health: Callable[[], IndexHealth]):
+    def __init__(self, model_id: str, health: Callable[[], IndexHealth]):
         self.registry = r = CollectorRegistry()
         self.ttft = _Mirrored(Histogram, "time_to_first_token_seconds", "Time to first token.", r, (), TTFT_BUCKETS)
         self.itl = _Mirrored(Histogram, "inter_token_latency_seconds", "Between output tokens.", r, (), ITL_BUCKETS)
@@ -56,16 +56,19 @@ class RouterMetrics:
         self.waiting_for_worker = _Mirrored(
             Gauge, "router_requests_waiting_for_worker", "Requests waiting for a live decode worker.", r
         )
-        self.registry.register(_WorkerCollector(live_workers, health))
+        self._health = health
 
-    def render(self, transfers: dict[str, dict[str, dict[str, float]]] | None = None) -> bytes:
-        """The registry, plus the decode workers' KV pulls (worker → backend → figures) read just now."""
-        text = generate_latest(self.registry)
+    def render(
+        self, workers: list[WorkerInfo], transfers: dict[str, dict[str, dict[str, float]]] | None = None
+    ) -> bytes:
+        """The registry, plus the live workers' load as of their last heartbeat and the decode workers' KV pulls
+        (worker → backend → figures), both read just now by the caller (off the event loop where they cross
+        the network)."""
+        extra = CollectorRegistry()
+        extra.register(_WorkerCollector(workers, self._health))
         if transfers:
-            extra = CollectorRegistry()
             extra.register(_TransferCollector(transfers))
-            text += generate_latest(extra)
-        return text
+        return generate_latest(self.registry) + generate_latest(extra)
 
 
 class _Mirrored:
@@ -142,8 +145,8 @@ class _TransferCollector:
 class _WorkerCollector:
     """Per-pool figures from the latest heartbeats, and the index's health."""
 
-    def __init__(self, live_workers, health):
-        self._live_workers = live_workers
+    def __init__(self, workers: list[WorkerInfo], health: Callable[[], IndexHealth]):
+        self._workers = workers
         self._health = health
 
     def collect(self):
@@ -155,7 +158,7 @@ class _WorkerCollector:
             "requests_in_flight": ("Requests every router placed there, not yet released.",
                                    lambda w: w.in_flight.requests),
         }  # fmt: skip
-        workers = self._live_workers()
+        workers = self._workers
         for name, (doc, value) in per_worker.items():
             family = GaugeMetricFamily(f"pdserve:{name}", doc, labels=["pool", "worker"])
             for worker in workers:

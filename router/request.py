@@ -11,14 +11,14 @@ import json
 import math
 import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from engine.types import SamplingOptions
 from router.tokenizer import ModelTokenizer, TokenizerError
 
 Kind = Literal["completion", "chat"]
-CHAT_ROLES = ("system", "user", "assistant", "tool")
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _LONE_SURROGATE = "holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not text"
 
 
@@ -50,6 +50,9 @@ class BodyTooLargeError(RequestError):
     grpc_status = "RESOURCE_EXHAUSTED"
 
 
+MAX_LOGPROBS = 20  # alternatives per token: vLLM's default max_logprobs
+
+
 @dataclass(frozen=True)
 class RequestLimits:
     """What a request may ask for; the model's figures come from its directory."""
@@ -64,6 +67,23 @@ class RequestLimits:
 
 
 @dataclass(frozen=True)
+class ChatRendering:
+    """How a chat's messages become its prompt: the template controls vLLM's chat API takes."""
+
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last message left open, for the model to go on with
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # extra variables for the template
+
+    def render(self, messages: list[dict[str, str]], tokenizer: ModelTokenizer) -> str:
+        try:
+            return tokenizer.render_chat(
+                messages, self.add_generation_prompt, self.continue_final_message, self.template_kwargs
+            )
+        except TokenizerError as exc:
+            raise RequestError("messages", str(exc)) from exc
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
     request_id: str
     kind: Kind
@@ -71,20 +91,31 @@ class GenerationRequest:
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
     messages: list[dict[str, str]] | None = None
+    chat: ChatRendering = ChatRendering()
     sampling: SamplingOptions = SamplingOptions()
     stream: bool = False
     include_usage: bool = False
     to_end_of_context: bool = False  # a chat without max_tokens: the rest of the context (vLLM's default)
+    truncate_prompt_tokens: int | None = None  # keep only the prompt's last N tokens (vLLM's; -1: the context)
 
 
 _COMMON = {
     "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
     "stop_token_ids", "ignore_eos", "stream", "stream_options", "request_id", "n", "user", "presence_penalty",
-    "frequency_penalty", "repetition_penalty",
+    "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias", "allowed_token_ids",
+    "include_stop_str_in_output", "skip_special_tokens", "truncate_prompt_tokens",
 }  # fmt: skip
 _FIELDS: dict[Kind, set[str]] = {
     "completion": _COMMON | {"prompt", "logprobs"},
-    "chat": _COMMON | {"messages", "logprobs", "top_logprobs"},
+    "chat": _COMMON
+    | {
+        "messages",
+        "logprobs",
+        "top_logprobs",
+        "add_generation_prompt",
+        "continue_final_message",
+        "chat_template_kwargs",
+    },
 }
 
 
@@ -96,15 +127,14 @@ def parse_request(body: bytes | Mapping[str, Any], kind: Kind, limits: RequestLi
         raise RequestError(unknown[0], f"unknown field (allowed: {', '.join(sorted(_FIELDS[kind]))})")
     if _get(data, "n", int, 1) != 1:
         raise RequestError("n", "only n=1 is supported")
-    _refuse_logprobs(data, kind)
     request_id = _get(data, "request_id", str, None) or uuid.uuid4().hex
     if not request_id or len(request_id) > 128:
         raise RequestError("request_id", "must be 1 to 128 characters")
-    prompt, prompt_ids, messages = None, None, None
+    prompt, prompt_ids, messages, chat = None, None, None, ChatRendering()
     if kind == "completion":
         prompt, prompt_ids = _prompt(data, limits)
     else:
-        messages = _messages(data)
+        messages, chat = _messages(data), _chat_rendering(data)
     stream_options = _get(data, "stream_options", dict, {}) or {}
     return GenerationRequest(
         request_id=request_id,
@@ -113,11 +143,72 @@ def parse_request(body: bytes | Mapping[str, Any], kind: Kind, limits: RequestLi
         prompt=prompt,
         prompt_token_ids=prompt_ids,
         messages=messages,
+        chat=chat,
         sampling=_sampling(data, kind, limits),
         stream=_get(data, "stream", bool, False),
         include_usage=bool(stream_options.get("include_usage", False)),
         to_end_of_context=kind == "chat" and _max_tokens_field(data) is None,
+        truncate_prompt_tokens=_truncation(data),
     )
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """``POST /tokenize`` (vLLM's shape): a prompt, or a chat rendered as a chat completion renders it."""
+
+    model: str | None
+    prompt: str | None = None
+    messages: list[dict[str, str]] | None = None
+    chat: ChatRendering = ChatRendering()
+    add_special_tokens: bool = True  # a chat's default is False: its template writes its own
+    return_token_strs: bool = False
+
+
+_TOKENIZE_FIELDS = {"model", "prompt", "add_special_tokens", "return_token_strs"}
+_TOKENIZE_CHAT_FIELDS = {
+    "model", "messages", "add_special_tokens", "return_token_strs", "add_generation_prompt", "continue_final_message",
+    "chat_template_kwargs",
+}  # fmt: skip
+
+
+def parse_tokenize_request(body: bytes, limits: RequestLimits) -> TokenizeRequest:
+    data = _decode_body(body, limits)
+    chat = "messages" in data
+    allowed = _TOKENIZE_CHAT_FIELDS if chat else _TOKENIZE_FIELDS
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise RequestError(unknown[0], f"unknown field (allowed: {', '.join(sorted(allowed))})")
+    model, token_strs = _get(data, "model", str, None), _get(data, "return_token_strs", bool, False)
+    if not chat:
+        prompt = _get(data, "prompt", str, None)
+        if prompt is None:
+            raise RequestError("prompt", "is required (or messages, for a chat)")
+        if not _is_unicode(prompt):
+            raise RequestError("prompt", _LONE_SURROGATE)
+        add_special_tokens = _get(data, "add_special_tokens", bool, True)
+        return TokenizeRequest(model, prompt, add_special_tokens=add_special_tokens, return_token_strs=token_strs)
+    return TokenizeRequest(
+        model, None, _messages(data), _chat_rendering(data), _get(data, "add_special_tokens", bool, False), token_strs
+    )
+
+
+def tokenize_only(request: TokenizeRequest, tokenizer: ModelTokenizer) -> list[int]:
+    """The ids ``/tokenize`` answers: the prompt's, or the rendered chat's, as generation would compute them."""
+    if request.messages is None:
+        return tokenizer.encode(request.prompt or "", request.add_special_tokens)
+    return tokenizer.encode(request.chat.render(request.messages, tokenizer), request.add_special_tokens)
+
+
+def parse_detokenize_request(body: bytes, limits: RequestLimits) -> tuple[str | None, list[int]]:
+    """``POST /detokenize`` (vLLM's shape): the model named, and token ids inside the vocabulary."""
+    data = _decode_body(body, limits)
+    unknown = sorted(set(data) - {"model", "tokens"})
+    if unknown:
+        raise RequestError(unknown[0], "unknown field (allowed: model, tokens)")
+    tokens = _get(data, "tokens", list, None)
+    if tokens is None:
+        raise RequestError("tokens", "is required")
+    return _get(data, "model", str, None), _token_ids("tokens", tokens, limits)
 
 
 def tokenize(request: GenerationRequest, tokenizer: ModelTokenizer, limits: RequestLimits) -> list[int]:
@@ -125,15 +216,17 @@ def tokenize(request: GenerationRequest, tokenizer: ModelTokenizer, limits: Requ
     if request.prompt_token_ids is not None:
         ids = request.prompt_token_ids
     else:
-        try:
-            text = request.prompt if request.kind == "completion" else tokenizer.render_chat(request.messages or [])
-        except TokenizerError as exc:
-            raise RequestError("messages", str(exc)) from exc
+        text = (
+            request.prompt if request.kind == "completion" else request.chat.render(request.messages or [], tokenizer)
+        )
         if not _is_unicode(text or ""):
             raise RequestError("prompt", _LONE_SURROGATE)
         ids = tokenizer.encode(text or "", add_special_tokens=request.kind == "completion")
     if not ids:
         raise RequestError("prompt", "must not be empty")
+    if request.truncate_prompt_tokens is not None:
+        keep = limits.context_length if request.truncate_prompt_tokens == -1 else request.truncate_prompt_tokens
+        ids = ids[-keep:]
     if request.to_end_of_context:
         if len(ids) >= limits.context_length:
             room = f"leaves no room in the context length {limits.context_length}"
@@ -228,13 +321,33 @@ def _prompt(data: Mapping[str, Any], limits: RequestLimits) -> tuple[str | None,
     if isinstance(prompt, list):
         if not prompt:
             raise RequestError("prompt", "must not be empty")
-        for token in prompt:
-            if isinstance(token, bool) or not isinstance(token, int):
-                raise RequestError("prompt", "token ids must be integers")
-            if not 0 <= token < limits.vocab_size:
-                raise RequestError("prompt", f"token id {token} is outside the vocabulary [0, {limits.vocab_size})")
-        return None, list(prompt)
+        return None, _token_ids("prompt", prompt, limits)
     raise RequestError("prompt", f"must be a string or a list of token ids, got {type(prompt).__name__}")
+
+
+def _token_ids(field: str, values: list, limits: RequestLimits) -> list[int]:
+    for token in values:
+        if isinstance(token, bool) or not isinstance(token, int):
+            raise RequestError(field, "token ids must be integers")
+        if not 0 <= token < limits.vocab_size:
+            raise RequestError(field, f"token id {token} is outside the vocabulary [0, {limits.vocab_size})")
+    return list(values)
+
+
+_TEMPLATE_VARIABLES = {"messages", "add_generation_prompt", "bos_token", "eos_token"}  # set by pdserve
+
+
+def _chat_rendering(data: Mapping[str, Any]) -> ChatRendering:
+    """A chat's template controls; ``continue_final_message`` turns the generation prompt off unless it is asked
+    for too, which is refused (vLLM refuses the pair; transformers cannot render it)."""
+    continue_final = _get(data, "continue_final_message", bool, False)
+    add_generation_prompt = _get(data, "add_generation_prompt", bool, not continue_final)
+    if continue_final and add_generation_prompt:
+        raise RequestError("continue_final_message", "cannot be true with add_generation_prompt: true")
+    template_kwargs = _get(data, "chat_template_kwargs", dict, {})
+    if taken := sorted(set(template_kwargs) & _TEMPLATE_VARIABLES):
+        raise RequestError("chat_template_kwargs", f"may not set {taken[0]!r}: pdserve sets it")
+    return ChatRendering(add_generation_prompt, continue_final, dict(template_kwargs))
 
 
 def _messages(data: Mapping[str, Any]) -> list[dict[str, str]]:
@@ -308,15 +421,64 @@ def _sampling(data: Mapping[str, Any], kind: Kind, limits: RequestLimits) -> Sam
         stop_token_ids=tuple(stop_token_ids),
         ignore_eos=_get(data, "ignore_eos", bool, False),
         repetition_penalty=repetition_penalty,
+        min_tokens=_min_tokens(data, max_tokens),
+        logit_bias=_logit_bias(data, limits),
+        allowed_token_ids=_allowed_token_ids(data, limits),
+        include_stop_str_in_output=_get(data, "include_stop_str_in_output", bool, False),
+        skip_special_tokens=_get(data, "skip_special_tokens", bool, True),
+        logprobs=_logprobs(data, kind),
         **penalties,
     )
 
 
+def _min_tokens(data: Mapping[str, Any], max_tokens: int) -> int:
+    min_tokens = _get(data, "min_tokens", int, 0)
+    if not 0 <= min_tokens <= max_tokens:
+        raise RequestError("min_tokens", f"must be in [0, max_tokens = {max_tokens}], got {min_tokens}")
+    return min_tokens
+
+
+def _logit_bias(data: Mapping[str, Any], limits: RequestLimits) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"<token id>": bias}``, each bias in [-100, 100]."""
+    biases = _get(data, "logit_bias", dict, {})
+    clean = []
+    for key, bias in biases.items():
+        try:
+            token = int(key)
+        except ValueError:
+            raise RequestError("logit_bias", f"keys must be token ids, got {key!r}") from None
+        if not 0 <= token < limits.vocab_size:
+            raise RequestError("logit_bias", f"token id {token} is outside the vocabulary [0, {limits.vocab_size})")
+        if isinstance(bias, bool) or not isinstance(bias, int | float) or not -100 <= bias <= 100:
+            raise RequestError("logit_bias", f"biases must be numbers in [-100, 100], got {bias!r} for {key}")
+        clean.append((token, float(bias)))
+    return tuple(clean)
+
+
+def _allowed_token_ids(data: Mapping[str, Any], limits: RequestLimits) -> tuple[int, ...] | None:
+    allowed = _get(data, "allowed_token_ids", list, None)
+    if allowed is None:
+        return None
+    if not allowed:
+        raise RequestError("allowed_token_ids", "must not be empty (leave it out to allow every token)")
+    for token in allowed:
+        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < limits.vocab_size:
+            raise RequestError("allowed_token_ids", f"entries must be token ids in [0, {limits.vocab_size})")
+    return tuple(allowed)
+
+
+def _truncation(data: Mapping[str, Any]) -> int | None:
+    keep = _get(data, "truncate_prompt_tokens", int, None)
+    if keep is not None and keep < 1 and keep != -1:
+        raise RequestError("truncate_prompt_tokens", f"must be at least 1, or -1 (the context length), got {keep}")
+    return keep
+
+
 def _max_tokens_field(data: Mapping[str, Any]) -> str | None:
     """The field that sets the output length (``max_completion_tokens`` wins), or None when neither does."""
-    for field in ("max_completion_tokens", "max_tokens"):
-        if data.get(field) is not None:
-            return field
+    for name in ("max_completion_tokens", "max_tokens"):
+        if data.get(name) is not None:
+            return name
     return None
 
 
@@ -335,14 +497,18 @@ def _stop_strings(data: Mapping[str, Any], limits: RequestLimits) -> tuple[str, 
     return tuple(stop)
 
 
-def _refuse_logprobs(data: Mapping[str, Any], kind: Kind) -> None:
-    """vLLM computes logprobs, but pdserve does not carry them to the client yet (issue #21): asking for them
-    is refused rather than answered without them."""
+def _logprobs(data: Mapping[str, Any], kind: Kind) -> int | None:
+    """The alternatives asked for per output token (None: no logprobs): a completion's ``logprobs: N``,
+    a chat's ``logprobs: true`` with ``top_logprobs: N``; N at most vLLM's default ``max_logprobs``."""
     if kind == "completion":
-        asked = _get(data, "logprobs", int, None) is not None
+        top, field = _get(data, "logprobs", int, None), "logprobs"
     else:
-        asked = _get(data, "logprobs", bool, False)
-    if asked:
-        raise RequestError("logprobs", "not returned by pdserve yet; omit the field")
-    if kind == "chat" and _get(data, "top_logprobs", int, 0):
-        raise RequestError("top_logprobs", "not returned by pdserve yet; omit the field")
+        top, field = _get(data, "top_logprobs", int, None), "top_logprobs"
+        if not _get(data, "logprobs", bool, False):
+            if top:
+                raise RequestError("top_logprobs", "needs logprobs: true")
+            return None
+        top = top or 0
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise RequestError(field, f"must be in [0, {MAX_LOGPROBS}], got {top}")
+    return top

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 from engine.block_hash import hash_chain
-from engine.types import DecodeJob, GenerateRequest, OutputDelta, PrefillJob, PrefillResult
+from engine.types import DecodeJob, GenerateRequest, OutputDelta, PrefillJob, PrefillResult, TokenLogprob
 from router.config import RouterConfig
 from router.index import Claim, PrefixIndex
 from router.metrics import RouterMetrics
@@ -107,6 +107,8 @@ class Chunk:
     finish_reason: str | None = None
     usage: Usage | None = None
     timing: Timing | None = None
+    stop_reason: int | str | None = None  # the stop token id or string that ended it
+    logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when asked for
 
 
 class WorkerGoneError(RuntimeError):
@@ -179,7 +181,7 @@ class GenerationService:
         self.index = index
         self.limits: RequestLimits = config.limits.for_model(model.context_length, model.vocab_size)
         self.tokenizer = ModelTokenizer(model.model_dir)
-        self.metrics = RouterMetrics(model.model_id, self.live_workers, index.health)
+        self.metrics = RouterMetrics(model.model_id, index.health)
         self._pools = pools
         self._placer = Placer(index, config.placement, model.model_id, model.block_size)
         self._max_inflight = max_inflight
@@ -199,12 +201,16 @@ class GenerationService:
     def parse(self, body: bytes | dict, kind: Kind) -> tuple[GenerationRequest, list[int]]:
         """A validated request and its prompt's token ids; ``RequestError`` names the bad field."""
         request = parse_request(body, kind, self.limits)
-        if request.model not in (None, "", self.model.model_id):
-            raise UnknownModelError("model", f"unknown model {request.model!r} (served: {self.model.model_id!r})")
+        self.check_model(request.model)
         if request.request_id in self._running:
             raise DuplicateRequestError("request_id", f"a request with id {request.request_id!r} is already running")
         ids = tokenize(request, self.tokenizer, self.limits)
         return fit_to_context(request, len(ids), self.limits), ids
+
+    def check_model(self, name: str | None) -> None:
+        """A request may leave the model out; one that names it names the one served."""
+        if name not in (None, "", self.model.model_id):
+            raise UnknownModelError("model", f"unknown model {name!r} (served: {self.model.model_id!r})")
 
     async def generate(self, request: GenerationRequest, token_ids: list[int]) -> AsyncIterator[Chunk]:
         """Stream the completion; closing the iterator (client gone, deadline) cancels it everywhere."""
@@ -252,21 +258,22 @@ class GenerationService:
 
     async def render_metrics(self) -> bytes:
         """Prometheus text: the router's own metrics and, read now, every live decode worker's KV pulls."""
-        decoders = [w.worker_id for w in self.live_workers() if w.role == "decode"]
+        live = await self.live_workers()
+        decoders = [w.worker_id for w in live if w.role == "decode"]
         if self.mode != "disaggregated":
             decoders = []
         answers = await asyncio.gather(
             *(self._pools.transfer_stats(worker, 1.0) for worker in decoders), return_exceptions=True
         )
         transfers = {w: a for w, a in zip(decoders, answers, strict=True) if isinstance(a, dict)}
-        return self.metrics.render(transfers)
+        return self.metrics.render(live, transfers)
 
     def running(self) -> int:
         return len(self._running)
 
-    def pool_health(self) -> dict[str, dict]:
+    async def pool_health(self) -> dict[str, dict]:
         """Per pool: live workers, and the deaths no replacement has made good yet (a degraded pool)."""
-        live = self.live_workers()
+        live = await self.live_workers()
         losses = self.losses.unreplaced(live)
         now = time.monotonic()
         return {
@@ -300,7 +307,7 @@ class GenerationService:
         waiting = False
         try:
             while True:
-                live, cached = await _call(self.index, "match", chain) if chain else (self.live_workers(), {})
+                live, cached = await _call(self.index, "match", chain) if chain else (await self.live_workers(), {})
                 live = [w for w in self._staying(live) if w.worker_id not in gone]
                 if decode_only:
                     live = [w for w in live if w.role == "decode"]
@@ -318,10 +325,11 @@ class GenerationService:
             if waiting:
                 self.metrics.waiting_for_worker.dec()
 
-    def _lost_worker(self, request_id: str, pool: str, lost: WorkerGoneError, computing_prompt: bool) -> None:
+    async def _lost_worker(self, request_id: str, pool: str, lost: WorkerGoneError, computing_prompt: bool) -> None:
         """A worker died under a request: counted once per worker, logged with the request; charged to the
         request when it was computing its prompt there, and a request charged twice fails (a query of death)."""
-        if self.losses.record(pool, lost.worker_id, [w.worker_id for w in self.live_workers() if w.role == pool]):
+        live = [w.worker_id for w in await self.live_workers() if w.role == pool]
+        if self.losses.record(pool, lost.worker_id, live):
             self.metrics.worker_deaths.labels(pool).inc()
         self._forget(lost.worker_id)
         charged = self._deaths.get(request_id)
@@ -429,7 +437,7 @@ class GenerationService:
                     progress.finished = True
                     yield self._last_chunk(rid, delta, progress, now)
                     return
-                yield Chunk(rid, list(delta.token_ids), delta.text)
+                yield Chunk(rid, list(delta.token_ids), delta.text, logprobs=delta.logprobs)
         except TimeoutError as exc:  # a hung or cut-off worker: as lost as a dead one
             raise WorkerGoneError(progress.decode_worker, str(exc)) from exc
         finally:
@@ -445,7 +453,7 @@ class GenerationService:
         if isinstance(lost, WorkerLeavingError):
             self._forget(progress.decode_worker)
         else:
-            self._lost_worker(rid, "decode", lost, computing_prompt=not progress.streamed_here)
+            await self._lost_worker(rid, "decode", lost, computing_prompt=not progress.streamed_here)
         self._release(rid, progress.decode_worker)
         self._check_not_poison(rid)
         recovery = self.config.recovery
@@ -467,7 +475,10 @@ class GenerationService:
         self.metrics.migrations.inc()
         progress.resumed_after = len(progress.token_ids)
         log.warning("request %s: %s; resumed on %s after %d tokens", rid, lost, claim.worker_id, progress.resumed_after)
-        sampling = replace(request.sampling, max_tokens=request.sampling.max_tokens - len(progress.token_ids))
+        streamed, sampling = len(progress.token_ids), request.sampling
+        sampling = replace(
+            sampling, max_tokens=sampling.max_tokens - streamed, min_tokens=max(sampling.min_tokens - streamed, 0)
+        )
         resumed = GenerateRequest(rid, prompt, sampling)
         return DecodeJob(resumed, None, [digest.hex() for digest in chain])
 
@@ -517,7 +528,7 @@ class GenerationService:
             await _close(stream)
             self._release(request.request_id, worker)
             if isinstance(exc, WorkerGoneError):
-                self._lost_worker(request.request_id, "prefill", exc, computing_prompt=True)
+                await self._lost_worker(request.request_id, "prefill", exc, computing_prompt=True)
             else:  # e.g. too slow: it may still offer the blocks
                 self._in_background(self._abort_transfer(worker, job.transfer_id))
             log.warning("prefill %s on %s failed, local: %s", job.transfer_id, worker, exc)
@@ -539,7 +550,7 @@ class GenerationService:
             log.warning("prefill %s failed after its handle was given out: %r", job.transfer_id, exc)
             self.metrics.prefill_fallbacks.inc()  # the decode worker's pull fails, and it computes the prompt
             if isinstance(exc, WorkerGoneError):
-                self._lost_worker(job.request.request_id, "prefill", exc, computing_prompt=True)
+                await self._lost_worker(job.request.request_id, "prefill", exc, computing_prompt=True)
         finally:
             self._release(job.request.request_id, worker_id)
             await _close(stream)
@@ -563,7 +574,8 @@ class GenerationService:
             router=self.router_id,
             migrations=progress.migrations,
         )
-        return Chunk(request_id, list(delta.token_ids), delta.text, delta.finish_reason, usage, timing)
+        tokens, text, reason = list(delta.token_ids), delta.text, delta.finish_reason
+        return Chunk(request_id, tokens, text, reason, usage, timing, delta.stop_reason, delta.logprobs)
 
     def _count_prompt(self, pool: str, prompt_tokens: int, hit_tokens: int) -> None:
         self.metrics.prompt_tokens.labels(pool).inc(prompt_tokens)
@@ -571,9 +583,10 @@ class GenerationService:
         self.prompt_tokens_total += prompt_tokens
         self.prefix_hit_tokens_total += hit_tokens
 
-    def live_workers(self):
+    async def live_workers(self) -> list:
+        """The index's live workers, read off the event loop when the index is across the network."""
         try:
-            return self.index.live_workers()
+            return await _call(self.index, "live_workers")
         except Exception:  # an index outage: the health metric says so
             return []
 

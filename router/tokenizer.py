@@ -7,9 +7,11 @@ the router never loads torch.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from pathlib import Path
 
 import jinja2
+import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
@@ -31,10 +33,13 @@ class ModelTokenizer:
         self.eos_token = _token_text(config.get("eos_token"))
         self.eos_token_id = self._tokenizer.token_to_id(self.eos_token) if self.eos_token else None
         self._add_bos = bool(config.get("add_bos_token", False))
-        template = config.get("chat_template")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        template = _chat_template_source(model_dir, config)
+        # The environment transformers' apply_chat_template renders in, so a template renders alike here.
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_template_error
-        self._chat_template = env.from_string(template) if isinstance(template, str) else None
+        env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)
+        self._chat_template = env.from_string(template) if template is not None else None
 
     @property
     def vocab_size(self) -> int:
@@ -48,14 +53,29 @@ class ModelTokenizer:
             ids = [self._tokenizer.token_to_id(self.bos_token), *ids]
         return ids
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self._tokenizer.decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def token_strings(self, token_ids: list[int]) -> list[str]:
+        """Each id's vocabulary entry (transformers' ``convert_ids_to_tokens``)."""
+        return [self._tokenizer.id_to_token(token_id) for token_id in token_ids]
+
+    def render_chat(
+        self,
+        messages: list[dict[str, str]],
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        template_kwargs: dict | None = None,
+    ) -> str:
+        """The chat as transformers' ``apply_chat_template`` renders it: ``continue_final_message`` leaves
+        the last message open (the text ends where its content ends), ``template_kwargs`` reach the template."""
         if self._chat_template is None:
             raise TokenizerError("this model has no chat template")
+        if continue_final_message:
+            messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + _CONTINUE_TAG}]
         try:
-            return self._chat_template.render(
+            text = self._chat_template.render(
+                **(template_kwargs or {}),
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
@@ -63,6 +83,33 @@ class ModelTokenizer:
             )
         except jinja2.TemplateError as exc:
             raise TokenizerError(f"chat template failed: {exc}") from exc
+        if not continue_final_message:
+            return text
+        if _CONTINUE_TAG.strip() not in text:
+            raise TokenizerError("continue_final_message: the template does not render the final message's content")
+        at = text.rindex(_CONTINUE_TAG.strip())
+        return text[:at] if text[at : at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else text[:at].rstrip()
+
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "  # transformers' marker for where the final message ends
+
+
+def _chat_template_source(model_dir: Path, config: dict) -> str | None:
+    """``chat_template.jinja`` beside the tokenizer (where transformers saves it), else the tokenizer config's
+    template: a string, or the one named "default" in a list of named templates."""
+    template_file = model_dir / "chat_template.jinja"
+    if template_file.is_file():
+        return template_file.read_text()
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        named = {entry.get("name"): entry.get("template") for entry in template if isinstance(entry, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) else None
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """transformers' ``tojson``: not Jinja's, which escapes HTML characters."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _token_text(token) -> str | None:

@@ -36,23 +36,27 @@ def kill_replica(service, deployment: str, replica_id: str) -> float:
     return time.monotonic()
 
 
-def engine_workers(service, deployment: str, replica_id: str, timeout_s: float = 10.0) -> dict[str, int]:
-    """The replica's vLLM worker processes (one per tensor-parallel rank): process title → pid."""
+def engine_workers(service, deployment: str, replica_id: str, timeout_s: float = 30.0) -> dict[str, int]:
+    """The replica's vLLM worker processes (one per tensor-parallel rank): process title → pid.
+
+    Fails naming every process under the replica when none shows up within ``timeout_s``."""
     import psutil
 
     replica = psutil.Process(replica_pid(service, deployment, replica_id))
     deadline = time.monotonic() + timeout_s
     while True:
-        workers = {}
+        workers, seen = {}, []
         for child in replica.children(recursive=True):
             try:
                 title = " ".join(child.cmdline()) or child.name()
+                seen.append(f"{child.pid} (parent {child.ppid()}, nice {child.nice()}): {title[:120]}")
             except psutil.Error:  # gone meanwhile
                 continue
             if title.startswith("VLLM::Worker"):
                 workers[title.split()[0]] = child.pid
-        if workers or time.monotonic() > deadline:
+        if workers:
             return workers
+        assert time.monotonic() < deadline, f"no VLLM::Worker under replica {replica_id} ({replica.pid}): {seen}"
         time.sleep(0.2)
 
 

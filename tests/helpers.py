@@ -26,6 +26,18 @@ def transformers_greedy(model_dir, prompt_ids: list[int], n: int) -> list[int]:
     return out[0, len(prompt_ids) :].tolist()
 
 
+def transformers_logprobs(model_dir, prompt_ids: list[int], output_ids: list[int]) -> list[list[float]]:
+    """The log-probabilities transformers gives every vocabulary entry at each output position (float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + output_ids])).logits[0]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return [logprobs[len(prompt_ids) - 1 + i].tolist() for i in range(len(output_ids))]
+
+
 def wait_for(condition, timeout_s: float = 5.0) -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():

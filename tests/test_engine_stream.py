@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
 from engine.engine import _Stream
 from engine.errors import EngineError
-from engine.types import OutputDelta
+from engine.types import OutputDelta, TokenLogprob
 
 
 def delta(tokens: list[int], finish: str | None = None, prompt: int = 4, cached: int = 2) -> OutputDelta:
@@ -45,3 +46,13 @@ def test_an_error_is_never_merged_into_the_tokens_before_it():
     failure = EngineError("engine died")
     first, second = drain([delta([1]), delta([2]), failure])
     assert first.token_ids == [1, 2] and second is failure
+
+
+def test_merged_deltas_keep_one_logprob_per_token_and_the_stop_reason_of_the_last():
+    def scored(tokens: list[int], finish: str | None = None, stop: int | None = None) -> OutputDelta:
+        logprobs = tuple(TokenLogprob(t, f"<{t}>", -0.1 * t) for t in tokens)
+        return replace(delta(tokens, finish), logprobs=logprobs, stop_reason=stop)
+
+    (merged,) = drain([scored([1]), scored([2, 3]), scored([4], "stop", stop=4)])
+    assert [entry.token_id for entry in merged.logprobs] == merged.token_ids == [1, 2, 3, 4]
+    assert merged.stop_reason == 4

@@ -146,7 +146,7 @@ HTTP_CASES = [  # (what, path, body, status, named in the message)
     ("stop list too long", "/v1/completions", {"prompt": "hi", "stop": [f"s{i}" for i in range(40)]}, 400, "stop"),
     ("token id out of range", "/v1/completions", {"prompt": [5, 10**7]}, 400, "outside the vocabulary"),
     ("stop token id out of range", "/v1/completions", {"prompt": "hi", "stop_token_ids": [-1]}, 400, "stop_token_ids"),
-    ("logprobs asked for", "/v1/completions", {"prompt": "hi", "logprobs": 5}, 400, "logprobs"),
+    ("too many logprobs", "/v1/completions", {"prompt": "hi", "logprobs": 50}, 400, "logprobs"),
     ("chat role unknown", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     ("chat messages empty", "/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("chat content not text", "/v1/chat/completions", {"messages": [{"role": "user", "content": 7}]}, 400, "content"),

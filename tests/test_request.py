@@ -68,6 +68,21 @@ def test_router_tokenization_equals_the_engine_tokenizer(tokenizer, make_tiny_mo
         assert tokenizer.decode(tokenizer.encode(text)) == text
 
 
+def test_vllms_sampling_extensions_parse_into_the_engines_options():
+    s = completion(
+        max_tokens=8, min_tokens=3, logit_bias={"5": -100, "7": 2.5}, allowed_token_ids=[5, 7, 9],
+        include_stop_str_in_output=True, skip_special_tokens=False,
+    ).sampling  # fmt: skip
+    assert (s.min_tokens, s.logit_bias, s.allowed_token_ids) == (3, ((5, -100.0), (7, 2.5)), (5, 7, 9))
+    assert s.include_stop_str_in_output and not s.skip_special_tokens
+
+
+def test_truncate_prompt_tokens_keeps_the_last_tokens_of_the_prompt(tokenizer):
+    ids = tokenize(completion(prompt=list(range(2, 42)), truncate_prompt_tokens=10), tokenizer, LIMITS)
+    assert ids == list(range(32, 42))
+    assert tokenize(completion(prompt=[5, 6], truncate_prompt_tokens=-1), tokenizer, LIMITS) == [5, 6]
+
+
 BAD = [
     ("body", b"\xff\xfe{}", "not valid UTF-8"),
     ("body", b'{"prompt": "x",', "not valid JSON"),
@@ -95,13 +110,26 @@ BAD = [
     ("stop", {"prompt": "x", "stop": [""]}, "non-empty strings"),
     ("stop", {"prompt": "x", "stop": [3]}, "non-empty strings"),
     ("stop_token_ids", {"prompt": "x", "stop_token_ids": [4096]}, "token ids in"),
-    ("logprobs", {"prompt": "x", "logprobs": 0}, "not returned by pdserve yet"),
+    ("logprobs", {"prompt": "x", "logprobs": 21}, r"must be in \[0, 20\], got 21"),
+    ("logprobs", {"prompt": "x", "logprobs": True}, "must be an integer"),
     ("n", {"prompt": "x", "n": 3}, "only n=1"),
     ("presence_penalty", {"prompt": "x", "presence_penalty": 2.5}, r"must be in \[-2, 2\]"),
     ("frequency_penalty", {"prompt": "x", "frequency_penalty": -3}, r"must be in \[-2, 2\]"),
     ("repetition_penalty", {"prompt": "x", "repetition_penalty": 0}, "must be above 0"),
     ("best_of", {"prompt": "x", "best_of": 2}, "unknown field"),
     ("request_id", {"prompt": "x", "request_id": "r" * 200}, "1 to 128 characters"),
+    ("min_tokens", {"prompt": "x", "max_tokens": 4, "min_tokens": 5}, r"must be in \[0, max_tokens = 4\]"),
+    ("min_tokens", {"prompt": "x", "min_tokens": -1}, "must be in"),
+    ("logit_bias", {"prompt": "x", "logit_bias": {"a": 1}}, "keys must be token ids"),
+    ("logit_bias", {"prompt": "x", "logit_bias": {"4096": 1}}, "outside the vocabulary"),
+    ("logit_bias", {"prompt": "x", "logit_bias": {"5": 101}}, r"in \[-100, 100\]"),
+    ("logit_bias", {"prompt": "x", "logit_bias": [5]}, "must be an object"),
+    ("allowed_token_ids", {"prompt": "x", "allowed_token_ids": []}, "must not be empty"),
+    ("allowed_token_ids", {"prompt": "x", "allowed_token_ids": [5000]}, "token ids in"),
+    ("include_stop_str_in_output", {"prompt": "x", "include_stop_str_in_output": 1}, "must be a boolean"),
+    ("skip_special_tokens", {"prompt": "x", "skip_special_tokens": "no"}, "must be a boolean"),
+    ("truncate_prompt_tokens", {"prompt": "x", "truncate_prompt_tokens": 0}, "at least 1, or -1"),
+    ("bad_words", {"prompt": "x", "bad_words": ["a"]}, "unknown field"),
 ]
 
 
@@ -117,11 +145,16 @@ BAD_CHAT = [
     ("messages", {}, "non-empty list"),
     ("messages", {"messages": []}, "non-empty list"),
     ("messages[0]", {"messages": ["hi"]}, "object with role and content"),
-    ("messages[0].role", {"messages": [{"role": "wizard", "content": "x"}]}, "must be one of system, user"),
+    ("messages[0].role", {"messages": [{"role": "wizard", "content": "x"}]}, "must be one of system, developer, user"),
     ("messages[1].content", {"messages": [{"role": "user", "content": "x"}, {"role": "user", "content": 3}]}, "string"),
     ("messages[0].content", {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text parts"),
-    ("logprobs", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "not returned by pdserve"),
-    ("top_logprobs", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "not returned by pdserve"),
+    ("logprobs", {"messages": [{"role": "user", "content": "x"}], "logprobs": 3}, "must be a boolean"),
+    ("top_logprobs", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, "needs logprobs: true"),
+    (
+        "top_logprobs",
+        {"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 30},
+        r"must be in \[0, 20\]",
+    ),
     ("prompt", {"messages": [{"role": "user", "content": "x"}], "prompt": "x"}, "unknown field"),
 ]
 
@@ -215,7 +248,12 @@ def test_a_chat_prompt_that_fills_the_context_is_refused_naming_messages(tokeniz
     assert error.value.field == "messages"
 
 
-def test_logprobs_turned_off_are_accepted():
-    assert parse_request({"messages": [{"role": "user", "content": "x"}], "logprobs": False, "top_logprobs": 0},
-                         "chat", LIMITS).kind == "chat"  # fmt: skip
-    assert completion(logprobs=None).kind == "completion"
+def test_logprobs_asked_for_set_the_alternatives_per_token_and_turned_off_set_none():
+    chat = [{"role": "user", "content": "x"}]
+    assert (
+        parse_request({"messages": chat, "logprobs": False, "top_logprobs": 0}, "chat", LIMITS).sampling.logprobs
+        is None
+    )
+    assert parse_request({"messages": chat, "logprobs": True}, "chat", LIMITS).sampling.logprobs == 0
+    assert parse_request({"messages": chat, "logprobs": True, "top_logprobs": 5}, "chat", LIMITS).sampling.logprobs == 5
+    assert completion(logprobs=None).sampling.logprobs is None and completion(logprobs=3).sampling.logprobs == 3

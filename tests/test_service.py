@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import transformers_greedy, wait_for
+from helpers import transformers_greedy, transformers_logprobs, wait_for
 from service_client import LONG, prompt, service_config
 
 from pdserve.local_redis import free_port
@@ -171,8 +171,9 @@ def test_closing_an_http_stream_frees_the_kv_on_both_sides(client):
 
 
 def test_a_full_service_refuses_more_at_once_with_429_and_resource_exhausted_and_serves_the_admitted(client):
+    # Long enough that the first admitted are still streaming when the last get their first token.
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt(20, 44)),
-                                 sampling=pb.SamplingParams(max_tokens=120, ignore_eos=True))  # fmt: skip
+                                 sampling=pb.SamplingParams(max_tokens=360, ignore_eos=True))  # fmt: skip
     started = time.monotonic()
     calls = [client.stub.Generate(request, timeout=120) for _ in range(MAX_INFLIGHT)]
     for call in calls:
@@ -244,6 +245,141 @@ def test_health_reflection_models_and_metrics_answer(client):
                  "pdserve:prefix_cache_hit_tokens_total", "pdserve:placement_decisions_total",
                  "pdserve:index_outages", "pdserve:kv_transfer_seconds_total"):  # fmt: skip
         assert name in text, name
+
+
+def test_tokenize_gives_the_ids_generation_uses_and_detokenize_gives_the_text_back(client):
+    text, chat = "Once upon a time", [{"role": "user", "content": "Once upon a time"}]
+    status, tokens = client.post("/tokenize", {"prompt": text, "return_token_strs": True})
+    assert status == 200 and tokens["count"] == len(tokens["tokens"]) == len(tokens["token_strs"])
+    assert tokens["max_model_len"] == 1024
+    assert client.post("/detokenize", {"tokens": tokens["tokens"]}) == (200, {"prompt": text})
+    _, completion = client.post("/v1/completions", {"prompt": text, "max_tokens": 1})
+    assert completion["usage"]["prompt_tokens"] == tokens["count"]
+    status, chat_tokens = client.post("/tokenize", {"messages": chat})
+    _, reply = client.post("/v1/chat/completions", {"messages": chat, "max_tokens": 1})
+    assert status == 200 and reply["usage"]["prompt_tokens"] == chat_tokens["count"] > tokens["count"]
+    status, refused = client.post("/tokenize", {"prompt": text, "model": "another"})
+    assert status == 404 and refused["error"]["param"] == "model"
+    status, refused = client.post("/detokenize", {"tokens": [10**6]})
+    assert status == 400 and refused["error"]["param"] == "tokens"
+    status, versions = client.get("/version")
+    assert status == 200 and json.loads(versions)["version"] and json.loads(versions)["vllm_version"]
+
+
+def complete(client, prompt_ids: list[int], **fields) -> tuple[list[int], dict]:
+    """A greedy completion of 8 tokens unless ``fields`` say otherwise: its token ids and its choice."""
+    body = {"prompt": prompt_ids, "temperature": 0, "max_tokens": 8, "ignore_eos": True, **fields}
+    status, reply = client.post("/v1/completions", body)
+    assert status == 200, reply
+    return reply["pdserve"]["token_ids"], reply["choices"][0]
+
+
+def test_min_tokens_holds_off_a_stop_token_until_that_many_are_out(client):
+    ids = prompt(24, 500)
+    first = complete(client, ids)[0][0]
+    stopped, choice = complete(client, ids, stop_token_ids=[first])
+    assert len(stopped) == 1 and (choice["finish_reason"], choice["stop_reason"]) == ("stop", first)
+    held, _ = complete(client, ids, stop_token_ids=[first], min_tokens=5)
+    assert len(held) >= 5 and first not in held[:5]
+
+
+def test_logit_bias_makes_a_token_the_greedy_choice(client):
+    ids = prompt(24, 501)
+    greedy, _ = complete(client, ids)
+    favoured = next(token for token in range(10, 200) if token not in greedy)
+    biased, _ = complete(client, ids, logit_bias={str(favoured): 100})
+    assert biased == [favoured] * 8
+
+
+def test_allowed_token_ids_bound_every_token(client):
+    ids = prompt(24, 502)
+    greedy, _ = complete(client, ids)
+    allowed = [t for t in range(10, 200) if t not in greedy][:3]
+    bounded, _ = complete(client, ids, allowed_token_ids=allowed)
+    assert set(bounded) <= set(allowed)
+
+
+def test_a_stop_string_ends_the_text_and_is_kept_only_when_asked(client):
+    ids = prompt(24, 503)
+    _, whole = complete(client, ids, max_tokens=16)
+    text = whole["text"]
+    stop = text[len(text) // 2 :][:2]
+    at = text.find(stop)
+    _, cut = complete(client, ids, max_tokens=16, stop=[stop])
+    _, kept = complete(client, ids, max_tokens=16, stop=[stop], include_stop_str_in_output=True)
+    assert (cut["text"], cut["stop_reason"]) == (text[:at], stop)
+    assert (kept["text"], kept["stop_reason"]) == (text[: at + len(stop)], stop)
+
+
+def test_special_tokens_reach_the_text_only_when_not_skipped(client):
+    _, eos = client.post("/tokenize", {"prompt": "</s>", "add_special_tokens": False})
+    only_eos = dict(allowed_token_ids=eos["tokens"], max_tokens=3)
+    tokens, skipped = complete(client, prompt(24, 504), **only_eos)
+    _, shown = complete(client, prompt(24, 504), skip_special_tokens=False, **only_eos)
+    assert tokens == eos["tokens"] * 3 and skipped["text"] == "" and shown["text"].count("</s>") == 3
+
+
+def test_truncate_prompt_tokens_keeps_the_tail_of_the_prompt(client):
+    ids = prompt(60, 505)
+    status, truncated = client.post(
+        "/v1/completions", {"prompt": ids, "temperature": 0, "max_tokens": 6, "truncate_prompt_tokens": 20}
+    )
+    assert status == 200 and truncated["usage"]["prompt_tokens"] == 20
+    assert truncated["pdserve"]["token_ids"] == complete(client, ids[-20:], max_tokens=6, ignore_eos=False)[0]
+
+
+def test_completion_logprobs_are_the_models_own_with_the_likeliest_alternatives(client, model_dir):
+    ids = prompt(24, 506)
+    tokens, choice = complete(client, ids, max_tokens=6, logprobs=3)
+    logprobs, reference = choice["logprobs"], transformers_logprobs(model_dir, ids, tokens)
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 6
+    for position, token in enumerate(tokens):
+        expected = reference[position]
+        assert logprobs["token_logprobs"][position] == pytest.approx(expected[token], abs=1e-3)
+        likeliest = sorted(expected, reverse=True)[:3]
+        assert sorted(logprobs["top_logprobs"][position].values(), reverse=True) == pytest.approx(likeliest, abs=1e-3)
+    lengths = [len(token) for token in logprobs["tokens"]]
+    assert logprobs["text_offset"] == [sum(lengths[:i]) for i in range(6)]
+    _, plain = complete(client, ids, max_tokens=6)
+    assert plain["logprobs"] is None
+
+
+def test_grpc_takes_the_same_sampling_extensions_and_returns_logprobs_and_the_stop_reason(client):
+    ids = prompt(24, 506)
+    http_tokens, choice = complete(client, ids, max_tokens=6, logprobs=2)
+
+    def generate(**sampling) -> list:
+        request = pb.GenerateRequest(
+            token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(temperature=0, **sampling)
+        )
+        return list(client.stub.Generate(request, timeout=60))
+
+    entries = [entry for reply in generate(max_tokens=6, ignore_eos=True, logprobs=2) for entry in reply.logprobs]
+    assert [entry.token_id for entry in entries] == http_tokens and all(len(entry.top) == 2 for entry in entries)
+    assert [entry.logprob for entry in entries] == pytest.approx(choice["logprobs"]["token_logprobs"], abs=1e-5)
+    (stopped,) = generate(max_tokens=6, stop_token_ids=[http_tokens[0]])
+    assert stopped.WhichOneof("stop_reason") == "stop_token_id" and stopped.stop_token_id == http_tokens[0]
+    favoured = next(token for token in range(10, 200) if token not in http_tokens)
+    biased = generate(max_tokens=4, ignore_eos=True, logit_bias={favoured: 100.0}, min_tokens=2)
+    assert [t for reply in biased for t in reply.token_ids] == [favoured] * 4
+
+
+def test_the_openai_client_gets_chat_logprobs_streamed_and_whole_alike(client, service):
+    import openai
+
+    api = openai.OpenAI(base_url=service.http_url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Once upon a time"}]
+    asked = dict(model=api.models.list().data[0].id, messages=messages, max_tokens=5, temperature=0,
+                 logprobs=True, top_logprobs=2, extra_body={"ignore_eos": True})  # fmt: skip
+    whole = api.chat.completions.create(**asked).choices[0].logprobs.content
+    chunks = [chunk.choices[0] for chunk in api.chat.completions.create(stream=True, **asked) if chunk.choices]
+    streamed = [entry for choice in chunks if choice.logprobs for entry in choice.logprobs.content]
+    assert len(whole) == 5 and [e.token for e in streamed] == [e.token for e in whole]
+    for entry, again in zip(whole, streamed, strict=True):
+        alternatives = [alt.logprob for alt in entry.top_logprobs]
+        assert len(alternatives) == 2 and alternatives == sorted(alternatives, reverse=True)
+        assert entry.logprob <= 0 and entry.logprob == pytest.approx(alternatives[0], abs=1e-4)  # greedy: the likeliest
+        assert again.logprob == pytest.approx(entry.logprob, abs=1e-4) and bytes(entry.bytes) == entry.token.encode()
 
 
 def test_request_metrics_are_ray_metrics_too(client, service):

@@ -111,7 +111,7 @@ def test_engines_on_every_core_stay_at_the_niceness_of_their_replicas(client, se
         (replica,) = live_workers(client, role)
         replica_niceness = os.getpriority(os.PRIO_PROCESS, replica_pid(service, deployment, replica))
         workers = engine_workers(service, deployment, replica).values()
-        assert workers and replica_niceness > 0
+        assert replica_niceness > 0, role
         for worker in workers:
             threads = os.listdir(f"/proc/{worker}/task")
             assert {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in threads} == {replica_niceness}

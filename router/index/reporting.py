@@ -1,10 +1,11 @@
 """How a worker replica's heartbeats and cache events reach the prefix index.
 
 Built by the composition and handed (pickled) to each worker, which starts it
-in its own process. With Redis, the worker writes to the index itself, batched
-per event callback. With the in-memory index (one router replica holds it),
-reports go to the router's ``report`` method through a Serve handle, fire and
-forget: a lost report is repaired by the next heartbeat or evicts nothing.
+in its own process. With Redis, the worker writes to the index itself. With the
+in-memory index (one router replica holds it), it writes to that replica over
+the router's index-writer listener (``router/index/remote_writer.py``), not
+through a Serve handle. Either way, heartbeats and events are written batched
+per callback, and a worker the index lost track of re-sends what it holds.
 """
 
 from __future__ import annotations
@@ -14,21 +15,27 @@ import threading
 import time
 from dataclasses import replace
 
+from pydantic import SecretStr
+
 from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored, CacheEvent
 from engine.types import LoadFigures
 from router.index import WorkerInfo, WorkerLoad, make_index
+from router.index.remote_writer import RemoteIndexWriter
 
 log = logging.getLogger(__name__)
 
+_LOCATE_TIMEOUT_S = 5.0  # the router's address, through Serve (its first call starts the handle)
+
 
 class IndexReporting:
-    """Where workers report: Redis when a URL is given, else the router deployment (in-memory index)."""
+    """Where workers report: Redis when a URL is given, else the router replica that holds the index."""
 
     def __init__(
         self,
         model_id: str,
         redis_url: str | None,
         ttl_s: float,
+        cluster_token: SecretStr,
         timeout_s: float = 0.5,
         app_name: str = "pdserve",
         router_deployment: str = "Router",
@@ -36,6 +43,7 @@ class IndexReporting:
         self.model_id = model_id
         self.redis_url = redis_url
         self.ttl_s = ttl_s
+        self.cluster_token = cluster_token
         self.timeout_s = timeout_s
         self.app_name = app_name
         self.router_deployment = router_deployment
@@ -44,29 +52,32 @@ class IndexReporting:
         # A restarted replica gets a new id; the epoch still orders two lives of one id.
         info = WorkerInfo(worker_id, role, time.time_ns() // 1000, block_size, cpu_cores=cpu_cores)
         if self.redis_url:
-            return IndexReporter(info, self.ttl_s, index=make_index(self.redis_url, self.model_id, self.timeout_s))
+            index = make_index(self.redis_url, self.model_id, self.timeout_s)
+        else:
+            index = RemoteIndexWriter(self._router_address, self.cluster_token.get_secret_value(), self.timeout_s)
+        return IndexReporter(info, self.ttl_s, index)
+
+    def _router_address(self) -> str:
         from ray import serve
 
-        return IndexReporter(
-            info, self.ttl_s, router=serve.get_deployment_handle(self.router_deployment, self.app_name)
-        )
+        router = serve.get_deployment_handle(self.router_deployment, self.app_name)
+        return router.index_writer_address.remote().result(timeout_s=_LOCATE_TIMEOUT_S)
 
 
 class IndexReporter:
-    """One worker's live reporter: to the index itself, or to the router that holds it.
+    """One worker's live reporter, writing to Redis or to the router's in-memory index.
 
-    Writing to Redis, it keeps the set of blocks its worker holds (what its events said), so
-    when a heartbeat finds the index without this worker (Redis restarted empty, or the
-    worker was forgotten while alive), or the index came back from an outage that lost
-    some events, it re-sends them all at once (one atomic write): the hit rate comes back
-    with the next beat instead of as the cache turns over.
+    It keeps the set of blocks its worker holds (what its events said), so when a
+    heartbeat finds the index without this worker (Redis or the router restarted
+    empty, or the worker was forgotten while alive), or the index came back from an
+    outage that lost some events, it re-sends them all at once (one write): the hit
+    rate comes back with the next beat instead of as the cache turns over.
     """
 
-    def __init__(self, info: WorkerInfo, ttl_s: float, index=None, router=None):
+    def __init__(self, info: WorkerInfo, ttl_s: float, index):
         self._info = info
         self._ttl_s = ttl_s
         self._index = index
-        self._router = router
         self._held: dict[bytes, None] = {}  # insertion-ordered set: parents before children
         self._lock = threading.Lock()  # events and heartbeats come from two threads
         self._outages_synced = 0
@@ -76,9 +87,6 @@ class IndexReporter:
             self._info,
             load=WorkerLoad(load.queued_prefill_tokens, load.running_seqs, load.waiting_seqs, load.kv_used_fraction),
         )
-        if self._index is None:
-            self._router.report.remote(info.to_dict(), [], self._ttl_s)
-            return
         with self._lock:
             known = self._index.heartbeat(info, self._ttl_s)
             outages = self._index.health().outages  # events sent during an outage were lost
@@ -91,9 +99,6 @@ class IndexReporter:
             log.info("%s re-sent its %d cached blocks to the index", self._info.worker_id, len(self._held))
 
     def report_events(self, events: list[CacheEvent]) -> None:
-        if self._index is None:
-            self._router.report.remote(self._info.to_dict(), list(events), None)
-            return
         with self._lock:
             for event in events:
                 if isinstance(event, BlocksStored):
@@ -106,7 +111,4 @@ class IndexReporter:
             self._index.apply_events(self._info.worker_id, self._info.epoch, events)
 
     def close(self) -> None:
-        if self._index is not None:
-            self._index.forget_worker(self._info.worker_id)
-        else:
-            self._router.forget_worker.remote(self._info.worker_id)
+        self._index.forget_worker(self._info.worker_id)
