@@ -18,7 +18,7 @@ from ray import serve
 from engine.config import EngineConfig
 from engine.hosting import HostedWorker, WorkerSettings
 from engine.types import DecodeJob, OutputDelta
-from kv_transfer.vllm_connector import TOKEN_ENV
+from kv_transfer.vllm_connector import PULLED_TOKENS_KEY, TOKEN_ENV
 
 
 @serve.deployment(name="DecodeWorker", health_check_period_s=5, health_check_timeout_s=10)
@@ -32,4 +32,5 @@ class DecodeWorker(HostedWorker):
         if job.handle is not None:
             params = {"pdserve": "consume", "handle": job.handle, "block_hashes": job.block_hashes}
         async for delta in self._host.stream(replace(job.request, kv_transfer_params=params)):
-            yield delta
+            pulled = (delta.kv_transfer_params or {}).get(PULLED_TOKENS_KEY) if delta.finished else None
+            yield delta if pulled is None else replace(delta, kv_pulled_tokens=pulled)

@@ -33,8 +33,16 @@ from engine.cache_events import CacheEvent, CacheEventSubscriber, CacheEventTran
 from engine.config import EngineConfig
 from engine.cpu_isa import AmxPermission, request_amx_permission
 from engine.errors import EngineConfigError, EngineDeadError, EngineError, EngineInputError
-from engine.process_priority import descendants, model_processes, prioritize
-from engine.types import EngineStats, GenerateRequest, KVLayout, OutputDelta, SamplingOptions, TokenLogprob
+from engine.process_priority import descendants, settle, spawning_at
+from engine.types import (
+    EngineStats,
+    GenerateRequest,
+    KVLayout,
+    OutputDelta,
+    SamplingOptions,
+    StructuredOutput,
+    TokenLogprob,
+)
 from engine.vllm_args import apply_vllm_environment, vllm_engine_args
 
 log = logging.getLogger(__name__)
@@ -45,11 +53,13 @@ _RPC_TIMEOUT_S = 30.0  # a collective_rpc into the worker processes
 class _Stream:
     """Where one request's deltas (or its error) are delivered, on the consumer's event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, top_logprobs: int | None = None):
+    def __init__(self, loop: asyncio.AbstractEventLoop, sampling: SamplingOptions | None = None):
         self.loop = loop
         self._items: deque[OutputDelta | Exception] = deque()
         self._arrived = asyncio.Event()
-        self.top_logprobs = top_logprobs  # alternatives asked for per token; None: no logprobs
+        # alternatives asked for per output and per prompt token; None: no logprobs
+        self.top_logprobs = sampling.logprobs if sampling else None
+        self.top_prompt_logprobs = sampling.prompt_logprobs if sampling else None
         self.completion_tokens = 0
         self.cached_counted = False
         self.task: asyncio.Task | None = None  # on the engine's loop: the vLLM request it reads
@@ -129,14 +139,36 @@ def _token_logprobs(completion, top: int | None) -> tuple[TokenLogprob, ...] | N
     if top is None:
         return None
     positions = completion.logprobs or ()
-    out = []
-    for token_id, position in zip(completion.token_ids, positions, strict=True):
-        chosen = position[token_id]
-        likeliest = sorted((e for e in position.items() if e[1].rank is not None and e[1].rank <= top),
-                           key=lambda e: e[1].rank)  # fmt: skip
-        alternatives = tuple((t, e.decoded_token or "", e.logprob) for t, e in likeliest)
-        out.append(TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob, alternatives))
-    return tuple(out)
+    return tuple(_token_logprob(t, p, top) for t, p in zip(completion.token_ids, positions, strict=True))
+
+
+def _prompt_logprobs(output, top: int | None) -> tuple[TokenLogprob | None, ...] | None:
+    """The prompt's logprobs, on the output that carries them (vLLM's first); None for the first token."""
+    if top is None or not output.prompt_logprobs:
+        return None
+    ids = output.prompt_token_ids or ()
+    return tuple(
+        None if p is None else _token_logprob(t, p, top) for t, p in zip(ids, output.prompt_logprobs, strict=True)
+    )
+
+
+def _token_logprob(token_id: int, position: dict, top: int) -> TokenLogprob:
+    chosen = position[token_id]
+    likeliest = sorted((e for e in position.items() if e[1].rank is not None and e[1].rank <= top),
+                       key=lambda e: e[1].rank)  # fmt: skip
+    alternatives = tuple((t, e.decoded_token or "", e.logprob) for t, e in likeliest)
+    return TokenLogprob(token_id, chosen.decoded_token or "", chosen.logprob, alternatives, chosen.rank)
+
+
+def _structured_outputs(structured: StructuredOutput | None):
+    from vllm.sampling_params import StructuredOutputsParams
+
+    if structured is None:
+        return None
+    if structured.kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    spec = list(structured.spec) if structured.kind == "choice" else structured.spec
+    return StructuredOutputsParams(**{structured.kind: spec})
 
 
 def _check_sampling(options: SamplingOptions, rid: str) -> None:
@@ -195,7 +227,7 @@ class Engine:
         try:
             before = descendants()
             self._llm = self._on_engine_loop(self._build(endpoint), config.start_timeout_s)
-            prioritize(model_processes(descendants() - before), config.nice)
+            settle(descendants() - before, config.nice)
             if self._subscriber is not None and not self._subscriber.connected.wait(10.0):
                 raise EngineError("the KV event subscriber did not connect to vLLM's publisher in 10 s")
         except BaseException:
@@ -213,9 +245,10 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         try:
-            return AsyncLLM.from_engine_args(
-                vllm_engine_args(self.config, endpoint), stat_loggers=[self._figures.factory]
-            )
+            with spawning_at(self.config.nice):
+                return AsyncLLM.from_engine_args(
+                    vllm_engine_args(self.config, endpoint), stat_loggers=[self._figures.factory]
+                )
         except Exception as exc:  # whatever vLLM or transformers raise, the model cannot be served
             raise EngineConfigError("model", f"vLLM could not build an engine for {self.config.model}: {exc}") from exc
 
@@ -227,7 +260,7 @@ class Engine:
         self.check_alive()
         if request.request_id in self._streams:
             raise EngineInputError("request_id", "a request with this id is already running", request.request_id)
-        stream = _Stream(asyncio.get_running_loop(), request.sampling.logprobs)
+        stream = _Stream(asyncio.get_running_loop(), request.sampling)
         self._streams[request.request_id] = stream
         self._loop.call_soon_threadsafe(self._start_reading, request, params, stream)
         finished = False
@@ -353,6 +386,7 @@ class Engine:
 
     async def _read(self, request: GenerateRequest, params, stream: _Stream) -> None:
         """On the engine's loop: vLLM's outputs for one request, as deltas on its stream."""
+        from vllm.exceptions import VLLMValidationError
         from vllm.v1.engine.exceptions import EngineDeadError as VllmEngineDead
 
         rid = request.request_id
@@ -363,8 +397,11 @@ class Engine:
             stream.push(OutputDelta(rid, [], "", "abort", 0, stream.completion_tokens, 0))
         except VllmEngineDead as exc:
             stream.push(EngineDeadError(f"engine died under request {rid}: {exc}"))
-        except (ValueError, TypeError) as exc:  # vLLM's own input checks
-            stream.push(EngineInputError("prompt", str(exc), rid))
+        except (ValueError, TypeError) as exc:  # vLLM's own input checks (a grammar that does not compile, ...)
+            field = "structured_outputs" if request.sampling.structured is not None else "prompt"
+            if isinstance(exc, VLLMValidationError) and exc.parameter:
+                field = exc.parameter
+            stream.push(EngineInputError(field, str(exc.args[0]) if exc.args else repr(exc), rid))
         except Exception as exc:
             log.exception("request %s failed in vLLM", rid)
             stream.push(EngineError(f"request {rid} failed: {exc!r}"))
@@ -389,6 +426,7 @@ class Engine:
             kv_transfer_params=output.kv_transfer_params,
             stop_reason=completion.stop_reason if output.finished else None,
             logprobs=_token_logprobs(completion, stream.top_logprobs),
+            prompt_logprobs=_prompt_logprobs(output, stream.top_prompt_logprobs),
         )
 
     def _stop(self, timeout: float = 10.0) -> None:
@@ -458,6 +496,9 @@ class Engine:
                 include_stop_str_in_output=options.include_stop_str_in_output,
                 skip_special_tokens=options.skip_special_tokens,
                 logprobs=options.logprobs,
+                structured_outputs=_structured_outputs(options.structured),
+                bad_words=list(options.bad_words) or None,
+                prompt_logprobs=options.prompt_logprobs,
                 output_kind=RequestOutputKind.DELTA,
                 extra_args={"kv_transfer_params": kv_transfer_params} if kv_transfer_params else None,
             )

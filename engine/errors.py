@@ -18,9 +18,13 @@ class EngineInputError(EngineError):
 
     def __init__(self, field: str, message: str, request_id: str | None = None):
         self.field = field
+        self.message = message
         self.request_id = request_id
         where = f" (request {request_id})" if request_id else ""
         super().__init__(f"{field}: {message}{where}")
+
+    def __reduce__(self):  # crosses Ray from a worker to the router whole, with its field
+        return type(self), (self.field, self.message, self.request_id)
 
 
 class EngineDeadError(EngineError):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,17 @@ class SamplingOptions:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # each output token's log-probability and this many alternatives; None: none
+    structured: StructuredOutput | None = None  # the output constrained to a JSON schema, a regex, ...
+    bad_words: tuple[str, ...] = ()  # words never generated (vLLM bans their tokens, with and without a space)
+    prompt_logprobs: int | None = None  # each prompt token's log-probability and this many alternatives
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """vLLM's structured outputs: exactly one constraint, run by the worker's vLLM as it samples."""
+
+    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
+    spec: str | tuple[str, ...] | None = None  # the JSON schema (as JSON text), regex, choices or grammar
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class TokenLogprob:
     token: str  # the token's text as vLLM decodes it
     logprob: float
     top: tuple[tuple[int, str, float], ...] = ()  # (token id, text, log-probability)
+    rank: int | None = None  # the token's rank in the vocabulary at its position (1: the likeliest)
 
 
 @dataclass(frozen=True)
@@ -60,6 +72,11 @@ class OutputDelta:
     kv_transfer_params: dict[str, Any] | None = None
     stop_reason: int | str | None = None  # the stop token id or string that ended it (vLLM's)
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token in ``token_ids``, when asked for
+    # On the last delta of a decode that took KV from a prefill worker: the prompt tokens whose KV it loaded
+    # (counted in ``cached_prompt_tokens`` too, as vLLM counts them: not computed here, but not cached either).
+    kv_pulled_tokens: int = 0
+    # On the first delta, when asked for: one per prompt token, None for the first (nothing precedes it).
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def finished(self) -> bool:
@@ -80,6 +97,8 @@ class OutputDelta:
                                     self.kv_transfer_params),
             stop_reason=last.stop_reason,
             logprobs=None if self.logprobs is None else tuple(t for d in (self, *later) for t in d.logprobs or ()),
+            kv_pulled_tokens=last.kv_pulled_tokens,
+            prompt_logprobs=self.prompt_logprobs,
         )  # fmt: skip
 
 
@@ -133,6 +152,7 @@ class PrefillResult:
 
     handle: str | None  # the transfer handle (hex); None: nothing is held, the decode worker prefills
     finished: bool = True
+    cached_prompt_tokens: int | None = None  # when finished: the prompt tokens the prefill found in its cache
 
 
 @dataclass(frozen=True)

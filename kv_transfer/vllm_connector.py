@@ -53,6 +53,7 @@ from kv_transfer.transfer import DEFAULT_CHUNK_BYTES, TransferHandle, TransferRe
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "PDSERVE_CLUSTER_TOKEN"
+PULLED_TOKENS_KEY = "pdserve_pulled_tokens"  # in a consumer's final kv_transfer_params: prompt tokens loaded
 
 
 @dataclass
@@ -136,6 +137,7 @@ class PdserveConnector(KVConnectorBase_V1):
         self._settled: set[str] = set()  # requests whose remote KV is decided: loading, loaded or refused
         self._fresh_producers: list[tuple[Any, list[int]]] = []  # produce requests allocated this step
         self._early: dict[str, str] = {}  # request id → transfer id offered before its prefill step
+        self._pulled: dict[str, int] = {}  # request id → prompt tokens whose KV it loads from a prefill worker
         self._pending_aborts: list[str] = []
         # worker side
         self._layers: list[torch.Tensor] = []
@@ -200,6 +202,7 @@ class PdserveConnector(KVConnectorBase_V1):
         first = (handle.num_tokens - num_external_tokens) // self._block_size
         indices = list(range(first, handle.num_blocks))
         self._settled.add(request.request_id)
+        self._pulled[request.request_id] = num_external_tokens
         self._pending_loads.append(LoadSpec(request.request_id, handle, indices, dest[: len(indices)]))
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
@@ -226,6 +229,8 @@ class PdserveConnector(KVConnectorBase_V1):
         if early is not None and request.status == RequestStatus.FINISHED_ABORTED:
             self._pending_aborts.append(early)  # a pull may be reading them: freed once the offer is aborted
             return True, None
+        if params.get("pdserve") == "consume":  # how much of the prompt's KV came over the wire, for usage
+            return False, {PULLED_TOKENS_KEY: self._pulled.pop(rid, 0)}
         if params.get("pdserve") != "produce" or request.status == RequestStatus.FINISHED_ABORTED:
             return False, None
         if early is None:

@@ -44,7 +44,8 @@ class PrefillWorker(HostedWorker):
         As SGLang's bootstrap: the decode side need not wait for the prefill to finish to start pulling.
         """
         params = {"pdserve": "produce", "transfer_id": job.transfer_id, "block_hashes": job.block_hashes}
-        one_token = dict(max_tokens=1, min_tokens=0, stop=(), stop_token_ids=(), ignore_eos=True, logprobs=None)
+        one_token = dict(max_tokens=1, min_tokens=0, stop=(), stop_token_ids=(), ignore_eos=True, logprobs=None,
+                         structured=None)  # fmt: skip
         sampling = replace(job.request.sampling, **one_token)  # the decode worker makes every output token
         request = replace(job.request, sampling=sampling, kv_transfer_params=params)
         prompt = len(request.prompt_token_ids)
@@ -54,7 +55,11 @@ class PrefillWorker(HostedWorker):
         last = None
         async for delta in self._host.stream(request):
             last = delta
-        yield PrefillResult(((last.kv_transfer_params or {}) if last else {}).get("pdserve_handle"))
+        if last is None:
+            yield PrefillResult(None)
+            return
+        handle = (last.kv_transfer_params or {}).get("pdserve_handle")
+        yield PrefillResult(handle, cached_prompt_tokens=last.cached_prompt_tokens)
 
     async def abort_transfer(self, transfer_id: str, worker_id: str | None = None) -> None:
         """Free a transfer nobody will pull (its request was cancelled between prefill and decode).

@@ -27,6 +27,9 @@ class RequestLimitsConfig(BaseModel):
 
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_stop_strings: int = Field(default=16, ge=0)
+    max_choices: int = Field(
+        default=16, ge=1, description="sequences one request may ask for: n, times the prompts of a batch"
+    )
     default_max_tokens: int = Field(
         default=16, ge=1, description="a completion without max_tokens (OpenAI's and vLLM's 16); a chat without "
         "it may generate to the end of the context, as vLLM's server allows",

@@ -70,6 +70,8 @@ def request_body(request: pb.GenerateRequest) -> dict:
         body["allowed_token_ids"] = list(sampling.allowed_token_ids)
     if sampling.include_stop_str_in_output:
         body["include_stop_str_in_output"] = True
+    if sampling.bad_words:
+        body["bad_words"] = list(sampling.bad_words)
     for name in ("skip_special_tokens", "truncate_prompt_tokens", "logprobs"):
         if sampling.HasField(name):
             body[name] = getattr(sampling, name)
@@ -92,7 +94,8 @@ def response(chunk: Chunk) -> pb.GenerateResponse:
     if chunk.usage is not None:
         u = chunk.usage
         message.usage.CopyFrom(pb.Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
-                                        cached_prompt_tokens=u.cached_prompt_tokens))  # fmt: skip
+                                        cached_prompt_tokens=u.cached_prompt_tokens,
+                                        kv_transferred_tokens=u.kv_transferred_tokens))  # fmt: skip
     if chunk.timing is not None:
         t = chunk.timing
         message.timing.CopyFrom(pb.Timing(ttft_s=t.ttft_s, e2e_s=t.e2e_s, placement=t.placement,

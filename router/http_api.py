@@ -9,11 +9,12 @@ load torch or vLLM, so they are not reused. Errors use OpenAI's error body
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -24,6 +25,7 @@ from router.request import (
     GenerationRequest,
     Kind,
     RequestError,
+    fan_out,
     parse_detokenize_request,
     parse_tokenize_request,
     tokenize_only,
@@ -45,44 +47,83 @@ def unauthorized(message: str) -> JSONResponse:
 
 
 async def generate(service: GenerationService, body: bytes, kind: Kind):
+    """One response for every sequence the body asks for (``n``, a batch of prompts): each sequence is a
+    request of the service's own, and every one's first chunk is in before the status is sent."""
     try:
-        request, token_ids = service.parse(body, kind)
+        split = fan_out(body, kind, service.limits)
+        requests = [service.parse(sub, kind) for sub in split.bodies]
     except RequestError as exc:
         return error_response(exc.http_status, str(exc), "invalid_request_error", exc.field)
     except Exception as exc:  # a body that breaks something past validation: still a 400 in OpenAI's shape
         log.warning("a %s body could not be read: %r", kind, exc)
         return error_response(400, f"the request could not be read: {exc!r}"[:2000], "invalid_request_error")
-    stream = service.generate(request, token_ids)
-    try:  # the first chunk comes before the response starts, so placement errors get their status
-        first = await anext(stream)
-    except StopAsyncIteration:
-        return error_response(500, "the request produced no output", "internal_error")
-    except ServiceFullError as exc:
-        return error_response(429, str(exc), "rate_limit_error")
-    except RequestError as exc:
-        return error_response(exc.http_status, str(exc), "invalid_request_error", exc.field)
-    except (NoWorkerError, WorkerGoneError) as exc:
-        return error_response(503, str(exc), "service_unavailable")
-    except PoisonRequestError as exc:
-        return error_response(500, str(exc), "worker_crash")
-    except Exception as exc:  # a worker failed before the first token
-        log.warning("request %s failed: %r", request.request_id, exc)
-        return error_response(500, f"request {request.request_id} failed: {exc!r}"[:2000], "internal_error")
-    shape = _Shape(service.model.model_id, request, kind)
-    if request.stream:
-        return StreamingResponse(_sse(shape, first, stream), media_type="text/event-stream")
-    chunks = [first]
+    streams = [service.generate(request, token_ids) for request, token_ids in requests]
+    try:  # the first chunks come before the response starts, so placement errors get their status
+        firsts = await _all_or_none(anext(stream) for stream in streams)
+    except Exception as exc:
+        await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)
+        return _failure(exc, split.request_id, before_output=True)
+    echoes = [_echo(request, ids, service) for request, ids in requests]
+    shape = _Shape(service.model.model_id, requests[0][0], kind, split.request_id, split.first_copies, echoes)
+    if requests[0][0].stream:
+        return StreamingResponse(_sse(shape, firsts, streams), media_type="text/event-stream")
     try:
-        async for chunk in stream:
-            chunks.append(chunk)
-    except WorkerGoneError as exc:
-        return error_response(503, f"request {request.request_id} failed: {exc}", "service_unavailable")
-    except PoisonRequestError as exc:
+        choices = await _all_or_none(_rest(first, stream) for first, stream in zip(firsts, streams, strict=True))
+    except Exception as exc:
+        return _failure(exc, split.request_id, before_output=False)
+    return JSONResponse(shape.whole(choices))
+
+
+def _echo(request: GenerationRequest, token_ids: list[int], service: GenerationService) -> _Echo | None:
+    """What an echoed completion repeats: its prompt's text (as sent, or its ids decoded) and token texts."""
+    if not request.echo:
+        return None
+    text = request.prompt if request.prompt is not None else service.tokenizer.decode(token_ids, False)
+    return _Echo(text, token_ids, service.tokenizer.decode(token_ids[:1], False))
+
+
+@dataclass(frozen=True)
+class _Echo:
+    text: str
+    token_ids: list[int]
+    first_token: str  # the prompt's first token has no logprob (nothing precedes it), only its text
+
+
+async def _rest(first: Chunk, stream: AsyncIterator[Chunk]) -> list[Chunk]:
+    return [first, *[chunk async for chunk in stream]]
+
+
+async def _all_or_none(coroutines) -> list:
+    """Every coroutine's result, or the first failure with the others cancelled (a cancelled read closes its
+    stream, which ends its request everywhere)."""
+    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        for task in tasks:
+            task.cancel()  # none when all are done; on a failure (or our own cancellation) the rest
+        await asyncio.gather(*tasks, return_exceptions=True)
+    failure = next((task.exception() for task in tasks if not task.cancelled() and task.exception()), None)
+    if failure is not None:
+        raise failure
+    return [task.result() for task in tasks]
+
+
+def _failure(exc: Exception, request_id: str, before_output: bool) -> JSONResponse:
+    """A request that failed, in OpenAI's error shape with the status its cause calls for."""
+    if isinstance(exc, ServiceFullError):
+        return error_response(429, str(exc), "rate_limit_error")
+    if isinstance(exc, RequestError):
+        return error_response(exc.http_status, str(exc), "invalid_request_error", exc.field)
+    if isinstance(exc, NoWorkerError | WorkerGoneError):
+        return error_response(503, f"request {request_id} failed: {exc}", "service_unavailable")
+    if isinstance(exc, PoisonRequestError):
         return error_response(500, str(exc), "worker_crash")
-    except Exception as exc:  # a worker failed mid-request
-        log.warning("request %s failed: %r", request.request_id, exc)
-        return error_response(500, f"request {request.request_id} failed: {exc!r}"[:2000], "internal_error")
-    return JSONResponse(shape.whole(chunks))
+    if isinstance(exc, StopAsyncIteration):
+        return error_response(500, "the request produced no output", "internal_error")
+    where = "before its first token" if before_output else "mid-request"
+    log.warning("request %s failed %s: %r", request_id, where, exc)
+    return error_response(500, f"request {request_id} failed: {exc!r}"[:2000], "internal_error")
 
 
 def models(service: GenerationService) -> dict:
@@ -127,27 +168,40 @@ def versions() -> dict:
     return {"version": version("pdserve"), "vllm_version": engine}
 
 
-async def _sse(shape: _Shape, first: Chunk, rest: AsyncIterator[Chunk]) -> AsyncIterator[bytes]:
+async def _sse(shape: _Shape, firsts: list[Chunk], streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[bytes]:
+    """Every sequence's chunks as they come, each under its choice index; the usage of them all at the end."""
+    pending: dict[asyncio.Future, int] = {}
     try:
         if shape.kind == "chat":
-            yield _event(shape.chunk({"role": "assistant", "content": ""}))
-        chunk = first
+            for index in range(len(streams)):
+                yield _event(shape.chunk({"role": "assistant", "content": ""}, index))
+        ends: list[Chunk | None] = [None] * len(streams)
+        ready = list(enumerate(firsts))
         while True:
-            yield _event(shape.chunk(chunk))
-            if chunk.finish_reason is not None:
-                if shape.request.include_usage and chunk.usage is not None:
-                    yield _event({**shape.header("chunk"), "choices": [], "usage": _usage(chunk)})
+            for index, chunk in ready:
+                yield _event(shape.chunk(chunk, index))
+                if chunk.finish_reason is None:
+                    pending[asyncio.ensure_future(anext(streams[index]))] = index
+                else:
+                    ends[index] = chunk
+            if not pending:
                 break
-            chunk = await anext(rest)
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            ready = sorted((pending.pop(future), future.result()) for future in done)
+        if shape.request.include_usage:
+            yield _event({**shape.header("chunk"), "choices": [], "usage": shape.usage(ends)})
     except WorkerGoneError as exc:  # the status is sent: the failure is an error event, as vLLM's server does
         yield _event({"error": {"message": str(exc), "type": "service_unavailable", "param": None, "code": 503}})
     except PoisonRequestError as exc:
         yield _event({"error": {"message": str(exc), "type": "worker_crash", "param": None, "code": 500}})
     except Exception as exc:
-        log.warning("request %s failed mid-stream: %r", shape.request.request_id, exc)
+        log.warning("request %s failed mid-stream: %r", shape.id, exc)
         yield _event({"error": {"message": f"{exc!r}"[:2000], "type": "internal_error", "param": None, "code": 500}})
     finally:
-        await rest.aclose()
+        for future in pending:
+            future.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)
     yield b"data: [DONE]\n\n"  # after an error event too, as vLLM's server ends every stream
 
 
@@ -155,25 +209,27 @@ def _event(data: dict) -> bytes:
     return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
 
 
-def _usage(chunk: Chunk) -> dict:
-    u = chunk.usage
-    return {
-        "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-        "total_tokens": u.prompt_tokens + u.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
-    }  # fmt: skip
-
-
 class _Shape:
-    """The OpenAI object shapes for one request (completion or chat, whole or chunked)."""
+    """The OpenAI object shapes for one request's choices (completion or chat, whole or chunked)."""
 
-    def __init__(self, model_id: str, request: GenerationRequest, kind: Kind):
+    def __init__(
+        self,
+        model_id: str,
+        request: GenerationRequest,
+        kind: Kind,
+        request_id: str,
+        first_copies: list[bool],
+        echoes: list[_Echo | None],
+    ):
         self.model_id = model_id
-        self.request = request
+        self.request = request  # the first sequence's: every one shares its output options
         self.kind = kind
         self.created = int(time.time())
-        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request.request_id
-        self._text_offset = 0  # where the next token's text starts in the completion's text (logprobs)
+        self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
+        self._first_copies = first_copies
+        self._echoes = echoes
+        self._echoed = [False] * len(echoes)  # a streamed choice's prompt goes out with its first chunk
+        self._text_offsets = [0] * len(first_copies)  # per choice: where its next token's text starts (logprobs)
 
     def header(self, part: str) -> dict:
         if self.kind == "chat":
@@ -182,35 +238,66 @@ class _Shape:
             kind = "text_completion"
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
 
-    def chunk(self, chunk: Chunk | dict) -> dict:
-        """One SSE event's object: a ``Chunk`` of output, or (chat) the opening ``{"role": ...}`` delta."""
+    def chunk(self, chunk: Chunk | dict, index: int) -> dict:
+        """One SSE event's object: a ``Chunk`` of choice ``index``, or (chat) its opening ``{"role": ...}``."""
         if isinstance(chunk, dict):
-            choice = {"index": 0, "delta": chunk, "logprobs": None, "finish_reason": None}
+            choice = {"index": index, "delta": chunk, "logprobs": None, "finish_reason": None}
             return {**self.header("chunk"), "choices": [choice]}
-        logprobs = self._logprobs(chunk.logprobs)
+        logprobs = self._logprobs(chunk.logprobs, index)
         if self.kind == "chat":
-            choice = {"index": 0, "delta": {"content": chunk.text}, "logprobs": logprobs}
+            choice = {"index": index, "delta": {"content": chunk.text}, "logprobs": logprobs}
         else:
-            choice = {"index": 0, "text": chunk.text, "logprobs": logprobs}
+            echo = self._echoes[index] if not self._echoed[index] else None
+            self._echoed[index] = True
+            choice = {"index": index, "text": (echo.text if echo else "") + chunk.text, "logprobs": logprobs}
         choice.update(finish_reason=chunk.finish_reason, stop_reason=chunk.stop_reason)
         return {**self.header("chunk"), "choices": [choice]}
 
-    def whole(self, chunks: list[Chunk]) -> dict:
-        text = "".join(c.text for c in chunks)
-        last = chunks[-1]
-        logprobs = self._logprobs(tuple(t for c in chunks for t in c.logprobs or ()))
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": logprobs}
-        choice.update(finish_reason=last.finish_reason, stop_reason=last.stop_reason)
-        body = {**self.header("whole"), "choices": [choice], "usage": _usage(last)}
-        body["pdserve"] = {"token_ids": [t for c in chunks for t in c.token_ids], "timing": asdict(last.timing)}
+    def whole(self, choices: list[list[Chunk]]) -> dict:
+        body = {**self.header("whole"), "choices": [self._choice(chunks, i) for i, chunks in enumerate(choices)]}
+        body["usage"] = self.usage([chunks[-1] for chunks in choices])
+        last = choices[0][-1]  # an aborted request's last chunk has no usage or timing
+        body["pdserve"] = {"token_ids": [t for c in choices[0] for t in c.token_ids],
+                           "timing": asdict(last.timing) if last.timing else None,
+                           "kv_transferred_tokens": last.usage.kv_transferred_tokens if last.usage else 0}  # fmt: skip
+        if len(choices) > 1:
+            body["pdserve"]["choices_token_ids"] = [[t for c in chunks for t in c.token_ids] for chunks in choices]
         return body
 
-    def _logprobs(self, entries: tuple[TokenLogprob, ...] | None) -> dict | None:
+    def usage(self, ends: list[Chunk]) -> dict:
+        """Every choice's completion tokens; each prompt's tokens once, however many copies sampled it (vLLM's)."""
+        prompts = [end.usage for end, first in zip(ends, self._first_copies, strict=True) if first and end.usage]
+        prompt_tokens = sum(u.prompt_tokens for u in prompts)
+        completion_tokens = sum(end.usage.completion_tokens for end in ends if end.usage)
+        return {
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(u.cached_prompt_tokens for u in prompts)},
+        }  # fmt: skip
+
+    def _choice(self, chunks: list[Chunk], index: int) -> dict:
+        text = "".join(c.text for c in chunks)
+        last, prompt_logprobs, echo = chunks[-1], chunks[0].prompt_logprobs, self._echoes[index]
+        entries = tuple(t for c in chunks for t in c.logprobs or ())
+        if echo is not None:  # the prompt's tokens first: the first has no logprob
+            text = echo.text + text
+            entries = (*(prompt_logprobs or [None] * len(echo.token_ids)), *entries)
+        logprobs = self._logprobs(entries, index, echo)
+        if self.kind == "chat":
+            choice = {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs}
+        else:
+            choice = {"index": index, "text": text, "logprobs": logprobs}
+        choice.update(finish_reason=last.finish_reason, stop_reason=last.stop_reason)
+        if self.request.sampling.prompt_logprobs is not None:  # vLLM's shape: token id → logprob, rank, text
+            choice["prompt_logprobs"] = [None if e is None else _vllm_logprobs(e) for e in prompt_logprobs or ()]
+        return choice
+
+    def _logprobs(
+        self, entries: tuple[TokenLogprob | None, ...] | None, index: int, echo: _Echo | None = None
+    ) -> dict | None:
         """OpenAI's logprobs object for ``entries`` (None when the request did not ask for them): a chat's
-        ``content`` list, or a completion's parallel lists with each token's offset in the whole text."""
+        ``content`` list, or a completion's parallel lists with each token's offset in its choice's text (an
+        echoed prompt's first token, which has no logprob, as null)."""
         if self.request.sampling.logprobs is None:
             return None
         entries = entries or ()
@@ -218,17 +305,27 @@ class _Shape:
             return {"content": [{**_token_entry(e.token, e.logprob),
                                  "top_logprobs": [_token_entry(text, lp) for _, text, lp in e.top]}
                                 for e in entries]}  # fmt: skip
+        tokens = [e.token if e is not None else echo.first_token if echo else "" for e in entries]
         offsets = []
-        for entry in entries:
-            offsets.append(self._text_offset)
-            self._text_offset += len(entry.token)
+        for token in tokens:
+            offsets.append(self._text_offsets[index])
+            self._text_offsets[index] += len(token)
         return {
             "text_offset": offsets,
-            "token_logprobs": [_finite(e.logprob) for e in entries],
-            "tokens": [e.token for e in entries],
-            "top_logprobs": [{text: _finite(lp) for _, text, lp in (*e.top, (e.token_id, e.token, e.logprob))}
+            "token_logprobs": [None if e is None else _finite(e.logprob) for e in entries],
+            "tokens": tokens,
+            "top_logprobs": [None if e is None else
+                             {text: _finite(lp) for _, text, lp in (*e.top, (e.token_id, e.token, e.logprob))}
                              for e in entries],
         }  # fmt: skip
+
+
+def _vllm_logprobs(entry: TokenLogprob) -> dict:
+    """vLLM's ``prompt_logprobs`` entry: the token and the likeliest ones, by id, with rank and text."""
+    ranked = {str(t): {"logprob": _finite(lp), "rank": rank, "decoded_token": text}
+              for rank, (t, text, lp) in enumerate(entry.top, start=1)}  # fmt: skip
+    ranked[str(entry.token_id)] = {"logprob": _finite(entry.logprob), "rank": entry.rank, "decoded_token": entry.token}
+    return ranked
 
 
 def _token_entry(token: str, logprob: float) -> dict:

@@ -38,7 +38,11 @@ class RouterMetrics:
         )
         self.prompt_tokens = _Mirrored(Counter, "prompt_tokens", "Prompt tokens by pool.", r, ("pool",))
         self.prefix_hit_tokens = _Mirrored(
-            Counter, "prefix_cache_hit_tokens", "Prompt tokens found in the chosen worker's cache.", r, ("pool",)
+            Counter,
+            "prefix_cache_hit_tokens",
+            "Prompt tokens a worker found in its prefix cache, measured (KV moved between workers is not).",
+            r,
+            ("pool",),
         )
         self.generation_tokens = _Mirrored(Counter, "generation_tokens", "Generated tokens.", r)
         self.prefill_fallbacks = _Mirrored(

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from engine.types import SamplingOptions
+from engine.types import SamplingOptions, StructuredOutput
 from router.tokenizer import ModelTokenizer, TokenizerError
 
 Kind = Literal["completion", "chat"]
@@ -64,6 +64,7 @@ class RequestLimits:
     max_stop_string_chars: int = 256
     max_stop_token_ids: int = 64
     default_max_tokens: int = 16
+    max_choices: int = 16
 
 
 @dataclass(frozen=True)
@@ -97,16 +98,18 @@ class GenerationRequest:
     include_usage: bool = False
     to_end_of_context: bool = False  # a chat without max_tokens: the rest of the context (vLLM's default)
     truncate_prompt_tokens: int | None = None  # keep only the prompt's last N tokens (vLLM's; -1: the context)
+    echo: bool = False  # a completion's text (and logprobs) begin with its prompt's
 
 
 _COMMON = {
     "model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop",
     "stop_token_ids", "ignore_eos", "stream", "stream_options", "request_id", "n", "user", "presence_penalty",
     "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias", "allowed_token_ids",
-    "include_stop_str_in_output", "skip_special_tokens", "truncate_prompt_tokens",
+    "include_stop_str_in_output", "skip_special_tokens", "truncate_prompt_tokens", "response_format",
+    "structured_outputs", "bad_words", "prompt_logprobs",
 }  # fmt: skip
 _FIELDS: dict[Kind, set[str]] = {
-    "completion": _COMMON | {"prompt", "logprobs"},
+    "completion": _COMMON | {"prompt", "logprobs", "echo"},
     "chat": _COMMON
     | {
         "messages",
@@ -119,6 +122,44 @@ _FIELDS: dict[Kind, set[str]] = {
 }
 
 
+@dataclass(frozen=True)
+class FanOut:
+    """A request for several sequences (``n`` > 1, or a completion's batch of prompts) as one body per
+    sequence, in vLLM's choice order (index = prompt × n + copy): each is a request of its own, placed on
+    its own, and copy ``i`` of a seeded request samples with ``seed + i``, as vLLM's parallel sampling does."""
+
+    request_id: str
+    bodies: list[dict[str, Any]]
+    first_copies: list[bool]  # the first copy of its prompt: its prompt tokens count once in usage
+
+
+def fan_out(body: bytes, kind: Kind, limits: RequestLimits) -> FanOut:
+    data = _decode_body(body, limits)
+    n = _get(data, "n", int, 1)
+    prompts = [data.get("prompt")]
+    batch = data.get("prompt")
+    if kind == "completion" and isinstance(batch, list) and len(batch) > 1 and isinstance(batch[0], str | list):
+        prompts = batch  # a batch: a list of texts or of token-id lists (a flat list of ids is one prompt)
+    if n < 1 or n * len(prompts) > limits.max_choices:
+        raise RequestError("n", f"must be at least 1, and n × prompts at most {limits.max_choices}, got {n} × "
+                           f"{len(prompts)}")  # fmt: skip
+    request_id = _get(data, "request_id", str, None) or uuid.uuid4().hex
+    if len(prompts) == 1 and n == 1:
+        return FanOut(request_id, [{**data, "request_id": request_id}], [True])
+    seed = _get(data, "seed", int, None)
+    bodies, first_copies = [], []
+    for p, prompt in enumerate(prompts):
+        for copy in range(n):
+            sub = {**data, "n": 1, "request_id": f"{request_id}-{p * n + copy}"}
+            if kind == "completion":
+                sub["prompt"] = prompt
+            if seed is not None:
+                sub["seed"] = seed + copy
+            bodies.append(sub)
+            first_copies.append(copy == 0)
+    return FanOut(request_id, bodies, first_copies)
+
+
 def parse_request(body: bytes | Mapping[str, Any], kind: Kind, limits: RequestLimits) -> GenerationRequest:
     """Validate a raw body (JSON bytes or an already-decoded mapping) into a request."""
     data = _decode_body(body, limits) if isinstance(body, bytes | bytearray) else dict(body)
@@ -126,7 +167,7 @@ def parse_request(body: bytes | Mapping[str, Any], kind: Kind, limits: RequestLi
     if unknown:
         raise RequestError(unknown[0], f"unknown field (allowed: {', '.join(sorted(_FIELDS[kind]))})")
     if _get(data, "n", int, 1) != 1:
-        raise RequestError("n", "only n=1 is supported")
+        raise RequestError("n", "one sequence per parsed request: fan_out splits n > 1 first")
     request_id = _get(data, "request_id", str, None) or uuid.uuid4().hex
     if not request_id or len(request_id) > 128:
         raise RequestError("request_id", "must be 1 to 128 characters")
@@ -149,6 +190,7 @@ def parse_request(body: bytes | Mapping[str, Any], kind: Kind, limits: RequestLi
         include_usage=bool(stream_options.get("include_usage", False)),
         to_end_of_context=kind == "chat" and _max_tokens_field(data) is None,
         truncate_prompt_tokens=_truncation(data),
+        echo=kind == "completion" and _get(data, "echo", bool, False),
     )
 
 
@@ -427,8 +469,85 @@ def _sampling(data: Mapping[str, Any], kind: Kind, limits: RequestLimits) -> Sam
         include_stop_str_in_output=_get(data, "include_stop_str_in_output", bool, False),
         skip_special_tokens=_get(data, "skip_special_tokens", bool, True),
         logprobs=_logprobs(data, kind),
+        structured=_structured(data),
+        bad_words=_bad_words(data, limits),
+        prompt_logprobs=_prompt_logprobs(data, kind),
         **penalties,
     )
+
+
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+def _structured(data: Mapping[str, Any]) -> StructuredOutput | None:
+    """OpenAI's ``response_format`` or vLLM's ``structured_outputs`` (one constraint), never both."""
+    response_format = _get(data, "response_format", dict, None)
+    asked = _get(data, "structured_outputs", dict, None)
+    if response_format is not None and asked is not None:
+        raise RequestError("structured_outputs", "give response_format or structured_outputs, not both")
+    if response_format is not None:
+        kind = response_format.get("type")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return StructuredOutput("json_object")
+        if kind != "json_schema":
+            raise RequestError("response_format", f"type must be text, json_object or json_schema, got {kind!r}")
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise RequestError("response_format", "json_schema.schema must be a JSON schema object")
+        return StructuredOutput("json", json.dumps(schema))
+    if asked is None:
+        return None
+    unknown = sorted(set(asked) - set(_CONSTRAINTS))
+    given = [name for name in _CONSTRAINTS if asked.get(name) not in (None, False)]
+    if unknown or len(given) != 1:
+        # disable_any_whitespace and the like: vLLM 0.32 reads them from the engine's config, not the request
+        raise RequestError("structured_outputs", f"must hold exactly one of {', '.join(_CONSTRAINTS)} and nothing else")
+    (kind,) = given
+    spec = asked[kind]
+    if kind == "json_object":
+        return StructuredOutput("json_object")
+    if kind == "json":
+        schema = spec
+        if isinstance(spec, str):
+            try:
+                schema = json.loads(spec)
+            except ValueError:
+                raise RequestError("structured_outputs", "json is a string that is not JSON") from None
+        if not isinstance(schema, dict):
+            raise RequestError("structured_outputs", "json must be a JSON schema object")
+        return StructuredOutput("json", json.dumps(schema))
+    if kind == "choice":
+        if not isinstance(spec, list) or not spec or not all(isinstance(c, str) and c for c in spec):
+            raise RequestError("structured_outputs", "choice must be a non-empty list of non-empty strings")
+        return StructuredOutput("choice", tuple(spec))
+    if not isinstance(spec, str) or not spec:
+        raise RequestError("structured_outputs", f"{kind} must be a non-empty string")
+    return StructuredOutput(kind, spec)
+
+
+def _prompt_logprobs(data: Mapping[str, Any], kind: Kind) -> int | None:
+    """vLLM's ``prompt_logprobs: N``; an echoed completion asking for logprobs gets them for its prompt too."""
+    top = _get(data, "prompt_logprobs", int, None)
+    if top is not None and not 0 <= top <= MAX_LOGPROBS:
+        raise RequestError("prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {top}")
+    if kind == "completion" and _get(data, "echo", bool, False) and (logprobs := _logprobs(data, kind)) is not None:
+        top = max(top or 0, logprobs)
+    if top is not None and _get(data, "stream", bool, False):
+        field = "prompt_logprobs" if "prompt_logprobs" in data else "echo"
+        raise RequestError(field, "prompt logprobs are not available when streaming (as in vLLM)")
+    return top
+
+
+def _bad_words(data: Mapping[str, Any], limits: RequestLimits) -> tuple[str, ...]:
+    words = _get(data, "bad_words", list, [])
+    if len(words) > limits.max_stop_strings:
+        raise RequestError("bad_words", f"at most {limits.max_stop_strings} words, got {len(words)}")
+    for word in words:
+        if not isinstance(word, str) or not word.strip() or not _is_unicode(word):
+            raise RequestError("bad_words", "entries must be non-empty strings")
+    return tuple(words)
 
 
 def _min_tokens(data: Mapping[str, Any], max_tokens: int) -> int:

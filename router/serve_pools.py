@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from engine.errors import EngineDeadError
+from engine.errors import EngineDeadError, EngineInputError
 from engine.types import DecodeJob, OutputDelta, PrefillJob, PrefillResult
 from router.left_replicas import LeftReplicas
 from router.replica_routing import pinned_call
+from router.request import RequestError
 from router.service import WorkerGoneError
 
 # The replica's process died (Ray's errors), or its engine's processes did (the replica lives on, unhealthy).
@@ -54,6 +55,8 @@ async def _pinned_stream(method, job, worker_id: str):
             yield item
     except _GONE as exc:
         raise WorkerGoneError(worker_id, type(exc).__name__) from exc
+    except EngineInputError as exc:  # the worker's vLLM refused what the router let through (a bad grammar)
+        raise RequestError(exc.field, exc.message) from exc
     finally:
         if not done:
             stream.cancel()

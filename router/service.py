@@ -26,7 +26,15 @@ from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
 from engine.block_hash import hash_chain
-from engine.types import DecodeJob, GenerateRequest, OutputDelta, PrefillJob, PrefillResult, TokenLogprob
+from engine.types import (
+    DecodeJob,
+    GenerateRequest,
+    OutputDelta,
+    PrefillJob,
+    PrefillResult,
+    SamplingOptions,
+    TokenLogprob,
+)
 from router.config import RouterConfig
 from router.index import Claim, PrefixIndex
 from router.metrics import RouterMetrics
@@ -50,6 +58,7 @@ log = logging.getLogger(__name__)
 Mode = Literal["disaggregated", "colocated"]
 _WORKER_POLL_S = 0.25  # how often a request waiting for a live decode worker looks again
 _DEATHS_ALLOWED = 1  # worker deaths charged to one request that it survives (retried once); the next fails it
+_PREFILL_HIT_WAIT_S = 1.0  # a decode done before its prefill's end arrived waits this long for the prefill's hit
 
 
 class ServiceFullError(RuntimeError):
@@ -83,7 +92,8 @@ class ModelInfo:
 class Usage:
     prompt_tokens: int
     completion_tokens: int
-    cached_prompt_tokens: int
+    cached_prompt_tokens: int  # found in a prefix cache: the decode worker's own, or the prefill worker's
+    kv_transferred_tokens: int = 0  # computed for this request by the prefill worker and moved, not cached
 
 
 @dataclass(frozen=True)
@@ -109,6 +119,7 @@ class Chunk:
     timing: Timing | None = None
     stop_reason: int | str | None = None  # the stop token id or string that ended it
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when asked for
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on the first chunk, when asked for
 
 
 class WorkerGoneError(RuntimeError):
@@ -155,6 +166,7 @@ class _Progress:
     streamed_here: bool = False  # the current decode worker has streamed a token (it got past the prompt)
     gone: set[str] = field(default_factory=set)
     move: asyncio.Event = field(default_factory=asyncio.Event)  # set: leave a draining decode worker now
+    prefill_hit: asyncio.Future | None = None  # the prefill worker's own prefix hit, once its prefill ends
 
     def __post_init__(self):
         self.decode_worker = self.decode_worker or self.placement.decode_worker
@@ -226,7 +238,7 @@ class GenerationService:
         outcome = "error"
         try:
             chain = hash_chain(self.model.model_id, token_ids, self.model.block_size)
-            placement = await self._place(rid, len(token_ids), chain)
+            placement = await self._place(rid, len(token_ids), chain, request.sampling)
             engine_request = GenerateRequest(rid, token_ids, request.sampling)
             hashes = [digest.hex() for digest in chain]
             async for chunk in self._run(engine_request, placement, hashes, start, aborted):
@@ -284,8 +296,12 @@ class GenerationService:
             for role in ("prefill", "decode")
         }
 
-    async def _place(self, request_id: str, prompt_tokens: int, chain: list[bytes]) -> Placement:
-        placement = await self._place_when_live(request_id, prompt_tokens, chain, decode_only=self.mode == "colocated")
+    async def _place(
+        self, request_id: str, prompt_tokens: int, chain: list[bytes], sampling: SamplingOptions
+    ) -> Placement:
+        # Prompt logprobs come from computing the prompt where it decodes: no KV moved in, no prefix-cache hit.
+        decode_only = self.mode == "colocated" or sampling.prompt_logprobs is not None
+        placement = await self._place_when_live(request_id, prompt_tokens, chain, decode_only=decode_only)
         self.metrics.placements.labels(placement.outcome, placement.reason).inc()
         if placement.prefill_worker is None:  # the decode worker computes the uncached part itself
             claims = [Claim(request_id, placement.decode_worker, prompt_tokens - placement.decode_cached_tokens)]
@@ -384,10 +400,11 @@ class GenerationService:
         handle, prefilling, transfer_id = None, None, f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         if placement.prefill_worker is not None:
             handle, prefilling = await self._prefill(placement, PrefillJob(request, transfer_id, hashes))
-        hit = placement.decode_cached_tokens if handle is None else placement.prefill_cached_tokens
         pool = "decode" if handle is None else "prefill"
-        self._count_prompt(pool, len(request.prompt_token_ids), hit)
+        self.metrics.prompt_tokens.labels(pool).inc(len(request.prompt_token_ids))
+        self.prompt_tokens_total += len(request.prompt_token_ids)
         progress = self._streams[request.request_id] = _Progress(start, placement, handle, transfer_id)
+        progress.prefill_hit = prefilling
         self._watch_drains()
         job = DecodeJob(request, handle, hashes)
         try:
@@ -435,9 +452,10 @@ class GenerationService:
                     self.metrics.generation_tokens.inc(len(delta.token_ids))
                 if delta.finished:
                     progress.finished = True
-                    yield self._last_chunk(rid, delta, progress, now)
+                    yield self._last_chunk(rid, delta, progress, now, await self._usage(delta, progress))
                     return
-                yield Chunk(rid, list(delta.token_ids), delta.text, logprobs=delta.logprobs)
+                yield Chunk(rid, list(delta.token_ids), delta.text, logprobs=delta.logprobs,
+                            prompt_logprobs=delta.prompt_logprobs)  # fmt: skip
         except TimeoutError as exc:  # a hung or cut-off worker: as lost as a dead one
             raise WorkerGoneError(progress.decode_worker, str(exc)) from exc
         finally:
@@ -459,6 +477,8 @@ class GenerationService:
         recovery = self.config.recovery
         if not recovery.migrate_decode or progress.migrations >= recovery.max_migrations:
             raise lost
+        if request.sampling.structured is not None:  # another worker's grammar would start over mid-output
+            raise WorkerGoneError(lost.worker_id, f"{lost.reason}; a structured output is not moved") from lost
         prompt = [*request.prompt_token_ids, *progress.token_ids]
         chain = hash_chain(self.model.model_id, prompt, self.model.block_size)
         try:
@@ -476,8 +496,11 @@ class GenerationService:
         progress.resumed_after = len(progress.token_ids)
         log.warning("request %s: %s; resumed on %s after %d tokens", rid, lost, claim.worker_id, progress.resumed_after)
         streamed, sampling = len(progress.token_ids), request.sampling
-        sampling = replace(
-            sampling, max_tokens=sampling.max_tokens - streamed, min_tokens=max(sampling.min_tokens - streamed, 0)
+        sampling = replace(  # the prompt's logprobs went out with the first chunk
+            sampling,
+            max_tokens=sampling.max_tokens - streamed,
+            min_tokens=max(sampling.min_tokens - streamed, 0),
+            prompt_logprobs=None,
         )
         resumed = GenerateRequest(rid, prompt, sampling)
         return DecodeJob(resumed, None, [digest.hex() for digest in chain])
@@ -512,7 +535,8 @@ class GenerationService:
         self._in_background(_call(self.index, "forget_worker", worker_id))
 
     async def _prefill(self, placement: Placement, job: PrefillJob):
-        """The transfer handle (None: prefill locally), and the prefill still running when it came up front.
+        """The transfer handle (None: prefill locally), and the prefill (still running when the handle came up
+        front), whose result is the prompt tokens the prefill worker found cached.
 
         Leaving without the handle, the transfer is aborted by id: the prefill may have offered its
         blocks (or be about to) while the handle was on its way."""
@@ -537,23 +561,31 @@ class GenerationService:
         if first.finished:
             await _close(stream)
             self._release(request.request_id, worker)
-            return first.handle, None
+            finished = asyncio.get_running_loop().create_future()
+            finished.set_result(first.cached_prompt_tokens)
+            return first.handle, finished
         return first.handle, self._in_background(self._finish_prefill(job, stream, worker))
 
-    async def _finish_prefill(self, job: PrefillJob, stream: AsyncIterator[PrefillResult], worker_id: str) -> None:
-        """Run an up-front prefill to its end; if it fails, the decode worker's pull fails and it recomputes."""
+    async def _finish_prefill(
+        self, job: PrefillJob, stream: AsyncIterator[PrefillResult], worker_id: str
+    ) -> int | None:
+        """Run an up-front prefill to its end: the prompt tokens it found cached (None: it failed, and the
+        decode worker's pull fails and it recomputes)."""
+        hit = None
         try:
             async with asyncio.timeout(self._prefill_timeout_s):
-                async for _ in stream:
-                    pass
+                async for result in stream:
+                    hit = result.cached_prompt_tokens
         except Exception as exc:
             log.warning("prefill %s failed after its handle was given out: %r", job.transfer_id, exc)
             self.metrics.prefill_fallbacks.inc()  # the decode worker's pull fails, and it computes the prompt
             if isinstance(exc, WorkerGoneError):
                 await self._lost_worker(job.request.request_id, "prefill", exc, computing_prompt=True)
+            return None
         finally:
             self._release(job.request.request_id, worker_id)
             await _close(stream)
+        return hit
 
     async def _abort_transfer(self, worker_id: str, transfer_id: str) -> None:
         try:
@@ -561,9 +593,23 @@ class GenerationService:
         except Exception as exc:  # the lease frees it anyway
             log.info("abort of an untaken transfer on %s failed (the lease will free it): %s", worker_id, exc)
 
-    def _last_chunk(self, request_id: str, delta: OutputDelta, progress: _Progress, now: float) -> Chunk:
+    async def _usage(self, delta: OutputDelta, progress: _Progress) -> Usage:
+        """The prompt tokens found in a prefix cache, as measured, and counted per pool: the decode worker's
+        own hit, and where it took the prompt's KV from a prefill worker, that worker's hit (the tokens it
+        computed and moved are reported apart: vLLM counts them as the decode worker's cached tokens)."""
         prompt_tokens = delta.prompt_tokens - progress.resumed_after  # a migration's prompt has the tokens before
-        usage = Usage(prompt_tokens, len(progress.token_ids), min(delta.cached_prompt_tokens, prompt_tokens))
+        decode_hit = delta.cached_prompt_tokens - delta.kv_pulled_tokens
+        cached = decode_hit
+        self.metrics.prefix_hit_tokens.labels("decode").inc(decode_hit)
+        if delta.kv_pulled_tokens and progress.prefill_hit is not None:
+            prefill_hit = await _result_within(progress.prefill_hit, _PREFILL_HIT_WAIT_S) or 0
+            self.metrics.prefix_hit_tokens.labels("prefill").inc(prefill_hit)
+            cached = max(decode_hit, prefill_hit)  # both are prefixes of the same prompt
+        cached = min(cached, prompt_tokens)
+        self.prefix_hit_tokens_total += cached
+        return Usage(prompt_tokens, len(progress.token_ids), cached, delta.kv_pulled_tokens)
+
+    def _last_chunk(self, request_id: str, delta: OutputDelta, progress: _Progress, now: float, usage: Usage) -> Chunk:
         placement, first_at = progress.placement, progress.first_at or now
         timing = Timing(
             ttft_s=first_at - progress.start,
@@ -575,13 +621,8 @@ class GenerationService:
             migrations=progress.migrations,
         )
         tokens, text, reason = list(delta.token_ids), delta.text, delta.finish_reason
-        return Chunk(request_id, tokens, text, reason, usage, timing, delta.stop_reason, delta.logprobs)
-
-    def _count_prompt(self, pool: str, prompt_tokens: int, hit_tokens: int) -> None:
-        self.metrics.prompt_tokens.labels(pool).inc(prompt_tokens)
-        self.metrics.prefix_hit_tokens.labels(pool).inc(hit_tokens)
-        self.prompt_tokens_total += prompt_tokens
-        self.prefix_hit_tokens_total += hit_tokens
+        return Chunk(request_id, tokens, text, reason, usage, timing, delta.stop_reason, delta.logprobs,
+                     delta.prompt_logprobs)  # fmt: skip
 
     async def live_workers(self) -> list:
         """The index's live workers, read off the event loop when the index is across the network."""
@@ -625,6 +666,15 @@ async def _call(backend, method: str, *args):
     """A backend call: in a thread when it goes over the network, inline when it is in this process."""
     call = getattr(backend, method)
     return await asyncio.to_thread(call, *args) if backend.network_io else call(*args)
+
+
+async def _result_within(future: asyncio.Future, timeout_s: float):
+    """``future``'s result if it has one within ``timeout_s``; None if not (pending, cancelled or failed)."""
+    if not future.done():
+        await asyncio.wait({future}, timeout=timeout_s)
+    if not future.done() or future.cancelled() or future.exception() is not None:
+        return None
+    return future.result()
 
 
 async def _close(stream) -> None:

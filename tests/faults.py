@@ -36,27 +36,30 @@ def kill_replica(service, deployment: str, replica_id: str) -> float:
     return time.monotonic()
 
 
-def engine_workers(service, deployment: str, replica_id: str, timeout_s: float = 30.0) -> dict[str, int]:
-    """The replica's vLLM worker processes (one per tensor-parallel rank): process title → pid.
+def engine_workers(service, deployment: str, replica_id: str, timeout_s: float = 30.0) -> list[int]:
+    """The replica's vLLM rank worker processes (one per tensor-parallel rank), by where they sit: the replica
+    starts vLLM's engine core, the engine core starts the rank workers (multiprocessing's resource trackers
+    beside them left out). Not by title: vLLM's setproctitle did not always take in CI.
 
     Fails naming every process under the replica when none shows up within ``timeout_s``."""
     import psutil
 
+    def tracker(process) -> bool:
+        return "multiprocessing.resource_tracker" in " ".join(process.cmdline())
+
     replica = psutil.Process(replica_pid(service, deployment, replica_id))
     deadline = time.monotonic() + timeout_s
     while True:
-        workers, seen = {}, []
-        for child in replica.children(recursive=True):
-            try:
-                title = " ".join(child.cmdline()) or child.name()
-                seen.append(f"{child.pid} (parent {child.ppid()}, nice {child.nice()}): {title[:120]}")
-            except psutil.Error:  # gone meanwhile
-                continue
-            if title.startswith("VLLM::Worker"):
-                workers[title.split()[0]] = child.pid
+        workers = []
+        try:
+            for engine_core in (p for p in replica.children() if not tracker(p)):
+                workers += [worker.pid for worker in engine_core.children() if not tracker(worker)]
+        except psutil.Error:  # one ended meanwhile: look again
+            workers = []
         if workers:
-            return workers
-        assert time.monotonic() < deadline, f"no VLLM::Worker under replica {replica_id} ({replica.pid}): {seen}"
+            return sorted(workers)
+        seen = [f"{p.pid} (parent {p.ppid()}): {' '.join(p.cmdline())[:120]}" for p in replica.children(recursive=True)]
+        assert time.monotonic() < deadline, f"no rank worker under replica {replica_id} ({replica.pid}): {seen}"
         time.sleep(0.2)
 
 

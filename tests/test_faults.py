@@ -138,7 +138,7 @@ HTTP_CASES = [  # (what, path, body, status, named in the message)
     ("top_p 0", "/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("top_p over 1", "/v1/completions", {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
     ("top_k below -1", "/v1/completions", {"prompt": "hi", "top_k": -2}, 400, "top_k"),
-    ("n over 1", "/v1/completions", {"prompt": "hi", "n": 3}, 400, "n:"),
+    ("n over the limit", "/v1/completions", {"prompt": "hi", "n": 300}, 400, "n:"),
     ("unknown model", "/v1/completions", {"prompt": "hi", "model": "gpt-9"}, 404, "unknown model"),
     ("unknown field", "/v1/completions", {"prompt": "hi", "best_of_all": 2}, 400, "best_of_all"),
     ("wrong type", "/v1/completions", {"prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
@@ -283,7 +283,7 @@ def test_redis_killed_and_restarted_under_load_fails_no_request_and_the_hits_com
           f"index repaired {recovered_s:.2f} s after Redis returned")  # fmt: skip
     assert load.errors == [] and len(load.results) > served_during > 0
     assert client.metric("pdserve:index_outages") > outages
-    hits = client.metric("pdserve:prefix_cache_hit_tokens_total")  # as placement found them in the index
+    hits = client.metric("pdserve:prefix_cache_hit_tokens_total")  # placed where the index says it is cached
     client.greedy(shared + prompt(60, 42), 2)
     assert client.metric("pdserve:prefix_cache_hit_tokens_total") - hits >= len(shared)
 

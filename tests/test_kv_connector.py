@@ -143,13 +143,17 @@ def test_the_prefill_blocks_are_freed_after_the_decode_side_releases_them(prefil
 
 
 def test_only_the_blocks_the_decode_side_lacks_cross(prefill, decode):
+    from kv_transfer.vllm_connector import PULLED_TOKENS_KEY
+
     shared = prompt(3 * BLOCK, offset=3)
     decode.generate("warm", shared + prompt(5, offset=4), 1)  # the decode side caches 3 blocks of the prefix
     ids = shared + prompt(3 * BLOCK + 4, offset=5)
     reference = prefill.generate("ref3", ids, 16)[0]
     handle = produce(prefill, "p3", ids)
-    tokens, _, cached, _ = consume(decode, "d3", ids, handle)
+    tokens, params, cached, _ = consume(decode, "d3", ids, handle)
     assert tokens == reference
+    # vLLM counts the pulled tokens as cached; the connector says how many were pulled, so usage can tell them apart
+    assert params[PULLED_TOKENS_KEY] == len(ids) - 3 * BLOCK and cached - params[PULLED_TOKENS_KEY] == 3 * BLOCK
     status = GrpcKVChannel(SECRET).status(handle)
     one_block = 2 * 2 * BLOCK * 2 * 32 * 4  # layers x kv heads x tokens x (K|V of head_dim 32) x float32
     assert status.bytes_sent == 4 * one_block  # 7 blocks offered, 3 already local

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,37 @@ import multiprocessing, time
 if __name__ == "__main__":
     multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,), daemon=True).start()
     time.sleep(60)
+"""
+
+# A replica's engine thread (at its process's niceness, 15) starting an engine core, then settling it.
+_REPLICA = """
+import json, os, subprocess, sys, threading, time
+import psutil
+from engine.process_priority import descendants, model_processes, settle, spawning_at
+
+ENGINE_CORE = sys.argv[1]
+def nicenesses(pid):
+    return sorted({os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir(f"/proc/{pid}/task")})
+found = {}
+def start_engine():  # the replica's engine thread
+    before = descendants()
+    with spawning_at(None):
+        found["core"] = subprocess.Popen([sys.executable, "-c", ENGINE_CORE])
+        deadline = time.monotonic() + 30
+        while len(descendants() - before) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    found["pids"] = descendants() - before
+    found["loading"] = sorted({n for pid in found["pids"] for n in nicenesses(pid)})
+    found["thread_after"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+thread = threading.Thread(target=start_engine)
+thread.start()
+thread.join(60)
+pids = found["pids"]
+settle(pids, None)
+(worker,) = model_processes(pids)
+print(json.dumps([found["loading"], found["thread_after"], {pid: nicenesses(pid) for pid in pids}, worker]))
+for process in psutil.Process(found["core"].pid).children() + [psutil.Process(found["core"].pid)]:
+    process.kill()
 """
 
 
@@ -107,3 +139,16 @@ def test_the_model_process_is_the_rank_worker_not_the_engine_core_nor_a_resource
         for process in psutil.Process(engine_core.pid).children() + [psutil.Process(engine_core.pid)]:
             process.kill()
         engine_core.wait(10)
+
+
+@pytest.mark.skipif(not can_lower_niceness(), reason="lowering a niceness needs CAP_SYS_NICE")
+def test_an_engine_starts_at_the_models_niceness_and_settles_its_core_back_with_the_serving_processes():
+    """In a replica-like process at nice 15: what its engine thread spawns starts at 0 (not starved while it
+    loads beside a running engine on a shared core); after ``settle`` only the rank worker stays at 0."""
+    done = subprocess.run([sys.executable, "-c", _REPLICA, _ENGINE_CORE], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, preexec_fn=lambda: os.setpriority(
+                              os.PRIO_PROCESS, 0, 15))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    loading, thread_after, settled, worker = json.loads(done.stdout)
+    assert set(loading) == {0} and thread_after == 15
+    assert settled.pop(str(worker)) == [0] and all(n == [15] for n in settled.values())

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from router.request import RequestError, RequestLimits, fit_to_context, parse_request, tokenize
+from engine.types import StructuredOutput
+from router.request import RequestError, RequestLimits, fan_out, fit_to_context, parse_request, tokenize
 from router.tokenizer import ModelTokenizer
 
 LIMITS = RequestLimits(context_length=512, vocab_size=1024, max_body_bytes=4096, max_stop_strings=4)
@@ -83,6 +84,38 @@ def test_truncate_prompt_tokens_keeps_the_last_tokens_of_the_prompt(tokenizer):
     assert tokenize(completion(prompt=[5, 6], truncate_prompt_tokens=-1), tokenizer, LIMITS) == [5, 6]
 
 
+def test_response_format_and_structured_outputs_become_one_constraint_for_the_engine():
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    as_openai = completion(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert as_openai.sampling.structured == StructuredOutput("json", json.dumps(schema))
+    assert completion(response_format={"type": "text"}).sampling.structured is None
+    assert completion(response_format={"type": "json_object"}).sampling.structured == StructuredOutput("json_object")
+    choice = completion(structured_outputs={"choice": ["y", "n"]}).sampling.structured
+    assert choice == StructuredOutput("choice", ("y", "n"))
+    assert completion(structured_outputs={"json": json.dumps(schema)}).sampling.structured.spec == json.dumps(schema)
+
+
+def test_n_copies_of_a_seeded_request_sample_with_seed_plus_their_index():
+    split = fan_out(json.dumps({"prompt": "x", "n": 3, "seed": 7, "request_id": "r"}).encode(), "completion", LIMITS)
+    assert [(b["seed"], b["request_id"], b["n"]) for b in split.bodies] == [(7, "r-0", 1), (8, "r-1", 1), (9, "r-2", 1)]
+    assert split.request_id == "r" and split.first_copies == [True, False, False]
+
+
+def test_a_batch_of_prompts_fans_out_in_vllms_choice_order():
+    body = {"prompt": ["a", "b"], "n": 2}
+    split = fan_out(json.dumps(body).encode(), "completion", LIMITS)
+    assert [b["prompt"] for b in split.bodies] == ["a", "a", "b", "b"] and split.first_copies == [True, False] * 2
+    assert [b["request_id"][-2:] for b in split.bodies] == ["-0", "-1", "-2", "-3"]
+    flat = fan_out(json.dumps({"prompt": [5, 6, 7]}).encode(), "completion", LIMITS)
+    assert [b["prompt"] for b in flat.bodies] == [[5, 6, 7]]  # token ids: one prompt
+
+
+def test_more_sequences_than_the_limit_are_refused():
+    with pytest.raises(RequestError, match="at most 16") as info:
+        fan_out(json.dumps({"prompt": ["a", "b", "c"], "n": 6}).encode(), "completion", LIMITS)
+    assert info.value.field == "n"
+
+
 BAD = [
     ("body", b"\xff\xfe{}", "not valid UTF-8"),
     ("body", b'{"prompt": "x",', "not valid JSON"),
@@ -112,7 +145,7 @@ BAD = [
     ("stop_token_ids", {"prompt": "x", "stop_token_ids": [4096]}, "token ids in"),
     ("logprobs", {"prompt": "x", "logprobs": 21}, r"must be in \[0, 20\], got 21"),
     ("logprobs", {"prompt": "x", "logprobs": True}, "must be an integer"),
-    ("n", {"prompt": "x", "n": 3}, "only n=1"),
+    ("n", {"prompt": "x", "n": 3}, "fan_out splits n > 1 first"),
     ("presence_penalty", {"prompt": "x", "presence_penalty": 2.5}, r"must be in \[-2, 2\]"),
     ("frequency_penalty", {"prompt": "x", "frequency_penalty": -3}, r"must be in \[-2, 2\]"),
     ("repetition_penalty", {"prompt": "x", "repetition_penalty": 0}, "must be above 0"),
@@ -129,7 +162,23 @@ BAD = [
     ("include_stop_str_in_output", {"prompt": "x", "include_stop_str_in_output": 1}, "must be a boolean"),
     ("skip_special_tokens", {"prompt": "x", "skip_special_tokens": "no"}, "must be a boolean"),
     ("truncate_prompt_tokens", {"prompt": "x", "truncate_prompt_tokens": 0}, "at least 1, or -1"),
-    ("bad_words", {"prompt": "x", "bad_words": ["a"]}, "unknown field"),
+    ("bad_words", {"prompt": "x", "bad_words": [""]}, "non-empty strings"),
+    ("bad_words", {"prompt": "x", "bad_words": "word"}, "must be a list"),
+    ("response_format", {"prompt": "x", "response_format": {"type": "yaml"}}, "type must be text, json_object"),
+    ("response_format", {"prompt": "x", "response_format": {"type": "json_schema"}}, "schema must be"),
+    ("structured_outputs", {"prompt": "x", "structured_outputs": {"regex": "a", "choice": ["b"]}}, "exactly one"),
+    ("structured_outputs", {"prompt": "x", "structured_outputs": {"json": "{nope"}}, "not JSON"),
+    ("structured_outputs", {"prompt": "x", "structured_outputs": {"choice": []}}, "non-empty list"),
+    (
+        "structured_outputs",
+        {"prompt": "x", "structured_outputs": {"json": {}, "disable_any_whitespace": True}},
+        "nothing else",
+    ),
+    (
+        "structured_outputs",
+        {"prompt": "x", "structured_outputs": {"regex": "a"}, "response_format": {"type": "text"}},
+        "not both",
+    ),
 ]
 
 

@@ -6,6 +6,7 @@ Started once per module through ``pdserve.up.start`` (what ``pdserve up`` runs).
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import urllib.request
@@ -299,6 +300,20 @@ def test_allowed_token_ids_bound_every_token(client):
     assert set(bounded) <= set(allowed)
 
 
+def test_bad_words_never_appear_in_the_output(client):
+    ids = prompt(24, 512)
+    greedy, _ = complete(client, ids, max_tokens=8)
+    for token in greedy:  # a token whose text tokenizes back to it alone: banning the word bans the token
+        _, word = client.post("/detokenize", {"tokens": [token]})
+        _, again = client.post("/tokenize", {"prompt": word["prompt"].strip(), "add_special_tokens": False})
+        if word["prompt"].strip() and again["tokens"] == [token]:
+            break
+    else:
+        pytest.fail(f"no output token of {greedy} is a word of its own")
+    banned, _ = complete(client, ids, max_tokens=8, bad_words=[word["prompt"].strip()])
+    assert token not in banned and banned != greedy
+
+
 def test_a_stop_string_ends_the_text_and_is_kept_only_when_asked(client):
     ids = prompt(24, 503)
     _, whole = complete(client, ids, max_tokens=16)
@@ -344,6 +359,21 @@ def test_completion_logprobs_are_the_models_own_with_the_likeliest_alternatives(
     assert plain["logprobs"] is None
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask(client, model_dir):
+    ids = prompt(16, 513)
+    _, plain = complete(client, ids, max_tokens=2)
+    tokens, echoed = complete(client, ids, max_tokens=2, echo=True, logprobs=1, prompt_logprobs=2)
+    logprobs, reference = echoed["logprobs"], transformers_logprobs(model_dir, ids[:1], ids[1:])
+    assert len(logprobs["tokens"]) == 16 + 2 and logprobs["token_logprobs"][0] is None
+    assert logprobs["token_logprobs"][1:16] == pytest.approx([reference[i][ids[i + 1]] for i in range(15)], abs=1e-3)
+    _, prompt_text = client.post("/detokenize", {"tokens": ids})
+    assert echoed["text"] == prompt_text["prompt"] + plain["text"]
+    second = echoed["prompt_logprobs"][1][str(ids[1])]
+    assert echoed["prompt_logprobs"][0] is None and second["logprob"] == pytest.approx(reference[0][ids[1]], abs=1e-3)
+    status, refused = client.post("/v1/completions", {"prompt": ids, "prompt_logprobs": 1, "stream": True})
+    assert status == 400 and refused["error"]["param"] == "prompt_logprobs"
+
+
 def test_grpc_takes_the_same_sampling_extensions_and_returns_logprobs_and_the_stop_reason(client):
     ids = prompt(24, 506)
     http_tokens, choice = complete(client, ids, max_tokens=6, logprobs=2)
@@ -380,6 +410,58 @@ def test_the_openai_client_gets_chat_logprobs_streamed_and_whole_alike(client, s
         assert len(alternatives) == 2 and alternatives == sorted(alternatives, reverse=True)
         assert entry.logprob <= 0 and entry.logprob == pytest.approx(alternatives[0], abs=1e-4)  # greedy: the likeliest
         assert again.logprob == pytest.approx(entry.logprob, abs=1e-4) and bytes(entry.bytes) == entry.token.encode()
+
+
+def test_usage_counts_prompt_tokens_found_in_a_prefix_cache_never_the_kv_moved_for_the_request(client):
+    fresh = prompt(200, 600)
+    _, _, first = client.greedy(fresh, 2)
+    assert first.timing.placement == "disaggregated"
+    assert first.usage.cached_prompt_tokens == 0 and first.usage.kv_transferred_tokens >= 160
+    time.sleep(1.0)  # the cache events reach the index
+    status, again = client.post("/v1/completions", {"prompt": fresh, "max_tokens": 2, "temperature": 0})
+    assert status == 200 and again["usage"]["prompt_tokens_details"]["cached_tokens"] >= 192
+
+
+def test_structured_outputs_constrain_what_the_decode_worker_samples(client):
+    ids, free = prompt(24, 507), dict(max_tokens=12, ignore_eos=False)
+    _, chosen = complete(client, ids, structured_outputs={"choice": ["alpha", "beta"]}, **free)
+    assert chosen["text"] in ("alpha", "beta") and chosen["finish_reason"] == "stop"
+    _, matched = complete(client, ids, structured_outputs={"regex": "[a-c]{3}"}, **free)
+    assert re.fullmatch("[a-c]{3}", matched["text"])
+    _, grammar = complete(client, ids, structured_outputs={"grammar": 'root ::= "{\\"n\\":" [1-3] "}"'}, **free)
+    assert json.loads(grammar["text"]) in ({"n": 1}, {"n": 2}, {"n": 3})
+    body = {"messages": [{"role": "user", "content": "yes or no"}], "max_tokens": 20, "temperature": 0,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "answer",
+                                                                       "schema": {"enum": ["yes", "no"]}}}}  # fmt: skip
+    status, reply = client.post("/v1/chat/completions", body)
+    assert status == 200 and json.loads(reply["choices"][0]["message"]["content"]) in ("yes", "no")
+    status, refused = client.post("/v1/completions", {"prompt": ids, "structured_outputs": {"regex": "(["}})
+    assert status == 400 and refused["error"]["param"] == "structured_outputs"
+
+
+def test_n_and_batches_of_prompts_answer_one_choice_per_sequence(client, service):
+    import openai
+
+    api = openai.OpenAI(base_url=service.http_url + "/v1", api_key="unused", max_retries=0)
+    model = api.models.list().data[0].id
+    sampled = api.completions.create(model=model, prompt=prompt(20, 508), n=3, max_tokens=8, temperature=1.0,
+                                     seed=11, extra_body={"ignore_eos": True})  # fmt: skip
+    assert [c.index for c in sampled.choices] == [0, 1, 2] and len({c.text for c in sampled.choices}) >= 2
+    assert sampled.usage.prompt_tokens == 20 and sampled.usage.completion_tokens == 24
+    greedy = api.completions.create(model=model, prompt=prompt(20, 508), n=2, max_tokens=8, temperature=0)
+    assert greedy.choices[0].text == greedy.choices[1].text
+    batch = [prompt(20, 509), prompt(24, 510), prompt(28, 511)]
+    together = api.completions.create(model=model, prompt=batch, max_tokens=6, temperature=0)
+    alone = [
+        api.completions.create(model=model, prompt=ids, max_tokens=6, temperature=0).choices[0].text for ids in batch
+    ]
+    assert [c.text for c in together.choices] == alone and together.usage.prompt_tokens == 72
+    chunks = list(api.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], n=2,
+                                              max_tokens=4, temperature=0, stream=True, extra_body={"ignore_eos": True},
+                                              stream_options={"include_usage": True}))  # fmt: skip
+    texts = {i: "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == i)
+             for i in (0, 1)}  # fmt: skip
+    assert texts[0] == texts[1] and chunks[-1].usage.completion_tokens == 8
 
 
 def test_request_metrics_are_ray_metrics_too(client, service):

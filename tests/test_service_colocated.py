@@ -50,14 +50,14 @@ def test_colocated_mode_gives_the_same_tokens_without_a_prefill_pool(client, mod
 
 def test_the_engine_binds_a_core_of_its_own_and_leaves_the_reserved_core_to_the_serving_processes(client, service):
     (replica,) = [w.worker_id for w in client.status().workers]
-    (worker,) = engine_workers(service, "DecodeWorker", replica).values()
+    (worker,) = engine_workers(service, "DecodeWorker", replica)
     assert bound_cores(worker) == set(sorted(os.sched_getaffinity(0))[1:2])  # core 0 stays with Ray, Serve, router
 
 
 @pytest.mark.skipif(not can_lower_niceness(), reason="lowering a niceness needs CAP_SYS_NICE")
 def test_the_rank_process_runs_ahead_of_the_serving_processes_and_the_engine_core_stays_with_them(client, service):
     (replica,) = [w.worker_id for w in client.status().workers]
-    (worker,) = engine_workers(service, "DecodeWorker", replica).values()
+    (worker,) = engine_workers(service, "DecodeWorker", replica)
     assert niceness(worker) == 0
     assert niceness(psutil.Process(worker).ppid()) == 15  # the engine core, as Ray started the replica
     assert os.getpriority(os.PRIO_PROCESS, replica_pid(service, "DecodeWorker", replica)) == 15

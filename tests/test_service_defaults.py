@@ -110,7 +110,7 @@ def test_engines_on_every_core_stay_at_the_niceness_of_their_replicas(client, se
     for role, deployment in (("prefill", "PrefillWorker"), ("decode", "DecodeWorker")):
         (replica,) = live_workers(client, role)
         replica_niceness = os.getpriority(os.PRIO_PROCESS, replica_pid(service, deployment, replica))
-        workers = engine_workers(service, deployment, replica).values()
+        workers = engine_workers(service, deployment, replica)
         assert replica_niceness > 0, role
         for worker in workers:
             threads = os.listdir(f"/proc/{worker}/task")

@@ -43,7 +43,7 @@ def test_colocated_prompts_of_1_to_4_tokens_are_answered_with_no_replica_restart
 def test_two_replicas_on_two_cores_bind_one_core_each(service, client):
     """2 engines, 2 cores: too few to keep one back, so none is reserved and each engine has its own."""
     cores = [bound_cores(pid) for replica in live_workers(client, "decode")
-             for pid in engine_workers(service, "DecodeWorker", replica).values()]  # fmt: skip
+             for pid in engine_workers(service, "DecodeWorker", replica)]  # fmt: skip
     assert len(cores) == 2 and all(len(c) == 1 for c in cores) and cores[0].isdisjoint(cores[1])
 
 

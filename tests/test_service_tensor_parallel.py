@@ -36,8 +36,8 @@ def service(model_dir, tmp_path_factory):
 def test_each_rank_runs_in_its_own_process_on_its_own_core(service, client):
     (replica,) = live_workers(client, "decode")
     workers = engine_workers(service, "DecodeWorker", replica)
-    assert sorted(workers) == ["VLLM::Worker_TP0", "VLLM::Worker_TP1"]
-    cores = [bound_cores(pid) for pid in workers.values()]
+    assert len(workers) == 2
+    cores = [bound_cores(pid) for pid in workers]
     assert all(len(c) == 1 for c in cores) and cores[0].isdisjoint(cores[1])
 
 
@@ -45,14 +45,14 @@ def test_sigkill_of_one_rank_under_load_loses_no_request_and_changes_no_token(se
     prompts = [prompt(40 + 10 * i, 70 + i) for i in range(3)]
     expected = [transformers_greedy(model_dir, ids, 60) for ids in prompts]
     (replica,) = live_workers(client, "decode")
-    rank1 = engine_workers(service, "DecodeWorker", replica)["VLLM::Worker_TP1"]
+    one_rank = engine_workers(service, "DecodeWorker", replica)[-1]
     with ThreadPoolExecutor(3) as pool:
         running = [pool.submit(client.greedy, ids, 60) for ids in prompts]
         deadline = time.monotonic() + 60
         while not any(w.running_seqs for w in client.status().workers):
             assert time.monotonic() < deadline, "the load never started"
             time.sleep(0.05)
-        os.kill(rank1, signal.SIGKILL)
+        os.kill(one_rank, signal.SIGKILL)
         results = [future.result(300) for future in running]
     assert [tokens for tokens, _, _ in results] == expected
     assert any(last.timing.migrations for _, _, last in results)  # those in flight moved on
