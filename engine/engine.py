@@ -397,7 +397,7 @@ class Engine:
             stream.push(OutputDelta(rid, [], "", "abort", 0, stream.completion_tokens, 0))
         except VllmEngineDead as exc:
             stream.push(EngineDeadError(f"engine died under request {rid}: {exc}"))
-        except (ValueError, TypeError) as exc:  # vLLM's own input checks (a grammar that does not compile, ...)
+        except (VLLMValidationError, ValueError, TypeError) as exc:  # vLLM's input checks (a grammar, ...)
             field = "structured_outputs" if request.sampling.structured is not None else "prompt"
             if isinstance(exc, VLLMValidationError) and exc.parameter:
                 field = exc.parameter
