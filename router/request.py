@@ -137,9 +137,9 @@ def fan_out(body: bytes, kind: Kind, limits: RequestLimits) -> FanOut:
     data = _decode_body(body, limits)
     n = _get(data, "n", int, 1)
     prompts = [data.get("prompt")]
-    batch = data.get("prompt")
-    if kind == "completion" and isinstance(batch, list) and len(batch) > 1 and isinstance(batch[0], str | list):
-        prompts = batch  # a batch: a list of texts or of token-id lists (a flat list of ids is one prompt)
+    if kind == "completion" and isinstance(prompts[0], list) and len(prompts[0]) > 1:
+        if isinstance(prompts[0][0], str | list):  # a batch: texts or token-id lists (flat ids are one prompt)
+            prompts = prompts[0]
     if n < 1 or n * len(prompts) > limits.max_choices:
         raise RequestError("n", f"must be at least 1, and n × prompts at most {limits.max_choices}, got {n} × "
                            f"{len(prompts)}")  # fmt: skip
