@@ -76,6 +76,12 @@ class EngineConfig(BaseModel):
         "the engines bind every core of the node (cpu_cores: auto, no core reserved). Given, it is applied or the "
         "engine fails",
     )  # fmt: skip
+    tool_call_parser: str | None = Field(
+        default=None,
+        description="the model's tool-call format, by vLLM's parser name (--tool-call-parser: hermes, llama3_json, "
+        "mistral, ...): chats with tool_choice auto are read for calls; none: auto is refused, required and a named "
+        "function still work (JSON)",
+    )
     kv_connector: KVConnectorSpec | None = None
     kv_events_endpoint: str | None = Field(
         default=None,

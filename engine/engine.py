@@ -34,6 +34,7 @@ from engine.config import EngineConfig
 from engine.cpu_isa import AmxPermission, request_amx_permission
 from engine.errors import EngineConfigError, EngineDeadError, EngineError, EngineInputError
 from engine.process_priority import descendants, settle, spawning_at
+from engine.tool_calls import ToolCallReader, check_tokenizer, tool_call_parser
 from engine.types import (
     EngineStats,
     GenerateRequest,
@@ -53,8 +54,14 @@ _RPC_TIMEOUT_S = 30.0  # a collective_rpc into the worker processes
 class _Stream:
     """Where one request's deltas (or its error) are delivered, on the consumer's event loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sampling: SamplingOptions | None = None):
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sampling: SamplingOptions | None = None,
+        tools: ToolCallReader | None = None,
+    ):
         self.loop = loop
+        self.tools = tools  # a chat with tools: its output read for tool calls
         self._items: deque[OutputDelta | Exception] = deque()
         self._arrived = asyncio.Event()
         # alternatives asked for per output and per prompt token; None: no logprobs
@@ -205,6 +212,7 @@ class Engine:
         self.config = config
         self.model_id = config.served_model_id
         _refuse_bfloat16_without_amx(config)
+        self._tool_parser = tool_call_parser(config.tool_call_parser)
         self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-engine-")
         apply_vllm_environment(config, rpc_dir=self._tmp.name)
         logging.getLogger("vllm").setLevel(config.log_level)
@@ -239,6 +247,11 @@ class Engine:
         self.vocab_size = vllm_config.model_config.get_vocab_size()
         self._kv_blocks_total = (vllm_config.cache_config.num_gpu_blocks or 1) - 1  # less vLLM's null block
         self._tokenizer = self._llm.get_tokenizer()
+        try:
+            check_tokenizer(self._tool_parser, config.tool_call_parser, self._tokenizer)
+        except EngineConfigError:
+            self._stop()
+            raise
 
     async def _build(self, endpoint: str | None):
         """On the engine's loop: vLLM starts its engine core process (and worker processes) and waits for them."""
@@ -256,11 +269,12 @@ class Engine:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
         """Stream ``request``'s deltas; closing the iterator early aborts the request."""
-        params = self._validate(request)
+        tools = self._tool_reader(request)
+        params = self._validate(request, tools)
         self.check_alive()
         if request.request_id in self._streams:
             raise EngineInputError("request_id", "a request with this id is already running", request.request_id)
-        stream = _Stream(asyncio.get_running_loop(), request.sampling)
+        stream = _Stream(asyncio.get_running_loop(), request.sampling, tools)
         self._streams[request.request_id] = stream
         self._loop.call_soon_threadsafe(self._start_reading, request, params, stream)
         finished = False
@@ -415,11 +429,15 @@ class Engine:
             self._prompt_tokens_total += prompt_tokens
             self._cached_tokens_total += cached
         stream.completion_tokens += len(completion.token_ids)
+        text, finish_reason, calls = completion.text, completion.finish_reason if output.finished else None, ()
+        if stream.tools is not None:
+            prompt = output.prompt_token_ids or ()
+            text, calls, finish_reason = stream.tools.read(text, completion.token_ids, prompt, finish_reason)
         return OutputDelta(
             request_id=output.request_id,
             token_ids=list(completion.token_ids),
-            text=completion.text,
-            finish_reason=completion.finish_reason if output.finished else None,
+            text=text,
+            finish_reason=finish_reason,
             prompt_tokens=prompt_tokens,
             completion_tokens=stream.completion_tokens,
             cached_prompt_tokens=cached,
@@ -427,6 +445,7 @@ class Engine:
             stop_reason=completion.stop_reason if output.finished else None,
             logprobs=_token_logprobs(completion, stream.top_logprobs),
             prompt_logprobs=_prompt_logprobs(output, stream.top_prompt_logprobs),
+            tool_calls=calls,
         )
 
     def _stop(self, timeout: float = 10.0) -> None:
@@ -449,7 +468,22 @@ class Engine:
             self._subscriber.close()
         self._tmp.cleanup()
 
-    def _validate(self, request: GenerateRequest):
+    def _tool_reader(self, request: GenerateRequest) -> ToolCallReader | None:
+        use = request.sampling.tool_use
+        if use is None:
+            return None
+        from vllm.exceptions import VLLMValidationError
+
+        try:
+            structured = _structured_outputs(request.sampling.structured)
+            return ToolCallReader(self._tool_parser, self._tokenizer, use, request.sampling.skip_special_tokens,
+                                  structured)  # fmt: skip
+        except VLLMValidationError as exc:  # vLLM's checks of the tools and the choice
+            raise EngineInputError(exc.parameter or "tools", str(exc.args[0]), request.request_id) from exc
+        except (ValueError, TypeError) as exc:  # pydantic's, of the tools' shapes
+            raise EngineInputError("tools", str(exc), request.request_id) from exc
+
+    def _validate(self, request: GenerateRequest, tools: ToolCallReader | None = None):
         rid = request.request_id
         ids = request.prompt_token_ids
         if not isinstance(rid, str) or not rid:
@@ -468,10 +502,12 @@ class Engine:
                 rid,
             )
         _check_sampling(request.sampling, rid)
-        return self._sampling_params(request.sampling, request.kv_transfer_params, rid)
+        return self._sampling_params(request.sampling, request.kv_transfer_params, rid, tools)
 
     @staticmethod
-    def _sampling_params(options: SamplingOptions, kv_transfer_params: dict | None, rid: str):
+    def _sampling_params(
+        options: SamplingOptions, kv_transfer_params: dict | None, rid: str, tools: ToolCallReader | None = None
+    ):
         from vllm import SamplingParams
         from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
@@ -494,9 +530,9 @@ class Engine:
                 logit_bias=dict(options.logit_bias) or None,
                 allowed_token_ids=list(options.allowed_token_ids) if options.allowed_token_ids is not None else None,
                 include_stop_str_in_output=options.include_stop_str_in_output,
-                skip_special_tokens=options.skip_special_tokens,
+                skip_special_tokens=tools.skip_special_tokens if tools else options.skip_special_tokens,
                 logprobs=options.logprobs,
-                structured_outputs=_structured_outputs(options.structured),
+                structured_outputs=tools.structured_outputs if tools else _structured_outputs(options.structured),
                 bad_words=list(options.bad_words) or None,
                 prompt_logprobs=options.prompt_logprobs,
                 output_kind=RequestOutputKind.DELTA,

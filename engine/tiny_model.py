@@ -22,9 +22,16 @@ Arch = Literal["llama", "mistral", "qwen2"]
 ARCHS: tuple[str, ...] = ("llama", "mistral", "qwen2")
 
 BOS, EOS = "<s>", "</s>"
+# Tools as Hermes-format models show them (so vLLM's ``hermes`` parser reads this model's calls); a chat
+# without tools renders as plain role-tagged turns.
 CHAT_TEMPLATE = (
+    '{% if tools %}<|system|>\nCall a tool as <tool_call>{"name": ..., "arguments": {...}}</tool_call>:\n'
+    "<tools>{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>" + EOS + "\n{% endif %}"
     "{% for message in messages %}"
-    "<|{{ message['role'] }}|>\n{{ message['content'] }}" + EOS + "\n"
+    "<|{{ message['role'] }}|>\n{% if message['content'] %}{{ message['content'] }}{% endif %}"
+    "{% for call in message['tool_calls'] or [] %}<tool_call>"
+    "{{ {'name': call['function']['name'], 'arguments': call['function']['arguments']} | tojson }}</tool_call>"
+    "{% endfor %}" + EOS + "\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )

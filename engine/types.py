@@ -29,6 +29,7 @@ class SamplingOptions:
     structured: StructuredOutput | None = None  # the output constrained to a JSON schema, a regex, ...
     bad_words: tuple[str, ...] = ()  # words never generated (vLLM bans their tokens, with and without a space)
     prompt_logprobs: int | None = None  # each prompt token's log-probability and this many alternatives
+    tool_use: ToolUse | None = None  # a chat's tools: the output is read for tool calls (engine/tool_calls.py)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,27 @@ class StructuredOutput:
 
     kind: Literal["json", "json_object", "regex", "choice", "grammar"]
     spec: str | tuple[str, ...] | None = None  # the JSON schema (as JSON text), regex, choices or grammar
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """A chat's tools as OpenAI's API gives them, for the worker's vLLM to constrain and read the output by."""
+
+    tools_json: str  # the request's ``tools`` list, as JSON text
+    choice: str = "auto"  # "none", "auto", "required", or the name of the one function to call
+    named: bool = False  # ``choice`` names a function
+    parallel_tool_calls: bool = True  # false: at most one call (vLLM keeps the first)
+
+
+@dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of one tool call, as OpenAI streams them: the call's first piece has its id and name, the
+    rest only more of its arguments (JSON text)."""
+
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,6 +99,8 @@ class OutputDelta:
     kv_pulled_tokens: int = 0
     # On the first delta, when asked for: one per prompt token, None for the first (nothing precedes it).
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    # A chat with tools: the tool-call pieces this step added (``text`` is then the content around them).
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
     @property
     def finished(self) -> bool:
@@ -99,6 +123,7 @@ class OutputDelta:
             logprobs=None if self.logprobs is None else tuple(t for d in (self, *later) for t in d.logprobs or ()),
             kv_pulled_tokens=last.kv_pulled_tokens,
             prompt_logprobs=self.prompt_logprobs,
+            tool_calls=tuple(call for delta in (self, *later) for call in delta.tool_calls),
         )  # fmt: skip
 
 

@@ -95,7 +95,8 @@ def model_info(engine: EngineConfig) -> ModelInfo:
     """The figures the router validates against, read from the model directory."""
     hf = json.loads((engine.model / "config.json").read_text())
     context = engine.max_model_len or hf.get("max_position_embeddings") or 2048
-    return ModelInfo(engine.served_model_id, str(engine.model), engine.block_size, context, hf["vocab_size"])
+    return ModelInfo(engine.served_model_id, str(engine.model), engine.block_size, context, hf["vocab_size"],
+                     engine.tool_call_parser)  # fmt: skip
 
 
 def layout(config: PdserveConfig) -> dict[str, PoolLayout]:

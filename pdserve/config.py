@@ -26,7 +26,9 @@ class ConfigError(ValueError):
 
 # What makes KV and block hashes interchangeable between the pools, and the context length the router
 # checks requests against (a chat without max_tokens runs to its end): one value for the whole service.
-_SERVICE_WIDE_ENGINE_FIELDS = {"model", "model_id", "block_size", "kv_connector", "kv_events_endpoint", "max_model_len"}
+_SERVICE_WIDE_ENGINE_FIELDS = {
+    "model", "model_id", "block_size", "kv_connector", "kv_events_endpoint", "max_model_len", "tool_call_parser",
+}  # fmt: skip
 
 
 class PoolAutoscaling(BaseModel):

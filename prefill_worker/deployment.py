@@ -45,7 +45,7 @@ class PrefillWorker(HostedWorker):
         """
         params = {"pdserve": "produce", "transfer_id": job.transfer_id, "block_hashes": job.block_hashes}
         one_token = dict(max_tokens=1, min_tokens=0, stop=(), stop_token_ids=(), ignore_eos=True, logprobs=None,
-                         structured=None)  # fmt: skip
+                         structured=None, tool_use=None)  # fmt: skip
         sampling = replace(job.request.sampling, **one_token)  # the decode worker makes every output token
         request = replace(job.request, sampling=sampling, kv_transfer_params=params)
         prompt = len(request.prompt_token_ids)

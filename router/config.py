@@ -35,8 +35,8 @@ class RequestLimitsConfig(BaseModel):
         "it may generate to the end of the context, as vLLM's server allows",
     )  # fmt: skip
 
-    def for_model(self, context_length: int, vocab_size: int) -> RequestLimits:
-        return RequestLimits(context_length=context_length, vocab_size=vocab_size, **self.model_dump())
+    def for_model(self, context_length: int, vocab_size: int, auto_tool_choice: bool = False) -> RequestLimits:
+        return RequestLimits(context_length, vocab_size, auto_tool_choice=auto_tool_choice, **self.model_dump())
 
 
 class RecoveryConfig(BaseModel):

@@ -19,7 +19,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from engine.types import TokenLogprob
+from engine.types import TokenLogprob, ToolCallDelta
 from router.placement import NoWorkerError
 from router.request import (
     GenerationRequest,
@@ -245,7 +245,10 @@ class _Shape:
             return {**self.header("chunk"), "choices": [choice]}
         logprobs = self._logprobs(chunk.logprobs, index)
         if self.kind == "chat":
-            choice = {"index": index, "delta": {"content": chunk.text}, "logprobs": logprobs}
+            delta: dict = {"content": chunk.text} if chunk.text or not chunk.tool_calls else {}
+            if chunk.tool_calls:
+                delta["tool_calls"] = [_tool_call_piece(call) for call in chunk.tool_calls]
+            choice = {"index": index, "delta": delta, "logprobs": logprobs}
         else:
             echo = self._echoes[index] if not self._echoed[index] else None
             self._echoed[index] = True
@@ -284,7 +287,11 @@ class _Shape:
             entries = (*(prompt_logprobs or [None] * len(echo.token_ids)), *entries)
         logprobs = self._logprobs(entries, index, echo)
         if self.kind == "chat":
-            choice = {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs}
+            message = {"role": "assistant", "content": text}
+            if self.request.sampling.tool_use is not None:
+                calls = _joined_tool_calls(c.tool_calls for c in chunks)
+                message.update(content=text or (None if calls else ""), tool_calls=calls)
+            choice = {"index": index, "message": message, "logprobs": logprobs}
         else:
             choice = {"index": index, "text": text, "logprobs": logprobs}
         choice.update(finish_reason=last.finish_reason, stop_reason=last.stop_reason)
@@ -318,6 +325,30 @@ class _Shape:
                              {text: _finite(lp) for _, text, lp in (*e.top, (e.token_id, e.token, e.logprob))}
                              for e in entries],
         }  # fmt: skip
+
+
+def _tool_call_piece(call: ToolCallDelta) -> dict:
+    """OpenAI's streamed tool-call delta: id, type and name on a call's first piece only."""
+    piece: dict = {"index": call.index}
+    if call.id is not None:
+        piece.update(id=call.id, type="function")
+    function = {"arguments": call.arguments}
+    if call.name is not None:
+        function["name"] = call.name
+    piece["function"] = function
+    return piece
+
+
+def _joined_tool_calls(pieces) -> list[dict]:
+    """A whole response's tool calls: each call's streamed pieces joined, in call order."""
+    calls: dict[int, dict] = {}
+    for call in (call for step in pieces for call in step):
+        empty = {"id": None, "type": "function", "function": {"name": "", "arguments": ""}}
+        whole = calls.setdefault(call.index, empty)
+        whole["id"] = whole["id"] or call.id
+        whole["function"]["name"] += call.name or ""
+        whole["function"]["arguments"] += call.arguments
+    return [calls[index] for index in sorted(calls)]
 
 
 def _vllm_logprobs(entry: TokenLogprob) -> dict:

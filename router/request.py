@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from engine.types import SamplingOptions, StructuredOutput
+from engine.types import SamplingOptions, StructuredOutput, ToolUse
 from router.tokenizer import ModelTokenizer, TokenizerError
 
 Kind = Literal["completion", "chat"]
@@ -65,6 +65,7 @@ class RequestLimits:
     max_stop_token_ids: int = 64
     default_max_tokens: int = 16
     max_choices: int = 16
+    auto_tool_choice: bool = False  # the workers read calls from free text (a tool call parser is configured)
 
 
 @dataclass(frozen=True)
@@ -74,11 +75,12 @@ class ChatRendering:
     add_generation_prompt: bool = True
     continue_final_message: bool = False  # the last message left open, for the model to go on with
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # extra variables for the template
+    tools: list[dict[str, Any]] | None = None  # the request's tool definitions, for the template to show the model
 
-    def render(self, messages: list[dict[str, str]], tokenizer: ModelTokenizer) -> str:
+    def render(self, messages: list[dict[str, Any]], tokenizer: ModelTokenizer) -> str:
         try:
             return tokenizer.render_chat(
-                messages, self.add_generation_prompt, self.continue_final_message, self.template_kwargs
+                messages, self.add_generation_prompt, self.continue_final_message, self.template_kwargs, self.tools
             )
         except TokenizerError as exc:
             raise RequestError("messages", str(exc)) from exc
@@ -91,7 +93,7 @@ class GenerationRequest:
     model: str | None
     prompt: str | None = None
     prompt_token_ids: list[int] | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     chat: ChatRendering = ChatRendering()
     sampling: SamplingOptions = SamplingOptions()
     stream: bool = False
@@ -118,6 +120,9 @@ _FIELDS: dict[Kind, set[str]] = {
         "add_generation_prompt",
         "continue_final_message",
         "chat_template_kwargs",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
     },
 }
 
@@ -176,6 +181,9 @@ def parse_request(body: bytes | Mapping[str, Any], kind: Kind, limits: RequestLi
         prompt, prompt_ids = _prompt(data, limits)
     else:
         messages, chat = _messages(data), _chat_rendering(data)
+    sampling = _sampling(data, kind, limits)
+    if kind == "chat" and (tool_use := _tool_use(data, chat.tools, sampling, limits)) is not None:
+        sampling = replace(sampling, tool_use=tool_use)
     stream_options = _get(data, "stream_options", dict, {}) or {}
     return GenerationRequest(
         request_id=request_id,
@@ -185,7 +193,7 @@ def parse_request(body: bytes | Mapping[str, Any], kind: Kind, limits: RequestLi
         prompt_token_ids=prompt_ids,
         messages=messages,
         chat=chat,
-        sampling=_sampling(data, kind, limits),
+        sampling=sampling,
         stream=_get(data, "stream", bool, False),
         include_usage=bool(stream_options.get("include_usage", False)),
         to_end_of_context=kind == "chat" and _max_tokens_field(data) is None,
@@ -200,7 +208,7 @@ class TokenizeRequest:
 
     model: str | None
     prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
+    messages: list[dict[str, Any]] | None = None
     chat: ChatRendering = ChatRendering()
     add_special_tokens: bool = True  # a chat's default is False: its template writes its own
     return_token_strs: bool = False
@@ -209,7 +217,7 @@ class TokenizeRequest:
 _TOKENIZE_FIELDS = {"model", "prompt", "add_special_tokens", "return_token_strs"}
 _TOKENIZE_CHAT_FIELDS = {
     "model", "messages", "add_special_tokens", "return_token_strs", "add_generation_prompt", "continue_final_message",
-    "chat_template_kwargs",
+    "chat_template_kwargs", "tools",
 }  # fmt: skip
 
 
@@ -376,7 +384,7 @@ def _token_ids(field: str, values: list, limits: RequestLimits) -> list[int]:
     return list(values)
 
 
-_TEMPLATE_VARIABLES = {"messages", "add_generation_prompt", "bos_token", "eos_token"}  # set by pdserve
+_TEMPLATE_VARIABLES = {"messages", "add_generation_prompt", "bos_token", "eos_token", "tools"}  # set by pdserve
 
 
 def _chat_rendering(data: Mapping[str, Any]) -> ChatRendering:
@@ -389,10 +397,17 @@ def _chat_rendering(data: Mapping[str, Any]) -> ChatRendering:
     template_kwargs = _get(data, "chat_template_kwargs", dict, {})
     if taken := sorted(set(template_kwargs) & _TEMPLATE_VARIABLES):
         raise RequestError("chat_template_kwargs", f"may not set {taken[0]!r}: pdserve sets it")
-    return ChatRendering(add_generation_prompt, continue_final, dict(template_kwargs))
+    return ChatRendering(add_generation_prompt, continue_final, dict(template_kwargs), _tools(data))
 
 
-def _messages(data: Mapping[str, Any]) -> list[dict[str, str]]:
+_MESSAGE_FIELDS = {"role", "content", "name", "tool_calls", "tool_call_id"}
+# An OpenAI client's reply object sent back as history carries these, empty: taken then, refused with content.
+_EMPTY_IN_REPLIES = {"refusal", "annotations", "audio", "function_call", "reasoning", "reasoning_content"}
+
+
+def _messages(data: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The chat as its template takes it: text content, and an assistant's tool calls with their arguments as
+    objects (JSON text in OpenAI's API), as vLLM and transformers hand them to chat templates."""
     messages = _get(data, "messages", list, None)
     if not messages:
         raise RequestError("messages", "must be a non-empty list")
@@ -401,21 +416,126 @@ def _messages(data: Mapping[str, Any]) -> list[dict[str, str]]:
         where = f"messages[{i}]"
         if not isinstance(message, dict):
             raise RequestError(where, "must be an object with role and content")
+        carried = {
+            name for name, value in message.items() if name not in _EMPTY_IN_REPLIES or value not in (None, "", [])
+        }
+        if unknown := sorted(carried - _MESSAGE_FIELDS):
+            allowed = ", ".join(sorted(_MESSAGE_FIELDS))
+            raise RequestError(
+                f"{where}.{unknown[0]}", f"unknown field, or one pdserve does not take (allowed: {allowed})"
+            )
         role, content = message.get("role"), message.get("content")
         if role not in CHAT_ROLES:
             raise RequestError(f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}, got {role!r}")
+        tool_calls = _message_tool_calls(message, where) if role == "assistant" else None
+        if message.get("tool_calls") is not None and tool_calls is None:
+            raise RequestError(f"{where}.tool_calls", "only an assistant message makes tool calls")
         if isinstance(content, list):  # [{"type": "text", "text": ...}] parts
             if not all(
                 isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content
             ):
                 raise RequestError(f"{where}.content", "only text parts are supported")
             content = "".join(p["text"] for p in content)
-        if not isinstance(content, str):
+        if not (isinstance(content, str) or content is None and tool_calls):
             raise RequestError(f"{where}.content", f"must be a string, got {type(content).__name__}")
-        if not _is_unicode(content):
+        if not _is_unicode(content or ""):
             raise RequestError(f"{where}.content", _LONE_SURROGATE)
-        clean.append({"role": role, "content": content})
+        entry: dict[str, Any] = {"role": role, "content": content}
+        for name in ("name", "tool_call_id"):
+            if (value := message.get(name)) is not None:
+                if not isinstance(value, str) or not value:
+                    raise RequestError(f"{where}.{name}", "must be a non-empty string")
+                entry[name] = value
+        if role == "tool" and "tool_call_id" not in entry:
+            raise RequestError(f"{where}.tool_call_id", "a tool message names the call it answers")
+        if tool_calls:
+            entry["tool_calls"] = tool_calls
+        clean.append(entry)
     return clean
+
+
+def _message_tool_calls(message: Mapping[str, Any], where: str) -> list[dict[str, Any]] | None:
+    calls = message.get("tool_calls")
+    if calls is None:
+        return None
+    if not isinstance(calls, list):
+        raise RequestError(f"{where}.tool_calls", "must be a list of tool calls")
+    clean = []
+    for j, call in enumerate(calls):
+        at = f"{where}.tool_calls[{j}]"
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise RequestError(at, 'must be {"id", "type": "function", "function": {"name": ..., "arguments": ...}}')
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise RequestError(f"{at}.function.arguments", "is not JSON text") from None
+        if not isinstance(arguments, dict | None):
+            raise RequestError(f"{at}.function.arguments", "must be a JSON object")
+        entry = {"type": "function", "function": {"name": function["name"], "arguments": arguments or {}}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        clean.append(entry)
+    return clean
+
+
+def _tools(data: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """OpenAI's function tools (``{"type": "function", "function": {"name", "description", "parameters"}}``)."""
+    tools = _get(data, "tools", list, None)
+    if tools is None:
+        return None
+    if not tools:
+        raise RequestError("tools", "must not be empty (leave it out for no tools)")
+    names = set()
+    for i, tool in enumerate(tools):
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(function, dict) or tool.get("type", "function") != "function":
+            raise RequestError(f"tools[{i}]", 'must be {"type": "function", "function": {"name": ..., ...}}')
+        name = function.get("name")
+        if not isinstance(name, str) or not name or name in names:
+            raise RequestError(f"tools[{i}].function.name", "must be a non-empty string, different for each tool")
+        names.add(name)
+        if not isinstance(function.get("parameters", {}), dict | None):
+            raise RequestError(f"tools[{i}].function.parameters", "must be a JSON schema object")
+        if not isinstance(function.get("description", ""), str | None):
+            raise RequestError(f"tools[{i}].function.description", "must be a string")
+    return [{**tool, "type": "function"} for tool in tools]
+
+
+def _tool_use(
+    data: Mapping[str, Any], tools: list[dict[str, Any]] | None, sampling: SamplingOptions, limits: RequestLimits
+) -> ToolUse | None:
+    """How the worker reads the output for calls: ``tool_choice`` (``auto`` where tools are given, as in vLLM),
+    refused where no tool can be called or the service cannot read free-text calls."""
+    choice = data.get("tool_choice")
+    if choice is None:
+        choice = "auto" if tools else "none"
+    named = isinstance(choice, dict)
+    if named:
+        function = choice.get("function")
+        if choice.get("type", "function") != "function" or not isinstance(function, dict):
+            raise RequestError("tool_choice", 'a named tool is {"type": "function", "function": {"name": ...}}')
+        choice = function.get("name")
+        if not any(tool["function"]["name"] == choice for tool in tools or ()):
+            raise RequestError("tool_choice", f"names {choice!r}, which is not one of the tools")
+    elif choice not in ("none", "auto", "required"):
+        raise RequestError("tool_choice", f'must be "none", "auto", "required" or a named function, got {choice!r}')
+    parallel = _get(data, "parallel_tool_calls", bool, True)
+    if choice == "none":
+        if "parallel_tool_calls" in data and not tools:
+            raise RequestError("parallel_tool_calls", "needs tools")
+        return None
+    if not tools:
+        raise RequestError("tool_choice", "needs tools")
+    if choice == "auto" and not limits.auto_tool_choice:
+        raise RequestError("tool_choice", '"auto" needs a tool call parser for the model (engine.tool_call_parser, '
+                           "vLLM's --tool-call-parser); required and a named function work without one")  # fmt: skip
+    if (named or choice == "required") and sampling.structured is not None:
+        raise RequestError("tool_choice", "a forced tool call sets the output's format: drop response_format / "
+                           "structured_outputs")  # fmt: skip
+    return ToolUse(json.dumps(tools), choice, named, parallel)
 
 
 def _sampling(data: Mapping[str, Any], kind: Kind, limits: RequestLimits) -> SamplingOptions:

@@ -34,6 +34,7 @@ from engine.types import (
     PrefillResult,
     SamplingOptions,
     TokenLogprob,
+    ToolCallDelta,
 )
 from router.config import RouterConfig
 from router.index import Claim, PrefixIndex
@@ -86,6 +87,7 @@ class ModelInfo:
     block_size: int
     context_length: int
     vocab_size: int
+    tool_call_parser: str | None = None  # the workers read free-text tool calls in this format (vLLM's name)
 
 
 @dataclass(frozen=True)
@@ -120,6 +122,7 @@ class Chunk:
     stop_reason: int | str | None = None  # the stop token id or string that ended it
     logprobs: tuple[TokenLogprob, ...] | None = None  # one per token, when asked for
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # on the first chunk, when asked for
+    tool_calls: tuple[ToolCallDelta, ...] = ()  # a chat with tools: the tool-call pieces of this step
 
 
 class WorkerGoneError(RuntimeError):
@@ -191,7 +194,9 @@ class GenerationService:
         self.mode = mode
         self.config = config
         self.index = index
-        self.limits: RequestLimits = config.limits.for_model(model.context_length, model.vocab_size)
+        self.limits: RequestLimits = config.limits.for_model(
+            model.context_length, model.vocab_size, auto_tool_choice=model.tool_call_parser is not None
+        )
         self.tokenizer = ModelTokenizer(model.model_dir)
         self.metrics = RouterMetrics(model.model_id, index.health)
         self._pools = pools
@@ -455,7 +460,7 @@ class GenerationService:
                     yield self._last_chunk(rid, delta, progress, now, await self._usage(delta, progress))
                     return
                 yield Chunk(rid, list(delta.token_ids), delta.text, logprobs=delta.logprobs,
-                            prompt_logprobs=delta.prompt_logprobs)  # fmt: skip
+                            prompt_logprobs=delta.prompt_logprobs, tool_calls=delta.tool_calls)  # fmt: skip
         except TimeoutError as exc:  # a hung or cut-off worker: as lost as a dead one
             raise WorkerGoneError(progress.decode_worker, str(exc)) from exc
         finally:
@@ -477,8 +482,8 @@ class GenerationService:
         recovery = self.config.recovery
         if not recovery.migrate_decode or progress.migrations >= recovery.max_migrations:
             raise lost
-        if request.sampling.structured is not None:  # another worker's grammar would start over mid-output
-            raise WorkerGoneError(lost.worker_id, f"{lost.reason}; a structured output is not moved") from lost
+        if progress.token_ids and _reads_its_output(request.sampling):
+            raise WorkerGoneError(lost.worker_id, f"{lost.reason}; {_NOT_MOVED}") from lost
         prompt = [*request.prompt_token_ids, *progress.token_ids]
         chain = hash_chain(self.model.model_id, prompt, self.model.block_size)
         try:
@@ -622,7 +627,7 @@ class GenerationService:
         )
         tokens, text, reason = list(delta.token_ids), delta.text, delta.finish_reason
         return Chunk(request_id, tokens, text, reason, usage, timing, delta.stop_reason, delta.logprobs,
-                     delta.prompt_logprobs)  # fmt: skip
+                     delta.prompt_logprobs, delta.tool_calls)  # fmt: skip
 
     async def live_workers(self) -> list:
         """The index's live workers, read off the event loop when the index is across the network."""
@@ -630,6 +635,15 @@ class GenerationService:
             return await _call(self.index, "live_workers")
         except Exception:  # an index outage: the health metric says so
             return []
+
+
+_NOT_MOVED = "a structured or tool-calling output is not moved once it has begun"
+
+
+def _reads_its_output(sampling: SamplingOptions) -> bool:
+    """The decode worker keeps state over the output (a grammar, a tool-call parser) that another worker's
+    vLLM would start over mid-output: such a stream is not moved once it has begun."""
+    return sampling.structured is not None or sampling.tool_use is not None
 
 
 async def _until(

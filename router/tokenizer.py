@@ -62,21 +62,24 @@ class ModelTokenizer:
 
     def render_chat(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict],
         add_generation_prompt: bool = True,
         continue_final_message: bool = False,
         template_kwargs: dict | None = None,
+        tools: list[dict] | None = None,
     ) -> str:
         """The chat as transformers' ``apply_chat_template`` renders it: ``continue_final_message`` leaves
-        the last message open (the text ends where its content ends), ``template_kwargs`` reach the template."""
+        the last message open (the text ends where its content ends), ``template_kwargs`` and ``tools`` (their
+        definitions, for the template to show the model) reach the template."""
         if self._chat_template is None:
             raise TokenizerError("this model has no chat template")
         if continue_final_message:
-            messages = [*messages[:-1], {**messages[-1], "content": messages[-1]["content"] + _CONTINUE_TAG}]
+            messages = [*messages[:-1], {**messages[-1], "content": (messages[-1]["content"] or "") + _CONTINUE_TAG}]
         try:
             text = self._chat_template.render(
                 **(template_kwargs or {}),
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",

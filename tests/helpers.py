@@ -43,3 +43,14 @@ def wait_for(condition, timeout_s: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.02)
+
+
+def whitespace_banned(model_dir) -> dict[int, float]:
+    """A logit bias against every token that is only whitespace. Structured outputs let JSON hold any
+    whitespace between its tokens (xgrammar's default), and a random model's likeliest token inside an
+    object is often one: greedy, it would pad to max_tokens. A trained model does not; the tests steer."""
+    from router.tokenizer import ModelTokenizer
+
+    tokenizer = ModelTokenizer(model_dir)
+    blank = [t for t in range(tokenizer.vocab_size) if not tokenizer.decode([t], skip_special_tokens=False).strip()]
+    return {token: -100.0 for token in blank}

@@ -11,14 +11,14 @@ import threading
 import time
 
 import pytest
-from helpers import collect, transformers_greedy
+from helpers import collect, transformers_greedy, whitespace_banned
 
 from engine.block_hash import hash_chain
 from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored
 from engine.config import EngineConfig
 from engine.engine import Engine
 from engine.errors import EngineConfigError, EngineInputError
-from engine.types import GenerateRequest, SamplingOptions
+from engine.types import GenerateRequest, SamplingOptions, ToolUse
 
 pytestmark = pytest.mark.engine
 
@@ -231,6 +231,22 @@ def test_bad_request_raises_a_typed_error_and_the_engine_keeps_serving(engine, f
     after = engine.stats()
     assert (after.running, after.waiting, after.kv_blocks_used) == (0, 0, baseline.kv_blocks_used)
     assert tokens_of(collect(engine, GenerateRequest("good", [5, 6, 7], GREEDY)))
+
+
+def test_without_a_tool_call_parser_a_forced_call_is_read_as_json(engine, make_tiny_model):
+    """No model format configured: ``required`` and a named call still work, by vLLM's JSON schema and reading."""
+    tools = [{"type": "function", "function": {"name": "pick", "parameters": {
+        "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["n"],
+    }}}]  # fmt: skip
+    ids = prompt(engine, 20, offset=9)
+    for name, use in (("required", ToolUse(json.dumps(tools), "required")),
+                      ("named", ToolUse(json.dumps(tools), "pick", named=True))):  # fmt: skip
+        steer = tuple(whitespace_banned(make_tiny_model("llama")).items())
+        options = SamplingOptions(max_tokens=60, temperature=0.0, tool_use=use, logit_bias=steer)
+        deltas = collect(engine, GenerateRequest(f"json-{name}", ids, options))
+        pieces = [piece for delta in deltas for piece in delta.tool_calls]
+        assert pieces and pieces[0].name == "pick" and pieces[0].id
+        assert 0 <= json.loads("".join(piece.arguments for piece in pieces if piece.index == 0))["n"] <= 9
 
 
 def test_duplicate_request_id_is_refused_while_the_first_runs(engine):

@@ -306,3 +306,66 @@ def test_logprobs_asked_for_set_the_alternatives_per_token_and_turned_off_set_no
     assert parse_request({"messages": chat, "logprobs": True}, "chat", LIMITS).sampling.logprobs == 0
     assert parse_request({"messages": chat, "logprobs": True, "top_logprobs": 5}, "chat", LIMITS).sampling.logprobs == 5
     assert completion(logprobs=None).sampling.logprobs is None and completion(logprobs=3).sampling.logprobs == 3
+
+
+TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+PARSER = RequestLimits(context_length=512, vocab_size=1024, max_body_bytes=4096, auto_tool_choice=True)
+
+
+def chat_with(limits=PARSER, **fields):
+    return parse_request({"messages": [{"role": "user", "content": "hi"}], **fields}, "chat", limits)
+
+
+def test_tools_without_a_tool_choice_are_auto_as_in_vllm_and_none_reads_no_calls():
+    use = chat_with(tools=[TOOL]).sampling.tool_use
+    assert (use.choice, use.named, use.parallel_tool_calls, json.loads(use.tools_json)) == ("auto", False, True, [TOOL])
+    none = chat_with(tools=[TOOL], tool_choice="none")
+    assert none.sampling.tool_use is None and none.chat.tools == [TOOL]  # the template still shows them
+    named = chat_with(tools=[TOOL], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+                      parallel_tool_calls=False).sampling.tool_use  # fmt: skip
+    assert (named.choice, named.named, named.parallel_tool_calls) == ("get_weather", True, False)
+
+
+def test_auto_is_refused_where_no_tool_call_parser_is_configured_and_required_is_not():
+    with pytest.raises(RequestError, match="tool_call_parser") as refused:
+        chat_with(LIMITS, tools=[TOOL])
+    assert refused.value.field == "tool_choice"
+    assert chat_with(LIMITS, tools=[TOOL], tool_choice="required").sampling.tool_use.choice == "required"
+
+
+BAD_TOOLS = [
+    ("tools", {"tools": []}, "must not be empty"),
+    ("tools[0]", {"tools": [{"type": "retrieval"}]}, "function"),
+    ("tools[1].function.name", {"tools": [TOOL, TOOL]}, "different for each tool"),
+    ("tools[0].function.parameters", {"tools": [{"function": {"name": "f", "parameters": []}}]}, "schema"),
+    ("tool_choice", {"tool_choice": "required"}, "needs tools"),
+    ("tool_choice", {"tools": [TOOL], "tool_choice": "sometimes"}, "must be"),
+    ("tool_choice", {"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "other"}}},
+     "not one of the tools"),
+    ("tool_choice", {"tools": [TOOL], "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "drop response_format"),
+    ("messages[0].tool_calls", {"messages": [{"role": "user", "content": "x", "tool_calls": []}]}, "assistant"),
+    ("messages[0].tool_calls[0].function.arguments", {"messages": [{"role": "assistant", "content": None,
+     "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}, "JSON"),
+    ("messages[0].tool_call_id", {"messages": [{"role": "tool", "content": "sunny"}]}, "names the call"),
+    ("messages[0].refusal", {"messages": [{"role": "assistant", "content": "x", "refusal": "no"}]}, "does not take"),
+    ("messages[0].content", {"messages": [{"role": "assistant", "content": None}]}, "must be a string"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("field,body,message", BAD_TOOLS, ids=[f"{f}-{i}" for i, (f, _, _) in enumerate(BAD_TOOLS)])
+def test_bad_tool_fields_are_named(field, body, message):
+    with pytest.raises(RequestError, match=message) as refused:
+        chat_with(**body)
+    assert refused.value.field == field
+
+
+def test_an_openai_reply_sent_back_as_history_keeps_its_tool_calls_with_arguments_as_objects():
+    call = {"id": "call-1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    reply = {"role": "assistant", "content": None, "refusal": None, "annotations": [], "audio": None,
+             "function_call": None, "tool_calls": [call]}  # fmt: skip
+    answer = {"role": "tool", "tool_call_id": "call-1", "content": "rain", "name": "get_weather"}
+    request = chat_with(messages=[{"role": "user", "content": "hi"}, reply, answer], tools=[TOOL])
+    as_template_takes_it = {**call, "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}
+    assert request.messages[1]["tool_calls"] == [as_template_takes_it]
+    assert request.messages[2] == answer

@@ -16,7 +16,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from helpers import transformers_greedy, transformers_logprobs, wait_for
+from helpers import transformers_greedy, transformers_logprobs, wait_for, whitespace_banned
 from service_client import LONG, prompt, service_config
 
 from pdserve.local_redis import free_port
@@ -33,7 +33,8 @@ def service(model_dir, tmp_path_factory):
     # A loose load bound: these tests send bursts of one prefix to a fresh router, and the default bound
     # (1.3x the fair share of recent placements, tested in test_placement.py) would spread them on purpose.
     overrides = {"service.prefill.num_replicas": 2, "router.placement.load_bound": 3.0,
-                 "ray_metrics_export_port": free_port(), "service.max_inflight": MAX_INFLIGHT}  # fmt: skip
+                 "ray_metrics_export_port": free_port(), "service.max_inflight": MAX_INFLIGHT,
+                 "engine.tool_call_parser": "hermes"}  # fmt: skip
     config = service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides)
     running = start(config, num_cpus=8)
     yield running
@@ -437,6 +438,52 @@ def test_structured_outputs_constrain_what_the_decode_worker_samples(client):
     assert status == 200 and json.loads(reply["choices"][0]["message"]["content"]) in ("yes", "no")
     status, refused = client.post("/v1/completions", {"prompt": ids, "structured_outputs": {"regex": "(["}})
     assert status == 400 and refused["error"]["param"] == "structured_outputs"
+
+
+CITY = {"type": "function", "function": {
+    "name": "get_weather", "strict": True,
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10}},
+                   "required": ["city"], "additionalProperties": False}}}  # fmt: skip
+
+
+def test_a_required_tool_call_has_json_arguments_streams_as_the_same_call_and_goes_back_as_history(service, model_dir):
+    import openai
+
+    api = openai.OpenAI(base_url=service.http_url + "/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    # a random model pads JSON with whitespace, which structured outputs allow: steered off it
+    ask = dict(model=api.models.list().data[0].id, messages=messages, tools=[CITY], tool_choice="required",
+               parallel_tool_calls=False, temperature=0, max_tokens=60,
+               logit_bias={str(t): b for t, b in whitespace_banned(model_dir).items()})  # fmt: skip
+    whole = api.chat.completions.create(**ask).choices[0]
+    assert whole.finish_reason == "tool_calls" and whole.message.content is None
+    (call,) = whole.message.tool_calls
+    arguments = json.loads(call.function.arguments)
+    assert call.function.name == "get_weather" and call.id and call.type == "function"
+    assert set(arguments) == {"city"} and len(arguments["city"]) <= 10
+    pieces, finish = {}, None
+    for chunk in api.chat.completions.create(**ask, stream=True):
+        for piece in chunk.choices[0].delta.tool_calls or ():
+            joined = pieces.setdefault(piece.index, {"name": "", "arguments": ""})
+            joined["name"] += piece.function.name or ""
+            joined["arguments"] += piece.function.arguments or ""
+        finish = chunk.choices[0].finish_reason or finish
+    assert pieces == {0: {"name": "get_weather", "arguments": call.function.arguments}} and finish == "tool_calls"
+    history = [*messages, whole.message.model_dump(), {"role": "tool", "tool_call_id": call.id, "content": "sunny"}]
+    follow_up = api.chat.completions.create(**{**ask, "messages": history, "tool_choice": "none", "max_tokens": 4})
+    assert follow_up.choices[0].finish_reason == "length" and not follow_up.choices[0].message.tool_calls
+
+
+def test_auto_tool_choice_reads_a_call_the_model_writes_in_its_format(client):
+    written = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "Oslo"\}\}</tool_call>'
+    loose = {**CITY, "function": {**CITY["function"], "strict": False}}
+    body = {"messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [loose], "temperature": 0,
+            "max_tokens": 100, "structured_outputs": {"regex": written}}  # fmt: skip
+    status, reply = client.post("/v1/chat/completions", body)
+    choice = reply["choices"][0]
+    assert status == 200 and choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
 
 
 def test_n_and_batches_of_prompts_answer_one_choice_per_sequence(client, service):

@@ -173,3 +173,27 @@ def test_a_chat_completion_renders_with_the_controls_tokenize_takes(tokenizer):
     assert generation != tokenize(
         parse_request({"messages": partial, "max_tokens": 4}, "chat", LIMITS), tokenizer, LIMITS
     )
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "today's weather",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}  # fmt: skip
+TOOL_CHAT = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call-1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call-1", "content": "sunny"},
+]  # fmt: skip
+
+
+def test_tools_and_tool_calls_reach_the_template_as_apply_chat_template_gives_them(tokenizer, reference):
+    """OpenAI's history (arguments as JSON text) renders as transformers renders it with arguments as objects,
+    the form vLLM and transformers hand templates."""
+    as_objects = json.loads(json.dumps(TOOL_CHAT))
+    as_objects[1]["tool_calls"][0]["function"]["arguments"] = {"city": "Paris"}
+    expected = reference.apply_chat_template(as_objects, tools=[WEATHER], add_generation_prompt=True, return_dict=True)
+    got = ids(tokenizer, messages=TOOL_CHAT, tools=[WEATHER])
+    assert got == expected["input_ids"]
+    text = tokenizer.decode(got, skip_special_tokens=False)
+    assert '"name": "get_weather"' in text
+    assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}' in text
+    assert got != ids(tokenizer, messages=TOOL_CHAT)  # without tools, the template shows none
