@@ -531,6 +531,7 @@ class Engine:
                 allowed_token_ids=list(options.allowed_token_ids) if options.allowed_token_ids is not None else None,
                 include_stop_str_in_output=options.include_stop_str_in_output,
                 skip_special_tokens=tools.skip_special_tokens if tools else options.skip_special_tokens,
+                spaces_between_special_tokens=options.spaces_between_special_tokens,
                 logprobs=options.logprobs,
                 structured_outputs=tools.structured_outputs if tools else _structured_outputs(options.structured),
                 bad_words=list(options.bad_words) or None,

@@ -25,6 +25,8 @@ class SamplingOptions:
     allowed_token_ids: tuple[int, ...] | None = None  # None: every token
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    # vLLM's, in the text (and so the stop strings' matching) of special tokens kept; set by vLLM's gRPC API only
+    spaces_between_special_tokens: bool = True
     logprobs: int | None = None  # each output token's log-probability and this many alternatives; None: none
     structured: StructuredOutput | None = None  # the output constrained to a JSON schema, a regex, ...
     bad_words: tuple[str, ...] = ()  # words never generated (vLLM bans their tokens, with and without a space)
@@ -36,8 +38,8 @@ class SamplingOptions:
 class StructuredOutput:
     """vLLM's structured outputs: exactly one constraint, run by the worker's vLLM as it samples."""
 
-    kind: Literal["json", "json_object", "regex", "choice", "grammar"]
-    spec: str | tuple[str, ...] | None = None  # the JSON schema (as JSON text), regex, choices or grammar
+    kind: Literal["json", "json_object", "regex", "choice", "grammar", "structural_tag"]
+    spec: str | tuple[str, ...] | None = None  # the JSON schema (as JSON text), regex, choices, grammar or tag
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""The gRPC front end: ``pdserve.v1.Generation``, plus ``grpc.health.v1`` and server reflection.
+"""The gRPC front end: ``pdserve.v1.Generation`` and vLLM's ``VllmEngine`` (router/vllm_grpc_api.py), plus
+``grpc.health.v1`` and server reflection.
 
 The server belongs to the Router deployment (one per replica, started with it,
 SO_REUSEPORT so replicas on one node share the port) rather than Ray Serve's
@@ -24,6 +25,8 @@ from router.auth import ApiKeys
 from router.placement import NoWorkerError
 from router.request import RequestError
 from router.service import Chunk, GenerationService, PoisonRequestError, ServiceFullError, WorkerGoneError
+from router.vllm_grpc_api import SERVICE_NAME as VLLM_SERVICE_NAME
+from router.vllm_grpc_api import VllmEngineServicer, add_VllmEngineServicer_to_server
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +214,12 @@ async def start_grpc_server(
 ) -> grpc.aio.Server:
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
     _add_generation(GenerationServicer(service, keys or ApiKeys([])), server)
+    add_VllmEngineServicer_to_server(VllmEngineServicer(service, keys or ApiKeys([])), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (
         pb.DESCRIPTOR.services_by_name["Generation"].full_name,
+        VLLM_SERVICE_NAME,
         health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         reflection.SERVICE_NAME,
     )
@@ -222,6 +227,6 @@ async def start_grpc_server(
     if server.add_insecure_port(f"{host}:{port}") == 0:
         raise OSError(f"gRPC cannot listen on {host}:{port}")
     await server.start()
-    for name in ("", names[0]):
+    for name in ("", names[0], names[1]):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     return server

@@ -596,7 +596,7 @@ def _sampling(data: Mapping[str, Any], kind: Kind, limits: RequestLimits) -> Sam
     )
 
 
-_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 def _structured(data: Mapping[str, Any]) -> StructuredOutput | None:

@@ -21,6 +21,7 @@ from faults import Load, cancel_at_random, kill_replica, live_workers, wait_for_
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import transformers_greedy, wait_for
 from service_client import ServiceClient, prompt, service_config
+from smg_grpc_proto import vllm_engine_pb2, vllm_engine_pb2_grpc
 
 from pdserve.local_redis import LocalRedis
 from pdserve.up import start
@@ -102,9 +103,13 @@ def test_the_generation_api_wants_an_api_key_and_the_probes_do_not(client, anony
 
     request = pb.GenerateRequest(text="hi", sampling=pb.SamplingParams(max_tokens=2))
     wrong_key = [("authorization", "Bearer x")]
+    vllm_api = vllm_engine_pb2_grpc.VllmEngineStub(anonymous.channel)  # vLLM's gRPC API on the same port
+    vllm_request = vllm_engine_pb2.GenerateRequest(text="hi", sampling_params=vllm_engine_pb2.SamplingParams())
     for call in (lambda: list(anonymous.stub.Generate(request, timeout=10)),
                  lambda: anonymous.stub.Status(pb.StatusRequest(), timeout=10),
-                 lambda: list(anonymous.stub.Generate(request, timeout=10, metadata=wrong_key))):  # fmt: skip
+                 lambda: list(anonymous.stub.Generate(request, timeout=10, metadata=wrong_key)),
+                 lambda: list(vllm_api.Generate(vllm_request, timeout=10)),
+                 lambda: vllm_api.GetModelInfo(vllm_engine_pb2.GetModelInfoRequest(), timeout=10)):  # fmt: skip
         assert grpc_code(call)[0] == grpc.StatusCode.UNAUTHENTICATED
     health = health_pb2_grpc.HealthStub(anonymous.channel)
     reply = health.Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Generation"), timeout=10)

@@ -233,7 +233,7 @@ def test_health_reflection_models_and_metrics_answer(client):
     reflection = reflection_pb2_grpc.ServerReflectionStub(client.channel)
     answers = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
     names = {s.name for s in next(answers).list_services_response.service}
-    assert {"pdserve.v1.Generation", "grpc.health.v1.Health"} <= names
+    assert {"pdserve.v1.Generation", "vllm.grpc.engine.VllmEngine", "grpc.health.v1.Health"} <= names
     models = client.stub.ListModels(pb.ListModelsRequest(), timeout=10).models
     assert models[0].block_size == 32 and models[0].context_length == 1024
     status, body = client.get("/v1/models")
@@ -569,3 +569,92 @@ def test_the_benchmark_load_generator_records_every_request(service, api):
     second_turns = [r for r in records if r.turn == 1]
     assert all(r.cached_tokens >= 32 for r in second_turns)  # the conversation's first turn is a cached prefix
     assert summarize(records, wall)["prefix_hit_rate"] > 0
+
+
+@pytest.fixture(scope="module")
+def vllm_stub(client):
+    """A client built from smg-grpc-proto's stubs (vLLM's VllmEngine API), on pdserve's gRPC port."""
+    from smg_grpc_proto import vllm_engine_pb2_grpc
+
+    return vllm_engine_pb2_grpc.VllmEngineStub(client.raw_channel)
+
+
+def test_vllms_grpc_generate_streams_the_token_ids_pdserves_own_generate_streams(client, vllm_stub):
+    from smg_grpc_proto import vllm_engine_pb2 as vpb
+
+    ids = prompt(150, 601)
+    ours, _, _ = client.greedy(ids, 12)
+    sampling = vpb.SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    ask = vpb.GenerateRequest(request_id="vllm-api-1", tokenized=vpb.TokenizedInput(input_ids=ids),
+                              sampling_params=sampling, stream=True)  # fmt: skip
+    replies = list(vllm_stub.Generate(ask, timeout=120))
+    chunks = [r.chunk for r in replies if r.WhichOneof("response") == "chunk"]
+    (complete,) = [r.complete for r in replies if r.WhichOneof("response") == "complete"]
+    streamed = [t for c in chunks for t in c.token_ids]
+    assert streamed == ours and complete.finish_reason == "length" and complete.prompt_tokens == 150
+    logprobs = [lp for c in chunks for lp in c.output_logprobs.token_logprobs]
+    assert len(logprobs) == 12 and all(lp <= 0 for lp in logprobs)
+    assert all(len(top.token_ids) == 2 for c in chunks for top in c.output_logprobs.top_logprobs)
+    once = vpb.GenerateRequest(request_id="vllm-api-2", tokenized=ask.tokenized, sampling_params=sampling)
+    whole = list(vllm_stub.Generate(once, timeout=120))
+    assert [r.WhichOneof("response") for r in whole] == ["complete"] and list(whole[0].complete.output_ids) == ours
+
+
+def test_vllms_grpc_n_copies_come_back_indexed_and_abort_by_id_ends_them_all(client, vllm_stub):
+    from smg_grpc_proto import vllm_engine_pb2 as vpb
+
+    sampling = vpb.SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=900, ignore_eos=True)
+    ask = vpb.GenerateRequest(request_id="vllm-api-abort", tokenized=vpb.TokenizedInput(input_ids=prompt(20, 602)),
+                              sampling_params=sampling, stream=True)  # fmt: skip
+    stream = vllm_stub.Generate(ask, timeout=120)
+    seen = set()
+    for reply in stream:
+        seen.add(reply.chunk.index)
+        if seen == {0, 1}:
+            break
+    vllm_stub.Abort(vpb.AbortRequest(request_ids=["vllm-api-abort"]), timeout=10)
+    ends = [r.complete for r in stream if r.WhichOneof("response") == "complete"]
+    assert sorted((c.index, c.finish_reason) for c in ends) == [(0, "abort"), (1, "abort")]
+
+
+def test_vllms_grpc_describes_the_model_and_server_and_hands_out_the_tokenizer(service, vllm_stub, model_dir):
+    import io
+    import zipfile
+
+    from smg_grpc_proto import vllm_engine_pb2 as vpb
+    from smg_grpc_proto.generated import common_pb2
+    from tokenizers import Tokenizer
+
+    model = vllm_stub.GetModelInfo(vpb.GetModelInfoRequest(), timeout=10)
+    assert model.is_generation and model.vocab_size == 1024 and model.architectures == ["LlamaForCausalLM"]
+    assert model.served_model_name == service.config.engine.served_model_id and model.max_context_length > 0
+    server = vllm_stub.GetServerInfo(vpb.GetServerInfoRequest(), timeout=10)
+    assert server.server_type == "vllm-grpc" and server.kv_connector == "" and server.uptime_seconds > 0
+    assert vllm_stub.HealthCheck(vpb.HealthCheckRequest(), timeout=10).healthy
+    (load,) = vllm_stub.GetLoads(vpb.GetLoadsRequest(), timeout=10).loads
+    assert load.dp_rank == 0 and 0 <= load.token_usage <= 1
+    chunks = list(vllm_stub.GetTokenizer(common_pb2.GetTokenizerRequest(), timeout=10))
+    bundle = zipfile.ZipFile(io.BytesIO(b"".join(c.data for c in chunks)))
+    tokenizer = Tokenizer.from_str(bundle.read("tokenizer.json").decode())
+    assert (
+        tokenizer.encode("naïve café").ids
+        == Tokenizer.from_file(str(model_dir / "tokenizer.json")).encode("naïve café").ids
+    )
+    assert chunks[-1].sha256 and all(not c.sha256 for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("field,changes", [
+    ("kv_transfer_params_json", {"kv_transfer_params_json": "{}"}),
+    ("data_parallel_rank", {"data_parallel_rank": 1}),
+    ("sampling_params.logprobs", {"sampling_params": {"logprobs": -1}}),
+    ("top_p", {"sampling_params": {"top_p": 7.0}}),
+])  # fmt: skip
+def test_vllms_grpc_refuses_what_pdserve_cannot_honour_naming_the_field(vllm_stub, field, changes):
+    from google.protobuf import json_format
+    from smg_grpc_proto import vllm_engine_pb2 as vpb
+
+    ask = json_format.ParseDict({"request_id": f"refused-{field}", "tokenized": {"input_ids": prompt(8, 603)},
+                                 "sampling_params": {"max_tokens": 4}, **changes}, vpb.GenerateRequest())  # fmt: skip
+    with pytest.raises(grpc.RpcError) as refused:
+        list(vllm_stub.Generate(ask, timeout=30))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in refused.value.details()
