@@ -22,9 +22,9 @@ from grpc_reflection.v1alpha import reflection
 from pdserve_pb.v1 import generate_pb2 as pb
 from pdserve_pb.v1 import generate_pb2_grpc as pb_grpc
 from router.auth import ApiKeys
-from router.placement import NoWorkerError
+from router.grpc_errors import failure_status
 from router.request import RequestError
-from router.service import Chunk, GenerationService, PoisonRequestError, ServiceFullError, WorkerGoneError
+from router.service import Chunk, GenerationService
 from router.vllm_grpc_api import SERVICE_NAME as VLLM_SERVICE_NAME
 from router.vllm_grpc_api import VllmEngineServicer, add_VllmEngineServicer_to_server
 
@@ -133,17 +133,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         try:
             async for chunk in self._service.generate(parsed, token_ids):
                 yield response(chunk)
-        except ServiceFullError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except (NoWorkerError, WorkerGoneError) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except PoisonRequestError as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        except RequestError as exc:
-            await context.abort(grpc.StatusCode[exc.grpc_status], str(exc))
-        except Exception as exc:  # a worker failed mid-request: the client gets the reason, not a hang
-            log.warning("request %s failed: %r", parsed.request_id, exc)
-            await context.abort(grpc.StatusCode.INTERNAL, f"request {parsed.request_id} failed: {exc!r}"[:2000])
+        except Exception as exc:
+            await context.abort(*failure_status(exc, parsed.request_id))
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
         await self._admit(request, context)

@@ -38,9 +38,9 @@ from smg_grpc_proto.generated import common_pb2
 
 from engine.types import TokenLogprob
 from router.auth import ApiKeys
-from router.placement import NoWorkerError
+from router.grpc_errors import failure_status
 from router.request import MAX_LOGPROBS, RequestError, fan_out
-from router.service import Chunk, GenerationService, PoisonRequestError, ServiceFullError, WorkerGoneError
+from router.service import Chunk, GenerationService
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +98,8 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
                 whole = await asyncio.gather(*(_all_of(stream) for stream in streams))
                 for index, chunks in enumerate(whole):
                     yield _complete(chunks, index, prompts[index])
-        except ServiceFullError as exc:
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
-        except (NoWorkerError, WorkerGoneError) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        except PoisonRequestError as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-        except RequestError as exc:
-            await context.abort(grpc.StatusCode[exc.grpc_status], str(exc))
-        except Exception as exc:  # a worker failed mid-request: the client gets the reason, not a hang
-            log.warning("request %s failed: %r", split.request_id, exc)
-            await context.abort(grpc.StatusCode.INTERNAL, f"request {split.request_id} failed: {exc!r}"[:2000])
+        except Exception as exc:
+            await context.abort(*failure_status(exc, split.request_id))
         finally:
             self._sequences.pop(split.request_id, None)
             await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)
