@@ -34,7 +34,7 @@ from engine.config import EngineConfig
 from engine.cpu_isa import AmxPermission, request_amx_permission
 from engine.errors import EngineConfigError, EngineDeadError, EngineError, EngineInputError
 from engine.process_priority import descendants, settle, spawning_at
-from engine.tool_calls import ToolCallReader, check_tokenizer, tool_call_parser
+from engine.tool_calls import ToolCallReader, ToolCallReadError, check_tokenizer, tool_call_parser
 from engine.types import (
     EngineStats,
     GenerateRequest,
@@ -411,8 +411,14 @@ class Engine:
             stream.push(OutputDelta(rid, [], "", "abort", 0, stream.completion_tokens, 0))
         except VllmEngineDead as exc:
             stream.push(EngineDeadError(f"engine died under request {rid}: {exc}"))
+        except ToolCallReadError as exc:
+            stream.push(EngineError(f"request {rid}: {exc}"))
         except (VLLMValidationError, ValueError, TypeError) as exc:  # vLLM's input checks (a grammar, ...)
-            field = "structured_outputs" if request.sampling.structured is not None else "prompt"
+            field = "prompt"
+            if request.sampling.tool_use is not None:  # the tools' grammar, or the request's beside it
+                field = "tools"
+            elif request.sampling.structured is not None:
+                field = "structured_outputs"
             if isinstance(exc, VLLMValidationError) and exc.parameter:
                 field = exc.parameter
             stream.push(EngineInputError(field, str(exc.args[0]) if exc.args else repr(exc), rid))
@@ -476,8 +482,9 @@ class Engine:
 
         try:
             structured = _structured_outputs(request.sampling.structured)
-            return ToolCallReader(self._tool_parser, self._tokenizer, use, request.sampling.skip_special_tokens,
-                                  structured)  # fmt: skip
+            model_config = self._llm.vllm_config.model_config
+            return ToolCallReader(self._tool_parser, self._tokenizer, model_config, use,
+                                  request.sampling.skip_special_tokens, structured)  # fmt: skip
         except VLLMValidationError as exc:  # vLLM's checks of the tools and the choice
             raise EngineInputError(exc.parameter or "tools", str(exc.args[0]), request.request_id) from exc
         except (ValueError, TypeError) as exc:  # pydantic's, of the tools' shapes

@@ -66,10 +66,16 @@ def _json_calls_only() -> type:
     return _JsonCallsOnly
 
 
+class ToolCallReadError(RuntimeError):
+    """vLLM's parser failed on the output: the worker's fault, not the request's."""
+
+
 class ToolCallReader:
     """One request's output as content and tool-call pieces, with the constraints its tools put on sampling."""
 
-    def __init__(self, parser_cls: type, tokenizer, use: ToolUse, skip_special_tokens: bool, structured_outputs):
+    def __init__(
+        self, parser_cls: type, tokenizer, model_config, use: ToolUse, skip_special_tokens: bool, structured_outputs
+    ):
         """``structured_outputs``: the request's own constraint (vLLM's params, or None), which ``auto`` keeps
         beside the tools' and a forced call replaces."""
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
@@ -79,7 +85,7 @@ class ToolCallReader:
                                         parallel_tool_calls=use.parallel_tool_calls,
                                         skip_special_tokens=skip_special_tokens,
                                         structured_outputs=structured_outputs)  # fmt: skip
-        self._parser = parser_cls(tokenizer, request.tools)
+        self._parser = parser_cls(tokenizer, request.tools, model_config=model_config)
         self._request = self._parser.adjust_request(request)
         self._single_call = not use.parallel_tool_calls
         self._named = use.named
@@ -103,8 +109,11 @@ class ToolCallReader:
         not forced by name, as OpenAI's API says)."""
         prompt = None if self._prompt_seen else list(prompt_token_ids)
         self._prompt_seen = True
-        message = self._parser.parse_delta(text, list(token_ids), self._request, prompt,
-                                           finished=finish_reason is not None)  # fmt: skip
+        try:
+            message = self._parser.parse_delta(text, list(token_ids), self._request, prompt,
+                                               finished=finish_reason is not None)  # fmt: skip
+        except Exception as exc:  # whatever a parser raises on text it did not expect
+            raise ToolCallReadError(f"vLLM's tool call parser failed on the output: {exc!r}") from exc
         content, calls = "", ()
         if message is not None:
             content = message.content or ""

@@ -125,8 +125,23 @@ class OutputDelta:
             logprobs=None if self.logprobs is None else tuple(t for d in (self, *later) for t in d.logprobs or ()),
             kv_pulled_tokens=last.kv_pulled_tokens,
             prompt_logprobs=self.prompt_logprobs,
-            tool_calls=tuple(call for delta in (self, *later) for call in delta.tool_calls),
+            tool_calls=_joined(call for delta in (self, *later) for call in delta.tool_calls),
         )  # fmt: skip
+
+
+def _joined(pieces) -> tuple[ToolCallDelta, ...]:
+    """Consecutive pieces of one call as one (its id and name, their arguments in order), as OpenAI streams
+    one piece per call in a delta."""
+    joined: list[ToolCallDelta] = []
+    for piece in pieces:
+        if joined and joined[-1].index == piece.index:
+            last = joined[-1]
+            piece = ToolCallDelta(last.index, last.id or piece.id, (last.name or "") + (piece.name or "") or None,
+                                  last.arguments + piece.arguments)  # fmt: skip
+            joined[-1] = piece
+        else:
+            joined.append(piece)
+    return tuple(joined)
 
 
 @dataclass(frozen=True)

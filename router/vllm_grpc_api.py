@@ -19,6 +19,7 @@ rest of the context, ``top_k`` / ``top_p`` / ``repetition_penalty`` off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -28,7 +29,6 @@ import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime
-from importlib.metadata import version
 from pathlib import Path
 
 import grpc
@@ -40,7 +40,9 @@ from engine.types import TokenLogprob
 from router.auth import ApiKeys
 from router.grpc_errors import failure_status
 from router.request import MAX_LOGPROBS, RequestError, fan_out
+from router.sequences import all_or_none, interleaved
 from router.service import Chunk, GenerationService
+from router.versions import versions
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
         self._last_request = time.time()
         service = self._service
         try:
-            body, spaces = request_body(request, service)
+            body, spaces = _request_body(request, service)
             split = fan_out(json.dumps(body).encode(), "completion", service.limits)
             sequences = []
             for sub in split.bodies:
@@ -87,15 +89,17 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
             log.warning("a VllmEngine Generate request could not be read: %r", exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request could not be read: {exc!r}"[:2000])
         self._sequences[split.request_id] = [parsed.request_id for parsed, _ in sequences]
-        streams = [service.generate(parsed, token_ids) for parsed, token_ids in sequences]
+        streams = [service.generate(parsed, token_ids, split.shares_prompt_with(i))
+                   for i, (parsed, token_ids) in enumerate(sequences)]  # fmt: skip
         prompts = [token_ids for _, token_ids in sequences]
         try:
             if request.stream:
-                async for index, chunk in _interleaved(streams):
-                    for message in _streamed(chunk, index, prompts[index]):
-                        yield message
+                async with contextlib.aclosing(interleaved(streams)) as chunks:
+                    async for index, chunk in chunks:
+                        for message in _streamed(chunk, index, prompts[index]):
+                            yield message
             else:
-                whole = await asyncio.gather(*(_all_of(stream) for stream in streams))
+                whole = await all_or_none(_whole(stream) for stream in streams)
                 for index, chunks in enumerate(whole):
                     yield _complete(chunks, index, prompts[index])
         except Exception as exc:
@@ -126,13 +130,14 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
         config = _json_file(directory / "config.json")
         generation = _json_file(directory / "generation_config.json")
         eos = generation.get("eos_token_id", config.get("eos_token_id", tokenizer.eos_token_id))
+        eos = [] if eos is None else eos if isinstance(eos, list) else [eos]
         return vpb.GetModelInfoResponse(
             model_path=model.model_dir, is_generation=True, max_context_length=model.context_length,
             vocab_size=model.vocab_size, supports_vision=False, served_model_name=model.model_id,
             tokenizer_path=model.model_dir, model_type=config.get("model_type", ""),
-            architectures=config.get("architectures", []), eos_token_ids=eos if isinstance(eos, list) else [eos],
+            architectures=config.get("architectures", []), eos_token_ids=eos,
             pad_token_id=_token_id(config.get("pad_token_id")), bos_token_id=_token_id(config.get("bos_token_id")),
-            max_req_input_len=model.context_length - 1, default_sampling_params_json="{}",
+            max_req_input_len=model.context_length - 1, default_sampling_params_json="",
         )  # fmt: skip
 
     async def GetServerInfo(self, request, context) -> vpb.GetServerInfoResponse:
@@ -155,7 +160,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
         usage = sum(w.load.kv_used_fraction for w in decode) / len(decode) if decode else 0.0
         load = vpb.SchedulerLoad(dp_rank=0, num_running_reqs=running, num_waiting_reqs=waiting,
                                  num_total_reqs=running + waiting, token_usage=usage)  # fmt: skip
-        return vpb.GetLoadsResponse(timestamp=datetime.now(UTC).isoformat(), version=version("pdserve"),
+        return vpb.GetLoadsResponse(timestamp=datetime.now(UTC).isoformat(), version=versions()["vllm_version"] or "",
                                     dp_rank_count=1, loads=[load])  # fmt: skip
 
     async def GetTokenizer(self, request, context) -> AsyncIterator[common_pb2.GetTokenizerChunk]:
@@ -169,7 +174,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
             yield common_pb2.GetTokenizerChunk(data=data[start:end], sha256=digest if end == len(data) else "")
 
 
-def request_body(request: vpb.GenerateRequest, service: GenerationService) -> tuple[dict, bool]:
+def _request_body(request: vpb.GenerateRequest, service: GenerationService) -> tuple[dict, bool]:
     """The request as the fields the one validator reads (the OpenAI completions names), and vLLM's
     ``spaces_between_special_tokens`` (which pdserve's HTTP API does not take)."""
     for name in ("kv_transfer_params", "kv_transfer_params_json", "mm_inputs", "media_refs", "data_parallel_rank"):
@@ -219,37 +224,19 @@ def _constraint(p: vpb.SamplingParams, constraint: str) -> dict:
 
 
 def _prompt_length(prompt: str | list[int], body: dict, service: GenerationService) -> int:
+    """The prompt's tokens as generation will count them (after truncation), for vLLM's default ``max_tokens``."""
     length = len(prompt) if isinstance(prompt, list) else len(service.tokenizer.encode(prompt))
     keep = body.get("truncate_prompt_tokens")
     return min(length, keep) if keep and keep > 0 else length
 
 
-async def _interleaved(streams: list[AsyncIterator[Chunk]]) -> AsyncIterator[tuple[int, Chunk]]:
-    """Every sequence's chunks as they come, each with its sequence's index."""
-    pending = {asyncio.ensure_future(anext(stream)): index for index, stream in enumerate(streams)}
-    try:
-        while pending:
-            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
-            for future in sorted(done, key=pending.get):
-                index = pending.pop(future)
-                try:
-                    chunk = future.result()
-                except StopAsyncIteration:
-                    continue
-                yield index, chunk
-                if chunk.finish_reason is None:
-                    pending[asyncio.ensure_future(anext(streams[index]))] = index
-    finally:
-        for future in pending:
-            future.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-
-
-async def _all_of(stream: AsyncIterator[Chunk]) -> list[Chunk]:
+async def _whole(stream: AsyncIterator[Chunk]) -> list[Chunk]:
     return [chunk async for chunk in stream]
 
 
 def _streamed(chunk: Chunk, index: int, prompt: list[int]) -> list[vpb.GenerateResponse]:
+    """A step of sequence ``index`` as vLLM's servicer streams it: its chunk, and where it ends, a ``complete``
+    with that step's tokens (the caller has every earlier token from the chunks)."""
     usage = chunk.usage
     message = vpb.GenerateStreamChunk(
         token_ids=chunk.token_ids, prompt_tokens=len(prompt), completion_tokens=len(chunk.token_ids),
@@ -266,12 +253,12 @@ def _streamed(chunk: Chunk, index: int, prompt: list[int]) -> list[vpb.GenerateR
 
 
 def _complete(chunks: list[Chunk], index: int, prompt: list[int]) -> vpb.GenerateResponse:
+    """Sequence ``index``'s end: the tokens of ``chunks`` (all of them, or the last step's when streamed)."""
     last = chunks[-1]
     tokens = [token for chunk in chunks for token in chunk.token_ids]
-    completion_tokens = last.usage.completion_tokens if last.usage and len(chunks) > 1 else len(tokens)
     message = vpb.GenerateComplete(
         output_ids=tokens, finish_reason=last.finish_reason or "abort", prompt_tokens=len(prompt),
-        completion_tokens=completion_tokens, cached_tokens=last.usage.cached_prompt_tokens if last.usage else 0,
+        completion_tokens=len(tokens), cached_tokens=last.usage.cached_prompt_tokens if last.usage else 0,
         index=index,
     )  # fmt: skip
     logprobs = [entry for chunk in chunks for entry in chunk.logprobs or ()]
@@ -317,4 +304,4 @@ def _json_file(path: Path) -> dict:
 
 
 def _token_id(value) -> int:
-    return value if isinstance(value, int) else -1
+    return value if isinstance(value, int) else 0  # the proto's unset, as vLLM's servicer leaves it

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 from engine.engine import _Stream
 from engine.errors import EngineError
-from engine.types import OutputDelta, TokenLogprob
+from engine.types import OutputDelta, TokenLogprob, ToolCallDelta
 
 
 def delta(tokens: list[int], finish: str | None = None, prompt: int = 4, cached: int = 2) -> OutputDelta:
@@ -56,3 +56,14 @@ def test_merged_deltas_keep_one_logprob_per_token_and_the_stop_reason_of_the_las
     (merged,) = drain([scored([1]), scored([2, 3]), scored([4], "stop", stop=4)])
     assert [entry.token_id for entry in merged.logprobs] == merged.token_ids == [1, 2, 3, 4]
     assert merged.stop_reason == 4
+
+
+def test_tool_call_pieces_merged_behind_a_slow_reader_are_one_piece_per_call():
+    def with_calls(tokens, *pieces):
+        return replace(delta(tokens), tool_calls=tuple(ToolCallDelta(*piece) for piece in pieces))
+
+    items = [with_calls([1], (0, "call-a", "get", '{"c')), with_calls([2], (0, None, None, 'ity": 1}')),
+             with_calls([3], (1, "call-b", "put", "{")), replace(delta([4], "stop"), tool_calls=())]  # fmt: skip
+    (merged,) = drain(items)
+    expected = (ToolCallDelta(0, "call-a", "get", '{"city": 1}'), ToolCallDelta(1, "call-b", "put", "{"))
+    assert merged.tool_calls == expected

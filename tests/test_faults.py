@@ -345,10 +345,28 @@ def test_a_prefill_worker_killed_mid_request_loses_no_request(service, client, r
     client.wait_idle(10)
 
 
+def sse_data(connection, into: list[bytes]) -> None:
+    """Append each ``data:`` payload of an open SSE response as it arrives."""
+    for line in connection.getresponse():
+        if line.startswith(b"data: "):
+            into.append(line[6:].strip())
+
+
 def test_a_decode_worker_killed_mid_stream_hands_its_streams_to_another(service, client, reference):
-    prompts = [prompt(120, 80 + i) for i in range(6)]
+    shared = prompt(96, 90)  # a prefix the constrained stream's worker holds: placement puts the others there too
+    prompts = [shared + prompt(24, 80 + i) for i in range(6)]
     n = 60
     streams: dict[int, list] = {i: [] for i in range(len(prompts))}
+    # A constrained stream is not moved once begun (another worker's grammar would start over): it ends with an
+    # error event and [DONE], while the plain streams beside it carry on elsewhere.
+    letters = {"structured_outputs": {"regex": "[a-z ]{1,1000}"}, "ignore_eos": True}
+    constrained = client.open_stream({"prompt": shared + prompt(24, 91), "max_tokens": n, "temperature": 0, **letters})
+    events: list[bytes] = []
+    reader = threading.Thread(target=sse_data, args=(constrained, events))
+    reader.start()
+    wait_for(lambda: len(events) >= 3, 30)
+    wait_for(lambda: any(w.running_seqs for w in client.status().workers if w.role == "decode"), 10)
+    (holder,) = [w.worker_id for w in client.status().workers if w.role == "decode" and w.running_seqs]
 
     def run(i: int) -> None:
         sampling = pb.SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
@@ -360,11 +378,13 @@ def test_a_decode_worker_killed_mid_stream_hands_its_streams_to_another(service,
     for thread in threads:
         thread.start()
     wait_for(lambda: all(len(s) >= 3 for s in streams.values()), 30)
-    running = {w.worker_id: w.running_seqs for w in client.status().workers if w.role == "decode"}
-    victim = max(running, key=running.get)
+    victim = holder
     killed_at = kill_replica(service, "DecodeWorker", victim)
     for thread in threads:
         thread.join(120)
+    reader.join(120)
+    assert events[-1] == b"[DONE]" and "not moved" in json.loads(events[-2])["error"]["message"]
+    constrained.close()
     migrated = 0
     for i, replies in streams.items():
         tokens = [t for _, reply in replies for t in reply.token_ids]

@@ -106,6 +106,8 @@ def test_a_batch_of_prompts_fans_out_in_vllms_choice_order():
     split = fan_out(json.dumps(body).encode(), "completion", LIMITS)
     assert [b["prompt"] for b in split.bodies] == ["a", "a", "b", "b"] and split.first_copies == [True, False] * 2
     assert [b["request_id"][-2:] for b in split.bodies] == ["-0", "-1", "-2", "-3"]
+    ids = [b["request_id"] for b in split.bodies]
+    assert [split.shares_prompt_with(i) for i in range(4)] == [None, ids[0], None, ids[2]]  # later copies: the first
     flat = fan_out(json.dumps({"prompt": [5, 6, 7]}).encode(), "completion", LIMITS)
     assert [b["prompt"] for b in flat.bodies] == [[5, 6, 7]]  # token ids: one prompt
 

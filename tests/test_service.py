@@ -257,9 +257,11 @@ def test_tokenize_gives_the_ids_generation_uses_and_detokenize_gives_the_text_ba
     assert client.post("/detokenize", {"tokens": tokens["tokens"]}) == (200, {"prompt": text})
     _, completion = client.post("/v1/completions", {"prompt": text, "max_tokens": 1})
     assert completion["usage"]["prompt_tokens"] == tokens["count"]
+    assert completion["system_fingerprint"].startswith("fp_")  # the same for every response of this service
     status, chat_tokens = client.post("/tokenize", {"messages": chat})
     _, reply = client.post("/v1/chat/completions", {"messages": chat, "max_tokens": 1})
     assert status == 200 and reply["usage"]["prompt_tokens"] == chat_tokens["count"] > tokens["count"]
+    assert reply["system_fingerprint"] == completion["system_fingerprint"]
     status, refused = client.post("/tokenize", {"prompt": text, "model": "another"})
     assert status == 404 and refused["error"]["param"] == "model"
     status, refused = client.post("/detokenize", {"tokens": [10**6]})
@@ -373,6 +375,11 @@ def test_echo_with_logprobs_scores_the_prompt_as_evaluation_harnesses_ask(client
     assert echoed["prompt_logprobs"][0] is None and second["logprob"] == pytest.approx(reference[0][ids[1]], abs=1e-3)
     status, refused = client.post("/v1/completions", {"prompt": ids, "prompt_logprobs": 1, "stream": True})
     assert status == 400 and refused["error"]["param"] == "prompt_logprobs"
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, "prompt_logprobs": 1}
+    status, reply = client.post("/v1/chat/completions", chat)  # a chat's are the response's, as vLLM puts them
+    _, rendered = client.post("/tokenize", {"messages": chat["messages"]})
+    assert status == 200 and len(reply["prompt_logprobs"]) == rendered["count"] and reply["prompt_logprobs"][0] is None
+    assert "prompt_logprobs" not in reply["choices"][0]
 
 
 def test_grpc_takes_the_same_sampling_extensions_and_returns_logprobs_and_the_stop_reason(client):
@@ -484,6 +491,18 @@ def test_auto_tool_choice_reads_a_call_the_model_writes_in_its_format(client):
     assert status == 200 and choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     (call,) = choice["message"]["tool_calls"]
     assert call["function"]["name"] == "get_weather" and json.loads(call["function"]["arguments"]) == {"city": "Oslo"}
+
+
+def test_n_copies_of_a_prompt_share_one_prefill_and_decode_from_its_kv(client, reference):
+    ids = prompt(400, 604)  # long enough to be prefilled on a prefill worker
+    prefilled = client.metric("pdserve:prompt_tokens_total", pool="prefill")
+    shared = client.metric("pdserve:placement_decisions_total", reason="shared_prompt")
+    status, body = client.post("/v1/completions", {"prompt": ids, "n": 3, "max_tokens": 6, "temperature": 0,
+                                                   "ignore_eos": True})  # fmt: skip
+    assert status == 200 and body["pdserve"]["choices_token_ids"] == [reference(ids, 6)] * 3
+    assert client.metric("pdserve:prompt_tokens_total", pool="prefill") - prefilled == 400  # one prefill
+    assert client.metric("pdserve:placement_decisions_total", reason="shared_prompt") - shared == 2
+    assert body["usage"]["prompt_tokens"] == 400 and body["usage"]["completion_tokens"] == 18
 
 
 def test_n_and_batches_of_prompts_answer_one_choice_per_sequence(client, service):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -9,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 from faults import bound_cores, engine_workers, replica_pid
-from helpers import transformers_greedy
+from helpers import transformers_greedy, transformers_logprobs, whitespace_banned
 from service_client import prompt, service_config
 
 from engine.process_priority import can_lower_niceness
@@ -90,3 +91,32 @@ def test_scaling_the_pool_up_and_down_under_load_loses_no_request(client, model_
         assert time.monotonic() < deadline, "the pool did not scale back down"
         time.sleep(0.5)
     assert client.greedy(prompts[0], 48)[0] == expected[0]
+
+
+def test_colocated_mode_answers_what_clients_send_as_the_disaggregated_path_does(client, model_dir):
+    """The features of tests/test_service.py's disaggregated service, on the one pool: the same references."""
+    ids = prompt(24, 700)
+    status, body = client.post("/v1/completions", {"prompt": ids, "max_tokens": 4, "temperature": 0, "logprobs": 2,
+                                                   "ignore_eos": True, "n": 2})  # fmt: skip
+    tokens = transformers_greedy(model_dir, ids, 4)
+    assert status == 200 and body["pdserve"]["choices_token_ids"] == [tokens, tokens]
+    reference = transformers_logprobs(model_dir, ids, tokens)
+    got = body["choices"][0]["logprobs"]["token_logprobs"]
+    assert got == pytest.approx([reference[i][t] for i, t in enumerate(tokens)], abs=1e-3)
+    status, batch = client.post("/v1/completions", {"prompt": [ids, prompt(30, 701)], "max_tokens": 3,
+                                                    "temperature": 0, "ignore_eos": True})  # fmt: skip
+    assert batch["pdserve"]["choices_token_ids"][1] == transformers_greedy(model_dir, prompt(30, 701), 3)
+    chat = {"messages": [{"role": "user", "content": "pick"}], "temperature": 0, "max_tokens": 40,
+            "tools": [{"type": "function", "function": {"name": "pick", "parameters": {
+                "type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}},
+                "required": ["n"]}}}],
+            "tool_choice": {"type": "function", "function": {"name": "pick"}},
+            "logit_bias": {str(t): b for t, b in whitespace_banned(model_dir).items()}}  # fmt: skip
+    status, called = client.post("/v1/chat/completions", chat)  # no tool call parser: a named call is JSON
+    (call,) = called["choices"][0]["message"]["tool_calls"]
+    assert status == 200 and call["function"]["name"] == "pick"
+    assert 0 <= json.loads(call["function"]["arguments"])["n"] <= 9
+    status, refused = client.post("/v1/chat/completions", {**chat, "tool_choice": "auto"})
+    assert status == 400 and refused["error"]["param"] == "tool_choice"
+    status, tokenized = client.post("/tokenize", {"prompt": "naïve café"})
+    assert client.post("/detokenize", {"tokens": tokenized["tokens"]})[1]["prompt"] == "naïve café"

@@ -197,3 +197,13 @@ def test_tools_and_tool_calls_reach_the_template_as_apply_chat_template_gives_th
     assert '"name": "get_weather"' in text
     assert '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}' in text
     assert got != ids(tokenizer, messages=TOOL_CHAT)  # without tools, the template shows none
+
+
+def test_the_system_fingerprint_follows_the_serving_configuration():
+    from router.http_api import system_fingerprint
+    from router.service import ModelInfo
+
+    model = ModelInfo("tiny", "/models/tiny", 32, 1024, 1024)
+    assert system_fingerprint(model) == system_fingerprint(ModelInfo("tiny", "/elsewhere/tiny", 32, 1024, 1024))
+    assert system_fingerprint(model) != system_fingerprint(ModelInfo("tiny", "/models/tiny", 32, 2048, 1024))
+    assert system_fingerprint(model) != system_fingerprint(ModelInfo("tiny", "/models/tiny", 32, 1024, 1024, "hermes"))
