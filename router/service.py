@@ -651,7 +651,8 @@ class GenerationService:
         own hit, and where it took the prompt's KV from a prefill worker, that worker's hit (the tokens it
         computed and moved are reported apart: vLLM counts them as the decode worker's cached tokens)."""
         prompt_tokens = delta.prompt_tokens - progress.resumed_after  # a migration's prompt has the tokens before
-        decode_hit = delta.cached_prompt_tokens - delta.kv_pulled_tokens
+        # vLLM counts loaded tokens as cached; a load that failed and was recomputed may not be counted at all
+        decode_hit = max(0, delta.cached_prompt_tokens - delta.kv_pulled_tokens)
         cached = decode_hit
         self.metrics.prefix_hit_tokens.labels("decode").inc(decode_hit)
         if delta.kv_pulled_tokens and progress.prefill_hit is not None:
