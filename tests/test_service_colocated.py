@@ -118,5 +118,9 @@ def test_colocated_mode_answers_what_clients_send_as_the_disaggregated_path_does
     assert 0 <= json.loads(call["function"]["arguments"])["n"] <= 9
     status, refused = client.post("/v1/chat/completions", {**chat, "tool_choice": "auto"})
     assert status == 400 and refused["error"]["param"] == "tool_choice"
+    schema = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"enum": ["yes", "no"]}}}
+    status, answered = client.post("/v1/chat/completions", {"messages": chat["messages"], "max_tokens": 20,
+                                                            "temperature": 0, "response_format": schema})  # fmt: skip
+    assert status == 200 and json.loads(answered["choices"][0]["message"]["content"]) in ("yes", "no")
     status, tokenized = client.post("/tokenize", {"prompt": "naïve café"})
     assert client.post("/detokenize", {"tokens": tokenized["tokens"]})[1]["prompt"] == "naïve café"
