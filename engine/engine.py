@@ -34,7 +34,7 @@ from engine.config import EngineConfig
 from engine.cpu_isa import AmxPermission, request_amx_permission
 from engine.errors import EngineConfigError, EngineDeadError, EngineError, EngineInputError
 from engine.process_priority import descendants, settle, spawning_at
-from engine.tool_calls import ToolCallReader, ToolCallReadError, check_tokenizer, json_calls_parser, tool_call_parser
+from engine.tool_calls import ToolCallReader, ToolCallReadError, check_tokenizer, tool_call_parser
 from engine.types import (
     EngineStats,
     GenerateRequest,
@@ -212,7 +212,7 @@ class Engine:
         self.config = config
         self.model_id = config.served_model_id
         _refuse_bfloat16_without_amx(config)
-        self._tool_parser = tool_call_parser(config.tool_call_parser) if config.tool_call_parser else None
+        self._tool_parser = tool_call_parser(config.tool_call_parser)
         self._tmp = tempfile.TemporaryDirectory(prefix="pdserve-engine-")
         apply_vllm_environment(config, rpc_dir=self._tmp.name)
         logging.getLogger("vllm").setLevel(config.log_level)
@@ -247,12 +247,11 @@ class Engine:
         self.vocab_size = vllm_config.model_config.get_vocab_size()
         self._kv_blocks_total = (vllm_config.cache_config.num_gpu_blocks or 1) - 1  # less vLLM's null block
         self._tokenizer = self._llm.get_tokenizer()
-        if self._tool_parser is not None:
-            try:
-                check_tokenizer(self._tool_parser, config.tool_call_parser, self._tokenizer)
-            except EngineConfigError:
-                self._stop()
-                raise
+        try:
+            check_tokenizer(self._tool_parser, config.tool_call_parser, self._tokenizer)
+        except EngineConfigError:
+            self._stop()
+            raise
 
     async def _build(self, endpoint: str | None):
         """On the engine's loop: vLLM starts its engine core process (and worker processes) and waits for them."""
@@ -484,9 +483,8 @@ class Engine:
         try:
             structured = _structured_outputs(request.sampling.structured)
             model_config = self._llm.vllm_config.model_config
-            parser = self._tool_parser or json_calls_parser()
-            return ToolCallReader(parser, self._tokenizer, model_config, use, request.sampling.skip_special_tokens,
-                                  structured)  # fmt: skip
+            return ToolCallReader(self._tool_parser, self._tokenizer, model_config, use,
+                                  request.sampling.skip_special_tokens, structured)  # fmt: skip
         except VLLMValidationError as exc:  # vLLM's checks of the tools and the choice
             raise EngineInputError(exc.parameter or "tools", str(exc.args[0]), request.request_id) from exc
         except (ValueError, TypeError) as exc:  # pydantic's, of the tools' shapes

@@ -8,7 +8,7 @@ required`` or a named function vLLM's JSON schema of the tools, or its structura
 format has them, run by vLLM's structured outputs; so a forced call's arguments are valid JSON.
 
 ``auto`` needs a model parser (``engine.tool_call_parser``, vLLM's ``--tool-call-parser``); ``required``
-and a named function work without one, read by vLLM's JSON path (``json_calls_parser``). A parser keeps
+and a named function work without one, read by vLLM's JSON path (``_JsonCallsOnly``). A parser keeps
 state over a stream, so a tool-calling decode is not moved to another worker (router/service.py).
 """
 
@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from functools import cache
 from typing import Any
 
 from engine.errors import EngineConfigError
 from engine.types import ToolCallDelta, ToolUse
 
 
-def tool_call_parser(name: str) -> type:
-    """vLLM's parser class for ``name``, known before vLLM loads the model, so a wrong name fails the engine's
-    start at once."""
+def tool_call_parser(name: str | None) -> type:
+    """vLLM's parser class for ``name`` (None: required and named calls only), known before vLLM loads the
+    model, so a wrong name fails the engine's start at once."""
+    from vllm.parser.abstract_parser import DelegatingParser
     from vllm.parser.parser_manager import ParserManager
 
+    if name is None:
+        return type("JsonToolCalls", (DelegatingParser,), {"tool_parser_cls": _json_calls_only()})
     try:
         parser = ParserManager.get_parser(tool_parser_name=name, enable_auto_tools=True)
     except (TypeError, KeyError, ValueError) as exc:
@@ -37,7 +39,7 @@ def tool_call_parser(name: str) -> type:
     return parser
 
 
-def check_tokenizer(parser: type, name: str, tokenizer) -> None:
+def check_tokenizer(parser: type, name: str | None, tokenizer) -> None:
     """The model's tokenizer has what the parser reads calls by (its delimiter tokens), as vLLM's server checks."""
     from vllm.parser.parser_manager import ParserManager
 
@@ -47,12 +49,8 @@ def check_tokenizer(parser: type, name: str, tokenizer) -> None:
         raise EngineConfigError("tool_call_parser", str(exc)) from None
 
 
-@cache
-def json_calls_parser() -> type:
-    """The parser for required and named calls where no model format is configured, built on first use (no
-    import of vLLM's parsers at an engine's start that never sees a tool)."""
+def _json_calls_only() -> type:
     from vllm.entrypoints.generate.base.protocol import DeltaMessage, ExtractedToolCallInformation
-    from vllm.parser.abstract_parser import DelegatingParser
     from vllm.tool_parsers import ToolParser
 
     class _JsonCallsOnly(ToolParser):
@@ -65,7 +63,7 @@ def json_calls_parser() -> type:
         def extract_tool_calls_streaming(self, previous_text, current_text, delta_text, *args):
             return DeltaMessage(content=delta_text) if delta_text else None
 
-    return type("JsonToolCalls", (DelegatingParser,), {"tool_parser_cls": _JsonCallsOnly})
+    return _JsonCallsOnly
 
 
 class ToolCallReadError(RuntimeError):

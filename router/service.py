@@ -247,11 +247,13 @@ class GenerationService:
         # before the first await: a copy started after this one (in the same loop turn) finds it
         first_token = self._first_tokens[rid] = asyncio.get_running_loop().create_future()
         try:
-            if not await _call(self._registry, "claim", rid):
-                raise duplicate
-        except BaseException:  # taken elsewhere, cancelled, or the registry failed: nothing of this request stays
+            claimed = await _call(self._registry, "claim", rid)
+        except BaseException:  # cancelled, or the registry failed: nothing of this request stays
             self._first_tokens.pop(rid).set_result(None)
             raise
+        if not claimed:
+            self._first_tokens.pop(rid).set_result(None)
+            raise duplicate
         aborted = self._running[rid] = asyncio.Event()
         self._deaths[rid] = []
         self.metrics.running.inc()
