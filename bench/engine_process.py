@@ -37,8 +37,10 @@ def _engine_main(conn, config_json: str, env: dict) -> None:
         elif command == "kv_handle":
             from kv_transfer.vllm_connector import SenderInfo, transfer_handle
 
-            sender = SenderInfo(**engine.kv_connector_handshake())
-            conn.send(("kv_handle", transfer_handle(sender, engine.model_id, engine.block_size, *args)))
+            senders = [SenderInfo.from_dict(rank) for rank in engine.kv_connector_handshake()]
+            conn.send(("kv_handle", transfer_handle(senders, engine.block_size, *args)))
+        elif command == "transfer_stats":
+            conn.send(("transfer_stats", engine.kv_transfer_stats()))
         elif command == "stats":
             stats = engine.stats()
             conn.send(("stats", stats.kv_blocks_used, stats.running, stats.waiting))
@@ -97,6 +99,11 @@ class EnginePeer(ChildProcess):
         """The handle of a transfer this engine will produce, before it runs the prompt."""
         self._conn.send(("kv_handle", transfer_id, block_hashes, num_tokens))
         return self._expect("kv_handle")[0]
+
+    def transfer_stats(self) -> dict:
+        """The connector's figures summed over the ranks (``Engine.kv_transfer_stats``)."""
+        self._conn.send(("transfer_stats",))
+        return self._expect("transfer_stats")[0]
 
     def kv_blocks_used(self) -> int:
         self._conn.send(("stats",))

@@ -7,6 +7,10 @@ pulls them. In the same run, the raw baselines move the same bytes between the
 same two processes: one contiguous Gloo send/recv, a bare gRPC byte stream with
 the same chunk size (no protobuf, no checks), and an in-process memcpy.
 
+Rank to rank: the same 256 MiB from a two-rank sender (two processes, four KV
+heads each), pulled side by side into one receiver as the connector does,
+against one sender holding all eight (``tp2_to_tp1_vs_tp1_to_tp1``, goodput).
+
 Hand-off cost, through vLLM on the engine-benchmark model: a prefill engine
 and a decode engine in two processes, a 2,048-token prompt; the time from the
 end of the prefill to the decode side's first token, divided by the prefill
@@ -23,6 +27,7 @@ For scale, the same first step with all the KV already local is reported beside 
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 import uuid
@@ -38,7 +43,7 @@ from bench.engine_process import ChildProcess
 from bench.report import Row, report
 from kv_transfer.channel import GrpcKVChannel
 from kv_transfer.dist_channel import DistKVChannel
-from kv_transfer.transfer import DEFAULT_CHUNK_BYTES, TransferHandle
+from kv_transfer.transfer import DEFAULT_CHUNK_BYTES, SenderRank, TransferHandle, head_pulls
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK_TOKENS, TOKENS = 32, 8, 128, 16, 2048
 BLOCKS = TOKENS // BLOCK_TOKENS
@@ -46,11 +51,13 @@ SECRET = "bench-secret"
 _RAW_METHOD = "/pdserve.bench.Raw/Stream"
 
 
-def _sender_main(conn) -> None:
+def _sender_main(conn, heads: tuple[int, int] | None) -> None:
     from kv_transfer.grpc_service import KVTransferServer
     from kv_transfer.transfer import TransferRegistry
 
     layers = [torch.randn(BLOCKS + 1, KV_HEADS, BLOCK_TOKENS, 2 * HEAD_DIM).half() for _ in range(LAYERS)]
+    if heads is not None:  # one tensor-parallel rank's share of the KV heads
+        layers = [layer[:, heads[0] : heads[0] + heads[1]].contiguous() for layer in layers]
     payload = torch.cat([layer[:BLOCKS].reshape(-1) for layer in layers]).view(torch.uint8).numpy()
     registry = TransferRegistry("", "bench", lease_s=300)
     server = KVTransferServer(registry, SECRET).start()
@@ -94,8 +101,8 @@ def _raw_grpc_server(payload: memoryview):
 
 
 class _Sender(ChildProcess):
-    def __init__(self):
-        super().__init__(_sender_main)
+    def __init__(self, heads: tuple[int, int] | None = None):
+        super().__init__(_sender_main, heads)
         _, self.address, self.raw_address, self.store_port = self._conn.recv()
 
     def offer(self, block_ids: list[int]) -> TransferHandle:
@@ -110,6 +117,7 @@ def run_transfer_bench(repeats: int = 5, block_pulls: int = 50, handoff_model: P
     sender = _Sender()
     try:
         results = _channel_figures(sender, repeats, block_pulls)
+        results.update(_tensor_parallel_figures(sender, repeats))
     finally:
         sender.stop()
     if handoff_model is not None:
@@ -161,6 +169,52 @@ def _channel_figures(sender: _Sender, repeats: int, block_pulls: int) -> dict:
         "chunk_bytes": DEFAULT_CHUNK_BYTES,
         "repeats": repeats,
     }
+
+
+def _tensor_parallel_figures(sender: _Sender, repeats: int) -> dict:
+    """The 2,048-token hand-off from a two-rank prefill engine (two sender processes, 4 KV heads each) to a
+    one-rank decode engine, which pulls both halves side by side (as the connector does), against the same
+    bytes from a one-rank sender; over the default channel (torch.distributed)."""
+    halves = [_Sender((0, KV_HEADS // 2)), _Sender((KV_HEADS // 2, KV_HEADS // 2))]
+    try:
+        dest = [torch.empty(BLOCKS, KV_HEADS, BLOCK_TOKENS, 2 * HEAD_DIM, dtype=torch.float16) for _ in range(LAYERS)]
+        channel = DistKVChannel(GrpcKVChannel(SECRET))
+        ids = list(range(BLOCKS))
+        seconds: dict[str, list[float]] = {"tp1_to_tp1": [], "tp2_to_tp1": []}
+        with futures.ThreadPoolExecutor(2) as pool:
+            for _ in range(repeats + 1):  # the first round builds the groups, untimed
+                handle = sender.offer(ids)
+                start = time.perf_counter()
+                channel.pull(handle, dest, ids, stall_timeout_s=60, timeout_s=600)
+                seconds["tp1_to_tp1"].append(time.perf_counter() - start)
+                channel.release(handle)
+                handle = _two_rank_handle([half.offer(ids) for half in halves])
+                start = time.perf_counter()
+                pulls = [
+                    pool.submit(channel.pull, handle, dest, ids, stall_timeout_s=60, timeout_s=600, rank=r, heads=h)
+                    for r, h in head_pulls(handle.ranks, range(KV_HEADS))
+                ]
+                for pull in pulls:
+                    pull.result()
+                seconds["tp2_to_tp1"].append(time.perf_counter() - start)
+                for rank in range(2):
+                    channel.release(handle, rank=rank)
+    finally:
+        for half in halves:
+            half.stop()
+    median = {name: statistics.median(values[1:]) for name, values in seconds.items()}
+    return {
+        "tp2_to_tp1_vs_tp1_to_tp1": median["tp1_to_tp1"] / median["tp2_to_tp1"],  # goodput: same bytes
+        "tp1_to_tp1_ms": 1000 * median["tp1_to_tp1"],
+        "tp2_to_tp1_ms": 1000 * median["tp2_to_tp1"],
+    }
+
+
+def _two_rank_handle(handles: list[TransferHandle]) -> TransferHandle:
+    """One engine's handle for two senders, each holding half of the KV heads."""
+    ranks = tuple(SenderRank(h.address(), rank * (KV_HEADS // 2), KV_HEADS // 2) for rank, h in enumerate(handles))
+    fingerprint = dataclasses.replace(handles[0].fingerprint, num_kv_heads=KV_HEADS)
+    return dataclasses.replace(handles[0], ranks=ranks, fingerprint=fingerprint)
 
 
 def _raw_grpc_pull(address: str, buffer: torch.Tensor) -> float:
@@ -259,6 +313,11 @@ def _rows(results: dict) -> list[Row]:
     ]
     for name in ("dist", "raw_gloo", "grpc", "raw_grpc", "memcpy"):
         rows.append((f"  {name} GB/s (256 MiB)", f"{results[f'{name}_gb_per_s']:.2f}", ""))
+    rows += [
+        ("tp2_to_tp1_vs_tp1_to_tp1", f"{results['tp2_to_tp1_vs_tp1_to_tp1']:.3f}", ">= 0.9"),
+        ("  256 MiB from one rank (ms)", f"{results['tp1_to_tp1_ms']:.1f}", ""),
+        ("  256 MiB from two ranks, 4 heads each (ms)", f"{results['tp2_to_tp1_ms']:.1f}", ""),
+    ]
     if "handoff_vs_prefill" in results:
         rows += [
             ("handoff_vs_prefill", f"{results['handoff_vs_prefill']:.3f}", "<= 0.1"),

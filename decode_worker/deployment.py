@@ -4,7 +4,11 @@ With a transfer handle, vLLM counts its own prefix hit first and the
 connector pulls only the blocks it lacks; without one (local prefill, or
 co-located mode), the same engine prefills the prompt itself. A failed pull
 means a local recompute inside vLLM: the request completes either way.
-Closing the stream (the client went away) aborts the request and frees its KV.
+Until the KV is in (the first token), the worker renews the transfer's lease
+on every prefill rank (``LeaseKeeper``), however long the request queues; a
+request refused or cancelled before then aborts the transfer, so the prefill
+side frees its blocks at once. Closing the stream (the client went away)
+aborts the request and frees its KV.
 """
 
 from __future__ import annotations
@@ -13,24 +17,47 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import replace
 
+from google.protobuf.message import DecodeError
 from ray import serve
 
 from engine.config import EngineConfig
 from engine.hosting import HostedWorker, WorkerSettings
 from engine.types import DecodeJob, OutputDelta
-from kv_transfer.vllm_connector import PULLED_TOKENS_KEY, TOKEN_ENV
+from kv_transfer.channel import GrpcKVChannel
+from kv_transfer.errors import TransferError
+from kv_transfer.lease_keeper import LeaseKeeper
+from kv_transfer.transfer import TransferHandle
+from kv_transfer.vllm_connector import PULLED_TOKENS_KEY, TOKEN_ENV, kv_tls
 
 
 @serve.deployment(name="DecodeWorker", health_check_period_s=5, health_check_timeout_s=10)
 class DecodeWorker(HostedWorker):
     def __init__(self, engine_config: EngineConfig, settings: WorkerSettings):
         os.environ[TOKEN_ENV] = settings.cluster_token.get_secret_value()  # the connector vLLM builds reads it here
+        tls = kv_tls(engine_config.kv_connector.extra) if engine_config.kv_connector else None
+        # lease renewals and aborts, to the prefill workers' KV servers
+        self._kv_control = GrpcKVChannel(settings.cluster_token.get_secret_value(), tls_root_certificate=tls and tls.ca)
         self._start(engine_config, "decode", serve.get_replica_context().replica_id.unique_id, settings)
 
     async def generate(self, job: DecodeJob, worker_id: str | None = None) -> AsyncIterator[OutputDelta]:
-        params = None
+        params = keeper = None
         if job.handle is not None:
             params = {"pdserve": "consume", "handle": job.handle, "block_hashes": job.block_hashes}
-        async for delta in self._host.stream(replace(job.request, kv_transfer_params=params)):
-            pulled = (delta.kv_transfer_params or {}).get(PULLED_TOKENS_KEY) if delta.finished else None
-            yield delta if pulled is None else replace(delta, kv_pulled_tokens=pulled)
+            keeper = self._keep_lease(job.handle)
+        try:
+            async for delta in self._host.stream(replace(job.request, kv_transfer_params=params)):
+                if keeper is not None:  # the first token: the KV is in (pulled, or recomputed)
+                    await keeper.stop()
+                    keeper = None
+                pulled = (delta.kv_transfer_params or {}).get(PULLED_TOKENS_KEY) if delta.finished else None
+                yield delta if pulled is None else replace(delta, kv_pulled_tokens=pulled)
+        finally:
+            if keeper is not None:  # refused, failed or cancelled before its KV came: free the prefill's blocks
+                await keeper.stop(abort=True)
+
+    def _keep_lease(self, handle_hex: str) -> LeaseKeeper | None:
+        try:
+            handle = TransferHandle.from_bytes(bytes.fromhex(handle_hex))
+        except (ValueError, DecodeError, TransferError):
+            return None  # the connector refuses it and the request prefills locally
+        return LeaseKeeper(self._kv_control, handle).start()

@@ -192,6 +192,15 @@ def _check_sampling(options: SamplingOptions, rid: str) -> None:
             raise EngineInputError(field, message, rid)
 
 
+def _add_figures(into: dict, figures: dict) -> None:
+    """Add nested dicts of numbers into ``into``, key by key (one rank's transfer figures into the engine's)."""
+    for name, value in figures.items():
+        if isinstance(value, dict):
+            _add_figures(into.setdefault(name, {}), value)
+        else:
+            into[name] = into.get(name, 0) + value
+
+
 def _refuse_bfloat16_without_amx(config: EngineConfig) -> None:
     """vLLM's bfloat16 CPU attention runs AMX tiles on an AMX CPU: without the kernel's permission
     (engine/cpu_isa.py) the first short prompt kills the process, so refuse to start instead."""
@@ -227,7 +236,7 @@ class Engine:
         self._prompt_tokens_total = 0
         self._cached_tokens_total = 0
         self._figures = _SchedulerFigures()
-        self._handshake: dict | None = None
+        self._handshake: list[dict] | None = None
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="pdserve-engine", daemon=True)
         self._thread.start()
@@ -332,20 +341,19 @@ class Engine:
             cached_prompt_tokens_total=self._cached_tokens_total,
         )
 
-    def kv_connector_handshake(self) -> dict | None:
-        """Rank 0's KV connector handshake (where its KV server listens, its cache layout); None without one."""
+    def kv_connector_handshake(self) -> list[dict] | None:
+        """Every rank's KV connector handshake, in rank order (where its KV server listens, which KV heads it
+        holds, its KV fingerprint); None without a connector."""
         if self._handshake is None and self.config.kv_connector is not None:
-            self._handshake = self._rpc("pdserve_kv_handshake")[0]
+            self._handshake = self._rpc("pdserve_kv_handshake")
         return self._handshake
 
-    def kv_transfer_stats(self) -> dict[str, dict[str, float]]:
-        """The KV connector's pulls per backend, summed over the ranks."""
-        total: dict[str, dict[str, float]] = {}
+    def kv_transfer_stats(self) -> dict[str, dict]:
+        """The KV connector's figures (pulls per backend, failures per cause, offers by final state), summed over
+        the ranks."""
+        total: dict[str, dict] = {}
         for rank in self._rpc("pdserve_transfer_stats") if self.config.kv_connector else ():
-            for backend, figures in rank.items():
-                into = total.setdefault(backend, {})
-                for name, value in figures.items():
-                    into[name] = into.get(name, 0) + value
+            _add_figures(total, rank)
         return total
 
     async def abort_kv_transfer(self, transfer_id: str) -> None:

@@ -198,7 +198,7 @@ class HostedWorker:
     def check_health(self) -> None:
         self._host.check_health()
 
-    def transfer_stats(self, worker_id: str | None = None) -> dict[str, dict[str, float]]:
+    def transfer_stats(self, worker_id: str | None = None) -> dict[str, dict]:
         return self._host.engine.kv_transfer_stats()
 
     def record_autoscaling_stats(self) -> dict[str, float]:

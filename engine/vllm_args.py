@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from engine.block_hash import SCHEME_VERSION
 from engine.config import EngineConfig
 
 WORKER_EXTENSION = "engine.worker_extension.PdserveWorkerExtension"
@@ -44,7 +45,8 @@ def vllm_engine_args(config: EngineConfig, kv_events_endpoint: str | None):
             kv_connector=spec.class_name,
             kv_connector_module_path=spec.module_path,
             kv_role=spec.role,
-            kv_connector_extra_config=dict(spec.extra),
+            # The block-hash scheme the block hashes it carries follow: part of the KV fingerprint.
+            kv_connector_extra_config={"hash_scheme": SCHEME_VERSION, **spec.extra},
             # A failed KV load is recomputed locally: a request is never lost to a transfer.
             kv_load_failure_policy="recompute",
         )

@@ -26,7 +26,7 @@ def _connector():
 
 class PdserveWorkerExtension:
     def pdserve_kv_handshake(self) -> dict | None:
-        """This rank's connector's handshake metadata (where its KV server listens, its cache layout)."""
+        """This rank's connector's handshake metadata (where its KV server listens, its heads, its fingerprint)."""
         connector = _connector()
         metadata = connector.get_handshake_metadata() if connector is not None else None
         return dataclasses.asdict(metadata) if metadata is not None else None
@@ -40,7 +40,7 @@ class PdserveWorkerExtension:
         count = getattr(_connector(), "open_transfers", None)
         return count() if count is not None else 0
 
-    def pdserve_transfer_stats(self) -> dict[str, dict[str, float]]:
+    def pdserve_transfer_stats(self) -> dict[str, dict]:
         stats = getattr(_connector(), "transfer_stats", None)
         return stats() if stats is not None else {}
 

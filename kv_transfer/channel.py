@@ -1,7 +1,9 @@
 """The receiver's side: one ``KVChannel`` interface, a gRPC streaming backend and an in-process one.
 
-A pull writes the requested blocks of every requested layer straight into
-destination tensors the receiver reserved (``dest_layers[layer][dest_block_ids]``),
+A pull writes the requested blocks of every requested layer, from one sender
+rank, straight into destination tensors the receiver reserved
+(``dest_layers[layer][dest_block_ids]``; with tensor-parallel sizes that differ,
+a slice of the KV heads, ``HeadSlice``),
 verifying each chunk's length and checksum before it lands. Every pull has a
 stall deadline (no chunk for that long: the peer stalled or died) and an
 overall deadline; failures are typed ``TransferError``s, never a hang.
@@ -25,6 +27,7 @@ from kv_transfer.errors import (
     BY_CODE,
     TransferError,
     TransferIntegrityError,
+    TransferLayoutError,
     TransferRequestError,
     TransferTimeout,
     TransferUnavailable,
@@ -33,6 +36,7 @@ from kv_transfer.transfer import (
     DEFAULT_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
     WIRE_VERSION,
+    HeadSlice,
     TransferHandle,
     TransferRegistry,
     TransferState,
@@ -64,26 +68,43 @@ class KVChannel(Protocol):
         layers: Sequence[int] = (),
         stall_timeout_s: float = 5.0,
         timeout_s: float = 60.0,
+        rank: int = 0,
+        heads: HeadSlice | None = None,
     ) -> PullResult:
-        """Copy blocks ``block_indices`` (all when empty) of ``layers`` into ``dest_block_ids``."""
+        """Copy blocks ``block_indices`` (all when empty) of ``layers`` from sender rank ``rank`` into
+        ``dest_block_ids``: the heads ``heads`` names, or all that rank holds into all the receiver holds."""
 
-    def release(self, handle: TransferHandle, timeout_s: float = 5.0) -> TransferStatus: ...
+    def release(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0, receivers: int = 1):
+        """This receiver rank is done with ``rank``'s blocks (freed once all ``receivers`` ranks are)."""
 
-    def abort(self, handle: TransferHandle, timeout_s: float = 5.0) -> TransferStatus: ...
+    def abort(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0) -> TransferStatus: ...
+
+    def renew(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0) -> TransferStatus: ...
 
 
-def check_request(handle, dest_layers, dest_block_ids, block_indices, layers) -> tuple[list[int], list[int]]:
+def check_request(
+    handle: TransferHandle, dest_layers, dest_block_ids, block_indices, layers, rank: int, heads: HeadSlice | None
+) -> tuple[list[int], list[int], HeadSlice]:
+    """The block indices, layers and heads a pull moves, checked against the handle and the destination."""
     indices = list(block_indices) or list(range(handle.num_blocks))
     wanted_layers = list(layers) or list(range(handle.num_layers))
+    tid = handle.transfer_id
     if len(dest_block_ids) != len(indices):
-        raise TransferRequestError(
-            handle.transfer_id, f"{len(indices)} blocks requested but {len(dest_block_ids)} destination blocks given"
-        )
+        raise TransferRequestError(tid, f"{len(indices)} blocks requested but {len(dest_block_ids)} destination blocks")
     if len(dest_layers) != handle.num_layers:
-        raise TransferRequestError(handle.transfer_id, f"{len(dest_layers)} destination layers for {handle.num_layers}")
+        raise TransferRequestError(tid, f"{len(dest_layers)} destination layers for {handle.num_layers}")
+    if not 0 <= rank < len(handle.ranks):
+        raise TransferRequestError(tid, f"sender rank {rank} of {len(handle.ranks)}")
     first = dest_layers[0]
-    handle.check_layout(str(first.dtype).removeprefix("torch."), first.shape[1:], len(dest_layers))
-    return indices, wanted_layers
+    ours = (str(first.dtype).removeprefix("torch."), tuple(first.shape[2:]))
+    theirs = (handle.dtype, tuple(handle.fingerprint.head_shape))
+    if ours != theirs:
+        raise TransferLayoutError(tid, f"sender (dtype, head block) {theirs} != receiver {ours}")
+    held, room = handle.ranks[rank].num_heads, first.shape[1]
+    heads = heads or HeadSlice(0, 0, held)
+    if heads.count <= 0 or heads.source + heads.count > held or heads.dest + heads.count > room:
+        raise TransferRequestError(tid, f"{heads} does not fit the sender's {held} heads and the receiver's {room}")
+    return indices, wanted_layers, heads
 
 
 class GrpcKVChannel:
@@ -101,26 +122,32 @@ class GrpcKVChannel:
         self._lock = threading.Lock()
 
     def pull(
-        self, handle, dest_layers, dest_block_ids, block_indices=(), layers=(), stall_timeout_s=5.0, timeout_s=60.0
-    ) -> PullResult:
-        indices, wanted_layers = check_request(handle, dest_layers, dest_block_ids, block_indices, layers)
+        self, handle, dest_layers, dest_block_ids, block_indices=(), layers=(), stall_timeout_s=5.0, timeout_s=60.0,
+        rank=0, heads=None,
+    ) -> PullResult:  # fmt: skip
+        indices, wanted_layers, heads = check_request(
+            handle, dest_layers, dest_block_ids, block_indices, layers, rank, heads
+        )
         request = pb.PullRequest(
             wire_version=WIRE_VERSION, transfer_id=handle.transfer_id, block_indices=list(block_indices),
-            layers=list(layers), max_chunk_bytes=self._max_chunk_bytes,
+            layers=list(layers), max_chunk_bytes=self._max_chunk_bytes, first_head=heads.source,
+            num_heads=heads.count,
         )  # fmt: skip
-        pull = self._channel(handle).unary_stream(
+        pull = self._channel(handle.address(rank)).unary_stream(
             "/pdserve.v1.KVTransfer/Pull", request_serializer=pb.PullRequest.SerializeToString
         )  # chunks decoded by hand (chunk_codec): the payload is copied once, into the cache
         call = pull(request, timeout=timeout_s, metadata=self._metadata(handle))
         watchdog = _StallWatchdog(call, stall_timeout_s)
         dest_runs = runs(dest_block_ids)
         device = dest_layers[0].device
-        # adjacent destination blocks in host memory: bytes land in the cache itself; else in (pinned) staging
-        direct = len(dest_runs) == 1 and device.type == "cpu"
+        whole = heads.count == dest_layers[0].shape[1]  # every head the receiver holds comes from this rank
+        # adjacent destination blocks, whole, in host memory: bytes land in the cache itself; else in (pinned) staging
+        direct = whole and len(dest_runs) == 1 and device.type == "cpu"
         dest_ids = torch.tensor(list(dest_block_ids), dtype=torch.long, device=device)
         staging = torch.empty(
-            (len(indices), *dest_layers[0].shape[1:]), dtype=dest_layers[0].dtype, pin_memory=device.type == "cuda"
-        )
+            (len(indices), heads.count, *dest_layers[0].shape[2:]), dtype=dest_layers[0].dtype,
+            pin_memory=device.type == "cuda",
+        )  # fmt: skip
         layer_size = staging.numel() * staging.element_size()
         target = None
         start, received, filled, layers_done = time.perf_counter(), 0, 0, 0
@@ -138,10 +165,11 @@ class GrpcKVChannel:
                 filled += header.byte_length
                 if filled == layer_size:
                     if not direct:
-                        dest_layers[header.layer].index_copy_(0, dest_ids, staging.to(device))
+                        dest = dest_layers[header.layer][:, heads.dest : heads.dest + heads.count]
+                        dest.index_copy_(0, dest_ids, staging.to(device))
                     filled, layers_done = 0, layers_done + 1
         except grpc.RpcError as exc:
-            raise self._error(handle, exc, watchdog.stalled, stall_timeout_s) from None
+            raise self._error(handle, rank, exc, watchdog.stalled, stall_timeout_s) from None
         except TransferError:
             call.cancel()  # what already landed is discarded by the caller: the pull failed
             raise
@@ -153,14 +181,17 @@ class GrpcKVChannel:
             )
         return PullResult(handle.transfer_id, len(indices), layers_done, received, time.perf_counter() - start)
 
-    def release(self, handle: TransferHandle, timeout_s: float = 5.0) -> TransferStatus:
-        return self._control(handle, "Release", timeout_s)
+    def release(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0, receivers: int = 1):
+        return self._control(handle, "Release", timeout_s, rank, receivers)
 
-    def abort(self, handle: TransferHandle, timeout_s: float = 5.0) -> TransferStatus:
-        return self._control(handle, "Abort", timeout_s)
+    def abort(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0) -> TransferStatus:
+        return self._control(handle, "Abort", timeout_s, rank)
 
-    def status(self, handle: TransferHandle, timeout_s: float = 5.0) -> TransferStatus:
-        return self._control(handle, "Status", timeout_s)
+    def renew(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0) -> TransferStatus:
+        return self._control(handle, "Renew", timeout_s, rank)
+
+    def status(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0) -> TransferStatus:
+        return self._control(handle, "Status", timeout_s, rank)
 
     def close(self) -> None:
         with self._lock:
@@ -168,26 +199,25 @@ class GrpcKVChannel:
                 channel.close()
             self._channels.clear()
 
-    def call(self, handle: TransferHandle, method: str, request, timeout_s: float):
-        """One unary control call to the sender of ``handle``, failures typed."""
+    def call(self, handle: TransferHandle, method: str, request, timeout_s: float, rank: int = 0):
+        """One unary control call to sender rank ``rank`` of ``handle``, failures typed."""
+        stub = pb_grpc.KVTransferStub(self._channel(handle.address(rank)))
         try:
-            return getattr(self._stub(handle), method)(request, timeout=timeout_s, metadata=self._metadata(handle))
+            return getattr(stub, method)(request, timeout=timeout_s, metadata=self._metadata(handle))
         except grpc.RpcError as exc:
-            raise self._error(handle, exc, False, timeout_s) from None
+            raise self._error(handle, rank, exc, False, timeout_s) from None
 
-    def _control(self, handle: TransferHandle, method: str, timeout_s: float) -> TransferStatus:
-        ref = pb.TransferRef(wire_version=WIRE_VERSION, transfer_id=handle.transfer_id)
-        reply = self.call(handle, method, ref, timeout_s)
+    def _control(
+        self, handle: TransferHandle, method: str, timeout_s: float, rank: int, receivers: int = 0
+    ) -> TransferStatus:
+        ref = pb.TransferRef(wire_version=WIRE_VERSION, transfer_id=handle.transfer_id, receivers=receivers)
+        reply = self.call(handle, method, ref, timeout_s, rank)
         return TransferStatus(
             reply.transfer_id, TransferState(reply.state), reply.detail, reply.lease_remaining_s, reply.bytes_sent,
             reply.layers_ready,
         )  # fmt: skip
 
-    def _stub(self, handle: TransferHandle) -> pb_grpc.KVTransferStub:
-        return pb_grpc.KVTransferStub(self._channel(handle))
-
-    def _channel(self, handle: TransferHandle) -> grpc.Channel:
-        address = handle.sender_address
+    def _channel(self, address: str) -> grpc.Channel:
         with self._lock:
             channel = self._channels.get(address)
             if channel is None:
@@ -212,10 +242,10 @@ class GrpcKVChannel:
             raise TransferIntegrityError(tid, f"layer {header.layer}: checksum mismatch at byte {header.byte_offset}")
 
     @staticmethod
-    def _error(handle: TransferHandle, exc: grpc.RpcError, stalled: bool, timeout_s: float) -> TransferError:
+    def _error(handle: TransferHandle, rank: int, exc: grpc.RpcError, stalled: bool, timeout_s: float):
         tid = handle.transfer_id
         if stalled:
-            return TransferTimeout(tid, f"no progress for {timeout_s:g} s from {handle.sender_address}")
+            return TransferTimeout(tid, f"no progress for {timeout_s:g} s from {handle.address(rank)}")
         code, detail = exc.code(), exc.details() or ""
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return TransferTimeout(tid, f"deadline exceeded: {detail}")
@@ -256,9 +286,12 @@ class LocalKVChannel:
         self._registry = registry
 
     def pull(
-        self, handle, dest_layers, dest_block_ids, block_indices=(), layers=(), stall_timeout_s=5.0, timeout_s=60.0
-    ) -> PullResult:
-        indices, wanted_layers = check_request(handle, dest_layers, dest_block_ids, block_indices, layers)
+        self, handle, dest_layers, dest_block_ids, block_indices=(), layers=(), stall_timeout_s=5.0, timeout_s=60.0,
+        rank=0, heads=None,
+    ) -> PullResult:  # fmt: skip
+        indices, wanted_layers, heads = check_request(
+            handle, dest_layers, dest_block_ids, block_indices, layers, rank, heads
+        )
         start = time.perf_counter()
         offer = self._registry.open_pull(handle.transfer_id, block_indices, layers)
         sent = 0
@@ -267,15 +300,19 @@ class LocalKVChannel:
         try:
             for layer in wanted_layers:
                 self._registry.wait_layer_ready(offer, layer, stall_timeout_s)
-                blocks = torch.cat(self._registry.read_blocks(offer, layer, block_indices)).to(device)
-                dest_layers[layer].index_copy_(0, dest_ids, blocks)
+                source = (heads.source, heads.count)
+                blocks = torch.cat(self._registry.read_blocks(offer, layer, block_indices, source)).to(device)
+                dest_layers[layer][:, heads.dest : heads.dest + heads.count].index_copy_(0, dest_ids, blocks)
                 sent += blocks.numel() * blocks.element_size()
         finally:
             self._registry.close_pull(offer, sent)
         return PullResult(handle.transfer_id, len(indices), len(wanted_layers), sent, time.perf_counter() - start)
 
-    def release(self, handle: TransferHandle, timeout_s: float = 5.0) -> TransferStatus:
-        return self._registry.release(handle.transfer_id)
+    def release(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0, receivers: int = 1):
+        return self._registry.release(handle.transfer_id, receivers)
 
-    def abort(self, handle: TransferHandle, timeout_s: float = 5.0) -> TransferStatus:
+    def abort(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0) -> TransferStatus:
         return self._registry.abort(handle.transfer_id)
+
+    def renew(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0) -> TransferStatus:
+        return self._registry.renew(handle.transfer_id)

@@ -30,7 +30,7 @@ import xxhash
 
 from kv_transfer.channel import GrpcKVChannel, PullResult, check_request
 from kv_transfer.errors import TransferError, TransferIntegrityError, TransferTimeout
-from kv_transfer.transfer import WIRE_VERSION, TransferHandle, TransferRegistry, runs
+from kv_transfer.transfer import WIRE_VERSION, HeadSlice, TransferHandle, TransferRegistry, runs
 from pdserve_pb.v1 import kv_transfer_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class DistSender:
         pull = request.pull
         offer = self._registry.open_pull(pull.transfer_id, pull.block_indices, pull.layers)
         try:
+            heads = self._registry.check_heads(offer, pull.first_head, pull.num_heads)
             key = self._group_key(request.receiver_id)
             layers = list(pull.layers) or list(range(len(offer.layers)))
             ids = [offer.block_ids[i] for i in pull.block_indices] if pull.block_indices else offer.block_ids
@@ -91,7 +92,7 @@ class DistSender:
             store_host=self._host, store_port=self._store.port, group_key=key, tag_base=tag_base,
             backend=backend, layers=layers, run_lengths=run_lengths,
         )  # fmt: skip
-        pusher.submit(self._push, offer, request, plan)
+        pusher.submit(self._push, offer, request, plan, heads)
         return plan
 
     def close(self) -> None:
@@ -118,7 +119,7 @@ class DistSender:
             self._groups[receiver_id] = (key, group)
         return group
 
-    def _push(self, offer, request: pb.DistPullRequest, plan: pb.DistPlan) -> None:
+    def _push(self, offer, request: pb.DistPullRequest, plan: pb.DistPlan, heads: tuple[int, int]) -> None:
         """Post every send of a layer at once (runs, then checksum), and let them drain while the next waits."""
         sent, pending = 0, []
         timeout = timedelta(seconds=self._timeout_s)
@@ -126,8 +127,9 @@ class DistSender:
             group = self._group(request.receiver_id, plan.group_key, request.device or "cpu")
             for layer in plan.layers:
                 self._registry.wait_layer_ready(offer, layer, self._timeout_s)
-                blocks = self._registry.read_blocks(offer, layer, request.pull.block_indices)
-                blocks = [run.to(request.device or "cpu") for run in blocks]  # NCCL sends CUDA, Gloo host
+                blocks = self._registry.read_blocks(offer, layer, request.pull.block_indices, heads)
+                # NCCL sends CUDA tensors, Gloo host ones; both send contiguous memory (a head slice is copied)
+                blocks = [run.to(request.device or "cpu").contiguous() for run in blocks]
                 base = plan.tag_base + layer * (len(plan.run_lengths) + 1)
                 for index, run in enumerate(blocks):
                     pending.append(group.send([run], RECEIVER_RANK, base + index))
@@ -158,37 +160,45 @@ class DistKVChannel:
         self._lock = threading.Lock()
 
     def pull(
-        self, handle, dest_layers, dest_block_ids, block_indices=(), layers=(), stall_timeout_s=5.0, timeout_s=60.0
-    ) -> PullResult:
-        indices, wanted_layers = check_request(handle, dest_layers, dest_block_ids, block_indices, layers)
+        self, handle, dest_layers, dest_block_ids, block_indices=(), layers=(), stall_timeout_s=5.0, timeout_s=60.0,
+        rank=0, heads=None,
+    ) -> PullResult:  # fmt: skip
+        indices, wanted_layers, heads = check_request(
+            handle, dest_layers, dest_block_ids, block_indices, layers, rank, heads
+        )
         device = dest_layers[0].device.type
         request = pb.DistPullRequest(
             pull=pb.PullRequest(
                 wire_version=WIRE_VERSION, transfer_id=handle.transfer_id, block_indices=list(block_indices),
-                layers=list(layers),
+                layers=list(layers), first_head=heads.source, num_heads=heads.count,
             ),
             receiver_id=self._receiver_id,
             device=device,
         )  # fmt: skip
+        address = handle.address(rank)
         with self._lock:
-            pair = self._pairs.setdefault(handle.sender_address, threading.Lock())
+            pair = self._pairs.setdefault(address, threading.Lock())
         if not pair.acquire(timeout=timeout_s):
             raise TransferTimeout(handle.transfer_id, f"the pair is busy for more than {timeout_s:g} s")
         try:
-            return self._pull(handle, request, dest_layers, dest_block_ids, indices, wanted_layers, stall_timeout_s)
+            return self._pull(handle, rank, heads, request, dest_layers, dest_block_ids, indices, wanted_layers,
+                              stall_timeout_s)  # fmt: skip
         finally:
             pair.release()
 
-    def _pull(self, handle, request, dest_layers, dest_block_ids, indices, wanted_layers, stall_timeout_s):
+    def _pull(self, handle, rank, heads, request, dest_layers, dest_block_ids, indices, wanted_layers, stall_timeout_s):
         device = request.device
-        plan = self._control.call(handle, "PullDist", request, stall_timeout_s)
+        address = handle.address(rank)
+        plan = self._control.call(handle, "PullDist", request, stall_timeout_s, rank)
         start = time.perf_counter()
         timeout = timedelta(seconds=stall_timeout_s)
         received = 0
         try:
-            group = self._group(handle.sender_address, plan, device, stall_timeout_s)
-            post = self._post_layer
-            posted = [post(group, plan, layer, dest_layers, dest_block_ids, device) for layer in plan.layers]
+            group = self._group(address, plan, device, stall_timeout_s)
+            posted = [
+                self._post_layer(group, plan, layer, dest_layers, dest_block_ids, device, heads)
+                for layer in plan.layers
+            ]
             for layer, (works, landing, checksum, finish) in zip(plan.layers, posted, strict=True):
                 for work in works:
                     work.wait(timeout)
@@ -197,26 +207,29 @@ class DistKVChannel:
                 finish()
                 received += sum(part.numel() * part.element_size() for part in landing)
         except TransferError:
-            self._drop(handle.sender_address, plan.group_key)
+            self._drop(address, plan.group_key)
             raise
         except Exception as exc:  # a timed-out or broken group: rebuilt on next use
-            self._drop(handle.sender_address, plan.group_key)
+            self._drop(address, plan.group_key)
             raise TransferTimeout(handle.transfer_id, f"torch.distributed receive failed: {exc}") from None
         return PullResult(handle.transfer_id, len(indices), len(wanted_layers), received, time.perf_counter() - start)
 
     @staticmethod
-    def _post_layer(group, plan: pb.DistPlan, layer: int, dest_layers, dest_block_ids, device: str):
-        """Post one layer's receives. Where the destination blocks are adjacent, bytes land in the cache."""
+    def _post_layer(group, plan: pb.DistPlan, layer: int, dest_layers, dest_block_ids, device: str, heads: HeadSlice):
+        """Post one layer's receives. Where the destination blocks are adjacent and take every head this
+        receiver holds, bytes land in the cache; else in a buffer copied into the heads' slice."""
         dest = dest_layers[layer]
+        whole = heads.count == dest.shape[1]
+        sliced = dest[:, heads.dest : heads.dest + heads.count]
         base = plan.tag_base + layer * (len(plan.run_lengths) + 1)
         works, landing, copies, position = [], [], [], 0
         for index, length in enumerate(plan.run_lengths):
             ids = list(dest_block_ids[position : position + length])
             position += length
-            if len(runs(ids)) == 1:
+            if whole and len(runs(ids)) == 1:
                 buffer = dest[ids[0] : ids[0] + length]
             else:
-                buffer = torch.empty((length, *dest.shape[1:]), dtype=dest.dtype, device=device)
+                buffer = torch.empty((length, *sliced.shape[1:]), dtype=dest.dtype, device=device)
                 copies.append((torch.tensor(ids, dtype=torch.long, device=device), buffer))
             works.append(group.recv([buffer], SENDER_RANK, base + index))
             landing.append(buffer)
@@ -225,15 +238,18 @@ class DistKVChannel:
 
         def finish() -> None:
             for ids, buffer in copies:
-                dest.index_copy_(0, ids, buffer)
+                sliced.index_copy_(0, ids, buffer)
 
         return works, landing, checksum, finish
 
-    def release(self, handle: TransferHandle, timeout_s: float = 5.0):
-        return self._control.release(handle, timeout_s)
+    def release(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0, receivers: int = 1):
+        return self._control.release(handle, timeout_s, rank, receivers)
 
-    def abort(self, handle: TransferHandle, timeout_s: float = 5.0):
-        return self._control.abort(handle, timeout_s)
+    def abort(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0):
+        return self._control.abort(handle, timeout_s, rank)
+
+    def renew(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0):
+        return self._control.renew(handle, timeout_s, rank)
 
     def _group(self, address: str, plan: pb.DistPlan, device: str, timeout_s: float):
         with self._lock:

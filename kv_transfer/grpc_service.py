@@ -1,7 +1,8 @@
-"""The sender's gRPC service: Pull streams chunks of an offer; Release, Abort and Status control it.
+"""The sender's gRPC service: Pull streams chunks of an offer; Release, Abort, Renew and Status control it.
 
 Every call must carry the cluster proof for its transfer id before anything
-is read; a pull streams layer by layer, waiting (under the stall deadline) for
+is read; a pull streams layer by layer (the KV heads it asks for: a receiver rank
+of another tensor-parallel size takes a slice of this rank's heads), waiting (under the stall deadline) for
 layers the prefill has not finished yet. A handle can reach the receiver
 before the sender has registered its offer (the engine offers at its next
 step), so every call first waits, under the same deadline, for the offer.
@@ -56,6 +57,11 @@ class KVTransferService(pb_grpc.KVTransferServicer):
             offer = self._registry.open_pull(request.transfer_id, request.block_indices, request.layers)
         except TransferError as exc:
             context.abort(exc.code, str(exc))
+        try:
+            heads = self._registry.check_heads(offer, request.first_head, request.num_heads)
+        except TransferError as exc:
+            self._registry.close_pull(offer, 0)
+            context.abort(exc.code, str(exc))
         gone = threading.Event()  # the receiver cancelled or died: stop waiting for layers at once
         context.add_callback(lambda: (gone.set(), self._registry.wake(offer)))
         sent = 0
@@ -66,8 +72,9 @@ class KVTransferService(pb_grpc.KVTransferServicer):
                 if not self._registry.wait_layer_ready(offer, layer, self._stall_timeout_s, gone):
                     return
                 offset = 0
-                for run in self._registry.read_blocks(offer, layer, request.block_indices):
-                    payload = memoryview(run.cpu().view(-1).view(torch.uint8).numpy())  # a CUDA cache: one D2H copy
+                for run in self._registry.read_blocks(offer, layer, request.block_indices, heads):
+                    # one copy where heads are sliced out of a block, or a CUDA cache's blocks come to the host
+                    payload = memoryview(run.contiguous().cpu().view(-1).view(torch.uint8).numpy())
                     for start in range(0, len(payload), chunk_bytes):
                         if not context.is_active():
                             return
@@ -86,7 +93,10 @@ class KVTransferService(pb_grpc.KVTransferServicer):
             self._registry.close_pull(offer, sent)
 
     def Release(self, request: pb.TransferRef, context: grpc.ServicerContext) -> pb.TransferStatus:
-        return self._control(request, context, self._registry.release)
+        return self._control(request, context, lambda tid: self._registry.release(tid, request.receivers or 1))
+
+    def Renew(self, request: pb.TransferRef, context: grpc.ServicerContext) -> pb.TransferStatus:
+        return self._control(request, context, self._registry.renew)
 
     def Abort(self, request: pb.TransferRef, context: grpc.ServicerContext) -> pb.TransferStatus:
         return self._control(request, context, self._registry.abort)
@@ -127,6 +137,7 @@ def _handlers(service: KVTransferService) -> grpc.GenericRpcHandler:
             "Release": unary(service.Release, pb.TransferRef, pb.TransferStatus),
             "Abort": unary(service.Abort, pb.TransferRef, pb.TransferStatus),
             "Status": unary(service.Status, pb.TransferRef, pb.TransferStatus),
+            "Renew": unary(service.Renew, pb.TransferRef, pb.TransferStatus),
         },
     )
 

@@ -10,6 +10,7 @@ own deadline).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import threading
 import time
@@ -19,10 +20,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kv_transfer.errors import TransferLayoutError, TransferNotFound, TransferRequestError, TransferTimeout
+from kv_transfer.errors import (
+    TransferLayoutError,
+    TransferNotFound,
+    TransferRequestError,
+    TransferTimeout,
+    TransferVersionError,
+)
 from pdserve_pb.v1 import kv_transfer_pb2 as pb
 
-WIRE_VERSION = pb.WIRE_VERSION_1
+WIRE_VERSION = pb.WIRE_VERSION_2
 DEFAULT_CHUNK_BYTES = 4 << 20  # gRPC chunk size: under the usual 4 MiB message limit, configurable
 MAX_MESSAGE_BYTES = 64 << 20  # the largest chunk a peer accepts
 
@@ -41,27 +48,121 @@ class TransferState(enum.IntEnum):
 
 
 @dataclass(frozen=True)
-class TransferHandle:
-    """Who holds the KV, which blocks, how many tokens, in which layout."""
+class KVFingerprint:
+    """What makes two engines' KV interchangeable (the compatibility handshake).
 
-    sender_address: str
-    transfer_id: str
+    A receiver compares the sender's with its own before it pulls and refuses any
+    difference, naming both: KV of another model, checkpoint, dtype, block size or
+    layout lands as garbage that still decodes with status 200. Per-rank shapes are not
+    in it: engines of different tensor-parallel sizes hold different head counts per
+    rank and exchange head slices (``head_pulls``).
+    """
+
     model_id: str
+    weights: str = ""  # checkpoint digest (``kv_transfer.fingerprint.weights_digest``)
+    dtype: str = ""
+    num_layers: int = 0
+    num_kv_heads: int = 0  # the model's, over all ranks
+    head_shape: tuple[int, ...] = ()  # one block of one KV head
+    cache_layout: str = ""
+    hash_scheme: int = 0  # pdserve's block-hash scheme version
+
+    def to_proto(self) -> pb.KVFingerprint:
+        return pb.KVFingerprint(
+            model_id=self.model_id, weights=self.weights, dtype=self.dtype, num_layers=self.num_layers,
+            num_kv_heads=self.num_kv_heads, head_shape=list(self.head_shape), cache_layout=self.cache_layout,
+            hash_scheme=self.hash_scheme,
+        )  # fmt: skip
+
+    @classmethod
+    def from_proto(cls, msg: pb.KVFingerprint) -> KVFingerprint:
+        return cls(
+            msg.model_id, msg.weights, msg.dtype, msg.num_layers, msg.num_kv_heads, tuple(msg.head_shape),
+            msg.cache_layout, msg.hash_scheme,
+        )  # fmt: skip
+
+    def differences(self, other: KVFingerprint) -> list[str]:
+        """The fields that differ, each as ``name: ours != theirs``."""
+        return [
+            f"{name}: {getattr(self, name)!r} != {getattr(other, name)!r}"
+            for name in self.__dataclass_fields__
+            if getattr(self, name) != getattr(other, name)
+        ]
+
+    def check_compatible(self, transfer_id: str, receiver: KVFingerprint) -> None:
+        """Refuse a receiver whose KV is not interchangeable with this (the sender's)."""
+        if self != receiver:
+            raise TransferLayoutError(
+                transfer_id,
+                f"incompatible KV: sender {self} vs receiver {receiver} ({'; '.join(self.differences(receiver))})",
+            )
+
+
+@dataclass(frozen=True)
+class SenderRank:
+    """One tensor-parallel rank of a sender: where it serves, and the model's KV heads it holds."""
+
+    address: str
+    first_head: int
+    num_heads: int
+
+    @property
+    def heads(self) -> range:
+        return range(self.first_head, self.first_head + self.num_heads)
+
+
+@dataclass(frozen=True)
+class HeadSlice:
+    """``count`` KV heads, from the sender rank's local head ``source`` to the receiver's local head ``dest``."""
+
+    source: int
+    dest: int
+    count: int
+
+
+def rank_heads(rank: int, tp_size: int, num_kv_heads: int) -> range:
+    """The model's KV heads a tensor-parallel rank holds, as vLLM shards them: a share of the heads, or, with
+    more ranks than heads, one head replicated over ``tp_size // num_kv_heads`` ranks."""
+    if tp_size <= num_kv_heads:
+        per_rank = num_kv_heads // tp_size
+        return range(rank * per_rank, (rank + 1) * per_rank)
+    head = rank // (tp_size // num_kv_heads)
+    return range(head, head + 1)
+
+
+def head_pulls(senders: Sequence[SenderRank], wanted: range) -> list[tuple[int, HeadSlice]]:
+    """Which sender ranks a receiver rank holding heads ``wanted`` pulls from, and which heads from each:
+    every wanted head once, from the first rank that holds it (replicated heads are read once)."""
+    pulls, covered = [], set()
+    for index, sender in enumerate(senders):
+        start, stop = max(sender.first_head, wanted.start), min(sender.heads.stop, wanted.stop)
+        if start >= stop or set(range(start, stop)) <= covered:
+            continue
+        pulls.append((index, HeadSlice(start - sender.first_head, start - wanted.start, stop - start)))
+        covered.update(range(start, stop))
+    if covered != set(wanted):
+        raise ValueError(f"the sender's ranks {list(senders)} do not hold heads {sorted(set(wanted) - covered)}")
+    return pulls
+
+
+@dataclass(frozen=True)
+class TransferHandle:
+    """Which transfer, which blocks and tokens, what KV (its fingerprint), and which ranks serve which heads."""
+
+    transfer_id: str
     block_hashes: tuple[bytes, ...]
     num_tokens: int
-    dtype: str
-    block_shape: tuple[int, ...]
-    num_layers: int
+    fingerprint: KVFingerprint
+    ranks: tuple[SenderRank, ...]
     backends: tuple[str, ...] = ("grpc",)
-    cache_layout: str = ""
     wire_version: int = WIRE_VERSION
 
     def to_proto(self) -> pb.TransferHandle:
         return pb.TransferHandle(
-            wire_version=self.wire_version, sender_address=self.sender_address, transfer_id=self.transfer_id,
-            model_id=self.model_id, block_hashes=list(self.block_hashes), num_tokens=self.num_tokens,
-            dtype=self.dtype, block_shape=list(self.block_shape), num_layers=self.num_layers,
-            backends=list(self.backends), cache_layout=self.cache_layout,
+            wire_version=self.wire_version, transfer_id=self.transfer_id, block_hashes=list(self.block_hashes),
+            num_tokens=self.num_tokens, backends=list(self.backends), fingerprint=self.fingerprint.to_proto(),
+            ranks=[pb.SenderRank(address=r.address, first_head=r.first_head, num_heads=r.num_heads)
+                   for r in self.ranks],
         )  # fmt: skip
 
     def to_bytes(self) -> bytes:
@@ -70,39 +171,46 @@ class TransferHandle:
     @classmethod
     def from_bytes(cls, data: bytes) -> TransferHandle:
         msg = pb.TransferHandle.FromString(data)
-        handle = cls(
-            msg.sender_address, msg.transfer_id, msg.model_id, tuple(msg.block_hashes), msg.num_tokens, msg.dtype,
-            tuple(msg.block_shape), msg.num_layers, tuple(msg.backends), msg.cache_layout, msg.wire_version,
+        check_wire_version(msg.transfer_id, msg.wire_version)
+        return cls(
+            msg.transfer_id, tuple(msg.block_hashes), msg.num_tokens, KVFingerprint.from_proto(msg.fingerprint),
+            tuple(SenderRank(r.address, r.first_head, r.num_heads) for r in msg.ranks), tuple(msg.backends),
+            msg.wire_version,
         )  # fmt: skip
-        check_wire_version(handle.transfer_id, handle.wire_version)
-        return handle
 
     @property
     def num_blocks(self) -> int:
         return len(self.block_hashes)
 
-    def check_layout(
-        self, dtype: str, block_shape: Sequence[int], num_layers: int, cache_layout: str | None = None
-    ) -> None:
-        """Refuse a receiver whose KV cache is laid out differently (no conversion is done).
+    @property
+    def model_id(self) -> str:
+        return self.fingerprint.model_id
 
-        The tensors give dtype, block shape and layer count; only the engine knows its layout's
-        name (e.g. vLLM CPU's ``LBHNC`` vs a GPU layout with the same shape), so it passes it.
-        """
-        ours = (self.dtype, tuple(self.block_shape), self.num_layers, self.cache_layout)
-        theirs = (dtype, tuple(block_shape), num_layers, self.cache_layout if cache_layout is None else cache_layout)
-        if ours != theirs:
-            raise TransferLayoutError(
-                self.transfer_id,
-                f"sender layout (dtype, block shape, layers, cache layout) {ours} != receiver layout {theirs}",
-            )
+    @property
+    def dtype(self) -> str:
+        return self.fingerprint.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.fingerprint.num_layers
+
+    def address(self, rank: int = 0) -> str:
+        return self.ranks[rank].address
+
+    def block_shape(self, rank: int = 0) -> tuple[int, ...]:
+        """One block of one layer on sender rank ``rank``: its heads, then one head's block."""
+        return (self.ranks[rank].num_heads, *self.fingerprint.head_shape)
+
+    def with_address(self, address: str, rank: int = 0) -> TransferHandle:
+        """The same transfer, served for ``rank`` at another address (a proxy in tests)."""
+        ranks = list(self.ranks)
+        ranks[rank] = dataclasses.replace(ranks[rank], address=address)
+        return dataclasses.replace(self, ranks=tuple(ranks))
 
 
 def check_wire_version(transfer_id: str, version: int) -> None:
-    from kv_transfer.errors import TransferVersionError
-
-    if version > WIRE_VERSION:
-        raise TransferVersionError(transfer_id, f"wire version {version} is newer than this peer's {WIRE_VERSION}")
+    if version != WIRE_VERSION:
+        raise TransferVersionError(transfer_id, f"wire version {version}; this peer speaks {WIRE_VERSION}")
 
 
 def runs(ids: Sequence[int]) -> list[tuple[int, int]]:
@@ -125,6 +233,7 @@ class Offer:
     state: TransferState = TransferState.OFFERED
     layers_ready: int = 0
     pulls: int = 0
+    releases: int = 0  # receiver ranks that released it, of the ``receivers`` each release names
     bytes_sent: int = 0
     detail: str = ""
     changed: threading.Condition = field(default_factory=threading.Condition)
@@ -190,14 +299,19 @@ class TransferRegistry:
         layers_ready: int | None = None,
         lease_s: float | None = None,
     ) -> TransferHandle:
-        """Hold ``block_ids`` of every layer tensor under a lease; ``layers_ready`` < all for layer-wise pulls."""
+        """Hold ``block_ids`` of every layer tensor under a lease; ``layers_ready`` < all for layer-wise pulls.
+
+        The handle returned describes this one sender (tests and single-rank use): all its heads, its address.
+        """
         if len(block_ids) != len(block_hashes):
             raise ValueError(f"{len(block_ids)} block ids but {len(block_hashes)} block hashes")
         first = layers[0]
-        handle = TransferHandle(
-            self.address, transfer_id, self.model_id, tuple(block_hashes), num_tokens,
-            str(first.dtype).removeprefix("torch."), tuple(first.shape[1:]), len(layers), tuple(backends), cache_layout,
+        fingerprint = KVFingerprint(
+            self.model_id, dtype=str(first.dtype).removeprefix("torch."), num_layers=len(layers),
+            num_kv_heads=first.shape[1], head_shape=tuple(first.shape[2:]), cache_layout=cache_layout,
         )  # fmt: skip
+        rank = SenderRank(self.address, 0, first.shape[1])
+        handle = TransferHandle(transfer_id, tuple(block_hashes), num_tokens, fingerprint, (rank,), tuple(backends))
         offer = Offer(
             handle,
             layers,
@@ -277,8 +391,11 @@ class TransferRegistry:
         with offer.changed:
             offer.changed.notify_all()
 
-    def read_blocks(self, offer: Offer, layer: int, block_indices: Sequence[int]) -> list[torch.Tensor]:
-        """The requested blocks of one layer, in request order, as views of each run of adjacent blocks.
+    def read_blocks(
+        self, offer: Offer, layer: int, block_indices: Sequence[int], heads: tuple[int, int] | None = None
+    ) -> list[torch.Tensor]:
+        """The requested blocks of one layer, in request order, as views of each run of adjacent blocks;
+        ``heads`` (first, count) narrows them to those KV heads (a view that is not contiguous).
 
         Views, not copies: the blocks cannot be freed while a pull is open on them.
         """
@@ -286,10 +403,39 @@ class TransferRegistry:
             raise TransferNotFound(offer.handle.transfer_id, f"{offer.state.name.lower()} while being pulled")
         ids = [offer.block_ids[i] for i in block_indices] if block_indices else offer.block_ids
         tensor = offer.layers[layer]
+        if heads is not None and heads != (0, tensor.shape[1]):
+            first, count = heads
+            return [tensor[start : start + length, first : first + count] for start, length in runs(ids)]
         return [tensor[start : start + length] for start, length in runs(ids)]
 
-    def release(self, transfer_id: str) -> TransferStatus:
+    def check_heads(self, offer: Offer, first: int, count: int) -> tuple[int, int]:
+        """(first, count) of the heads a pull asks for, checked; count 0 means all this sender holds."""
+        held = offer.layers[0].shape[1] if offer.layers else 0
+        count = count or held - first
+        if first < 0 or count <= 0 or first + count > held:
+            raise TransferRequestError(offer.handle.transfer_id, f"heads [{first}, {first + count}) of {held} held")
+        return first, count
+
+    def release(self, transfer_id: str, receivers: int = 1) -> TransferStatus:
+        """One receiver rank is done; the offer is freed when the last of ``receivers`` ranks is."""
+        offer = self._lookup(transfer_id)
+        if isinstance(offer, Offer) and receivers > 1:
+            with offer.changed:
+                offer.releases += 1
+                if offer.releases < receivers and not offer.state.final:
+                    return self._status(offer)
         return self._finish(transfer_id, TransferState.DONE, "released by the receiver")
+
+    def renew(self, transfer_id: str) -> TransferStatus:
+        """The puller is alive and still wants the blocks: the lease runs ``lease_s`` from now. A finished
+        transfer answers its final state (nothing to renew)."""
+        offer = self._lookup(transfer_id)
+        if isinstance(offer, TransferStatus):
+            return offer
+        with offer.changed:
+            if not offer.state.final:
+                offer.lease_deadline = max(offer.lease_deadline, self._clock() + self.lease_s)
+            return self._status(offer)
 
     def abort(self, transfer_id: str) -> TransferStatus:
         """Free an offer; an abort that comes before its offer (the handle went out up front) is kept,

@@ -17,21 +17,36 @@ one (the KV tensors, the bytes). Requests opt in through their
   those blocks as load errors, so vLLM recomputes them: the request completes,
   correctly, either way.
 
+Tensor parallelism: every rank's worker side serves the KV heads it holds
+from a KV server of its own; the handle names each prefill rank's address and
+heads. Each decode rank pulls exactly the heads it holds, side by side from the
+prefill ranks that hold them (``head_pulls``), so the two pools may run
+different tensor-parallel sizes. A prefill rank frees its blocks when every
+decode rank has released them. Before pulling, each decode rank compares the
+handle's KV fingerprint (model, checkpoint digest, dtype, layers, heads, head
+block, layout, block-hash scheme) with its own and refuses any difference: the
+blocks are recomputed, the cause counted, nothing is landed.
+
 The cluster secret comes from ``PDSERVE_CLUSTER_TOKEN`` (never from vLLM's
 config, which vLLM logs). Extra config (``kv_connector_extra_config``):
 ``host`` (sender bind address, default 127.0.0.1), ``lease_s`` (30),
 ``stall_timeout_s`` (5), ``max_chunk_bytes`` (4 MiB), ``backends`` (the
 receiver's preference, default ``["torch_dist", "grpc"]``: the first one the
-sender also speaks is used).
+sender also speaks is used), ``hash_scheme`` (set by pdserve), and
+``tls_cert_file``/``tls_key_file``/``tls_ca_file`` (TLS for KV: the gRPC
+channel only; a sender with TLS does not offer torch_dist, whose Gloo/NCCL
+bytes carry none).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,13 +57,34 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 from vllm.v1.request import RequestStatus
 
 from kv_transfer.channel import GrpcKVChannel, KVChannel
 from kv_transfer.dist_channel import DistKVChannel
-from kv_transfer.errors import TransferError
+from kv_transfer.errors import (
+    TransferDenied,
+    TransferError,
+    TransferIntegrityError,
+    TransferLayoutError,
+    TransferNotFound,
+    TransferRequestError,
+    TransferTimeout,
+    TransferUnavailable,
+    TransferVersionError,
+)
+from kv_transfer.fingerprint import weights_digest
 from kv_transfer.grpc_service import KVTransferServer
-from kv_transfer.transfer import DEFAULT_CHUNK_BYTES, TransferHandle, TransferRegistry, TransferState
+from kv_transfer.transfer import (
+    DEFAULT_CHUNK_BYTES,
+    KVFingerprint,
+    SenderRank,
+    TransferHandle,
+    TransferRegistry,
+    TransferState,
+    head_pulls,
+    rank_heads,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +94,22 @@ PULLED_TOKENS_KEY = "pdserve_pulled_tokens"  # in a consumer's final kv_transfer
 
 @dataclass
 class SenderInfo(KVConnectorHandshakeMetadata):
-    """What the worker side tells the scheduler side once its KV caches exist."""
+    """What one rank's worker side tells the scheduler side once its KV caches exist."""
 
     address: str
-    dtype: str
-    block_shape: tuple[int, ...]
-    num_layers: int
-    cache_layout: str
+    first_head: int
+    num_heads: int
+    fingerprint: KVFingerprint
+    backends: tuple[str, ...]  # the channels it serves
+
+    @classmethod
+    def from_dict(cls, data: dict) -> SenderInfo:
+        """From ``dataclasses.asdict`` of one (it crosses vLLM's ``collective_rpc`` as a dict)."""
+        fingerprint = {**data["fingerprint"], "head_shape": tuple(data["fingerprint"]["head_shape"])}
+        return cls(
+            data["address"], data["first_head"], data["num_heads"], KVFingerprint(**fingerprint),
+            tuple(data["backends"]),
+        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -104,15 +149,43 @@ def _hashes(params: dict, count: int) -> list[bytes]:
 
 
 def transfer_handle(
-    sender: SenderInfo, model_id: str, block_size: int, transfer_id: str, block_hashes: list[str], num_tokens: int
+    senders: list[SenderInfo], block_size: int, transfer_id: str, block_hashes: list[str], num_tokens: int
 ) -> str:
-    """The handle (hex) of a transfer ``sender`` offers, or will offer: the prefill worker hands it out up front,
-    from the handshake its engine's connector made (``Engine.kv_connector_handshake``), with no call into vLLM."""
+    """The handle (hex) of a transfer the ranks ``senders`` offer, or will offer: the prefill worker hands it out
+    up front, from the handshakes its engine's ranks made (``Engine.kv_connector_handshake``), with no call into
+    vLLM."""
     hashes = _hashes({"block_hashes": block_hashes}, -(-num_tokens // block_size))
-    return TransferHandle(
-        sender.address, transfer_id, model_id, tuple(hashes), num_tokens, sender.dtype, tuple(sender.block_shape),
-        sender.num_layers, ("grpc", "torch_dist"), sender.cache_layout,
-    ).to_bytes().hex()  # fmt: skip
+    ranks = tuple(SenderRank(s.address, s.first_head, s.num_heads) for s in senders)
+    handle = TransferHandle(transfer_id, tuple(hashes), num_tokens, senders[0].fingerprint, ranks, senders[0].backends)
+    return handle.to_bytes().hex()
+
+
+@dataclass(frozen=True)
+class KVTLS:
+    certificate: bytes
+    key: bytes
+    ca: bytes
+
+
+def kv_tls(extra: dict) -> KVTLS | None:
+    """TLS for KV from the connector's config (``tls_cert_file``, ``tls_key_file``, ``tls_ca_file``), or None."""
+    names = ("tls_cert_file", "tls_key_file", "tls_ca_file")
+    if not any(extra.get(name) for name in names):
+        return None
+    missing = [name for name in names if not extra.get(name)]
+    if missing:
+        raise ValueError(f"TLS for KV needs {', '.join(missing)} too")
+    return KVTLS(*(Path(extra[name]).read_bytes() for name in names))
+
+
+def failure_cause(exc: BaseException) -> str:
+    """The ``cause`` label of a failed load (``pdserve:kv_transfer_failures_total{cause}``)."""
+    causes = {
+        TransferLayoutError: "incompatible", TransferVersionError: "incompatible", TransferTimeout: "timeout",
+        TransferIntegrityError: "integrity", TransferNotFound: "not_found", TransferUnavailable: "unavailable",
+        TransferDenied: "denied", TransferRequestError: "bad_request",
+    }  # fmt: skip
+    return next((cause for kind, cause in causes.items() if isinstance(exc, kind)), "other")
 
 
 class PdserveConnector(KVConnectorBase_V1):
@@ -127,10 +200,12 @@ class PdserveConnector(KVConnectorBase_V1):
         self._stall_timeout_s = float(extra.get("stall_timeout_s", 5.0))
         self._max_chunk_bytes = int(extra.get("max_chunk_bytes", DEFAULT_CHUNK_BYTES))
         self._preferred = list(extra.get("backends", ["torch_dist", "grpc"]))
+        self._hash_scheme = int(extra.get("hash_scheme", 0))
+        self._tls = kv_tls(extra)
         self._block_size = vllm_config.cache_config.block_size
         self._layer_names = [name for group in kv_cache_config.kv_cache_groups for name in group.layer_names]
         # scheduler side
-        self._sender: SenderInfo | None = None
+        self._senders: list[SenderInfo] = []  # this engine's ranks, in rank order
         self._pending_offers: list[OfferSpec] = []
         self._pending_loads: list[LoadSpec] = []
         self._handles: dict[str, TransferHandle] = {}  # parsed once, until vLLM allocates the blocks
@@ -141,23 +216,28 @@ class PdserveConnector(KVConnectorBase_V1):
         self._pending_aborts: list[str] = []
         # worker side
         self._layers: list[torch.Tensor] = []
+        self._fingerprint: KVFingerprint | None = None
+        self._heads = range(0)  # the model's KV heads this rank holds
+        self._receivers = vllm_config.parallel_config.tensor_parallel_size  # ranks that pull for one request
         self._registry: TransferRegistry | None = None
         self._server: KVTransferServer | None = None
         self._channel: GrpcKVChannel | None = None  # control calls (release, abort)
         self._channels: dict[str, KVChannel] = {}
-        self._pullers: ThreadPoolExecutor | None = None
+        self._pullers: ThreadPoolExecutor | None = None  # one load per request
+        self._rank_pulls: ThreadPoolExecutor | None = None  # a load's pulls, one per sender rank, side by side
         self._lock = threading.Lock()
         self._request_of: dict[str, str] = {}  # transfer id → request id
         self._done_sending: set[str] = set()
         self._done_recving: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._pulls: dict[str, dict[str, float]] = {}  # backend → pulls, failures, bytes, seconds
+        self._failures: dict[str, int] = {}  # cause → failed loads
         self._stepping: list[OfferSpec] = []  # early offers whose layers this step computes
 
     # ----- scheduler side -----------------------------------------------------------------
 
     def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
-        self._sender = metadata.get(0)
+        self._senders = [metadata[rank] for rank in sorted(metadata)]
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
         params = request.kv_transfer_params or {}
@@ -180,7 +260,7 @@ class PdserveConnector(KVConnectorBase_V1):
             log.warning("request %s: unusable KV handle, prefilling locally: %s", request.request_id, exc)
             return None
         model = self._vllm_config.model_config.served_model_name
-        if handle.model_id != model:
+        if handle.model_id != model:  # the full fingerprint is compared by each rank before it pulls
             log.warning("request %s: handle is for model %r, not %r", request.request_id, handle.model_id, model)
             return None
         ours = request.kv_transfer_params.get("block_hashes") or []
@@ -243,7 +323,7 @@ class PdserveConnector(KVConnectorBase_V1):
         return True, {"pdserve_handle": handle}
 
     def _offer_spec(self, request, block_ids: list[int], num_tokens: int, early: bool) -> OfferSpec | None:
-        if self._sender is None:
+        if not self._senders:
             log.error("no KV sender registered; request %s is not offered", request.request_id)
             return None
         params = request.kv_transfer_params or {}
@@ -255,32 +335,41 @@ class PdserveConnector(KVConnectorBase_V1):
         return OfferSpec(request.request_id, transfer_id, blocks, _hashes(params, len(blocks)), num_tokens, early)
 
     def transfer_handle(self, transfer_id: str, block_hashes: list[str], num_tokens: int) -> str:
-        model = self._vllm_config.model_config.served_model_name
-        return transfer_handle(self._sender, model, self._block_size, transfer_id, block_hashes, num_tokens)
+        return transfer_handle(self._senders, self._block_size, transfer_id, block_hashes, num_tokens)
 
     # ----- worker side --------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Each layer's tensor is vLLM's logical per-layer view, [blocks, KV heads, block tokens, content]."""
         self._layers = [kv_caches[name] for name in self._layer_names]
         self._layer_index = {name: index for index, name in enumerate(self._layer_names)}
+        model = self._vllm_config.model_config
+        first = self._layers[0]
+        self._heads = rank_heads(get_tensor_model_parallel_rank(), self._receivers, model.get_total_num_kv_heads())
+        if first.shape[1] != len(self._heads):
+            raise ValueError(f"this rank's KV cache holds {first.shape[1]} heads; vLLM's sharding gives {self._heads}")
+        self._fingerprint = KVFingerprint(
+            model.served_model_name, weights_digest(model.model), str(first.dtype).removeprefix("torch."),
+            len(self._layers), model.get_total_num_kv_heads(), tuple(first.shape[2:]),
+            self._kv_cache_config.kv_cache_layout or "", self._hash_scheme,
+        )  # fmt: skip
         self._registry = TransferRegistry("", "", lease_s=self._lease_s, on_freed=self._freed)
-        self._server = KVTransferServer(self._registry, self._secret, self._host, 0, self._stall_timeout_s).start()
-        self._channel = GrpcKVChannel(self._secret, self._max_chunk_bytes)
+        server_tls = (self._tls.key, self._tls.certificate) if self._tls else None
+        self._server = KVTransferServer(
+            self._registry, self._secret, self._host, 0, self._stall_timeout_s, tls=server_tls
+        ).start()
+        self._channel = GrpcKVChannel(self._secret, self._max_chunk_bytes, self._tls.ca if self._tls else None)
         self._channels = {"grpc": self._channel, "torch_dist": DistKVChannel(self._channel)}
-        self._pullers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-kv-pull")
+        self._pullers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-kv-load")
+        self._rank_pulls = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pdserve-kv-pull")
 
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         return self._sender_info()
 
     def _sender_info(self) -> SenderInfo:
-        first = self._layers[0]
-        return SenderInfo(
-            self._server.address,
-            str(first.dtype).removeprefix("torch."),
-            tuple(first.shape[1:]),
-            len(self._layers),
-            self._kv_cache_config.kv_cache_layout or "",
-        )
+        # Gloo and NCCL carry no TLS: with TLS on, the KV bytes go over gRPC only
+        backends = ("grpc",) if self._tls else ("grpc", "torch_dist")
+        return SenderInfo(self._server.address, self._heads.start, len(self._heads), self._fingerprint, backends)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         """Before the forward (vLLM starts async loads only after it): aborts, and this step's early offers."""
@@ -347,8 +436,9 @@ class PdserveConnector(KVConnectorBase_V1):
         return failed
 
     def shutdown(self) -> None:
-        if self._pullers is not None:
-            self._pullers.shutdown(wait=False, cancel_futures=True)
+        for pool in (self._pullers, self._rank_pulls):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
         if self._server is not None:
             self._server.stop()
         if self._registry is not None:
@@ -357,30 +447,31 @@ class PdserveConnector(KVConnectorBase_V1):
             self._channel.close()
 
     def _load(self, load: LoadSpec) -> None:
+        """Pull this rank's heads of the blocks from the sender ranks that hold them, side by side; any failure
+        (an incompatible sender included: nothing is read from it) reports the blocks for recompute."""
+        handle, channel, cause = load.handle, self._channel_for(load.handle), None
+        nbytes, seconds = 0, 0.0
         try:
-            first = self._layers[0]
-            load.handle.check_layout(
-                str(first.dtype).removeprefix("torch."), first.shape[1:], len(self._layers),
-                self._kv_cache_config.kv_cache_layout or "",
-            )  # fmt: skip
-            channel = self._channel_for(load.handle)
-            result = channel.pull(
-                load.handle, self._layers, load.dest_block_ids, load.block_indices,
+            handle.fingerprint.check_compatible(handle.transfer_id, self._fingerprint)
+            pull = functools.partial(
+                channel.pull, handle, self._layers, load.dest_block_ids, load.block_indices,
                 stall_timeout_s=self._stall_timeout_s,
             )  # fmt: skip
-            self._count(channel.name, result.bytes, result.seconds, failed=False)
-            failed = False
-        except TransferError as exc:
-            log.warning("KV load failed, recomputing locally: %s", exc)
-            failed = True
+            pulls = [self._rank_pulls.submit(pull, rank=r, heads=h) for r, h in head_pulls(handle.ranks, self._heads)]
+            wait(pulls)  # every pull has let go of the destination blocks before any outcome is reported
+            for future in pulls:
+                result = future.result()
+                nbytes, seconds = nbytes + result.bytes, max(seconds, result.seconds)
+        except (TransferError, ValueError) as exc:  # ValueError: the sender's ranks lack heads this one holds
+            cause = failure_cause(exc) if isinstance(exc, TransferError) else "incompatible"
+            log.warning("KV load failed (%s), recomputing locally: %s", cause, exc)
         except Exception:
+            cause = "other"
             log.exception("KV load failed, recomputing locally")
-            failed = True
-        if failed:
-            self._count(self._channel_for(load.handle).name, 0, 0.0, failed=True)
-        self._finish_remote(load.handle, failed)
+        self._count(channel.name, nbytes, seconds, cause)
+        self._finish_remote(handle, failed=cause is not None)
         with self._lock:
-            if failed:
+            if cause is not None:
                 self._failed_blocks.update(load.dest_block_ids)
             self._done_recving.add(load.request_id)
 
@@ -396,29 +487,39 @@ class PdserveConnector(KVConnectorBase_V1):
         """Offers still held for a peer to pull (a producer's; none on a consumer)."""
         return len(self._registry.active()) if self._registry is not None else 0
 
-    def transfer_stats(self) -> dict[str, dict[str, float]]:
-        """Pulls this worker made, per backend: counts, failures, bytes and seconds (for metrics)."""
+    def transfer_stats(self) -> dict[str, dict]:
+        """For metrics: this rank's pulls per backend (counts, failures, bytes, seconds), its failed loads per
+        cause, and its offers by final state (``expired``: leases that ran out)."""
+        offers = dict(self._registry.stats().finished) if self._registry is not None else {}
         with self._lock:
-            return {backend: dict(figures) for backend, figures in self._pulls.items()}
+            pulls = {backend: dict(figures) for backend, figures in self._pulls.items()}
+            return {"pulls": pulls, "failures": dict(self._failures), "offers": offers}
 
-    def _count(self, backend: str, nbytes: int, seconds: float, failed: bool) -> None:
+    def _count(self, backend: str, nbytes: int, seconds: float, cause: str | None) -> None:
         with self._lock:
             figures = self._pulls.setdefault(backend, {"pulls": 0, "failures": 0, "bytes": 0, "seconds": 0.0})
             figures["pulls"] += 1
-            figures["failures"] += int(failed)
+            figures["failures"] += int(cause is not None)
             figures["bytes"] += nbytes
             figures["seconds"] += seconds
+            if cause is not None:
+                self._failures[cause] = self._failures.get(cause, 0) + 1
 
     def _channel_for(self, handle: TransferHandle) -> KVChannel:
         backend = next((b for b in self._preferred if b in handle.backends and b in self._channels), "grpc")
         return self._channels[backend]
 
     def _finish_remote(self, handle: TransferHandle, failed: bool) -> None:
-        """Tell the sender to free its blocks; a dead sender frees them by its lease."""
-        try:
-            (self._channel.abort if failed else self._channel.release)(handle, timeout_s=self._stall_timeout_s)
-        except TransferError as exc:
-            log.info("could not tell the sender to free %s: %s", handle.transfer_id, exc)
+        """Tell every sender rank this rank is done: each frees its blocks once all of this engine's ranks are
+        (or at once, on a failure); a dead sender frees them by its lease."""
+        for rank in range(len(handle.ranks)):
+            try:
+                if failed:
+                    self._channel.abort(handle, self._stall_timeout_s, rank)
+                else:
+                    self._channel.release(handle, self._stall_timeout_s, rank, self._receivers)
+            except TransferError as exc:
+                log.info("could not tell sender rank %d to free %s: %s", rank, handle.transfer_id, exc)
 
     def _freed(self, transfer_id: str, state: TransferState) -> None:
         with self._lock:

@@ -158,8 +158,33 @@ class TransferConfig(BaseModel):
     backends: list[Literal["torch_dist", "grpc"]] = Field(
         default_factory=lambda: ["torch_dist", "grpc"], description="KV channels in order of preference"
     )
-    lease_s: float = Field(default=30.0, gt=0, description="how long a prefill worker holds KV nobody pulled")
+    lease_s: float = Field(
+        default=30.0, gt=0, description="how long a prefill worker holds KV nobody pulled; the puller renews it"
+    )
     stall_timeout_s: float = Field(default=5.0, gt=0, description="a pull that makes no progress this long fails")
+    tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate each prefill worker's KV server presents (TLS for KV)"
+    )
+    tls_key_file: Path | None = Field(default=None, description="its PEM private key")
+    tls_ca_file: Path | None = Field(default=None, description="PEM CA the decode workers check that certificate with")
+
+    @model_validator(mode="after")
+    def _tls_is_whole(self) -> TransferConfig:
+        """TLS for KV takes all three files, readable now, not at the first transfer."""
+        files = {"tls_cert_file": self.tls_cert_file, "tls_key_file": self.tls_key_file,
+                 "tls_ca_file": self.tls_ca_file}  # fmt: skip
+        given = {name for name, path in files.items() if path is not None}
+        if given and given != set(files):
+            raise ValueError(f"TLS for KV needs {', '.join(sorted(set(files) - given))} too")
+        for name, path in files.items():
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        return self
+
+    def connector_extra(self) -> dict:
+        """The connector's own knobs, as its ``kv_connector_extra_config`` (paths as strings)."""
+        return {name: str(value) if isinstance(value, Path) else value
+                for name, value in self.model_dump().items() if value is not None}  # fmt: skip
 
 
 class ServiceConfig(BaseModel):

@@ -11,8 +11,11 @@ other engine binds (engine/core_ledger.py). Where a node has fewer engine cores
 than ranks, no core is reserved and the ranks split the node's cores: on a
 2-core node, disaggregated, prefill on one core and decode on the other, as
 pdserve ran before, rather than two spinning engines on one core (README,
-"Cores on CPU nodes"). Where even that cannot give each rank a core, the
-engines share all cores (vLLM's own binding), said at start.
+"Cores on CPU nodes"). Where even that cannot give each rank a core (a
+two-rank prefill engine beside a decode engine on two cores), each engine still
+asks for a core per rank: the first claims free ones, the next binds one rank
+per core of the node, shared, and says so at start (vLLM's own binding cannot
+place two ranks on one NUMA node).
 """
 
 from __future__ import annotations
@@ -54,20 +57,15 @@ def plan(config: PdserveConfig, roles: list[Role], gpus_per_node: float = 0.0) -
     node_cores = len(os.sched_getaffinity(0))
     for role in roles:
         _check_engine(engines[role], _field(config, role), pools[role], node_cores, gpus_per_node)
-        if "prefill" in roles and engines[role].tensor_parallel_size > 1:
-            # pdserve's connector serves and pulls one rank's KV: between multi-rank engines each rank
-            # would need its own peer (issue #19). Refused rather than moving one rank's heads to all.
-            raise ConfigError(
-                f"{_field(config, role)}.tensor_parallel_size: KV transfer between multi-rank engines is not built "
-                "yet; disaggregated pools run tensor_parallel_size 1 (colocated mode runs any)"
-            )
+    if {"prefill", "decode"} <= set(roles):
+        _check_kv_interchangeable(config, engines["prefill"], engines["decode"])
     auto = [r for r in roles if _binds_auto(pools[r], engines[r])]
     ranks = sum(_initial_replicas(pools[r]) * engines[r].tensor_parallel_size for r in auto)
     reserved = config.service.reserved_cores
     if ranks and node_cores - reserved >= ranks:
         request = {"per_rank": (node_cores - reserved) // ranks, "reserved": reserved}
-    elif ranks and node_cores >= ranks:  # too few to keep one back: split the node, reserve none
-        request = {"per_rank": node_cores // ranks, "reserved": 0}
+    elif ranks:  # too few to keep one back: split the node, reserve none; fewer cores than ranks: share some
+        request = {"per_rank": max(1, node_cores // ranks), "reserved": 0}
     else:
         request = None
     return {
@@ -102,6 +100,32 @@ def _initial_replicas(pool: PoolConfig) -> int:
 def _field(config: PdserveConfig, role: Role) -> str:
     overrides = getattr(config.service, role).engine
     return f"service.{role}.engine" if "tensor_parallel_size" in overrides else "engine"
+
+
+def _check_kv_interchangeable(config: PdserveConfig, prefill: EngineConfig, decode: EngineConfig) -> None:
+    """The pools' KV must be interchangeable (the model, block size and hashing are one for the service).
+
+    Tensor-parallel sizes may differ: each decode rank pulls the KV heads it holds from the prefill ranks
+    that hold them. Not for a model whose KV is not split by head (MLA's latent KV), and not between
+    element types. A ``dtype: auto`` is compared again, resolved, by each transfer's fingerprint."""
+    for name in ("dtype", "kv_cache_dtype"):
+        ours, theirs = getattr(prefill, name), getattr(decode, name)
+        if ours != theirs and "auto" not in (ours, theirs):
+            raise ConfigError(
+                f"{_where(config, 'prefill', name)}.{name} {ours!r} != {_where(config, 'decode', name)}.{name} "
+                f"{theirs!r}: KV moved between the pools must have one element type"
+            )
+    hf = json.loads((prefill.model / "config.json").read_text())
+    if hf.get("kv_lora_rank") and prefill.tensor_parallel_size != decode.tensor_parallel_size:
+        raise ConfigError(
+            f"{_field(config, 'prefill')}.tensor_parallel_size {prefill.tensor_parallel_size} != "
+            f"{_field(config, 'decode')}.tensor_parallel_size {decode.tensor_parallel_size}: this model's KV "
+            "(multi-head latent attention) is not split by head; the pools must run one tensor-parallel size"
+        )
+
+
+def _where(config: PdserveConfig, role: Role, name: str) -> str:
+    return f"service.{role}.engine" if name in getattr(config.service, role).engine else "engine"
 
 
 def _check_engine(engine: EngineConfig, where: str, pool: PoolConfig, node_cores: int, gpus: float) -> None:

@@ -36,7 +36,7 @@ class PrefillWorker(HostedWorker):
         os.environ[TOKEN_ENV] = settings.cluster_token.get_secret_value()  # the connector vLLM builds reads it here
         worker_id = serve.get_replica_context().replica_id.unique_id
         self._start(with_transfer_host(engine_config), "prefill", worker_id, settings)
-        self._sender = SenderInfo(**self._host.engine.kv_connector_handshake())
+        self._senders = [SenderInfo.from_dict(rank) for rank in self._host.engine.kv_connector_handshake()]
 
     async def prefill(self, job: PrefillJob, worker_id: str | None = None) -> AsyncIterator[PrefillResult]:
         """Yield the transfer handle at once (the decode worker pulls each layer as it is computed), then the end.
@@ -49,8 +49,7 @@ class PrefillWorker(HostedWorker):
         sampling = replace(job.request.sampling, **one_token)  # the decode worker makes every output token
         request = replace(job.request, sampling=sampling, kv_transfer_params=params)
         prompt = len(request.prompt_token_ids)
-        handle = transfer_handle(self._sender, self._host.engine.model_id, self._host.engine.block_size,
-                                 job.transfer_id, job.block_hashes, prompt)  # fmt: skip
+        handle = transfer_handle(self._senders, self._host.engine.block_size, job.transfer_id, job.block_hashes, prompt)
         yield PrefillResult(handle, finished=False)
         last = None
         async for delta in self._host.stream(request):

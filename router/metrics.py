@@ -62,12 +62,10 @@ class RouterMetrics:
         )
         self._health = health
 
-    def render(
-        self, workers: list[WorkerInfo], transfers: dict[str, dict[str, dict[str, float]]] | None = None
-    ) -> bytes:
-        """The registry, plus the live workers' load as of their last heartbeat and the decode workers' KV pulls
-        (worker → backend → figures), both read just now by the caller (off the event loop where they cross
-        the network)."""
+    def render(self, workers: list[WorkerInfo], transfers: dict[str, dict[str, dict]] | None = None) -> bytes:
+        """The registry, plus the live workers' load as of their last heartbeat and their KV transfer figures
+        (worker → figures, ``_TransferCollector``), both read just now by the caller (off the event loop where
+        they cross the network)."""
         extra = CollectorRegistry()
         extra.register(_WorkerCollector(workers, self._health))
         if transfers:
@@ -125,25 +123,44 @@ class _Bound:
 
 
 class _TransferCollector:
-    """KV pulls per decode worker and backend; counters that restart with the worker."""
+    """KV transfers per worker, named after vLLM's NIXL connector metrics; counters that restart with the worker.
 
-    NAMES = {
+    A worker's figures: ``pulls`` (backend → pulls, bytes, seconds), ``failures`` (cause → loads that failed
+    and were recomputed), ``offers`` (final state → offers; ``expired``: leases that ran out)."""
+
+    PULLS = {
         "pulls": ("kv_transfers", "KV pulls."),
-        "failures": ("kv_transfer_failures", "KV pulls that failed (the tokens were recomputed)."),
         "bytes": ("kv_transfer_bytes", "Bytes of KV pulled."),
         "seconds": ("kv_transfer_seconds", "Seconds spent pulling KV."),
     }
 
-    def __init__(self, transfers: dict[str, dict[str, dict[str, float]]]):
+    def __init__(self, transfers: dict[str, dict[str, dict]]):
         self._transfers = transfers
 
     def collect(self):
-        for key, (name, doc) in self.NAMES.items():
+        workers = sorted(self._transfers.items())
+        for key, (name, doc) in self.PULLS.items():
             family = CounterMetricFamily(f"pdserve:{name}", doc, labels=["backend", "worker"])
-            for worker, backends in sorted(self._transfers.items()):
-                for backend, figures in sorted(backends.items()):
-                    family.add_metric([backend, worker], figures.get(key, 0))
+            for worker, figures in workers:
+                for backend, pulls in sorted(figures.get("pulls", {}).items()):
+                    family.add_metric([backend, worker], pulls.get(key, 0))
             yield family
+        failures = CounterMetricFamily(
+            "pdserve:kv_transfer_failures",
+            "KV loads that failed and were recomputed, by cause (incompatible, timeout, integrity, not_found, "
+            "unavailable, denied, bad_request, other).",
+            labels=["cause", "worker"],
+        )
+        expired = CounterMetricFamily(
+            "pdserve:kv_leases_expired", "Offers freed because their lease ran out.", labels=["worker"]
+        )
+        for worker, figures in workers:
+            for cause, count in sorted(figures.get("failures", {}).items()):
+                failures.add_metric([cause, worker], count)
+            if "offers" in figures:
+                expired.add_metric([worker], figures["offers"].get("expired", 0))
+        yield failures
+        yield expired
 
 
 class _WorkerCollector:

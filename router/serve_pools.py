@@ -38,8 +38,9 @@ class ServeWorkerPools:
         call = pinned_call(self._prefill.abort_transfer, transfer_id, worker_id=worker_id)
         await asyncio.wait_for(_result(call), timeout_s)
 
-    async def transfer_stats(self, worker_id: str, timeout_s: float) -> dict[str, dict[str, float]]:
-        return await asyncio.wait_for(_result(pinned_call(self._decode.transfer_stats, worker_id=worker_id)), timeout_s)
+    async def transfer_stats(self, role: str, worker_id: str, timeout_s: float) -> dict[str, dict]:
+        deployment = self._decode if role == "decode" else self._prefill
+        return await asyncio.wait_for(_result(pinned_call(deployment.transfer_stats, worker_id=worker_id)), timeout_s)
 
     def leaving(self) -> dict[str, float]:
         return LeftReplicas.since()

@@ -76,8 +76,8 @@ class WorkerPools(Protocol):
     async def abort_transfer(self, worker_id: str, transfer_id: str, timeout_s: float) -> None:
         """Free a transfer nobody will take, offered or not yet (then it is refused when offered)."""
 
-    async def transfer_stats(self, worker_id: str, timeout_s: float) -> dict[str, dict[str, float]]:
-        """A decode worker's KV pulls per backend."""
+    async def transfer_stats(self, role: str, worker_id: str, timeout_s: float) -> dict[str, dict]:
+        """A worker's KV transfer figures: pulls per backend, failed loads per cause, offers by final state."""
 
 
 @dataclass(frozen=True)
@@ -295,15 +295,13 @@ class GenerationService:
         return aborted is not None
 
     async def render_metrics(self) -> bytes:
-        """Prometheus text: the router's own metrics and, read now, every live decode worker's KV pulls."""
+        """Prometheus text: the router's own metrics and, read now, every live worker's KV transfer figures."""
         live = await self.live_workers()
-        decoders = [w.worker_id for w in live if w.role == "decode"]
-        if self.mode != "disaggregated":
-            decoders = []
+        workers = [w for w in live if self.mode == "disaggregated"]
         answers = await asyncio.gather(
-            *(self._pools.transfer_stats(worker, 1.0) for worker in decoders), return_exceptions=True
+            *(self._pools.transfer_stats(w.role, w.worker_id, 1.0) for w in workers), return_exceptions=True
         )
-        transfers = {w: a for w, a in zip(decoders, answers, strict=True) if isinstance(a, dict)}
+        transfers = {w.worker_id: a for w, a in zip(workers, answers, strict=True) if isinstance(a, dict)}
         return self.metrics.render(live, transfers)
 
     def running(self) -> int:

@@ -44,6 +44,9 @@ def _sender_main(conn, spec: dict) -> None:
     )
     server = KVTransferServer(registry, SECRET, stall_timeout_s=spec.get("stall_s", 5.0)).start()
     layers = layer_tensors(spec["layers"], spec["blocks"], tuple(spec["block_shape"]), spec["dtype"], spec["seed"])
+    if "heads" in spec:  # one tensor-parallel rank's share of the KV heads
+        first, count = spec["heads"]
+        layers = [layer[:, first : first + count].contiguous() for layer in layers]
     layers = [layer.to(spec.get("device", "cpu")) for layer in layers]
     conn.send(("ready", server.address))
     while conn.poll(120):
@@ -121,7 +124,7 @@ def _receiver_main(handle_bytes: bytes, stall_s: float) -> None:
     from kv_transfer.transfer import TransferHandle
 
     handle = TransferHandle.from_bytes(handle_bytes)
-    shape, dtype = (handle.num_blocks, *handle.block_shape), getattr(torch, handle.dtype)
+    shape, dtype = (handle.num_blocks, *handle.block_shape()), getattr(torch, handle.dtype)
     dest = [torch.zeros(shape, dtype=dtype) for _ in range(handle.num_layers)]
     GrpcKVChannel(SECRET).pull(handle, dest, list(range(handle.num_blocks)), stall_timeout_s=stall_s, timeout_s=600)
 

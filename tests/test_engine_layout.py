@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -43,10 +45,38 @@ def test_a_pool_runs_its_own_tensor_parallel_size_and_gets_cores_for_each_rank(m
     assert pools["decode"].cores == CoreRequest(per_rank=7, ranks=2, reserved=1)
 
 
-def test_disaggregated_pools_with_several_ranks_are_refused_until_rank_to_rank_transfer_exists(model_dir, cores):
+@pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2), (2, 2)])
+def test_disaggregated_pools_may_run_different_tensor_parallel_sizes(model_dir, cores, prefill_tp, decode_tp):
     cores(16)
-    with pytest.raises(ConfigError, match="service.prefill.engine.tensor_parallel_size: KV transfer between"):
-        plan(config(model_dir, **{"service.prefill.engine": {"tensor_parallel_size": 2}}), ["decode", "prefill"])
+    pools = plan(config(model_dir, **{"service.prefill.engine": {"tensor_parallel_size": prefill_tp},
+                                      "service.decode.engine": {"tensor_parallel_size": decode_tp}}),
+                 ["decode", "prefill"])  # fmt: skip
+    assert (pools["prefill"].engine.tensor_parallel_size, pools["decode"].engine.tensor_parallel_size) == (
+        prefill_tp, decode_tp)  # fmt: skip
+
+
+def test_pools_whose_kv_element_types_differ_are_refused_naming_both(model_dir, cores):
+    cores(16)
+    with pytest.raises(ConfigError, match="service.prefill.engine.dtype 'float32' != engine.dtype 'bfloat16'"):
+        plan(config(model_dir, **{"engine.dtype": "bfloat16", "service.prefill.engine": {"dtype": "float32"}}),
+             ["decode", "prefill"])  # fmt: skip
+
+
+def test_a_model_whose_kv_is_not_split_by_head_is_refused_different_tensor_parallel_sizes(model_dir, cores, tmp_path):
+    cores(16)
+    latent = tmp_path / "latent"
+    shutil.copytree(model_dir, latent)
+    hf = json.loads((latent / "config.json").read_text())
+    (latent / "config.json").write_text(json.dumps({**hf, "kv_lora_rank": 64}))
+    with pytest.raises(ConfigError, match="not split by head; the pools must run one tensor-parallel size"):
+        plan(config(latent, **{"service.prefill.engine": {"tensor_parallel_size": 2}}), ["decode", "prefill"])
+
+
+def test_more_ranks_than_cores_still_bind_a_core_per_rank_sharing_some(model_dir, cores):
+    cores(2)
+    pools = plan(config(model_dir, **{"service.prefill.engine": {"tensor_parallel_size": 2}}), ["decode", "prefill"])
+    assert pools["prefill"].cores == CoreRequest(per_rank=1, ranks=2, reserved=0)
+    assert pools["decode"].cores == CoreRequest(per_rank=1, ranks=1, reserved=0)
 
 
 def test_two_cores_disaggregated_split_the_node_and_reserve_none(model_dir, cores):

@@ -243,7 +243,7 @@ def test_a_process_without_the_cluster_token_cannot_pull_or_free_kv(service, cli
     prefill = serve.get_deployment_handle("PrefillWorker", service.config.service.app_name)
     first = prefill.options(stream=True).prefill.remote(job).__next__()
     handle = TransferHandle.from_bytes(bytes.fromhex(first.handle))
-    dest = [torch.zeros((handle.num_blocks, *handle.block_shape), dtype=getattr(torch, handle.dtype))
+    dest = [torch.zeros((handle.num_blocks, *handle.block_shape()), dtype=getattr(torch, handle.dtype))
             for _ in range(handle.num_layers)]  # fmt: skip
     for token in ("", "not-the-token"):
         with pytest.raises(TransferDenied):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,14 @@ from kv_transfer.errors import (
     TransferVersionError,
 )
 from kv_transfer.grpc_service import KVTransferServer
-from kv_transfer.transfer import WIRE_VERSION, TransferHandle, TransferRegistry, TransferState
+from kv_transfer.transfer import (
+    WIRE_VERSION,
+    KVFingerprint,
+    SenderRank,
+    TransferHandle,
+    TransferRegistry,
+    TransferState,
+)
 from pdserve_pb.v1 import kv_transfer_pb2 as pb
 from pdserve_pb.v1 import kv_transfer_pb2_grpc as pb_grpc
 
@@ -54,7 +62,7 @@ def channel_for(backend: str, secret: str = SECRET):
 
 
 def empty_like(handle: TransferHandle, blocks: int | None = None) -> list[torch.Tensor]:
-    shape = (blocks or handle.num_blocks, *handle.block_shape)
+    shape = (blocks or handle.num_blocks, *handle.block_shape())
     return [torch.zeros(shape, dtype=getattr(torch, handle.dtype)) for _ in range(handle.num_layers)]
 
 
@@ -206,7 +214,7 @@ def test_a_wrong_or_missing_token_is_denied_before_any_byte_moves(sender):
     dest = empty_like(handle)
     with pytest.raises(TransferDenied, match="PERMISSION_DENIED"):
         GrpcKVChannel("not-the-secret").pull(handle, dest, [0, 1])
-    stub = pb_grpc.KVTransferStub(grpc.insecure_channel(handle.sender_address))
+    stub = pb_grpc.KVTransferStub(grpc.insecure_channel(handle.address()))
     with pytest.raises(grpc.RpcError) as info:
         stub.Release(pb.TransferRef(wire_version=WIRE_VERSION, transfer_id="secret"), timeout=5)
     assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -247,18 +255,19 @@ def test_pulling_an_unknown_or_released_transfer_is_not_found(sender):
     channel.release(handle)
     with pytest.raises(TransferNotFound, match="already done"):
         channel.pull(handle, empty_like(handle), [0])
-    ghost = TransferHandle(**{**handle.__dict__, "transfer_id": "never-offered"})
+    ghost = dataclasses.replace(handle, transfer_id="never-offered")
     with pytest.raises(TransferNotFound, match="unknown transfer"):
         channel.pull(ghost, empty_like(ghost), [0])
 
 
-def test_a_handle_or_request_from_a_newer_wire_version_is_refused(sender):
-    newer = TransferHandle("127.0.0.1:1", "v9", "m", (b"x" * 16,), 16, "float32", (8, 16, 64), 4, wire_version=9)
-    with pytest.raises(TransferVersionError, match="wire version 9 is newer"):
+def test_a_handle_or_request_of_another_wire_version_is_refused(sender):
+    fingerprint = KVFingerprint("m", dtype="float32", num_layers=4, num_kv_heads=8, head_shape=(16, 64))
+    newer = TransferHandle("v9", (b"x" * 16,), 16, fingerprint, (SenderRank("127.0.0.1:1", 0, 8),), wire_version=9)
+    with pytest.raises(TransferVersionError, match=f"wire version 9; this peer speaks {WIRE_VERSION}"):
         TransferHandle.from_bytes(newer.to_bytes())
     peer = sender(**LLAMA_LIKE)
     handle = peer.offer("v", [1])
-    stub = pb_grpc.KVTransferStub(grpc.insecure_channel(handle.sender_address))
+    stub = pb_grpc.KVTransferStub(grpc.insecure_channel(handle.address()))
     metadata = [(auth.METADATA_KEY, auth.proof(SECRET, "v"))]
     with pytest.raises(grpc.RpcError) as info:
         list(stub.Pull(pb.PullRequest(wire_version=9, transfer_id="v"), timeout=5, metadata=metadata))
@@ -283,7 +292,7 @@ def test_a_receiver_with_another_layout_is_refused(sender):
     peer = sender(**LLAMA_LIKE)
     handle = peer.offer("layout", [1])
     wrong = [torch.zeros((1, 8, 16, 256), dtype=torch.float16) for _ in range(4)]
-    with pytest.raises(TransferLayoutError, match="sender layout"):
+    with pytest.raises(TransferLayoutError, match=r"sender \(dtype, head block\)"):
         GrpcKVChannel(SECRET).pull(handle, wrong, [0])
 
 
@@ -389,8 +398,11 @@ def test_grpc_transfers_can_run_over_tls(tmp_path):
         registry.close()
 
 
-def test_a_receiver_with_another_cache_layout_name_is_refused():
-    handle = TransferHandle("a:1", "t", "m", (b"x" * 16,), 16, "float32", (8, 16, 64), 4, cache_layout="LBHNC")
-    handle.check_layout("float32", (8, 16, 64), 4, "LBHNC")
-    with pytest.raises(TransferLayoutError, match="LBHNC"):
-        handle.check_layout("float32", (8, 16, 64), 4, "NHD")
+def test_a_receiver_whose_kv_fingerprint_differs_is_refused_naming_both():
+    sender = KVFingerprint("m", "w1", "bfloat16", 4, 8, (16, 64), "LBHNC", 1)
+    sender.check_compatible("t", dataclasses.replace(sender))
+    for field, value in [("cache_layout", "NHD"), ("dtype", "float32"), ("weights", "w2"), ("head_shape", (32, 64)),
+                         ("model_id", "other"), ("hash_scheme", 2), ("num_kv_heads", 4)]:  # fmt: skip
+        receiver = dataclasses.replace(sender, **{field: value})
+        with pytest.raises(TransferLayoutError, match=f"incompatible KV: sender .* vs receiver .*{field}: "):
+            sender.check_compatible("t", receiver)

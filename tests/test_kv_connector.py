@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -242,9 +243,9 @@ def test_a_chunk_corrupted_on_the_wire_means_local_recompute_and_nothing_corrupt
     ids = prompt(6 * BLOCK + 1, offset=16)
     reference = prefill.generate("ref13", ids, 16)[0]
     handle = produce(prefill, "p13", ids)
-    proxy = CorruptingProxy(handle.sender_address, offset=64 * 1024)
+    proxy = CorruptingProxy(handle.address(), offset=64 * 1024)
     try:
-        through_proxy = TransferHandle(**{**handle.__dict__, "sender_address": proxy.address, "backends": ("grpc",)})
+        through_proxy = dataclasses.replace(handle.with_address(proxy.address), backends=("grpc",))
         tokens, _, _, reason = consume(decode, "d13", ids, through_proxy)
         assert proxy.corrupted >= 1
         assert tokens == reference and reason == "length"
@@ -258,8 +259,9 @@ def test_an_unusable_handle_means_a_local_prefill_with_the_same_output(prefill, 
     ids = prompt(2 * BLOCK + 5, offset=10)
     reference = prefill.generate("ref8", ids, 16)[0]
     handle = produce(prefill, "p8", ids)
-    other_model = TransferHandle(**{**handle.__dict__, "model_id": "another-model"}).to_bytes().hex()
-    newer_wire = TransferHandle(**{**handle.__dict__, "wire_version": 99}).to_bytes().hex()
+    other_model = dataclasses.replace(handle, fingerprint=dataclasses.replace(handle.fingerprint, model_id="another"))
+    other_model = other_model.to_bytes().hex()
+    newer_wire = dataclasses.replace(handle, wire_version=99).to_bytes().hex()
     for i, bad in enumerate(["not-hex", "00ff", "", other_model, newer_wire]):
         tokens, _, cached, reason = consume(decode, f"bad{i}", ids, bad)
         assert tokens == reference and reason == "length"

@@ -30,8 +30,8 @@ def offer(registry, transfer_id="t", **kwargs):
 
 def test_an_offer_describes_its_blocks_in_its_handle(registry):
     handle = offer(registry)
-    assert (handle.sender_address, handle.num_blocks, handle.num_layers, handle.dtype) == ("addr", 2, 2, "float32")
-    assert handle.block_shape == (8,)
+    assert (handle.address(), handle.num_blocks, handle.num_layers, handle.dtype) == ("addr", 2, 2, "float32")
+    assert handle.block_shape() == (8,)
     assert registry.status("t").state == TransferState.OFFERED
 
 

@@ -24,35 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpdserve_pb/v1/kv_transfer.proto\x12\npdserve.v1\"\xef\x01\n\x0eTransferHandle\x12\x14\n\x0cwire_version\x18\x01 \x01(\r\x12\x16\n\x0esender_address\x18\x02 \x01(\t\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x05 \x03(\x0c\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\r\n\x05\x64type\x18\x07 \x01(\t\x12\x13\n\x0b\x62lock_shape\x18\x08 \x03(\r\x12\x12\n\nnum_layers\x18\t \x01(\r\x12\x10\n\x08\x62\x61\x63kends\x18\n \x03(\t\x12\x14\n\x0c\x63\x61\x63he_layout\x18\x0b \x01(\t\"x\n\x0bPullRequest\x12\x14\n\x0cwire_version\x18\x01 \x01(\r\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x15\n\rblock_indices\x18\x03 \x03(\r\x12\x0e\n\x06layers\x18\x04 \x03(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\"\xb7\x01\n\x0b\x43hunkHeader\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12 \n\x04part\x18\x03 \x01(\x0e\x32\x12.pdserve.v1.KVPart\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x13\n\x0b\x62yte_offset\x18\x06 \x01(\x04\x12\x13\n\x0b\x62yte_length\x18\x07 \x01(\r\x12\x0f\n\x07xxh3_64\x18\x08 \x01(\x04\">\n\x05\x43hunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.pdserve.v1.ChunkHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"]\n\x0f\x44istPullRequest\x12%\n\x04pull\x18\x01 \x01(\x0b\x32\x17.pdserve.v1.PullRequest\x12\x13\n\x0breceiver_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\x8d\x01\n\x08\x44istPlan\x12\x12\n\nstore_host\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\r\x12\x11\n\tgroup_key\x18\x03 \x01(\t\x12\x10\n\x08tag_base\x18\x04 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x0e\n\x06layers\x18\x06 \x03(\r\x12\x13\n\x0brun_lengths\x18\x07 \x03(\r\"8\n\x0bTransferRef\x12\x14\n\x0cwire_version\x18\x01 \x01(\r\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\"\xa4\x01\n\x0eTransferStatus\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.pdserve.v1.TransferState\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x19\n\x11lease_remaining_s\x18\x04 \x01(\x01\x12\x12\n\nbytes_sent\x18\x05 \x01(\x04\x12\x14\n\x0clayers_ready\x18\x06 \x01(\r*?\n\x0bWireVersion\x12\x1c\n\x18WIRE_VERSION_UNSPECIFIED\x10\x00\x12\x12\n\x0eWIRE_VERSION_1\x10\x01*\xd3\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRANSFER_STATE_OFFERED\x10\x01\x12\x1a\n\x16TRANSFER_STATE_PULLING\x10\x02\x12\x17\n\x13TRANSFER_STATE_DONE\x10\x03\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x04\x12\x1a\n\x16TRANSFER_STATE_EXPIRED\x10\x05\x12\x1a\n\x16TRANSFER_STATE_ABORTED\x10\x06*O\n\x06KVPart\x12\x17\n\x13KV_PART_UNSPECIFIED\x10\x00\x12\x0e\n\nKV_PART_KV\x10\x01\x12\r\n\tKV_PART_K\x10\x02\x12\r\n\tKV_PART_V\x10\x03\x32\xbe\x02\n\nKVTransfer\x12\x34\n\x04Pull\x12\x17.pdserve.v1.PullRequest\x1a\x11.pdserve.v1.Chunk0\x01\x12=\n\x08PullDist\x12\x1b.pdserve.v1.DistPullRequest\x1a\x14.pdserve.v1.DistPlan\x12>\n\x07Release\x12\x17.pdserve.v1.TransferRef\x1a\x1a.pdserve.v1.TransferStatus\x12<\n\x05\x41\x62ort\x12\x17.pdserve.v1.TransferRef\x1a\x1a.pdserve.v1.TransferStatus\x12=\n\x06Status\x12\x17.pdserve.v1.TransferRef\x1a\x1a.pdserve.v1.TransferStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fpdserve_pb/v1/kv_transfer.proto\x12\npdserve.v1\"\xaa\x01\n\rKVFingerprint\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x0f\n\x07weights\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x12\n\nnum_layers\x18\x04 \x01(\r\x12\x14\n\x0cnum_kv_heads\x18\x05 \x01(\r\x12\x12\n\nhead_shape\x18\x06 \x03(\r\x12\x14\n\x0c\x63\x61\x63he_layout\x18\x07 \x01(\t\x12\x13\n\x0bhash_scheme\x18\x08 \x01(\r\"D\n\nSenderRank\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\x12\x12\n\nfirst_head\x18\x02 \x01(\r\x12\x11\n\tnum_heads\x18\x03 \x01(\r\"\xf2\x01\n\x0eTransferHandle\x12\x14\n\x0cwire_version\x18\x01 \x01(\r\x12\x13\n\x0btransfer_id\x18\x03 \x01(\t\x12\x14\n\x0c\x62lock_hashes\x18\x05 \x03(\x0c\x12\x12\n\nnum_tokens\x18\x06 \x01(\r\x12\x10\n\x08\x62\x61\x63kends\x18\n \x03(\t\x12.\n\x0b\x66ingerprint\x18\x0c \x01(\x0b\x32\x19.pdserve.v1.KVFingerprint\x12%\n\x05ranks\x18\r \x03(\x0b\x32\x16.pdserve.v1.SenderRankJ\x04\x08\x02\x10\x03J\x04\x08\x04\x10\x05J\x04\x08\x07\x10\x08J\x04\x08\x08\x10\tJ\x04\x08\t\x10\nJ\x04\x08\x0b\x10\x0c\"\x9f\x01\n\x0bPullRequest\x12\x14\n\x0cwire_version\x18\x01 \x01(\r\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x15\n\rblock_indices\x18\x03 \x03(\r\x12\x0e\n\x06layers\x18\x04 \x03(\r\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x12\n\nfirst_head\x18\x06 \x01(\r\x12\x11\n\tnum_heads\x18\x07 \x01(\r\"\xb7\x01\n\x0b\x43hunkHeader\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05layer\x18\x02 \x01(\r\x12 \n\x04part\x18\x03 \x01(\x0e\x32\x12.pdserve.v1.KVPart\x12\x13\n\x0b\x66irst_block\x18\x04 \x01(\r\x12\x12\n\nnum_blocks\x18\x05 \x01(\r\x12\x13\n\x0b\x62yte_offset\x18\x06 \x01(\x04\x12\x13\n\x0b\x62yte_length\x18\x07 \x01(\r\x12\x0f\n\x07xxh3_64\x18\x08 \x01(\x04\">\n\x05\x43hunk\x12\'\n\x06header\x18\x01 \x01(\x0b\x32\x17.pdserve.v1.ChunkHeader\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"]\n\x0f\x44istPullRequest\x12%\n\x04pull\x18\x01 \x01(\x0b\x32\x17.pdserve.v1.PullRequest\x12\x13\n\x0breceiver_id\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x03 \x01(\t\"\x8d\x01\n\x08\x44istPlan\x12\x12\n\nstore_host\x18\x01 \x01(\t\x12\x12\n\nstore_port\x18\x02 \x01(\r\x12\x11\n\tgroup_key\x18\x03 \x01(\t\x12\x10\n\x08tag_base\x18\x04 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x05 \x01(\t\x12\x0e\n\x06layers\x18\x06 \x03(\r\x12\x13\n\x0brun_lengths\x18\x07 \x03(\r\"K\n\x0bTransferRef\x12\x14\n\x0cwire_version\x18\x01 \x01(\r\x12\x13\n\x0btransfer_id\x18\x02 \x01(\t\x12\x11\n\treceivers\x18\x03 \x01(\r\"\xa4\x01\n\x0eTransferStatus\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12(\n\x05state\x18\x02 \x01(\x0e\x32\x19.pdserve.v1.TransferState\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12\x19\n\x11lease_remaining_s\x18\x04 \x01(\x01\x12\x12\n\nbytes_sent\x18\x05 \x01(\x04\x12\x14\n\x0clayers_ready\x18\x06 \x01(\r*S\n\x0bWireVersion\x12\x1c\n\x18WIRE_VERSION_UNSPECIFIED\x10\x00\x12\x12\n\x0eWIRE_VERSION_1\x10\x01\x12\x12\n\x0eWIRE_VERSION_2\x10\x02*\xd3\x01\n\rTransferState\x12\x1e\n\x1aTRANSFER_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRANSFER_STATE_OFFERED\x10\x01\x12\x1a\n\x16TRANSFER_STATE_PULLING\x10\x02\x12\x17\n\x13TRANSFER_STATE_DONE\x10\x03\x12\x19\n\x15TRANSFER_STATE_FAILED\x10\x04\x12\x1a\n\x16TRANSFER_STATE_EXPIRED\x10\x05\x12\x1a\n\x16TRANSFER_STATE_ABORTED\x10\x06*O\n\x06KVPart\x12\x17\n\x13KV_PART_UNSPECIFIED\x10\x00\x12\x0e\n\nKV_PART_KV\x10\x01\x12\r\n\tKV_PART_K\x10\x02\x12\r\n\tKV_PART_V\x10\x03\x32\xfc\x02\n\nKVTransfer\x12\x34\n\x04Pull\x12\x17.pdserve.v1.PullRequest\x1a\x11.pdserve.v1.Chunk0\x01\x12=\n\x08PullDist\x12\x1b.pdserve.v1.DistPullRequest\x1a\x14.pdserve.v1.DistPlan\x12>\n\x07Release\x12\x17.pdserve.v1.TransferRef\x1a\x1a.pdserve.v1.TransferStatus\x12<\n\x05\x41\x62ort\x12\x17.pdserve.v1.TransferRef\x1a\x1a.pdserve.v1.TransferStatus\x12<\n\x05Renew\x12\x17.pdserve.v1.TransferRef\x1a\x1a.pdserve.v1.TransferStatus\x12=\n\x06Status\x12\x17.pdserve.v1.TransferRef\x1a\x1a.pdserve.v1.TransferStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve_pb.v1.kv_transfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WIREVERSION']._serialized_start=1125
-  _globals['_WIREVERSION']._serialized_end=1188
-  _globals['_TRANSFERSTATE']._serialized_start=1191
-  _globals['_TRANSFERSTATE']._serialized_end=1402
-  _globals['_KVPART']._serialized_start=1404
-  _globals['_KVPART']._serialized_end=1483
-  _globals['_TRANSFERHANDLE']._serialized_start=48
-  _globals['_TRANSFERHANDLE']._serialized_end=287
-  _globals['_PULLREQUEST']._serialized_start=289
-  _globals['_PULLREQUEST']._serialized_end=409
-  _globals['_CHUNKHEADER']._serialized_start=412
-  _globals['_CHUNKHEADER']._serialized_end=595
-  _globals['_CHUNK']._serialized_start=597
-  _globals['_CHUNK']._serialized_end=659
-  _globals['_DISTPULLREQUEST']._serialized_start=661
-  _globals['_DISTPULLREQUEST']._serialized_end=754
-  _globals['_DISTPLAN']._serialized_start=757
-  _globals['_DISTPLAN']._serialized_end=898
-  _globals['_TRANSFERREF']._serialized_start=900
-  _globals['_TRANSFERREF']._serialized_end=956
-  _globals['_TRANSFERSTATUS']._serialized_start=959
-  _globals['_TRANSFERSTATUS']._serialized_end=1123
-  _globals['_KVTRANSFER']._serialized_start=1486
-  _globals['_KVTRANSFER']._serialized_end=1804
+  _globals['_WIREVERSION']._serialized_start=1430
+  _globals['_WIREVERSION']._serialized_end=1513
+  _globals['_TRANSFERSTATE']._serialized_start=1516
+  _globals['_TRANSFERSTATE']._serialized_end=1727
+  _globals['_KVPART']._serialized_start=1729
+  _globals['_KVPART']._serialized_end=1808
+  _globals['_KVFINGERPRINT']._serialized_start=48
+  _globals['_KVFINGERPRINT']._serialized_end=218
+  _globals['_SENDERRANK']._serialized_start=220
+  _globals['_SENDERRANK']._serialized_end=288
+  _globals['_TRANSFERHANDLE']._serialized_start=291
+  _globals['_TRANSFERHANDLE']._serialized_end=533
+  _globals['_PULLREQUEST']._serialized_start=536
+  _globals['_PULLREQUEST']._serialized_end=695
+  _globals['_CHUNKHEADER']._serialized_start=698
+  _globals['_CHUNKHEADER']._serialized_end=881
+  _globals['_CHUNK']._serialized_start=883
+  _globals['_CHUNK']._serialized_end=945
+  _globals['_DISTPULLREQUEST']._serialized_start=947
+  _globals['_DISTPULLREQUEST']._serialized_end=1040
+  _globals['_DISTPLAN']._serialized_start=1043
+  _globals['_DISTPLAN']._serialized_end=1184
+  _globals['_TRANSFERREF']._serialized_start=1186
+  _globals['_TRANSFERREF']._serialized_end=1261
+  _globals['_TRANSFERSTATUS']._serialized_start=1264
+  _globals['_TRANSFERSTATUS']._serialized_end=1428
+  _globals['_KVTRANSFER']._serialized_start=1811
+  _globals['_KVTRANSFER']._serialized_end=2191
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,11 @@ class KVTransferStub:
                 request_serializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferRef.SerializeToString,
                 response_deserializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferStatus.FromString,
                 _registered_method=True)
+        self.Renew = channel.unary_unary(
+                '/pdserve.v1.KVTransfer/Renew',
+                request_serializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferRef.SerializeToString,
+                response_deserializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferStatus.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/pdserve.v1.KVTransfer/Status',
                 request_serializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferRef.SerializeToString,
@@ -88,6 +93,13 @@ class KVTransferServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Renew(self, request, context):
+        """the puller keeps the lease alive while it waits or pulls
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -114,6 +126,11 @@ def add_KVTransferServicer_to_server(servicer, server):
             ),
             'Abort': grpc.unary_unary_rpc_method_handler(
                     servicer.Abort,
+                    request_deserializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferRef.FromString,
+                    response_serializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferStatus.SerializeToString,
+            ),
+            'Renew': grpc.unary_unary_rpc_method_handler(
+                    servicer.Renew,
                     request_deserializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferRef.FromString,
                     response_serializer=pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferStatus.SerializeToString,
             ),
@@ -229,6 +246,33 @@ class KVTransfer:
             request,
             target,
             '/pdserve.v1.KVTransfer/Abort',
+            pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferRef.SerializeToString,
+            pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Renew(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdserve.v1.KVTransfer/Renew',
             pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferRef.SerializeToString,
             pdserve__pb_dot_v1_dot_kv__transfer__pb2.TransferStatus.FromString,
             options,

@@ -1,0 +1,128 @@
+"""pdserve's KV connector between engines of different tensor-parallel sizes, through vLLM.
+
+Each rank's connector serves the KV heads it holds; each decode rank pulls exactly its heads from the
+prefill ranks that hold them. Greedy output equals one TP=1 engine's, every head crosses once, and
+the prefill side's blocks are freed once every decode rank is done. In float32: two ranks sum their
+partial products in another order than one, and in bfloat16 that alone flips a near-tied greedy pick
+of the random tiny model after a few tokens (vLLM's own TP=2 against TP=1 does the same), so token
+equality is asserted where it is exact; the bytes of every dtype are checked in tests/test_kv_ranks.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+from test_kv_connector import ENV, consume, hashes, idle, produce, prompt
+
+from bench.engine_process import EnginePeer
+from engine.config import EngineConfig, KVConnectorSpec
+from pdserve.local_redis import make_certificates
+
+pytestmark = [
+    pytest.mark.engine,
+    pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two ranks need two cores"),
+]
+
+BLOCK = 32
+
+
+def engine(model_dir, role: str, tp: int, extra: dict | None = None, **fields) -> EnginePeer:
+    connector = KVConnectorSpec(
+        module_path="kv_transfer.vllm_connector", class_name="PdserveConnector", role=role,
+        extra={"stall_timeout_s": 5, "backends": ["torch_dist", "grpc"], **(extra or {})},
+    )  # fmt: skip
+    cores = "|".join(str(core) for core in sorted(os.sched_getaffinity(0))[:tp]) if tp > 1 else None
+    config = EngineConfig(
+        model=model_dir, block_size=BLOCK, num_kv_blocks=64, max_model_len=512, kv_connector=connector,
+        tensor_parallel_size=tp, cpu_cores=cores, **fields,
+    )  # fmt: skip
+    return EnginePeer(config, ENV)
+
+
+@pytest.fixture(scope="module")
+def peers(make_tiny_model):
+    model_dir = make_tiny_model("llama")  # 2 KV heads: one per rank at TP=2
+    started = {}
+    try:
+        for name, role, tp in [("p1", "kv_producer", 1), ("p2", "kv_producer", 2), ("d1", "kv_consumer", 1),
+                               ("d2", "kv_consumer", 2)]:  # fmt: skip
+            started[name] = engine(model_dir, role, tp, dtype="float32")
+        yield started
+    finally:
+        for peer in started.values():
+            peer.stop()
+
+
+def pulled_bytes(peer: EnginePeer) -> int:
+    return sum(figures["bytes"] for figures in peer.transfer_stats().get("pulls", {}).values())
+
+
+@pytest.mark.parametrize(("prefill", "decode"), [("p2", "d1"), ("p1", "d2"), ("p2", "d2")])
+def test_a_handoff_between_tensor_parallel_sizes_gives_one_engines_tokens_and_moves_every_head_once(
+    peers, prefill, decode
+):
+    ids = prompt(5 * BLOCK + 7, offset=hash((prefill, decode)) % 97)
+    reference = peers["p1"].generate(f"ref-{prefill}-{decode}", ids, 16)[0]  # one rank, no transfer
+    before = pulled_bytes(peers[decode])
+    handle = produce(peers[prefill], f"{prefill}-{decode}", ids)
+    assert len(handle.ranks) == (2 if prefill == "p2" else 1)
+    tokens, _, cached, _ = consume(peers[decode], f"d-{prefill}-{decode}", ids, handle)
+    assert tokens == reference
+    assert cached >= 5 * BLOCK  # served from the moved blocks, not recomputed
+    fingerprint = handle.fingerprint
+    block_bytes = fingerprint.num_kv_heads * math.prod(fingerprint.head_shape) * 4  # float32
+    assert pulled_bytes(peers[decode]) - before == handle.num_blocks * fingerprint.num_layers * block_bytes
+    idle(peers[prefill])  # every decode rank released every prefill rank: all blocks back
+    idle(peers[decode])
+
+
+def test_a_sender_whose_kv_is_not_interchangeable_is_refused_and_the_request_prefills_locally(make_tiny_model, peers):
+    other = engine(make_tiny_model("llama"), "kv_producer", 1)  # the default dtype: bfloat16 on this CPU
+    try:
+        ids = prompt(3 * BLOCK + 1, offset=41)
+        reference = peers["d1"].generate("ref-mismatch", ids, 16)[0]
+        before = peers["d1"].transfer_stats().get("failures", {}).get("incompatible", 0)
+        handle = produce(other, "mismatch", ids)
+        tokens, _, _, reason = consume(peers["d1"], "d-mismatch", ids, handle)
+        assert tokens == reference and reason == "length"
+        assert peers["d1"].transfer_stats()["failures"]["incompatible"] == before + 1
+        idle(other)  # refused, so aborted: the sender freed its blocks at once
+    finally:
+        other.stop()
+
+
+def test_the_handle_names_each_prefill_rank_and_the_heads_it_holds(peers):
+    ids = prompt(2 * BLOCK, offset=5)
+    handle = produce(peers["p2"], "ranks", ids)
+    assert [(r.first_head, r.num_heads) for r in handle.ranks] == [(0, 1), (1, 1)]
+    assert len({r.address for r in handle.ranks}) == 2
+    assert handle.fingerprint.num_kv_heads == 2 and handle.fingerprint.dtype == "float32"
+    consume(peers["d1"], "d-ranks", ids, handle)
+    idle(peers["p2"])
+    assert hashes(ids)  # the prompt's blocks are hashed as the router hashes them
+
+
+def test_kv_moves_over_tls_when_configured_and_a_plaintext_puller_gets_nothing(make_tiny_model, peers, tmp_path):
+    make_certificates(tmp_path)
+    tls = {"tls_cert_file": str(tmp_path / "server.crt"), "tls_key_file": str(tmp_path / "server.key"),
+           "tls_ca_file": str(tmp_path / "ca.crt")}  # fmt: skip
+    model_dir = make_tiny_model("llama")
+    sender = engine(model_dir, "kv_producer", 1, dtype="float32", extra=tls)
+    receiver = engine(model_dir, "kv_consumer", 1, dtype="float32", extra=tls)
+    try:
+        ids = prompt(3 * BLOCK + 9, offset=57)
+        reference = peers["p1"].generate("ref-tls", ids, 16)[0]
+        handle = produce(sender, "tls", ids)
+        assert handle.backends == ("grpc",)  # Gloo would carry the bytes in the clear: not offered
+        tokens, _, cached, _ = consume(receiver, "d-tls", ids, handle)
+        assert tokens == reference and cached >= 3 * BLOCK
+        assert receiver.transfer_stats()["pulls"]["grpc"]["bytes"] > 0
+        before = peers["d1"].transfer_stats().get("failures", {}).get("unavailable", 0)
+        tokens, _, _, _ = consume(peers["d1"], "d-plain", ids, produce(sender, "plain", ids))
+        assert tokens == reference  # recomputed: the plaintext receiver could not read the TLS server
+        assert peers["d1"].transfer_stats()["failures"]["unavailable"] == before + 1
+    finally:
+        sender.stop()
+        receiver.stop()
