@@ -105,8 +105,8 @@ class _Sender(ChildProcess):
         super().__init__(_sender_main, heads)
         _, self.address, self.raw_address, self.store_port = self._conn.recv()
 
-    def offer(self, block_ids: list[int]) -> TransferHandle:
-        self._conn.send(("offer", uuid.uuid4().hex, block_ids))
+    def offer(self, block_ids: list[int], transfer_id: str = "") -> TransferHandle:
+        self._conn.send(("offer", transfer_id or uuid.uuid4().hex, block_ids))
         return TransferHandle.from_bytes(self._conn.recv()[1])
 
     def gloo_send(self, key: str) -> None:
@@ -188,7 +188,8 @@ def _tensor_parallel_figures(sender: _Sender, repeats: int) -> dict:
                 channel.pull(handle, dest, ids, stall_timeout_s=60, timeout_s=600)
                 seconds["tp1_to_tp1"].append(time.perf_counter() - start)
                 channel.release(handle)
-                handle = _two_rank_handle([half.offer(ids) for half in halves])
+                transfer_id = uuid.uuid4().hex  # one transfer, offered by both ranks
+                handle = _two_rank_handle([half.offer(ids, transfer_id) for half in halves])
                 start = time.perf_counter()
                 pulls = [
                     pool.submit(channel.pull, handle, dest, ids, stall_timeout_s=60, timeout_s=600, rank=r, heads=h)

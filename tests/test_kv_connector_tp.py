@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
+import time
 
 import pytest
 from test_kv_connector import ENV, consume, hashes, idle, produce, prompt
@@ -126,3 +129,38 @@ def test_kv_moves_over_tls_when_configured_and_a_plaintext_puller_gets_nothing(m
     finally:
         sender.stop()
         receiver.stop()
+
+
+def rank_workers(peer: EnginePeer) -> list[int]:
+    """The engine's vLLM rank worker processes: children of its engine core, itself a child of the peer."""
+    import psutil
+
+    def tracker(process) -> bool:
+        return "multiprocessing.resource_tracker" in " ".join(process.cmdline())
+
+    cores = [p for p in psutil.Process(peer.process.pid).children() if not tracker(p)]
+    return sorted(w.pid for core in cores for w in core.children() if not tracker(w))
+
+
+def test_one_prefill_rank_killed_mid_pull_is_recomputed_by_the_decode_side_within_its_deadline(make_tiny_model, peers):
+    doomed = engine(make_tiny_model("llama"), "kv_producer", 2, dtype="float32")
+    ids = prompt(12 * BLOCK + 5, offset=71)
+    reference = peers["p1"].generate("ref-rank-killed", ids, 16)[0]
+    handle = doomed.kv_handle("x-rank-killed", hashes(ids), len(ids))
+    result = {}
+    puller = threading.Thread(target=lambda: result.setdefault("out", consume(peers["d1"], "d-rk", ids, handle)))
+    try:
+        puller.start()
+        time.sleep(0.3)  # the decode side is pulling from both ranks, waiting for their layers
+        params = {"pdserve": "produce", "transfer_id": "x-rank-killed", "block_hashes": hashes(ids)}
+        doomed.submit("p-rank-killed", ids, 1, params)
+        os.kill(rank_workers(doomed)[-1], signal.SIGKILL)
+        killed_at = time.monotonic()
+        puller.join(60)
+        assert not puller.is_alive(), "the decode side hung on a dead prefill rank"
+        assert time.monotonic() - killed_at < 5 + 10  # the stall deadline plus the local recompute
+        tokens, _, _, reason = result["out"]
+        assert tokens == reference and reason == "length"
+        idle(peers["d1"])  # every block the failed pull had taken is back
+    finally:
+        doomed.kill()
