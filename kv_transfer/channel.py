@@ -107,6 +107,20 @@ def check_request(
     return indices, wanted_layers, heads
 
 
+def land(dest_layer: torch.Tensor, heads: HeadSlice, dest_block_ids: Sequence[int], blocks: torch.Tensor) -> None:
+    """Copy ``blocks`` (one per destination block, ``heads.count`` heads each, on any device) into those
+    blocks' head slice: one strided copy where the blocks are adjacent (twice as fast as an indexed one on
+    this CPU), an indexed copy otherwise."""
+    sliced = dest_layer[:, heads.dest : heads.dest + heads.count]
+    spans = runs(dest_block_ids)
+    if len(spans) == 1:
+        first, count = spans[0]
+        sliced[first : first + count].copy_(blocks)
+    else:
+        ids = torch.tensor(list(dest_block_ids), dtype=torch.long, device=dest_layer.device)
+        sliced.index_copy_(0, ids, blocks.to(dest_layer.device))
+
+
 class GrpcKVChannel:
     """Pulls over the sender's gRPC ``Pull`` stream, chunks under the message-size limit."""
 
@@ -143,7 +157,6 @@ class GrpcKVChannel:
         whole = heads.count == dest_layers[0].shape[1]  # every head the receiver holds comes from this rank
         # adjacent destination blocks, whole, in host memory: bytes land in the cache itself; else in (pinned) staging
         direct = whole and len(dest_runs) == 1 and device.type == "cpu"
-        dest_ids = torch.tensor(list(dest_block_ids), dtype=torch.long, device=device)
         staging = torch.empty(
             (len(indices), heads.count, *dest_layers[0].shape[2:]), dtype=dest_layers[0].dtype,
             pin_memory=device.type == "cuda",
@@ -165,8 +178,7 @@ class GrpcKVChannel:
                 filled += header.byte_length
                 if filled == layer_size:
                     if not direct:
-                        dest = dest_layers[header.layer][:, heads.dest : heads.dest + heads.count]
-                        dest.index_copy_(0, dest_ids, staging.to(device))
+                        land(dest_layers[header.layer], heads, dest_block_ids, staging)
                     filled, layers_done = 0, layers_done + 1
         except grpc.RpcError as exc:
             raise self._error(handle, rank, exc, watchdog.stalled, stall_timeout_s) from None
@@ -295,14 +307,12 @@ class LocalKVChannel:
         start = time.perf_counter()
         offer = self._registry.open_pull(handle.transfer_id, block_indices, layers)
         sent = 0
-        device = dest_layers[0].device
-        dest_ids = torch.tensor(list(dest_block_ids), dtype=torch.long, device=device)
         try:
             for layer in wanted_layers:
                 self._registry.wait_layer_ready(offer, layer, stall_timeout_s)
                 source = (heads.source, heads.count)
-                blocks = torch.cat(self._registry.read_blocks(offer, layer, block_indices, source)).to(device)
-                dest_layers[layer][:, heads.dest : heads.dest + heads.count].index_copy_(0, dest_ids, blocks)
+                blocks = torch.cat(self._registry.read_blocks(offer, layer, block_indices, source))
+                land(dest_layers[layer], heads, dest_block_ids, blocks)
                 sent += blocks.numel() * blocks.element_size()
         finally:
             self._registry.close_pull(offer, sent)

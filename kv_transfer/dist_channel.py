@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 import xxhash
 
-from kv_transfer.channel import GrpcKVChannel, PullResult, check_request
+from kv_transfer.channel import GrpcKVChannel, PullResult, check_request, land
 from kv_transfer.errors import TransferError, TransferIntegrityError, TransferTimeout
 from kv_transfer.transfer import WIRE_VERSION, HeadSlice, TransferHandle, TransferRegistry, runs
 from pdserve_pb.v1 import kv_transfer_pb2 as pb
@@ -220,7 +220,6 @@ class DistKVChannel:
         receiver holds, bytes land in the cache; else in a buffer copied into the heads' slice."""
         dest = dest_layers[layer]
         whole = heads.count == dest.shape[1]
-        sliced = dest[:, heads.dest : heads.dest + heads.count]
         base = plan.tag_base + layer * (len(plan.run_lengths) + 1)
         works, landing, copies, position = [], [], [], 0
         for index, length in enumerate(plan.run_lengths):
@@ -229,8 +228,8 @@ class DistKVChannel:
             if whole and len(runs(ids)) == 1:
                 buffer = dest[ids[0] : ids[0] + length]
             else:
-                buffer = torch.empty((length, *sliced.shape[1:]), dtype=dest.dtype, device=device)
-                copies.append((torch.tensor(ids, dtype=torch.long, device=device), buffer))
+                buffer = torch.empty((length, heads.count, *dest.shape[2:]), dtype=dest.dtype, device=device)
+                copies.append((ids, buffer))
             works.append(group.recv([buffer], SENDER_RANK, base + index))
             landing.append(buffer)
         checksum = torch.empty(1, dtype=torch.int64, device=device)
@@ -238,7 +237,7 @@ class DistKVChannel:
 
         def finish() -> None:
             for ids, buffer in copies:
-                sliced.index_copy_(0, ids, buffer)
+                land(dest, heads, ids, buffer)
 
         return works, landing, checksum, finish
 

@@ -96,7 +96,8 @@ class KVTransferService(pb_grpc.KVTransferServicer):
         return self._control(request, context, lambda tid: self._registry.release(tid, request.receivers or 1))
 
     def Renew(self, request: pb.TransferRef, context: grpc.ServicerContext) -> pb.TransferStatus:
-        return self._control(request, context, self._registry.renew)
+        # not offered yet: NOT_FOUND at once (the puller renews again), no server thread held waiting for it
+        return self._control(request, context, self._registry.renew, await_offer=False)
 
     def Abort(self, request: pb.TransferRef, context: grpc.ServicerContext) -> pb.TransferStatus:
         return self._control(request, context, self._registry.abort)
@@ -104,10 +105,11 @@ class KVTransferService(pb_grpc.KVTransferServicer):
     def Status(self, request: pb.TransferRef, context: grpc.ServicerContext) -> pb.TransferStatus:
         return self._control(request, context, self._registry.status)
 
-    def _control(self, request: pb.TransferRef, context, action) -> pb.TransferStatus:
+    def _control(self, request: pb.TransferRef, context, action, await_offer: bool = True) -> pb.TransferStatus:
         try:
             self._admit(request.transfer_id, request.wire_version, context)
-            self._registry.await_offer(request.transfer_id, self._stall_timeout_s)
+            if await_offer:
+                self._registry.await_offer(request.transfer_id, self._stall_timeout_s)
             return status_to_proto(action(request.transfer_id))
         except TransferError as exc:
             context.abort(exc.code, str(exc))

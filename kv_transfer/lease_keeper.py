@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from concurrent.futures import Executor
 
 from kv_transfer.channel import GrpcKVChannel
 from kv_transfer.errors import TransferError, TransferNotFound
@@ -27,9 +28,10 @@ _IDLE_INTERVAL_S = 1.0
 class LeaseKeeper:
     """Renews ``handle`` on each of its sender ranks every third of the lease the sender reports left."""
 
-    def __init__(self, channel: GrpcKVChannel, handle: TransferHandle, call_timeout_s: float = 5.0):
+    def __init__(self, channel: GrpcKVChannel, handle: TransferHandle, calls: Executor, call_timeout_s: float = 5.0):
         self._channel = channel
         self._handle = handle
+        self._calls = calls  # the blocking gRPC calls run here, not in the event loop's default executor
         self._call_timeout_s = call_timeout_s
         self._done = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -69,7 +71,8 @@ class LeaseKeeper:
         """One control call to one sender rank; None where it failed (not offered yet, or unreachable)."""
         call = getattr(self._channel, method)
         try:
-            return await asyncio.to_thread(call, self._handle, self._call_timeout_s, rank)
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._calls, call, self._handle, self._call_timeout_s, rank)
         except TransferNotFound:
             return None  # not offered yet (its prefill is queued), or already finished
         except TransferError as exc:

@@ -114,3 +114,17 @@ def test_more_than_one_router_replica_needs_the_redis_index(router):
         load_config(data={"service": {"router": router}})
     config = load_config(data={"service": {"router": router}, "router": {"index": {"redis_url": "redis://h:1"}}})
     assert config.service.router.most_replicas >= 2
+
+
+def test_tls_for_kv_takes_all_three_files_and_refuses_a_missing_one_at_load(tmp_path):
+    for name in ("a.crt", "a.key", "ca.crt"):
+        (tmp_path / name).write_text("pem")
+    files = {"service.transfer.tls_cert_file": str(tmp_path / "a.crt"),
+             "service.transfer.tls_key_file": str(tmp_path / "a.key"),
+             "service.transfer.tls_ca_file": str(tmp_path / "ca.crt")}  # fmt: skip
+    extra = load_config(overrides=files).service.transfer.connector_extra()
+    assert extra["tls_ca_file"] == str(tmp_path / "ca.crt") and extra["lease_s"] == 30.0
+    with pytest.raises(ConfigError, match="TLS for KV needs tls_ca_file too"):
+        load_config(overrides={k: v for k, v in files.items() if not k.endswith("ca_file")})
+    with pytest.raises(ConfigError, match="tls_key_file: .* is not a readable file"):
+        load_config(overrides={**files, "service.transfer.tls_key_file": str(tmp_path / "gone.key")})

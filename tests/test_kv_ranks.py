@@ -9,17 +9,26 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from kv_peer import SenderProcess, layer_tensors
 from test_kv_channels import BACKENDS, channel_for, same_bytes
 
+from kv_transfer.errors import TransferNotFound
 from kv_transfer.lease_keeper import LeaseKeeper
 from kv_transfer.transfer import SenderRank, TransferHandle, head_pulls, rank_heads
 
 FULL = dict(layers=3, blocks=16, block_shape=(8, 16, 64), dtype="bfloat16", seed=11)  # 8 KV heads
 BLOCKS = [4, 9, 2, 3]
+
+
+@pytest.fixture
+def calls():
+    """Where a lease keeper's blocking calls run."""
+    with ThreadPoolExecutor(4, thread_name_prefix="test-lease") as pool:
+        yield pool
 
 
 @pytest.fixture
@@ -113,12 +122,12 @@ def test_a_puller_that_renews_keeps_the_offer_past_its_lease_and_a_silent_one_le
     assert time.monotonic() - stopped < 1.0 + 0.5  # within one lease period (plus the reaper's tick)
 
 
-def test_a_decode_worker_waiting_past_the_lease_keeps_the_blocks_of_every_rank(senders):
+def test_a_decode_worker_waiting_past_the_lease_keeps_the_blocks_of_every_rank(senders, calls):
     peers = [senders(lease_s=1.0, heads=(0, 4)), senders(lease_s=1.0, heads=(4, 4))]
     handle = engine_handle("queued", peers, tp=2)
 
     async def wait_then_pull() -> int:
-        keeper = LeaseKeeper(channel_for("grpc"), handle).start()
+        keeper = LeaseKeeper(channel_for("grpc"), handle, calls).start()
         await asyncio.sleep(2.5)  # queued in the decode engine for two and a half leases
         await keeper.stop()
         return keeper.renewals
@@ -129,14 +138,23 @@ def test_a_decode_worker_waiting_past_the_lease_keeps_the_blocks_of_every_rank(s
     assert same_bytes(dest[0][[5, 0, 1, 2]], full_layers()[0][BLOCKS])
 
 
-def test_a_request_given_up_before_its_kv_came_frees_every_prefill_rank_at_once(senders):
+def test_a_request_given_up_before_its_kv_came_frees_every_prefill_rank_at_once(senders, calls):
     peers = [senders(heads=(0, 4)), senders(heads=(4, 4))]  # 30 s leases
     handle = engine_handle("refused", peers, tp=2)
 
     async def refuse() -> None:
-        keeper = LeaseKeeper(channel_for("grpc"), handle).start()
+        keeper = LeaseKeeper(channel_for("grpc"), handle, calls).start()
         await asyncio.sleep(0.1)
         await keeper.stop(abort=True)
 
     asyncio.run(refuse())
     assert [peer.wait_freed("refused", timeout_s=2) for peer in peers] == ["ABORTED", "ABORTED"]
+
+
+def test_renewing_a_transfer_not_offered_yet_answers_at_once(senders):
+    peer = senders()  # waits 5 s for an offer on every other call
+    handle = dataclasses.replace(engine_handle("offered", [peer], tp=1), transfer_id="not-yet")
+    start = time.monotonic()
+    with pytest.raises(TransferNotFound, match="unknown transfer"):
+        channel_for("grpc").renew(handle)
+    assert time.monotonic() - start < 1.0  # no server thread held waiting for the prefill to offer it

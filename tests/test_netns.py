@@ -107,6 +107,7 @@ def test_cutting_the_decode_nodes_link_mid_stream_moves_its_streams_to_the_other
     prompts = [prompt(100, 350 + i) for i in range(4)]
     n = 60
     streams: dict[int, list] = {i: [] for i in range(len(prompts))}
+    ended_at: dict[int, float] = {}
 
     errors: list[str] = []
 
@@ -116,6 +117,7 @@ def test_cutting_the_decode_nodes_link_mid_stream_moves_its_streams_to_the_other
         try:
             for reply in client.stub.Generate(request, timeout=120):
                 streams[i].append(reply)
+            ended_at[i] = time.monotonic()
         except grpc.RpcError as exc:
             errors.append(f"stream {i}: {exc.code().name} {exc.details()}")
 
@@ -137,7 +139,8 @@ def test_cutting_the_decode_nodes_link_mid_stream_moves_its_streams_to_the_other
     for i, replies in streams.items():
         tokens = [t for reply in replies for t in reply.token_ids]
         assert tokens == transformers_greedy(model_dir, prompts[i], n), f"stream {i}"
-        assert replies[-1].timing.decode_worker != remote_decoder
+        if ended_at[i] > cut_at + 0.5:  # still running at the cut (one that ended just before it stays put)
+            assert replies[-1].timing.decode_worker != remote_decoder, f"stream {i} was not moved"
         moved += replies[-1].timing.migrations
     print(f"\ndecode node cut off: {moved} streams moved to the head's decode worker, all done {elapsed:.1f} s after")
     assert moved >= 1 and elapsed < STALL_S + 30
