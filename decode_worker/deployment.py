@@ -31,7 +31,7 @@ from kv_transfer.channel import GrpcKVChannel
 from kv_transfer.errors import TransferError
 from kv_transfer.lease_keeper import LeaseKeeper
 from kv_transfer.transfer import TransferHandle
-from kv_transfer.vllm_connector import PULLED_TOKENS_KEY, TOKEN_ENV, kv_tls
+from kv_transfer.vllm_connector import DEFAULT_LEASE_S, PULLED_TOKENS_KEY, TOKEN_ENV, kv_tls
 
 
 @serve.deployment(name="DecodeWorker", health_check_period_s=5, health_check_timeout_s=10)
@@ -43,6 +43,8 @@ class DecodeWorker(HostedWorker):
         self._kv_control = GrpcKVChannel(settings.cluster_token.get_secret_value(), tls_root_certificate=tls and tls.ca)
         self._background: set[asyncio.Task] = set()
         self._lease_calls = ThreadPoolExecutor(max_workers=8, thread_name_prefix="pdserve-kv-lease")
+        extra = engine_config.kv_connector.extra if engine_config.kv_connector else {}
+        self._lease_s = float(extra.get("lease_s", DEFAULT_LEASE_S))  # the service's, as the prefill workers
         self._start(engine_config, "decode", serve.get_replica_context().replica_id.unique_id, settings)
 
     async def generate(self, job: DecodeJob, worker_id: str | None = None) -> AsyncIterator[OutputDelta]:
@@ -71,4 +73,4 @@ class DecodeWorker(HostedWorker):
             handle = TransferHandle.from_bytes(bytes.fromhex(handle_hex))
         except (ValueError, DecodeError, TransferError):
             return None  # the connector refuses it and the request prefills locally
-        return LeaseKeeper(self._kv_control, handle, self._lease_calls).start()
+        return LeaseKeeper(self._kv_control, handle, self._lease_s, self._lease_calls).start()

@@ -22,15 +22,17 @@ from kv_transfer.transfer import TransferHandle
 log = logging.getLogger(__name__)
 
 _MIN_INTERVAL_S = 0.05
-_IDLE_INTERVAL_S = 1.0
 
 
 class LeaseKeeper:
-    """Renews ``handle`` on each of its sender ranks every third of the lease the sender reports left."""
+    """Renews ``handle`` on each of its sender ranks every third of the lease it has left."""
 
-    def __init__(self, channel: GrpcKVChannel, handle: TransferHandle, calls: Executor, call_timeout_s: float = 5.0):
+    def __init__(
+        self, channel: GrpcKVChannel, handle: TransferHandle, lease_s: float, calls: Executor, call_timeout_s=5.0
+    ):
         self._channel = channel
         self._handle = handle
+        self._lease_s = lease_s  # the prefill workers' (one transfer config for the service)
         self._calls = calls  # the blocking gRPC calls run here, not in the event loop's default executor
         self._call_timeout_s = call_timeout_s
         self._done = asyncio.Event()
@@ -51,21 +53,23 @@ class LeaseKeeper:
             await asyncio.gather(*(self._call("abort", rank) for rank in range(len(self._handle.ranks))))
 
     async def _renew(self) -> None:
-        interval = _MIN_INTERVAL_S
-        while not self._done.is_set():
+        """First a third of a lease after the start (most requests have their KV by then: no call at all), then
+        every third of what the senders report left; a rank with nothing offered yet has a whole lease ahead."""
+        interval = self._lease_s / 3
+        while not await self._stopped_within(interval):
             statuses = await asyncio.gather(*(self._call("renew", rank) for rank in range(len(self._handle.ranks))))
-            left = [s.lease_remaining_s for s in statuses if s is not None and not s.state.final]
-            if statuses and all(s is not None and s.state.final for s in statuses):
+            if all(s is not None and s.state.final for s in statuses):
                 return  # released, aborted or expired on every rank: nothing left to keep
-            if left:
-                self.renewals += 1
-                interval = max(_MIN_INTERVAL_S, min(left) / 3)
-            else:  # not offered yet, or unreachable: look again, less often
-                interval = min(max(2 * interval, _MIN_INTERVAL_S), _IDLE_INTERVAL_S)
-            try:
-                await asyncio.wait_for(self._done.wait(), interval)
-            except TimeoutError:
-                pass
+            left = [s.lease_remaining_s for s in statuses if s is not None and not s.state.final]
+            self.renewals += bool(left)
+            interval = max(_MIN_INTERVAL_S, min(left, default=self._lease_s) / 3)
+
+    async def _stopped_within(self, seconds: float) -> bool:
+        try:
+            await asyncio.wait_for(self._done.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     async def _call(self, method: str, rank: int):
         """One control call to one sender rank; None where it failed (not offered yet, or unreachable)."""

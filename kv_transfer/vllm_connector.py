@@ -89,6 +89,7 @@ from kv_transfer.transfer import (
 log = logging.getLogger(__name__)
 
 TOKEN_ENV = "PDSERVE_CLUSTER_TOKEN"
+DEFAULT_LEASE_S = 30.0  # how long an offer nobody renews or releases holds its blocks
 PULLED_TOKENS_KEY = "pdserve_pulled_tokens"  # in a consumer's final kv_transfer_params: prompt tokens loaded
 
 
@@ -196,7 +197,7 @@ class PdserveConnector(KVConnectorBase_V1):
         if not self._secret:
             raise ValueError(f"{TOKEN_ENV} must be set: KV transfers need the cluster token")
         self._host = extra.get("host", "127.0.0.1")
-        self._lease_s = float(extra.get("lease_s", 30.0))
+        self._lease_s = float(extra.get("lease_s", DEFAULT_LEASE_S))
         self._stall_timeout_s = float(extra.get("stall_timeout_s", 5.0))
         self._max_chunk_bytes = int(extra.get("max_chunk_bytes", DEFAULT_CHUNK_BYTES))
         self._preferred = list(extra.get("backends", ["torch_dist", "grpc"]))

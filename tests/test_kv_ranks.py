@@ -127,7 +127,7 @@ def test_a_decode_worker_waiting_past_the_lease_keeps_the_blocks_of_every_rank(s
     handle = engine_handle("queued", peers, tp=2)
 
     async def wait_then_pull() -> int:
-        keeper = LeaseKeeper(channel_for("grpc"), handle, calls).start()
+        keeper = LeaseKeeper(channel_for("grpc"), handle, 1.0, calls).start()
         await asyncio.sleep(2.5)  # queued in the decode engine for two and a half leases
         await keeper.stop()
         return keeper.renewals
@@ -143,7 +143,7 @@ def test_a_request_given_up_before_its_kv_came_frees_every_prefill_rank_at_once(
     handle = engine_handle("refused", peers, tp=2)
 
     async def refuse() -> None:
-        keeper = LeaseKeeper(channel_for("grpc"), handle, calls).start()
+        keeper = LeaseKeeper(channel_for("grpc"), handle, 1.0, calls).start()
         await asyncio.sleep(0.1)
         await keeper.stop(abort=True)
 
