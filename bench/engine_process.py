@@ -41,6 +41,8 @@ def _engine_main(conn, config_json: str, env: dict) -> None:
             conn.send(("kv_handle", transfer_handle(senders, engine.block_size, *args)))
         elif command == "transfer_stats":
             conn.send(("transfer_stats", engine.kv_transfer_stats()))
+        elif command == "transfer_times":
+            conn.send(("transfer_times", engine.kv_transfer_times(*args)))
         elif command == "stats":
             stats = engine.stats()
             conn.send(("stats", stats.kv_blocks_used, stats.running, stats.waiting))
@@ -104,6 +106,11 @@ class EnginePeer(ChildProcess):
         """The connector's figures summed over the ranks (``Engine.kv_transfer_stats``)."""
         self._conn.send(("transfer_stats",))
         return self._expect("transfer_stats")[0]
+
+    def transfer_times(self, transfer_id: str) -> list[dict[str, float]]:
+        """Per rank, when its part of a recent transfer happened (``Engine.kv_transfer_times``)."""
+        self._conn.send(("transfer_times", transfer_id))
+        return self._expect("transfer_times")[0]
 
     def kv_blocks_used(self) -> int:
         self._conn.send(("stats",))

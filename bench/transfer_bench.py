@@ -23,12 +23,17 @@ time. Two ways, in the same run:
   and pulls everything then.
 
 For scale, the same first step with all the KV already local is reported beside them.
+
+Chunked: the same, with an 8,192-token prompt prefilled 1,024 tokens per step
+(``chunked_handoff_vs_prefill``): up front, the decode side pulls each chunk's
+blocks while the later chunks run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import statistics
+import tempfile
 import time
 import uuid
 from concurrent import futures
@@ -46,6 +51,7 @@ from kv_transfer.dist_channel import DistKVChannel
 from kv_transfer.transfer import DEFAULT_CHUNK_BYTES, SenderRank, TransferHandle, head_pulls
 
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK_TOKENS, TOKENS = 32, 8, 128, 16, 2048
+CHUNKED_TOKENS, CHUNK_TOKENS = 8192, 1024  # the chunked hand-off: prompt, and tokens per prefill step
 BLOCKS = TOKENS // BLOCK_TOKENS
 SECRET = "bench-secret"
 _RAW_METHOD = "/pdserve.bench.Raw/Stream"
@@ -121,7 +127,9 @@ def run_transfer_bench(repeats: int = 5, block_pulls: int = 50, handoff_model: P
     finally:
         sender.stop()
     if handoff_model is not None:
-        results.update(_handoff(handoff_model, repeats))
+        results.update(_handoff_figures(handoff_model, repeats))
+        with tempfile.TemporaryDirectory() as work_dir:
+            results.update(_chunked_handoff_figures(repeats, Path(work_dir)))
     report(_rows(results), results, json_path)
     return results
 
@@ -242,7 +250,10 @@ def _block_pull_p50_ms(sender: _Sender, channel, pulls: int) -> float:
     return 1000 * statistics.median(times[1:])
 
 
-def _handoff(model: Path, repeats: int) -> dict:
+def _handoff(model: Path, repeats: int, tokens: int = TOKENS, step_tokens: int | None = None) -> dict[str, list]:
+    """Rounds of a ``tokens``-token prompt, prefilled with ``step_tokens`` per step (default: all in one step),
+    handed to the decode engine: seconds per round of the prefill, of the hand-off with the handle up front and
+    after the prefill, and of the same first step with all KV local."""
     import random
 
     from bench.engine_process import EnginePeer
@@ -251,10 +262,8 @@ def _handoff(model: Path, repeats: int) -> dict:
 
     def config(role: str) -> EngineConfig:
         spec = KVConnectorSpec(module_path="kv_transfer.vllm_connector", class_name="PdserveConnector", role=role)
-        # One step for the whole prompt: the blocks are offered before it runs, layers marked ready as saved.
-        return EngineConfig(
-            model=model, max_model_len=TOKENS + 256, max_num_batched_tokens=TOKENS + 256, kv_connector=spec
-        )
+        budget = step_tokens or tokens + 256
+        return EngineConfig(model=model, max_model_len=tokens + 256, max_num_batched_tokens=budget, kv_connector=spec)
 
     env = {"PDSERVE_CLUSTER_TOKEN": SECRET}
     producer = config("kv_producer")
@@ -264,7 +273,7 @@ def _handoff(model: Path, repeats: int) -> dict:
         rng = random.Random(0)
         for i in range(repeats + 1):  # the first round warms both engines up
             for path in ("upfront", "after"):
-                ids = [rng.randrange(2, prefill.vocab_size) for _ in range(TOKENS)]
+                ids = [rng.randrange(2, prefill.vocab_size) for _ in range(tokens)]
                 hashes = [h.hex() for h in hash_chain(producer.served_model_id, ids, producer.block_size)]
                 transfer_id = f"{path}{i}-{uuid.uuid4().hex[:6]}"
                 produce = {"pdserve": "produce", "transfer_id": transfer_id, "block_hashes": hashes}
@@ -292,8 +301,30 @@ def _handoff(model: Path, repeats: int) -> dict:
     finally:
         prefill.stop()
         decode.stop()
+    return figures
+
+
+def _handoff_figures(model: Path, repeats: int) -> dict:
+    """A 2,048-token prompt computed in one step: the hand-off overlaps the prefill layer by layer."""
+    return _handoff_summary(_handoff(model, repeats), "")
+
+
+def _chunked_handoff_figures(repeats: int, work_dir: Path) -> dict:
+    """An 8,192-token prompt prefilled in chunks of 1,024: the hand-off overlaps the prefill chunk by chunk.
+
+    On the engine-benchmark model's shape with 8k positions (the bench model has 4k), made in ``work_dir``.
+    """
+    from engine.tiny_model import BENCH_SHAPE, make_model
+
+    shape = dataclasses.replace(BENCH_SHAPE, max_position_embeddings=CHUNKED_TOKENS + 256)
+    model = make_model(work_dir / "bench-8k", shape)
+    return _handoff_summary(_handoff(model, repeats, CHUNKED_TOKENS, CHUNK_TOKENS), "chunked_")
+
+
+def _handoff_summary(figures: dict[str, list[float]], prefix: str) -> dict:
+    """Medians of ``_handoff``'s rounds, each hand-off over the prefill time, under names starting ``prefix``."""
     median = {name: statistics.median(values) for name, values in figures.items()}
-    return {
+    named = {
         "handoff_vs_prefill": median["upfront"] / median["prefill"],
         "handoff_after_prefill_vs_prefill": median["after"] / median["prefill"],
         "handoff_ms": 1000 * median["upfront"],
@@ -302,6 +333,7 @@ def _handoff(model: Path, repeats: int) -> dict:
         "first_step_all_local_ms": 1000 * median["local"],
         "handoff_ms_rounds": [1000 * t for t in figures["upfront"]],
     }
+    return {prefix + name: value for name, value in named.items()}
 
 
 def _rows(results: dict) -> list[Row]:
@@ -320,13 +352,19 @@ def _rows(results: dict) -> list[Row]:
         ("  256 MiB from two ranks, 4 heads each (ms)", f"{results['tp2_to_tp1_ms']:.1f}", ""),
     ]
     if "handoff_vs_prefill" in results:
-        rows += [
-            ("handoff_vs_prefill", f"{results['handoff_vs_prefill']:.3f}", "<= 0.1"),
-            ("  prefill of 2,048 tokens (ms)", f"{results['prefill_ms']:.1f}", ""),
-            ("  hand-off, handle up front (ms)", f"{results['handoff_ms']:.1f}", ""),
-            ("  ... per round", " ".join(f"{t:.1f}" for t in results["handoff_ms_rounds"]), ""),
-            ("  hand-off, handle after the prefill (ms)", f"{results['handoff_after_prefill_ms']:.1f}", ""),
-            ("  handoff_after_prefill_vs_prefill", f"{results['handoff_after_prefill_vs_prefill']:.3f}", ""),
-            ("  same first step, all KV local (ms)", f"{results['first_step_all_local_ms']:.1f}", ""),
-        ]
+        rows += _handoff_rows(results, "", "prefill of 2,048 tokens (ms)")
+        rows += _handoff_rows(results, "chunked_", "prefill of 8,192 tokens, chunks of 1,024 (ms)")
     return rows
+
+
+def _handoff_rows(results: dict, prefix: str, prefill_label: str) -> list[Row]:
+    figures = {name.removeprefix(prefix): value for name, value in results.items() if name.startswith(prefix)}
+    return [
+        (f"{prefix}handoff_vs_prefill", f"{figures['handoff_vs_prefill']:.3f}", "<= 0.1"),
+        (f"  {prefill_label}", f"{figures['prefill_ms']:.1f}", ""),
+        ("  hand-off, handle up front (ms)", f"{figures['handoff_ms']:.1f}", ""),
+        ("  ... per round", " ".join(f"{t:.1f}" for t in figures["handoff_ms_rounds"]), ""),
+        ("  hand-off, handle after the prefill (ms)", f"{figures['handoff_after_prefill_ms']:.1f}", ""),
+        ("  handoff_after_prefill_vs_prefill", f"{figures['handoff_after_prefill_vs_prefill']:.3f}", ""),
+        ("  same first step, all KV local (ms)", f"{figures['first_step_all_local_ms']:.1f}", ""),
+    ]

@@ -356,6 +356,11 @@ class Engine:
             _add_figures(total, rank)
         return total
 
+    def kv_transfer_times(self, transfer_id: str) -> list[dict[str, float]]:
+        """Per rank, when its part of a recent transfer happened (wall clock): as a sender, when its KV was all
+        computed; as a receiver, when its first bytes and its last landed (``PdserveConnector.transfer_times``)."""
+        return self._rpc("pdserve_transfer_times", transfer_id) if self.config.kv_connector is not None else []
+
     async def abort_kv_transfer(self, transfer_id: str) -> None:
         """Free a transfer this engine offers (or will offer) that nobody will pull."""
         if self.config.kv_connector is not None:

@@ -201,6 +201,11 @@ class HostedWorker:
     def transfer_stats(self, worker_id: str | None = None) -> dict[str, dict]:
         return self._host.engine.kv_transfer_stats()
 
+    def kv_fingerprint(self, worker_id: str | None = None) -> dict | None:
+        """What makes this engine's KV interchangeable (``KVFingerprint``, as a dict); None without a connector."""
+        ranks = self._host.engine.kv_connector_handshake()
+        return ranks[0]["fingerprint"] if ranks else None
+
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Serve's autoscaler reads the load the heartbeat reports, and the measured rates and lengths
         (the policies: pdserve/autoscaling.py); a figure not measured yet is left out."""

@@ -44,6 +44,10 @@ class PdserveWorkerExtension:
         stats = getattr(_connector(), "transfer_stats", None)
         return stats() if stats is not None else {}
 
+    def pdserve_transfer_times(self, transfer_id: str) -> dict[str, float]:
+        times = getattr(_connector(), "transfer_times", None)
+        return times(transfer_id) if times is not None else {}
+
     def pdserve_kv_layout(self) -> dict:
         runner = self.model_runner  # private in vLLM 0.32: see the module docstring
         first, kv_config = runner.kv_caches[0], runner.kv_cache_config

@@ -4,9 +4,11 @@ A pull writes the requested blocks of every requested layer, from one sender
 rank, straight into destination tensors the receiver reserved
 (``dest_layers[layer][dest_block_ids]``; with tensor-parallel sizes that differ,
 a slice of the KV heads, ``HeadSlice``),
-verifying each chunk's length and checksum before it lands. Every pull has a
-stall deadline (no chunk for that long: the peer stalled or died) and an
-overall deadline; failures are typed ``TransferError``s, never a hang.
+verifying each chunk's length and checksum before it lands. The sender sends
+batch by batch (the blocks computed so far, then each later chunk of a long
+prompt as it is computed), each batch layer by layer. Every pull has a stall
+deadline (no chunk for that long: the peer stalled or died) and an overall
+deadline; failures are typed ``TransferError``s, never a hang.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ class PullResult:
     layers: int
     bytes: int
     seconds: float
+    first_bytes_at: float = 0.0  # wall clock (time.time()) when the first bytes landed; 0.0 when none did
 
 
 class KVChannel(Protocol):
@@ -152,34 +155,15 @@ class GrpcKVChannel:
         )  # chunks decoded by hand (chunk_codec): the payload is copied once, into the cache
         call = pull(request, timeout=timeout_s, metadata=self._metadata(handle))
         watchdog = _StallWatchdog(call, stall_timeout_s)
-        dest_runs = runs(dest_block_ids)
-        device = dest_layers[0].device
-        whole = heads.count == dest_layers[0].shape[1]  # every head the receiver holds comes from this rank
-        # adjacent destination blocks, whole, in host memory: bytes land in the cache itself; else in (pinned) staging
-        direct = whole and len(dest_runs) == 1 and device.type == "cpu"
-        staging = torch.empty(
-            (len(indices), heads.count, *dest_layers[0].shape[2:]), dtype=dest_layers[0].dtype,
-            pin_memory=device.type == "cuda",
-        )  # fmt: skip
-        layer_size = staging.numel() * staging.element_size()
-        target = None
-        start, received, filled, layers_done = time.perf_counter(), 0, 0, 0
+        landing = _Landing(handle.transfer_id, dest_layers, dest_block_ids, wanted_layers, heads)
+        start, received, first_bytes_at = time.perf_counter(), 0, 0.0
         try:
             for message in call:
                 watchdog.progress()
                 header, data = decode_chunk(message)
-                self._verify(handle, header, data, layer_size, filled)
-                if filled == 0:
-                    first, count = dest_runs[0]
-                    layer_target = dest_layers[header.layer][first : first + count] if direct else staging
-                    target = layer_target.view(-1).view(torch.uint8).numpy()
-                target[header.byte_offset : header.byte_offset + header.byte_length] = data
-                received += header.byte_length
-                filled += header.byte_length
-                if filled == layer_size:
-                    if not direct:
-                        land(dest_layers[header.layer], heads, dest_block_ids, staging)
-                    filled, layers_done = 0, layers_done + 1
+                landing.take(header, data)
+                received += len(data)
+                first_bytes_at = first_bytes_at or time.time()
         except grpc.RpcError as exc:
             raise self._error(handle, rank, exc, watchdog.stalled, stall_timeout_s) from None
         except TransferError:
@@ -187,11 +171,9 @@ class GrpcKVChannel:
             raise
         finally:
             watchdog.stop()
-        if layers_done != len(wanted_layers):
-            raise TransferIntegrityError(
-                handle.transfer_id, f"stream ended after {layers_done} of {len(wanted_layers)} layers"
-            )
-        return PullResult(handle.transfer_id, len(indices), layers_done, received, time.perf_counter() - start)
+        landing.check_complete()
+        seconds = time.perf_counter() - start
+        return PullResult(handle.transfer_id, len(indices), len(wanted_layers), received, seconds, first_bytes_at)
 
     def release(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0, receivers: int = 1):
         return self._control(handle, "Release", timeout_s, rank, receivers)
@@ -246,14 +228,6 @@ class GrpcKVChannel:
         return [(auth.METADATA_KEY, auth.proof(self._secret, handle.transfer_id))]
 
     @staticmethod
-    def _verify(handle: TransferHandle, header: pb.ChunkHeader, data, layer_size: int, filled: int) -> None:
-        tid = handle.transfer_id
-        if len(data) != header.byte_length or header.byte_offset != filled or filled + len(data) > layer_size:
-            raise TransferIntegrityError(tid, f"layer {header.layer}: chunk at {header.byte_offset} is out of place")
-        if xxhash.xxh3_64_intdigest(data) != header.xxh3_64:
-            raise TransferIntegrityError(tid, f"layer {header.layer}: checksum mismatch at byte {header.byte_offset}")
-
-    @staticmethod
     def _error(handle: TransferHandle, rank: int, exc: grpc.RpcError, stalled: bool, timeout_s: float):
         tid = handle.transfer_id
         if stalled:
@@ -262,6 +236,79 @@ class GrpcKVChannel:
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
             return TransferTimeout(tid, f"deadline exceeded: {detail}")
         return BY_CODE.get(code, TransferUnavailable)(tid, f"{code.name}: {detail}")
+
+
+class _Landing:
+    """Where a gRPC pull's chunks land, checked as they come: batches in order, each batch every wanted layer
+    in order, each layer's bytes in order and whole, every chunk's checksum."""
+
+    def __init__(self, transfer_id: str, dest_layers, dest_block_ids, wanted_layers: list[int], heads: HeadSlice):
+        self._tid = transfer_id
+        self._dest_layers = dest_layers
+        self._dest_ids = list(dest_block_ids)
+        self._layers = wanted_layers
+        self._heads = heads
+        first = dest_layers[0]
+        self._whole = heads.count == first.shape[1]  # every head the receiver holds comes from this rank
+        self._cpu = first.device.type == "cpu"
+        self._staging = torch.empty(
+            (len(self._dest_ids), heads.count, *first.shape[2:]), dtype=first.dtype,
+            pin_memory=first.device.type == "cuda",
+        )  # fmt: skip
+        self._block_bytes = self._staging[:1].numel() * self._staging.element_size()
+        self._position = 0  # of the batch arriving, in the request's blocks
+        self._batch = 0  # its block count
+        self._layer = 0  # index into ``wanted_layers`` of the layer arriving
+        self._filled = 0  # its bytes landed
+        self._ids: list[int] = []
+        self._target = None
+        self._direct = False
+
+    def take(self, header: pb.ChunkHeader, data) -> None:
+        if self._filled == 0:
+            self._start_layer(header)
+        where = f"layer {header.layer}, blocks from {header.first_block}"
+        if (
+            (header.layer, header.first_block, header.num_blocks)
+            != (self._layers[self._layer], self._position, self._batch)
+            or len(data) != header.byte_length
+            or header.byte_offset != self._filled
+        ):
+            raise TransferIntegrityError(self._tid, f"{where}: chunk at {header.byte_offset} is out of place")
+        if self._filled + len(data) > self._batch * self._block_bytes:
+            raise TransferIntegrityError(self._tid, f"{where}: more bytes than the blocks hold")
+        if xxhash.xxh3_64_intdigest(data) != header.xxh3_64:
+            raise TransferIntegrityError(self._tid, f"{where}: checksum mismatch at byte {header.byte_offset}")
+        self._target[header.byte_offset : header.byte_offset + header.byte_length] = data
+        self._filled += len(data)
+        if self._filled == self._batch * self._block_bytes:
+            if not self._direct:
+                land(self._dest_layers[header.layer], self._heads, self._ids, self._staging[: self._batch])
+            self._filled, self._layer = 0, self._layer + 1
+            if self._layer == len(self._layers):
+                self._position, self._layer = self._position + self._batch, 0
+
+    def _start_layer(self, header: pb.ChunkHeader) -> None:
+        if self._layer == 0:  # a new batch
+            if not 0 < header.num_blocks <= len(self._dest_ids) - self._position:
+                raise TransferIntegrityError(self._tid, f"a batch of {header.num_blocks} blocks at {self._position}")
+            self._batch = header.num_blocks
+            self._ids = self._dest_ids[self._position : self._position + self._batch]
+        # adjacent destination blocks, whole, in host memory: bytes land in the cache itself; else in (pinned) staging
+        spans = runs(self._ids)
+        self._direct = self._whole and self._cpu and len(spans) == 1
+        if self._direct:
+            layer = self._dest_layers[self._layers[self._layer]]
+            target = layer[spans[0][0] : spans[0][0] + self._batch]
+        else:
+            target = self._staging[: self._batch]
+        self._target = target.view(-1).view(torch.uint8).numpy()
+
+    def check_complete(self) -> None:
+        if self._position != len(self._dest_ids) or self._filled:
+            raise TransferIntegrityError(
+                self._tid, f"stream ended after {self._position} of {len(self._dest_ids)} blocks (every layer)"
+            )
 
 
 class _StallWatchdog:
@@ -304,19 +351,25 @@ class LocalKVChannel:
         indices, wanted_layers, heads = check_request(
             handle, dest_layers, dest_block_ids, block_indices, layers, rank, heads
         )
-        start = time.perf_counter()
+        start, first_bytes_at = time.perf_counter(), 0.0
         offer = self._registry.open_pull(handle.transfer_id, block_indices, layers)
-        sent = 0
+        sent, position = 0, 0
         try:
-            for layer in wanted_layers:
-                self._registry.wait_layer_ready(offer, layer, stall_timeout_s)
-                source = (heads.source, heads.count)
-                blocks = torch.cat(self._registry.read_blocks(offer, layer, block_indices, source))
-                land(dest_layers[layer], heads, dest_block_ids, blocks)
-                sent += blocks.numel() * blocks.element_size()
+            while position < len(indices):
+                batch = self._registry.next_batch(offer, indices[position:], stall_timeout_s)
+                ids = dest_block_ids[position : position + len(batch)]
+                for layer in wanted_layers:
+                    self._registry.wait_layer_ready(offer, layer, stall_timeout_s, last_block=batch[-1])
+                    blocks = torch.cat(self._registry.read_blocks(offer, layer, batch, (heads.source, heads.count)))
+                    self._registry.check_unfinished(offer)
+                    land(dest_layers[layer], heads, ids, blocks)
+                    sent += blocks.numel() * blocks.element_size()
+                    first_bytes_at = first_bytes_at or time.time()
+                position += len(batch)
         finally:
             self._registry.close_pull(offer, sent)
-        return PullResult(handle.transfer_id, len(indices), len(wanted_layers), sent, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        return PullResult(handle.transfer_id, len(indices), len(wanted_layers), sent, seconds, first_bytes_at)
 
     def release(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0, receivers: int = 1):
         return self._registry.release(handle.transfer_id, receivers)

@@ -4,14 +4,17 @@ No global default group: a worker talks to many peers, so each pair gets its own
 ``ProcessGroupGloo`` (CPU tensors) or ``ProcessGroupNCCL`` (CUDA tensors), made on
 first use through a rendezvous in the sender's ``TCPStore`` and cached (vLLM's
 stateless groups are the model). Control goes over gRPC (``PullDist`` returns
-where to meet and which tags to use); bytes go over the group, one send per
-layer of all requested blocks, followed by that layer's checksum. Group
-creation and every send/recv run under a timeout; a group that failed is
-dropped and the next pull builds a new one under a new key.
+where to meet, which blocks and which tags); bytes go over the group, one send
+per run of adjacent blocks per layer, followed by that layer's checksum. A plan
+covers the requested blocks the prefill has computed or is computing; for a
+prompt computed chunk by chunk, the receiver asks again for the rest, so the
+first chunks travel while later ones run. Group creation and every send/recv
+run under a timeout; a group that failed is dropped and the next pull builds a
+new one under a new key.
 
-Pulls of one pair run one at a time, in the same order on both ends: the
-receiver holds the pair's lock from its PullDist call to its last receive, and
-the sender pushes each receiver's plans from one FIFO thread.
+Plans of one pair run one at a time, in the same order on both ends: the
+receiver holds the pair's lock from its PullDist call to the plan's last
+receive, and the sender pushes each receiver's plans from one FIFO thread.
 """
 
 from __future__ import annotations
@@ -74,10 +77,11 @@ class DistSender:
         offer = self._registry.open_pull(pull.transfer_id, pull.block_indices, pull.layers)
         try:
             heads = self._registry.check_heads(offer, pull.first_head, pull.num_heads)
+            indices = list(pull.block_indices) or list(range(offer.handle.num_blocks))
+            batch = self._registry.next_batch(offer, indices, self._timeout_s)
             key = self._group_key(request.receiver_id)
             layers = list(pull.layers) or list(range(len(offer.layers)))
-            ids = [offer.block_ids[i] for i in pull.block_indices] if pull.block_indices else offer.block_ids
-            run_lengths = [length for _, length in runs(ids)]
+            run_lengths = [length for _, length in runs([offer.block_ids[i] for i in batch])]
             tag_base = next(self._tags) * (len(offer.layers) + 1) * (len(run_lengths) + 1)
             backend = "nccl" if request.device == "cuda" else "gloo"
         except BaseException:
@@ -90,9 +94,9 @@ class DistSender:
                 self._pushers[request.receiver_id] = pusher
         plan = pb.DistPlan(
             store_host=self._host, store_port=self._store.port, group_key=key, tag_base=tag_base,
-            backend=backend, layers=layers, run_lengths=run_lengths,
+            backend=backend, layers=layers, run_lengths=run_lengths, num_blocks=len(batch),
         )  # fmt: skip
-        pusher.submit(self._push, offer, request, plan, heads)
+        pusher.submit(self._push, offer, request, plan, batch, heads)
         return plan
 
     def close(self) -> None:
@@ -119,17 +123,18 @@ class DistSender:
             self._groups[receiver_id] = (key, group)
         return group
 
-    def _push(self, offer, request: pb.DistPullRequest, plan: pb.DistPlan, heads: tuple[int, int]) -> None:
+    def _push(self, offer, request: pb.DistPullRequest, plan: pb.DistPlan, batch: list[int], heads) -> None:
         """Post every send of a layer at once (runs, then checksum), and let them drain while the next waits."""
         sent, pending = 0, []
         timeout = timedelta(seconds=self._timeout_s)
         try:
             group = self._group(request.receiver_id, plan.group_key, request.device or "cpu")
             for layer in plan.layers:
-                self._registry.wait_layer_ready(offer, layer, self._timeout_s)
-                blocks = self._registry.read_blocks(offer, layer, request.pull.block_indices, heads)
+                self._registry.wait_layer_ready(offer, layer, self._timeout_s, last_block=batch[-1])
+                blocks = self._registry.read_blocks(offer, layer, batch, heads)
                 # NCCL sends CUDA tensors, Gloo host ones; both send contiguous memory (a head slice is copied)
                 blocks = [run.to(request.device or "cpu").contiguous() for run in blocks]
+                self._registry.check_unfinished(offer)  # aborted mid-copy: its blocks may be reused; send nothing
                 base = plan.tag_base + layer * (len(plan.run_lengths) + 1)
                 for index, run in enumerate(blocks):
                     pending.append(group.send([run], RECEIVER_RANK, base + index))
@@ -166,33 +171,44 @@ class DistKVChannel:
         indices, wanted_layers, heads = check_request(
             handle, dest_layers, dest_block_ids, block_indices, layers, rank, heads
         )
-        device = dest_layers[0].device.type
-        request = pb.DistPullRequest(
-            pull=pb.PullRequest(
-                wire_version=WIRE_VERSION, transfer_id=handle.transfer_id, block_indices=list(block_indices),
-                layers=list(layers), first_head=heads.source, num_heads=heads.count,
-            ),
-            receiver_id=self._receiver_id,
-            device=device,
-        )  # fmt: skip
         address = handle.address(rank)
         with self._lock:
             pair = self._pairs.setdefault(address, threading.Lock())
-        if not pair.acquire(timeout=timeout_s):
-            raise TransferTimeout(handle.transfer_id, f"the pair is busy for more than {timeout_s:g} s")
-        try:
-            return self._pull(handle, rank, heads, request, dest_layers, dest_block_ids, indices, wanted_layers,
-                              stall_timeout_s)  # fmt: skip
-        finally:
-            pair.release()
+        start, deadline = time.perf_counter(), time.monotonic() + timeout_s
+        received, first_bytes_at, position = 0, 0.0, 0
+        while position < len(indices):  # a plan per batch: the blocks the prefill has computed so far
+            request = pb.DistPullRequest(
+                pull=pb.PullRequest(
+                    wire_version=WIRE_VERSION, transfer_id=handle.transfer_id, block_indices=indices[position:],
+                    layers=list(layers), first_head=heads.source, num_heads=heads.count,
+                ),
+                receiver_id=self._receiver_id,
+                device=dest_layers[0].device.type,
+            )  # fmt: skip
+            if not pair.acquire(timeout=max(0.0, deadline - time.monotonic())):
+                raise TransferTimeout(handle.transfer_id, f"the pair is busy past the pull's {timeout_s:g} s")
+            try:
+                ids = dest_block_ids[position:]
+                blocks, nbytes, landed_at = self._pull_batch(
+                    handle, rank, heads, request, dest_layers, ids, stall_timeout_s
+                )
+            finally:
+                pair.release()
+            received, position = received + nbytes, position + blocks
+            first_bytes_at = first_bytes_at or landed_at
+        seconds = time.perf_counter() - start
+        return PullResult(handle.transfer_id, len(indices), len(wanted_layers), received, seconds, first_bytes_at)
 
-    def _pull(self, handle, rank, heads, request, dest_layers, dest_block_ids, indices, wanted_layers, stall_timeout_s):
+    def _pull_batch(self, handle, rank, heads, request, dest_layers, dest_block_ids, stall_timeout_s):
+        """One plan, into the leading ``dest_block_ids``: (blocks, bytes, wall clock when its first layer landed)."""
         device = request.device
         address = handle.address(rank)
         plan = self._control.call(handle, "PullDist", request, stall_timeout_s, rank)
-        start = time.perf_counter()
+        if not 0 < plan.num_blocks <= len(dest_block_ids) or sum(plan.run_lengths) != plan.num_blocks:
+            raise TransferIntegrityError(handle.transfer_id, f"a plan of {plan.num_blocks} blocks {plan.run_lengths}")
+        dest_block_ids = dest_block_ids[: plan.num_blocks]
         timeout = timedelta(seconds=stall_timeout_s)
-        received = 0
+        received, landed_at = 0, 0.0
         try:
             group = self._group(address, plan, device, stall_timeout_s)
             posted = [
@@ -206,13 +222,14 @@ class DistKVChannel:
                     raise TransferIntegrityError(handle.transfer_id, f"layer {layer}: checksum mismatch")
                 finish()
                 received += sum(part.numel() * part.element_size() for part in landing)
+                landed_at = landed_at or time.time()
         except TransferError:
             self._drop(address, plan.group_key)
             raise
         except Exception as exc:  # a timed-out or broken group: rebuilt on next use
             self._drop(address, plan.group_key)
             raise TransferTimeout(handle.transfer_id, f"torch.distributed receive failed: {exc}") from None
-        return PullResult(handle.transfer_id, len(indices), len(wanted_layers), received, time.perf_counter() - start)
+        return plan.num_blocks, received, landed_at
 
     @staticmethod
     def _post_layer(group, plan: pb.DistPlan, layer: int, dest_layers, dest_block_ids, device: str, heads: HeadSlice):

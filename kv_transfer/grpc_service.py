@@ -1,11 +1,16 @@
 """The sender's gRPC service: Pull streams chunks of an offer; Release, Abort, Renew and Status control it.
 
 Every call must carry the cluster proof for its transfer id before anything
-is read; a pull streams layer by layer (the KV heads it asks for: a receiver rank
-of another tensor-parallel size takes a slice of this rank's heads), waiting (under the stall deadline) for
-layers the prefill has not finished yet. A handle can reach the receiver
-before the sender has registered its offer (the engine offers at its next
-step), so every call first waits, under the same deadline, for the offer.
+is read. A pull streams batch by batch, each batch the blocks the prefill has
+computed or is computing (one batch for a prompt computed in one step, one per
+chunk for a longer one), and each batch layer by layer, waiting (under the
+stall deadline) for layers and chunks the prefill has not finished yet. Chunk
+headers say which batch (``first_block``, ``num_blocks``: positions in the
+request's block list) and layer they carry. A pull takes the KV heads it asks
+for: a receiver rank of another tensor-parallel size takes a slice of this
+rank's heads. A handle can reach the receiver before the sender has
+registered its offer (the engine offers at its next step), so every call
+first waits, under the same deadline, for the offer.
 """
 
 from __future__ import annotations
@@ -66,27 +71,35 @@ class KVTransferService(pb_grpc.KVTransferServicer):
         context.add_callback(lambda: (gone.set(), self._registry.wake(offer)))
         sent = 0
         chunk_bytes = request.max_chunk_bytes or DEFAULT_CHUNK_BYTES
-        num_blocks = len(request.block_indices) or len(offer.block_ids)
+        indices = list(request.block_indices) or list(range(offer.handle.num_blocks))
+        position = 0  # of the next batch in ``indices``
         try:
-            for layer in request.layers or range(len(offer.layers)):
-                if not self._registry.wait_layer_ready(offer, layer, self._stall_timeout_s, gone):
-                    return
-                offset = 0
-                for run in self._registry.read_blocks(offer, layer, request.block_indices, heads):
-                    # one copy where heads are sliced out of a block, or a CUDA cache's blocks come to the host
-                    payload = memoryview(run.contiguous().cpu().view(-1).view(torch.uint8).numpy())
-                    for start in range(0, len(payload), chunk_bytes):
-                        if not context.is_active():
-                            return
-                        piece = payload[start : start + chunk_bytes]
-                        header = pb.ChunkHeader(
-                            transfer_id=request.transfer_id, layer=layer, part=pb.KV_PART_KV, first_block=0,
-                            num_blocks=num_blocks, byte_offset=offset, byte_length=len(piece),
-                            xxh3_64=xxhash.xxh3_64_intdigest(piece),
-                        )  # fmt: skip
-                        yield encode_chunk(header, piece)
-                        offset += len(piece)
-                        sent += len(piece)
+            while position < len(indices):
+                batch = self._registry.next_batch(offer, indices[position:], self._stall_timeout_s, gone)
+                for layer in request.layers or range(len(offer.layers)):
+                    if not batch or not self._registry.wait_layer_ready(
+                        offer, layer, self._stall_timeout_s, gone, last_block=batch[-1]
+                    ):
+                        return
+                    offset = 0
+                    for run in self._registry.read_blocks(offer, layer, batch, heads):
+                        # one copy where heads are sliced out of a block, or a CUDA cache's blocks come to the host
+                        payload = memoryview(run.contiguous().cpu().view(-1).view(torch.uint8).numpy())
+                        for start in range(0, len(payload), chunk_bytes):
+                            if not context.is_active():
+                                return
+                            piece = payload[start : start + chunk_bytes]
+                            header = pb.ChunkHeader(
+                                transfer_id=request.transfer_id, layer=layer, part=pb.KV_PART_KV,
+                                first_block=position, num_blocks=len(batch), byte_offset=offset,
+                                byte_length=len(piece), xxh3_64=xxhash.xxh3_64_intdigest(piece),
+                            )  # fmt: skip
+                            chunk = encode_chunk(header, piece)  # the copy out of the cache
+                            self._registry.check_unfinished(offer)  # not aborted (its blocks reused) mid-copy
+                            yield chunk
+                            offset += len(piece)
+                            sent += len(piece)
+                position += len(batch)
         except TransferError as exc:
             context.abort(exc.code, str(exc))
         finally:

@@ -6,12 +6,20 @@ final state, and never while a pull is reading them: an abort mid-pull stops
 the pull at its next chunk and frees the blocks when it has let go, and a
 lease that runs out mid-pull expires when that pull ends (each pull has its
 own deadline).
+
+An offer may be made before its KV exists and grow while the prompt is
+computed, chunk by chunk (a prompt longer than the engine's token budget per
+step): each step that computes blocks adds a *segment* of them, whose layers
+become readable one by one as the step saves them; every earlier segment is
+whole. A pull is served segment by segment (``next_batch``), each batch layer by
+layer, so the receiver takes the first chunk's KV while later chunks run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -29,7 +37,7 @@ from kv_transfer.errors import (
 )
 from pdserve_pb.v1 import kv_transfer_pb2 as pb
 
-WIRE_VERSION = pb.WIRE_VERSION_2
+WIRE_VERSION = pb.WIRE_VERSION_3
 DEFAULT_CHUNK_BYTES = 4 << 20  # gRPC chunk size: under the usual 4 MiB message limit, configurable
 MAX_MESSAGE_BYTES = 64 << 20  # the largest chunk a peer accepts
 
@@ -226,12 +234,23 @@ def runs(ids: Sequence[int]) -> list[tuple[int, int]]:
 
 @dataclass
 class Offer:
+    """An offer's blocks, how far they are computed, and who reads it.
+
+    Blocks ``[0, complete)`` are readable at every layer; blocks ``[complete, offered)`` (the segment the
+    engine is computing) at layers below ``layers_ready``; blocks from ``offered`` on are not computed yet
+    (``block_ids`` may already name some: a block the last chunk filled only in part).
+    """
+
     handle: TransferHandle
     layers: list[torch.Tensor]
     block_ids: list[int]
     lease_deadline: float
+    offered: int = 0
+    complete: int = 0
     state: TransferState = TransferState.OFFERED
     layers_ready: int = 0
+    last_step_at: float = 0.0  # wall clock when the step computing its last blocks began
+    computed_at: float = 0.0  # wall clock when every layer of every block was in the cache
     pulls: int = 0
     releases: int = 0  # receiver ranks that released it, of the ``receivers`` each release names
     bytes_sent: int = 0
@@ -247,6 +266,8 @@ class TransferStatus:
     lease_remaining_s: float = 0.0
     bytes_sent: int = 0
     layers_ready: int = 0
+    last_step_at: float = 0.0
+    computed_at: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -298,13 +319,22 @@ class TransferRegistry:
         backends: Sequence[str] = ("grpc",),
         layers_ready: int | None = None,
         lease_s: float | None = None,
+        segment: int | None = None,
     ) -> TransferHandle:
-        """Hold ``block_ids`` of every layer tensor under a lease; ``layers_ready`` < all for layer-wise pulls.
+        """Hold ``block_ids`` of every layer tensor under a lease.
 
-        The handle returned describes this one sender (tests and single-rank use): all its heads, its address.
+        ``block_hashes`` has one entry per block of the transfer; ``block_ids`` names all of them, or, for a
+        prompt computed chunk by chunk, those allocated so far (``extend`` adds the rest). The first
+        ``segment`` blocks (default: all) are being computed, readable at layers below ``layers_ready``
+        (default: all, the KV is there). The handle returned describes this one sender (tests and
+        single-rank use): all its heads, its address.
         """
-        if len(block_ids) != len(block_hashes):
-            raise ValueError(f"{len(block_ids)} block ids but {len(block_hashes)} block hashes")
+        segment = len(block_hashes) if segment is None else segment
+        if not segment <= len(block_ids) <= len(block_hashes):
+            raise ValueError(
+                f"{len(block_ids)} block ids for {len(block_hashes)} blocks, {segment} of them computed: "
+                "need computed <= ids <= blocks"
+            )
         first = layers[0]
         fingerprint = KVFingerprint(
             self.model_id, dtype=str(first.dtype).removeprefix("torch."), num_layers=len(layers),
@@ -317,8 +347,10 @@ class TransferRegistry:
             layers,
             list(block_ids),
             self._clock() + (self.lease_s if lease_s is None else lease_s),
+            offered=segment,
             layers_ready=len(layers) if layers_ready is None else layers_ready,
         )
+        self._note_computed(offer)
         with self._lock:
             final = self._final.get(transfer_id)
             if final is not None and final.detail == _ABORTED_EARLY:
@@ -335,16 +367,46 @@ class TransferRegistry:
             self._offered.wait_for(lambda: transfer_id in self._offers or transfer_id in self._final, timeout_s)
 
     def mark_layer_ready(self, transfer_id: str, layer: int) -> None:
+        """``layer`` of the segment being computed is in the cache."""
         offer = self._get(transfer_id)
         with offer.changed:
             offer.layers_ready = max(offer.layers_ready, layer + 1)
+            self._note_computed(offer)
+            offer.changed.notify_all()
+
+    @staticmethod
+    def _note_computed(offer: Offer) -> None:
+        """Note when the step computing the last blocks began, and when they were all in the cache."""
+        if offer.offered == offer.handle.num_blocks:
+            offer.last_step_at = offer.last_step_at or time.time()
+            if offer.layers_ready >= len(offer.layers):
+                offer.computed_at = offer.computed_at or time.time()
+
+    def extend(self, transfer_id: str, block_ids: Sequence[int], segment_end: int) -> None:
+        """The next chunk of the prompt runs: ``block_ids`` are allocated after those offered, and blocks up to
+        ``segment_end`` are being computed now (their layers marked ready as they are saved). The segment
+        before is whole: its step has ended."""
+        offer = self._get(transfer_id)
+        with offer.changed:
+            ids = offer.block_ids + list(block_ids)
+            if not offer.offered <= segment_end <= len(ids) <= offer.handle.num_blocks:
+                raise ValueError(
+                    f"transfer {transfer_id}: segment to block {segment_end} with {len(ids)} block ids, "
+                    f"{offer.offered} offered, of {offer.handle.num_blocks}"
+                )
+            offer.block_ids = ids
+            offer.complete, offer.offered, offer.layers_ready = offer.offered, segment_end, 0
+            self._note_computed(offer)
             offer.changed.notify_all()
 
     def open_pull(self, transfer_id: str, block_indices: Sequence[int], layers: Sequence[int]) -> Offer:
-        """Start reading an offer; pair with ``close_pull``. Empty indices / layers mean all."""
+        """Start reading an offer; pair with ``close_pull``. Empty indices / layers mean all; indices ascend."""
         offer = self._get(transfer_id)
-        if any(not 0 <= i < len(offer.block_ids) for i in block_indices):
-            raise TransferRequestError(transfer_id, f"block indices must be in [0, {len(offer.block_ids)})")
+        blocks = offer.handle.num_blocks
+        if any(not 0 <= i < blocks for i in block_indices):
+            raise TransferRequestError(transfer_id, f"block indices must be in [0, {blocks})")
+        if any(a >= b for a, b in itertools.pairwise(block_indices)):
+            raise TransferRequestError(transfer_id, "block indices must ascend")
         if any(not 0 <= layer < len(offer.layers) for layer in layers):
             raise TransferRequestError(transfer_id, f"layers must be in [0, {len(offer.layers)})")
         with offer.changed:
@@ -370,21 +432,46 @@ class TransferRegistry:
         elif self._clock() >= offer.lease_deadline:
             self._finish(offer.handle.transfer_id, TransferState.EXPIRED, "lease ran out during a pull")
 
-    def wait_layer_ready(self, offer: Offer, layer: int, timeout_s: float, gone: threading.Event | None = None) -> bool:
-        """Wait until ``layer`` may be read; False when the reader is ``gone`` meanwhile."""
+    def next_batch(
+        self, offer: Offer, block_indices: Sequence[int], timeout_s: float, gone: threading.Event | None = None
+    ) -> list[int]:
+        """The leading ``block_indices`` (ascending) the engine has computed or is computing, once there is at
+        least one: what a pull sends next, layer by layer. Empty when the reader is ``gone`` meanwhile."""
         gone = gone or threading.Event()
+        with offer.changed:
+            self._wait(offer, lambda: offer.offered > block_indices[0], timeout_s, gone, f"block {block_indices[0]}")
+            if gone.is_set():
+                return []
+            return [i for i in block_indices if i < offer.offered]
+
+    def wait_layer_ready(
+        self, offer: Offer, layer: int, timeout_s: float, gone: threading.Event | None = None, last_block: int = -1
+    ) -> bool:
+        """Wait until ``layer`` of the blocks up to index ``last_block`` (default: the offer's last) may be read;
+        False when the reader is ``gone`` meanwhile."""
+        gone = gone or threading.Event()
+        last = offer.handle.num_blocks - 1 if last_block < 0 else last_block
 
         def readable() -> bool:
-            return offer.layers_ready > layer or offer.state.final or gone.is_set()
+            return last < offer.complete or (last < offer.offered and layer < offer.layers_ready)
 
         with offer.changed:
-            if not offer.changed.wait_for(readable, timeout_s):
-                raise TransferTimeout(offer.handle.transfer_id, f"layer {layer} not ready within {timeout_s:g} s")
-            if gone.is_set():
-                return False
-            if offer.state.final:
-                raise TransferNotFound(offer.handle.transfer_id, f"{offer.state.name.lower()} while being pulled")
-        return True
+            self._wait(offer, readable, timeout_s, gone, f"layer {layer} of block {last}")
+        return not gone.is_set()
+
+    @staticmethod
+    def _wait(offer: Offer, ready: Callable[[], bool], timeout_s: float, gone: threading.Event, what: str) -> None:
+        """Wait (``offer.changed`` held) until ``ready``, the reader is ``gone``, or the offer is finished."""
+        if not offer.changed.wait_for(lambda: ready() or offer.state.final or gone.is_set(), timeout_s):
+            raise TransferTimeout(offer.handle.transfer_id, f"{what} not computed within {timeout_s:g} s")
+        if offer.state.final and not gone.is_set():
+            raise TransferNotFound(offer.handle.transfer_id, f"{offer.state.name.lower()} while being pulled")
+
+    def check_unfinished(self, offer: Offer) -> None:
+        """Raise when ``offer`` was finished (aborted) while a pull read it: what was read may be stale, as an
+        engine may reuse the blocks of an aborted offer at its next step."""
+        if offer.state.final:
+            raise TransferNotFound(offer.handle.transfer_id, f"{offer.state.name.lower()} while being pulled")
 
     def wake(self, offer: Offer) -> None:
         """Wake whoever waits on ``offer`` (a reader went away)."""
@@ -476,6 +563,8 @@ class TransferRegistry:
             max(0.0, offer.lease_deadline - self._clock()) if not offer.state.final else 0.0,
             offer.bytes_sent,
             offer.layers_ready,
+            offer.last_step_at,
+            offer.computed_at,
         )
 
     def _get(self, transfer_id: str) -> Offer:

@@ -6,10 +6,16 @@ one (the KV tensors, the bytes). Requests opt in through their
 ``kv_transfer_params``:
 
 - producer (prefill worker): ``{"pdserve": "produce", "transfer_id": ..., "block_hashes": [hex, ...]}``.
-  The request runs with ``max_tokens=1``; when it finishes, its blocks stay
+  The request runs with ``max_tokens=1``. Its blocks are offered from the step
+  that computes them: a prompt computed in one step is offered before that
+  step, each layer readable once saved; a prompt longer than the step's token
+  budget grows its offer chunk by chunk (``ExtendSpec``), so the decode side
+  pulls the first chunks while later ones run. When it finishes, its blocks stay
   allocated (vLLM's delayed free) under the transfer's lease, and the output's
   ``kv_transfer_params`` carry ``{"pdserve_handle": hex}``. The blocks are freed
-  when the receiver releases them, on abort, or when the lease expires.
+  when the receiver releases them, on abort, or when the lease expires. A
+  producer preempted mid-prompt loses its blocks to vLLM at once: its offer is
+  withdrawn (``drops``) and the decode side recomputes.
 - consumer (decode worker): ``{"pdserve": "consume", "handle": hex, "block_hashes": [hex, ...]}``
   (the hashes of this request's prompt: a handle whose blocks differ is refused). vLLM counts
   its local prefix hit first; only the blocks beyond it are pulled, straight
@@ -44,6 +50,8 @@ import functools
 import logging
 import os
 import threading
+import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +99,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "PDSERVE_CLUSTER_TOKEN"
 DEFAULT_LEASE_S = 30.0  # how long an offer nobody renews or releases holds its blocks
 PULLED_TOKENS_KEY = "pdserve_pulled_tokens"  # in a consumer's final kv_transfer_params: prompt tokens loaded
+_LOADS_REMEMBERED = 1024  # recent loads whose times ``transfer_times`` answers
 
 
 @dataclass
@@ -115,14 +124,25 @@ class SenderInfo(KVConnectorHandshakeMetadata):
 
 @dataclass(frozen=True)
 class OfferSpec:
-    """Blocks to offer: ``early`` ones before the step that computes them (layer by layer), others after."""
+    """A producer's offer, made before the step that computes its first blocks: ``block_ids`` allocated so
+    far, one hash per block of the prompt, and ``segment_end``: the blocks whole once this step has run."""
 
     request_id: str
     transfer_id: str
     block_ids: list[int]
     block_hashes: list[bytes]
     num_tokens: int
-    early: bool = False
+    segment_end: int
+
+
+@dataclass(frozen=True)
+class ExtendSpec:
+    """The next chunk of a producer's prompt runs this step: blocks allocated for it, and the blocks whole
+    once it has run."""
+
+    transfer_id: str
+    block_ids: list[int]
+    segment_end: int
 
 
 @dataclass(frozen=True)
@@ -136,8 +156,19 @@ class LoadSpec:
 @dataclass
 class PdserveConnectorMetadata(KVConnectorMetadata):
     offers: list[OfferSpec] = field(default_factory=list)
+    extends: list[ExtendSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
-    aborts: list[str] = field(default_factory=list)  # early offers whose request was aborted
+    aborts: list[str] = field(default_factory=list)  # offers whose request was aborted (blocks freed after)
+    drops: list[str] = field(default_factory=list)  # offers whose request was preempted (blocks already freed)
+
+
+@dataclass
+class _Producing:
+    """A producer whose prompt is still being computed, chunk by chunk (scheduler side)."""
+
+    transfer_id: str
+    prompt: int  # tokens
+    num_block_ids: int  # block ids offered so far
 
 
 def _hashes(params: dict, count: int) -> list[bytes]:
@@ -207,12 +238,13 @@ class PdserveConnector(KVConnectorBase_V1):
         self._layer_names = [name for group in kv_cache_config.kv_cache_groups for name in group.layer_names]
         # scheduler side
         self._senders: list[SenderInfo] = []  # this engine's ranks, in rank order
-        self._pending_offers: list[OfferSpec] = []
         self._pending_loads: list[LoadSpec] = []
         self._handles: dict[str, TransferHandle] = {}  # parsed once, until vLLM allocates the blocks
         self._settled: set[str] = set()  # requests whose remote KV is decided: loading, loaded or refused
         self._fresh_producers: list[tuple[Any, list[int]]] = []  # produce requests allocated this step
-        self._early: dict[str, str] = {}  # request id → transfer id offered before its prefill step
+        self._offered: dict[str, str] = {}  # producer request id → its transfer id
+        self._producing: dict[str, _Producing] = {}  # producers whose prompt runs chunk by chunk
+        self._dropped: set[str] = set()  # producers preempted after their offer: never offered again
         self._pulled: dict[str, int] = {}  # request id → prompt tokens whose KV it loads from a prefill worker
         self._pending_aborts: list[str] = []
         # worker side
@@ -227,13 +259,18 @@ class PdserveConnector(KVConnectorBase_V1):
         self._pullers: ThreadPoolExecutor | None = None  # one load per request
         self._rank_pulls: ThreadPoolExecutor | None = None  # a load's pulls, one per sender rank, side by side
         self._lock = threading.Lock()
-        self._request_of: dict[str, str] = {}  # transfer id → request id
-        self._done_sending: set[str] = set()
+        self._request_of: dict[str, str] = {}  # transfer id → producer request id, while offered
+        # vLLM frees a producer's blocks when told its send is done, and may be told only once it has finished the
+        # request (its contract): an offer freed before that waits in ``_freed_requests``, a request finished
+        # first in ``_finished_producers``
+        self._freed_requests: set[str] = set()
+        self._finished_producers: set[str] = set()
         self._done_recving: set[str] = set()
         self._failed_blocks: set[int] = set()
         self._pulls: dict[str, dict[str, float]] = {}  # backend → pulls, failures, bytes, seconds
         self._failures: dict[str, int] = {}  # cause → failed loads
-        self._stepping: list[OfferSpec] = []  # early offers whose layers this step computes
+        self._loads: OrderedDict[str, tuple[float, float]] = OrderedDict()  # transfer id → (first bytes, landed)
+        self._stepping: list[str] = []  # transfers whose blocks this step computes, layer by layer
 
     # ----- scheduler side -----------------------------------------------------------------
 
@@ -287,18 +324,36 @@ class PdserveConnector(KVConnectorBase_V1):
         self._pending_loads.append(LoadSpec(request.request_id, handle, indices, dest[: len(indices)]))
 
     def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        """Offers for producers' first steps, extensions for their later chunks, loads, aborts, and withdrawals
+        of offers whose blocks vLLM took back by preempting their request this step (before the step reuses
+        them)."""
+        meta = PdserveConnectorMetadata(loads=self._pending_loads, aborts=self._pending_aborts)
+        self._pending_loads, self._pending_aborts = [], []
+        for rid in scheduler_output.preempted_req_ids or ():
+            transfer_id = self._offered.pop(rid, None)
+            self._producing.pop(rid, None)
+            if transfer_id is not None:
+                log.warning("request %s was preempted mid-prompt: its KV offer %s is withdrawn", rid, transfer_id)
+                meta.drops.append(transfer_id)
+                self._dropped.add(rid)
+        scheduled = scheduler_output.num_scheduled_tokens
         for request, block_ids in self._fresh_producers:
-            # The whole prompt runs in this step: offer its blocks now, each layer ready once computed, so a
-            # decode worker that got the handle up front pulls early layers while later ones are computed.
-            prompt = len(request.prompt_token_ids)
-            scheduled = scheduler_output.num_scheduled_tokens.get(request.request_id, 0)
-            spec = self._offer_spec(request, block_ids, prompt, early=True)
-            if spec is not None and request.num_computed_tokens + scheduled >= prompt:
-                self._pending_offers.append(spec)
-                self._early[request.request_id] = spec.transfer_id
+            rid = request.request_id
+            spec = None if rid in self._dropped else self._offer_spec(request, block_ids, scheduled.get(rid, 0))
+            if spec is not None:
+                meta.offers.append(spec)
+                self._offered[rid] = spec.transfer_id
+                if spec.segment_end < len(spec.block_hashes):
+                    self._producing[rid] = _Producing(spec.transfer_id, spec.num_tokens, len(spec.block_ids))
         self._fresh_producers = []
-        meta = PdserveConnectorMetadata(self._pending_offers, self._pending_loads, self._pending_aborts)
-        self._pending_offers, self._pending_loads, self._pending_aborts = [], [], []
+        cached = scheduler_output.scheduled_cached_reqs
+        for index, rid in enumerate(cached.req_ids):
+            producing = self._producing.get(rid)
+            if producing is not None:
+                computed = cached.num_computed_tokens[index] + scheduled.get(rid, 0)
+                meta.extends.append(self._extend_spec(producing, cached.new_block_ids[index], computed))
+                if computed >= producing.prompt:
+                    del self._producing[rid]
         return meta
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -306,24 +361,23 @@ class PdserveConnector(KVConnectorBase_V1):
         rid = request.request_id
         self._settled.discard(rid)
         self._handles.pop(rid, None)
-        early = self._early.pop(rid, None)
-        if early is not None and request.status == RequestStatus.FINISHED_ABORTED:
-            self._pending_aborts.append(early)  # a pull may be reading them: freed once the offer is aborted
-            return True, None
         if params.get("pdserve") == "consume":  # how much of the prompt's KV came over the wire, for usage
             return False, {PULLED_TOKENS_KEY: self._pulled.pop(rid, 0)}
-        if params.get("pdserve") != "produce" or request.status == RequestStatus.FINISHED_ABORTED:
+        self._dropped.discard(rid)
+        transfer_id = self._offered.pop(rid, None)
+        if transfer_id is None:  # nothing offered: not a producer, or preempted after its offer
             return False, None
-        if early is None:
-            spec = self._offer_spec(request, block_ids, request.num_computed_tokens, early=False)
-            if spec is None:
-                return False, None
-            self._pending_offers.append(spec)
+        if self._producing.pop(rid, None) is not None or request.status == RequestStatus.FINISHED_ABORTED:
+            self._pending_aborts.append(transfer_id)  # a pull may be reading them: freed once the offer is aborted
+            return True, None
         num_tokens = request.num_computed_tokens
         handle = self.transfer_handle(params["transfer_id"], params.get("block_hashes", []), num_tokens)
         return True, {"pdserve_handle": handle}
 
-    def _offer_spec(self, request, block_ids: list[int], num_tokens: int, early: bool) -> OfferSpec | None:
+    def _offer_spec(self, request, block_ids: list[int], scheduled: int) -> OfferSpec | None:
+        """The offer of a producer vLLM allocated blocks for and runs this step (its whole prompt or a first
+        chunk): made before the step, each layer readable once saved, so a decode worker that got the handle up
+        front pulls early layers while later ones are computed."""
         if not self._senders:
             log.error("no KV sender registered; request %s is not offered", request.request_id)
             return None
@@ -332,8 +386,22 @@ class PdserveConnector(KVConnectorBase_V1):
         if not isinstance(transfer_id, str) or not transfer_id:
             log.error("request %s asks to produce KV without a transfer_id; not offered", request.request_id)
             return None
-        blocks = block_ids[: -(-num_tokens // self._block_size)]
-        return OfferSpec(request.request_id, transfer_id, blocks, _hashes(params, len(blocks)), num_tokens, early)
+        prompt = len(request.prompt_token_ids)
+        num_blocks = -(-prompt // self._block_size)
+        segment_end = self._segment_end(request.num_computed_tokens + scheduled, prompt)
+        hashes = _hashes(params, num_blocks)
+        return OfferSpec(request.request_id, transfer_id, block_ids[:num_blocks], hashes, prompt, segment_end)
+
+    def _extend_spec(self, producing: _Producing, new_block_ids, computed: int) -> ExtendSpec:
+        """A producer's next chunk: the blocks vLLM allocated for it, and the blocks whole after it."""
+        room = -(-producing.prompt // self._block_size) - producing.num_block_ids
+        ids = list(new_block_ids[0])[:room] if new_block_ids else []
+        producing.num_block_ids += len(ids)
+        return ExtendSpec(producing.transfer_id, ids, self._segment_end(computed, producing.prompt))
+
+    def _segment_end(self, computed: int, prompt: int) -> int:
+        """Blocks whose KV is whole once ``computed`` of the prompt's tokens are (its last block may be partial)."""
+        return -(-prompt // self._block_size) if computed >= prompt else computed // self._block_size
 
     def transfer_handle(self, transfer_id: str, block_hashes: list[str], num_tokens: int) -> str:
         return transfer_handle(self._senders, self._block_size, transfer_id, block_hashes, num_tokens)
@@ -373,14 +441,17 @@ class PdserveConnector(KVConnectorBase_V1):
         return SenderInfo(self._server.address, self._heads.start, len(self._heads), self._fingerprint, backends)
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
-        """Before the forward (vLLM starts async loads only after it): aborts, and this step's early offers."""
+        """Before the forward (vLLM starts async loads only after it): withdrawals and aborts, then this step's
+        offers and chunks, whose layers become readable as the step saves them."""
         super().bind_connector_metadata(connector_metadata)
+        for transfer_id in connector_metadata.drops:
+            with self._lock:  # vLLM freed the blocks itself: nothing to report when the offer ends
+                self._request_of.pop(transfer_id, None)
+            self.abort_transfer(transfer_id)
         for transfer_id in connector_metadata.aborts:
-            try:
-                self._registry.abort(transfer_id)
-            except TransferError:  # already released or expired: its blocks were reported freed then
-                pass
-        self._stepping = [spec for spec in connector_metadata.offers if spec.early and self._offer(spec, 0)]
+            self.abort_transfer(transfer_id)
+        offers = [spec.transfer_id for spec in connector_metadata.offers if self._offer(spec)]
+        self._stepping = offers + [spec.transfer_id for spec in connector_metadata.extends if self._extend(spec)]
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         for load in self._get_connector_metadata().loads:
@@ -393,41 +464,53 @@ class PdserveConnector(KVConnectorBase_V1):
         """This layer's KV is in the cache now: early offers may send it while later layers run."""
         if self._stepping:
             layer = self._layer_index[layer_name]
-            for spec in self._stepping:
-                self._mark_ready(spec, layer)
+            for transfer_id in self._stepping:
+                self._mark_ready(transfer_id, layer)
 
     def wait_for_save(self) -> None:
-        for spec in self._stepping:  # every layer has run, whether or not each reported
-            self._mark_ready(spec, len(self._layers) - 1)
+        for transfer_id in self._stepping:  # every layer has run, whether or not each reported
+            self._mark_ready(transfer_id, len(self._layers) - 1)
         self._stepping = []
-        for spec in self._get_connector_metadata().offers:
-            if not spec.early:
-                self._offer(spec, layers_ready=None)
 
-    def _mark_ready(self, spec: OfferSpec, layer: int) -> None:
+    def _mark_ready(self, transfer_id: str, layer: int) -> None:
         try:
-            self._registry.mark_layer_ready(spec.transfer_id, layer)
+            self._registry.mark_layer_ready(transfer_id, layer)
         except TransferError:  # already pulled and released (or aborted): nothing waits for this layer
             pass
 
-    def _offer(self, spec: OfferSpec, layers_ready: int | None) -> bool:
+    def _offer(self, spec: OfferSpec) -> bool:
         with self._lock:
             self._request_of.setdefault(spec.transfer_id, spec.request_id)
         try:
             self._registry.offer(
                 spec.transfer_id, self._layers, spec.block_ids, spec.block_hashes, spec.num_tokens,
-                self._kv_cache_config.kv_cache_layout or "", layers_ready=layers_ready,
+                self._kv_cache_config.kv_cache_layout or "", layers_ready=0, segment=spec.segment_end,
             )  # fmt: skip
-        except ValueError as exc:  # e.g. a transfer id used twice: free the blocks at once
+        except ValueError as exc:  # e.g. a transfer id used twice: free the blocks once vLLM is done with them
             log.error("request %s not offered: %s", spec.request_id, exc)
             with self._lock:
-                self._done_sending.add(spec.request_id)
+                self._freed_requests.add(spec.request_id)
+            return False
+        return True
+
+    def _extend(self, spec: ExtendSpec) -> bool:
+        try:
+            self._registry.extend(spec.transfer_id, spec.block_ids, spec.segment_end)
+        except TransferError:  # released or aborted already (the decode side gave up): nothing to extend
+            return False
+        except ValueError as exc:  # blocks that do not add up: fail the transfer closed, the decode side recomputes
+            log.error("transfer %s not extended, aborted: %s", spec.transfer_id, exc)
+            self.abort_transfer(spec.transfer_id)
             return False
         return True
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         with self._lock:
-            sending, self._done_sending = self._done_sending, set()
+            producers = set(self._request_of.values()) | self._freed_requests
+            self._finished_producers |= finished_req_ids & producers
+            sending = self._freed_requests & self._finished_producers
+            self._freed_requests -= sending
+            self._finished_producers -= sending
             recving, self._done_recving = self._done_recving, set()
         return sending or None, recving or None
 
@@ -451,7 +534,7 @@ class PdserveConnector(KVConnectorBase_V1):
         """Pull this rank's heads of the blocks from the sender ranks that hold them, side by side; any failure
         (an incompatible sender included: nothing is read from it) reports the blocks for recompute."""
         handle, channel, cause = load.handle, self._channel_for(load.handle), None
-        nbytes, seconds = 0, 0.0
+        nbytes, seconds, first_bytes_at = 0, 0.0, 0.0
         try:
             handle.fingerprint.check_compatible(handle.transfer_id, self._fingerprint)
             pull = functools.partial(
@@ -463,6 +546,7 @@ class PdserveConnector(KVConnectorBase_V1):
             for future in pulls:
                 result = future.result()
                 nbytes, seconds = nbytes + result.bytes, max(seconds, result.seconds)
+                first_bytes_at = min(filter(None, (first_bytes_at, result.first_bytes_at)), default=0.0)
         except (TransferError, ValueError) as exc:  # ValueError: the sender's ranks lack heads this one holds
             cause = failure_cause(exc) if isinstance(exc, TransferError) else "incompatible"
             log.warning("KV load failed (%s), recomputing locally: %s", cause, exc)
@@ -470,6 +554,7 @@ class PdserveConnector(KVConnectorBase_V1):
             cause = "other"
             log.exception("KV load failed, recomputing locally")
         self._count(channel.name, nbytes, seconds, cause)
+        self._remember_load(handle.transfer_id, first_bytes_at)
         self._finish_remote(handle, failed=cause is not None)
         with self._lock:
             if cause is not None:
@@ -495,6 +580,30 @@ class PdserveConnector(KVConnectorBase_V1):
         with self._lock:
             pulls = {backend: dict(figures) for backend, figures in self._pulls.items()}
             return {"pulls": pulls, "failures": dict(self._failures), "offers": offers}
+
+    def transfer_times(self, transfer_id: str) -> dict[str, float]:
+        """When this rank's part of a recent transfer happened, wall clock: as a sender, ``last_step_at`` (the
+        step computing the prompt's last chunk began) and ``computed_at`` (its last layer saved); as a receiver,
+        ``first_bytes_at`` and ``landed_at``. Absent: not known here (not this rank's side, or too long ago)."""
+        times = {}
+        if self._registry is not None:
+            try:
+                status = self._registry.status(transfer_id)
+            except TransferError:
+                status = None
+            if status is not None and status.computed_at:
+                times.update(last_step_at=status.last_step_at, computed_at=status.computed_at)
+        with self._lock:
+            load = self._loads.get(transfer_id)
+        if load is not None:
+            times.update(first_bytes_at=load[0], landed_at=load[1])
+        return times
+
+    def _remember_load(self, transfer_id: str, first_bytes_at: float) -> None:
+        with self._lock:
+            self._loads[transfer_id] = (first_bytes_at, time.time())
+            while len(self._loads) > _LOADS_REMEMBERED:
+                self._loads.popitem(last=False)
 
     def _count(self, backend: str, nbytes: int, seconds: float, cause: str | None) -> None:
         with self._lock:
@@ -526,4 +635,4 @@ class PdserveConnector(KVConnectorBase_V1):
         with self._lock:
             request_id = self._request_of.pop(transfer_id, None)
             if request_id is not None:
-                self._done_sending.add(request_id)
+                self._freed_requests.add(request_id)

@@ -161,7 +161,12 @@ class TransferConfig(BaseModel):
     lease_s: float = Field(
         default=30.0, gt=0, description="how long a prefill worker holds KV nobody pulled; the puller renews it"
     )
-    stall_timeout_s: float = Field(default=5.0, gt=0, description="a pull that makes no progress this long fails")
+    stall_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="a pull that makes no progress this long fails: above one prefill step (a chunked prompt's "
+        "pull waits a step per chunk)",
+    )
     tls_cert_file: Path | None = Field(
         default=None, description="PEM certificate each prefill worker's KV server presents (TLS for KV)"
     )

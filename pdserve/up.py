@@ -83,12 +83,34 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
             _deploy(build_app(config), service.app_name, ready_timeout_s)
         pools = ["decode"] + (["prefill"] if service.mode == "disaggregated" and service.prefill.present else [])
         _wait_healthy(running.http_url, pools, ready_timeout_s)
+        if "prefill" in pools:
+            _check_kv_interchangeable(service.app_name, ready_timeout_s)
         if service.coordination is not None and config.router.api_keys:
             _check_keys_enforced(running.http_url)
     except BaseException:
         running.stop()
         raise
     return running
+
+
+def _check_kv_interchangeable(app_name: str, timeout_s: float) -> None:
+    """The compatibility handshake at start: a prefill worker's KV fingerprint against a decode worker's,
+    with what the config cannot say (``dtype: auto`` resolved, each checkpoint's digest, vLLM's cache layout).
+    Pools whose KV cannot move between them would recompute every prompt: refused, naming both."""
+    from ray import serve
+
+    from kv_transfer.transfer import KVFingerprint
+
+    prints = {}
+    for role, deployment in (("prefill", "PrefillWorker"), ("decode", "DecodeWorker")):
+        found = serve.get_deployment_handle(deployment, app_name).kv_fingerprint.remote().result(timeout_s=timeout_s)
+        prints[role] = KVFingerprint(**{**found, "head_shape": tuple(found["head_shape"])})
+    prefill, decode = prints["prefill"], prints["decode"]
+    if prefill != decode:
+        raise RuntimeError(
+            f"the prefill and decode pools' KV is not interchangeable ({'; '.join(prefill.differences(decode))}): "
+            f"prefill {prefill}, decode {decode}"
+        )
 
 
 def _join_with_token() -> None:

@@ -203,19 +203,20 @@ class Load:
                     self.results.append(result)
 
 
-class CorruptingProxy:
-    """A TCP proxy that flips one byte of what the server sends, ``offset`` bytes into each connection.
+class WireProxy:
+    """A TCP proxy between a receiver and a KV sender that does to what the server sends what a bad link would.
 
-    Between a receiver and a KV sender it corrupts a chunk on the wire as a bad NIC or
-    switch would, far enough in to land in block bytes rather than in framing.
+    ``corrupt_at``: flips one byte that far into each connection, as a bad NIC or switch would (far enough in
+    to land in block bytes rather than in framing). ``bytes_per_s``: paces it to that rate, as a slow link.
     """
 
-    def __init__(self, target: str, offset: int = 200_000):
+    def __init__(self, target: str, corrupt_at: int | None = None, bytes_per_s: float | None = None):
         import socket
 
         host, _, port = target.rpartition(":")
         self._target = (host, int(port))
-        self._offset = offset
+        self._offset = corrupt_at
+        self._bytes_per_s = bytes_per_s
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.address = f"127.0.0.1:{self._listener.getsockname()[1]}"
         self.corrupted = 0
@@ -230,18 +231,22 @@ class CorruptingProxy:
             except OSError:
                 return
             server = socket.create_connection(self._target, timeout=30)
-            threading.Thread(target=self._pipe, args=(client, server, None), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, self._offset), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(client, server, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(server, client, True), daemon=True).start()
 
-    def _pipe(self, source, sink, flip_at: int | None) -> None:
+    def _pipe(self, source, sink, from_server: bool) -> None:
         seen = 0
+        flip_at = self._offset if from_server else None
+        pace = self._bytes_per_s if from_server else None
         try:
-            while data := source.recv(65536):
+            while data := source.recv(16384 if pace else 65536):
                 if flip_at is not None and seen <= flip_at < seen + len(data):
                     data = bytearray(data)
                     data[flip_at - seen] ^= 0xFF
                     self.corrupted += 1
                 seen += len(data)
+                if pace:
+                    time.sleep(len(data) / pace)
                 sink.sendall(bytes(data))
         except OSError:
             pass

@@ -52,16 +52,14 @@ def _sender_main(conn, spec: dict) -> None:
     while conn.poll(120):
         command, *args = conn.recv()
         if command == "offer":
-            transfer_id, block_ids, layers_ready = args
+            transfer_id, block_ids, layers_ready, num_blocks, segment = args
             handle = registry.offer(
-                transfer_id,
-                layers,
-                block_ids,
-                block_hashes(len(block_ids)),
-                16 * len(block_ids),
-                layers_ready=layers_ready,
-            )
+                transfer_id, layers, block_ids, block_hashes(num_blocks), 16 * num_blocks, layers_ready=layers_ready,
+                segment=segment,
+            )  # fmt: skip
             conn.send(("handle", handle.to_bytes()))
+        elif command == "extend":
+            registry.extend(*args)
         elif command == "layer_ready":
             registry.mark_layer_ready(*args)
         elif command == "status":
@@ -86,11 +84,24 @@ class SenderProcess(ChildProcess):
         s = self.spec
         return layer_tensors(s["layers"], s["blocks"], tuple(s["block_shape"]), s["dtype"], s["seed"])
 
-    def offer(self, transfer_id: str, block_ids: list[int], layers_ready: int | None = None):
+    def offer(
+        self,
+        transfer_id: str,
+        block_ids: list[int],
+        layers_ready: int | None = None,
+        num_blocks: int | None = None,
+        segment: int | None = None,
+    ):
+        """Offer ``block_ids`` of a transfer of ``num_blocks`` (default: as many), the first ``segment`` computed
+        up to ``layers_ready`` (``TransferRegistry.offer``)."""
         from kv_transfer.transfer import TransferHandle
 
-        self._conn.send(("offer", transfer_id, block_ids, layers_ready))
+        self._conn.send(("offer", transfer_id, block_ids, layers_ready, num_blocks or len(block_ids), segment))
         return TransferHandle.from_bytes(self._expect("handle")[0])
+
+    def extend(self, transfer_id: str, block_ids: list[int], segment_end: int) -> None:
+        """The next chunk of the prompt runs (``TransferRegistry.extend``)."""
+        self._conn.send(("extend", transfer_id, block_ids, segment_end))
 
     def mark_layer_ready(self, transfer_id: str, layer: int) -> None:
         self._conn.send(("layer_ready", transfer_id, layer))

@@ -296,6 +296,82 @@ def test_a_receiver_with_another_layout_is_refused(sender):
         GrpcKVChannel(SECRET).pull(handle, wrong, [0])
 
 
+CHUNKS = [[20, 3, 4], [5, 9, 10], [11, 1]]  # a prompt of eight blocks, computed three chunks apart
+
+
+def run_chunks(peer, transfer_id: str, chunks: list[list[int]], layers: int, between=lambda chunk: None) -> float:
+    """Compute a chunked prompt on ``peer``: each chunk's blocks offered, then its layers saved one by one;
+    ``between(chunk)`` after each. Returns the wall clock when the last layer of the last chunk was saved."""
+    whole = 0
+    for number, chunk in enumerate(chunks):
+        whole += len(chunk)
+        if number:
+            peer.extend(transfer_id, chunk, whole)
+        for layer in range(layers):
+            peer.mark_layer_ready(transfer_id, layer)
+        computed_at = time.time()
+        between(number)
+    return computed_at
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_prompt_computed_chunk_by_chunk_is_pulled_chunk_by_chunk_while_it_runs(sender, backend):
+    peer = sender(**LLAMA_LIKE)
+    source_ids = [block for chunk in CHUNKS for block in chunk]
+    handle = peer.offer("chunked", CHUNKS[0], layers_ready=0, num_blocks=len(source_ids), segment=len(CHUNKS[0]))
+    dest, dest_ids = empty_like(handle, blocks=10), [9, 8, 7, 0, 1, 2, 3, 5]
+    source, result = peer.layers(), {}
+    puller = threading.Thread(
+        target=lambda: result.setdefault("r", channel_for(backend).pull(handle, dest, dest_ids, stall_timeout_s=5))
+    )
+    puller.start()
+
+    def landed(blocks: int) -> bool:
+        return all(same_bytes(dest[lay][dest_ids[:blocks]], source[lay][source_ids[:blocks]]) for lay in range(4))
+
+    def chunk_lands_before_the_next_is_computed(number: int) -> None:
+        if number < len(CHUNKS) - 1:
+            wait_for(lambda: landed(sum(map(len, CHUNKS[: number + 1]))), timeout_s=5)
+            assert puller.is_alive()  # the pull goes on, waiting for the next chunk
+
+    computed_at = run_chunks(peer, "chunked", CHUNKS, 4, chunk_lands_before_the_next_is_computed)
+    puller.join(10)
+    assert landed(len(source_ids))
+    assert result["r"].first_bytes_at < computed_at  # pulling began before the prefill ended
+    assert result["r"].bytes == sum(t[source_ids].numel() * t.element_size() for t in source)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_chunk_that_never_comes_fails_the_pull_at_the_stall_deadline(sender, backend):
+    peer = sender(stall_s=1.0, **LLAMA_LIKE)
+    handle = peer.offer("stuck", CHUNKS[0], num_blocks=8, segment=3)  # the first chunk whole, no second one
+    started = time.monotonic()
+    with pytest.raises(TransferTimeout):
+        channel_for(backend).pull(handle, empty_like(handle), list(range(8)), stall_timeout_s=2)
+    assert time.monotonic() - started < 5
+
+
+def test_the_local_channel_pulls_a_chunked_prompt_as_it_is_computed():
+    registry = TransferRegistry("local", "m")
+    try:
+        layers = layer_tensors(2, 8, (2, 16, 64), "float32", 3)
+        handle = registry.offer("loc", layers, [6, 1], block_hashes(3), 48, layers_ready=0, segment=1)
+        dest = [torch.zeros((4, 2, 16, 64)) for _ in range(2)]
+        with ThreadPoolExecutor(1) as pool:
+            pulled = pool.submit(LocalKVChannel(registry).pull, handle, dest, [3, 0, 2], stall_timeout_s=5)
+            for layer in range(2):
+                registry.mark_layer_ready("loc", layer)
+            wait_for(lambda: torch.equal(dest[1][3], layers[1][6]))
+            assert not pulled.done()
+            registry.extend("loc", [4], segment_end=3)
+            for layer in range(2):
+                registry.mark_layer_ready("loc", layer)
+            assert pulled.result(5).blocks == 3
+        assert all(torch.equal(dest[layer][[3, 0, 2]], layers[layer][[6, 1, 4]]) for layer in range(2))
+    finally:
+        registry.close()
+
+
 def test_the_local_channel_copies_in_process_with_the_same_contract():
     freed = []
     registry = TransferRegistry("local", "m", on_freed=lambda tid, state: freed.append((tid, state)))

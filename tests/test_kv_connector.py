@@ -238,12 +238,12 @@ def test_a_stalled_sender_means_local_recompute_and_both_sides_free_their_blocks
 
 
 def test_a_chunk_corrupted_on_the_wire_means_local_recompute_and_nothing_corrupt_is_kept(prefill, decode):
-    from faults import CorruptingProxy
+    from faults import WireProxy
 
     ids = prompt(6 * BLOCK + 1, offset=16)
     reference = prefill.generate("ref13", ids, 16)[0]
     handle = produce(prefill, "p13", ids)
-    proxy = CorruptingProxy(handle.address(), offset=64 * 1024)
+    proxy = WireProxy(handle.address(), corrupt_at=64 * 1024)
     try:
         through_proxy = dataclasses.replace(handle.with_address(proxy.address), backends=("grpc",))
         tokens, _, _, reason = consume(decode, "d13", ids, through_proxy)
@@ -253,6 +253,32 @@ def test_a_chunk_corrupted_on_the_wire_means_local_recompute_and_nothing_corrupt
         proxy.close()
     idle(decode)
     idle(prefill)  # the failed pull aborted the transfer: the sender freed its blocks at once
+
+
+def test_a_pull_slowed_past_the_lease_keeps_its_blocks_until_it_ends_and_completes(make_tiny_model, decode):
+    from faults import WireProxy
+
+    sender = EnginePeer(config(make_tiny_model("llama"), "kv_producer", lease_s=0.5), ENV)
+    ids = prompt(6 * BLOCK + 1, offset=17)  # 7 blocks: 229 KB of KV
+    handle = TransferHandle.from_bytes(bytes.fromhex(sender.kv_handle("x-slow", hashes(ids), len(ids))))
+    proxy = WireProxy(handle.address(), bytes_per_s=150_000)  # ~1.5 s: three leases
+    try:
+        slow = dataclasses.replace(handle.with_address(proxy.address), backends=("grpc",))
+        result = {}
+        puller = threading.Thread(target=lambda: result.setdefault("out", consume(decode, "d-slow", ids, slow)))
+        puller.start()  # the decode side waits for the offer: the pull opens as soon as it is made
+        time.sleep(0.3)
+        started = time.monotonic()
+        sender.generate("p-slow", ids, 1, {"pdserve": "produce", "transfer_id": "x-slow", "block_hashes": hashes(ids)})
+        puller.join(30)
+        tokens, _, cached, reason = result["out"]
+        assert time.monotonic() - started > 1.0  # the pull outlived its lease twice over
+        # pulled, not recomputed: blocks freed at the lease's end would have failed the pull
+        assert tokens == sender.generate("ref-slow", ids, 16)[0] and cached >= 6 * BLOCK
+        idle(sender)
+    finally:
+        proxy.close()
+        sender.stop()
 
 
 def test_an_unusable_handle_means_a_local_prefill_with_the_same_output(prefill, decode):

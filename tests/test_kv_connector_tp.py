@@ -44,9 +44,8 @@ def engine(model_dir, role: str, tp: int, extra: dict | None = None, **fields) -
     return EnginePeer(config, ENV)
 
 
-@pytest.fixture(scope="module")
-def peers(make_tiny_model):
-    model_dir = make_tiny_model("llama")  # 2 KV heads: one per rank at TP=2
+def four_engines(model_dir):
+    """A prefill and a decode engine at TP=1 and at TP=2 each, float32 (greedy tokens compared exactly)."""
     started = {}
     try:
         for name, role, tp in [("p1", "kv_producer", 1), ("p2", "kv_producer", 2), ("d1", "kv_consumer", 1),
@@ -58,14 +57,26 @@ def peers(make_tiny_model):
             peer.stop()
 
 
+@pytest.fixture(scope="module")
+def peers(make_tiny_model):
+    yield from four_engines(make_tiny_model("llama"))  # 2 KV heads: one per rank at TP=2
+
+
+@pytest.fixture(scope="module")
+def qwen2_peers(make_tiny_model):
+    yield from four_engines(make_tiny_model("qwen2"))  # 2 KV heads, biased K/V projections
+
+
 def pulled_bytes(peer: EnginePeer) -> int:
     return sum(figures["bytes"] for figures in peer.transfer_stats().get("pulls", {}).values())
 
 
+@pytest.mark.parametrize("model", ["peers", "qwen2_peers"], ids=["llama", "qwen2"])
 @pytest.mark.parametrize(("prefill", "decode"), [("p2", "d1"), ("p1", "d2"), ("p2", "d2")])
 def test_a_handoff_between_tensor_parallel_sizes_gives_one_engines_tokens_and_moves_every_head_once(
-    peers, prefill, decode
+    request, model, prefill, decode
 ):
+    peers = request.getfixturevalue(model)
     ids = prompt(5 * BLOCK + 7, offset=hash((prefill, decode)) % 97)
     reference = peers["p1"].generate(f"ref-{prefill}-{decode}", ids, 16)[0]  # one rank, no transfer
     before = pulled_bytes(peers[decode])

@@ -92,7 +92,7 @@ def test_out_of_range_blocks_or_layers_are_refused(registry):
 def test_waiting_for_a_layer_that_never_comes_times_out(registry):
     offer(registry, layers_ready=1)
     reading = registry.open_pull("t", [], [])
-    with pytest.raises(TransferTimeout, match="layer 1 not ready within 0.1 s"):
+    with pytest.raises(TransferTimeout, match="layer 1 of block 1 not computed within 0.1 s"):
         registry.wait_layer_ready(reading, 1, 0.1)
     registry.close_pull(reading, 0)
 
@@ -128,3 +128,62 @@ def test_stats_count_open_and_finished_transfers_and_bytes(registry):
     registry.release("a")
     stats = registry.stats()
     assert (stats.open, stats.finished, stats.bytes_sent) == ({"offered": 1}, {"done": 1}, 128)
+
+
+def chunked_offer(registry, transfer_id="c"):
+    """A prompt of four blocks computed in chunks: block ids for the first two so far, the first being computed."""
+    layers = [torch.arange(8 * 8, dtype=torch.float32).reshape(8, 8) + 100 * i for i in range(2)]
+    hashes = [bytes([i]) * 16 for i in range(4)]
+    return registry.offer(transfer_id, layers, [5, 2], hashes, 64, layers_ready=0, segment=1)
+
+
+def test_a_pull_of_a_chunked_prompt_is_served_the_blocks_computed_so_far(registry):
+    chunked_offer(registry)
+    reading = registry.open_pull("c", [], [])
+    assert registry.next_batch(reading, [0, 1, 2, 3], 0.1) == [0]
+    with pytest.raises(TransferTimeout, match="layer 0 of block 0 not computed"):
+        registry.wait_layer_ready(reading, 0, 0.1, last_block=0)
+    registry.mark_layer_ready("c", 0)
+    assert registry.wait_layer_ready(reading, 0, 0.1, last_block=0)
+    with pytest.raises(TransferTimeout, match="block 1 not computed"):
+        registry.next_batch(reading, [1, 2, 3], 0.1)  # the next chunk has not started
+    registry.close_pull(reading, 0)
+
+
+def test_the_next_chunk_makes_the_last_one_whole_and_its_own_blocks_readable_layer_by_layer(registry):
+    chunked_offer(registry)
+    registry.mark_layer_ready("c", 0)
+    registry.extend("c", [7, 3], segment_end=4)  # block 1 was partial; the chunk finishes the prompt
+    reading = registry.open_pull("c", [], [])
+    assert registry.next_batch(reading, [1, 2, 3], 0.1) == [1, 2, 3]
+    assert registry.wait_layer_ready(reading, 1, 0.1, last_block=0)  # the first chunk is whole
+    with pytest.raises(TransferTimeout):
+        registry.wait_layer_ready(reading, 0, 0.1, last_block=3)
+    registry.mark_layer_ready("c", 1)
+    assert registry.wait_layer_ready(reading, 1, 0.1, last_block=3)
+    assert torch.equal(torch.cat(registry.read_blocks(reading, 0, [2, 3])), torch.arange(64.0).reshape(8, 8)[[7, 3]])
+    registry.close_pull(reading, 0)
+
+
+def test_an_offer_notes_when_its_kv_was_all_computed(registry):
+    chunked_offer(registry)
+    registry.mark_layer_ready("c", 1)
+    assert registry.status("c").computed_at == registry.status("c").last_step_at == 0.0  # the first chunk only
+    before = time.time()
+    registry.extend("c", [7, 3], segment_end=4)
+    registry.mark_layer_ready("c", 1)
+    assert before <= registry.status("c").computed_at <= time.time()
+
+
+def test_a_chunk_beyond_the_transfer_or_behind_the_last_is_refused(registry):
+    chunked_offer(registry)
+    with pytest.raises(ValueError, match="segment to block 5"):
+        registry.extend("c", [7, 3, 9], segment_end=5)
+    with pytest.raises(ValueError, match="segment to block 0"):
+        registry.extend("c", [], segment_end=0)
+
+
+def test_a_pull_asks_for_blocks_in_ascending_order(registry):
+    chunked_offer(registry)
+    with pytest.raises(TransferRequestError, match="ascend"):
+        registry.open_pull("c", [2, 1], [])
