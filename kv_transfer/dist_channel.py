@@ -19,11 +19,11 @@ receive, and the sender pushes each receiver's plans from one FIFO thread.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
@@ -59,6 +59,16 @@ def _checksum(parts: list[torch.Tensor]) -> torch.Tensor:
     return torch.tensor([hasher.intdigest() - 2**63], dtype=torch.int64, device=parts[0].device)
 
 
+def _settle(works: list, timeout_s: float) -> None:
+    """Wait (under one deadline) for posted sends to complete or fail, whichever: only that they end."""
+    deadline = time.monotonic() + timeout_s
+    for work in works:
+        try:
+            work.wait(timedelta(seconds=max(0.0, deadline - time.monotonic())))
+        except Exception:  # a failed send has let go of its buffer too
+            pass
+
+
 class DistSender:
     """The sender's half: serves ``PullDist`` plans and pushes the bytes from a worker thread."""
 
@@ -70,19 +80,25 @@ class DistSender:
         self._groups: dict[str, tuple[str, object]] = {}  # receiver id → (group key, group)
         self._pushers: dict[str, ThreadPoolExecutor] = {}  # receiver id → its FIFO pusher
         self._lock = threading.Lock()
-        self._tags = itertools.count(1)
+        self._next_tag = 1
 
-    def plan(self, request: pb.DistPullRequest) -> pb.DistPlan:
+    def plan(self, request: pb.DistPullRequest, wait_s: float, caller_waits: Callable[[], bool]) -> pb.DistPlan:
+        """The next batch's plan, its push queued; ``wait_s`` for the batch to be computed, at most (the
+        caller's deadline), and no push for a caller that stopped waiting meanwhile."""
         pull = request.pull
         offer = self._registry.open_pull(pull.transfer_id, pull.block_indices, pull.layers)
         try:
             heads = self._registry.check_heads(offer, pull.first_head, pull.num_heads)
             indices = list(pull.block_indices) or list(range(offer.handle.num_blocks))
-            batch = self._registry.next_batch(offer, indices, self._timeout_s)
+            batch = self._registry.next_batch(offer, indices, wait_s)
+            if not caller_waits():
+                raise TransferTimeout(pull.transfer_id, "the receiver stopped waiting for the plan")
             key = self._group_key(request.receiver_id)
             layers = list(pull.layers) or list(range(len(offer.layers)))
             run_lengths = [length for _, length in runs([offer.block_ids[i] for i in batch])]
-            tag_base = next(self._tags) * (len(offer.layers) + 1) * (len(run_lengths) + 1)
+            with self._lock:  # each plan its own tags: sends of an abandoned plan never meet a later one's receives
+                tag_base = self._next_tag
+                self._next_tag += (len(offer.layers) + 1) * (len(run_lengths) + 1)
             backend = "nccl" if request.device == "cuda" else "gloo"
         except BaseException:
             self._registry.close_pull(offer, 0)
@@ -148,6 +164,7 @@ class DistSender:
             with self._lock:
                 if self._groups.get(request.receiver_id, (None,))[0] == plan.group_key:
                     del self._groups[request.receiver_id]
+            _settle(pending, self._timeout_s)  # sends posted before the failure may still read the blocks
         finally:
             self._registry.close_pull(offer, sent)
 
@@ -177,6 +194,8 @@ class DistKVChannel:
         start, deadline = time.perf_counter(), time.monotonic() + timeout_s
         received, first_bytes_at, position = 0, 0.0, 0
         while position < len(indices):  # a plan per batch: the blocks the prefill has computed so far
+            if time.monotonic() > deadline:
+                raise TransferTimeout(handle.transfer_id, f"{position} of {len(indices)} blocks in {timeout_s:g} s")
             request = pb.DistPullRequest(
                 pull=pb.PullRequest(
                     wire_version=WIRE_VERSION, transfer_id=handle.transfer_id, block_indices=indices[position:],
@@ -189,9 +208,8 @@ class DistKVChannel:
                 raise TransferTimeout(handle.transfer_id, f"the pair is busy past the pull's {timeout_s:g} s")
             try:
                 ids = dest_block_ids[position:]
-                blocks, nbytes, landed_at = self._pull_batch(
-                    handle, rank, heads, request, dest_layers, ids, stall_timeout_s
-                )
+                wait_s = min(stall_timeout_s, max(0.01, deadline - time.monotonic()))  # the pull's deadline holds
+                blocks, nbytes, landed_at = self._pull_batch(handle, rank, heads, request, dest_layers, ids, wait_s)
             finally:
                 pair.release()
             received, position = received + nbytes, position + blocks

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -50,8 +51,12 @@ class KVTransferService(pb_grpc.KVTransferServicer):
     def PullDist(self, request: pb.DistPullRequest, context: grpc.ServicerContext) -> pb.DistPlan:
         try:
             self._admit(request.pull.transfer_id, request.pull.wire_version, context)
-            self._registry.await_offer(request.pull.transfer_id, self._stall_timeout_s)
-            return self._dist.plan(request)
+            # waits for the offer, then for its next batch, within the caller's deadline
+            remaining = context.time_remaining()
+            wait_s = self._stall_timeout_s if remaining is None else min(self._stall_timeout_s, remaining - 0.1)
+            deadline = time.monotonic() + max(0.0, wait_s)
+            self._registry.await_offer(request.pull.transfer_id, max(0.0, deadline - time.monotonic()))
+            return self._dist.plan(request, max(0.0, deadline - time.monotonic()), context.is_active)
         except TransferError as exc:
             context.abort(exc.code, str(exc))
 
@@ -175,7 +180,7 @@ class KVTransferServer:
         port: int = 0,
         stall_timeout_s: float = 5.0,
         tls: tuple[bytes, bytes] | None = None,
-        max_workers: int = 16,
+        max_workers: int = 64,  # a pull holds one for its whole stream: a chunked prompt's, its whole prefill
     ):
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)

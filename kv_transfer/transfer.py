@@ -237,8 +237,9 @@ class Offer:
     """An offer's blocks, how far they are computed, and who reads it.
 
     Blocks ``[0, complete)`` are readable at every layer; blocks ``[complete, offered)`` (the segment the
-    engine is computing) at layers below ``layers_ready``; blocks from ``offered`` on are not computed yet
-    (``block_ids`` may already name some: a block the last chunk filled only in part).
+    engine is computing) at layers below ``layers_ready``, every layer once its step has saved them all;
+    blocks from ``offered`` on are not computed yet (``block_ids`` may already name some: a block the last
+    chunk filled only in part).
     """
 
     handle: TransferHandle
@@ -424,6 +425,7 @@ class TransferRegistry:
                 self._bytes_sent += sent_bytes
             if offer.pulls:
                 return
+            offer.changed.notify_all()  # a withdrawal may wait for the last reader
             if offer.state == TransferState.PULLING:
                 offer.state = TransferState.OFFERED
             finished = offer.state.final
@@ -468,8 +470,8 @@ class TransferRegistry:
             raise TransferNotFound(offer.handle.transfer_id, f"{offer.state.name.lower()} while being pulled")
 
     def check_unfinished(self, offer: Offer) -> None:
-        """Raise when ``offer`` was finished (aborted) while a pull read it: what was read may be stale, as an
-        engine may reuse the blocks of an aborted offer at its next step."""
+        """Raise when ``offer`` was finished while a pull read it: a withdrawn offer's blocks (``withdraw``)
+        are reused by the engine's next step, so what was read may be stale."""
         if offer.state.final:
             raise TransferNotFound(offer.handle.transfer_id, f"{offer.state.name.lower()} while being pulled")
 
@@ -534,6 +536,18 @@ class TransferRegistry:
                 self._offered.notify_all()
                 return status
         return self._finish(transfer_id, TransferState.ABORTED, "aborted")
+
+    def withdraw(self, transfer_id: str, timeout_s: float) -> bool:
+        """Abort an offer whose blocks the engine has taken back (its request was preempted), and wait until no
+        pull reads them, before the engine's next step writes them. False when a reader still held them after
+        ``timeout_s`` (each pull stops at its next chunk, so only a stuck one does)."""
+        self.abort(transfer_id)
+        with self._lock:
+            offer = self._offers.get(transfer_id)
+        if offer is None:
+            return True
+        with offer.changed:
+            return offer.changed.wait_for(lambda: offer.pulls == 0, timeout_s)
 
     def status(self, transfer_id: str) -> TransferStatus:
         found = self._lookup(transfer_id)

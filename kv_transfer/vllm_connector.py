@@ -36,7 +36,9 @@ blocks are recomputed, the cause counted, nothing is landed.
 The cluster secret comes from ``PDSERVE_CLUSTER_TOKEN`` (never from vLLM's
 config, which vLLM logs). Extra config (``kv_connector_extra_config``):
 ``host`` (sender bind address, default 127.0.0.1), ``lease_s`` (30),
-``stall_timeout_s`` (5), ``max_chunk_bytes`` (4 MiB), ``backends`` (the
+``stall_timeout_s`` (5: no progress for that long fails a pull; above one
+prefill step, as a chunked prompt's pull waits a step per chunk),
+``pull_timeout_s`` (600: a whole pull), ``max_chunk_bytes`` (4 MiB), ``backends`` (the
 receiver's preference, default ``["torch_dist", "grpc"]``: the first one the
 sender also speaks is used), ``hash_scheme`` (set by pdserve), and
 ``tls_cert_file``/``tls_key_file``/``tls_ca_file`` (TLS for KV: the gRPC
@@ -99,6 +101,7 @@ log = logging.getLogger(__name__)
 TOKEN_ENV = "PDSERVE_CLUSTER_TOKEN"
 DEFAULT_LEASE_S = 30.0  # how long an offer nobody renews or releases holds its blocks
 PULLED_TOKENS_KEY = "pdserve_pulled_tokens"  # in a consumer's final kv_transfer_params: prompt tokens loaded
+DEFAULT_PULL_TIMEOUT_S = 600.0  # a whole pull, a long chunked prefill included (stalls fail it sooner)
 _LOADS_REMEMBERED = 1024  # recent loads whose times ``transfer_times`` answers
 
 
@@ -159,7 +162,7 @@ class PdserveConnectorMetadata(KVConnectorMetadata):
     extends: list[ExtendSpec] = field(default_factory=list)
     loads: list[LoadSpec] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)  # offers whose request was aborted (blocks freed after)
-    drops: list[str] = field(default_factory=list)  # offers whose request was preempted (blocks already freed)
+    drops: list[tuple[str, str]] = field(default_factory=list)  # (request, transfer) preempted: blocks freed
 
 
 @dataclass
@@ -230,6 +233,7 @@ class PdserveConnector(KVConnectorBase_V1):
         self._host = extra.get("host", "127.0.0.1")
         self._lease_s = float(extra.get("lease_s", DEFAULT_LEASE_S))
         self._stall_timeout_s = float(extra.get("stall_timeout_s", 5.0))
+        self._pull_timeout_s = float(extra.get("pull_timeout_s", DEFAULT_PULL_TIMEOUT_S))
         self._max_chunk_bytes = int(extra.get("max_chunk_bytes", DEFAULT_CHUNK_BYTES))
         self._preferred = list(extra.get("backends", ["torch_dist", "grpc"]))
         self._hash_scheme = int(extra.get("hash_scheme", 0))
@@ -334,7 +338,7 @@ class PdserveConnector(KVConnectorBase_V1):
             self._producing.pop(rid, None)
             if transfer_id is not None:
                 log.warning("request %s was preempted mid-prompt: its KV offer %s is withdrawn", rid, transfer_id)
-                meta.drops.append(transfer_id)
+                meta.drops.append((rid, transfer_id))
                 self._dropped.add(rid)
         scheduled = scheduler_output.num_scheduled_tokens
         for request, block_ids in self._fresh_producers:
@@ -444,10 +448,15 @@ class PdserveConnector(KVConnectorBase_V1):
         """Before the forward (vLLM starts async loads only after it): withdrawals and aborts, then this step's
         offers and chunks, whose layers become readable as the step saves them."""
         super().bind_connector_metadata(connector_metadata)
-        for transfer_id in connector_metadata.drops:
-            with self._lock:  # vLLM freed the blocks itself: nothing to report when the offer ends
-                self._request_of.pop(transfer_id, None)
-            self.abort_transfer(transfer_id)
+        for request_id, transfer_id in connector_metadata.drops:
+            with self._lock:  # vLLM freed the blocks itself: never report this request's send
+                offered = self._request_of.get(transfer_id) == request_id  # not when its offer was refused
+                if offered:
+                    del self._request_of[transfer_id]
+                self._freed_requests.discard(request_id)
+                self._finished_producers.discard(request_id)
+            if offered and not self._registry.withdraw(transfer_id, self._stall_timeout_s):
+                log.error("transfer %s: a pull still reads blocks vLLM took back", transfer_id)
         for transfer_id in connector_metadata.aborts:
             self.abort_transfer(transfer_id)
         offers = [spec.transfer_id for spec in connector_metadata.offers if self._offer(spec)]
@@ -479,8 +488,10 @@ class PdserveConnector(KVConnectorBase_V1):
             pass
 
     def _offer(self, spec: OfferSpec) -> bool:
-        with self._lock:
-            self._request_of.setdefault(spec.transfer_id, spec.request_id)
+        with self._lock:  # mapped first: an abort may free the offer as soon as it exists
+            mapped = spec.transfer_id not in self._request_of
+            if mapped:
+                self._request_of[spec.transfer_id] = spec.request_id
         try:
             self._registry.offer(
                 spec.transfer_id, self._layers, spec.block_ids, spec.block_hashes, spec.num_tokens,
@@ -489,6 +500,8 @@ class PdserveConnector(KVConnectorBase_V1):
         except ValueError as exc:  # e.g. a transfer id used twice: free the blocks once vLLM is done with them
             log.error("request %s not offered: %s", spec.request_id, exc)
             with self._lock:
+                if mapped:
+                    del self._request_of[spec.transfer_id]
                 self._freed_requests.add(spec.request_id)
             return False
         return True
@@ -539,7 +552,7 @@ class PdserveConnector(KVConnectorBase_V1):
             handle.fingerprint.check_compatible(handle.transfer_id, self._fingerprint)
             pull = functools.partial(
                 channel.pull, handle, self._layers, load.dest_block_ids, load.block_indices,
-                stall_timeout_s=self._stall_timeout_s,
+                stall_timeout_s=self._stall_timeout_s, timeout_s=self._pull_timeout_s,
             )  # fmt: skip
             pulls = [self._rank_pulls.submit(pull, rank=r, heads=h) for r, h in head_pulls(handle.ranks, self._heads)]
             wait(pulls)  # every pull has let go of the destination blocks before any outcome is reported

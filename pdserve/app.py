@@ -118,7 +118,7 @@ def _engine_for(config: PdserveConfig, pool: PoolLayout, role: str | None) -> En
     transfer = config.service.transfer
     connector = None
     if role is not None:
-        extra = transfer.connector_extra()  # lease_s, stall_timeout_s, backends, TLS: the connector's own knobs
+        extra = transfer.connector_extra()  # lease_s, stall_timeout_s, pull_timeout_s, backends, TLS: its own knobs
         connector = KVConnectorSpec(**CONNECTOR, role=role, extra=extra)
     settings = getattr(config.service, pool.role)
     update: dict[str, Any] = {"kv_connector": connector}

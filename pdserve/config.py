@@ -165,7 +165,10 @@ class TransferConfig(BaseModel):
         default=5.0,
         gt=0,
         description="a pull that makes no progress this long fails: above one prefill step (a chunked prompt's "
-        "pull waits a step per chunk)",
+        "pull waits a step per chunk; a step whose chunk completes no block, more)",
+    )
+    pull_timeout_s: float = Field(
+        default=600.0, gt=0, description="a whole pull, a long chunked prefill included (a stall fails it sooner)"
     )
     tls_cert_file: Path | None = Field(
         default=None, description="PEM certificate each prefill worker's KV server presents (TLS for KV)"

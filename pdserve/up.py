@@ -94,9 +94,10 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
 
 
 def _check_kv_interchangeable(app_name: str, timeout_s: float) -> None:
-    """The compatibility handshake at start: a prefill worker's KV fingerprint against a decode worker's,
-    with what the config cannot say (``dtype: auto`` resolved, each checkpoint's digest, vLLM's cache layout).
-    Pools whose KV cannot move between them would recompute every prompt: refused, naming both."""
+    """The compatibility handshake at start: one prefill worker's KV fingerprint against one decode worker's
+    (a pool's replicas share its engine config), with what the config cannot say (``dtype: auto`` resolved,
+    the checkpoint's digest, vLLM's cache layout). Pools whose KV cannot move between them would recompute
+    every prompt: refused, naming both. Each transfer compares them again."""
     from ray import serve
 
     from kv_transfer.transfer import KVFingerprint

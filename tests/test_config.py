@@ -124,6 +124,7 @@ def test_tls_for_kv_takes_all_three_files_and_refuses_a_missing_one_at_load(tmp_
              "service.transfer.tls_ca_file": str(tmp_path / "ca.crt")}  # fmt: skip
     extra = load_config(overrides=files).service.transfer.connector_extra()
     assert extra["tls_ca_file"] == str(tmp_path / "ca.crt") and extra["lease_s"] == 30.0
+    assert extra["pull_timeout_s"] == 600.0
     with pytest.raises(ConfigError, match="TLS for KV needs tls_ca_file too"):
         load_config(overrides={k: v for k, v in files.items() if not k.endswith("ca_file")})
     with pytest.raises(ConfigError, match="tls_key_file: .* is not a readable file"):

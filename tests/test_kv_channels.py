@@ -351,6 +351,31 @@ def test_a_chunk_that_never_comes_fails_the_pull_at_the_stall_deadline(sender, b
     assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_pull_ends_at_its_overall_deadline_while_the_chunks_still_come(sender, backend):
+    peer = sender(**LLAMA_LIKE)
+    handle = peer.offer("slowly", CHUNKS[0], num_blocks=8, segment=3)  # the rest of the prompt never comes
+    started = time.monotonic()
+    with pytest.raises(TransferTimeout):
+        channel_for(backend).pull(handle, empty_like(handle), list(range(8)), stall_timeout_s=5, timeout_s=1)
+    assert time.monotonic() - started < 2.5  # the pull's deadline, not the 5 s stall deadline
+
+
+def test_a_dist_receiver_that_gave_up_on_a_chunk_gets_no_push_and_its_next_pull_works(sender):
+    peer = sender(stall_s=5.0, **LLAMA_LIKE)  # the sender would wait longer for the chunk than the receiver does
+    handle = peer.offer("late", CHUNKS[0], num_blocks=6, segment=3)
+    receiver, source = channel_for("torch_dist"), peer.layers()
+    with pytest.raises(TransferTimeout):
+        receiver.pull(handle, empty_like(handle), list(range(6)), stall_timeout_s=1)
+    peer.extend("late", CHUNKS[1], 6)  # the chunk comes after the receiver gave up
+    for layer in range(4):
+        peer.mark_layer_ready("late", layer)
+    dest, started = empty_like(handle), time.monotonic()
+    receiver.pull(handle, dest, list(range(6)), stall_timeout_s=5)
+    assert time.monotonic() - started < 3  # no push of the abandoned plan stood in the way
+    assert all(same_bytes(dest[layer], source[layer][CHUNKS[0] + CHUNKS[1]]) for layer in range(4))
+
+
 def test_the_local_channel_pulls_a_chunked_prompt_as_it_is_computed():
     registry = TransferRegistry("local", "m")
     try:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 import torch
+from helpers import wait_for
 
 from kv_transfer.errors import TransferNotFound, TransferRequestError, TransferTimeout
 from kv_transfer.transfer import TransferRegistry, TransferState
@@ -187,3 +189,20 @@ def test_a_pull_asks_for_blocks_in_ascending_order(registry):
     chunked_offer(registry)
     with pytest.raises(TransferRequestError, match="ascend"):
         registry.open_pull("c", [2, 1], [])
+
+
+def test_withdrawing_an_offer_waits_for_its_readers_to_let_go(registry, freed):
+    chunked_offer(registry)
+    reading = registry.open_pull("c", [], [])
+    threading.Timer(0.2, registry.close_pull, (reading, 0)).start()
+    started = time.monotonic()
+    assert registry.withdraw("c", timeout_s=5)
+    assert 0.15 < time.monotonic() - started < 2  # returned once the reader let go, not before
+    wait_for(lambda: freed == [("c", TransferState.ABORTED)], 1)  # freed by the reader's thread as it lets go
+
+
+def test_withdrawing_an_offer_a_stuck_reader_holds_says_so_at_its_deadline(registry):
+    chunked_offer(registry)
+    reading = registry.open_pull("c", [], [])
+    assert not registry.withdraw("c", timeout_s=0.1)
+    registry.close_pull(reading, 0)
