@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from helpers import wait_for
 
 from bench.engine_process import EnginePeer
 from engine.block_hash import hash_chain
@@ -71,13 +72,6 @@ def consume_params(handle: str, ids: list[int]) -> dict:
     return {"pdserve": "consume", "handle": handle, "block_hashes": hashes(ids)}
 
 
-def wait_until(condition, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
-
-
 def test_the_decode_side_pulls_a_long_prompt_while_its_prefill_still_runs(prefill, decode):
     ids = prompt(1)
     handle = prefill.kv_handle("x-long", hashes(ids), len(ids))
@@ -95,7 +89,7 @@ def test_the_decode_side_pulls_a_long_prompt_while_its_prefill_still_runs(prefil
     (computed,), (pulled,) = prefill.transfer_times("x-long"), decode.transfer_times("x-long")
     # timestamps from both sides: the first chunk's bytes landed before the prefill's last chunk even began
     assert pulled["first_bytes_at"] < computed["last_step_at"] < computed["computed_at"] <= pulled["landed_at"]
-    wait_until(lambda: prefill.kv_blocks_used() == 0)
+    wait_for(lambda: prefill.kv_blocks_used() == 0, 10)
 
 
 def test_a_long_prompt_whose_handle_comes_after_the_prefill_is_pulled_whole(prefill, decode):
@@ -108,7 +102,7 @@ def test_a_long_prompt_whose_handle_comes_after_the_prefill_is_pulled_whole(pref
     shape = BENCH_SHAPE
     one_block = shape.layers * shape.kv_heads * BLOCK * 2 * shape.head_dim * 4  # K|V of each head, float32
     assert sum(moved.values()) == -(-PROMPT // BLOCK) * one_block
-    wait_until(lambda: prefill.kv_blocks_used() == 0)
+    wait_for(lambda: prefill.kv_blocks_used() == 0, 10)
 
 
 def test_an_offer_aborted_mid_prompt_frees_its_blocks_when_the_prefill_ends(prefill):
@@ -123,8 +117,8 @@ def test_an_offer_aborted_mid_prompt_frees_its_blocks_when_the_prefill_ends(pref
         except TransferNotFound:
             return False
 
-    wait_until(aborted)
+    wait_for(aborted, 10)
     tokens, _, _, reason = prefill.result()
     assert len(tokens) == 1 and reason == "length"  # the prefill finished: no chunk after the abort failed it
-    wait_until(lambda: prefill.kv_blocks_used() == 0)
+    wait_for(lambda: prefill.kv_blocks_used() == 0, 10)
     assert prefill.generate("after-gone", prompt(4)[:100], 4)[3] == "length"
