@@ -40,7 +40,7 @@ CACHED_PREFIX = 1920
 
 def run_engine_bench(config: EngineConfig, requests: int = 32, repeats: int = 3, json_path: Path | None = None) -> dict:
     config = config.model_copy(update={"max_model_len": config.max_model_len or LONG_PROMPT + 256})
-    vocab_size = json.loads((config.model / "config.json").read_text())["vocab_size"]
+    vocab_size = json.loads((Path(config.model) / "config.json").read_text())["vocab_size"]
     spawn = multiprocessing.get_context("spawn")
     starts, ours, theirs, cold_ttft, warm_ttft = [], [], [], [], []
     for round_no in range(repeats):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from engine.errors import EngineConfigError
+from engine.model_source import HubModel, parse_model
 
 
 class KVConnectorSpec(BaseModel):
@@ -26,11 +28,25 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: Path | None = Field(
-        default=None, description="Hugging Face model directory (config, weights, tokenizer); none: a tiny one is made"
+    model: str | None = Field(
+        default=None,
+        description="a Hugging Face model directory (config, weights, tokenizer) on every node, or a Hugging Face "
+        "repo id (org/name), downloaded into each node's Hugging Face cache; none: the tiny model, made on each node",
+    )
+    revision: str | None = Field(
+        default=None,
+        description="the repo's branch, tag or commit (vLLM's --revision); none: main. A commit keeps nodes that "
+        "download at different times on the same weights",
+    )
+    download_dir: Path | None = Field(
+        default=None,
+        description="the Hugging Face cache a repo is downloaded into on each node (vLLM's --download-dir); "
+        "none: HF_HOME's (~/.cache/huggingface/hub)",
     )
     model_id: str | None = Field(
-        default=None, description="name the model is served and hashed under; defaults to the directory name"
+        default=None,
+        description="name the model is served and hashed under; defaults to the directory name, or the repo id's "
+        "name part",
     )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     block_size: int = Field(default=128, ge=1, description="tokens per KV block (vLLM CPU wants a multiple of 32)")
@@ -98,11 +114,27 @@ class EngineConfig(BaseModel):
         default="ERROR", description="vLLM's log level; quiet by default"
     )
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def _model_as_text(cls, value: object) -> object:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
     @field_validator("model")
     @classmethod
-    def _model_dir_exists(cls, value: Path | None) -> Path | None:
-        if value is not None and not (value / "config.json").is_file():
-            raise ValueError(f"{value} is not a model directory (no config.json)")
+    def _model_dir_or_repo_id(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_model(value)
+        return value
+
+    @field_validator("revision", "download_dir")
+    @classmethod
+    def _only_for_a_repo(cls, value: object, info: ValidationInfo) -> object:
+        """Refused rather than ignored where the model is not downloaded (a directory, or the tiny model)."""
+        if "model" not in info.data:  # the model itself is invalid: that error says so
+            return value
+        model = info.data["model"]
+        if value is not None and (model is None or not isinstance(parse_model(model), HubModel)):
+            raise ValueError("only for a Hugging Face repo id as engine.model")
         return value
 
     @property
@@ -111,4 +143,4 @@ class EngineConfig(BaseModel):
             return self.model_id
         if self.model is None:
             raise EngineConfigError("model", "no model directory given")
-        return self.model.resolve().name
+        return Path(self.model).expanduser().resolve().name  # a directory's name, or a repo id's name part

@@ -25,6 +25,7 @@ from engine.config import EngineConfig
 from engine.core_ledger import CoreLedger, CoreRequest, omp_bind
 from engine.engine import Engine
 from engine.errors import EngineDeadError
+from engine.model_source import ModelSource, on_this_node
 from engine.throughput import BusyRate, RunningMean
 from engine.types import GenerateRequest, LoadFigures, OutputDelta
 
@@ -52,6 +53,7 @@ class WorkerSettings:
 
     reporting: Reporting
     cluster_token: SecretStr  # KV peers prove they belong with it
+    model: ModelSource  # made present on the replica's own node before the engine is built
     heartbeat_s: float = 1.0
     leave_s: float = 0.0  # how long leaving waits for peers to pull the KV still offered
     die_on_token: int | None = None  # fault injection (tests): a prompt holding this token id kills the process
@@ -185,6 +187,7 @@ class HostedWorker:
 
     def _start(self, config: EngineConfig, role: str, worker_id: str, settings: WorkerSettings) -> None:
         self._leave_s = settings.leave_s
+        config = on_this_node(config, settings.model)
         if settings.cores is not None and config.cpu_cores is None:
             config = config.model_copy(update={"cpu_cores": claim_cores(settings.cores, worker_id)})
         if settings.cores is not None and not settings.cores.reserved and config.nice is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -91,6 +92,7 @@ class ModelShape:
 
 TINY_SHAPE = ModelShape()
 BENCH_SHAPE = ModelShape(vocab_size=8192, hidden_size=512, layers=8, heads=8, kv_heads=4)
+PRESETS = {"tiny": TINY_SHAPE, "bench": BENCH_SHAPE}
 
 
 def supported_head_dims() -> list[int]:
@@ -221,3 +223,7 @@ def _corpus():
             doc = inspect.getdoc(member) if callable(member) else None
             if doc:
                 yield doc
+
+
+if __name__ == "__main__":  # python -m engine.tiny_model DIR PRESET: how engine/model_source.py makes one
+    make_model(sys.argv[1], PRESETS[sys.argv[2]])

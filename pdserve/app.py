@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
@@ -20,11 +21,12 @@ from ray.serve.config import RequestRouterConfig
 from decode_worker.deployment import DecodeWorker
 from engine.config import EngineConfig, KVConnectorSpec
 from engine.hosting import WorkerSettings
+from engine.model_source import CONFIG_FILES, ModelSource, ensure_model
 from kv_transfer.vllm_connector import TOKEN_ENV
 from pdserve import engine_layout
 from pdserve.config import PdserveConfig, PoolConfig, ServiceConfig, load_config
 from pdserve.engine_layout import PoolLayout
-from pdserve.models import resolve_model
+from pdserve.models import model_source
 from prefill_worker.deployment import PrefillWorker
 from router.index.reporting import IndexReporting
 from router.ingress import IngressSettings, Router
@@ -40,28 +42,31 @@ def app_builder(args: dict[str, Any]) -> serve.Application:
 
 
 def build_app(config: PdserveConfig) -> serve.Application:
-    config = resolve_model(config)
+    """The app, built on whichever node runs this: every replica gets the model's source and makes the model
+    present on its own node; this node reads only its ``config.json``, for the checks and the router's figures."""
+    source = model_source(config)
+    # The name every replica serves and hashes under, decided once (a hub snapshot's directory is named by its commit).
+    engine = config.engine.model_copy(update={"model_id": config.engine.model_id or source.name})
+    config = config.model_copy(update={"engine": engine})
     service = config.service
     token = config.cluster_token or SecretStr(os.environ.get(TOKEN_ENV) or secrets.token_hex(16))
-    model = model_info(config.engine)
-    reporting = IndexReporting(
-        model.model_id, config.router.index.redis_url, config.router.index.heartbeat_ttl_s, token,
-        config.router.index.timeout_s, service.app_name,
-    )  # fmt: skip
+    model = model_info(config.engine.model_copy(update={"model": str(ensure_model(source, CONFIG_FILES))}))
+    reporting = IndexReporting(model.model_id, config.router.index, token, service.app_name)
     disaggregated = service.mode == "disaggregated" and service.prefill.present
     layouts = layout(config)
     decode = DecodeWorker.options(**_pool_options(service.decode, layouts["decode"])).bind(
         _engine_for(config, layouts["decode"], "kv_consumer" if disaggregated else None),
-        _worker_settings(service, service.decode, layouts["decode"], reporting, token),
+        _worker_settings(service, service.decode, layouts["decode"], reporting, token, source),
     )
     prefill = None
     if disaggregated:
         prefill = PrefillWorker.options(**_pool_options(service.prefill, layouts["prefill"])).bind(
             _engine_for(config, layouts["prefill"], "kv_producer"),
-            _worker_settings(service, service.prefill, layouts["prefill"], reporting, token),
+            _worker_settings(service, service.prefill, layouts["prefill"], reporting, token, source),
         )
     settings = IngressSettings(
-        model=model, router=config.router, cluster_token=token, mode=service.mode if disaggregated else "colocated",
+        model=model, router=config.router, cluster_token=token, model_source=source,
+        mode=service.mode if disaggregated else "colocated",
         grpc_host=service.grpc_host, grpc_port=service.grpc_port, max_inflight=service.max_inflight,
         prefill_timeout_s=service.prefill_timeout_s,
     )  # fmt: skip
@@ -84,7 +89,9 @@ def serve_application(config: PdserveConfig) -> dict[str, Any]:
         "name": config.service.app_name,
         "route_prefix": "/",
         "import_path": "pdserve.app:app_builder",
-        "args": config.model_dump(mode="json", exclude=private),
+        # What was given only: defaults apply again where it is loaded, and a default is not taken for a value
+        # given (engine.kv_cache_gib on a GPU pool is refused only when given).
+        "args": config.model_dump(mode="json", exclude=private, exclude_unset=True),
     }
     if config.service.coordination is not None:
         application["autoscaling_policy"] = config.service.coordination.serve_policy()
@@ -92,10 +99,10 @@ def serve_application(config: PdserveConfig) -> dict[str, Any]:
 
 
 def model_info(engine: EngineConfig) -> ModelInfo:
-    """The figures the router validates against, read from the model directory."""
-    hf = json.loads((engine.model / "config.json").read_text())
+    """The figures the router validates against, read from ``engine.model``, a directory on this node."""
+    hf = json.loads((Path(engine.model) / "config.json").read_text())
     context = engine.max_model_len or hf.get("max_position_embeddings") or 2048
-    return ModelInfo(engine.served_model_id, str(engine.model), engine.block_size, context, hf["vocab_size"],
+    return ModelInfo(engine.served_model_id, engine.model, engine.block_size, context, hf["vocab_size"],
                      engine.tool_call_parser)  # fmt: skip
 
 
@@ -128,12 +135,13 @@ def _engine_for(config: PdserveConfig, pool: PoolLayout, role: str | None) -> En
 
 
 def _worker_settings(
-    service: ServiceConfig, pool: PoolConfig, layout: PoolLayout, reporting: IndexReporting, token
-) -> WorkerSettings:
+    service: ServiceConfig, pool: PoolConfig, layout: PoolLayout, reporting: IndexReporting, token,
+    source: ModelSource,
+) -> WorkerSettings:  # fmt: skip
     # Half the graceful-shutdown budget for peers to pull the KV still offered; the other half for calls to end.
     return WorkerSettings(
-        reporting, token, service.heartbeat_s, pool.graceful_shutdown_timeout_s / 2, service.test_die_on_token,
-        layout.cores,
+        reporting, token, source, service.heartbeat_s, pool.graceful_shutdown_timeout_s / 2,
+        service.test_die_on_token, layout.cores,
     )  # fmt: skip
 
 

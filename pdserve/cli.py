@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ import warnings
 from pathlib import Path
 
 from engine.errors import EngineError
-from engine.tiny_model import ARCHS, BENCH_SHAPE, TINY_SHAPE, ModelShape
+from engine.tiny_model import ARCHS, PRESETS, ModelShape
 from pdserve.config import ConfigError, PdserveConfig, load_config, parse_assignment
 
 
@@ -32,11 +33,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Prefill/decode-disaggregated LLM serving.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {importlib.metadata.version('pdserve')}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     make = commands.add_parser("make-model", help="write a tiny random-weight Hugging Face model directory")
     make.add_argument("dir", type=Path, help="output directory")
-    make.add_argument("--preset", choices=("tiny", "bench"), default="tiny", help="starting shape (default: tiny)")
+    make.add_argument("--preset", choices=tuple(PRESETS), default="tiny", help="starting shape (default: tiny)")
     make.add_argument("--arch", choices=ARCHS)
     make.add_argument("--vocab-size", type=int)
     make.add_argument("--hidden-size", type=int)
@@ -216,7 +218,9 @@ def _add_json_dir_flag(parser: argparse.ArgumentParser, name: str) -> None:
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML config file")
-    parser.add_argument("--model", type=Path, help="Hugging Face model directory (default: a tiny model made here)")
+    parser.add_argument(
+        "--model", help="Hugging Face model directory or repo id (org/name); default: a tiny model made on each node"
+    )
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
     parser.add_argument("--block-size", type=int)
     parser.add_argument("--max-model-len", type=int)
@@ -246,7 +250,7 @@ def _config(args: argparse.Namespace, flags: dict | None = None) -> PdserveConfi
 def _make_model(args: argparse.Namespace) -> int:
     from engine.tiny_model import make_model
 
-    base = BENCH_SHAPE if args.preset == "bench" else TINY_SHAPE
+    base = PRESETS[args.preset]
     fields = ("arch", "vocab_size", "hidden_size", "layers", "heads", "kv_heads", "seed")
     changes = {name: getattr(args, name) for name in fields if getattr(args, name) is not None}
     out = make_model(args.dir, ModelShape(**{**base.__dict__, **changes}))
@@ -256,12 +260,11 @@ def _make_model(args: argparse.Namespace) -> int:
 
 def _up(args: argparse.Namespace) -> int:
     from pdserve.app import layout
-    from pdserve.models import resolve_model
     from pdserve.up import run_until_interrupted, start
 
     flags = {"service.mode": args.mode, "router.index.redis_url": args.redis, "service.http_port": args.http_port,
              "service.grpc_port": args.grpc_port}  # fmt: skip
-    config = resolve_model(_config(args, flags))
+    config = _config(args, flags)
     for pool in layout(config).values():  # bad engine settings stop here, before Ray or any replica starts
         print(f"pdserve: {pool.describe()}", flush=True)
     print("pdserve: starting Ray and the Serve app…", flush=True)
@@ -425,7 +428,7 @@ def _bench_router(args: argparse.Namespace) -> int:
 def _bench_transfer(args: argparse.Namespace) -> int:
     from bench.transfer_bench import run_transfer_bench
 
-    model = None if args.no_handoff else _bench_config(args).engine.model
+    model = None if args.no_handoff else Path(_bench_config(args).engine.model)
     run_transfer_bench(args.repeats, args.block_pulls, model, args.json)
     return 0
 
@@ -493,7 +496,7 @@ def _load_args(args: argparse.Namespace):
 def _bench_config(args: argparse.Namespace) -> PdserveConfig:
     from pdserve.models import resolve_model
 
-    return resolve_model(_config(args), shape=BENCH_SHAPE, name="pdserve-bench-llama")
+    return resolve_model(_config(args), preset="bench")
 
 
 def _bench_serve(args: argparse.Namespace) -> int:
@@ -558,7 +561,7 @@ def _bench_vllm(args: argparse.Namespace) -> int:
     from bench.vllm_compare import TARGETS, run
 
     config = _bench_config(args)
-    result = run(config.engine.model, args.json, args.port, config.engine.kv_cache_gib)
+    result = run(Path(config.engine.model), args.json, args.port, config.engine.kv_cache_gib)
     for key, (bound, kind) in TARGETS.items():
         for suffix in ("", "_prefix"):
             value = result.get(key + suffix)

@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 # What makes KV and block hashes interchangeable between the pools, and the context length the router
 # checks requests against (a chat without max_tokens runs to its end): one value for the whole service.
 _SERVICE_WIDE_ENGINE_FIELDS = {
-    "model", "model_id", "block_size", "kv_connector", "kv_events_endpoint", "max_model_len", "tool_call_parser",
+    "model", "revision", "download_dir", "model_id", "block_size", "kv_connector", "kv_events_endpoint",
+    "max_model_len", "tool_call_parser",
 }  # fmt: skip
 
 
@@ -248,8 +249,9 @@ class PdserveConfig(BaseModel):
         default=None, ge=1, le=65535, description="a local cluster's Prometheus port for Ray's metrics (pdserve_*)"
     )
     model_cache_dir: Path = Field(
-        default=Path.home() / ".cache" / "pdserve" / "models",
-        description="where the tiny model is made when no model directory is configured",
+        default=Path("~/.cache/pdserve/models"),
+        description="where each node makes the tiny model when no model is configured; ~ is each node's own home "
+        "(expanded there, not where the config is read)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "WARNING"
 
@@ -276,6 +278,29 @@ class PdserveConfig(BaseModel):
     def _pool_engines_are_valid(self) -> PdserveConfig:
         for role in ("prefill", "decode"):
             self.pool_engine(role)
+        return self
+
+    @model_validator(mode="after")
+    def _kv_cache_gib_only_on_cpu(self) -> PdserveConfig:
+        """``kv_cache_gib`` is vLLM's CPU KV space (VLLM_CPU_KVCACHE_SPACE): on a GPU vLLM sizes the KV cache from
+        the memory fraction it may take, so a value given for a GPU pool would be ignored. Refused instead; the
+        default (1) is no value given."""
+        for role in ("prefill", "decode"):
+            pool = getattr(self.service, role)
+            if pool.num_gpus <= 0:
+                continue
+            if pool.kv_cache_gib is not None:
+                field = f"service.{role}.kv_cache_gib"
+            elif "kv_cache_gib" in pool.engine:
+                field = f"service.{role}.engine.kv_cache_gib"
+            elif "kv_cache_gib" in self.engine.model_fields_set:
+                field = "engine.kv_cache_gib"
+            else:
+                continue
+            raise ValueError(
+                f"{field}: sizes the KV cache on CPU only (VLLM_CPU_KVCACHE_SPACE), and service.{role} runs on GPUs "
+                f"(num_gpus {pool.num_gpus:g}): use engine.gpu_memory_utilization instead"
+            )
         return self
 
     @model_validator(mode="after")

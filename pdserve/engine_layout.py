@@ -20,7 +20,6 @@ place two ranks on one NUMA node).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from typing import Literal
@@ -28,6 +27,7 @@ from typing import Literal
 from engine.config import EngineConfig
 from engine.core_ledger import CoreRequest
 from pdserve.config import ConfigError, PdserveConfig, PoolConfig
+from pdserve.models import model_config
 
 Role = Literal["prefill", "decode"]
 
@@ -51,14 +51,16 @@ class PoolLayout:
 
 
 def plan(config: PdserveConfig, roles: list[Role], gpus_per_node: float = 0.0) -> dict[Role, PoolLayout]:
-    """Every pool's engine and cores; ``ConfigError`` for an engine that cannot run."""
+    """Every pool's engine and cores; ``ConfigError`` for an engine that cannot run. The checks read the model's
+    ``config.json`` on this node (made present here first: ``EngineConfigError`` where it cannot be had)."""
     pools = {role: getattr(config.service, role) for role in roles}
     engines = {role: _with_pool_cores(config.pool_engine(role), pools[role]) for role in roles}
     node_cores = len(os.sched_getaffinity(0))
+    hf = model_config(config)
     for role in roles:
-        _check_engine(engines[role], _field(config, role), pools[role], node_cores, gpus_per_node)
+        _check_engine(engines[role], _field(config, role), pools[role], node_cores, gpus_per_node, hf)
     if {"prefill", "decode"} <= set(roles):
-        _check_kv_interchangeable(config, engines["prefill"], engines["decode"])
+        _check_kv_interchangeable(config, engines["prefill"], engines["decode"], hf)
     auto = [r for r in roles if _binds_auto(pools[r], engines[r])]
     ranks = sum(_initial_replicas(pools[r]) * engines[r].tensor_parallel_size for r in auto)
     reserved = config.service.reserved_cores
@@ -102,7 +104,7 @@ def _field(config: PdserveConfig, role: Role) -> str:
     return f"service.{role}.engine" if "tensor_parallel_size" in overrides else "engine"
 
 
-def _check_kv_interchangeable(config: PdserveConfig, prefill: EngineConfig, decode: EngineConfig) -> None:
+def _check_kv_interchangeable(config: PdserveConfig, prefill: EngineConfig, decode: EngineConfig, hf: dict) -> None:
     """The pools' KV must be interchangeable (the model, block size and hashing are one for the service).
 
     Tensor-parallel sizes may differ: each decode rank pulls the KV heads it holds from the prefill ranks
@@ -115,7 +117,6 @@ def _check_kv_interchangeable(config: PdserveConfig, prefill: EngineConfig, deco
                 f"{_where(config, 'prefill', name)}.{name} {ours!r} != {_where(config, 'decode', name)}.{name} "
                 f"{theirs!r}: KV moved between the pools must have one element type"
             )
-    hf = json.loads((prefill.model / "config.json").read_text())
     if hf.get("kv_lora_rank") and prefill.tensor_parallel_size != decode.tensor_parallel_size:
         raise ConfigError(
             f"{_field(config, 'prefill')}.tensor_parallel_size {prefill.tensor_parallel_size} != "
@@ -128,10 +129,9 @@ def _where(config: PdserveConfig, role: Role, name: str) -> str:
     return f"service.{role}.engine" if name in getattr(config.service, role).engine else "engine"
 
 
-def _check_engine(engine: EngineConfig, where: str, pool: PoolConfig, node_cores: int, gpus: float) -> None:
+def _check_engine(engine: EngineConfig, where: str, pool: PoolConfig, node_cores: int, gpus: float, hf: dict) -> None:
     tp = engine.tensor_parallel_size
     field = f"{where}.tensor_parallel_size"
-    hf = json.loads((engine.model / "config.json").read_text())
     heads = hf.get("num_attention_heads")
     kv_heads = hf.get("num_key_value_heads") or heads
     if heads and heads % tp:

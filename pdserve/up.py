@@ -55,7 +55,7 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
     if config.router.index.redis_url == "local":
         from pdserve.local_redis import LocalRedis
 
-        redis = LocalRedis(config.model_cache_dir.parent / "redis").start()
+        redis = LocalRedis(config.model_cache_dir.expanduser().parent / "redis").start()
         config = config.model_copy(
             update={"router": config.router.model_copy(
                 update={"index": config.router.index.model_copy(update={"redis_url": redis.url})})}

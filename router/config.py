@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from router.placement import PlacementConfig
 from router.request import RequestLimits
+
+
+class IndexConfigError(ValueError):
+    """The index's Redis connection cannot be made from the config where this replica runs."""
 
 
 class IndexConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     redis_url: str | None = Field(
-        default=None, description="redis://, rediss:// or unix:// URL (user/password inside); none: in-memory index"
+        default=None,
+        description="redis://, rediss:// or unix:// URL; ${NAME} in it is the environment variable NAME where each "
+        "replica runs (the deploy/ cluster files export RAY_HEAD_IP on every node); none: in-memory index",
+    )
+    redis_password_file: Path | None = Field(
+        default=None,
+        description="file holding the Redis password, read where each replica runs (~: that node's home), so the "
+        "password stays out of Serve configs; the URL then carries none",
     )
     timeout_s: float = Field(default=0.5, gt=0, description="deadline of one Redis call")
     heartbeat_ttl_s: float = Field(default=3.0, gt=0, description="a worker whose heartbeat is this old stops counting")
@@ -20,6 +37,42 @@ class IndexConfig(BaseModel):
     in_flight_ttl_s: float = Field(
         default=10.0, gt=0, description="a placement stops counting this long after its router last renewed it"
     )
+
+    @model_validator(mode="after")
+    def _one_password(self) -> IndexConfig:
+        if self.redis_password_file is None:
+            return self
+        if not self.redis_url:
+            raise ValueError("redis_password_file is given without redis_url")
+        if urlsplit(self.redis_url).password is not None:
+            raise ValueError("redis_url carries a password and redis_password_file names one: give one")
+        return self
+
+    def connection_url(self, environ: Mapping[str, str] = os.environ) -> str | None:
+        """The URL this process connects with: ``${NAME}`` expanded from ``environ``, the password file's secret
+        inside. None: the in-memory index."""
+        if not self.redis_url:
+            return None
+
+        def variable(match: re.Match) -> str:
+            if match[1] not in environ:
+                raise IndexConfigError(f"router.index.redis_url names ${{{match[1]}}}, which is not set here")
+            return environ[match[1]]
+
+        url = re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}", variable, self.redis_url)
+        if self.redis_password_file is None:
+            return url
+        path = self.redis_password_file.expanduser()
+        try:
+            password = path.read_text().strip()
+        except OSError as exc:
+            raise IndexConfigError(f"router.index.redis_password_file {path}: {exc.strerror}") from None
+        if not password:
+            raise IndexConfigError(f"router.index.redis_password_file {path} is empty")
+        parts = urlsplit(url)
+        user = quote(parts.username, safe="") if parts.username else ""
+        netloc = f"{user}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"
+        return urlunsplit(parts._replace(netloc=netloc))
 
 
 class RequestLimitsConfig(BaseModel):

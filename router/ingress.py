@@ -11,7 +11,7 @@ SO_REUSEPORT; Serve's proxy spreads HTTP).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import ray
 from fastapi import FastAPI, Request, Response
@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import SecretStr
 from ray import serve
 
+from engine.model_source import ModelSource, ensure_model
 from router import http_api
 from router.auth import ApiKeys
 from router.config import RouterConfig
@@ -30,15 +31,17 @@ from router.request_registry import make_registry
 from router.serve_pools import ServeWorkerPools
 from router.service import GenerationService, Mode, ModelInfo
 from router.versions import versions
+from router.vllm_grpc_api import TOKENIZER_FILES
 
 app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
 
 
 @dataclass(frozen=True)
 class IngressSettings:
-    model: ModelInfo
+    model: ModelInfo  # its figures read on the node that built the app; model_dir is each replica's own (below)
     router: RouterConfig
     cluster_token: SecretStr  # workers prove it to write into the in-memory index
+    model_source: ModelSource  # its tokenizer and config files, made present on the replica's own node
     mode: Mode = "disaggregated"
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 9000
@@ -50,8 +53,10 @@ class IngressSettings:
 @serve.ingress(app)
 class Router:
     async def __init__(self, settings: IngressSettings, prefill_handle, decode_handle):
+        model_dir = await asyncio.to_thread(ensure_model, settings.model_source, TOKENIZER_FILES)
+        settings = replace(settings, model=replace(settings.model, model_dir=str(model_dir)))
         index_config = settings.router.index
-        self._index = make_index(index_config.redis_url, settings.model.model_id, index_config.timeout_s)
+        self._index = make_index(index_config.connection_url(), settings.model.model_id, index_config.timeout_s)
         self._sweeper = IndexSweeper(self._index, index_config.sweep_interval_s).start()
         pools = ServeWorkerPools(prefill_handle, decode_handle)
         router_id = serve.get_replica_context().replica_id.unique_id

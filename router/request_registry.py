@@ -143,6 +143,7 @@ class RedisRegistry:
 
 def make_registry(index: IndexConfig, model_id: str, router_id: str) -> RequestRegistry:
     """Shared through the index's Redis when there is one (many routers), else local (one router)."""
-    if not index.redis_url:
+    url = index.connection_url()
+    if url is None:
         return LocalRegistry()
-    return RedisRegistry(index.redis_url, f"pdserve:{model_id}:", router_id, index.in_flight_ttl_s, index.timeout_s)
+    return RedisRegistry(url, f"pdserve:{model_id}:", router_id, index.in_flight_ttl_s, index.timeout_s)

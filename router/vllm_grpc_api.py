@@ -48,7 +48,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = vpb.DESCRIPTOR.services_by_name["VllmEngine"].full_name
 add_VllmEngineServicer_to_server = vpb_grpc.add_VllmEngineServicer_to_server
-_TOKENIZER_FILES = (
+# Every file the router reads from the model directory (tokenization, chat template, GetModelInfo, GetTokenizer).
+TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json", "special_tokens_map.json",
     "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
 )  # fmt: skip
@@ -292,7 +293,7 @@ def _input_logprobs(entries, prompt: list[int]) -> vpb.InputLogProbs:
 def _tokenizer_zip(directory: Path) -> tuple[bytes, str]:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as bundle:
-        for name in _TOKENIZER_FILES:
+        for name in TOKENIZER_FILES:
             if (directory / name).is_file():
                 bundle.write(directory / name, name)
     data = buffer.getvalue()

@@ -1,5 +1,7 @@
 """One config schema from file, then PDSERVE_* env, then flags; errors name the field."""
 
+import re
+
 import pytest
 
 from pdserve.config import ConfigError, load_config, parse_assignment
@@ -129,3 +131,42 @@ def test_tls_for_kv_takes_all_three_files_and_refuses_a_missing_one_at_load(tmp_
         load_config(overrides={k: v for k, v in files.items() if not k.endswith("ca_file")})
     with pytest.raises(ConfigError, match="tls_key_file: .* is not a readable file"):
         load_config(overrides={**files, "service.transfer.tls_key_file": str(tmp_path / "gone.key")})
+
+
+@pytest.mark.parametrize(
+    "source,field",
+    [
+        ({"service.decode.num_gpus": 1, "service.decode.kv_cache_gib": 4}, "service.decode.kv_cache_gib"),
+        ({"service.prefill.num_gpus": 1, "service.prefill.engine": {"kv_cache_gib": 4}},
+         "service.prefill.engine.kv_cache_gib"),
+        ({"service.decode.num_gpus": 1, "engine.kv_cache_gib": 2}, "engine.kv_cache_gib"),
+    ],
+    ids=["pool", "pool-engine", "engine"],
+)  # fmt: skip
+def test_kv_cache_gib_given_for_a_gpu_pool_is_refused_pointing_to_gpu_memory_utilization(source, field):
+    with pytest.raises(ConfigError, match=re.escape(field) + r": .*CPU only.*engine\.gpu_memory_utilization"):
+        load_config(overrides=source)
+
+
+def test_kv_cache_gib_from_env_counts_as_given():
+    with pytest.raises(ConfigError, match=r"engine\.kv_cache_gib"):
+        load_config(env={"PDSERVE_ENGINE__KV_CACHE_GIB": "2"}, overrides={"service.prefill.num_gpus": 1})
+
+
+def test_the_default_kv_cache_gib_does_not_stop_gpu_pools():
+    config = load_config(overrides={"service.prefill.num_gpus": 1, "service.decode.num_gpus": 1})
+    assert config.engine.kv_cache_gib == 1
+
+
+def test_a_cpu_pool_keeps_its_kv_cache_gib_beside_a_gpu_pool():
+    config = load_config(overrides={"service.decode.num_gpus": 1, "service.prefill.kv_cache_gib": 4})
+    assert config.service.prefill.kv_cache_gib == 4
+
+
+def test_a_gpu_config_written_as_a_serve_config_loads_back_without_a_kv_cache_gib_it_never_gave():
+    from pdserve.app import serve_application
+
+    config = load_config(overrides={"service.decode.num_gpus": 1, "engine.gpu_memory_utilization": 0.9})
+    args = serve_application(config)["args"]
+    assert "kv_cache_gib" not in args["engine"]
+    assert load_config(data=args).engine.gpu_memory_utilization == 0.9

@@ -52,11 +52,66 @@ def test_serve_configs_validate_against_the_serve_schema_and_pdserve_config(path
 def test_cluster_files_validate_against_the_cluster_launcher_schema(path):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    config = yaml.safe_load(path.read_text())
-    validate_config(prepare_config(config))  # what `ray up` does: provider defaults filled in, then the schema
-    workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+    config = prepare_config(yaml.safe_load(path.read_text()))  # what `ray up` does: provider defaults filled in
+    validate_config(config)
     assert any("pdserve" in command for command in config["setup_commands"])
-    assert workers and all(t["max_workers"] >= t["min_workers"] for t in workers)
+    if config["provider"]["type"] != "local":  # the local provider has one node type: the head and its workers
+        workers = [t for name, t in config["available_node_types"].items() if name != config["head_node_type"]]
+        assert workers and all(t["max_workers"] >= t["min_workers"] for t in workers)
+
+
+SHARED_CLUSTER_KEYS = (
+    "file_mounts", "rsync_filter", "rsync_exclude", "setup_commands", "head_setup_commands", "worker_setup_commands",
+    "head_start_ray_commands", "worker_start_ray_commands",
+)  # fmt: skip
+
+
+def test_the_gpu_cluster_runs_the_setup_and_start_commands_the_local_cluster_proves():
+    gpu, local = (yaml.safe_load((DEPLOY / name).read_text()) for name in ("cluster-gpu.yaml", "cluster-local.yaml"))
+
+    assert {key: gpu.get(key) for key in SHARED_CLUSTER_KEYS} == {key: local.get(key) for key in SHARED_CLUSTER_KEYS}
+
+
+def test_every_script_the_cluster_files_run_is_in_deploy():
+    config = yaml.safe_load((DEPLOY / "cluster-gpu.yaml").read_text())
+    commands = [command for key in SHARED_CLUSTER_KEYS[3:] for command in config[key]]
+    scripts = [word.removeprefix("~/pdserve/") for c in commands for word in c.split() if word.endswith(".sh")]
+
+    assert scripts and all((DEPLOY.parent / script).is_file() for script in scripts)
+
+
+def test_the_gpu_cluster_runs_python_3_11_keeps_ray_s_token_and_the_dashboard_private():
+    config = yaml.safe_load((DEPLOY / "cluster-gpu.yaml").read_text())
+    head_start, worker_start = (
+        " ".join(config[key]) for key in ("head_start_ray_commands", "worker_start_ray_commands")
+    )
+
+    assert "-py311-" in config["docker"]["image"] and config["docker"]["image"].startswith("rayproject/ray:2.60.0")
+    assert "RAY_AUTH_MODE=token" in head_start and "RAY_AUTH_MODE=token" in worker_start
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_the_index_redis_has_its_own_port_a_password_and_the_head_s_private_address():
+    cluster = yaml.safe_load((DEPLOY / "cluster-gpu.yaml").read_text())
+    start_redis = (DEPLOY / "start-redis.sh").read_text()
+    serve = yaml.safe_load((DEPLOY / "serve-gpu.yaml").read_text())["applications"][0]["args"]["router"]["index"]
+
+    assert "--port=6379" in " ".join(cluster["head_start_ray_commands"]) and "port 6380" in start_redis
+    assert "requirepass" in start_redis and "bind $ip" in start_redis
+    assert serve["redis_url"] == "redis://${RAY_HEAD_IP}:6380/1"  # the head's address where each replica runs
+    assert serve["redis_password_file"] == "~/.pdserve/redis-password"
+    assert cluster["file_mounts"]["~/.pdserve/redis-password"] == "~/.pdserve/redis-password"
+
+
+def test_the_gpu_serve_config_sets_the_gpu_engine_settings_and_no_cpu_only_one():
+    args = yaml.safe_load((DEPLOY / "serve-gpu.yaml").read_text())["applications"][0]["args"]
+    engine = load_config(data={**args, "engine": {**args["engine"], "model": None}}).engine
+
+    assert {"gpu_memory_utilization", "tensor_parallel_size", "kv_cache_dtype"} <= set(args["engine"])
+    assert engine.gpu_memory_utilization == 0.9 and engine.tensor_parallel_size == 1
+    assert "kv_cache_gib" not in args["engine"]
+    assert all("kv_cache_gib" not in args["service"][pool] for pool in ("prefill", "decode"))
 
 
 def test_a_broken_serve_config_is_caught():

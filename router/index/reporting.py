@@ -19,6 +19,7 @@ from pydantic import SecretStr
 
 from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored, CacheEvent
 from engine.types import LoadFigures
+from router.config import IndexConfig
 from router.index import WorkerInfo, WorkerLoad, make_index
 from router.index.remote_writer import RemoteIndexWriter
 
@@ -33,29 +34,26 @@ class IndexReporting:
     def __init__(
         self,
         model_id: str,
-        redis_url: str | None,
-        ttl_s: float,
+        index: IndexConfig,
         cluster_token: SecretStr,
-        timeout_s: float = 0.5,
         app_name: str = "pdserve",
         router_deployment: str = "Router",
     ):
         self.model_id = model_id
-        self.redis_url = redis_url
-        self.ttl_s = ttl_s
+        self.index = index
         self.cluster_token = cluster_token
-        self.timeout_s = timeout_s
         self.app_name = app_name
         self.router_deployment = router_deployment
 
     def start(self, worker_id: str, role: str, block_size: int, cpu_cores: str = "") -> IndexReporter:
         # A restarted replica gets a new id; the epoch still orders two lives of one id.
         info = WorkerInfo(worker_id, role, time.time_ns() // 1000, block_size, cpu_cores=cpu_cores)
-        if self.redis_url:
-            index = make_index(self.redis_url, self.model_id, self.timeout_s)
+        url, timeout_s = self.index.connection_url(), self.index.timeout_s  # the URL as this worker's node has it
+        if url is not None:
+            index = make_index(url, self.model_id, timeout_s)
         else:
-            index = RemoteIndexWriter(self._router_address, self.cluster_token.get_secret_value(), self.timeout_s)
-        return IndexReporter(info, self.ttl_s, index)
+            index = RemoteIndexWriter(self._router_address, self.cluster_token.get_secret_value(), timeout_s)
+        return IndexReporter(info, self.index.heartbeat_ttl_s, index)
 
     def _router_address(self) -> str:
         from ray import serve
