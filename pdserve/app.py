@@ -21,7 +21,7 @@ from ray.serve.config import RequestRouterConfig
 from decode_worker.deployment import DecodeWorker
 from engine.config import EngineConfig, KVConnectorSpec
 from engine.hosting import WorkerSettings
-from engine.model_source import CONFIG_FILES, ModelSource, ensure_model
+from engine.model_source import CONFIG_FILES, ModelSource, ensure_model, pin_revision
 from kv_transfer.vllm_connector import TOKEN_ENV
 from pdserve import engine_layout
 from pdserve.config import PdserveConfig, PoolConfig, ServiceConfig, load_config
@@ -45,12 +45,14 @@ def build_app(config: PdserveConfig) -> serve.Application:
     """The app, built on whichever node runs this: every replica gets the model's source and makes the model
     present on its own node; this node reads only its ``config.json``, for the checks and the router's figures."""
     source = model_source(config)
+    config_dir = ensure_model(source, CONFIG_FILES)
+    source = pin_revision(source, config_dir)  # every replica, whenever it starts, loads the commit resolved here
     # The name every replica serves and hashes under, decided once (a hub snapshot's directory is named by its commit).
     engine = config.engine.model_copy(update={"model_id": config.engine.model_id or source.name})
     config = config.model_copy(update={"engine": engine})
     service = config.service
     token = config.cluster_token or SecretStr(os.environ.get(TOKEN_ENV) or secrets.token_hex(16))
-    model = model_info(config.engine.model_copy(update={"model": str(ensure_model(source, CONFIG_FILES))}))
+    model = model_info(config.engine.model_copy(update={"model": str(config_dir)}))
     reporting = IndexReporting(model.model_id, config.router.index, token, service.app_name)
     disaggregated = service.mode == "disaggregated" and service.prefill.present
     layouts = layout(config)

@@ -70,8 +70,8 @@ class IndexConfig(BaseModel):
         if not password:
             raise IndexConfigError(f"router.index.redis_password_file {path} is empty")
         parts = urlsplit(url)
-        user = quote(parts.username, safe="") if parts.username else ""
-        netloc = f"{user}:{quote(password, safe='')}@{parts.netloc.rpartition('@')[2]}"
+        user, _, host = parts.netloc.rpartition("@")  # the user as the URL spells it (already %-quoted)
+        netloc = f"{user}:{quote(password, safe='')}@{host}"
         return urlunsplit(parts._replace(netloc=netloc))
 
 

@@ -56,7 +56,8 @@ class Router:
         model_dir = await asyncio.to_thread(ensure_model, settings.model_source, TOKENIZER_FILES)
         settings = replace(settings, model=replace(settings.model, model_dir=str(model_dir)))
         index_config = settings.router.index
-        self._index = make_index(index_config.connection_url(), settings.model.model_id, index_config.timeout_s)
+        redis_url = index_config.connection_url()  # as this node has it: ${NAME} expanded, the password file read
+        self._index = make_index(redis_url, settings.model.model_id, index_config.timeout_s)
         self._sweeper = IndexSweeper(self._index, index_config.sweep_interval_s).start()
         pools = ServeWorkerPools(prefill_handle, decode_handle)
         router_id = serve.get_replica_context().replica_id.unique_id
@@ -70,7 +71,7 @@ class Router:
         self._keys = ApiKeys([key.get_secret_value() for key in settings.router.api_keys])
         self._grpc = await start_grpc_server(self.service, settings.grpc_host, settings.grpc_port, self._keys)
         self._index_writer, self._index_writer_address = None, None
-        if index_config.redis_url is None:
+        if redis_url is None:
             token = settings.cluster_token.get_secret_value()
             host = ray.util.get_node_ip_address()
             self._index_writer, self._index_writer_address = await start_index_writer(self._index, host, token)

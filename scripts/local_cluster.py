@@ -44,6 +44,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER_FILE = REPO / "deploy" / "cluster-local.yaml"
+# Outside the checkout (`ray up` reads every file under a file mount's source: the nodes' sockets would fail
+# it) and outside /tmp (each node mounts its own over it). The cluster file's login key lives here too.
+STATE_DIR = Path("/var/lib/pdserve-local-cluster")
 BRIDGE = "pdcl0"
 SSHD = "/usr/sbin/sshd"
 START_TIMEOUT_S = 20.0
@@ -97,7 +100,7 @@ class ClusterFile:
         provider, auth = config["provider"], config["auth"]
         ips = [provider["head_ip"], *provider["worker_ips"]]
         names = ["head", *(f"worker{i}" for i in range(1, len(ips)))]
-        key = REPO / os.path.expanduser(auth["ssh_private_key"])  # relative: to the checkout, where `ray up` runs
+        key = REPO / os.path.expanduser(auth["ssh_private_key"])  # if relative: to the checkout, where `ray up` runs
         return cls(tuple(Node(n, ip) for n, ip in zip(names, ips, strict=True)), auth["ssh_user"], key)
 
     @property
@@ -111,7 +114,7 @@ class LocalNodes:
 
     ``base_env``: the venv whose packages every node's Python reads (this checkout's ``.venv``)."""
 
-    def __init__(self, state_dir: Path, cluster: ClusterFile | None = None, base_env: Path | None = None):
+    def __init__(self, state_dir: Path = STATE_DIR, cluster: ClusterFile | None = None, base_env: Path | None = None):
         self.state_dir = state_dir.resolve()
         self.cluster = cluster or ClusterFile.read()
         self.base_env = (base_env or Path(sys.prefix)).resolve()
@@ -121,32 +124,39 @@ class LocalNodes:
 
     def up(self) -> LocalNodes:
         """Make every node and wait until its sshd answers; nodes left from an earlier run are removed first."""
-        if self.state_dir.is_relative_to("/tmp"):
-            raise LocalClusterError(f"state directory {self.state_dir}: each node mounts its own /tmp over it")
+        if self.state_dir.is_relative_to("/tmp") or self.state_dir.is_relative_to(REPO):
+            raise LocalClusterError(f"state directory {self.state_dir}: not under /tmp (each node mounts its own) "
+                                    "nor the checkout (`ray up` reads every file under it)")  # fmt: skip
         if os.geteuid() != 0:
             raise LocalClusterError("making network namespaces needs root")
         for tool in ("ip", "unshare", "ssh-keygen", "rsync", SSHD):
             if shutil.which(tool) is None:
                 raise LocalClusterError(f"{tool} is not installed (scripts/setup.sh installs openssh-server, rsync)")
         self.down()
-        self._login_key()
-        _run("ip", "link", "add", BRIDGE, "type", "bridge")
-        _run("ip", "addr", "add", f"{self.cluster.gateway}/24", "dev", BRIDGE)
-        _run("ip", "link", "set", BRIDGE, "up")
-        for node in self.cluster.nodes:
-            self._network(node)
-            self._image(node)
-            self._start_sshd(node)
-        for node in self.cluster.nodes:
-            self._wait_for_sshd(node)
+        try:
+            self._login_key()
+            _run("ip", "link", "add", BRIDGE, "type", "bridge")
+            _run("ip", "addr", "add", f"{self.cluster.gateway}/24", "dev", BRIDGE)
+            _run("ip", "link", "set", BRIDGE, "up")
+            for node in self.cluster.nodes:
+                self._network(node)
+                self._image(node)
+                self._start_sshd(node)
+            for node in self.cluster.nodes:
+                self._wait_for_sshd(node)
+        except BaseException:
+            self.down()  # a half-made cluster leaves nothing behind
+            raise
         return self
 
     def down(self) -> None:
-        """Kill every process on every node (sshd and what ``ray up`` left), then remove the namespaces."""
+        """Kill every process on every node (sshd and what ``ray up`` left), remove the namespaces, and the nodes'
+        files (homes with their secrets, /tmp with Ray's sessions); the login key stays."""
         for node in self.cluster.nodes:
             for pid in self.pids(node):
                 _kill(pid)
             _run("ip", "netns", "del", node.namespace, check=False)
+            shutil.rmtree(self.state_dir / node.name, ignore_errors=True)
         _run("ip", "link", "del", BRIDGE, check=False)
 
     def pids(self, node: Node) -> list[int]:
@@ -236,16 +246,16 @@ class LocalNodes:
 
     def _start_sshd(self, node: Node) -> None:
         Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
-        log = (self.state_dir / node.name / "sshd.log").open("ab")
         config = self.state_dir / node.name / "sshd" / "sshd_config"
         tmp = self.state_dir / node.name / "tmp"
         tmp.mkdir(mode=0o1777)
         tmp.chmod(0o1777)
-        subprocess.Popen(
-            ["ip", "netns", "exec", node.namespace, "unshare", "--pid", "--fork", "--mount-proc",
-             sys.executable, "-c", _NODE_INIT, str(self.state_dir / node.name), SSHD, "-D", "-e", "-f", str(config)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )  # fmt: skip
+        with (self.state_dir / node.name / "sshd.log").open("ab") as log:  # the node keeps its own descriptor
+            subprocess.Popen(
+                ["ip", "netns", "exec", node.namespace, "unshare", "--pid", "--fork", "--mount-proc", sys.executable,
+                 "-c", _NODE_INIT, str(self.state_dir / node.name), SSHD, "-D", "-e", "-f", str(config)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+            )  # fmt: skip
 
     def _wait_for_sshd(self, node: Node) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -308,8 +318,8 @@ def _kill(pid: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=["up", "down", "ps"])
-    parser.add_argument("--state-dir", type=Path, default=REPO / ".local-cluster",
-                        help="the nodes' homes, host keys and Pythons (default: .local-cluster/)")  # fmt: skip
+    parser.add_argument("--state-dir", type=Path, default=STATE_DIR,
+                        help=f"the nodes' homes, host keys and Pythons (default: {STATE_DIR})")  # fmt: skip
     parser.add_argument("--cluster-file", type=Path, default=CLUSTER_FILE)
     args = parser.parse_args(argv)
     nodes = LocalNodes(args.state_dir, ClusterFile.read(args.cluster_file))

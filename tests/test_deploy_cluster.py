@@ -22,6 +22,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 import yaml
 from helpers import transformers_greedy
 from netns import why_not
@@ -104,7 +105,7 @@ def test_ray_up_serves_http_and_grpc_from_the_local_cluster_and_ray_down_leaves_
     from router.tokenizer import ModelTokenizer
 
     cluster = ClusterFile.read(REPO / CLUSTER)
-    nodes = LocalNodes(REPO / ".local-cluster", cluster)
+    nodes = LocalNodes(cluster=cluster)
     env = _laptop(tmp_path / "laptop")
     head = cluster.nodes[0]
     url, up = f"http://{head.ip}:8000", False
@@ -134,6 +135,14 @@ def test_ray_up_serves_http_and_grpc_from_the_local_cluster_and_ray_down_leaves_
             client.close()
         assert tokens == expected
         assert text == grpc_text  # the same greedy answer over both front ends
+
+        # The index is in the head's Redis, which answers only with the password, only on the private address.
+        password = (tmp_path / "laptop" / ".pdserve" / "redis-password").read_text().strip()
+        index = redis.Redis(host=head.ip, port=6380, db=1, password=password, socket_timeout=5)
+        assert index.keys("pdserve:*")
+        with pytest.raises(redis.AuthenticationError):
+            redis.Redis(host=head.ip, port=6380, socket_timeout=5).ping()
+        assert "Connection refused" in _ray(env, "exec", CLUSTER, "redis-cli -h 127.0.0.1 -p 6380 ping || true")
         served = time.monotonic()
 
         _ray(env, "down", "-y", CLUSTER, timeout=300)

@@ -34,6 +34,14 @@ def test_the_password_file_goes_into_the_url_quoted(tmp_path):
     assert config.connection_url({}) == "redis://:p%40ss%3Aw%2Frd@10.0.0.7:6380/1"
 
 
+def test_a_user_in_the_url_is_kept_as_spelled_beside_the_password_file(tmp_path):
+    secret = tmp_path / "redis-password"
+    secret.write_text("s3cret")
+    config = IndexConfig(redis_url="redis://al%40ice@h:6380/1", redis_password_file=secret)
+
+    assert config.connection_url({}) == "redis://al%40ice:s3cret@h:6380/1"
+
+
 def test_the_password_file_is_read_from_the_home_of_the_node_the_replica_runs_on(tmp_path, monkeypatch):
     (tmp_path / ".pdserve").mkdir()
     (tmp_path / ".pdserve" / "redis-password").write_text("s3cret")

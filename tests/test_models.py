@@ -149,3 +149,21 @@ def test_a_repo_absent_offline_is_a_clear_error_naming_engine_model(hf_home):
     result = resolve_on_a_node({"HF_HOME": str(hf_home), "PDSERVE_ENGINE__MODEL": "acme/absent"})
     assert result.returncode != 0
     assert "engine.model: Hugging Face repo 'acme/absent' cannot be had on this node" in result.stderr
+
+
+def test_replicas_load_the_commit_the_builder_resolved_after_the_branch_moves(hf_home, tmp_path):
+    from engine.model_source import pin_revision
+
+    repo = hf_home / "hub" / "models--acme--tiny-chat"
+    builder_snapshot = repo / "snapshots" / SNAPSHOT
+    pinned = pin_revision(HubModel(REPO), builder_snapshot)
+    newer = "f" * 40
+    shutil.copytree(builder_snapshot, repo / "snapshots" / newer)
+    (repo / "refs" / "main").write_text(newer)  # main moved on after the app was built
+
+    result = resolve_on_a_node({"HF_HOME": str(hf_home), "PDSERVE_ENGINE__MODEL": REPO,
+                                "PDSERVE_ENGINE__REVISION": pinned.revision})  # fmt: skip
+    assert pinned == HubModel(REPO, SNAPSHOT)
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == builder_snapshot
+    assert pin_revision(LocalModel(tmp_path), tmp_path) == LocalModel(tmp_path)
