@@ -133,14 +133,20 @@ def test_the_local_serve_config_runs_under_serve_run(tmp_path):
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "PDSERVE_MODEL_CACHE_DIR": str(tmp_path / "models")}
     serve_cli = Path(sys.executable).parent / "serve"
-    process = subprocess.Popen([serve_cli, "run", str(path)], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    log_path = tmp_path / "serve-run.log"  # what serve run said, for a failure's message
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([serve_cli, "run", str(path)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)  # fmt: skip
+
+    def said() -> str:
+        return log_path.read_text(errors="replace")[-3000:]
+
     url = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 300
         while True:
-            assert process.poll() is None, "serve run exited"
-            assert time.monotonic() < deadline, "the app never became healthy"
+            assert process.poll() is None, f"serve run exited:\n{said()}"
+            assert time.monotonic() < deadline, f"the app never became healthy:\n{said()}"
             try:
                 with urllib.request.urlopen(url + "/health", timeout=5) as reply:
                     live = json.loads(reply.read())["live_workers"]
@@ -160,4 +166,4 @@ def test_the_local_serve_config_runs_under_serve_run(tmp_path):
             process.wait(120)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-            raise
+            raise AssertionError(f"serve run did not exit within 120 s of SIGINT:\n{said()}") from None
