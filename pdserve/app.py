@@ -52,10 +52,11 @@ def build_app(config: PdserveConfig) -> serve.Application:
     config = config.model_copy(update={"engine": engine})
     service = config.service
     token = config.cluster_token or SecretStr(os.environ.get(TOKEN_ENV) or secrets.token_hex(16))
-    model = model_info(config.engine.model_copy(update={"model": str(config_dir)}))
+    hf = json.loads((config_dir / "config.json").read_text())
+    model = model_info(config.engine.model_copy(update={"model": str(config_dir)}), hf)
     reporting = IndexReporting(model.model_id, config.router.index, token, service.app_name)
     disaggregated = service.mode == "disaggregated" and service.prefill.present
-    layouts = layout(config)
+    layouts = layout(config, hf)  # the commit pinned above, read once, not the model's source resolved again
     decode = DecodeWorker.options(**_pool_options(service.decode, layouts["decode"])).bind(
         _engine_for(config, layouts["decode"], "kv_consumer" if disaggregated else None),
         _worker_settings(service, service.decode, layouts["decode"], reporting, token, source),
@@ -100,19 +101,20 @@ def serve_application(config: PdserveConfig) -> dict[str, Any]:
     return application
 
 
-def model_info(engine: EngineConfig) -> ModelInfo:
-    """The figures the router validates against, read from ``engine.model``, a directory on this node."""
-    hf = json.loads((Path(engine.model) / "config.json").read_text())
+def model_info(engine: EngineConfig, hf: dict | None = None) -> ModelInfo:
+    """The figures the router validates against: ``hf`` (the model's ``config.json``) where read already, else
+    read from ``engine.model``, a directory on this node."""
+    hf = hf if hf is not None else json.loads((Path(engine.model) / "config.json").read_text())
     context = engine.max_model_len or hf.get("max_position_embeddings") or 2048
     return ModelInfo(engine.served_model_id, engine.model, engine.block_size, context, hf["vocab_size"],
                      engine.tool_call_parser)  # fmt: skip
 
 
-def layout(config: PdserveConfig) -> dict[str, PoolLayout]:
+def layout(config: PdserveConfig, hf: dict | None = None) -> dict[str, PoolLayout]:
     """Each worker pool's engine and cores, checked (``ConfigError``) before any replica starts."""
     service = config.service
     roles = ["decode"] + (["prefill"] if service.mode == "disaggregated" and service.prefill.present else [])
-    return engine_layout.plan(config, roles, _gpus_per_node())
+    return engine_layout.plan(config, roles, _gpus_per_node(), hf)
 
 
 def _gpus_per_node() -> float:

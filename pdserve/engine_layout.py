@@ -50,13 +50,16 @@ class PoolLayout:
         return f"{self.role}: TP={tp}, {where}"
 
 
-def plan(config: PdserveConfig, roles: list[Role], gpus_per_node: float = 0.0) -> dict[Role, PoolLayout]:
+def plan(
+    config: PdserveConfig, roles: list[Role], gpus_per_node: float = 0.0, hf: dict | None = None
+) -> dict[Role, PoolLayout]:
     """Every pool's engine and cores; ``ConfigError`` for an engine that cannot run. The checks read the model's
-    ``config.json`` on this node (made present here first: ``EngineConfigError`` where it cannot be had)."""
+    ``config.json``: ``hf`` where the caller has read it already, else from this node (made present here first:
+    ``EngineConfigError`` where it cannot be had)."""
     pools = {role: getattr(config.service, role) for role in roles}
     engines = {role: _with_pool_cores(config.pool_engine(role), pools[role]) for role in roles}
     node_cores = len(os.sched_getaffinity(0))
-    hf = model_config(config)
+    hf = hf if hf is not None else model_config(config)
     for role in roles:
         _check_engine(engines[role], _field(config, role), pools[role], node_cores, gpus_per_node, hf)
     if {"prefill", "decode"} <= set(roles):
