@@ -5,7 +5,9 @@ real traffic holds: prompts of random length or on one of a few shared
 prefixes, HTTP (SSE or whole) and gRPC, and cancels at random points (a share
 ``cancel_share`` of requests, HTTP disconnects and gRPC cancels). Every
 request either completes or is cancelled on purpose; anything else is an
-error. The resident memory (RSS) of every process of the service (each Serve
+error, a cancelled request's included (it is read up to its cancel point, and
+how it ended there is tallied: before its first token, mid-stream, or done
+first). The resident memory (RSS) of every process of the service (each Serve
 replica, proxy and controller) is sampled all along; the run passes when there
 are no errors, no process grew by ``max_rss_growth`` or more after
 ``warmup_s`` (``rss_growth``), and every KV pool is back to its baseline once
@@ -20,6 +22,7 @@ import os
 import random
 import statistics
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -49,6 +52,7 @@ class SoakSpec:
 class Tally:
     completed: int = 0
     cancelled: int = 0
+    cancelled_endings: Counter = field(default_factory=Counter)  # before_output / mid_stream / finished_first
     errors: list[str] = field(default_factory=list)
     rss: list[tuple[float, dict[str, int]]] = field(default_factory=list)  # (seconds in, RSS by process)
 
@@ -81,9 +85,9 @@ async def run_soak(http_url: str, grpc_address: str, spec: SoakSpec, vocab_size:
             kind = draw.choice(("grpc", "sse", "whole"))
             try:
                 if kind == "grpc":
-                    await _over_grpc(stub, ids, sampling, cancel_after, metadata)
+                    ending = await _over_grpc(stub, ids, sampling, cancel_after, metadata)
                 else:
-                    await _over_http(http, ids, sampling, kind == "sse", cancel_after)
+                    ending = await _over_http(http, ids, sampling, kind == "sse", cancel_after)
             except Exception as exc:
                 tally.errors.append(f"{kind}: {exc!r}"[:300])
                 continue
@@ -91,6 +95,7 @@ async def run_soak(http_url: str, grpc_address: str, spec: SoakSpec, vocab_size:
                 tally.completed += 1
             else:
                 tally.cancelled += 1
+                tally.cancelled_endings[ending] += 1
 
     async with httpx.AsyncClient(base_url=http_url, timeout=120, headers=headers or {}) as http:
         sampling = asyncio.create_task(sample())
@@ -100,47 +105,52 @@ async def run_soak(http_url: str, grpc_address: str, spec: SoakSpec, vocab_size:
     return tally
 
 
-async def _over_grpc(stub, ids: list[int], sampling: dict, cancel_after: float | None, metadata) -> None:
+async def _over_grpc(stub, ids: list[int], sampling: dict, cancel_after: float | None, metadata) -> str:
+    """The request read to its end, or to ``cancel_after`` seconds and cancelled there: how it ended."""
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(**sampling))
     call = stub.Generate(request, timeout=120, metadata=metadata)
-    if cancel_after is not None:
-        await asyncio.sleep(cancel_after)
+    replies = 0
+    try:
+        async with asyncio.timeout(cancel_after):
+            async for reply in call:
+                replies += 1
+                if reply.finish_reason:
+                    return "finished_first"
+    except TimeoutError:
         call.cancel()
-        return
-    async for reply in call:
-        if reply.finish_reason:
-            return
+        return "mid_stream" if replies else "before_output"
     raise RuntimeError("the stream ended without a finish reason")
 
 
-async def _over_http(http: httpx.AsyncClient, ids: list[int], sampling: dict, stream: bool, cancel_after) -> None:
+async def _over_http(http: httpx.AsyncClient, ids: list[int], sampling: dict, stream: bool, cancel_after) -> str:
+    """As ``_over_grpc``; a cancelled request's client goes away (the connection closes) at its cancel point."""
     body = {"prompt": ids, "stream": stream, **sampling}
-    if cancel_after is not None:  # the client goes away wherever the request is: the connection closes
-        try:
-            await asyncio.wait_for(http.post("/v1/completions", json=body), cancel_after)
-        except TimeoutError:
-            pass
-        return
-    if not stream:
-        reply = await http.post("/v1/completions", json=body)
-        if reply.status_code != 200 or not reply.json()["choices"][0]["finish_reason"]:
-            raise RuntimeError(f"HTTP {reply.status_code}: {reply.text[:200]}")
-        return
-    async with http.stream("POST", "/v1/completions", json=body) as reply:
-        if reply.status_code != 200:
-            raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}")
-        finished, last = False, ""
-        async for line in reply.aiter_lines():
-            if not line.startswith("data: "):
-                continue
-            last = line
-            if line != "data: [DONE]":
-                event = json.loads(line[6:])
-                if "error" in event:  # a stream that fails mid-way sends its error, then [DONE]
-                    raise RuntimeError(f"the stream failed: {line[:200]!r}")
-                finished = finished or any(c.get("finish_reason") for c in event.get("choices", []))
-        if not finished or last != "data: [DONE]":
-            raise RuntimeError(f"the stream ended without a finish reason, with {last[:200]!r}")
+    events = 0
+    try:
+        async with asyncio.timeout(cancel_after):
+            if not stream:
+                reply = await http.post("/v1/completions", json=body)
+                if reply.status_code != 200 or not reply.json()["choices"][0]["finish_reason"]:
+                    raise RuntimeError(f"HTTP {reply.status_code}: {reply.text[:200]}")
+                return "finished_first"
+            async with http.stream("POST", "/v1/completions", json=body) as reply:
+                if reply.status_code != 200:
+                    raise RuntimeError(f"HTTP {reply.status_code}: {(await reply.aread())[:200]!r}")
+                finished, last = False, ""
+                async for line in reply.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    last, events = line, events + 1
+                    if line != "data: [DONE]":
+                        event = json.loads(line[6:])
+                        if "error" in event:  # a stream that fails mid-way sends its error, then [DONE]
+                            raise RuntimeError(f"the stream failed: {line[:200]!r}")
+                        finished = finished or any(c.get("finish_reason") for c in event.get("choices", []))
+                if not finished or last != "data: [DONE]":
+                    raise RuntimeError(f"the stream ended without a finish reason, with {last[:200]!r}")
+                return "finished_first"
+    except TimeoutError:
+        return "mid_stream" if events else "before_output"
 
 
 def service_rss() -> dict[str, int]:
@@ -186,6 +196,7 @@ def verdict(spec: SoakSpec, tally: Tally, idle_s: float | None) -> dict:
         "spec": asdict(spec),
         "completed": tally.completed,
         "cancelled": tally.cancelled,
+        "cancelled_endings": dict(tally.cancelled_endings),
         "errors": len(tally.errors),
         "first_errors": tally.errors[:5],
         "rss_mib_after_warmup": {n: round(v / 2**20, 1) for n, v in warm.items()},

@@ -6,7 +6,9 @@ or an engine bound to the core the serving processes run on, cost far more than
 the core's share: the figures are in README ("Cores on CPU nodes"). Every
 replica of every pool on a node claims its own cores here when it starts (replica
 k of a pool does not land on replica 0's cores) and they are free again when its
-process is gone. The lowest ``reserved`` cores are never claimed: Ray, the Serve
+process is gone. A claim names its process by pid and start time: pids come round
+again (32768 of them by default), and a claim must not outlive its engine in
+whatever process takes its pid next. The lowest ``reserved`` cores are never claimed: Ray, the Serve
 proxy, the router and the replicas' own processes run there, as vLLM's server
 keeps one core for its front end.
 """
@@ -57,13 +59,13 @@ class CoreLedger:
     def claim(self, owner_pid: int, request: CoreRequest) -> str | None:
         """Cores for ``owner_pid``'s engine as a bind string, or None when this node has too few free ones."""
         with self._locked() as claims:
-            taken = {core for cores in claims.values() for core in cores}
+            taken = {core for claim in claims.values() for core in claim["cores"]}
             free = [c for c in self._node_cores[request.reserved :] if c not in taken]
             want = request.per_rank * request.ranks
             if want < 1 or len(free) < want:
                 return None
             mine = free[:want]
-            claims[str(owner_pid)] = mine
+            claims[str(owner_pid)] = {"started": _start_time(owner_pid), "cores": mine}
         return omp_bind([mine[r * request.per_rank : (r + 1) * request.per_rank] for r in range(request.ranks)])
 
     def release(self, owner_pid: int) -> None:
@@ -72,10 +74,10 @@ class CoreLedger:
 
     def claims(self) -> dict[int, list[int]]:
         with self._locked() as claims:
-            return {int(pid): cores for pid, cores in claims.items()}
+            return {int(pid): claim["cores"] for pid, claim in claims.items()}
 
     @contextmanager
-    def _locked(self) -> Iterator[dict[str, list[int]]]:
+    def _locked(self) -> Iterator[dict[str, dict]]:
         """The live claims, under the node-wide lock, written back when the block ends."""
         with open(self._path, "a+") as file:
             fcntl.flock(file, fcntl.LOCK_EX)
@@ -83,8 +85,8 @@ class CoreLedger:
                 file.seek(0)
                 text = file.read()
                 loaded = json.loads(text) if text.strip() else {}
-                # A claim whose process is gone (exited, killed) is free again.
-                claims = {pid: cores for pid, cores in loaded.items() if _alive(int(pid))}
+                # A claim whose process is gone (exited, killed, its pid since taken by another) is free again.
+                claims = {pid: claim for pid, claim in loaded.items() if _alive(int(pid), claim)}
                 yield claims
                 file.seek(0)
                 file.truncate()
@@ -93,14 +95,18 @@ class CoreLedger:
                 fcntl.flock(file, fcntl.LOCK_UN)
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, claim: object) -> bool:
+    """Whether the process that made ``claim`` still runs: its pid, started when the claim says."""
+    return isinstance(claim, dict) and claim.get("started") == _start_time(pid) is not None
+
+
+def _start_time(pid: int) -> int | None:
+    """When the process started, in clock ticks after boot (``/proc/PID/stat`` field 22); None: no such process."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return int(stat.rpartition(")")[2].split()[19])  # fields after the command's name, which may hold spaces
 
 
 def _spans(cores: list[int]) -> list[str]:

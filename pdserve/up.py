@@ -163,7 +163,8 @@ def _wait_running(name: str, timeout_s: float) -> None:
         if status is not None and status.status == "RUNNING":
             return
         if status is not None and status.status == "DEPLOY_FAILED":
-            raise RuntimeError(f"the Serve app {name!r} failed to deploy: {status.message}")
+            failed = {d: s.message for d, s in status.deployments.items() if s.status != "HEALTHY"}
+            raise RuntimeError(f"the Serve app {name!r} failed to deploy: {status.message} {failed}")
         time.sleep(0.25)
     detail = {d: (s.status, s.message) for d, s in status.deployments.items()} if status else "no status"
     raise TimeoutError(f"the Serve app {name!r} was not running within {timeout_s:g} s: {detail}")

@@ -30,6 +30,8 @@ from router.vllm_grpc_api import VllmEngineServicer, add_VllmEngineServicer_to_s
 
 log = logging.getLogger(__name__)
 
+REQUEST_ID_HEADER = "x-request-id"  # a Generate's initial metadata, sent once it is admitted
+
 _SAMPLING_FIELDS = (
     "max_tokens",
     "temperature",
@@ -130,8 +132,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         except Exception as exc:  # something past validation could not take the request: still the caller's answer
             log.warning("a Generate request could not be read: %r", exc)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request could not be read: {exc!r}"[:2000])
+
+        async def admitted() -> None:  # the caller learns the id to abort by before the first token
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, parsed.request_id),))
+
         try:
-            async for chunk in self._service.generate(parsed, token_ids):
+            async for chunk in self._service.generate(parsed, token_ids, on_admitted=admitted):
                 yield response(chunk)
         except Exception as exc:
             await context.abort(*failure_status(exc, parsed.request_id))

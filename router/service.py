@@ -21,7 +21,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
@@ -231,13 +231,18 @@ class GenerationService:
             raise UnknownModelError("model", f"unknown model {name!r} (served: {self.model.model_id!r})")
 
     async def generate(
-        self, request: GenerationRequest, token_ids: list[int], shares_prompt_with: str | None = None
+        self,
+        request: GenerationRequest,
+        token_ids: list[int],
+        shares_prompt_with: str | None = None,
+        on_admitted: Callable[[], Awaitable[None]] | None = None,
     ) -> AsyncIterator[Chunk]:
         """Stream the completion; closing the iterator (client gone, deadline) cancels it everywhere.
 
         ``shares_prompt_with``: a running request with the same prompt (an earlier copy of ``n``). This one
         waits for that one's first token and decodes where it does, from the prompt's KV already there: one
-        prefill for every copy, as vLLM's parallel sampling shares the prompt's blocks."""
+        prefill for every copy, as vLLM's parallel sampling shares the prompt's blocks.
+        ``on_admitted``: awaited once the request runs here (``abort`` finds it), before it is placed."""
         if len(self._running) >= self._max_inflight:
             raise ServiceFullError(f"{len(self._running)} requests in flight (limit {self._max_inflight})")
         rid = request.request_id
@@ -260,6 +265,8 @@ class GenerationService:
         start = time.perf_counter()
         outcome = "error"
         try:
+            if on_admitted is not None:
+                await on_admitted()
             chain = hash_chain(self.model.model_id, token_ids, self.model.block_size)
             placement = await self._place(rid, len(token_ids), chain, request.sampling, shares_prompt_with)
             engine_request = GenerateRequest(rid, token_ids, request.sampling)

@@ -72,26 +72,55 @@ def bound_cores(pid: int) -> set[int]:
     return set(cores_of(allowed.split()[1]))
 
 
-def cancel_grpc_after(client, ids: list[int], delay_s: float) -> None:
-    """A gRPC stream the client cancels ``delay_s`` in, wherever the request is by then."""
+def cancel_grpc_after(client, ids: list[int], delay_s: float) -> str:
+    """A gRPC stream the client cancels ``delay_s`` after the router admitted it (its initial metadata names
+    the request), wherever the request is by then. Returns where that was: ``before_output``, ``mid_stream``,
+    or ``finished`` (it ended first)."""
+    import grpc
+
     from pdserve_pb.v1 import generate_pb2 as pb
 
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=pb.SamplingParams(max_tokens=300))
     call = client.stub.Generate(request, timeout=60)
+    admitted = dict(call.initial_metadata())  # waits for the router to take it (or the call's deadline)
+    assert admitted.get("x-request-id"), f"the request was never admitted: {call.code()} {call.details()}"
+    replies, ended = [], []
+
+    def read() -> None:
+        try:
+            for reply in call:
+                replies.append(reply)
+            ended.append("finished")
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.CANCELLED:
+                ended.append(f"failed: {error.code()} {error.details()}")
+
+    reader = threading.Thread(target=read)
+    reader.start()
     time.sleep(delay_s)
+    ended.append("mid_stream" if replies else "before_output")
     call.cancel()
+    reader.join(10)
+    assert not reader.is_alive() and not ended[0].startswith("failed"), ended
+    return ended[0]
 
 
-def cancel_http_after(client, ids: list[int], delay_s: float) -> None:
-    """An SSE request whose client goes away (closes the connection) ``delay_s`` in."""
+def cancel_http_after(client, ids: list[int], delay_s: float) -> str:
+    """An SSE stream whose client goes away (closes the connection) ``delay_s`` after its first event: the
+    response starts with the first token, so the request had started. Returns where it was: mid-stream."""
     connection = client.open_stream({"prompt": ids, "max_tokens": 300})
+    reply = connection.getresponse()
+    assert reply.status == 200, f"the request did not start: HTTP {reply.status} {reply.read()[:200]!r}"
     time.sleep(delay_s)
     connection.close()
+    return "mid_stream"
 
 
-def cancel_at_random(client, count: int, seed: int, longest_prompt: int, latest_s: float, at_once: int) -> None:
-    """``count`` requests, gRPC or HTTP at random, each cancelled at a random point up to ``latest_s`` in."""
+def cancel_at_random(client, count: int, seed: int, longest_prompt: int, latest_s: float, at_once: int) -> dict:
+    """``count`` requests, gRPC or HTTP at random, each cancelled at a random point up to ``latest_s`` after
+    it started. Returns how many were cancelled before their first token and how many mid-stream."""
     import random
+    from collections import Counter
     from concurrent.futures import ThreadPoolExecutor
 
     from service_client import prompt
@@ -100,7 +129,7 @@ def cancel_at_random(client, count: int, seed: int, longest_prompt: int, latest_
     plan = [(rng.choice((cancel_grpc_after, cancel_http_after)), prompt(rng.randint(20, longest_prompt), seed + i),
              rng.uniform(0, latest_s)) for i in range(count)]  # fmt: skip
     with ThreadPoolExecutor(at_once) as pool:
-        list(pool.map(lambda step: step[0](client, step[1], step[2]), plan))
+        return dict(Counter(pool.map(lambda step: step[0](client, step[1], step[2]), plan)))
 
 
 # A new replica under load on 2 cores: Ray starts its process (~30 s), then vLLM its engine core and

@@ -28,7 +28,8 @@ def _sender_main(conn, spec: dict) -> None:
     from kv_transfer.grpc_service import KVTransferServer
     from kv_transfer.transfer import TransferRegistry
 
-    if spec.get("corrupt"):
+    if spec.get("corrupt"):  # every checksum this sender sends is off by one, as if a byte flipped on the way
+        import kv_transfer.dist_channel as dist_channel
         import kv_transfer.grpc_service as service
 
         class Corrupting:
@@ -39,6 +40,8 @@ def _sender_main(conn, spec: dict) -> None:
                 return (xxhash.xxh3_64_intdigest(data) + 1) % 2**64
 
         service.xxhash = Corrupting
+        true_checksum = dist_channel._checksum
+        dist_channel._checksum = lambda parts: true_checksum(parts) + 1
     registry = TransferRegistry(
         "", "m", lease_s=spec.get("lease_s", 30.0), on_freed=lambda tid, state: conn.send(("freed", tid, state.name))
     )

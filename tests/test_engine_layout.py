@@ -109,6 +109,13 @@ def test_replicas_claim_disjoint_cores_and_a_dead_ones_come_back(tmp_path):
     assert ledger.claims() == {os.getppid(): [1, 2]}
 
 
+def test_a_claim_whose_pid_another_process_has_since_taken_is_free_again(tmp_path):
+    path = tmp_path / "cores.json"
+    path.write_text(json.dumps({str(os.getpid()): {"started": 1, "cores": [1, 2]}}))  # this pid, an earlier process
+    ledger = CoreLedger(path, node_cores=list(range(4)))
+    assert ledger.claim(os.getppid(), CoreRequest(per_rank=3, reserved=1)) == "1-3"
+
+
 @pytest.mark.parametrize(
     ("setting", "field", "message"),
     [

@@ -208,6 +208,16 @@ def test_a_corrupted_chunk_fails_the_pull_and_nothing_is_kept(sender):
     assert all(torch.count_nonzero(layer) == 0 for layer in dest)
 
 
+def test_a_corrupted_layer_over_torch_dist_fails_the_pull_by_its_checksum(sender):
+    """Bytes over torch.distributed land in the cache as they come (no copy through a buffer); a failed pull
+    reports its blocks, which the connector hands to vLLM to recompute (test_kv_connector.py)."""
+    peer = sender(corrupt=True, **LLAMA_LIKE)
+    handle = peer.offer("bad-dist", [1, 2])
+    with pytest.raises(TransferIntegrityError, match="layer 0: checksum mismatch"):
+        channel_for("torch_dist").pull(handle, empty_like(handle), [0, 1])
+    assert peer.status("bad-dist")[0] == "OFFERED"  # not released: a retry or the lease frees it
+
+
 def test_a_wrong_or_missing_token_is_denied_before_any_byte_moves(sender):
     peer = sender(**LLAMA_LIKE)
     handle = peer.offer("secret", [1, 2])

