@@ -11,6 +11,8 @@ from __future__ import annotations
 import hmac
 from collections.abc import Sequence
 
+import grpc
+
 
 class ApiKeys:
     def __init__(self, keys: Sequence[str]):
@@ -34,3 +36,9 @@ class ApiKeys:
         for known in self._keys:  # every key compared, so timing tells nothing about which one matched
             valid |= hmac.compare_digest(given, known)
         return None if valid else "invalid API key"
+
+    async def admit_grpc(self, context: grpc.aio.ServicerContext) -> None:
+        """Ends the call ``UNAUTHENTICATED`` unless its ``authorization`` metadata carries a valid key."""
+        metadata = dict(context.invocation_metadata() or ())
+        if refusal := self.refusal(metadata.get("authorization")):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)

@@ -117,9 +117,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self._keys = keys
 
     async def _admit(self, request, context: grpc.aio.ServicerContext) -> None:
-        metadata = dict(context.invocation_metadata() or ())
-        if refusal := self._keys.refusal(metadata.get("authorization")):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+        await self._keys.admit_grpc(context)
         if isinstance(request, Unparsable):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"the request does not parse: {request.reason}")
 

@@ -67,13 +67,8 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
         self._sequences: dict[str, list[str]] = {}  # a running request's id → its sequences' (n > 1: one each)
         self._tokenizer_bundle: tuple[bytes, str] | None = None
 
-    async def _admit(self, context: grpc.aio.ServicerContext) -> None:
-        metadata = dict(context.invocation_metadata() or ())
-        if refusal := self._keys.refusal(metadata.get("authorization")):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
-
     async def Generate(self, request: vpb.GenerateRequest, context: grpc.aio.ServicerContext):
-        await self._admit(context)
+        await self._keys.admit_grpc(context)
         self._last_request = time.time()
         service = self._service
         try:
@@ -111,7 +106,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
 
     async def Abort(self, request: vpb.AbortRequest, context) -> vpb.AbortResponse:
         """Ends each named request (every one of its sequences); unknown ids are no error, as in vLLM."""
-        await self._admit(context)
+        await self._keys.admit_grpc(context)
         for request_id in request.request_ids:
             for sequence in self._sequences.get(request_id, [request_id]):
                 await self._service.abort(sequence)
@@ -119,13 +114,13 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
 
     async def HealthCheck(self, request, context) -> vpb.HealthCheckResponse:
         """Healthy while a decode worker is live: what ``GET /health`` answers 200 to."""
-        await self._admit(context)
+        await self._keys.admit_grpc(context)
         live = (await self._service.pool_health())["decode"]["live"]
         message = f"{live} live decode worker(s)" if live else "no live decode worker"
         return vpb.HealthCheckResponse(healthy=bool(live), message=message)
 
     async def GetModelInfo(self, request, context) -> vpb.GetModelInfoResponse:
-        await self._admit(context)
+        await self._keys.admit_grpc(context)
         model, tokenizer = self._service.model, self._service.tokenizer
         directory = Path(model.model_dir)
         config = _json_file(directory / "config.json")
@@ -143,7 +138,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
 
     async def GetServerInfo(self, request, context) -> vpb.GetServerInfoResponse:
         """As a vLLM worker that does its own disaggregation: no KV connector for a gateway to pair."""
-        await self._admit(context)
+        await self._keys.admit_grpc(context)
         return vpb.GetServerInfoResponse(
             active_requests=self._service.running(), is_paused=False, last_receive_timestamp=self._last_request,
             uptime_seconds=time.time() - self._started, server_type="vllm-grpc", data_parallel_size=1,
@@ -152,7 +147,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
 
     async def GetLoads(self, request: vpb.GetLoadsRequest, context) -> vpb.GetLoadsResponse:
         """The decode pool's load as one scheduler's (pdserve spreads requests over its workers itself)."""
-        await self._admit(context)
+        await self._keys.admit_grpc(context)
         if request.HasField("dp_rank") and request.dp_rank != 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "dp_rank: pdserve answers as one rank, 0")
         decode = [w for w in await self._service.live_workers() if w.role == "decode"]
@@ -166,7 +161,7 @@ class VllmEngineServicer(vpb_grpc.VllmEngineServicer):
 
     async def GetTokenizer(self, request, context) -> AsyncIterator[common_pb2.GetTokenizerChunk]:
         """The model directory's tokenizer files as one zip, in chunks; the last carries its SHA-256."""
-        await self._admit(context)
+        await self._keys.admit_grpc(context)
         if self._tokenizer_bundle is None:
             self._tokenizer_bundle = await asyncio.to_thread(_tokenizer_zip, Path(self._service.model.model_dir))
         data, digest = self._tokenizer_bundle

@@ -45,3 +45,15 @@ def client(service):
     c = ServiceClient(service)
     yield c
     c.close()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Free disk and memory as the run ends: a CI machine short of either fails every later deploy alike."""
+    import shutil
+    import tempfile
+
+    free_disk = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+    free_memory = int(meminfo["MemAvailable"].split()[0]) / 2**20
+    terminalreporter.write_line(f"free at the end: {free_disk:.1f} GiB disk ({tempfile.gettempdir()}), "
+                                f"{free_memory:.1f} GiB memory")  # fmt: skip

@@ -365,8 +365,10 @@ def test_a_decode_worker_killed_mid_stream_hands_its_streams_to_another(service,
     streams: dict[int, list] = {i: [] for i in range(len(prompts))}
     # A constrained stream is not moved once begun (another worker's grammar would start over): it ends with an
     # error event and [DONE], while the plain streams beside it carry on elsewhere.
-    letters = {"structured_outputs": {"regex": "[a-z ]{1,1000}"}, "ignore_eos": True}
-    constrained = client.open_stream({"prompt": shared + prompt(24, 91), "max_tokens": n, "temperature": 0, **letters})
+    # 800 tokens: still running when the others have started and its worker is killed, however slow they start
+    # (with 60, one CI run saw it end first).
+    letters = {"structured_outputs": {"regex": "[a-z ]{1,5000}"}, "ignore_eos": True, "max_tokens": 800}
+    constrained = client.open_stream({"prompt": shared + prompt(24, 91), "temperature": 0, **letters})
     events: list[bytes] = []
     reader = threading.Thread(target=sse_data, args=(constrained, events))
     reader.start()
