@@ -97,7 +97,8 @@ class CoreLedger:
 
 def _alive(pid: int, claim: object) -> bool:
     """Whether the process that made ``claim`` still runs: its pid, started when the claim says."""
-    return isinstance(claim, dict) and claim.get("started") == _start_time(pid) is not None
+    started = _start_time(pid)
+    return started is not None and isinstance(claim, dict) and claim.get("started") == started
 
 
 def _start_time(pid: int) -> int | None:

@@ -118,7 +118,7 @@ def cancel_http_after(client, ids: list[int], delay_s: float) -> str:
 
 def cancel_at_random(client, count: int, seed: int, longest_prompt: int, latest_s: float, at_once: int) -> dict:
     """``count`` requests, gRPC or HTTP at random, each cancelled at a random point up to ``latest_s`` after
-    it started. Returns how many were cancelled before their first token and how many mid-stream."""
+    it started. Returns how many were cut before their first token, mid-stream, or had finished first."""
     import random
     from collections import Counter
     from concurrent.futures import ThreadPoolExecutor
