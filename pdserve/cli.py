@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="stream a completion from a running pdserve (gRPC)")
     _add_config_flags(generate)
-    generate.add_argument("prompt", help="prompt text")
+    generate.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text; several are answered in turn")
     generate.add_argument("--address", default="127.0.0.1:9000", help="gRPC address of pdserve (default: %(default)s)")
     generate.add_argument("--local", action="store_true", help="run the engine in this process instead")
     generate.add_argument("--max-tokens", type=int, default=64)
@@ -342,19 +342,20 @@ def _generate(args: argparse.Namespace) -> int:
         sampling["seed"] = args.seed
     client = GenerationClient(args.address, api_key=os.environ.get(API_KEY_ENV))
     try:
-        last = None
-        for last in client.generate(args.prompt, **sampling):
-            sys.stdout.write(last.text)
-            sys.stdout.flush()
+        for prompt in args.prompts:
+            last = None
+            for last in client.generate(prompt, **sampling):
+                sys.stdout.write(last.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            t = last.timing
+            print(f"[{last.usage.completion_tokens} tokens, finish={last.finish_reason}, {t.placement}, "
+                  f"ttft={1000 * t.ttft_s:.0f} ms, total={t.e2e_s:.2f} s]", file=sys.stderr)  # fmt: skip
     except grpc.RpcError as exc:
         print(f"\npdserve: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1
     finally:
         client.close()
-    sys.stdout.write("\n")
-    t = last.timing
-    print(f"[{last.usage.completion_tokens} tokens, finish={last.finish_reason}, {t.placement}, "
-          f"ttft={1000 * t.ttft_s:.0f} ms, total={t.e2e_s:.2f} s]", file=sys.stderr)  # fmt: skip
     return 0
 
 
@@ -395,20 +396,22 @@ async def _stream_completion(config: PdserveConfig, args: argparse.Namespace) ->
         sampling = SamplingOptions(
             max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed
         )
-        request = GenerateRequest(uuid.uuid4().hex, engine.encode(args.prompt), sampling)
-        start = time.perf_counter()
-        first = None
-        async for delta in engine.generate(request):
-            first = first or time.perf_counter()
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
-        elapsed = time.perf_counter() - start
-        sys.stdout.write("\n")
-        print(
-            f"[{delta.completion_tokens} tokens, finish={delta.finish_reason}, "
-            f"ttft={1000 * ((first or start) - start):.0f} ms, total={elapsed:.2f} s]",
-            file=sys.stderr,
-        )
+        for prompt in args.prompts:
+            request = GenerateRequest(uuid.uuid4().hex, engine.encode(prompt), sampling)
+            start = time.perf_counter()
+            first = None
+            async for delta in engine.generate(request):
+                first = first or time.perf_counter()
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+            elapsed = time.perf_counter() - start
+            sys.stdout.write("\n")
+            print(
+                f"[{len(request.prompt_token_ids)} prompt tokens, {delta.completion_tokens} tokens, "
+                f"finish={delta.finish_reason}, ttft={1000 * ((first or start) - start):.0f} ms, "
+                f"total={elapsed:.2f} s]",
+                file=sys.stderr,
+            )
     finally:
         engine.shutdown()
     return 0

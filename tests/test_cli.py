@@ -121,10 +121,11 @@ def test_generate_local_on_the_defaults_answers_prompts_of_1_to_4_tokens(tmp_pat
         by_length.setdefault(len(tokenizer.encode(word)), word)
     assert {1, 2, 3, 4} <= by_length.keys(), by_length
     env = {**os.environ, "PDSERVE_MODEL_CACHE_DIR": str(tmp_path)}
-    for n in (1, 2, 3, 4):
-        result = run("generate", "--local", "--max-tokens", "4", by_length[n], env=env)
-        assert result.returncode == 0, (n, by_length[n], result.returncode, result.stderr[-2000:])
-        assert "[4 tokens" in result.stderr or "finish=stop" in result.stderr
+    result = run("generate", "--local", "--max-tokens", "4", *(by_length[n] for n in (1, 2, 3, 4)), env=env)
+    assert result.returncode == 0, (by_length, result.returncode, result.stderr[-2000:])
+    answers = re.findall(r"\[(\d+) prompt tokens, (\d+) tokens, finish=(\w+)", result.stderr)
+    assert [int(prompt) for prompt, _, _ in answers] == [1, 2, 3, 4], result.stderr[-2000:]
+    assert all(tokens == "4" or finish == "stop" for _, tokens, finish in answers), answers
 
 
 def test_generate_without_a_running_service_says_unavailable():
