@@ -44,12 +44,15 @@ def engine(model_dir, role: str, tp: int, extra: dict | None = None, **fields) -
     return EnginePeer(config, ENV)
 
 
-def four_engines(model_dir):
-    """A prefill and a decode engine at TP=1 and at TP=2 each, float32 (greedy tokens compared exactly)."""
+ENGINES = {"p1": ("kv_producer", 1), "p2": ("kv_producer", 2), "d1": ("kv_consumer", 1), "d2": ("kv_consumer", 2)}
+
+
+def started_engines(model_dir, names=tuple(ENGINES)):
+    """Prefill (``p``) and decode (``d``) engines at TP=1 and TP=2, float32 (greedy tokens compared exactly)."""
     started = {}
     try:
-        for name, role, tp in [("p1", "kv_producer", 1), ("p2", "kv_producer", 2), ("d1", "kv_consumer", 1),
-                               ("d2", "kv_consumer", 2)]:  # fmt: skip
+        for name in names:
+            role, tp = ENGINES[name]
             started[name] = engine(model_dir, role, tp, dtype="float32")
         yield started
     finally:
@@ -59,20 +62,24 @@ def four_engines(model_dir):
 
 @pytest.fixture(scope="module")
 def peers(make_tiny_model):
-    yield from four_engines(make_tiny_model("llama"))  # 2 KV heads: one per rank at TP=2
+    yield from started_engines(make_tiny_model("llama"))  # 2 KV heads: one per rank at TP=2
 
 
 @pytest.fixture(scope="module")
 def qwen2_peers(make_tiny_model):
-    yield from four_engines(make_tiny_model("qwen2"))  # 2 KV heads, biased K/V projections
+    # 2 KV heads, biased K/V projections: gathered from two ranks (p1 gives the one-rank reference)
+    yield from started_engines(make_tiny_model("qwen2"), ("p1", "p2", "d1"))
 
 
 def pulled_bytes(peer: EnginePeer) -> int:
     return sum(figures["bytes"] for figures in peer.transfer_stats().get("pulls", {}).values())
 
 
-@pytest.mark.parametrize("model", ["peers", "qwen2_peers"], ids=["llama", "qwen2"])
-@pytest.mark.parametrize(("prefill", "decode"), [("p2", "d1"), ("p1", "d2"), ("p2", "d2")])
+@pytest.mark.parametrize(
+    ("model", "prefill", "decode"),
+    [("peers", "p2", "d1"), ("peers", "p1", "d2"), ("peers", "p2", "d2"), ("qwen2_peers", "p2", "d1")],
+    ids=["p2-d1-llama", "p1-d2-llama", "p2-d2-llama", "p2-d1-qwen2"],
+)
 def test_a_handoff_between_tensor_parallel_sizes_gives_one_engines_tokens_and_moves_every_head_once(
     request, model, prefill, decode
 ):
