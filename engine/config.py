@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from engine.errors import EngineConfigError
 from engine.model_source import HubModel, parse_model
@@ -28,6 +28,18 @@ class EngineConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["vllm", "simulated"] = Field(
+        default="vllm",
+        description="vllm serves the model; simulated keeps vLLM's scheduling and KV-cache semantics with no model "
+        "behind them (step times from simulated_profile, tokens a function of the prompt): the control plane "
+        "at scale, in tests and benchmarks. It needs num_kv_blocks, serves colocated, and has no tensor "
+        "parallelism or tool calls",
+    )
+    simulated_profile: str | None = Field(
+        default=None,
+        description="the simulated engine's hardware profile: a name in engine/sim/profile.py "
+        "(llama-3.1-8b-h100) or a JSON file of its fields; none: llama-3.1-8b-h100",
+    )
     model: str | None = Field(
         default=None,
         description="a Hugging Face model directory (config, weights, tokenizer) on every node, or a Hugging Face "
@@ -113,6 +125,21 @@ class EngineConfig(BaseModel):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         default="ERROR", description="vLLM's log level; quiet by default"
     )
+
+    @model_validator(mode="after")
+    def _simulated_fits(self) -> EngineConfig:
+        """What the simulated engine cannot honour is refused by name, not ignored."""
+        if self.kind != "simulated":
+            if self.simulated_profile is not None:
+                raise ValueError("simulated_profile is only for kind: simulated")
+            return self
+        if self.num_kv_blocks is None:
+            raise ValueError("kind simulated needs num_kv_blocks: it has no memory to size its KV pool from")
+        if self.tensor_parallel_size != 1:
+            raise ValueError("kind simulated runs one rank: tensor_parallel_size must be 1")
+        if self.tool_call_parser is not None:
+            raise ValueError("kind simulated reads no tool calls: leave tool_call_parser unset")
+        return self
 
     @field_validator("model", mode="before")
     @classmethod

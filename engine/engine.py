@@ -34,6 +34,7 @@ from engine.config import EngineConfig
 from engine.cpu_isa import AmxPermission, request_amx_permission
 from engine.errors import EngineConfigError, EngineDeadError, EngineError, EngineInputError
 from engine.process_priority import descendants, settle, spawning_at
+from engine.requests import check_prompt, next_delta
 from engine.tool_calls import ToolCallReader, ToolCallReadError, check_tokenizer, tool_call_parser
 from engine.types import (
     EngineStats,
@@ -299,20 +300,10 @@ class Engine:
         self._loop.call_soon_threadsafe(self._start_reading, request, params, stream)
         finished = False
         try:
-            while True:
-                try:
-                    item = await stream.get(self.config.stall_timeout_s)
-                except TimeoutError:
-                    raise EngineError(
-                        f"request {request.request_id} got no output for {self.config.stall_timeout_s:g} s"
-                    ) from None
-                if isinstance(item, Exception):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-                if finished:
-                    return
+            while not finished:
+                delta = await next_delta(stream.get, request.request_id, self.config.stall_timeout_s)
+                finished = delta.finished
+                yield delta
         finally:
             self._streams.pop(request.request_id, None)
             if not finished:
@@ -516,22 +507,7 @@ class Engine:
 
     def _validate(self, request: GenerateRequest, tools: ToolCallReader | None = None):
         rid = request.request_id
-        ids = request.prompt_token_ids
-        if not isinstance(rid, str) or not rid:
-            raise EngineInputError("request_id", "must be a non-empty string")
-        if not ids:
-            raise EngineInputError("prompt_token_ids", "must not be empty", rid)
-        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < self.vocab_size), None)
-        if bad is not None:
-            raise EngineInputError("prompt_token_ids", f"token id {bad!r} is outside [0, {self.vocab_size})", rid)
-        total = len(ids) + request.sampling.max_tokens
-        if total > self.max_model_len:
-            raise EngineInputError(
-                "max_tokens",
-                f"prompt ({len(ids)} tokens) + max_tokens ({request.sampling.max_tokens}) = {total} "
-                f"exceeds the context length {self.max_model_len}",
-                rid,
-            )
+        check_prompt(request, self.vocab_size, self.max_model_len)
         _check_sampling(request.sampling, rid)
         return self._sampling_params(request.sampling, request.kv_transfer_params, rid, tools)
 

@@ -23,8 +23,8 @@ from engine import autoscaling_stats as stats
 from engine.cache_events import CacheEvent
 from engine.config import EngineConfig
 from engine.core_ledger import CoreLedger, CoreRequest, omp_bind
-from engine.engine import Engine
 from engine.errors import EngineDeadError
+from engine.factory import build_engine
 from engine.model_source import ModelSource, on_this_node
 from engine.throughput import BusyRate, RunningMean
 from engine.types import GenerateRequest, LoadFigures, OutputDelta
@@ -73,7 +73,7 @@ class HostedEngine:
         self.worker_id = worker_id
         self._die_on_token = die_on_token
         self._reporter = reporter = reporting.start(worker_id, role, config.block_size, config.cpu_cores or "")
-        self.engine = Engine(config, on_cache_events=reporter.report_events)
+        self.engine = build_engine(config, on_cache_events=reporter.report_events)
         self._queued_prefill_tokens = 0  # prompt tokens admitted that have not produced a token yet
         # For the coordinated autoscaler: what this worker sustains, and the requests it sees.
         self.prefill_rate, self.decode_rate = BusyRate(), BusyRate()

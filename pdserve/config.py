@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 # What makes KV and block hashes interchangeable between the pools, and the context length the router
 # checks requests against (a chat without max_tokens runs to its end): one value for the whole service.
 _SERVICE_WIDE_ENGINE_FIELDS = {
-    "model", "revision", "download_dir", "model_id", "block_size", "kv_connector", "kv_events_endpoint",
+    "kind", "model", "revision", "download_dir", "model_id", "block_size", "kv_connector", "kv_events_endpoint",
     "max_model_len", "tool_call_parser",
 }  # fmt: skip
 
@@ -278,6 +278,13 @@ class PdserveConfig(BaseModel):
     def _pool_engines_are_valid(self) -> PdserveConfig:
         for role in ("prefill", "decode"):
             self.pool_engine(role)
+        return self
+
+    @model_validator(mode="after")
+    def _simulated_engines_serve_colocated(self) -> PdserveConfig:
+        if self.engine.kind == "simulated" and self.service.mode != "colocated":
+            raise ValueError("engine.kind: simulated serves colocated only (its KV hand-off is not built yet): "
+                             "set service.mode: colocated")  # fmt: skip
         return self
 
     @model_validator(mode="after")

@@ -1,0 +1,184 @@
+"""The simulated engine keeps vLLM's scheduling and KV-cache semantics; only the model is replaced."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+import pytest
+
+from engine.block_hash import hash_chain
+from engine.cache_events import BlocksRemoved, BlocksStored
+from engine.config import EngineConfig
+from engine.errors import EngineInputError
+from engine.sim.engine import SimulatedEngine
+from engine.sim.kv_pool import KVPool
+from engine.sim.profile import PROFILES, HardwareProfile, load_profile
+from engine.sim.scheduler import Scheduler, SimSequence
+from engine.types import GenerateRequest, SamplingOptions
+
+BLOCK = 16
+
+
+def quick_profile(tmp_path, **figures) -> str:
+    """A profile whose steps take about a millisecond, as a JSON file."""
+    fields = {"name": "quick", "source": "tests", "base_ms": 1.0, "prefill_ms_per_token": 0.0,
+              "prefill_ms_per_token2": 0.0, "decode_ms_per_seq": 0.0, "decode_ms_per_context_token": 0.0,
+              "kv_bytes_per_token": 1, "link_bytes_per_s": 1e9, **figures}  # fmt: skip
+    path = tmp_path / f"profile-{uuid.uuid4().hex[:8]}.json"
+    path.write_text(json.dumps(fields))
+    return str(path)
+
+
+@pytest.fixture
+def make_engine(make_tiny_model, tmp_path):
+    made = []
+
+    def make(events=None, **fields):
+        fields = {"num_kv_blocks": 64, "simulated_profile": quick_profile(tmp_path), **fields}
+        config = EngineConfig(kind="simulated", model=make_tiny_model("llama"), block_size=BLOCK, **fields)
+        engine = SimulatedEngine(config, on_cache_events=None if events is None else events.extend)
+        made.append(engine)
+        return engine
+
+    yield make
+    for engine in made:
+        engine.shutdown()
+
+
+def run(engine, ids, **sampling):
+    async def collect():
+        options = SamplingOptions(**{"max_tokens": 8, "temperature": 0.0, **sampling})
+        return [d async for d in engine.generate(GenerateRequest(uuid.uuid4().hex, ids, options))]
+
+    return asyncio.run(collect())
+
+
+def prompt(n: int, offset: int = 0) -> list[int]:
+    return [(offset * 7919 + i * 31) % 1000 + 2 for i in range(n)]
+
+
+def sequence(rid: str, n: int, max_tokens: int = 4, offset: int = 0) -> SimSequence:
+    return SimSequence(rid, prompt(n, offset), max_tokens, sample=lambda seq, position: 7)
+
+
+def run_to_end(scheduler: Scheduler) -> list[tuple[str, ...]]:
+    """Steps until every sequence has its tokens; each step's scheduled request ids."""
+    steps = []
+    while (step := scheduler.schedule()) is not None:
+        steps.append(tuple(step.scheduled))
+        for seq in scheduler.complete(step):
+            if len(seq.output) >= seq.max_tokens:
+                scheduler.finish(seq, "length")
+    return steps
+
+
+def test_a_prompt_seen_before_is_served_from_the_prefix_cache_under_pdserves_block_hashes(make_engine):
+    events = []
+    engine = make_engine(events)
+    ids = prompt(100)
+    first = run(engine, ids)
+    again = run(engine, ids)
+    stored = [digest for event in events if isinstance(event, BlocksStored) for digest in event.hashes]
+    assert stored[:6] == hash_chain(engine.model_id, ids, BLOCK)  # the prompt's six full blocks, in chain order
+    assert first[-1].cached_prompt_tokens == 0
+    assert again[-1].cached_prompt_tokens == 96
+    assert engine.stats().cached_prompt_tokens_total == 96
+
+
+def test_greedy_output_is_a_function_of_the_prompt_and_a_seed_picks_a_sampled_one(make_engine):
+    engine = make_engine()
+    greedy = [t for d in run(engine, prompt(20)) for t in d.token_ids]
+    assert greedy == [t for d in run(engine, prompt(20)) for t in d.token_ids]
+    assert greedy != [t for d in run(engine, prompt(20, 1)) for t in d.token_ids]
+    seeded = [t for d in run(engine, prompt(20), temperature=1.0, seed=3) for t in d.token_ids]
+    assert seeded == [t for d in run(engine, prompt(20), temperature=1.0, seed=3) for t in d.token_ids]
+    assert seeded != [t for d in run(engine, prompt(20), temperature=1.0, seed=4) for t in d.token_ids]
+    assert seeded != greedy
+
+
+def test_max_tokens_and_a_stop_token_end_the_stream(make_engine):
+    engine = make_engine()
+    deltas = run(engine, prompt(20), max_tokens=5, ignore_eos=True)
+    assert [d.completion_tokens for d in deltas] == [1, 2, 3, 4, 5] and deltas[-1].finish_reason == "length"
+    third = deltas[2].token_ids[0]
+    stopped = run(engine, prompt(20), max_tokens=5, stop_token_ids=(third,))
+    assert stopped[-1].finish_reason == "stop" and stopped[-1].completion_tokens == 3
+
+
+@pytest.mark.parametrize("option", [{"stop": ("x",)}, {"logprobs": 2}, {"presence_penalty": 0.5}])
+def test_an_option_it_does_not_model_is_refused_by_name(make_engine, option):
+    engine = make_engine()
+    with pytest.raises(EngineInputError) as refused:
+        run(engine, prompt(8), **option)
+    assert refused.value.field == next(iter(option))
+    assert engine.stats().running == 0
+
+
+def test_a_step_takes_the_time_its_profile_gives(make_engine, tmp_path):
+    profile = quick_profile(tmp_path, base_ms=20.0, prefill_ms_per_token=1.0)
+    engine = make_engine(simulated_profile=profile)
+    start = time.monotonic()
+    run(engine, prompt(100), max_tokens=5, ignore_eos=True)
+    elapsed = time.monotonic() - start
+    expected = (20 + 100) / 1000 + 4 * 20 / 1000  # one prefill step of 100 tokens, then four decode steps
+    assert expected <= elapsed < expected + 0.5
+
+
+def test_the_step_budget_splits_a_long_prompt_into_chunks_beside_running_decodes():
+    scheduler = Scheduler(KVPool(64), "m", BLOCK, max_num_seqs=8, max_num_batched_tokens=64)
+    scheduler.add(sequence("short", 10, max_tokens=6))
+    scheduler.add(sequence("long", 150, max_tokens=1))
+    steps = run_to_end(scheduler)
+    assert steps[0] == ("short", "long")  # 10 prompt tokens and the first 54 of the long one
+    assert steps[1] == ("short", "long") and steps[2] == ("short", "long")  # one decode token + 63 prompt tokens
+    assert sum(1 for step in steps if "long" in step) == 3
+
+
+def test_a_full_pool_preempts_the_latest_sequence_and_every_request_still_finishes():
+    pool = KVPool(6)
+    scheduler = Scheduler(pool, "m", BLOCK, max_num_seqs=8, max_num_batched_tokens=512)
+    first, second = sequence("first", 40, max_tokens=40), sequence("second", 40, max_tokens=40, offset=1)
+    scheduler.add(first)
+    scheduler.add(second)
+    run_to_end(scheduler)
+    assert second.preemptions >= 1 and first.preemptions == 0
+    assert len(first.output) == len(second.output) == 40
+    assert pool.free_blocks == 6
+
+
+def test_the_least_recently_freed_prefix_is_evicted_first_and_announced_removed():
+    pool = KVPool(4)
+    old, recent = pool.allocate([], 2), pool.allocate([], 2)
+    for block, digest in zip(old + recent, [b"a", b"b", b"c", b"d"], strict=True):
+        pool.cache(block, digest, None)
+    pool.free(old)
+    pool.free(recent)
+    pool.take_events()
+    pool.allocate([], 1)
+    assert pool.take_events() == [BlocksRemoved([b"b"])]  # old's tail block: freed first, tail first
+    assert pool.cached_prefix([b"a"]) == [old[0]] and pool.cached_prefix([b"b"]) == []
+
+
+def test_a_named_profile_cites_its_figures_and_a_bad_one_is_refused(tmp_path):
+    assert load_profile("llama-3.1-8b-h100") is PROFILES["llama-3.1-8b-h100"]
+    assert "NIM" in PROFILES["llama-3.1-8b-h100"].source
+    with pytest.raises(ValueError, match="no hardware profile"):
+        load_profile("a100-nonesuch")
+    with pytest.raises(ValueError, match="base_ms"):
+        HardwareProfile("bad", "", -1, 0, 0, 0, 0, 1, 1)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"kind": "simulated"}, "num_kv_blocks"),
+        ({"kind": "simulated", "num_kv_blocks": 8, "tensor_parallel_size": 2}, "tensor_parallel_size"),
+        ({"simulated_profile": "llama-3.1-8b-h100"}, "only for kind: simulated"),
+    ],
+)
+def test_a_simulated_engine_config_it_cannot_honour_is_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        EngineConfig(**fields)
