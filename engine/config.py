@@ -32,8 +32,7 @@ class EngineConfig(BaseModel):
         default="vllm",
         description="vllm serves the model; simulated keeps vLLM's scheduling and KV-cache semantics with no model "
         "behind them (step times from simulated_profile, tokens a function of the prompt): the control plane "
-        "at scale, in tests and benchmarks. It needs num_kv_blocks, serves colocated, and has no tensor "
-        "parallelism or tool calls",
+        "at scale, in tests and benchmarks. It needs num_kv_blocks, and has no tensor parallelism or tool calls",
     )
     simulated_profile: str | None = Field(
         default=None,

@@ -281,13 +281,6 @@ class PdserveConfig(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _simulated_engines_serve_colocated(self) -> PdserveConfig:
-        if self.engine.kind == "simulated" and self.service.mode != "colocated":
-            raise ValueError("engine.kind: simulated serves colocated only (its KV hand-off is not built yet): "
-                             "set service.mode: colocated")  # fmt: skip
-        return self
-
-    @model_validator(mode="after")
     def _kv_cache_gib_only_on_cpu(self) -> PdserveConfig:
         """``kv_cache_gib`` is vLLM's CPU KV space (VLLM_CPU_KVCACHE_SPACE): on a GPU vLLM sizes the KV cache from
         the memory fraction it may take, so a value given for a GPU pool would be ignored. Refused instead; the

@@ -1,7 +1,8 @@
-"""The whole service on the simulated engine: the same deployments, router, index and placement, no model.
+"""The whole service on the simulated engine: the same deployments, router, index, placement and KV hand-off,
+no model.
 
-The simulated engine's greedy output is a function of the prompt (engine/sim/tokens.py), so every reply
-is checkable; its cache events go through the same index, so placement finds what it cached.
+The simulated engine's greedy output is a function of the prompt (engine/sim/tokens.py), so every reply is
+checkable; its cache events go through the same index, and its KV through the same transfer path.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pdserve.up import start
 
 pytestmark = pytest.mark.service
 
-REPLICAS = 3
+PREFILL, DECODE = 2, 3
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,8 @@ def service(model_dir, tmp_path_factory):
     # A loose load bound, as in test_service.py: the default (1.3x the fair share of recent placements) spreads
     # one prefix sent again and again over the replicas on purpose.
     overrides = {
-        "service.mode": "colocated", "service.decode.num_replicas": REPLICAS, "engine.kind": "simulated",
-        "engine.num_kv_blocks": 256, "router.placement.load_bound": 3.0,
+        "engine.kind": "simulated", "engine.num_kv_blocks": 256, "service.prefill.num_replicas": PREFILL,
+        "service.decode.num_replicas": DECODE, "router.placement.load_bound": 3.0,
     }  # fmt: skip
     running = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)
     yield running
@@ -38,28 +39,42 @@ def simulated_greedy(model_dir, ids: list[int], n: int) -> list[int]:
     return [output_token(prompt_key(ids), position, 0, vocab) for position in range(n)]
 
 
-def test_every_replica_reports_in_and_greedy_output_is_the_simulators_over_grpc_and_http(client, model_dir):
-    deadline = time.monotonic() + 30
-    while len([w for w in client.status().workers if w.role == "decode"]) < REPLICAS:
-        assert time.monotonic() < deadline, client.status().workers
-        time.sleep(0.2)
-    ids = prompt(90, 3)
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_every_replica_reports_in_and_a_long_prompt_is_prefilled_apart_and_its_kv_pulled(client, model_dir):
+    def all_in() -> bool:
+        roles = [w.role for w in client.status().workers]
+        return roles.count("prefill") == PREFILL and roles.count("decode") == DECODE
+
+    wait_for(all_in, 30, "not every replica reported")
+    ids = prompt(200, 3)
     tokens, _, last = client.greedy(ids, 12)
-    assert tokens == simulated_greedy(model_dir, ids, 12) and last.finish_reason == "length"
-    status, reply = client.post("/v1/completions", {"prompt": ids, "max_tokens": 12, "temperature": 0,
+    assert tokens == simulated_greedy(model_dir, ids, 12)
+    assert last.timing.placement == "disaggregated" and last.usage.kv_transferred_tokens == 199
+    assert client.metric("pdserve:kv_transfer_bytes_total") > 0
+    assert client.metric("pdserve:kv_transfer_failures_total") == 0
+    client.wait_idle(10)  # the prefill worker's blocks came back once pulled
+
+
+def test_http_gives_the_same_greedy_tokens(client, model_dir):
+    ids = prompt(120, 4)
+    status, reply = client.post("/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0,
                                                     "ignore_eos": True})  # fmt: skip
-    assert status == 200 and reply["usage"]["completion_tokens"] == 12
+    assert status == 200, reply
+    assert reply["pdserve"]["token_ids"] == simulated_greedy(model_dir, ids, 6)
 
 
-def test_a_long_prompt_sent_again_lands_on_the_replica_that_cached_it(client):
+def test_a_long_prompt_sent_again_is_prefilled_where_it_is_cached(client):
     ids = prompt(300, 11)
     _, _, first = client.greedy(ids, 4)
-    holder = first.timing.decode_worker
-    deadline = time.monotonic() + 10
-    while next((w.cached_blocks for w in client.status().workers if w.worker_id == holder), 0) < 300 // 32:
-        assert time.monotonic() < deadline, "the holder's blocks never reached the index"
-        time.sleep(0.1)
+    holder = first.timing.prefill_worker
+    wait_for(lambda: next((w.cached_blocks for w in client.status().workers if w.worker_id == holder), 0) >= 9, 10,
+             "the holder's blocks never reached the index")  # fmt: skip
     for suffix in range(3):
-        _, _, again = client.greedy(ids + [5 + suffix], 4)
-        assert again.timing.decode_worker == holder
-        assert again.usage.cached_prompt_tokens == 288  # nine full blocks of 32, found in the holder's cache
+        _, _, again = client.greedy(ids + prompt(60, 20 + suffix), 4)
+        assert again.timing.prefill_worker == holder and again.usage.cached_prompt_tokens >= 288

@@ -11,13 +11,14 @@ import pytest
 
 from engine.block_hash import hash_chain
 from engine.cache_events import BlocksRemoved, BlocksStored
-from engine.config import EngineConfig
+from engine.config import EngineConfig, KVConnectorSpec
 from engine.errors import EngineInputError
 from engine.sim.engine import SimulatedEngine
 from engine.sim.kv_pool import KVPool
 from engine.sim.profile import PROFILES, HardwareProfile, load_profile
 from engine.sim.scheduler import Scheduler, SimSequence
 from engine.types import GenerateRequest, SamplingOptions
+from kv_transfer.vllm_connector import PULLED_TOKENS_KEY, TOKEN_ENV, SenderInfo, transfer_handle
 
 BLOCK = 16
 
@@ -48,10 +49,10 @@ def make_engine(make_tiny_model, tmp_path):
         engine.shutdown()
 
 
-def run(engine, ids, **sampling):
+def run(engine, ids, params=None, **sampling):
     async def collect():
         options = SamplingOptions(**{"max_tokens": 8, "temperature": 0.0, **sampling})
-        return [d async for d in engine.generate(GenerateRequest(uuid.uuid4().hex, ids, options))]
+        return [d async for d in engine.generate(GenerateRequest(uuid.uuid4().hex, ids, options, params))]
 
     return asyncio.run(collect())
 
@@ -182,3 +183,38 @@ def test_a_named_profile_cites_its_figures_and_a_bad_one_is_refused(tmp_path):
 def test_a_simulated_engine_config_it_cannot_honour_is_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         EngineConfig(**fields)
+
+
+def connector(role: str) -> KVConnectorSpec:
+    return KVConnectorSpec(module_path="kv_transfer.vllm_connector", class_name="PdserveConnector", role=role)
+
+
+def test_a_prompt_prefilled_on_one_simulated_engine_is_pulled_over_the_wire_by_another(make_engine, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "sim-secret")
+    producer = make_engine(kv_connector=connector("kv_producer"))
+    consumer = make_engine(kv_connector=connector("kv_consumer"))
+    ids = prompt(100)
+    hashes = [digest.hex() for digest in hash_chain(producer.model_id, ids, BLOCK)]
+    senders = [SenderInfo.from_dict(rank) for rank in producer.kv_connector_handshake()]
+    handle = transfer_handle(senders, BLOCK, "t-1", hashes, len(ids))
+    produce = {"pdserve": "produce", "transfer_id": "t-1", "block_hashes": hashes}
+    prefill = run(producer, ids, produce, max_tokens=1)
+    assert prefill[-1].kv_transfer_params == {"pdserve_handle": handle}
+    assert producer.open_kv_transfers() == 1 and producer.stats().kv_blocks_free == 64 - 7  # held for the puller
+    decode = run(consumer, ids, {"pdserve": "consume", "handle": handle, "block_hashes": hashes})
+    assert [t for d in decode for t in d.token_ids] == [t for d in run(make_engine(), ids) for t in d.token_ids]
+    assert decode[-1].kv_transfer_params == {PULLED_TOKENS_KEY: 99}  # the last prompt token is computed here
+    assert consumer.kv_transfer_stats()["pulls"]["grpc"]["bytes"] == 7 * BLOCK  # a byte per token of 7 blocks
+    assert producer.open_kv_transfers() == 0 and producer.stats().kv_blocks_free == 64  # released once pulled
+
+
+def test_an_offer_nobody_pulls_is_freed_when_its_transfer_is_aborted(make_engine, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "sim-secret")
+    producer = make_engine(kv_connector=connector("kv_producer"))
+    ids = prompt(64)
+    hashes = [digest.hex() for digest in hash_chain(producer.model_id, ids, BLOCK)]
+    run(producer, ids, {"pdserve": "produce", "transfer_id": "t-2", "block_hashes": hashes}, max_tokens=1)
+    assert producer.stats().kv_blocks_free == 60
+    asyncio.run(producer.abort_kv_transfer("t-2"))
+    assert producer.open_kv_transfers() == 0 and producer.stats().kv_blocks_free == 64
+    assert producer.kv_transfer_stats()["offers"] == {"aborted": 1}

@@ -10,11 +10,17 @@ placement, autoscaling and drain run on it unchanged; nothing else knows which e
 Steps run on a thread of their own; requests come from any event loop and read their deltas there.
 Sampling options it does not model (stop strings, penalties, logprobs, structured output, tools) are
 refused by name rather than ignored.
+
+With a KV connector in its config it takes part in disaggregation as a vLLM worker does, through the
+same ``kv_transfer_params``: a ``produce`` request's prompt blocks are offered as it runs and held until
+pulled (``engine/sim/handoff.py``); a ``consume`` request waits, blocks allocated, for its KV to land, and
+computes the prompt itself where the pull fails.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import threading
@@ -22,6 +28,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.cache_events import CacheEvent
 from engine.config import EngineConfig
@@ -29,9 +36,12 @@ from engine.errors import EngineConfigError, EngineDeadError, EngineInputError
 from engine.requests import check_prompt, next_delta
 from engine.sim.kv_pool import KVPool
 from engine.sim.profile import DEFAULT_PROFILE, load_profile
-from engine.sim.scheduler import Scheduler, SimSequence
+from engine.sim.scheduler import Scheduler, SimSequence, Step
 from engine.sim.tokens import output_token, prompt_key, sampling_salt
 from engine.types import EngineStats, GenerateRequest, KVLayout, OutputDelta, SamplingOptions
+
+if TYPE_CHECKING:
+    from kv_transfer.transfer import TransferHandle
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +52,17 @@ _NOT_MODELLED_FIELDS = (
     "stop", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "allowed_token_ids",
     "bad_words", "logprobs", "prompt_logprobs", "structured", "tool_use",
 )  # fmt: skip
+
+
+@dataclass
+class _Producer:
+    """A prefill whose prompt blocks are offered to a decode worker under ``transfer_id``."""
+
+    transfer_id: str
+    block_hashes: list[bytes]
+    hashes_hex: list[str]
+    offered: int = 0  # blocks offered so far; 0: not yet
+    refused: bool = False  # the offer was refused (aborted before it was made): nothing is held
 
 
 @dataclass
@@ -84,6 +105,18 @@ class SimulatedEngine:
             config.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS, config.enable_chunked_prefill is not False,
         )  # fmt: skip
         self._on_cache_events = on_cache_events
+        self._kv = None
+        if config.kv_connector is not None:
+            from engine.sim.handoff import SimulatedKV
+
+            self._kv = SimulatedKV(
+                config.kv_connector.role, config.kv_connector.extra, self.model_id, config.num_kv_blocks,
+                config.block_size, self.profile, on_freed=self._transfer_freed,
+            )  # fmt: skip
+        self._producers: dict[str, _Producer] = {}  # request id → its offer
+        self._transfer_of: dict[str, str] = {}  # transfer id → the request whose blocks it holds
+        self._consumers: dict[str, TransferHandle] = {}  # request id → the KV it pulls
+        self._pulled: dict[str, int] = {}  # request id → prompt tokens whose KV landed
         self._readers: dict[str, _Reader] = {}
         self._prompt_tokens_total = self._cached_tokens_total = 0
         self._lock = threading.Lock()
@@ -146,19 +179,20 @@ class SimulatedEngine:
             )
 
     def kv_connector_handshake(self) -> list[dict] | None:
-        return None
+        return self._kv.handshake() if self._kv is not None else None
 
     def kv_transfer_stats(self) -> dict[str, dict]:
-        return {}
+        return self._kv.stats() if self._kv is not None else {}
 
     def kv_transfer_times(self, transfer_id: str) -> list[dict[str, float]]:
         return []
 
     async def abort_kv_transfer(self, transfer_id: str) -> None:
-        return None
+        if self._kv is not None:
+            self._kv.abort(transfer_id)
 
     def open_kv_transfers(self) -> int:
-        return 0
+        return self._kv.open_transfers() if self._kv is not None else 0
 
     def kv_layout(self) -> KVLayout:
         return KVLayout("simulated", "none", self.block_size, self._pool.num_blocks)
@@ -174,6 +208,8 @@ class SimulatedEngine:
         self._stopped.set()
         self._work.set()
         self._thread.join(timeout)
+        if self._kv is not None:
+            self._kv.close()
         with self._lock:
             readers, self._readers = list(self._readers.values()), {}
         for reader in readers:
@@ -189,40 +225,155 @@ class SimulatedEngine:
         for name in _NOT_MODELLED_FIELDS:
             if getattr(options, name) != getattr(_NOT_MODELLED, name):
                 raise EngineInputError(name, "the simulated engine does not model it", rid)
-        if request.kv_transfer_params:
-            raise EngineInputError("kv_transfer_params", "the simulated engine runs colocated only", rid)
         key = prompt_key(ids)
         salt = sampling_salt(options)
         stops = frozenset(options.stop_token_ids) | (
             frozenset() if options.ignore_eos or self._eos is None else frozenset(_as_list(self._eos))
         )
-        return SimSequence(
+        seq = SimSequence(
             rid, list(ids), options.max_tokens,
             sample=lambda seq, position: output_token(key, position, salt, self.vocab_size),
             min_tokens=options.min_tokens, stop_token_ids=stops,
         )  # fmt: skip
+        self._take_part(seq, request.kv_transfer_params or {})
+        return seq
+
+    def _take_part(self, seq: SimSequence, params: dict) -> None:
+        """A ``produce`` request holds its blocks for a puller; a ``consume`` one pulls its prompt's KV (an
+        unusable handle: computed here instead, as vLLM's connector does)."""
+        role = params.get("pdserve")
+        if role is None:
+            return
+        if self._kv is None or role not in ("produce", "consume"):
+            raise EngineInputError("kv_transfer_params", f"this engine takes no {role!r} transfer", seq.request_id)
+        blocks = -(-len(seq.prompt) // self.block_size)
+        hashes_hex = list(params.get("block_hashes") or [])
+        if role == "produce":
+            hashes = [bytes.fromhex(h) for h in hashes_hex[:blocks]]
+            hashes += [b""] * (blocks - len(hashes))  # a trailing partial block has none
+            self._producers[seq.request_id] = _Producer(params["transfer_id"], hashes, hashes_hex)
+            seq.hold_blocks = True
+            return
+        handle = self._usable_handle(seq, params.get("handle"), hashes_hex)
+        if handle is not None:
+            self._consumers[seq.request_id] = handle
+            seq.remote_tokens = min(handle.num_tokens, len(seq.prompt))
+
+    def _usable_handle(self, seq: SimSequence, handle_hex, hashes_hex: list[str]) -> TransferHandle | None:
+        from google.protobuf.message import DecodeError
+
+        from kv_transfer.errors import TransferError
+        from kv_transfer.transfer import TransferHandle
+
+        try:
+            handle = TransferHandle.from_bytes(bytes.fromhex(handle_hex))
+        except (TypeError, ValueError, DecodeError, TransferError) as exc:
+            log.warning("request %s: unusable KV handle, prefilling locally: %s", seq.request_id, exc)
+            return None
+        theirs = [h.hex() for h in handle.block_hashes[: len(hashes_hex)]]
+        if handle.model_id != self.model_id or hashes_hex[: len(theirs)] != theirs:
+            log.warning("request %s: the handle's blocks are not this prompt's", seq.request_id)
+            return None
+        return handle
 
     def _drop(self, request_id: str) -> _Reader | None:
         with self._lock:
             reader = self._readers.pop(request_id, None)
             if reader is not None:
                 self._scheduler.remove(request_id)
+                self._consumers.pop(request_id, None)
+                self._pulled.pop(request_id, None)
+                producer = self._producers.pop(request_id, None)
                 events = self._pool.take_events()
             else:
-                events = []
+                producer, events = None, []
+        if producer is not None and self._kv is not None:
+            self._kv.abort(producer.transfer_id)  # its blocks are gone: a pull reading them fails
         self._announce(events)
         return reader
+
+    def _transfer_freed(self, transfer_id: str) -> None:
+        """The registry let go of an offer (pulled, aborted, expired): its blocks go back to the pool; a prefill
+        still running keeps them until it ends."""
+        with self._lock:
+            request_id = self._transfer_of.pop(transfer_id, None)
+            if request_id is None:
+                return
+            if request_id in self._scheduler.held:
+                self._scheduler.remove(request_id)
+            else:
+                seq = next((s for s in self._scheduler.running if s.request_id == request_id), None)
+                if seq is not None:
+                    seq.hold_blocks = False
+            events = self._pool.take_events()
+        self._announce(events)
+
+    def _offer_what_runs(self, step: Step) -> list[str]:
+        """Under the lock, before ``step`` runs: offer (or extend) the blocks producers compute in it, and
+        withdraw the offers of producers it preempted. The transfers whose blocks it computes."""
+        computing = []
+        for request_id in step.preempted:  # its blocks are gone: whatever was offered is withdrawn
+            producer = self._producers.get(request_id)
+            if producer is not None and producer.offered:
+                self._kv.abort(producer.transfer_id)
+                producer.refused = True
+        for seq in self._scheduler.running:
+            producer = self._producers.get(seq.request_id)
+            tokens = step.scheduled.get(seq.request_id)
+            if producer is None or producer.refused or tokens is None:
+                continue
+            segment_end = min(-(-(seq.computed + tokens) // self.block_size), len(producer.block_hashes))
+            if not producer.offered:
+                if not self._kv.offer(producer.transfer_id, list(seq.blocks), producer.block_hashes,
+                                      len(seq.prompt), segment_end):  # fmt: skip
+                    producer.refused, seq.hold_blocks = True, False
+                    continue
+                self._transfer_of[producer.transfer_id] = seq.request_id
+            elif len(seq.blocks) > producer.offered or segment_end:
+                self._kv.extend(producer.transfer_id, list(seq.blocks[producer.offered :]), segment_end)
+            producer.offered = len(seq.blocks)
+            computing.append(producer.transfer_id)
+        return computing
+
+    def _start_pulls(self) -> None:
+        """Under the lock: pull the KV of the consumers just admitted (blocks allocated), past their prefix hit."""
+        for request_id, seq in list(self._scheduler.remote.items()):
+            handle = self._consumers.pop(request_id, None)
+            if handle is None:
+                continue
+            first, last = seq.cached_blocks, -(-seq.remote_tokens // self.block_size)
+            if first >= last:  # the prefix cache had it all
+                self._pulled[request_id] = 0
+                self._scheduler.remote_landed(request_id, True)
+                continue
+            landed = functools.partial(self._landed, request_id, min(seq.remote_tokens, len(seq.prompt) - 1))
+            self._kv.pull(handle, list(range(first, last)), seq.blocks[first:last], landed)
+
+    def _landed(self, request_id: str, tokens: int, ok: bool) -> None:
+        with self._lock:
+            seq = self._scheduler.remote.get(request_id)
+            if ok and seq is not None:
+                self._pulled[request_id] = tokens - seq.cached_prompt_tokens
+            self._scheduler.remote_landed(request_id, ok)
+            events = self._pool.take_events()
+        self._announce(events)
+        self._work.set()
 
     def _run(self) -> None:
         try:
             while not self._stopped.is_set():
                 with self._lock:
                     step = self._scheduler.schedule()
+                    computing = self._offer_what_runs(step) if step is not None and self._kv is not None else []
+                    if self._kv is not None:
+                        self._start_pulls()
                 if step is None:
                     self._work.wait(_IDLE_POLL_S)
                     self._work.clear()
                     continue
                 time.sleep(self.profile.step_s(step.prefill_tokens, step.decode_seqs, step.context_tokens))
+                for transfer_id in computing:
+                    self._kv.computed(transfer_id)
                 with self._lock:
                     deltas = [self._delta(seq) for seq in self._scheduler.complete(step)]
                     events = self._pool.take_events()
@@ -250,15 +401,36 @@ class SimulatedEngine:
         if first:
             self._prompt_tokens_total += len(seq.prompt)
             self._cached_tokens_total += seq.cached_prompt_tokens
+        pulled = self._pulled.get(seq.request_id, 0)
+        params = None
         if reason is not None:
             self._scheduler.finish(seq, reason)
+            params = self._finished_transfer(seq)
         reader = self._readers.get(seq.request_id)
         if reason is not None:
             self._readers.pop(seq.request_id, None)
         text = self._tokenizer.decode([token])
-        delta = OutputDelta(seq.request_id, [token], text, reason, len(seq.prompt), produced, seq.cached_prompt_tokens,
-                            stop_reason=token if reason == "stop" else None)  # fmt: skip
+        delta = OutputDelta(
+            seq.request_id, [token], text, reason, len(seq.prompt), produced, seq.cached_prompt_tokens + pulled,
+            kv_transfer_params=params, stop_reason=token if reason == "stop" else None,
+        )  # fmt: skip
         return reader, delta
+
+    def _finished_transfer(self, seq: SimSequence) -> dict | None:
+        """A finished request's ``kv_transfer_params``, as vLLM's connector gives them: a producer's handle
+        (None where nothing is held for a puller), a consumer's tokens pulled."""
+        from kv_transfer.vllm_connector import PULLED_TOKENS_KEY, SenderInfo, transfer_handle
+
+        rid = seq.request_id
+        if rid in self._pulled or rid in self._consumers:
+            self._consumers.pop(rid, None)
+            return {PULLED_TOKENS_KEY: self._pulled.pop(rid, 0)}
+        producer = self._producers.pop(rid, None)
+        if producer is None or producer.refused or producer.transfer_id not in self._transfer_of:
+            return None
+        senders = [SenderInfo.from_dict(rank) for rank in self._kv.handshake()]
+        handle = transfer_handle(senders, self.block_size, producer.transfer_id, producer.hashes_hex, len(seq.prompt))
+        return {"pdserve_handle": handle}
 
     def _announce(self, events: list[CacheEvent]) -> None:
         if events and self._on_cache_events is not None:

@@ -106,8 +106,8 @@ class Scheduler:
         if seq is None:
             return
         seq.awaiting_remote = False
-        if ok:
-            seq.computed = max(seq.computed, seq.remote_tokens)
+        if ok:  # the prompt's last token is computed here, for the first output token (as vLLM does)
+            seq.computed = max(seq.computed, min(seq.remote_tokens, len(seq.prompt) - 1))
             self._cache_full_blocks(seq)
         seq.remote_tokens = 0  # preempted later, it is recomputed here
         self.running.append(seq)
