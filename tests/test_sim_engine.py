@@ -218,3 +218,26 @@ def test_an_offer_nobody_pulls_is_freed_when_its_transfer_is_aborted(make_engine
     asyncio.run(producer.abort_kv_transfer("t-2"))
     assert producer.open_kv_transfers() == 0 and producer.stats().kv_blocks_free == 64
     assert producer.kv_transfer_stats()["offers"] == {"aborted": 1}
+
+
+def test_a_prefill_preempted_after_its_offer_withdraws_it_and_holds_nothing(make_engine, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "sim-secret")
+    producer = make_engine(kv_connector=connector("kv_producer"), num_kv_blocks=12, max_num_batched_tokens=32)
+    prompts = [prompt(150, offset) for offset in (1, 2)]  # 10 blocks each, a chunk of 32 tokens a step: no room
+
+    async def prefill(number: int, ids: list[int]):
+        hashes = [digest.hex() for digest in hash_chain(producer.model_id, ids, BLOCK)]
+        params = {"pdserve": "produce", "transfer_id": f"t-{number}", "block_hashes": hashes}
+        request = GenerateRequest(f"r-{number}", ids, SamplingOptions(max_tokens=1), params)
+        return [d async for d in producer.generate(request)][-1].kv_transfer_params
+
+    async def first_pulled_then_second():
+        second = asyncio.ensure_future(prefill(1, prompts[1]))
+        first = await prefill(0, prompts[0])  # it holds 10 blocks: the second, offered, is preempted for room
+        await producer.abort_kv_transfer("t-0")  # its puller is done with them: room again
+        return first, await second
+
+    first, second = asyncio.run(first_pulled_then_second())
+    assert first is not None and second is None  # preempted after its offer: withdrawn, nothing held for it
+    assert producer.kv_transfer_stats()["offers"] == {"aborted": 2}
+    assert producer.open_kv_transfers() == 0 and producer.stats().kv_blocks_free == 12

@@ -130,12 +130,19 @@ class SimulatedEngine:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[OutputDelta]:
         """Stream ``request``'s deltas; closing the iterator early aborts the request."""
         seq = self._sequence(request)
+        part = self._part(seq, request.kv_transfer_params or {})
         self.check_alive()
         reader = _Reader(asyncio.get_running_loop(), asyncio.Queue(), seq)
         with self._lock:
             if request.request_id in self._readers:
                 raise EngineInputError("request_id", "a request with this id is already running", request.request_id)
             self._readers[request.request_id] = reader
+            if isinstance(part, _Producer):
+                self._producers[seq.request_id] = part
+                seq.hold_blocks = True
+            elif part is not None:
+                self._consumers[seq.request_id] = part
+                seq.remote_tokens = min(part.num_tokens, len(seq.prompt))
             self._scheduler.add(seq)
         self._work.set()
         finished = False
@@ -235,29 +242,26 @@ class SimulatedEngine:
             sample=lambda seq, position: output_token(key, position, salt, self.vocab_size),
             min_tokens=options.min_tokens, stop_token_ids=stops,
         )  # fmt: skip
-        self._take_part(seq, request.kv_transfer_params or {})
         return seq
 
-    def _take_part(self, seq: SimSequence, params: dict) -> None:
-        """A ``produce`` request holds its blocks for a puller; a ``consume`` one pulls its prompt's KV (an
-        unusable handle: computed here instead, as vLLM's connector does)."""
+    def _part(self, seq: SimSequence, params: dict) -> _Producer | TransferHandle | None:
+        """A ``produce`` request's offer (its blocks held for a puller), a ``consume`` request's handle (an
+        unusable one: None, the prompt computed here, as vLLM's connector does), or None."""
         role = params.get("pdserve")
         if role is None:
-            return
+            return None
         if self._kv is None or role not in ("produce", "consume"):
             raise EngineInputError("kv_transfer_params", f"this engine takes no {role!r} transfer", seq.request_id)
         blocks = -(-len(seq.prompt) // self.block_size)
         hashes_hex = list(params.get("block_hashes") or [])
-        if role == "produce":
+        if role == "consume":
+            return self._usable_handle(seq, params.get("handle"), hashes_hex)
+        try:
             hashes = [bytes.fromhex(h) for h in hashes_hex[:blocks]]
-            hashes += [b""] * (blocks - len(hashes))  # a trailing partial block has none
-            self._producers[seq.request_id] = _Producer(params["transfer_id"], hashes, hashes_hex)
-            seq.hold_blocks = True
-            return
-        handle = self._usable_handle(seq, params.get("handle"), hashes_hex)
-        if handle is not None:
-            self._consumers[seq.request_id] = handle
-            seq.remote_tokens = min(handle.num_tokens, len(seq.prompt))
+        except (TypeError, ValueError):
+            raise EngineInputError("kv_transfer_params", "block_hashes must be hex digests", seq.request_id) from None
+        hashes += [b""] * (blocks - len(hashes))  # a trailing partial block has none
+        return _Producer(params["transfer_id"], hashes, hashes_hex)
 
     def _usable_handle(self, seq: SimSequence, handle_hex, hashes_hex: list[str]) -> TransferHandle | None:
         from google.protobuf.message import DecodeError
@@ -294,7 +298,7 @@ class SimulatedEngine:
 
     def _transfer_freed(self, transfer_id: str) -> None:
         """The registry let go of an offer (pulled, aborted, expired): its blocks go back to the pool; a prefill
-        still running keeps them until it ends."""
+        still running or waiting (preempted) keeps them until it ends."""
         with self._lock:
             request_id = self._transfer_of.pop(transfer_id, None)
             if request_id is None:
@@ -302,20 +306,21 @@ class SimulatedEngine:
             if request_id in self._scheduler.held:
                 self._scheduler.remove(request_id)
             else:
-                seq = next((s for s in self._scheduler.running if s.request_id == request_id), None)
+                queued = (*self._scheduler.running, *self._scheduler.waiting)
+                seq = next((s for s in queued if s.request_id == request_id), None)
                 if seq is not None:
                     seq.hold_blocks = False
             events = self._pool.take_events()
         self._announce(events)
 
-    def _offer_what_runs(self, step: Step) -> list[str]:
-        """Under the lock, before ``step`` runs: offer (or extend) the blocks producers compute in it, and
-        withdraw the offers of producers it preempted. The transfers whose blocks it computes."""
-        computing = []
+    def _offer_what_runs(self, step: Step) -> tuple[list[str], list[str]]:
+        """Under the lock, before ``step`` runs: offer (or extend) the blocks producers compute in it. The
+        transfers whose blocks it computes, and those of producers it preempted, to withdraw."""
+        computing, withdrawn = [], []
         for request_id in step.preempted:  # its blocks are gone: whatever was offered is withdrawn
             producer = self._producers.get(request_id)
-            if producer is not None and producer.offered:
-                self._kv.abort(producer.transfer_id)
+            if producer is not None and producer.offered and not producer.refused:
+                withdrawn.append(producer.transfer_id)
                 producer.refused = True
         for seq in self._scheduler.running:
             producer = self._producers.get(seq.request_id)
@@ -329,11 +334,11 @@ class SimulatedEngine:
                     producer.refused, seq.hold_blocks = True, False
                     continue
                 self._transfer_of[producer.transfer_id] = seq.request_id
-            elif len(seq.blocks) > producer.offered or segment_end:
+            else:
                 self._kv.extend(producer.transfer_id, list(seq.blocks[producer.offered :]), segment_end)
             producer.offered = len(seq.blocks)
             computing.append(producer.transfer_id)
-        return computing
+        return computing, withdrawn
 
     def _start_pulls(self) -> None:
         """Under the lock: pull the KV of the consumers just admitted (blocks allocated), past their prefix hit."""
@@ -364,10 +369,14 @@ class SimulatedEngine:
             while not self._stopped.is_set():
                 with self._lock:
                     step = self._scheduler.schedule()
-                    computing = self._offer_what_runs(step) if step is not None and self._kv is not None else []
+                    computing, withdrawn = [], []
+                    if step is not None and self._kv is not None:
+                        computing, withdrawn = self._offer_what_runs(step)
                     if self._kv is not None:
                         self._start_pulls()
-                if step is None:
+                for transfer_id in withdrawn:  # outside the lock: the registry frees them through _transfer_freed
+                    self._kv.abort(transfer_id)
+                if step is None or not step.scheduled:
                     self._work.wait(_IDLE_POLL_S)
                     self._work.clear()
                     continue

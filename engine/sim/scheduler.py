@@ -113,6 +113,8 @@ class Scheduler:
         self.running.append(seq)
 
     def schedule(self) -> Step | None:
+        """The next step's work; None when there is none. A step may only preempt (nothing fits): it takes no
+        time, but its preemptions must be seen."""
         budget = self.max_num_batched_tokens
         scheduled: dict[str, int] = {}
         preempted: list[str] = []
@@ -152,7 +154,7 @@ class Scheduler:
             scheduled[seq.request_id] = admitted
             budget -= admitted
             prefill += admitted
-        if not scheduled:
+        if not scheduled and not preempted:
             return None
         return Step(scheduled, prefill, decode, context, tuple(preempted))
 
