@@ -34,7 +34,7 @@ from engine.config import EngineConfig
 from engine.cpu_isa import AmxPermission, request_amx_permission
 from engine.errors import EngineConfigError, EngineDeadError, EngineError, EngineInputError
 from engine.process_priority import descendants, settle, spawning_at
-from engine.requests import check_prompt, next_delta
+from engine.requests import check_prompt, next_item
 from engine.tool_calls import ToolCallReader, ToolCallReadError, check_tokenizer, tool_call_parser
 from engine.types import (
     EngineStats,
@@ -301,9 +301,12 @@ class Engine:
         finished = False
         try:
             while not finished:
-                delta = await next_delta(stream.get, request.request_id, self.config.stall_timeout_s)
-                finished = delta.finished
-                yield delta
+                item = await next_item(stream.get, request.request_id, self.config.stall_timeout_s)
+                if isinstance(item, Exception):  # the request ended with it: nothing left to cancel
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
         finally:
             self._streams.pop(request.request_id, None)
             if not finished:

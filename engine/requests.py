@@ -29,15 +29,12 @@ def check_prompt(request: GenerateRequest, vocab_size: int, max_model_len: int) 
         )
 
 
-async def next_delta(
+async def next_item(
     get: Callable[[float], Awaitable[OutputDelta | Exception]], request_id: str, stall_timeout_s: float
-) -> OutputDelta:
-    """The request's next delta from ``get(timeout)``; an error delivered in its place is raised, and so is
-    a stall (no output for ``stall_timeout_s``)."""
+) -> OutputDelta | Exception:
+    """The request's next delta, or the error delivered in its place, from ``get(timeout)``; a stall (no output
+    for ``stall_timeout_s``) raises."""
     try:
-        item = await get(stall_timeout_s)
+        return await get(stall_timeout_s)
     except TimeoutError:
         raise EngineError(f"request {request_id} got no output for {stall_timeout_s:g} s") from None
-    if isinstance(item, Exception):
-        raise item
-    return item

@@ -27,7 +27,8 @@ def test_a_replica_that_cannot_be_placed_fails_the_start_within_its_deadline(mod
     began = time.monotonic()
     with pytest.raises(TimeoutError, match="PrefillWorker"):
         start(config, num_cpus=8, ready_timeout_s=20)
-    assert time.monotonic() - began < 60
+    # Ray's start, the 20 s deadline, then Serve's shutdown, whose controller may take its own 30 s (a CI run did)
+    assert time.monotonic() - began < 90
 
 
 def test_a_router_that_answers_without_an_api_key_fails_the_coordinated_start():

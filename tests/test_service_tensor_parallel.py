@@ -27,7 +27,11 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def service(model_dir, tmp_path_factory):
-    overrides = {"service.mode": "colocated", "engine.tensor_parallel_size": 2}
+    # One replica: a request whose rank was killed waits for its replacement, which here comes ~75 s after the
+    # kill (vLLM notices the dead rank in ~10 s, Serve's health checks take ~13 s, a TP=2 engine starts in ~50 s
+    # on two busy cores), past the default 60 s wait.
+    overrides = {"service.mode": "colocated", "engine.tensor_parallel_size": 2,
+                 "router.recovery.wait_for_worker_s": 180}  # fmt: skip
     running = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides))
     yield running
     running.stop()

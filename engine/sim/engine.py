@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 from engine.cache_events import CacheEvent
 from engine.config import EngineConfig
 from engine.errors import EngineConfigError, EngineDeadError, EngineInputError
-from engine.requests import check_prompt, next_delta
+from engine.requests import check_prompt, next_item
 from engine.sim.kv_pool import KVPool
 from engine.sim.profile import DEFAULT_PROFILE, load_profile
 from engine.sim.scheduler import Scheduler, SimSequence, Step
@@ -148,9 +148,12 @@ class SimulatedEngine:
         finished = False
         try:
             while not finished:
-                delta = await next_delta(reader.get, request.request_id, self.config.stall_timeout_s)
-                finished = delta.finished
-                yield delta
+                item = await next_item(reader.get, request.request_id, self.config.stall_timeout_s)
+                if isinstance(item, Exception):  # the request ended with it: nothing left to cancel
+                    finished = True
+                    raise item
+                finished = item.finished
+                yield item
         finally:
             if not finished:
                 self._drop(request.request_id)
@@ -179,8 +182,8 @@ class SimulatedEngine:
             return EngineStats(
                 kv_blocks_total=self._pool.num_blocks,
                 kv_blocks_free=self._pool.free_blocks,
-                running=len(self._scheduler.running) + len(self._scheduler.remote),
-                waiting=len(self._scheduler.waiting),
+                running=len(self._scheduler.running),
+                waiting=len(self._scheduler.waiting) + len(self._scheduler.remote),  # vLLM's: waiting for KV too
                 prompt_tokens_total=self._prompt_tokens_total,
                 cached_prompt_tokens_total=self._cached_tokens_total,
             )
