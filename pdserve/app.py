@@ -33,7 +33,10 @@ from router.ingress import IngressSettings, Router
 from router.replica_routing import ROUTER_CLASS
 from router.service import ModelInfo
 
-CONNECTOR = dict(module_path="kv_transfer.vllm_connector", class_name="PdserveConnector")
+CONNECTORS = {  # by engine.kind: the engine loads its connector by module path
+    "vllm": dict(module_path="kv_transfer.vllm_connector", class_name="PdserveConnector"),
+    "simulated": dict(module_path="kv_transfer.sim_connector", class_name="SimulatedKV"),
+}
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
@@ -130,7 +133,7 @@ def _engine_for(config: PdserveConfig, pool: PoolLayout, role: str | None) -> En
     connector = None
     if role is not None:
         extra = transfer.connector_extra()  # lease_s, stall_timeout_s, pull_timeout_s, backends, TLS: its own knobs
-        connector = KVConnectorSpec(**CONNECTOR, role=role, extra=extra)
+        connector = KVConnectorSpec(**CONNECTORS[pool.engine.kind], role=role, extra=extra)
     settings = getattr(config.service, pool.role)
     update: dict[str, Any] = {"kv_connector": connector}
     if settings.kv_cache_gib is not None:

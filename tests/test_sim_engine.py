@@ -186,7 +186,7 @@ def test_a_simulated_engine_config_it_cannot_honour_is_refused(fields, message):
 
 
 def connector(role: str) -> KVConnectorSpec:
-    return KVConnectorSpec(module_path="kv_transfer.vllm_connector", class_name="PdserveConnector", role=role)
+    return KVConnectorSpec(module_path="kv_transfer.sim_connector", class_name="SimulatedKV", role=role)
 
 
 def test_a_prompt_prefilled_on_one_simulated_engine_is_pulled_over_the_wire_by_another(make_engine, monkeypatch):

@@ -13,14 +13,16 @@ refused by name rather than ignored.
 
 With a KV connector in its config it takes part in disaggregation as a vLLM worker does, through the
 same ``kv_transfer_params``: a ``produce`` request's prompt blocks are offered as it runs and held until
-pulled (``engine/sim/handoff.py``); a ``consume`` request waits, blocks allocated, for its KV to land, and
-computes the prompt itself where the pull fails.
+pulled; a ``consume`` request waits, blocks allocated, for its KV to land, and computes the prompt itself
+where the pull fails. The connector (``kv_transfer/sim_connector.py``) is loaded by module path from the
+config, as vLLM loads pdserve's: engine/ and kv_transfer/ do not import each other.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import importlib
 import json
 import logging
 import threading
@@ -28,7 +30,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from engine.cache_events import CacheEvent
 from engine.config import EngineConfig
@@ -39,9 +41,6 @@ from engine.sim.profile import DEFAULT_PROFILE, load_profile
 from engine.sim.scheduler import Scheduler, SimSequence, Step
 from engine.sim.tokens import output_token, prompt_key, sampling_salt
 from engine.types import EngineStats, GenerateRequest, KVLayout, OutputDelta, SamplingOptions
-
-if TYPE_CHECKING:
-    from kv_transfer.transfer import TransferHandle
 
 log = logging.getLogger(__name__)
 
@@ -106,16 +105,21 @@ class SimulatedEngine:
         )  # fmt: skip
         self._on_cache_events = on_cache_events
         self._kv = None
-        if config.kv_connector is not None:
-            from engine.sim.handoff import SimulatedKV
-
-            self._kv = SimulatedKV(
-                config.kv_connector.role, config.kv_connector.extra, self.model_id, config.num_kv_blocks,
-                config.block_size, self.profile, on_freed=self._transfer_freed,
-            )  # fmt: skip
+        if config.kv_connector is not None:  # by module path, as vLLM loads its connector: engine/ and
+            spec = config.kv_connector  # kv_transfer/ do not import each other (DESIGN.md)
+            connector = getattr(importlib.import_module(spec.module_path), spec.class_name)
+            self._kv = connector(
+                spec.role,
+                spec.extra,
+                self.model_id,
+                config.num_kv_blocks,
+                config.block_size,
+                link_s=self.profile.transfer_s,
+                on_freed=self._transfer_freed,
+            )
         self._producers: dict[str, _Producer] = {}  # request id → its offer
         self._transfer_of: dict[str, str] = {}  # transfer id → the request whose blocks it holds
-        self._consumers: dict[str, TransferHandle] = {}  # request id → the KV it pulls
+        self._consumers: dict[str, Any] = {}  # request id → the handle of the KV it pulls
         self._pulled: dict[str, int] = {}  # request id → prompt tokens whose KV landed
         self._readers: dict[str, _Reader] = {}
         self._prompt_tokens_total = self._cached_tokens_total = 0
@@ -247,7 +251,7 @@ class SimulatedEngine:
         )  # fmt: skip
         return seq
 
-    def _part(self, seq: SimSequence, params: dict) -> _Producer | TransferHandle | None:
+    def _part(self, seq: SimSequence, params: dict) -> _Producer | Any | None:
         """A ``produce`` request's offer (its blocks held for a puller), a ``consume`` request's handle (an
         unusable one: None, the prompt computed here, as vLLM's connector does), or None."""
         role = params.get("pdserve")
@@ -258,30 +262,13 @@ class SimulatedEngine:
         blocks = -(-len(seq.prompt) // self.block_size)
         hashes_hex = list(params.get("block_hashes") or [])
         if role == "consume":
-            return self._usable_handle(seq, params.get("handle"), hashes_hex)
+            return self._kv.usable_handle(seq.request_id, params.get("handle"), self.model_id, hashes_hex)
         try:
             hashes = [bytes.fromhex(h) for h in hashes_hex[:blocks]]
         except (TypeError, ValueError):
             raise EngineInputError("kv_transfer_params", "block_hashes must be hex digests", seq.request_id) from None
         hashes += [b""] * (blocks - len(hashes))  # a trailing partial block has none
         return _Producer(params["transfer_id"], hashes, hashes_hex)
-
-    def _usable_handle(self, seq: SimSequence, handle_hex, hashes_hex: list[str]) -> TransferHandle | None:
-        from google.protobuf.message import DecodeError
-
-        from kv_transfer.errors import TransferError
-        from kv_transfer.transfer import TransferHandle
-
-        try:
-            handle = TransferHandle.from_bytes(bytes.fromhex(handle_hex))
-        except (TypeError, ValueError, DecodeError, TransferError) as exc:
-            log.warning("request %s: unusable KV handle, prefilling locally: %s", seq.request_id, exc)
-            return None
-        theirs = [h.hex() for h in handle.block_hashes[: len(hashes_hex)]]
-        if handle.model_id != self.model_id or hashes_hex[: len(theirs)] != theirs:
-            log.warning("request %s: the handle's blocks are not this prompt's", seq.request_id)
-            return None
-        return handle
 
     def _drop(self, request_id: str) -> _Reader | None:
         with self._lock:
@@ -431,18 +418,14 @@ class SimulatedEngine:
     def _finished_transfer(self, seq: SimSequence) -> dict | None:
         """A finished request's ``kv_transfer_params``, as vLLM's connector gives them: a producer's handle
         (None where nothing is held for a puller), a consumer's tokens pulled."""
-        from kv_transfer.vllm_connector import PULLED_TOKENS_KEY, SenderInfo, transfer_handle
-
         rid = seq.request_id
         if rid in self._pulled or rid in self._consumers:
             self._consumers.pop(rid, None)
-            return {PULLED_TOKENS_KEY: self._pulled.pop(rid, 0)}
+            return self._kv.pulled_params(self._pulled.pop(rid, 0))
         producer = self._producers.pop(rid, None)
         if producer is None or producer.refused or producer.transfer_id not in self._transfer_of:
             return None
-        senders = [SenderInfo.from_dict(rank) for rank in self._kv.handshake()]
-        handle = transfer_handle(senders, self.block_size, producer.transfer_id, producer.hashes_hex, len(seq.prompt))
-        return {"pdserve_handle": handle}
+        return self._kv.offered_params(producer.transfer_id, producer.hashes_hex, len(seq.prompt))
 
     def _announce(self, events: list[CacheEvent]) -> None:
         if events and self._on_cache_events is not None:

@@ -1,4 +1,7 @@
-"""The simulated engine's KV hand-off: pdserve's real transfer path over a stand-in cache.
+"""The simulated engine's KV connector: pdserve's real transfer path over a stand-in cache.
+
+The simulated engine (engine/sim/engine.py) loads it by module path from its config, as vLLM loads
+pdserve's vLLM connector (the composition names it by ``engine.kind``).
 
 Offers under leases (``TransferRegistry``), the sender's KV server, the puller's gRPC channel, its
 releases and aborts, the decode worker's lease renewals: all the same code a vLLM worker's connector
@@ -20,8 +23,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
-from engine.errors import EngineConfigError
-from engine.sim.profile import HardwareProfile
+from google.protobuf.message import DecodeError
+
 from kv_transfer.channel import GrpcKVChannel
 from kv_transfer.errors import TransferError
 from kv_transfer.grpc_service import KVTransferServer
@@ -29,10 +32,12 @@ from kv_transfer.transfer import KVFingerprint, TransferHandle, TransferRegistry
 from kv_transfer.vllm_connector import (
     DEFAULT_LEASE_S,
     DEFAULT_PULL_TIMEOUT_S,
+    PULLED_TOKENS_KEY,
     TOKEN_ENV,
     SenderInfo,
     failure_cause,
     kv_tls,
+    transfer_handle,
 )
 
 log = logging.getLogger(__name__)
@@ -44,16 +49,17 @@ class SimulatedKV:
     """One simulated engine's side of the hand-off: a sender (``kv_producer``) or a puller (``kv_consumer``)."""
 
     def __init__(self, role: str, extra: dict, model_id: str, num_blocks: int, block_size: int,
-                 profile: HardwareProfile, on_freed: Callable[[str], None]):  # fmt: skip
+                 link_s: Callable[[int], float], on_freed: Callable[[str], None]):  # fmt: skip
         import torch
 
         if kv_tls(extra) is not None:
-            raise EngineConfigError("kv_connector.extra", "the simulated engine moves its stand-in KV without TLS")
+            raise ValueError("kv_connector.extra: the simulated engine moves its stand-in KV without TLS")
         secret = os.environ.get(TOKEN_ENV)
         if not secret:
-            raise EngineConfigError("kv_connector", f"{TOKEN_ENV} must be set: KV transfers need the cluster token")
+            raise ValueError(f"{TOKEN_ENV} must be set: KV transfers need the cluster token")
         self.role = role
-        self._profile = profile
+        self._link_s = link_s  # the seconds a prompt's KV of so many tokens takes on the link
+        self._block_size = block_size
         self._stall_timeout_s = float(extra.get("stall_timeout_s", 5.0))
         self._pull_timeout_s = float(extra.get("pull_timeout_s", DEFAULT_PULL_TIMEOUT_S))
         self.layers = [torch.zeros((num_blocks, 1, block_size, 1), dtype=torch.uint8)]
@@ -116,7 +122,32 @@ class SimulatedKV:
     def open_transfers(self) -> int:
         return len(self._registry.active()) if self._registry is not None else 0
 
+    def offered_params(self, transfer_id: str, block_hashes_hex: list[str], num_tokens: int) -> dict:
+        """A finished producer's ``kv_transfer_params``: its handle, as vLLM's connector gives it."""
+        senders = [SenderInfo.from_dict(rank) for rank in self.handshake()]
+        return {"pdserve_handle": transfer_handle(senders, self._block_size, transfer_id, block_hashes_hex, num_tokens)}
+
     # ----- the puller's side ----------------------------------------------------------------
+
+    @staticmethod
+    def usable_handle(request_id: str, handle_hex, model_id: str, block_hashes_hex: list[str]) -> TransferHandle | None:
+        """The handle of a ``consume`` request, or None (the prompt is computed there) where it cannot be used:
+        unreadable, of another model, or of another prompt's blocks."""
+        try:
+            handle = TransferHandle.from_bytes(bytes.fromhex(handle_hex))
+        except (TypeError, ValueError, DecodeError, TransferError) as exc:
+            log.warning("request %s: unusable KV handle, prefilling locally: %s", request_id, exc)
+            return None
+        theirs = [h.hex() for h in handle.block_hashes[: len(block_hashes_hex)]]
+        if handle.model_id != model_id or block_hashes_hex[: len(theirs)] != theirs:
+            log.warning("request %s: the handle's blocks are not this prompt's", request_id)
+            return None
+        return handle
+
+    @staticmethod
+    def pulled_params(tokens: int) -> dict:
+        """A finished consumer's ``kv_transfer_params``: the prompt tokens whose KV it loaded."""
+        return {PULLED_TOKENS_KEY: tokens}
 
     def pull(self, handle: TransferHandle, block_indices: list[int], dest_block_ids: list[int],
              done: Callable[[bool], None]) -> None:  # fmt: skip
@@ -134,7 +165,7 @@ class SimulatedKV:
                 timeout_s=self._pull_timeout_s,
             )  # fmt: skip
             nbytes = result.bytes
-            time.sleep(self._profile.transfer_s(len(block_indices) * self.layers[0].shape[2]))
+            time.sleep(self._link_s(len(block_indices) * self._block_size))
         except TransferError as exc:
             cause = failure_cause(exc)
             log.warning("KV load failed (%s), recomputing locally: %s", cause, exc)
