@@ -70,11 +70,19 @@ def test_http_gives_the_same_greedy_tokens(client, model_dir):
 
 
 def test_a_long_prompt_sent_again_is_prefilled_where_it_is_cached(client):
+    def held(worker_id: str) -> int:
+        return next((w.cached_blocks for w in client.status().workers if w.worker_id == worker_id), 0)
+
     ids = prompt(300, 11)
+    before = {w.worker_id: w.cached_blocks for w in client.status().workers}
     _, _, first = client.greedy(ids, 4)
     holder = first.timing.prefill_worker
-    wait_for(lambda: next((w.cached_blocks for w in client.status().workers if w.worker_id == holder), 0) >= 9, 10,
-             "the holder's blocks never reached the index")  # fmt: skip
+    # The holder may hold earlier requests' blocks: wait for this prompt's 9 full blocks (of 32) on top of them.
+    wait_for(lambda: held(holder) >= before[holder] + 9, 10, "the holder's blocks never reached the index")
+    # The decode worker that pulled the prompt caches it too, so a short suffix would be prefilled there (fewer
+    # than local_prefill_max_uncached_tokens uncached); a long one is sent to a prefill worker, and the holder is
+    # the cheapest.
     for suffix in range(3):
-        _, _, again = client.greedy(ids + prompt(60, 20 + suffix), 4)
+        _, _, again = client.greedy(ids + prompt(280, 20 + suffix), 4)
+        assert again.timing.placement == "disaggregated"
         assert again.timing.prefill_worker == holder and again.usage.cached_prompt_tokens >= 288
