@@ -43,6 +43,14 @@ def prompt(n: int, offset: int = 0) -> list[int]:
     return [(offset * 7919 + i * 31) % 1000 + 2 for i in range(n)]
 
 
+def simulated_greedy(model_dir: Path, ids: list[int], n: int) -> list[int]:
+    """The simulated engine's greedy tokens for ``ids``: a function of the context (engine/sim/tokens.py)."""
+    from engine.sim.tokens import Continuation
+
+    continuation = Continuation(ids, 0, json.loads((model_dir / "config.json").read_text())["vocab_size"])
+    return [continuation.next_token() for _ in range(n)]
+
+
 class _WithKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
     """Adds ``authorization: Bearer <key>`` to every call, as an API-key client would."""
 

@@ -7,13 +7,11 @@ checkable; its cache events go through the same index, and its KV through the sa
 
 from __future__ import annotations
 
-import json
 import time
 
 import pytest
-from service_client import prompt, service_config
+from service_client import prompt, service_config, simulated_greedy
 
-from engine.sim.tokens import output_token, prompt_key
 from pdserve.up import start
 
 pytestmark = pytest.mark.service
@@ -32,11 +30,6 @@ def service(model_dir, tmp_path_factory):
     running = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)
     yield running
     running.stop()
-
-
-def simulated_greedy(model_dir, ids: list[int], n: int) -> list[int]:
-    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-    return [output_token(prompt_key(ids), position, 0, vocab) for position in range(n)]
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:

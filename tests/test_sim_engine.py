@@ -62,7 +62,7 @@ def prompt(n: int, offset: int = 0) -> list[int]:
 
 
 def sequence(rid: str, n: int, max_tokens: int = 4, offset: int = 0) -> SimSequence:
-    return SimSequence(rid, prompt(n, offset), max_tokens, sample=lambda seq, position: 7)
+    return SimSequence(rid, prompt(n, offset), max_tokens, sample=lambda: 7)
 
 
 def run_to_end(scheduler: Scheduler) -> list[tuple[str, ...]]:
@@ -98,6 +98,14 @@ def test_greedy_output_is_a_function_of_the_prompt_and_a_seed_picks_a_sampled_on
     assert seeded == [t for d in run(engine, prompt(20), temperature=1.0, seed=3) for t in d.token_ids]
     assert seeded != [t for d in run(engine, prompt(20), temperature=1.0, seed=4) for t in d.token_ids]
     assert seeded != greedy
+
+
+def test_greedy_output_resumed_from_the_prompt_and_its_first_tokens_goes_on_with_the_same_tokens(make_engine):
+    """As a real model's: a stream moved to another worker carries on unchanged."""
+    engine = make_engine()
+    whole = [t for d in run(engine, prompt(20), max_tokens=12, ignore_eos=True) for t in d.token_ids]
+    resumed = [t for d in run(engine, prompt(20) + whole[:5], max_tokens=7, ignore_eos=True) for t in d.token_ids]
+    assert resumed == whole[5:]
 
 
 def test_max_tokens_and_a_stop_token_end_the_stream(make_engine):

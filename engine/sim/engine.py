@@ -39,7 +39,7 @@ from engine.requests import check_prompt, next_item
 from engine.sim.kv_pool import KVPool
 from engine.sim.profile import DEFAULT_PROFILE, load_profile
 from engine.sim.scheduler import Scheduler, SimSequence, Step
-from engine.sim.tokens import output_token, prompt_key, sampling_salt
+from engine.sim.tokens import Continuation, sampling_salt
 from engine.types import EngineStats, GenerateRequest, KVLayout, OutputDelta, SamplingOptions
 
 log = logging.getLogger(__name__)
@@ -239,14 +239,13 @@ class SimulatedEngine:
         for name in _NOT_MODELLED_FIELDS:
             if getattr(options, name) != getattr(_NOT_MODELLED, name):
                 raise EngineInputError(name, "the simulated engine does not model it", rid)
-        key = prompt_key(ids)
-        salt = sampling_salt(options)
+        continuation = Continuation(ids, sampling_salt(options), self.vocab_size)
         stops = frozenset(options.stop_token_ids) | (
             frozenset() if options.ignore_eos or self._eos is None else frozenset(_as_list(self._eos))
         )
         seq = SimSequence(
             rid, list(ids), options.max_tokens,
-            sample=lambda seq, position: output_token(key, position, salt, self.vocab_size),
+            sample=continuation.next_token,
             min_tokens=options.min_tokens, stop_token_ids=stops,
         )  # fmt: skip
         return seq

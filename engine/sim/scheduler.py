@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from engine.block_hash import block_hash, hash_chain, root_hash
@@ -27,7 +28,7 @@ class SimSequence:
     request_id: str
     prompt: list[int]
     max_tokens: int
-    sample: object  # (sequence, output position) → token id; the engine's, seeded per request
+    sample: Callable[[], int]  # the next output token id; the engine's, seeded per request
     min_tokens: int = 0
     stop_token_ids: frozenset[int] = frozenset()
     remote_tokens: int = 0  # prompt tokens whose KV a prefill worker sends (a decode with a handle)
@@ -167,7 +168,7 @@ class Scheduler:
                 continue
             seq.computed += tokens
             if seq.computed == len(seq.tokens):
-                seq.tokens.append(seq.sample(seq, len(seq.output)))
+                seq.tokens.append(seq.sample())
                 self._cache_full_blocks(seq)
                 sampled.append(seq)
             else:

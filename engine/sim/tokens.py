@@ -1,7 +1,9 @@
-"""The simulated engine's output: token ids that are a seeded function of the prompt, so outputs are checkable.
+"""The simulated engine's output: token ids that are a seeded function of the context, so outputs are checkable.
 
-Greedy (temperature 0) gives one sequence per prompt on every worker, as a real model's greedy output
-would; sampling with a seed gives that seed's sequence, without one a fresh sequence each time.
+Each token is a function of every token before it, prompt and output, as a real model's greedy output is:
+greedy (temperature 0) gives one sequence per prompt on every worker, and a stream resumed elsewhere from
+its prompt and the tokens it already had goes on with the tokens it would have had. Sampling with a seed
+gives that seed's sequence, without one a fresh sequence each time.
 """
 
 from __future__ import annotations
@@ -15,10 +17,6 @@ import xxhash
 from engine.types import SamplingOptions
 
 
-def prompt_key(prompt_token_ids: Sequence[int]) -> bytes:
-    return xxhash.xxh3_128_digest(struct.pack(f"<{len(prompt_token_ids)}I", *prompt_token_ids))
-
-
 def sampling_salt(options: SamplingOptions) -> int:
     """0 for greedy; for seeded sampling, a stream per seed and sampling settings; a random one otherwise."""
     if options.temperature == 0:
@@ -29,6 +27,16 @@ def sampling_salt(options: SamplingOptions) -> int:
     return xxhash.xxh3_64_intdigest(settings) | 1
 
 
-def output_token(key: bytes, position: int, salt: int, vocab_size: int) -> int:
-    """The token at output ``position`` (0: the first) of the prompt whose key is ``key``."""
-    return xxhash.xxh3_64_intdigest(key + struct.pack("<QQ", position, salt)) % vocab_size
+class Continuation:
+    """The tokens that follow ``context``, one at a time; the context hash is kept running, so a token costs
+    the same at any length."""
+
+    def __init__(self, context: Sequence[int], salt: int, vocab_size: int):
+        self._hash = xxhash.xxh3_128(struct.pack(f"<{len(context)}I", *context))
+        self._salt = struct.pack("<Q", salt)
+        self._vocab_size = vocab_size
+
+    def next_token(self) -> int:
+        token = xxhash.xxh3_64_intdigest(self._hash.digest() + self._salt) % self._vocab_size
+        self._hash.update(struct.pack("<I", token))
+        return token
