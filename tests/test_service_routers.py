@@ -3,10 +3,14 @@
 Each router replica runs its own gRPC listener on the shared port (SO_REUSEPORT),
 so every new connection lands on one of them; a channel with its own subchannel
 pool is one connection, hence one router for its whole life.
+
+On the simulated engine (what is tested is the router tier; its decode steps are slowed to 20 ms, so a
+600-token stream is still running when its router is killed).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +27,9 @@ from pdserve_pb.v1 import generate_pb2_grpc as pb_grpc
 pytestmark = pytest.mark.service
 
 LOAD_BOUND = 1.3  # the default: the burst test checks the bound itself
+PROFILE = {"name": "routers-test", "source": "tests: streams that outlast a router kill", "base_ms": 20.0,
+           "prefill_ms_per_token": 0.05, "prefill_ms_per_token2": 0.0, "decode_ms_per_seq": 0.0,
+           "decode_ms_per_context_token": 0.0, "kv_bytes_per_token": 1, "link_bytes_per_s": 1e9}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +37,12 @@ def service(model_dir, tmp_path_factory):
     from pdserve.local_redis import LocalRedis
 
     redis = LocalRedis(tmp_path_factory.mktemp("redis")).start()
+    profile = tmp_path_factory.mktemp("profile") / "profile.json"
+    profile.write_text(json.dumps(PROFILE))
     overrides = {
+        "engine.kind": "simulated",
+        "engine.simulated_profile": str(profile),
+        "engine.num_kv_blocks": 512,
         "service.router.num_replicas": 2,
         "service.prefill.num_replicas": 2,
         "router.index.redis_url": redis.url,
