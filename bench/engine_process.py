@@ -35,7 +35,7 @@ def _engine_main(conn, config_json: str, env: dict) -> None:
             except Exception as exc:
                 conn.send(("error", repr(exc)))
         elif command == "kv_handle":
-            from kv_transfer.vllm_connector import SenderInfo, transfer_handle
+            from kv_transfer.handoff import SenderInfo, transfer_handle
 
             senders = [SenderInfo.from_dict(rank) for rank in engine.kv_connector_handshake()]
             conn.send(("kv_handle", transfer_handle(senders, engine.block_size, *args)))

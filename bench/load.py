@@ -41,6 +41,8 @@ class Record:
     output_tokens: int = 0
     cached_tokens: int = 0
     error: str = ""
+    prompt_worker: str = ""  # gRPC only: the worker that computed the prompt (a decode worker when it did)
+    decode_worker: str = ""  # gRPC only
 
     @property
     def tpot_s(self) -> float:
@@ -148,6 +150,9 @@ async def send_grpc(stub, turn: Turn, record: Record, timeout_s: float) -> None:
     async for reply in stub.Generate(request, timeout=timeout_s):
         if reply.HasField("usage"):
             record.cached_tokens = reply.usage.cached_prompt_tokens
+        if reply.HasField("timing"):
+            record.decode_worker = reply.timing.decode_worker
+            record.prompt_worker = reply.timing.prefill_worker or reply.timing.decode_worker
         if reply.token_ids:
             last = _token(record, start, last, len(reply.token_ids))
     record.e2e_s = time.perf_counter() - start

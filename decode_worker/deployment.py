@@ -29,9 +29,9 @@ from engine.hosting import HostedWorker, WorkerSettings
 from engine.types import DecodeJob, OutputDelta
 from kv_transfer.channel import GrpcKVChannel
 from kv_transfer.errors import TransferError
+from kv_transfer.handoff import DEFAULT_LEASE_S, PULLED_TOKENS_KEY, TOKEN_ENV, kv_tls
 from kv_transfer.lease_keeper import LeaseKeeper
 from kv_transfer.transfer import TransferHandle
-from kv_transfer.vllm_connector import DEFAULT_LEASE_S, PULLED_TOKENS_KEY, TOKEN_ENV, kv_tls
 
 
 @serve.deployment(name="DecodeWorker", health_check_period_s=5, health_check_timeout_s=10)

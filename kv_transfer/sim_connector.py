@@ -28,8 +28,7 @@ from google.protobuf.message import DecodeError
 from kv_transfer.channel import GrpcKVChannel
 from kv_transfer.errors import TransferError
 from kv_transfer.grpc_service import KVTransferServer
-from kv_transfer.transfer import KVFingerprint, TransferHandle, TransferRegistry
-from kv_transfer.vllm_connector import (
+from kv_transfer.handoff import (
     DEFAULT_LEASE_S,
     DEFAULT_PULL_TIMEOUT_S,
     PULLED_TOKENS_KEY,
@@ -39,6 +38,7 @@ from kv_transfer.vllm_connector import (
     kv_tls,
     transfer_handle,
 )
+from kv_transfer.transfer import KVFingerprint, TransferHandle, TransferRegistry
 
 log = logging.getLogger(__name__)
 

@@ -25,8 +25,7 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from kv_transfer.errors import (
     TransferLayoutError,
@@ -36,6 +35,9 @@ from kv_transfer.errors import (
     TransferVersionError,
 )
 from pdserve_pb.v1 import kv_transfer_pb2 as pb
+
+if TYPE_CHECKING:  # offers hold the engine's tensors, which this module only indexes: it needs no torch itself
+    import torch
 
 WIRE_VERSION = pb.WIRE_VERSION_3
 DEFAULT_CHUNK_BYTES = 4 << 20  # gRPC chunk size: under the usual 4 MiB message limit, configurable

@@ -56,7 +56,6 @@ import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -72,23 +71,23 @@ from vllm.v1.request import RequestStatus
 
 from kv_transfer.channel import GrpcKVChannel, KVChannel
 from kv_transfer.dist_channel import DistKVChannel
-from kv_transfer.errors import (
-    TransferDenied,
-    TransferError,
-    TransferIntegrityError,
-    TransferLayoutError,
-    TransferNotFound,
-    TransferRequestError,
-    TransferTimeout,
-    TransferUnavailable,
-    TransferVersionError,
-)
+from kv_transfer.errors import TransferError
 from kv_transfer.fingerprint import weights_digest
 from kv_transfer.grpc_service import KVTransferServer
+from kv_transfer.handoff import (
+    DEFAULT_LEASE_S,
+    DEFAULT_PULL_TIMEOUT_S,
+    PULLED_TOKENS_KEY,
+    TOKEN_ENV,
+    SenderInfo,
+    block_digests,
+    failure_cause,
+    kv_tls,
+    transfer_handle,
+)
 from kv_transfer.transfer import (
     DEFAULT_CHUNK_BYTES,
     KVFingerprint,
-    SenderRank,
     TransferHandle,
     TransferRegistry,
     TransferState,
@@ -98,31 +97,9 @@ from kv_transfer.transfer import (
 
 log = logging.getLogger(__name__)
 
-TOKEN_ENV = "PDSERVE_CLUSTER_TOKEN"
-DEFAULT_LEASE_S = 30.0  # how long an offer nobody renews or releases holds its blocks
-PULLED_TOKENS_KEY = "pdserve_pulled_tokens"  # in a consumer's final kv_transfer_params: prompt tokens loaded
-DEFAULT_PULL_TIMEOUT_S = 600.0  # a whole pull, a long chunked prefill included (stalls fail it sooner)
+# vLLM types a rank's handshake as its (empty) base class; the handshake itself is vLLM-free (handoff.py).
+KVConnectorHandshakeMetadata.register(SenderInfo)
 _LOADS_REMEMBERED = 1024  # recent loads whose times ``transfer_times`` answers
-
-
-@dataclass
-class SenderInfo(KVConnectorHandshakeMetadata):
-    """What one rank's worker side tells the scheduler side once its KV caches exist."""
-
-    address: str
-    first_head: int
-    num_heads: int
-    fingerprint: KVFingerprint
-    backends: tuple[str, ...]  # the channels it serves
-
-    @classmethod
-    def from_dict(cls, data: dict) -> SenderInfo:
-        """From ``dataclasses.asdict`` of one (it crosses vLLM's ``collective_rpc`` as a dict)."""
-        fingerprint = {**data["fingerprint"], "head_shape": tuple(data["fingerprint"]["head_shape"])}
-        return cls(
-            data["address"], data["first_head"], data["num_heads"], KVFingerprint(**fingerprint),
-            tuple(data["backends"]),
-        )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -172,55 +149,6 @@ class _Producing:
     transfer_id: str
     prompt: int  # tokens
     num_block_ids: int  # block ids offered so far
-
-
-def _hashes(params: dict, count: int) -> list[bytes]:
-    """The first ``count`` block digests the request carries, padded (a trailing partial block has none)."""
-    try:
-        hashes = [bytes.fromhex(h) for h in params.get("block_hashes", [])][:count]
-    except (TypeError, ValueError):
-        hashes = []
-    return hashes + [b""] * (count - len(hashes))
-
-
-def transfer_handle(
-    senders: list[SenderInfo], block_size: int, transfer_id: str, block_hashes: list[str], num_tokens: int
-) -> str:
-    """The handle (hex) of a transfer the ranks ``senders`` offer, or will offer: the prefill worker hands it out
-    up front, from the handshakes its engine's ranks made (``Engine.kv_connector_handshake``), with no call into
-    vLLM."""
-    hashes = _hashes({"block_hashes": block_hashes}, -(-num_tokens // block_size))
-    ranks = tuple(SenderRank(s.address, s.first_head, s.num_heads) for s in senders)
-    handle = TransferHandle(transfer_id, tuple(hashes), num_tokens, senders[0].fingerprint, ranks, senders[0].backends)
-    return handle.to_bytes().hex()
-
-
-@dataclass(frozen=True)
-class KVTLS:
-    certificate: bytes
-    key: bytes
-    ca: bytes
-
-
-def kv_tls(extra: dict) -> KVTLS | None:
-    """TLS for KV from the connector's config (``tls_cert_file``, ``tls_key_file``, ``tls_ca_file``), or None."""
-    names = ("tls_cert_file", "tls_key_file", "tls_ca_file")
-    if not any(extra.get(name) for name in names):
-        return None
-    missing = [name for name in names if not extra.get(name)]
-    if missing:
-        raise ValueError(f"TLS for KV needs {', '.join(missing)} too")
-    return KVTLS(*(Path(extra[name]).read_bytes() for name in names))
-
-
-def failure_cause(exc: BaseException) -> str:
-    """The ``cause`` label of a failed load (``pdserve:kv_transfer_failures_total{cause}``)."""
-    causes = {
-        TransferLayoutError: "incompatible", TransferVersionError: "incompatible", TransferTimeout: "timeout",
-        TransferIntegrityError: "integrity", TransferNotFound: "not_found", TransferUnavailable: "unavailable",
-        TransferDenied: "denied", TransferRequestError: "bad_request",
-    }  # fmt: skip
-    return next((cause for kind, cause in causes.items() if isinstance(exc, kind)), "other")
 
 
 class PdserveConnector(KVConnectorBase_V1):
@@ -393,7 +321,7 @@ class PdserveConnector(KVConnectorBase_V1):
         prompt = len(request.prompt_token_ids)
         num_blocks = -(-prompt // self._block_size)
         segment_end = self._segment_end(request.num_computed_tokens + scheduled, prompt)
-        hashes = _hashes(params, num_blocks)
+        hashes = block_digests(params, num_blocks)
         return OfferSpec(request.request_id, transfer_id, block_ids[:num_blocks], hashes, prompt, segment_end)
 
     def _extend_spec(self, producing: _Producing, new_block_ids, computed: int) -> ExtendSpec:

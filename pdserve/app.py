@@ -22,7 +22,7 @@ from decode_worker.deployment import DecodeWorker
 from engine.config import EngineConfig, KVConnectorSpec
 from engine.hosting import WorkerSettings
 from engine.model_source import CONFIG_FILES, ModelSource, ensure_model, pin_revision
-from kv_transfer.vllm_connector import TOKEN_ENV
+from kv_transfer.handoff import TOKEN_ENV
 from pdserve import engine_layout
 from pdserve.config import PdserveConfig, PoolConfig, ServiceConfig, load_config
 from pdserve.engine_layout import PoolLayout

@@ -213,6 +213,21 @@ def _parser() -> argparse.ArgumentParser:
     autoscale_bench.add_argument("--seed", type=int, default=0)
     _add_json_dir_flag(autoscale_bench, "autoscale.json")
     autoscale_bench.set_defaults(run=_bench_autoscale)
+    placement_bench = suites.add_parser(
+        "placement", help="placement policies in the service at 8 prefill + 16 decode workers, and the oracle"
+    )
+    _add_config_flags(placement_bench)
+    placement_bench.add_argument(
+        "--engine", choices=["simulated"], default="simulated",
+        help="the simulated engine (24 vLLM engines do not fit this machine)",
+    )  # fmt: skip
+    placement_bench.add_argument("--tenants", type=int, default=16, help="tenants, each with a shared context")
+    placement_bench.add_argument("--rate", type=float, default=8.0, help="requests per second (Poisson)")
+    placement_bench.add_argument("--duration-s", type=float, default=60.0, help="seconds of arrivals per policy")
+    placement_bench.add_argument("--time-scale", type=float, default=10.0, help="the hardware profile slowed so much")
+    placement_bench.add_argument("--seed", type=int, default=0)
+    _add_json_dir_flag(placement_bench, "placement_live.json")
+    placement_bench.set_defaults(run=_bench_placement)
     return parser
 
 
@@ -590,6 +605,20 @@ def _bench_autoscale(args: argparse.Namespace) -> int:
     trace = StepTrace(phases=phases, max_replicas=args.max_replicas, seed=args.seed)
     config = _bench_config(args)
     result = run_autoscale(config, trace, model_info(config.engine).vocab_size)
+    print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
+    if args.json is not None:
+        print(f"wrote {write(result, args.json)}")
+    return 0
+
+
+def _bench_placement(args: argparse.Namespace) -> int:
+    from bench.placement_live import ClusterShape, TenantTrace, run_placement, write
+    from pdserve.app import model_info
+
+    trace = TenantTrace(tenants=args.tenants, rate_per_s=args.rate, duration_s=args.duration_s, seed=args.seed)
+    config = _bench_config(args)
+    shape = ClusterShape(time_scale=args.time_scale)
+    result = run_placement(config, trace, shape, model_info(config.engine).vocab_size)
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
     if args.json is not None:
         print(f"wrote {write(result, args.json)}")

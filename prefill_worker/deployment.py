@@ -19,7 +19,7 @@ from ray import serve
 from engine.config import EngineConfig
 from engine.hosting import HostedWorker, WorkerSettings
 from engine.types import PrefillJob, PrefillResult
-from kv_transfer.vllm_connector import TOKEN_ENV, SenderInfo, transfer_handle
+from kv_transfer.handoff import TOKEN_ENV, SenderInfo, transfer_handle
 
 
 def with_transfer_host(config: EngineConfig) -> EngineConfig:

@@ -144,7 +144,7 @@ def test_the_prefill_blocks_are_freed_after_the_decode_side_releases_them(prefil
 
 
 def test_only_the_blocks_the_decode_side_lacks_cross(prefill, decode):
-    from kv_transfer.vllm_connector import PULLED_TOKENS_KEY
+    from kv_transfer.handoff import PULLED_TOKENS_KEY
 
     shared = prompt(3 * BLOCK, offset=3)
     decode.generate("warm", shared + prompt(5, offset=4), 1)  # the decode side caches 3 blocks of the prefix

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 import uuid
 
@@ -18,7 +20,7 @@ from engine.sim.kv_pool import KVPool
 from engine.sim.profile import PROFILES, HardwareProfile, load_profile
 from engine.sim.scheduler import Scheduler, SimSequence
 from engine.types import GenerateRequest, SamplingOptions
-from kv_transfer.vllm_connector import PULLED_TOKENS_KEY, TOKEN_ENV, SenderInfo, transfer_handle
+from kv_transfer.handoff import PULLED_TOKENS_KEY, TOKEN_ENV, SenderInfo, transfer_handle
 
 BLOCK = 16
 
@@ -249,3 +251,15 @@ def test_a_prefill_preempted_after_its_offer_withdraws_it_and_holds_nothing(make
     assert first is not None and second is None  # preempted after its offer: withdrawn, nothing held for it
     assert producer.kv_transfer_stats()["offers"] == {"aborted": 2}
     assert producer.open_kv_transfers() == 0 and producer.stats().kv_blocks_free == 12
+
+
+def test_a_simulated_worker_never_imports_vllm():
+    """What a simulated worker's process loads: the worker deployments, the engine and its connector. vLLM would
+    add ~8 s and ~350 MiB to each of them (torch, ~220 MiB, still comes with the KV channels)."""
+    code = (
+        "import sys, prefill_worker.deployment, decode_worker.deployment, engine.sim.engine, "
+        "kv_transfer.sim_connector; print(sorted(m for m in ('vllm', 'transformers') if m in sys.modules))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.strip() == "[]"
