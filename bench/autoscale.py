@@ -26,7 +26,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.load import SLO, Record, send_grpc, summarize
+from bench.load import SLO, Record, send_at, summarize
 from bench.running import with_service
 from bench.workloads import Turn
 from pdserve.config import PdserveConfig
@@ -94,15 +94,6 @@ async def run_trace(grpc_address: str, app_name: str, requests: list[tuple[float
     begun = time.perf_counter()
     done = asyncio.Event()
 
-    async def send(number: int, at: float, turn: Turn) -> None:
-        await asyncio.sleep(max(0.0, at - (time.perf_counter() - begun)))
-        record = Record(number, 0, time.perf_counter() - begun, len(turn.prompt))
-        records.append(record)
-        try:
-            await send_grpc(stub, turn, record, 300.0)
-        except Exception as exc:
-            record.error = repr(exc)[:300]
-
     def replicas() -> int:
         deployments = serve.status().applications[app_name].deployments
         return sum(deployments[d].replica_states.get(state, 0) for d in WORKER_POOLS for state in HELD)
@@ -114,7 +105,7 @@ async def run_trace(grpc_address: str, app_name: str, requests: list[tuple[float
 
     sampler = asyncio.create_task(sample())
     try:
-        await asyncio.gather(*(send(n, at, turn) for n, (at, turn) in enumerate(requests)))
+        await asyncio.gather(*(send_at(stub, begun, at, n, turn, records) for n, (at, turn) in enumerate(requests)))
     finally:
         done.set()
         await sampler

@@ -158,6 +158,18 @@ async def send_grpc(stub, turn: Turn, record: Record, timeout_s: float) -> None:
     record.e2e_s = time.perf_counter() - start
 
 
+async def send_at(stub, begun: float, at: float, number: int, turn: Turn, records: list[Record]) -> None:
+    """Request ``number`` of an open-loop trace, sent over gRPC ``at`` seconds after ``begun``; its record (an
+    error included) joins ``records``."""
+    await asyncio.sleep(max(0.0, at - (time.perf_counter() - begun)))
+    record = Record(number, 0, time.perf_counter() - begun, len(turn.prompt))
+    records.append(record)
+    try:
+        await send_grpc(stub, turn, record, 300.0)
+    except Exception as exc:
+        record.error = repr(exc)[:300]
+
+
 def _token(record: Record, start: float, last: float, count: int) -> float:
     now = time.perf_counter()
     if record.output_tokens == 0:

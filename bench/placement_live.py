@@ -30,7 +30,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.load import Record, send_grpc, summarize
+from bench.load import Record, send_at, summarize
 from bench.placement_sim import TraceRequest, simulate
 from bench.running import with_service
 from bench.workloads import Turn
@@ -104,17 +104,8 @@ async def replay(grpc_address: str, requests: list[tuple[float, Turn]]) -> tuple
     stub = pb_grpc.GenerationStub(channel)
     begun = time.perf_counter()
 
-    async def send(number: int, at: float, turn: Turn) -> None:
-        await asyncio.sleep(max(0.0, at - (time.perf_counter() - begun)))
-        record = Record(number, 0, time.perf_counter() - begun, len(turn.prompt))
-        records.append(record)
-        try:
-            await send_grpc(stub, turn, record, 300.0)
-        except Exception as exc:
-            record.error = repr(exc)[:300]
-
     try:
-        await asyncio.gather(*(send(n, at, turn) for n, (at, turn) in enumerate(requests)))
+        await asyncio.gather(*(send_at(stub, begun, at, n, turn, records) for n, (at, turn) in enumerate(requests)))
     finally:
         await channel.close()
     return sorted(records, key=lambda r: r.session), time.perf_counter() - begun
