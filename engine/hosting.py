@@ -4,6 +4,13 @@ The reporter is whatever the composition hands the worker (the prefix index,
 directly or through the router); the engine only knows it through
 ``WorkerReporter``. A heartbeat thread sends the load every ``heartbeat_s``; a
 worker whose heartbeats stop drops out of placement when their TTL lapses.
+
+A worker also beats early (at most every ``_EARLY_BEAT_GAP_S``) when a prompt it
+was computing is done. Routers add what they placed since a worker's last beat
+to the queue that beat reported, but what the worker finished since would stay
+counted until its next beat: the holder of a prefix sent again and again would
+look busy to every router for up to a beat after each prompt, and they would
+send the prefix elsewhere.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ from engine.throughput import BusyRate, RunningMean
 from engine.types import GenerateRequest, LoadFigures, OutputDelta
 
 log = logging.getLogger(__name__)
+
+_EARLY_BEAT_GAP_S = 0.01  # the least time between two heartbeats: at most 100 a second, however many prompts
 
 
 class WorkerReporter(Protocol):
@@ -79,6 +88,7 @@ class HostedEngine:
         self.prefill_rate, self.decode_rate = BusyRate(), BusyRate()
         self.prompt_tokens, self.output_tokens = RunningMean(), RunningMean()
         self._stop = threading.Event()
+        self._beat_now = threading.Event()  # a prompt is done: the queue the index holds is out of date
         self._heartbeat_s = heartbeat_s
         self._heartbeat = threading.Thread(target=self._beat, name="pdserve-heartbeat", daemon=True)
         self._heartbeat.start()
@@ -97,6 +107,7 @@ class HostedEngine:
                 if not decoding:
                     self._queued_prefill_tokens -= waiting
                     waiting = 0
+                    self._beat_now.set()
                     computed = delta.prompt_tokens - delta.cached_prompt_tokens
                     self.prefill_rate.add(computed)
                     self.prompt_tokens.add(computed)
@@ -110,7 +121,9 @@ class HostedEngine:
                     self.output_tokens.add(delta.completion_tokens)
                 yield delta
         finally:
-            self._queued_prefill_tokens -= waiting
+            if waiting:
+                self._queued_prefill_tokens -= waiting
+                self._beat_now.set()
             (self.decode_rate if decoding else self.prefill_rate).end()
 
     def load(self) -> LoadFigures:
@@ -132,6 +145,7 @@ class HostedEngine:
         """Leave: stop heartbeating and withdraw from the index (no router places here any more), give
         peers up to ``transfers_s`` to pull the KV still offered, then stop the engine."""
         self._stop.set()
+        self._beat_now.set()
         self._heartbeat.join(self._heartbeat_s + 1)
         self._reporter.close()
         deadline = time.monotonic() + transfers_s
@@ -152,11 +166,15 @@ class HostedEngine:
                 log.error("%s: %s; leaving the index", self.worker_id, exc)
                 self._reporter.close()
                 return
+            self._beat_now.clear()
             try:
                 self._reporter.report_load(self.load())
             except Exception as exc:  # a lost heartbeat is retried on the next beat; the TTL covers a few
                 log.warning("heartbeat of %s failed: %s", self.worker_id, exc)
-            if self._stop.wait(self._heartbeat_s):
+            if self._stop.wait(_EARLY_BEAT_GAP_S):
+                return
+            self._beat_now.wait(max(0.0, self._heartbeat_s - _EARLY_BEAT_GAP_S))
+            if self._stop.is_set():
                 return
 
 

@@ -39,6 +39,16 @@ def wait_for(condition, timeout_s: float, what: str) -> None:
         time.sleep(0.1)
 
 
+def held(client, worker_id: str) -> int:
+    """The blocks the index records for the worker."""
+    return next((w.cached_blocks for w in client.status().workers if w.worker_id == worker_id), 0)
+
+
+def settled(client, worker_id: str) -> bool:
+    """The worker's last heartbeat reads no prompt queued."""
+    return all(w.queued_prefill_tokens == 0 for w in client.status().workers if w.worker_id == worker_id)
+
+
 def test_every_replica_reports_in_and_a_long_prompt_is_prefilled_apart_and_its_kv_pulled(client, model_dir):
     def all_in() -> bool:
         roles = [w.role for w in client.status().workers]
@@ -63,19 +73,50 @@ def test_http_gives_the_same_greedy_tokens(client, model_dir):
 
 
 def test_a_long_prompt_sent_again_is_prefilled_where_it_is_cached(client):
-    def held(worker_id: str) -> int:
-        return next((w.cached_blocks for w in client.status().workers if w.worker_id == worker_id), 0)
-
     ids = prompt(300, 11)
     before = {w.worker_id: w.cached_blocks for w in client.status().workers}
     _, _, first = client.greedy(ids, 4)
     holder = first.timing.prefill_worker
     # The holder may hold earlier requests' blocks: wait for this prompt's 9 full blocks (of 32) on top of them.
-    wait_for(lambda: held(holder) >= before[holder] + 9, 10, "the holder's blocks never reached the index")
+    wait_for(lambda: held(client, holder) >= before[holder] + 9, 10, "the holder's blocks never reached the index")
     # The decode worker that pulled the prompt caches it too, so a short suffix would be prefilled there (fewer
     # than local_prefill_max_uncached_tokens uncached); a long one is sent to a prefill worker, and the holder is
     # the cheapest.
     for suffix in range(3):
+        # Placement reads each worker's queue from its last heartbeat: wait until the holder's reads settled (a
+        # worker beats as soon as a prompt is done; a beat taken while it ran would count it, test_hosting.py).
+        wait_for(lambda: settled(client, holder), 5, "the holder's queue never read empty")
         _, _, again = client.greedy(ids + prompt(280, 20 + suffix), 4)
         assert again.timing.placement == "disaggregated"
         assert again.timing.prefill_worker == holder and again.usage.cached_prompt_tokens >= 288
+
+
+def test_a_router_replica_restarted_rebuilds_its_in_memory_index_from_the_workers(service, client):
+    """The in-memory index lives in the router replica: its replacement starts empty, every worker's next
+    heartbeat finds itself unknown and re-sends what it holds, and a cached prompt is placed on its holder again."""
+    import grpc
+    import ray
+
+    ids = prompt(300, 31)
+    before = {w.worker_id: w.cached_blocks for w in client.status().workers}
+    _, _, first = client.greedy(ids, 4)
+    holder, router = first.timing.prefill_worker, first.timing.router
+    wait_for(lambda: held(client, holder) >= before[holder] + 9, 10, "the holder's blocks never reached the index")
+    ray.kill(ray.get_actor(f"SERVE_REPLICA::{service.config.service.app_name}#Router#{router}", namespace="serve"))
+
+    def replaced() -> bool:  # Serve starts a new router replica in the killed one's place
+        try:
+            return client.greedy(prompt(8, 33), 1)[2].timing.router != router
+        except grpc.RpcError:  # not up yet
+            return False
+
+    def rebuilt() -> bool:
+        workers = {w.worker_id: w.cached_blocks for w in client.status().workers}
+        return len(workers) == PREFILL + DECODE and workers.get(holder, 0) >= before[holder] + 9
+
+    wait_for(replaced, 120, "no router replica took the killed one's place")
+    wait_for(rebuilt, 30, "the replacement router's index never held the holder's blocks again")
+    wait_for(lambda: settled(client, holder), 5, "the holder's queue never read empty")
+    _, _, again = client.greedy(ids + prompt(280, 32), 4)
+    assert again.timing.router != router and again.timing.placement == "disaggregated"
+    assert again.timing.prefill_worker == holder and again.usage.cached_prompt_tokens >= 288

@@ -1,0 +1,68 @@
+"""A hosted engine's load as the prefix index sees it (the simulated engine, an in-process index)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+
+from engine.config import EngineConfig
+from engine.hosting import HostedEngine
+from engine.types import GenerateRequest, SamplingOptions
+from router.index import MemoryPrefixIndex, WorkerInfo
+from router.index.reporting import IndexReporter
+
+BEAT_S = 2.0
+
+
+class InProcessIndex:
+    """A worker reporting straight into an index in this process."""
+
+    def __init__(self):
+        self.index = MemoryPrefixIndex()
+
+    def start(self, worker_id: str, role: str, block_size: int, cpu_cores: str = "") -> IndexReporter:
+        return IndexReporter(WorkerInfo(worker_id, role, 1, block_size), 30.0, self.index)
+
+
+def queued(index: MemoryPrefixIndex) -> int:
+    (worker,) = index.live_workers()
+    return worker.load.queued_prefill_tokens
+
+
+def test_a_worker_beats_as_soon_as_a_prompt_is_done_not_a_beat_later(make_tiny_model, tmp_path):
+    """Routers read the queue from the last beat: a finished prompt must not look queued until the next one."""
+    profile = tmp_path / "profile.json"  # a 300-token prompt takes 2.5 s: a regular beat sees it queued
+    profile.write_text(json.dumps({"name": "slow-prompts", "source": "tests", "base_ms": 1.0,
+                                   "prefill_ms_per_token": 2500 / 300, "prefill_ms_per_token2": 0.0,
+                                   "decode_ms_per_seq": 0.0, "decode_ms_per_context_token": 0.0,
+                                   "kv_bytes_per_token": 1, "link_bytes_per_s": 1e9}))  # fmt: skip
+    config = EngineConfig(kind="simulated", model=make_tiny_model("llama"), num_kv_blocks=64,
+                          simulated_profile=str(profile))  # fmt: skip
+    reporting = InProcessIndex()
+    host = HostedEngine(config, "prefill", "w1", reporting, heartbeat_s=BEAT_S)
+    seen = []  # the queue the index holds, sampled while the prompt runs
+
+    async def prefill_and_watch() -> None:
+        request = GenerateRequest(uuid.uuid4().hex, list(range(2, 302)), SamplingOptions(max_tokens=1))
+        stream = asyncio.ensure_future(_drain(host.stream(request)))
+        while not stream.done():
+            seen.append(queued(reporting.index))
+            await asyncio.sleep(0.05)
+        await stream
+
+    try:
+        asyncio.run(prefill_and_watch())
+        done_at = time.monotonic()
+        assert 300 in seen, "no regular beat saw the prompt queued"
+        while queued(reporting.index) != 0:  # the next regular beat is ~1.5 s away
+            assert time.monotonic() - done_at < 0.5, "the finished prompt still looked queued"
+            time.sleep(0.01)
+    finally:
+        host.close()
+
+
+async def _drain(stream) -> None:
+    async for _ in stream:
+        pass
