@@ -7,11 +7,15 @@ both use it, and so do the worker deployments), so a simulated worker never impo
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
+
 from kv_transfer.errors import (
     TransferDenied,
+    TransferError,
     TransferIntegrityError,
     TransferLayoutError,
     TransferNotFound,
@@ -21,6 +25,8 @@ from kv_transfer.errors import (
     TransferVersionError,
 )
 from kv_transfer.transfer import KVFingerprint, SenderRank, TransferHandle
+
+log = logging.getLogger(__name__)
 
 TOKEN_ENV = "PDSERVE_CLUSTER_TOKEN"
 DEFAULT_LEASE_S = 30.0  # how long an offer nobody renews or releases holds its blocks
@@ -67,6 +73,26 @@ def transfer_handle(
     ranks = tuple(SenderRank(s.address, s.first_head, s.num_heads) for s in senders)
     handle = TransferHandle(transfer_id, tuple(hashes), num_tokens, senders[0].fingerprint, ranks, senders[0].backends)
     return handle.to_bytes().hex()
+
+
+def usable_handle(request_id: str, params: dict, model_id: str) -> TransferHandle | None:
+    """A ``consume`` request's handle (``params``: its ``kv_transfer_params``), or None where it cannot be used,
+    and the request prefills locally: unreadable, of another model, or of another prompt's blocks (the full
+    KV fingerprint is compared by each rank before it pulls)."""
+    try:
+        handle = TransferHandle.from_bytes(bytes.fromhex(params["handle"]))
+    except (KeyError, TypeError, ValueError, DecodeError, TransferError) as exc:
+        log.warning("request %s: unusable KV handle, prefilling locally: %s", request_id, exc)
+        return None
+    if handle.model_id != model_id:
+        log.warning("request %s: handle is for model %r, not %r", request_id, handle.model_id, model_id)
+        return None
+    ours = params.get("block_hashes") or []
+    theirs = [h.hex() for h in handle.block_hashes[: len(ours)]]
+    if ours[: len(theirs)] != theirs:  # the offered KV is of another prompt: never load it
+        log.warning("request %s: the handle's blocks are not this prompt's", request_id)
+        return None
+    return handle
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 
-from google.protobuf.message import DecodeError
-
 from kv_transfer.channel import GrpcKVChannel
 from kv_transfer.errors import TransferError
 from kv_transfer.grpc_service import KVTransferServer
@@ -37,6 +35,7 @@ from kv_transfer.handoff import (
     failure_cause,
     kv_tls,
     transfer_handle,
+    usable_handle,
 )
 from kv_transfer.transfer import KVFingerprint, TransferHandle, TransferRegistry
 
@@ -129,20 +128,7 @@ class SimulatedKV:
 
     # ----- the puller's side ----------------------------------------------------------------
 
-    @staticmethod
-    def usable_handle(request_id: str, handle_hex, model_id: str, block_hashes_hex: list[str]) -> TransferHandle | None:
-        """The handle of a ``consume`` request, or None (the prompt is computed there) where it cannot be used:
-        unreadable, of another model, or of another prompt's blocks."""
-        try:
-            handle = TransferHandle.from_bytes(bytes.fromhex(handle_hex))
-        except (TypeError, ValueError, DecodeError, TransferError) as exc:
-            log.warning("request %s: unusable KV handle, prefilling locally: %s", request_id, exc)
-            return None
-        theirs = [h.hex() for h in handle.block_hashes[: len(block_hashes_hex)]]
-        if handle.model_id != model_id or block_hashes_hex[: len(theirs)] != theirs:
-            log.warning("request %s: the handle's blocks are not this prompt's", request_id)
-            return None
-        return handle
+    usable_handle = staticmethod(usable_handle)  # for the engine, which does not import kv_transfer/
 
     @staticmethod
     def pulled_params(tokens: int) -> dict:

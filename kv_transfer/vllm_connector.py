@@ -59,7 +59,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from google.protobuf.message import DecodeError
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorHandshakeMetadata,
@@ -84,6 +83,7 @@ from kv_transfer.handoff import (
     failure_cause,
     kv_tls,
     transfer_handle,
+    usable_handle,
 )
 from kv_transfer.transfer import (
     DEFAULT_CHUNK_BYTES,
@@ -224,21 +224,9 @@ class PdserveConnector(KVConnectorBase_V1):
 
     def _handle_of(self, request) -> TransferHandle | None:
         """The request's handle, or None (the request prefills locally) when it cannot be used."""
-        try:
-            handle = TransferHandle.from_bytes(bytes.fromhex(request.kv_transfer_params["handle"]))
-        except (KeyError, TypeError, ValueError, DecodeError, TransferError) as exc:
-            log.warning("request %s: unusable KV handle, prefilling locally: %s", request.request_id, exc)
-            return None
-        model = self._vllm_config.model_config.served_model_name
-        if handle.model_id != model:  # the full fingerprint is compared by each rank before it pulls
-            log.warning("request %s: handle is for model %r, not %r", request.request_id, handle.model_id, model)
-            return None
-        ours = request.kv_transfer_params.get("block_hashes") or []
-        theirs = [h.hex() for h in handle.block_hashes[: len(ours)]]
-        if ours[: len(theirs)] != theirs:  # the offered KV is of another prompt: never load it
-            log.warning("request %s: the handle's blocks are not this prompt's", request.request_id)
-            return None
-        return handle
+        return usable_handle(
+            request.request_id, request.kv_transfer_params, self._vllm_config.model_config.served_model_name
+        )
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         if (request.kv_transfer_params or {}).get("pdserve") == "produce":

@@ -102,6 +102,13 @@ def test_greedy_output_is_a_function_of_the_prompt_and_a_seed_picks_a_sampled_on
     assert seeded != greedy
 
 
+def test_prompts_of_1_to_4_tokens_are_answered(make_engine):
+    engine = make_engine()
+    for n in range(1, 5):
+        deltas = run(engine, prompt(n), max_tokens=3, ignore_eos=True)
+        assert deltas[-1].completion_tokens == 3 and deltas[-1].finish_reason == "length", n
+
+
 def test_greedy_output_resumed_from_the_prompt_and_its_first_tokens_goes_on_with_the_same_tokens(make_engine):
     """As a real model's: a stream moved to another worker carries on unchanged."""
     engine = make_engine()

@@ -261,7 +261,7 @@ class SimulatedEngine:
         blocks = -(-len(seq.prompt) // self.block_size)
         hashes_hex = list(params.get("block_hashes") or [])
         if role == "consume":
-            return self._kv.usable_handle(seq.request_id, params.get("handle"), self.model_id, hashes_hex)
+            return self._kv.usable_handle(seq.request_id, params, self.model_id)
         try:
             hashes = [bytes.fromhex(h) for h in hashes_hex[:blocks]]
         except (TypeError, ValueError):
