@@ -131,7 +131,8 @@ def test_the_local_serve_config_runs_under_serve_run(tmp_path):
     config["applications"][0]["args"]["service"]["grpc_port"] = grpc_port
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "PDSERVE_MODEL_CACHE_DIR": str(tmp_path / "models")}
+    # Unbuffered: a hang's log ends where serve run stopped, not where its buffer was last written out.
+    env = {**os.environ, "PDSERVE_MODEL_CACHE_DIR": str(tmp_path / "models"), "PYTHONUNBUFFERED": "1"}
     serve_cli = Path(sys.executable).parent / "serve"
     log_path = tmp_path / "serve-run.log"  # what serve run said, for a failure's message
     with log_path.open("wb") as log:
@@ -165,5 +166,17 @@ def test_the_local_serve_config_runs_under_serve_run(tmp_path):
         try:
             process.wait(120)
         except subprocess.TimeoutExpired:
+            stacks = _python_stacks(process.pid)
             os.killpg(process.pid, signal.SIGKILL)
-            raise AssertionError(f"serve run did not exit within 120 s of SIGINT:\n{said()}") from None
+            raise AssertionError(f"serve run did not exit within 120 s of SIGINT:\n{said()}\n{stacks}") from None
+
+
+def _python_stacks(pid: int) -> str:
+    """Where a hung process waits: every thread's Python and native stack (py-spy), for a failure's message."""
+    py_spy = Path(sys.executable).parent / "py-spy"
+    try:
+        command = [py_spy, "dump", "--native", "--pid", str(pid)]
+        dump = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"(no stacks: {exc!r})"
+    return dump.stdout + dump.stderr

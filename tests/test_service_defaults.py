@@ -18,6 +18,7 @@ from short_prompts import ask_every_short_prompt, defaults_config, replica_ids
 from engine.process_priority import can_lower_niceness
 from pdserve.models import resolve_model
 from pdserve.up import start
+from pdserve_pb.v1 import generate_pb2 as pb
 
 pytestmark = pytest.mark.service
 
@@ -67,8 +68,13 @@ def test_bodies_that_break_the_parser_answer_400_in_openais_error_shape(client, 
 
 def test_requests_wait_for_the_replacement_when_the_only_decode_replica_dies(client, service):
     (victim,) = live_workers(client, "decode")
-    in_flight = ThreadPoolExecutor(1).submit(client.greedy, prompt(30, 7), 3000)  # streaming when the replica dies
-    _wait_streaming(client)
+    streamed: list[pb.GenerateReply] = []
+    in_flight = ThreadPoolExecutor(1).submit(_stream_greedy, client, prompt(30, 7), 3000, streamed)
+    # Killed once tokens have come back: a request that has streamed nothing is sent again, not moved.
+    deadline = time.monotonic() + 60
+    while not any(reply.token_ids for reply in list(streamed)):
+        assert time.monotonic() < deadline and not in_flight.done(), "the request never started streaming"
+        time.sleep(0.05)
     killed_at = kill_replica(service, "DecodeWorker", victim)
     results, errors = [], []
 
@@ -89,19 +95,20 @@ def test_requests_wait_for_the_replacement_when_the_only_decode_replica_dies(cli
     for thread in arrivals:
         thread.join(180)
     assert errors == [] and sorted(n for n, _ in results) == [6] * 5
-    tokens, _, last = in_flight.result(180)
-    assert len(tokens) == 3000 and last.timing.migrations == 1
+    in_flight.result(180)
+    tokens = [t for reply in streamed for t in reply.token_ids]
+    assert len(tokens) == 3000 and streamed[-1].timing.migrations == 1
     wait_for_replacement(client, "decode", 1, victim)
     assert client.metric("pdserve:worker_deaths_total", pool="decode") == 1
     status, health = client.get("/health")
     assert status == 200 and json.loads(health)["status"] == "ok"
 
 
-def _wait_streaming(client, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not any(w.running_seqs for w in client.status().workers if w.role == "decode"):
-        assert time.monotonic() < deadline, "the request never started decoding"
-        time.sleep(0.05)
+def _stream_greedy(client, ids: list[int], n: int, into: list) -> None:
+    sampling = pb.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=sampling)
+    for reply in client.stub.Generate(request, timeout=240):
+        into.append(reply)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) > 2, reason="the layout reserves no core only on a 2-core node")
