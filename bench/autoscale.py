@@ -1,9 +1,9 @@
-"""Autoscaling against a step load: fixed over-provisioned pools vs Serve's default policy vs pdserve's.
+"""Autoscaling against a step load: fixed pools sized for the peak vs Serve's default policy vs pdserve's.
 
-One trace (open loop, Poisson arrivals, the rate stepping low → high → low)
-runs against three services started one after another in this invocation:
+One trace (open loop, Poisson arrivals, the rate and the prompt/output mix stepping from phase to
+phase) runs against three services started one after another in this invocation:
 
-- ``fixed``: both worker pools at their most replicas all along (the baseline);
+- ``fixed``: both worker pools at their most replicas all along (sized for the peak: the baseline);
 - ``serve_default``: Serve's own policy (ongoing requests per replica, its default target);
 - ``pdserve``: pdserve's pool policies under the coordinated application-level policy.
 
@@ -12,6 +12,12 @@ this invocation from the fixed run's first, low-rate phase (``slo_ttft_x`` and
 ``slo_tpot_x`` times its medians), so the verdict does not depend on the
 machine's speed. Replica-seconds are the worker replicas Serve holds (any
 state but stopped), sampled every ``sample_s`` over the trace.
+
+Two sizings. On vLLM (the default) the pools are at most 2 + 2 replicas, all the two cores hold. On
+the simulated engine (``simulated_trace``, #22 item 4) the peak needs 3 or more prefill and 6 or more
+decode replicas: a prompt-heavy phase loads the prefill pool, then a decode-heavy one (short prompts,
+long outputs) the decode pool, so the P:D ratio has to move, and a last low phase scales both down
+while streams run.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import json
 import random
 import statistics
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,31 +39,40 @@ from bench.workloads import Turn
 from pdserve.config import PdserveConfig
 from pdserve_pb.v1 import generate_pb2_grpc as pb_grpc
 
-WORKER_POOLS = ("PrefillWorker", "DecodeWorker")
+POOLS = {"prefill": "PrefillWorker", "decode": "DecodeWorker"}
 HELD = ("STARTING", "UPDATING", "RECOVERING", "RUNNING", "STOPPING")  # replica states that hold resources
 
 
 @dataclass(frozen=True)
-class StepTrace:
-    phases: tuple[tuple[float, float], ...] = ((0.5, 45.0), (2.0, 75.0), (0.5, 75.0))  # (requests per s, seconds)
-    input_tokens: int = 512
+class Phase:
+    rate: float  # requests per second
+    seconds: float
+    input_tokens: int = 512  # each request's means, spread by the trace's ``spread``
     output_tokens: int = 64
+
+
+@dataclass(frozen=True)
+class StepTrace:
+    phases: tuple[Phase, ...] = (Phase(0.5, 45.0), Phase(2.0, 75.0), Phase(0.5, 75.0))
     spread: float = 0.5
-    max_replicas: int = 2
+    max_prefill_replicas: int = 2
+    max_decode_replicas: int = 2
+    target_queued_prefill_tokens: float = 2048  # pdserve's prefill target per replica
+    target_running_seqs: float = 8  # pdserve's decode target per replica
     slo_ttft_x: float = 4.0
     slo_tpot_x: float = 3.0
     sample_s: float = 0.5
     seed: int = 0
 
-    def arrivals(self) -> list[float]:
-        """Arrival times (seconds in): a Poisson process whose rate steps from phase to phase."""
+    def arrivals(self) -> list[tuple[float, Phase]]:
+        """Arrival times (seconds in), each with its phase: a Poisson process whose rate steps from phase to phase."""
         rng, times, begin = random.Random(self.seed), [], 0.0
-        for rate, seconds in self.phases:
-            at = begin + rng.expovariate(rate)
-            while at < begin + seconds:
-                times.append(at)
-                at += rng.expovariate(rate)
-            begin += seconds
+        for phase in self.phases:
+            at = begin + rng.expovariate(phase.rate)
+            while at < begin + phase.seconds:
+                times.append((at, phase))
+                at += rng.expovariate(phase.rate)
+            begin += phase.seconds
         return times
 
     def requests(self, vocab_size: int) -> list[tuple[float, Turn]]:
@@ -65,52 +81,89 @@ class StepTrace:
         def length(mean: int) -> int:
             return max(1, round(mean * rng.uniform(1 - self.spread, 1 + self.spread)))
 
-        return [(at, Turn([rng.randrange(2, vocab_size) for _ in range(length(self.input_tokens))],
-                          length(self.output_tokens))) for at in self.arrivals()]  # fmt: skip
+        return [(at, Turn([rng.randrange(2, vocab_size) for _ in range(length(phase.input_tokens))],
+                          length(phase.output_tokens))) for at, phase in self.arrivals()]  # fmt: skip
+
+
+SIMULATED_TIME_SCALE = 20.0  # the hardware profile slowed so much: 12 workers' CPU on two cores stays small beside it
+SIMULATED_KV_TOKENS = 6144  # each worker's KV pool: the decode pool is KV-bound at the peak
+
+
+def simulated_trace(seed: int = 0) -> StepTrace:
+    """The step trace at cluster scale, for ``llama-3.1-8b-h100`` slowed ``SIMULATED_TIME_SCALE`` times.
+
+    Prompt-heavy phase: 2,048-token prompts take ~0.75 s of prefill each, so 3/s needs 3 prefill replicas
+    at least. Decode-heavy phase: 2/s × 256 output tokens at ~92 ms a step keeps ~47 streams running, 6 or
+    more decode replicas at 6 running sequences each."""
+    phases = (Phase(0.3, 45.0, 1024, 64), Phase(3.0, 75.0, 2048, 32), Phase(2.0, 75.0, 256, 256),
+              Phase(0.3, 60.0, 1024, 64))  # fmt: skip
+    return StepTrace(phases=phases, max_prefill_replicas=4, max_decode_replicas=8,
+                     target_queued_prefill_tokens=2048, target_running_seqs=6, seed=seed)  # fmt: skip
+
+
+def simulated_engine(folder: Path, block_size: int) -> dict:
+    """Config overrides for the simulated engine on the slowed profile (written to ``folder``)."""
+    from bench.placement_live import scaled_profile
+
+    profile_path = folder / "profile.json"
+    profile_path.write_text(json.dumps(scaled_profile(SIMULATED_TIME_SCALE)))
+    return {"engine.kind": "simulated", "engine.simulated_profile": str(profile_path),
+            "engine.num_kv_blocks": SIMULATED_KV_TOKENS // block_size}  # fmt: skip
 
 
 def settings(trace: StepTrace) -> dict[str, dict]:
     """The three services, as config overrides: the same bounds and delays for both autoscalers."""
-    bounds = {"min_replicas": 1, "max_replicas": trace.max_replicas, "upscale_delay_s": 2, "downscale_delay_s": 15,
-              "look_back_period_s": 4, "metrics_interval_s": 0.5}  # fmt: skip
-    fixed = {f"service.{pool}.num_replicas": trace.max_replicas for pool in ("prefill", "decode")}
-    serve_default = {f"service.{pool}.autoscaling_config": bounds for pool in ("prefill", "decode")}
+    most = {"prefill": trace.max_prefill_replicas, "decode": trace.max_decode_replicas}
+    timing = {"upscale_delay_s": 2, "downscale_delay_s": 15, "look_back_period_s": 4, "metrics_interval_s": 0.5}
+    bounds = {pool: {"min_replicas": 1, "max_replicas": most[pool], **timing} for pool in POOLS}
+    fixed = {f"service.{pool}.num_replicas": most[pool] for pool in POOLS}
+    serve_default = {f"service.{pool}.autoscaling_config": bounds[pool] for pool in POOLS}
     pdserve = {
-        "service.prefill.autoscaling": {**bounds, "target_queued_prefill_tokens": 4 * trace.input_tokens},
-        "service.decode.autoscaling": {**bounds, "target_running_seqs": 8},
+        "service.prefill.autoscaling": {**bounds["prefill"],
+                                        "target_queued_prefill_tokens": trace.target_queued_prefill_tokens},
+        "service.decode.autoscaling": {**bounds["decode"], "target_running_seqs": trace.target_running_seqs},
         "service.coordination": {"ratio_slack": 2.0},
-    }
+    }  # fmt: skip
     return {"fixed": fixed, "serve_default": serve_default, "pdserve": pdserve}
 
 
+@dataclass(frozen=True)
+class Sample:
+    at_s: float
+    held: int  # worker replicas holding resources, both pools
+    running: dict[str, int]  # RUNNING replicas per pool
+
+
 async def run_trace(grpc_address: str, app_name: str, requests: list[tuple[float, Turn]], sample_s: float):
-    """Every request at its arrival time; returns the records and the worker replicas held over time."""
+    """Every request at its arrival time; returns the records and the worker replicas over time."""
     from ray import serve
 
     records: list[Record] = []
-    held: list[tuple[float, int]] = []
+    samples: list[Sample] = []
     channel = grpc.aio.insecure_channel(grpc_address)
     stub = pb_grpc.GenerationStub(channel)
     begun = time.perf_counter()
     done = asyncio.Event()
 
-    def replicas() -> int:
+    def sample() -> Sample:
         deployments = serve.status().applications[app_name].deployments
-        return sum(deployments[d].replica_states.get(state, 0) for d in WORKER_POOLS for state in HELD)
+        states = {pool: deployments[name].replica_states for pool, name in POOLS.items()}
+        held = sum(counts.get(state, 0) for counts in states.values() for state in HELD)
+        return Sample(time.perf_counter() - begun, held, {pool: c.get("RUNNING", 0) for pool, c in states.items()})
 
-    async def sample() -> None:
+    async def sampling() -> None:
         while not done.is_set():
-            held.append((time.perf_counter() - begun, await asyncio.to_thread(replicas)))
+            samples.append(await asyncio.to_thread(sample))
             await asyncio.sleep(sample_s)
 
-    sampler = asyncio.create_task(sample())
+    sampler = asyncio.create_task(sampling())
     try:
         await asyncio.gather(*(send_at(stub, begun, at, n, turn, records) for n, (at, turn) in enumerate(requests)))
     finally:
         done.set()
         await sampler
         await channel.close()
-    return sorted(records, key=lambda r: r.start_s), held, time.perf_counter() - begun
+    return sorted(records, key=lambda r: r.start_s), samples, time.perf_counter() - begun
 
 
 def replica_seconds(held: list[tuple[float, int]], until_s: float) -> float:
@@ -121,36 +174,62 @@ def replica_seconds(held: list[tuple[float, int]], until_s: float) -> float:
     return total
 
 
+def streams_in_scale_down(records: list[Record], asked: list[int], samples: list[Sample]) -> tuple[int, int]:
+    """(streams running when a decode replica left, those of them that failed or came back short).
+
+    A replica left between two samples where the RUNNING decode count fell; a stream ran then if it began
+    before the later sample and had not ended by the earlier one (a failed one counts as running on)."""
+    downs = [(before.at_s, after.at_s) for before, after in zip(samples, samples[1:], strict=False)
+             if after.running["decode"] < before.running["decode"]]  # fmt: skip
+    running = {
+        r.session for r in records for since, until in downs
+        if r.start_s < until and (r.error or r.start_s + r.e2e_s > since)
+    }  # fmt: skip
+    lost = {n for n in running for r in records if r.session == n and (r.error or r.output_tokens < asked[n])}
+    return len(running), len(lost)
+
+
 def calibrate(trace: StepTrace, records: list[Record]) -> SLO:
     """The SLO: multiples of the medians the fixed pools give in the first, low-rate phase."""
-    first_phase = [r for r in records if not r.error and r.start_s < trace.phases[0][1]]
+    first_phase = [r for r in records if not r.error and r.start_s < trace.phases[0].seconds]
     return SLO(trace.slo_ttft_x * 1000 * statistics.median(r.ttft_s for r in first_phase),
                trace.slo_tpot_x * 1000 * statistics.median(r.tpot_s for r in first_phase))  # fmt: skip
 
 
-def run_autoscale(config: PdserveConfig, trace: StepTrace, vocab_size: int) -> dict:
+def run_autoscale(config: PdserveConfig, trace: StepTrace, vocab_size: int, engine: str = "vllm") -> dict:
     requests = trace.requests(vocab_size)
     runs = {}
-    for name, overrides in settings(trace).items():
-        runs[name] = with_service(config, overrides, lambda s: asyncio.run(
-            run_trace(s.grpc_address, s.config.service.app_name, requests, trace.sample_s)))  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="pdserve-autoscale-") as folder:
+        engine_overrides = simulated_engine(Path(folder), config.engine.block_size) if engine == "simulated" else {}
+        for name, overrides in settings(trace).items():
+            runs[name] = with_service(config, {**engine_overrides, **overrides}, lambda s: asyncio.run(
+                run_trace(s.grpc_address, s.config.service.app_name, requests, trace.sample_s)))  # fmt: skip
     slo = calibrate(trace, runs["fixed"][0])
+    asked = [turn.max_tokens for _, turn in requests]
     report = {}
-    for name, (records, held, wall_s) in runs.items():
+    for name, (records, samples, wall_s) in runs.items():
         summary = summarize(records, wall_s, slo)
+        in_scale_down, lost = streams_in_scale_down(records, asked, samples)
         report[name] = {
             "slo_attainment": summary["slo_attainment"],
-            "replica_seconds": replica_seconds(held, wall_s),
+            "replica_seconds": replica_seconds([(s.at_s, s.held) for s in samples], wall_s),
             "errors": summary["errors"],
+            "peak_replicas": {pool: max((s.running[pool] for s in samples), default=0) for pool in POOLS},
+            "streams_running_in_scale_down": in_scale_down,
+            "streams_lost_in_scale_down": lost,
             "ttft": summary["ttft"],
             "tpot": summary["tpot"],
-            "replicas_over_time": held[:: max(1, round(5 / trace.sample_s))],  # one sample per 5 s
+            "running_over_time": [(round(s.at_s), s.running) for s in samples[:: max(1, round(5 / trace.sample_s))]],
         }
     fixed, default, ours = report["fixed"], report["serve_default"], report["pdserve"]
     return {
-        "slo_attainment_vs_fixed": ours["slo_attainment"] / max(fixed["slo_attainment"], 1e-9),
-        "replica_seconds_vs_fixed": ours["replica_seconds"] / fixed["replica_seconds"],
+        "slo_attainment_vs_fixed_peak": ours["slo_attainment"] / max(fixed["slo_attainment"], 1e-9),
+        "replica_seconds_vs_fixed_peak": ours["replica_seconds"] / fixed["replica_seconds"],
         "slo_attainment_vs_serve_default": ours["slo_attainment"] / max(default["slo_attainment"], 1e-9),
+        "peak_decode_replicas": ours["peak_replicas"]["decode"],
+        "peak_prefill_replicas": ours["peak_replicas"]["prefill"],
+        "streams_lost_in_scale_down": ours["streams_lost_in_scale_down"],
+        "engine": engine,
         "slo": asdict(slo),
         "trace": {**asdict(trace), "requests": len(requests)},
         "settings": report,
@@ -158,7 +237,8 @@ def run_autoscale(config: PdserveConfig, trace: StepTrace, vocab_size: int) -> d
 
 
 def write(result: dict, out: Path) -> Path:
+    """``autoscale.json`` for vLLM, ``autoscale_simulated.json`` for the simulated engine."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "autoscale.json"
+    path = out / ("autoscale_simulated.json" if result["engine"] == "simulated" else "autoscale.json")
     path.write_text(json.dumps(result, indent=2) + "\n")
     return path

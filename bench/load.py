@@ -43,6 +43,7 @@ class Record:
     error: str = ""
     prompt_worker: str = ""  # gRPC only: the worker that computed the prompt (a decode worker when it did)
     decode_worker: str = ""  # gRPC only
+    router: str = ""  # gRPC only: the router replica that ran it
 
     @property
     def tpot_s(self) -> float:
@@ -153,6 +154,7 @@ async def send_grpc(stub, turn: Turn, record: Record, timeout_s: float) -> None:
         if reply.HasField("timing"):
             record.decode_worker = reply.timing.decode_worker
             record.prompt_worker = reply.timing.prefill_worker or reply.timing.decode_worker
+            record.router = reply.timing.router
         if reply.token_ids:
             last = _token(record, start, last, len(reply.token_ids))
     record.e2e_s = time.perf_counter() - start

@@ -25,6 +25,7 @@ import statistics
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -97,17 +98,35 @@ def kv_blocks(trace: TenantTrace, shape: ClusterShape, block_size: int) -> int:
     return max(1, round(trace.working_set_tokens() * shape.cache_share / block_size))
 
 
-async def replay(grpc_address: str, requests: list[tuple[float, Turn]]) -> tuple[list[Record], float]:
-    """Every request at its arrival time, over gRPC (whose last message names the workers)."""
-    records: list[Record] = []
-    channel = grpc.aio.insecure_channel(grpc_address)
-    stub = pb_grpc.GenerationStub(channel)
-    begun = time.perf_counter()
+def simulated_cluster(folder: Path, trace: TenantTrace, shape: ClusterShape, block_size: int) -> dict:
+    """Config overrides for ``shape``'s fixed pools of simulated workers on the scaled profile (written to
+    ``folder``), each with the KV pool ``shape.cache_share`` of ``trace``'s working set."""
+    profile_path = folder / "profile.json"
+    profile_path.write_text(json.dumps(scaled_profile(shape.time_scale)))
+    return {
+        "engine.kind": "simulated", "engine.simulated_profile": str(profile_path),
+        "engine.num_kv_blocks": kv_blocks(trace, shape, block_size),
+        "service.prefill.num_replicas": shape.prefill_workers, "service.decode.num_replicas": shape.decode_workers,
+        "service.prefill.autoscaling": None, "service.decode.autoscaling": None, "service.coordination": None,
+    }  # fmt: skip
 
+
+async def replay(
+    grpc_address: str, requests: list[tuple[float, Turn]], connections: int = 1, meanwhile: Awaitable | None = None
+) -> tuple[list[Record], float]:
+    """Every request at its arrival time, over gRPC (whose last message names the workers and the router),
+    spread round-robin over ``connections`` TCP connections: each reaches one router replica. ``meanwhile``
+    runs beside the requests (a fault at a set time)."""
+    records: list[Record] = []
+    options = [("grpc.use_local_subchannel_pool", 1)]  # a connection of its own per channel
+    channels = [grpc.aio.insecure_channel(grpc_address, options=options) for _ in range(connections)]
+    stubs = [pb_grpc.GenerationStub(channel) for channel in channels]
+    begun = time.perf_counter()
+    sends = [send_at(stubs[n % connections], begun, at, n, turn, records) for n, (at, turn) in enumerate(requests)]
     try:
-        await asyncio.gather(*(send_at(stub, begun, at, n, turn, records) for n, (at, turn) in enumerate(requests)))
+        await asyncio.gather(*sends, *([meanwhile] if meanwhile else []))
     finally:
-        await channel.close()
+        await asyncio.gather(*(channel.close() for channel in channels))
     return sorted(records, key=lambda r: r.session), time.perf_counter() - begun
 
 
@@ -153,13 +172,7 @@ def run_placement(config: PdserveConfig, trace: TenantTrace, shape: ClusterShape
     blocks = kv_blocks(trace, shape, block_size)
     requests = trace.requests(vocab_size)
     with tempfile.TemporaryDirectory(prefix="pdserve-placement-") as folder:
-        profile_path = Path(folder) / "profile.json"
-        profile_path.write_text(json.dumps(scaled_profile(shape.time_scale)))
-        overrides = {
-            "engine.kind": "simulated", "engine.simulated_profile": str(profile_path), "engine.num_kv_blocks": blocks,
-            "service.prefill.num_replicas": shape.prefill_workers, "service.decode.num_replicas": shape.decode_workers,
-            "service.prefill.autoscaling": None, "service.decode.autoscaling": None, "service.coordination": None,
-        }  # fmt: skip
+        overrides = simulated_cluster(Path(folder), trace, shape, block_size)
         live = {}
         for policy in POLICIES:
             began = time.perf_counter()

@@ -14,7 +14,8 @@ Many routers: the same trace through ``routers`` prefix_aware routers that
 share one index, each seeing cache events and heartbeats ``view_delay_s``
 late, against one router; and, for contrast, through routers that each keep a
 private index fed only by their own placements. With a service config, also
-the real service: hit rate through 2 router replicas over one Redis vs 1.
+the real service: hit rate through ``routers`` router replicas over one Redis vs 1, on vLLM
+(``bench/serve_bench.py``) or at cluster scale on the simulated engine (``bench/router_live.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def run_router_bench(
     view_delay_s: float = 0.05,
     json_path: Path | None = None,
     service_config: PdserveConfig | None = None,
+    service_engine: str = "vllm",
 ) -> dict:
     documents = _documents(index_blocks)
     results: dict = {}
@@ -94,10 +96,17 @@ def run_router_bench(
         block_size=BLOCK,
         sim_capacity_blocks_per_worker=capacity,
     )
-    if service_config is not None:
+    if service_config is not None and service_engine == "simulated":
+        from bench.placement_live import ClusterShape, TenantTrace
+        from bench.router_live import run_router_tier
+        from pdserve.app import model_info
+
+        vocab_size = model_info(service_config.engine).vocab_size
+        results.update(run_router_tier(service_config, TenantTrace(), ClusterShape(), vocab_size, routers))
+    elif service_config is not None:
         from bench.serve_bench import run_router_replicas
 
-        results.update(run_router_replicas(service_config, routers=2, requests=96, rate=2.0, repeats=3))
+        results.update(run_router_replicas(service_config, routers=routers, requests=96, rate=2.0, repeats=3))
     report(_rows(results), results, json_path)
     return results
 
@@ -170,5 +179,17 @@ def _rows(results: dict) -> list[Row]:
             ("service: 2 routers / 1 hit rate", f"{results['service_multi_router_hit_vs_single']:.3f}", ">= 0.95"),
             ("  ... per round", rounds, ""),
         ]
+    if "live_multi_router_hit_vs_single" in results:
+        killed = results["live"]["multi_router_killed"]
+        rows += [
+            ("live_multi_router_hit_vs_single", f"{results['live_multi_router_hit_vs_single']:.3f}", ">= 0.95"),
+            ("live_multi_router_load_imbalance", f"{results['live_multi_router_load_imbalance']:.2f}", "<= 1.5"),
+            ("  hit rate 1 router / N routers", f"{results['live']['single']['hit_rate']:.3f} / "
+             f"{results['live']['multi']['hit_rate']:.3f}", ""),
+            ("  one router killed: hit vs single", f"{results['live_router_killed_hit_vs_single']:.3f}", ""),
+            ("  one router killed: errors (in flight / after)",
+             f"{killed['errors']} ({killed['errors_sent_before_the_kill']} / {killed['errors_sent_after_settling']})",
+             "after = 0"),
+        ]  # fmt: skip
     rows += [(f"  hit rate {p}", f"{r:.3f}", "") for p, r in results["hit_rates"].items()]
     return rows

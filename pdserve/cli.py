@@ -110,8 +110,12 @@ def _parser() -> argparse.ArgumentParser:
     router_bench.add_argument("--decisions", type=int, default=2000, help="timed placement decisions per backend")
     router_bench.add_argument("--routers", type=int, default=8, help="routers sharing the index in the simulation")
     router_bench.add_argument(
-        "--service", action="store_true", help="also the real service: hit rate with 2 router replicas vs 1 (~10 min)"
+        "--service", action="store_true", help="also the real service: hit rate with --routers router replicas vs 1"
     )
+    router_bench.add_argument(
+        "--engine", choices=("vllm", "simulated"), default="vllm",
+        help="the service's engine: vLLM on the config's model (~10 min), or 8 + 16 simulated workers (~8 min)",
+    )  # fmt: skip
     router_bench.add_argument(
         "--view-delay-ms", type=float, default=50.0, help="how late cache events and heartbeats reach the routers"
     )
@@ -202,16 +206,20 @@ def _parser() -> argparse.ArgumentParser:
     _add_json_dir_flag(vllm_bench, "vllm_compare.json")
     vllm_bench.set_defaults(run=_bench_vllm)
     autoscale_bench = suites.add_parser(
-        "autoscale", help="a step load (low, high, low): fixed pools vs Serve's default policy vs pdserve's"
+        "autoscale", help="a step load: fixed pools sized for the peak vs Serve's default policy vs pdserve's"
     )
     _add_config_flags(autoscale_bench)
-    autoscale_bench.add_argument("--low-rate", type=float, default=0.5, help="requests per second, low phases")
-    autoscale_bench.add_argument("--high-rate", type=float, default=2.0, help="requests per second, high phase")
-    autoscale_bench.add_argument("--phase-s", type=float, nargs=3, default=(45.0, 75.0, 75.0), metavar="S",
-                                 help="seconds of the low, high and low phases")  # fmt: skip
-    autoscale_bench.add_argument("--max-replicas", type=int, default=2, help="per worker pool (the fixed sizing)")
+    autoscale_bench.add_argument(
+        "--engine", choices=("vllm", "simulated"), default="vllm",
+        help="vLLM at 2 + 2 replicas most, or the simulated engine at 4 + 8 on its own four-phase trace (~20 min)",
+    )  # fmt: skip
+    autoscale_bench.add_argument("--low-rate", type=float, help="vLLM: requests per second, low phases (0.5)")
+    autoscale_bench.add_argument("--high-rate", type=float, help="vLLM: requests per second, high phase (2)")
+    autoscale_bench.add_argument("--phase-s", type=float, nargs=3, metavar="S",
+                                 help="vLLM: seconds of the low, high and low phases (45 75 75)")  # fmt: skip
+    autoscale_bench.add_argument("--max-replicas", type=int, help="vLLM: per worker pool, the fixed sizing (2)")
     autoscale_bench.add_argument("--seed", type=int, default=0)
-    _add_json_dir_flag(autoscale_bench, "autoscale.json")
+    _add_json_dir_flag(autoscale_bench, "autoscale.json (autoscale_simulated.json)")
     autoscale_bench.set_defaults(run=_bench_autoscale)
     placement_bench = suites.add_parser(
         "placement", help="placement policies in the service at 8 prefill + 16 decode workers, and the oracle"
@@ -445,8 +453,9 @@ def _bench_router(args: argparse.Namespace) -> int:
 
     service = _bench_config(args) if args.service else None
     run_router_bench(
-        args.workers, args.index_blocks, args.decisions, args.routers, args.view_delay_ms / 1000, args.json, service
-    )
+        args.workers, args.index_blocks, args.decisions, args.routers, args.view_delay_ms / 1000, args.json, service,
+        args.engine,
+    )  # fmt: skip
     return 0
 
 
@@ -597,14 +606,24 @@ def _bench_vllm(args: argparse.Namespace) -> int:
 
 
 def _bench_autoscale(args: argparse.Namespace) -> int:
-    from bench.autoscale import StepTrace, run_autoscale, write
+    from bench.autoscale import Phase, StepTrace, run_autoscale, simulated_trace, write
     from pdserve.app import model_info
 
-    low, high, tail = args.phase_s
-    phases = ((args.low_rate, low), (args.high_rate, high), (args.low_rate, tail))
-    trace = StepTrace(phases=phases, max_replicas=args.max_replicas, seed=args.seed)
+    shaped = {"--low-rate": args.low_rate, "--high-rate": args.high_rate, "--phase-s": args.phase_s,
+              "--max-replicas": args.max_replicas}  # fmt: skip
+    if args.engine == "simulated":
+        given = [flag for flag, value in shaped.items() if value is not None]
+        if given:
+            raise ConfigError(f"{', '.join(given)}: the simulated engine runs its own trace (bench/autoscale.py)")
+        trace = simulated_trace(args.seed)
+    else:
+        low, high, tail = args.phase_s or (45.0, 75.0, 75.0)
+        low_rate, high_rate = args.low_rate or 0.5, args.high_rate or 2.0
+        most = args.max_replicas or 2
+        phases = (Phase(low_rate, low), Phase(high_rate, high), Phase(low_rate, tail))
+        trace = StepTrace(phases=phases, max_prefill_replicas=most, max_decode_replicas=most, seed=args.seed)
     config = _bench_config(args)
-    result = run_autoscale(config, trace, model_info(config.engine).vocab_size)
+    result = run_autoscale(config, trace, model_info(config.engine).vocab_size, args.engine)
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
     if args.json is not None:
         print(f"wrote {write(result, args.json)}")

@@ -88,6 +88,13 @@ class ServiceClient:
     def greedy(self, ids, n: int = 12):
         return self.generate(ids, max_tokens=n, temperature=0.0, ignore_eos=True)
 
+    def greedy_into(self, ids: list[int], n: int, into: list, timeout: float = 240) -> None:
+        """The greedy stream's messages appended to ``into`` as they come: another thread sees how far it got."""
+        sampling = pb.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        for reply in self.stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=sampling),
+                                        timeout=timeout):  # fmt: skip
+            into.append(reply)
+
     def status(self) -> pb.StatusResponse:
         return self.stub.Status(pb.StatusRequest(), timeout=10)
 

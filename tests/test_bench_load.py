@@ -3,6 +3,8 @@ test_service.py and test_cli.py)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from bench import plots
@@ -94,11 +96,11 @@ def test_soak_memory_growth_is_a_trend_not_the_phase_of_an_allocators_sawtooth()
 
 
 def test_a_step_trace_sends_at_each_phases_rate_and_is_reproducible():
-    from bench.autoscale import StepTrace
+    from bench.autoscale import Phase, StepTrace
 
-    trace = StepTrace(phases=((1.0, 200.0), (10.0, 100.0), (1.0, 200.0)), seed=3)
-    arrivals = trace.arrivals()
-    assert arrivals == sorted(arrivals) and arrivals == StepTrace(phases=trace.phases, seed=3).arrivals()
+    trace = StepTrace(phases=(Phase(1.0, 200.0), Phase(10.0, 100.0), Phase(1.0, 200.0)), seed=3)
+    arrivals = [at for at, _ in trace.arrivals()]
+    assert arrivals == sorted(arrivals) and trace.arrivals() == StepTrace(phases=trace.phases, seed=3).arrivals()
     per_phase = [sum(lo <= at < hi for at in arrivals) for lo, hi in ((0, 200), (200, 300), (300, 500))]
     assert 150 < per_phase[0] < 250 and 850 < per_phase[1] < 1150 and 150 < per_phase[2] < 250
 
@@ -114,9 +116,39 @@ def test_the_three_autoscaling_settings_share_bounds_and_delays():
     from bench.autoscale import StepTrace, settings
     from pdserve.config import load_config
 
-    configs = {name: load_config(overrides=changes) for name, changes in settings(StepTrace(max_replicas=3)).items()}
-    assert configs["fixed"].service.decode.num_replicas == 3 and configs["fixed"].service.prefill.num_replicas == 3
+    trace = StepTrace(max_prefill_replicas=2, max_decode_replicas=3)
+    configs = {name: load_config(overrides=changes) for name, changes in settings(trace).items()}
+    assert configs["fixed"].service.decode.num_replicas == 3 and configs["fixed"].service.prefill.num_replicas == 2
     default, ours = configs["serve_default"].service.decode, configs["pdserve"].service.decode
     assert default.autoscaling_config["max_replicas"] == ours.autoscaling.max_replicas == 3
     assert default.autoscaling_config["downscale_delay_s"] == ours.autoscaling.downscale_delay_s
     assert configs["pdserve"].service.coordination is not None
+
+
+def test_the_simulated_step_trace_needs_3_prefill_and_6_decode_replicas_at_its_peaks():
+    from bench.autoscale import SIMULATED_TIME_SCALE, simulated_trace
+    from bench.placement_live import scaled_profile
+    from engine.sim.profile import HardwareProfile
+
+    profile, trace = HardwareProfile(**scaled_profile(SIMULATED_TIME_SCALE)), simulated_trace()
+    prompt_heavy = max(trace.phases, key=lambda p: p.rate * p.input_tokens)
+    decode_heavy = max(trace.phases, key=lambda p: p.rate * p.output_tokens)
+    busy_prefill = prompt_heavy.rate * profile.step_s(prompt_heavy.input_tokens, 0, 0)
+    streams = decode_heavy.rate * decode_heavy.output_tokens * profile.step_s(0, 1, decode_heavy.input_tokens)
+    assert math.ceil(busy_prefill) >= 3 and trace.max_prefill_replicas >= 3
+    assert streams / trace.target_running_seqs >= 6 and trace.max_decode_replicas >= 6
+    assert prompt_heavy != decode_heavy and trace.phases[-1].rate < decode_heavy.rate  # the mix moves, then it ebbs
+
+
+def test_a_stream_running_when_a_decode_replica_left_counts_as_lost_only_if_it_failed_or_came_back_short():
+    from bench.autoscale import Sample, streams_in_scale_down
+
+    samples = [Sample(10.0, 4, {"prefill": 1, "decode": 3}), Sample(20.0, 3, {"prefill": 1, "decode": 2})]
+    records = [
+        Record(0, 0, 2.0, 8, e2e_s=20.0, output_tokens=16),  # ran through the scale-down, whole
+        Record(1, 0, 3.0, 8, e2e_s=20.0, output_tokens=9),  # ran through it, short
+        Record(2, 0, 4.0, 8, error="UNAVAILABLE"),  # ran through it, failed
+        Record(3, 0, 1.0, 8, e2e_s=2.0, output_tokens=16),  # ended before it
+        Record(4, 0, 25.0, 8, e2e_s=5.0, output_tokens=16),  # began after it
+    ]
+    assert streams_in_scale_down(records, [16] * 5, samples) == (3, 2)

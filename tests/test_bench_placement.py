@@ -1,4 +1,4 @@
-"""The live placement benchmark's parts: its trace, its cluster sizing and its figures."""
+"""The live placement and router-tier benchmarks' parts: the trace, the cluster sizing and the figures."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ from collections import Counter
 
 import pytest
 
+from bench.load import Record
 from bench.placement_live import ClusterShape, TenantTrace, imbalance, kv_blocks, scaled_profile
+from bench.router_live import killed_run_figures
 from engine.sim.profile import PROFILES, HardwareProfile
 
 
@@ -35,3 +37,11 @@ def test_the_slowed_profile_keeps_the_ratios_of_the_named_one():
 def test_imbalance_counts_the_idle_workers_of_the_pool():
     assert imbalance(Counter({"a": 3, "b": 1}), 4) == 3.0
     assert imbalance(Counter(), 4) == 0.0
+
+
+def test_a_killed_router_run_counts_apart_the_requests_sent_after_the_connections_settled():
+    records = [Record(0, 0, 10.0, 8, error="UNAVAILABLE"), Record(1, 0, 31.0, 8, error="UNAVAILABLE"),
+               Record(2, 0, 36.0, 8, error="UNAVAILABLE"), Record(3, 0, 40.0, 8)]  # fmt: skip
+    figures = killed_run_figures(records, {"at_s": 30.0, "router": "r1"})
+    counted = ("errors", "errors_sent_before_the_kill", "errors_sent_after_settling")
+    assert [figures[key] for key in counted] == [3, 1, 1]

@@ -64,6 +64,12 @@ def test_serve_config_writes_a_serve_config_with_the_coordinated_policy_and_no_s
     assert "s3cret" not in result.stdout
 
 
+def test_autoscale_on_the_simulated_engine_refuses_the_vllm_traces_flags():
+    result = run("bench", "autoscale", "--engine", "simulated", "--high-rate", "3", "--max-replicas", "4")
+    assert result.returncode == 2
+    assert "--high-rate, --max-replicas: the simulated engine runs its own trace" in result.stderr
+
+
 def test_generate_reports_a_bad_config_field():
     result = run("generate", "--local", "--set", "engine.block_size=0", "hello")
     assert result.returncode == 2

@@ -18,7 +18,6 @@ from short_prompts import ask_every_short_prompt, defaults_config, replica_ids
 from engine.process_priority import can_lower_niceness
 from pdserve.models import resolve_model
 from pdserve.up import start
-from pdserve_pb.v1 import generate_pb2 as pb
 
 pytestmark = pytest.mark.service
 
@@ -68,8 +67,8 @@ def test_bodies_that_break_the_parser_answer_400_in_openais_error_shape(client, 
 
 def test_requests_wait_for_the_replacement_when_the_only_decode_replica_dies(client, service):
     (victim,) = live_workers(client, "decode")
-    streamed: list[pb.GenerateReply] = []
-    in_flight = ThreadPoolExecutor(1).submit(_stream_greedy, client, prompt(30, 7), 3000, streamed)
+    streamed: list = []
+    in_flight = ThreadPoolExecutor(1).submit(client.greedy_into, prompt(30, 7), 3000, streamed)
     # Killed once tokens have come back: a request that has streamed nothing is sent again, not moved.
     deadline = time.monotonic() + 60
     while not any(reply.token_ids for reply in list(streamed)):
@@ -102,13 +101,6 @@ def test_requests_wait_for_the_replacement_when_the_only_decode_replica_dies(cli
     assert client.metric("pdserve:worker_deaths_total", pool="decode") == 1
     status, health = client.get("/health")
     assert status == 200 and json.loads(health)["status"] == "ok"
-
-
-def _stream_greedy(client, ids: list[int], n: int, into: list) -> None:
-    sampling = pb.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-    request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=ids), sampling=sampling)
-    for reply in client.stub.Generate(request, timeout=240):
-        into.append(reply)
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) > 2, reason="the layout reserves no core only on a 2-core node")

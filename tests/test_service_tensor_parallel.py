@@ -50,14 +50,17 @@ def test_sigkill_of_one_rank_under_load_loses_no_request_and_changes_no_token(se
     expected = [transformers_greedy(model_dir, ids, 60) for ids in prompts]
     (replica,) = live_workers(client, "decode")
     one_rank = engine_workers(service, "DecodeWorker", replica)[-1]
+    streamed: list[list] = [[] for _ in prompts]
     with ThreadPoolExecutor(3) as pool:
-        running = [pool.submit(client.greedy, ids, 60) for ids in prompts]
+        running = [pool.submit(client.greedy_into, ids, 60, into) for ids, into in zip(prompts, streamed, strict=True)]
         deadline = time.monotonic() + 60
-        while not any(w.running_seqs for w in client.status().workers):
-            assert time.monotonic() < deadline, "the load never started"
+        # Killed once a stream has tokens: one that has streamed nothing is sent again, not moved.
+        while not any(reply.token_ids for replies in streamed for reply in list(replies)):
+            assert time.monotonic() < deadline, "the load never started streaming"
             time.sleep(0.05)
         os.kill(one_rank, signal.SIGKILL)
-        results = [future.result(300) for future in running]
-    assert [tokens for tokens, _, _ in results] == expected
-    assert any(last.timing.migrations for _, _, last in results)  # those in flight moved on
+        for future in running:
+            future.result(300)
+    assert [[t for reply in replies for t in reply.token_ids] for replies in streamed] == expected
+    assert any(replies[-1].timing.migrations for replies in streamed)  # those in flight moved on
     wait_for_replacement(client, "decode", 1, replica)
