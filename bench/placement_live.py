@@ -1,11 +1,12 @@
 """Placement measured in the service at cluster scale: 8 prefill and 16 decode simulated workers (#22 item 3).
 
 The same trace runs against one fresh service per placement policy (``round_robin``, ``least_loaded``,
-``prefix_aware``), started in this invocation: the real router, index, placement and KV hand-off, the
-simulated engine behind them (its KV pool, prefix cache and cache events are a vLLM worker's; its time is
-a hardware profile's). The trace is multi-tenant, in the style of llm-d's prefix-cache benchmark: each
-tenant has a long shared context, several users per tenant each keep a standing prefix of their own, and
-every request adds a fresh question; Poisson arrivals, tenants and users drawn uniformly.
+``prefix_aware``, and llm-d's scorer ``weighted_scores`` for comparison), started in this invocation:
+the real router, index, placement and KV hand-off, the simulated engine behind them (its KV pool,
+prefix cache and cache events are a vLLM worker's; its time is a hardware profile's). The trace is
+multi-tenant, in the style of llm-d's prefix-cache benchmark: each tenant has a long shared context,
+several users per tenant each keep a standing prefix of their own, and every request adds a fresh
+question; Poisson arrivals, tenants and users drawn uniformly.
 
 Each worker's KV pool holds about a quarter of the trace's working set, so a placement that keeps each
 tenant on a few workers hits, and one that scatters tenants over every worker thrashes. The oracle is
@@ -39,7 +40,7 @@ from engine.sim.profile import PROFILES
 from pdserve.config import PdserveConfig
 from pdserve_pb.v1 import generate_pb2_grpc as pb_grpc
 
-POLICIES = ("round_robin", "least_loaded", "prefix_aware")
+POLICIES = ("round_robin", "least_loaded", "prefix_aware", "weighted_scores")  # the last llm-d's scorer, to compare
 
 
 @dataclass(frozen=True)
@@ -182,12 +183,14 @@ def run_placement(config: PdserveConfig, trace: TenantTrace, shape: ClusterShape
             )  # fmt: skip
             live[policy] = {**policy_figures(records, wall, shape), "run_s": time.perf_counter() - began}
     simulated = oracle_figures(requests, shape, blocks, block_size)
-    aware, robin = live["prefix_aware"], live["round_robin"]
+    aware, robin, scored = live["prefix_aware"], live["round_robin"], live["weighted_scores"]
     return {
         "ttft_p50_round_robin_vs_prefix_aware": robin["ttft_p50_ms"] / max(aware["ttft_p50_ms"], 1e-9),
         "hit_rate_vs_oracle": aware["hit_rate"] / max(simulated["oracle"]["hit_rate"], 1e-9),
         "hit_rate_vs_round_robin": aware["hit_rate"] / max(robin["hit_rate"], 1e-9),
         "load_imbalance": max(aware["prefill_imbalance"], aware["decode_imbalance"]),
+        "hit_rate_prefix_aware_vs_weighted_scores": aware["hit_rate"] / max(scored["hit_rate"], 1e-9),
+        "ttft_p50_weighted_scores_vs_prefix_aware": scored["ttft_p50_ms"] / max(aware["ttft_p50_ms"], 1e-9),
         "live": live,
         "simulator": simulated,
         "settings": {

@@ -111,7 +111,7 @@ def run_router_bench(
     return results
 
 
-_SIM_POLICIES = ("round_robin", "least_loaded", "prefix_aware", "oracle")
+_SIM_POLICIES = ("round_robin", "least_loaded", "prefix_aware", "weighted_scores", "oracle")
 
 
 def _documents(index_blocks: int) -> list[list[bytes]]:

@@ -221,6 +221,18 @@ def _parser() -> argparse.ArgumentParser:
     autoscale_bench.add_argument("--seed", type=int, default=0)
     _add_json_dir_flag(autoscale_bench, "autoscale.json (autoscale_simulated.json)")
     autoscale_bench.set_defaults(run=_bench_autoscale)
+    simulator_bench = suites.add_parser(
+        "simulator", help="the simulated engine against vLLM here: a profile measured, then TTFT and TPOT of both"
+    )
+    _add_config_flags(simulator_bench)
+    simulator_bench.add_argument(
+        "--link-gb-per-s", type=float, default=1.2,
+        help="the KV link of the profile (pdserve bench transfer measured gRPC on loopback at 1.2 GB/s here)",
+    )  # fmt: skip
+    simulator_bench.add_argument("--profile-out", type=Path, default=Path("bench/results/cpu_profile.json"),
+                                 help="where the measured profile goes (for engine.simulated_profile)")  # fmt: skip
+    _add_json_dir_flag(simulator_bench, "simulator.json")
+    simulator_bench.set_defaults(run=_bench_simulator)
     placement_bench = suites.add_parser(
         "placement", help="placement policies in the service at 8 prefill + 16 decode workers, and the oracle"
     )
@@ -625,6 +637,20 @@ def _bench_autoscale(args: argparse.Namespace) -> int:
     config = _bench_config(args)
     result = run_autoscale(config, trace, model_info(config.engine).vocab_size, args.engine)
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
+    if args.json is not None:
+        print(f"wrote {write(result, args.json)}")
+    return 0
+
+
+def _bench_simulator(args: argparse.Namespace) -> int:
+    from bench.simulator_check import run_simulator_check, write
+    from pdserve.app import model_info
+
+    config = _bench_config(args)
+    vocab_size = model_info(config.engine).vocab_size
+    result = run_simulator_check(config, vocab_size, args.link_gb_per_s * 1e9, args.profile_out)
+    print(json.dumps({k: v for k, v in result.items() if k != "engine_timings"}, indent=2))
+    print(f"wrote {args.profile_out}")
     if args.json is not None:
         print(f"wrote {write(result, args.json)}")
     return 0

@@ -18,6 +18,12 @@ heartbeat lags: queued prefill is the worker's last heartbeat plus the prompt
 tokens placed on it since (by every router, through the index), and running
 sequences are the heartbeat's or the requests in flight there, whichever is more.
 
+``weighted_scores`` is llm-d's scheduler in the same place, for comparison: each candidate gets
+scores in [0, 1] (prefix: the share of the prompt it holds; queue: min-max normalized over the
+candidates, 1 for the shortest; KV: 1 − its pool's use, decode only), and the highest weighted sum
+wins (weights: ``prefix_score_weight`` 3 and ``queue_score_weight`` 2, llm-d's default profile;
+``kv_score_weight`` 0 unless set). It has no load bound.
+
 A hot prefix is served fast from cache, so its holder's queue may never grow.
 The load bound caps it, over the requests in flight from every router (``ceil(
 load_bound`` × the fair share), or ``load_bound_floor``, as in consistent
@@ -41,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.block_hash import hash_chain
 from router.index.base import PrefixIndex, WorkerInfo
 
-PolicyName = Literal["round_robin", "least_loaded", "prefix_aware"]
+PolicyName = Literal["round_robin", "least_loaded", "prefix_aware", "weighted_scores"]
 
 
 class PlacementConfig(BaseModel):
@@ -69,6 +75,9 @@ class PlacementConfig(BaseModel):
         default=2, ge=1, description="requests in flight a worker may always have, whatever its share"
     )
     balance_window: int = Field(default=256, ge=1, description="this router's placements the load bound looks back on")
+    prefix_score_weight: float = Field(default=3.0, ge=0, description="weighted_scores: weight of the prefix score")
+    queue_score_weight: float = Field(default=2.0, ge=0, description="weighted_scores: weight of the queue score")
+    kv_score_weight: float = Field(default=0.0, ge=0, description="weighted_scores: weight of the KV-use score")
 
 
 @dataclass(frozen=True)
@@ -175,7 +184,39 @@ class _RecentShare:
         self._counts[worker_id] += 1
 
 
-POLICIES: dict[str, type[PlacementPolicy]] = {p.name: p for p in (RoundRobin, LeastLoaded, PrefixAware)}
+class WeightedScores:
+    name = "weighted_scores"
+
+    def __init__(self, config: PlacementConfig):
+        self._config = config
+        self._turn = itertools.count()
+
+    def choose(self, prompt_tokens, prefill, decode):
+        turn = next(self._turn)
+
+        def decode_queue(c: Candidate) -> float:
+            return max(c.worker.load.running_seqs + c.worker.load.waiting_seqs, c.worker.in_flight.requests)
+
+        prefill_pool = _rotated(prefill, turn)
+        chosen_prefill = self._best(prefill_pool, prompt_tokens, _queued_prefill, kv=False) if prefill else None
+        return chosen_prefill, self._best(_rotated(decode, turn), prompt_tokens, decode_queue, kv=True)
+
+    def _best(self, candidates: list[Candidate], prompt_tokens: int, queue, kv: bool) -> Candidate:
+        config = self._config
+        queues = [queue(c) for c in candidates]
+        shortest, longest = min(queues), max(queues)
+
+        def score(c: Candidate, waiting: float) -> float:
+            queue_score = (longest - waiting) / (longest - shortest) if longest > shortest else 1.0
+            kv_score = 1.0 - c.worker.load.kv_used_fraction if kv else 0.0
+            return (config.prefix_score_weight * c.cached_tokens / max(prompt_tokens, 1)
+                    + config.queue_score_weight * queue_score + config.kv_score_weight * kv_score)  # fmt: skip
+
+        scored = [score(c, waiting) for c, waiting in zip(candidates, queues, strict=True)]
+        return candidates[max(range(len(candidates)), key=lambda i: (scored[i], -i))]  # ties: the first in turn
+
+
+POLICIES: dict[str, type[PlacementPolicy]] = {p.name: p for p in (RoundRobin, LeastLoaded, PrefixAware, WeightedScores)}
 
 
 def make_policy(config: PlacementConfig) -> PlacementPolicy:

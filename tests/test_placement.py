@@ -110,7 +110,27 @@ def test_least_loaded_takes_the_emptiest_queue_and_the_lightest_decoder():
     assert (placement.prefill_worker, placement.decode_worker) == ("p1", "d1")
 
 
-@pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "prefix_aware"])
+def test_weighted_scores_takes_the_holder_until_its_queue_outweighs_its_prefix_as_llm_d_scores():
+    cluster = Cluster("weighted_scores").worker("p0", "prefill", blocks=48, queued_prefill_tokens=100)
+    cluster.worker("p1", "prefill", queued_prefill_tokens=0).worker("d0", "decode")
+    assert cluster.place().prefill_worker == "p0"  # prefix 3 × 0.75 + queue 2 × 0 = 2.25 > 0 + 2 × 1
+    cluster = Cluster("weighted_scores").worker("p0", "prefill", blocks=16, queued_prefill_tokens=100)
+    cluster.worker("p1", "prefill", queued_prefill_tokens=0).worker("d0", "decode")
+    assert cluster.place().prefill_worker == "p1"  # 3 × 0.25 = 0.75 < 2
+
+
+def test_weighted_scores_kv_weight_steers_decode_away_from_a_full_pool():
+    def decode_choice(**weights) -> str:
+        cluster = Cluster("weighted_scores", **weights).worker("p0", "prefill")
+        cluster.worker("d0", "decode", running_seqs=1, kv_used_fraction=0.95)
+        cluster.worker("d1", "decode", running_seqs=2, kv_used_fraction=0.1)
+        return cluster.place().decode_worker
+
+    assert decode_choice() == "d0"  # the shorter queue, KV not weighed
+    assert decode_choice(kv_score_weight=4.0) == "d1"
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "prefix_aware", "weighted_scores"])
 def test_a_short_uncached_part_is_prefilled_on_the_decode_worker(policy):
     cluster = Cluster(policy, local_prefill_max_uncached_tokens=256).worker("p0", "prefill").worker("d0", "decode")
     short = cluster.place(PROMPT[:200])

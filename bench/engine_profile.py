@@ -1,0 +1,163 @@
+"""The simulated engine's hardware profile, measured from the real engine on this machine (#22 item 2).
+
+One vLLM engine (the config's, in a fresh process, as a worker runs it) is timed at known step shapes:
+
+- prefill: the TTFT of a fresh prompt of ``P`` tokens alone (one step of ``P`` prompt tokens), for
+  ``PREFILL_TOKENS``;
+- decode: ``S`` requests decoding together, for ``DECODE_SHAPES``: the time per token of each while all
+  ``S`` run, median over them (one step of ``S`` sequences holding ``C`` tokens of context between them).
+
+Each timing is a step of the simulated engine's model (``engine/sim/profile.py``):
+``base + a·P + b·P² + c·S + d·C`` ms, fitted by least squares with every coefficient kept ≥ 0 (a feature
+whose coefficient comes out negative is dropped and the rest refitted). The KV bytes per token are the
+engine's own cache layout; the link is given (``pdserve bench transfer`` measures it here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import multiprocessing
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from engine.config import EngineConfig
+from engine.sim.profile import HardwareProfile
+
+PREFILL_TOKENS = (16, 64, 128, 256, 512, 1024)
+# (sequences, prompt tokens of each): two contexts per batch size, so that the cost of a sequence and the
+# cost of a token of context are told apart (with one prompt length, context is a multiple of the batch).
+DECODE_SHAPES = tuple((seqs, prompt) for seqs in (1, 4, 16) for prompt in (64, 512))
+DECODE_OUTPUT_TOKENS = 48
+REPEATS = 3  # prefill timings per length; the median is kept
+FEATURES = ("base_ms", "prefill_ms_per_token", "prefill_ms_per_token2", "decode_ms_per_seq",
+            "decode_ms_per_context_token")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    prefill_tokens: int
+    decode_seqs: int
+    context_tokens: int
+    ms: float
+
+    def features(self) -> list[float]:
+        p = self.prefill_tokens
+        return [1.0, p, p * p, self.decode_seqs, self.context_tokens]
+
+
+@dataclass(frozen=True)
+class EngineFigures:
+    timings: list[StepTiming]
+    kv_bytes_per_token: int
+    kv_blocks: int  # the engine's KV pool, for a simulated engine of the same size
+    block_size: int
+
+
+def fit(timings: list[StepTiming]) -> dict[str, float]:
+    """Least squares over the step timings, every coefficient ≥ 0: a feature fitted negative is dropped."""
+    import numpy as np
+
+    kept = list(range(len(FEATURES)))
+    rows = np.array([t.features() for t in timings])
+    ms = np.array([t.ms for t in timings])
+    while True:
+        scale = np.maximum(np.abs(rows[:, kept]).max(axis=0), 1e-12)  # columns on one scale: P² is huge
+        solution = np.linalg.lstsq(rows[:, kept] / scale, ms, rcond=None)[0] / scale
+        negative = [kept[i] for i, value in enumerate(solution) if value < 0]
+        if not negative:
+            break
+        kept.remove(min(negative, key=lambda i: solution[kept.index(i)]))
+    coefficients = dict.fromkeys(FEATURES, 0.0)
+    coefficients.update({FEATURES[i]: float(value) for i, value in zip(kept, solution, strict=True)})
+    return coefficients
+
+
+def profile_of(figures: EngineFigures, link_bytes_per_s: float, name: str, model: str) -> HardwareProfile:
+    return HardwareProfile(
+        name=name,
+        source=f"measured by pdserve bench simulator on this machine ({time.strftime('%Y-%m-%d')}): {model}, "
+        f"{len(figures.timings)} step timings fitted (bench/engine_profile.py); link given as "
+        f"{link_bytes_per_s / 1e9:g} GB/s",
+        kv_bytes_per_token=figures.kv_bytes_per_token,
+        link_bytes_per_s=link_bytes_per_s,
+        **fit(figures.timings),
+    )
+
+
+def measure(config: EngineConfig) -> EngineFigures:
+    """The step timings of the config's engine, in a fresh process of its own."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_measure_in_process, (config,))
+
+
+def _measure_in_process(config: EngineConfig) -> EngineFigures:
+    from engine.engine import Engine
+
+    engine = Engine(config)
+    try:
+        timings = asyncio.run(_timings(engine))
+        import torch
+
+        layout = engine.kv_layout()
+        per_token = math.prod(layout.block_shape) // layout.block_size * len(layout.layer_names)
+        element = getattr(torch, layout.dtype.removeprefix("torch.")).itemsize
+        return EngineFigures(timings, per_token * element, engine.stats().kv_blocks_total, layout.block_size)
+    finally:
+        engine.shutdown()
+
+
+async def _timings(engine) -> list[StepTiming]:
+    from engine.types import GenerateRequest, SamplingOptions
+
+    rng = random.Random(0)
+
+    def fresh(n: int) -> list[int]:
+        return [rng.randrange(2, engine.vocab_size) for _ in range(n)]
+
+    async def token_times(request_id: str, ids: list[int], max_tokens: int) -> list[float]:
+        times = []
+        sampling = SamplingOptions(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        async for delta in engine.generate(GenerateRequest(request_id, ids, sampling)):
+            times += [time.perf_counter()] * len(delta.token_ids)
+        return times
+
+    await token_times("warm-up", fresh(max(PREFILL_TOKENS)), 4)  # the first step at a new shape is slow on CPU
+    timings = []
+    for tokens in PREFILL_TOKENS:
+        ttfts = []
+        for i in range(REPEATS):
+            began = time.perf_counter()
+            ttfts.append(1000 * ((await token_times(f"prefill-{tokens}-{i}", fresh(tokens), 1))[0] - began))
+        timings.append(StepTiming(tokens, 0, 0, statistics.median(ttfts)))
+    for batch, prompt in DECODE_SHAPES:
+        runs = await asyncio.gather(*(token_times(f"decode-{batch}-{prompt}-{i}", fresh(prompt),
+                                                  DECODE_OUTPUT_TOKENS) for i in range(batch)))  # fmt: skip
+        # While all of them run: each request's tokens in that window, over the steps between its first and last.
+        all_running, first_done = max(run[0] for run in runs), min(run[-1] for run in runs)
+        steps = []
+        for run in runs:
+            window = [t for t in run if all_running <= t <= first_done]
+            if len(window) > 1 and window[-1] > window[0]:
+                steps.append((window[-1] - window[0]) / (len(window) - 1))
+        context = batch * (prompt + DECODE_OUTPUT_TOKENS // 2)
+        timings.append(StepTiming(0, batch, context, 1000 * statistics.median(steps)))
+    return timings
+
+
+def write_profile(profile: HardwareProfile, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(profile.to_json() + "\n")
+    return path
+
+
+def figures_json(figures: EngineFigures) -> dict:
+    return {**asdict(figures), "timings": [asdict(t) for t in figures.timings]}
+
+
+def read_profile(path: Path) -> HardwareProfile:
+    return HardwareProfile(**json.loads(path.read_text()))

@@ -1,0 +1,74 @@
+"""The simulated engine checked against the real one on this machine (#22 item 2).
+
+The profile is measured first, in this invocation (``bench/engine_profile.py``): the config's vLLM engine
+timed at known step shapes, fitted. Then each workload (``random``; ``shared-prefix``) at each rate runs
+through the service twice, each time on a fresh service from the same config (disaggregated, one
+prefill and one decode replica): on vLLM, and on the simulated engine with the measured profile and the
+real engine's KV pool size. The figures are p50 TTFT and TPOT, simulated over real; the headline keys
+take the pair furthest from 1 (target: within 15 %, 0.85–1.15).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from bench.engine_profile import figures_json, measure, profile_of, write_profile
+from bench.load import LoadSpec, summarize
+from bench.running import load_service
+from bench.workloads import WorkloadSpec, make_workload
+from pdserve.config import PdserveConfig
+
+WORKLOADS = (
+    WorkloadSpec("random", requests=24, input_tokens=256, output_tokens=32),
+    WorkloadSpec("shared-prefix", requests=24, input_tokens=64, output_tokens=32, system_prompts=4,
+                 system_prompt_tokens=512, zipf_s=0.0),
+)  # fmt: skip
+RATES = (0.5, 1.5)  # requests per second
+
+
+def furthest_from_one(ratios: list[float]) -> float:
+    return max(ratios, key=lambda r: abs(r - 1.0))
+
+
+def run_simulator_check(config: PdserveConfig, vocab_size: int, link_bytes_per_s: float, profile_path: Path) -> dict:
+    figures = measure(config.engine)
+    profile = profile_of(figures, link_bytes_per_s, "bench-model-this-cpu", str(config.engine.model))
+    write_profile(profile, profile_path)
+    simulated = {"engine.kind": "simulated", "engine.simulated_profile": str(profile_path.resolve()),
+                 "engine.num_kv_blocks": figures.kv_blocks}  # fmt: skip
+    pairs = {}
+    for spec in WORKLOADS:
+        workload = make_workload(spec, vocab_size)
+        for rate in RATES:
+            load = LoadSpec(api="grpc", rate=rate, progress=False)
+            real, sim = (summarize(*load_service(config, overrides, workload, load)) for overrides in ({}, simulated))
+            pairs[f"{spec.name}@{rate:g}/s"] = {
+                "ttft_p50_sim_vs_real": sim["ttft"]["p50_ms"] / real["ttft"]["p50_ms"],
+                "tpot_p50_sim_vs_real": sim["tpot"]["p50_ms"] / real["tpot"]["p50_ms"],
+                "real": _figures(real),
+                "simulated": _figures(sim),
+            }
+    return {
+        "ttft_p50_sim_vs_real": furthest_from_one([p["ttft_p50_sim_vs_real"] for p in pairs.values()]),
+        "tpot_p50_sim_vs_real": furthest_from_one([p["tpot_p50_sim_vs_real"] for p in pairs.values()]),
+        "pairs": pairs,
+        "profile": json.loads(profile.to_json()),
+        "engine_timings": figures_json(figures),
+    }
+
+
+def _figures(summary: dict) -> dict:
+    return {
+        "errors": summary["errors"],
+        "ttft_p50_ms": summary["ttft"]["p50_ms"],
+        "tpot_p50_ms": summary["tpot"]["p50_ms"],
+        "prefix_hit_rate": summary["prefix_hit_rate"],
+    }
+
+
+def write(result: dict, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "simulator.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
