@@ -1,22 +1,25 @@
 """The simulated engine checked against the real one on this machine (#22 item 2).
 
-The profile is measured first, in this invocation (``bench/engine_profile.py``): the config's vLLM engine
-timed at known step shapes, fitted. Then each workload (``random``; ``shared-prefix``) at each rate runs
-through the service twice, each time on a fresh service from the same config (disaggregated, one
-prefill and one decode replica): on vLLM, and on the simulated engine with the measured profile and the
-real engine's KV pool size. The figures are p50 TTFT and TPOT, simulated over real; the headline keys
-take the pair furthest from 1 (target: within 15 %, 0.85–1.15).
+The profile is measured first, in this invocation (``bench/engine_profile.py``): the decode pool's vLLM
+engine, on the cores one replica gets, timed at known step shapes, fitted. Then each workload
+(``random``; ``shared-prefix``) at each rate runs through the service twice, each time on a fresh
+service from the same config (disaggregated, one prefill and one decode replica): on vLLM, and on the
+simulated engine with the measured profile and the real engine's KV pool size. The figures are p50 TTFT
+and TPOT, simulated over real; the headline keys take the pair furthest from 1 (target: within 15 %,
+0.85–1.15).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from bench.engine_profile import figures_json, measure, profile_of, write_profile
 from bench.load import LoadSpec, summarize
 from bench.running import load_service
 from bench.workloads import WorkloadSpec, make_workload
+from engine.config import EngineConfig
 from pdserve.config import PdserveConfig
 
 WORKLOADS = (
@@ -31,8 +34,17 @@ def furthest_from_one(ratios: list[float]) -> float:
     return max(ratios, key=lambda r: abs(r - 1.0))
 
 
+def engine_as_a_worker_runs_it(config: PdserveConfig) -> EngineConfig:
+    """The decode pool's engine on as many cores as the service gives one of its replicas (the last ones)."""
+    from pdserve.app import layout
+
+    pool = layout(config)["decode"]
+    cores = sorted(os.sched_getaffinity(0))[-pool.cores.per_rank :]
+    return pool.engine.model_copy(update={"cpu_cores": ",".join(map(str, cores))})
+
+
 def run_simulator_check(config: PdserveConfig, vocab_size: int, link_bytes_per_s: float, profile_path: Path) -> dict:
-    figures = measure(config.engine)
+    figures = measure(engine_as_a_worker_runs_it(config))
     profile = profile_of(figures, link_bytes_per_s, "bench-model-this-cpu", str(config.engine.model))
     write_profile(profile, profile_path)
     simulated = {"engine.kind": "simulated", "engine.simulated_profile": str(profile_path.resolve()),
