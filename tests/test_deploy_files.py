@@ -121,6 +121,15 @@ def test_a_broken_serve_config_is_caught():
         ServeDeploySchema.parse_obj({"applications": [{"import_path": "pdserve.app:app_builder", "route_prefix": 7}]})
 
 
+# A shell's background job (how CI runners often start the suite) ignores SIGINT, an ignored signal stays
+# ignored across exec, and Python then never raises KeyboardInterrupt: `serve run` would sleep through the
+# Ctrl-C this test sends. A user's terminal gives it SIGINT at its default; so does this.
+WITH_SIGINT_AS_A_TERMINAL_GIVES_IT = [
+    sys.executable, "-c",
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])",
+]  # fmt: skip
+
+
 @pytest.mark.service
 def test_the_local_serve_config_runs_under_serve_run(tmp_path):
     from pdserve.local_redis import free_port
@@ -136,8 +145,8 @@ def test_the_local_serve_config_runs_under_serve_run(tmp_path):
     serve_cli = Path(sys.executable).parent / "serve"
     log_path = tmp_path / "serve-run.log"  # what serve run said, for a failure's message
     with log_path.open("wb") as log:
-        process = subprocess.Popen([serve_cli, "run", str(path)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)  # fmt: skip
+        process = subprocess.Popen([*WITH_SIGINT_AS_A_TERMINAL_GIVES_IT, serve_cli, "run", str(path)], env=env,
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
 
     def said() -> str:
         return log_path.read_text(errors="replace")[-3000:]
