@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PATH = Path(tempfile.gettempdir()) / f"pdserve-cores-{os.getuid()}.json"
 
@@ -83,16 +86,28 @@ class CoreLedger:
             fcntl.flock(file, fcntl.LOCK_EX)
             try:
                 file.seek(0)
-                text = file.read()
-                loaded = json.loads(text) if text.strip() else {}
+                loaded = self._read(file.read())
                 # A claim whose process is gone (exited, killed, its pid since taken by another) is free again.
                 claims = {pid: claim for pid, claim in loaded.items() if _alive(int(pid), claim)}
                 yield claims
                 file.seek(0)
                 file.truncate()
                 json.dump(claims, file)
+                file.flush()  # on disk before the lock goes: buffered, it landed after the next holder's write
             finally:
                 fcntl.flock(file, fcntl.LOCK_UN)
+
+    def _read(self, text: str) -> dict[str, dict]:
+        """The claims written; an unreadable ledger (a writer killed mid-write) would fail every replica of the
+        node from then on, so it starts afresh, with a warning: engines may share a core until it is rebuilt."""
+        try:
+            loaded = json.loads(text) if text.strip() else {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"a {type(loaded).__name__}, not an object")
+            return loaded
+        except ValueError as exc:
+            log.warning("core ledger %s unreadable (%s), started afresh: %r", self._path, exc, text[:200])
+            return {}
 
 
 def _alive(pid: int, claim: object) -> bool:

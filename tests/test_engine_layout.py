@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -114,6 +116,33 @@ def test_a_claim_whose_pid_another_process_has_since_taken_is_free_again(tmp_pat
     path.write_text(json.dumps({str(os.getpid()): {"started": 1, "cores": [1, 2]}}))  # this pid, an earlier process
     ledger = CoreLedger(path, node_cores=list(range(4)))
     assert ledger.claim(os.getppid(), CoreRequest(per_rank=3, reserved=1)) == "1-3"
+
+
+def _claim_and_release(path: str, rounds: int) -> None:
+    ledger = CoreLedger(Path(path), node_cores=list(range(64)))
+    for _ in range(rounds):
+        ledger.claim(os.getpid(), CoreRequest(per_rank=1, reserved=1))
+        ledger.release(os.getpid())
+
+
+def test_replicas_claiming_at_once_leave_a_ledger_every_one_can_read(tmp_path):
+    path = tmp_path / "cores.json"
+    context = multiprocessing.get_context("spawn")
+    claimants = [context.Process(target=_claim_and_release, args=(str(path), 300)) for _ in range(6)]
+    for claimant in claimants:
+        claimant.start()
+    for claimant in claimants:
+        claimant.join(120)
+    assert [c.exitcode for c in claimants] == [0] * 6  # none failed to read what another wrote
+    assert json.loads(path.read_text()) == {}
+
+
+def test_an_unreadable_ledger_is_started_afresh_with_a_warning_not_left_to_fail_every_replica(tmp_path, caplog):
+    path = tmp_path / "cores.json"
+    path.write_text('{"1": {"started": 1, "cores": [1]}}{"2"')
+    ledger = CoreLedger(path, node_cores=list(range(4)))
+    assert ledger.claim(os.getpid(), CoreRequest(per_rank=1, reserved=1)) == "1"
+    assert "unreadable" in caplog.text and ledger.claims() == {os.getpid(): [1]}
 
 
 @pytest.mark.parametrize(
