@@ -19,13 +19,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import multiprocessing
 import random
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from bench.engine_process import call_in_fresh_process
 from bench.report import Row, report
 from engine.config import EngineConfig
 from engine.engine import Engine
@@ -41,17 +41,14 @@ CACHED_PREFIX = 1920
 def run_engine_bench(config: EngineConfig, requests: int = 32, repeats: int = 3, json_path: Path | None = None) -> dict:
     config = config.model_copy(update={"max_model_len": config.max_model_len or LONG_PROMPT + 256})
     vocab_size = json.loads((Path(config.model) / "config.json").read_text())["vocab_size"]
-    spawn = multiprocessing.get_context("spawn")
     starts, ours, theirs, cold_ttft, warm_ttft = [], [], [], [], []
     for round_no in range(repeats):
         rng = random.Random(round_no)
         warmup, prompts = ([_random_prompt(rng, vocab_size, PROMPT_TOKENS) for _ in range(requests)] for _ in range(2))
         # Each side in a fresh process, as a worker runs it: vLLM binds its threads to cores per
         # process, and a second engine in one process runs slower than the first.
-        with spawn.Pool(1) as pool:
-            start_s, tokens_per_s, cold, warm = pool.apply(_pdserve_side, (config, warmup, prompts, round_no))
-        with spawn.Pool(1) as pool:
-            theirs.append(pool.apply(_vllm_side, (config, warmup, prompts)))
+        start_s, tokens_per_s, cold, warm = call_in_fresh_process(_pdserve_side, config, warmup, prompts, round_no)
+        theirs.append(call_in_fresh_process(_vllm_side, config, warmup, prompts))
         starts.append(start_s)
         ours.append(tokens_per_s)
         cold_ttft.append(cold)

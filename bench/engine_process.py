@@ -1,6 +1,6 @@
 """A real engine in its own process (a prefill or decode worker stand-in), driven over a pipe.
 
-Used by the transfer benchmark and the connector tests.
+Used by the transfer, engine and simulator benchmarks and the connector tests.
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ import asyncio
 import multiprocessing
 import os
 import signal
+import time
 
 
 def _engine_main(conn, config_json: str, env: dict) -> None:
@@ -49,6 +50,42 @@ def _engine_main(conn, config_json: str, env: dict) -> None:
         elif command == "stop":
             break
     engine.shutdown()
+
+
+def _call_and_send(conn, function, args) -> None:
+    try:
+        conn.send(("ok", function(*args)))
+    except Exception as exc:  # sent whole, so the caller raises it; as text when it does not pickle
+        try:
+            conn.send(("error", exc))
+        except Exception:
+            conn.send(("error", RuntimeError(repr(exc))))
+
+
+def call_in_fresh_process(function, *args, timeout_s: float = 900.0):
+    """``function(*args)`` in a spawned process of its own, as a worker runs an engine; its result or its error.
+
+    Not a pool: a pool's processes are daemons, and a daemon may not start vLLM's engine core."""
+    context = multiprocessing.get_context("spawn")
+    receiving, sending = context.Pipe(duplex=False)
+    process = context.Process(target=_call_and_send, args=(sending, function, args))
+    process.start()
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not receiving.poll(1.0):
+            if not process.is_alive():
+                raise RuntimeError(f"{function.__name__}'s process died (exit code {process.exitcode})")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{function.__name__} gave no answer within {timeout_s:g} s")
+        status, value = receiving.recv()
+    finally:
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+            process.join(10)
+    if status == "error":
+        raise value
+    return value
 
 
 class ChildProcess:

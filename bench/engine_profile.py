@@ -18,13 +18,13 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import multiprocessing
 import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench.engine_process import call_in_fresh_process
 from engine.config import EngineConfig
 from engine.sim.profile import HardwareProfile
 
@@ -91,8 +91,7 @@ def profile_of(figures: EngineFigures, link_bytes_per_s: float, name: str, model
 
 def measure(config: EngineConfig) -> EngineFigures:
     """The step timings of the config's engine, in a fresh process of its own."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_measure_in_process, (config,))
+    return call_in_fresh_process(_measure_in_process, config)
 
 
 def _measure_in_process(config: EngineConfig) -> EngineFigures:

@@ -10,7 +10,11 @@ class EngineConfigError(EngineError):
 
     def __init__(self, field: str, message: str):
         self.field = field
+        self.message = message
         super().__init__(f"{field}: {message}")
+
+    def __reduce__(self):  # crosses a process boundary (a spawned engine process, Ray) whole, with its field
+        return type(self), (self.field, self.message)
 
 
 class EngineInputError(EngineError):
