@@ -40,9 +40,11 @@ class Service:
         try:
             serve.shutdown()
         finally:
-            ray.shutdown()
-            if self.redis is not None:
-                self.redis.stop()
+            try:
+                ray.shutdown()
+            finally:  # the local Redis stops whatever Ray did
+                if self.redis is not None:
+                    self.redis.stop()
 
 
 def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: float = 300.0) -> Service:
