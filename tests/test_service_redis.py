@@ -28,10 +28,12 @@ def service(model_dir, tmp_path_factory):
         "router.placement.policy": "round_robin",
         "router.recovery.migrate_decode": False,
     }
-    running = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)
-    yield running
-    running.stop()
-    redis.stop()
+    try:  # the Redis stops even when the service does not start
+        running = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)
+        yield running
+        running.stop()
+    finally:
+        redis.stop()
 
 
 @pytest.fixture(scope="module")

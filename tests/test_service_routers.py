@@ -48,10 +48,12 @@ def service(model_dir, tmp_path_factory):
         "router.index.redis_url": redis.url,
         "router.placement.load_bound": LOAD_BOUND,
     }
-    running = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)
-    yield running
-    running.stop()
-    redis.stop()
+    try:  # the Redis stops even when the service does not start
+        running = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)
+        yield running
+        running.stop()
+    finally:
+        redis.stop()
 
 
 class Connection:
