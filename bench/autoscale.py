@@ -34,6 +34,7 @@ from pathlib import Path
 import grpc
 
 from bench.load import SLO, Record, send_at, summarize
+from bench.placement_live import simulated_engine
 from bench.running import with_service
 from bench.workloads import Turn
 from pdserve.config import PdserveConfig
@@ -99,16 +100,6 @@ def simulated_trace(seed: int = 0) -> StepTrace:
               Phase(0.3, 60.0, 1024, 64))  # fmt: skip
     return StepTrace(phases=phases, max_prefill_replicas=4, max_decode_replicas=8,
                      target_queued_prefill_tokens=2048, target_running_seqs=6, seed=seed)  # fmt: skip
-
-
-def simulated_engine(folder: Path, block_size: int) -> dict:
-    """Config overrides for the simulated engine on the slowed profile (written to ``folder``)."""
-    from bench.placement_live import scaled_profile
-
-    profile_path = folder / "profile.json"
-    profile_path.write_text(json.dumps(scaled_profile(SIMULATED_TIME_SCALE)))
-    return {"engine.kind": "simulated", "engine.simulated_profile": str(profile_path),
-            "engine.num_kv_blocks": SIMULATED_KV_TOKENS // block_size}  # fmt: skip
 
 
 def settings(trace: StepTrace) -> dict[str, dict]:
@@ -185,7 +176,8 @@ def streams_in_scale_down(records: list[Record], asked: list[int], samples: list
         r.session for r in records for since, until in downs
         if r.start_s < until and (r.error or r.start_s + r.e2e_s > since)
     }  # fmt: skip
-    lost = {n for n in running for r in records if r.session == n and (r.error or r.output_tokens < asked[n])}
+    by_session = {r.session: r for r in records}
+    lost = [n for n in running if by_session[n].error or by_session[n].output_tokens < asked[n]]
     return len(running), len(lost)
 
 
@@ -200,7 +192,10 @@ def run_autoscale(config: PdserveConfig, trace: StepTrace, vocab_size: int, engi
     requests = trace.requests(vocab_size)
     runs = {}
     with tempfile.TemporaryDirectory(prefix="pdserve-autoscale-") as folder:
-        engine_overrides = simulated_engine(Path(folder), config.engine.block_size) if engine == "simulated" else {}
+        engine_overrides = {}
+        if engine == "simulated":
+            blocks = SIMULATED_KV_TOKENS // config.engine.block_size
+            engine_overrides = simulated_engine(Path(folder), SIMULATED_TIME_SCALE, blocks)
         for name, overrides in settings(trace).items():
             runs[name] = with_service(config, {**engine_overrides, **overrides}, lambda s: asyncio.run(
                 run_trace(s.grpc_address, s.config.service.app_name, requests, trace.sample_s)))  # fmt: skip

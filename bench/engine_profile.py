@@ -16,12 +16,11 @@ engine's own cache layout; the link is given (``pdserve bench transfer`` measure
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench.engine_process import call_in_fresh_process
@@ -95,13 +94,13 @@ def measure(config: EngineConfig) -> EngineFigures:
 
 
 def _measure_in_process(config: EngineConfig) -> EngineFigures:
+    import torch
+
     from engine.engine import Engine
 
     engine = Engine(config)
     try:
         timings = asyncio.run(_timings(engine))
-        import torch
-
         layout = engine.kv_layout()
         per_token = math.prod(layout.block_shape) // layout.block_size * len(layout.layer_names)
         element = getattr(torch, layout.dtype.removeprefix("torch.")).itemsize
@@ -152,11 +151,3 @@ def write_profile(profile: HardwareProfile, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(profile.to_json() + "\n")
     return path
-
-
-def figures_json(figures: EngineFigures) -> dict:
-    return {**asdict(figures), "timings": [asdict(t) for t in figures.timings]}
-
-
-def read_profile(path: Path) -> HardwareProfile:
-    return HardwareProfile(**json.loads(path.read_text()))

@@ -99,14 +99,19 @@ def kv_blocks(trace: TenantTrace, shape: ClusterShape, block_size: int) -> int:
     return max(1, round(trace.working_set_tokens() * shape.cache_share / block_size))
 
 
+def simulated_engine(folder: Path, time_scale: float, num_kv_blocks: int) -> dict:
+    """Config overrides for the simulated engine on ``scaled_profile(time_scale)`` (written to ``folder``)."""
+    profile_path = folder / "profile.json"
+    profile_path.write_text(json.dumps(scaled_profile(time_scale)))
+    return {"engine.kind": "simulated", "engine.simulated_profile": str(profile_path),
+            "engine.num_kv_blocks": num_kv_blocks}  # fmt: skip
+
+
 def simulated_cluster(folder: Path, trace: TenantTrace, shape: ClusterShape, block_size: int) -> dict:
     """Config overrides for ``shape``'s fixed pools of simulated workers on the scaled profile (written to
     ``folder``), each with the KV pool ``shape.cache_share`` of ``trace``'s working set."""
-    profile_path = folder / "profile.json"
-    profile_path.write_text(json.dumps(scaled_profile(shape.time_scale)))
     return {
-        "engine.kind": "simulated", "engine.simulated_profile": str(profile_path),
-        "engine.num_kv_blocks": kv_blocks(trace, shape, block_size),
+        **simulated_engine(folder, shape.time_scale, kv_blocks(trace, shape, block_size)),
         "service.prefill.num_replicas": shape.prefill_workers, "service.decode.num_replicas": shape.decode_workers,
         "service.prefill.autoscaling": None, "service.decode.autoscaling": None, "service.coordination": None,
     }  # fmt: skip

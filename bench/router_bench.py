@@ -176,7 +176,11 @@ def _rows(results: dict) -> list[Row]:
     if "service_multi_router_hit_vs_single" in results:
         rounds = " ".join(f"{r:.3f}" for r in results["service_multi_router_hit_vs_single_rounds"])
         rows += [
-            ("service: 2 routers / 1 hit rate", f"{results['service_multi_router_hit_vs_single']:.3f}", ">= 0.95"),
+            (
+                f"service: {results['service_routers']} routers / 1 hit rate",
+                f"{results['service_multi_router_hit_vs_single']:.3f}",
+                ">= 0.95",
+            ),
             ("  ... per round", rounds, ""),
         ]
     if "live_multi_router_hit_vs_single" in results:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
-from bench.engine_profile import figures_json, measure, profile_of, write_profile
+from bench.engine_profile import measure, profile_of, write_profile
 from bench.load import LoadSpec, summarize
 from bench.running import load_service
 from bench.workloads import WorkloadSpec, make_workload
@@ -66,7 +67,7 @@ def run_simulator_check(config: PdserveConfig, vocab_size: int, link_bytes_per_s
         "tpot_p50_sim_vs_real": furthest_from_one([p["tpot_p50_sim_vs_real"] for p in pairs.values()]),
         "pairs": pairs,
         "profile": json.loads(profile.to_json()),
-        "engine_timings": figures_json(figures),
+        "engine_timings": asdict(figures),
     }
 
 

@@ -113,8 +113,8 @@ def _parser() -> argparse.ArgumentParser:
         "--service", action="store_true", help="also the real service: hit rate with --routers router replicas vs 1"
     )
     router_bench.add_argument(
-        "--engine", choices=("vllm", "simulated"), default="vllm",
-        help="the service's engine: vLLM on the config's model (~10 min), or 8 + 16 simulated workers (~8 min)",
+        "--engine", choices=("vllm", "simulated"),
+        help="with --service: vLLM on the config's model (the default, ~10 min), or 8 + 16 simulated workers",
     )  # fmt: skip
     router_bench.add_argument(
         "--view-delay-ms", type=float, default=50.0, help="how late cache events and heartbeats reach the routers"
@@ -463,10 +463,12 @@ def _bench_engine(args: argparse.Namespace) -> int:
 def _bench_router(args: argparse.Namespace) -> int:
     from bench.router_bench import run_router_bench
 
+    if args.engine is not None and not args.service:
+        raise ConfigError("--engine: it picks the service's engine, so it needs --service")
     service = _bench_config(args) if args.service else None
     run_router_bench(
         args.workers, args.index_blocks, args.decisions, args.routers, args.view_delay_ms / 1000, args.json, service,
-        args.engine,
+        args.engine or "vllm",
     )  # fmt: skip
     return 0
 
@@ -628,10 +630,14 @@ def _bench_autoscale(args: argparse.Namespace) -> int:
         if given:
             raise ConfigError(f"{', '.join(given)}: the simulated engine runs its own trace (bench/autoscale.py)")
         trace = simulated_trace(args.seed)
-    else:
-        low, high, tail = args.phase_s or (45.0, 75.0, 75.0)
-        low_rate, high_rate = args.low_rate or 0.5, args.high_rate or 2.0
-        most = args.max_replicas or 2
+    else:  # StepTrace's own low, high, low phases, with what was given in their place
+        base = StepTrace()
+        low, high, tail = args.phase_s if args.phase_s is not None else [p.seconds for p in base.phases]
+        low_rate = base.phases[0].rate if args.low_rate is None else args.low_rate
+        high_rate = base.phases[1].rate if args.high_rate is None else args.high_rate
+        most = base.max_decode_replicas if args.max_replicas is None else args.max_replicas
+        if min(low, high, tail, low_rate, high_rate, most) <= 0:
+            raise ConfigError("--low-rate, --high-rate, --phase-s and --max-replicas must be positive")
         phases = (Phase(low_rate, low), Phase(high_rate, high), Phase(low_rate, tail))
         trace = StepTrace(phases=phases, max_prefill_replicas=most, max_decode_replicas=most, seed=args.seed)
     config = _bench_config(args)

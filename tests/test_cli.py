@@ -70,6 +70,16 @@ def test_autoscale_on_the_simulated_engine_refuses_the_vllm_traces_flags():
     assert "--high-rate, --max-replicas: the simulated engine runs its own trace" in result.stderr
 
 
+def test_the_router_benchmarks_engine_without_the_service_is_refused():
+    result = run("bench", "router", "--engine", "simulated")
+    assert result.returncode == 2 and "--engine: it picks the service's engine, so it needs --service" in result.stderr
+
+
+def test_autoscale_refuses_a_rate_of_zero():
+    result = run("bench", "autoscale", "--low-rate", "0")
+    assert result.returncode == 2 and "must be positive" in result.stderr
+
+
 def test_generate_reports_a_bad_config_field():
     result = run("generate", "--local", "--set", "engine.block_size=0", "hello")
     assert result.returncode == 2
