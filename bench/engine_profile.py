@@ -3,12 +3,13 @@
 One vLLM engine (the config's, in a fresh process, as a worker runs it) is timed at known step shapes:
 
 - prefill: the TTFT of a fresh prompt of ``P`` tokens alone (one step of ``P`` prompt tokens), for
-  ``PREFILL_TOKENS``;
+  ``PREFILL_TOKENS``; and of ``P`` fresh tokens after a prefix of ``X`` tokens already cached (one step of
+  ``P`` prompt tokens attending to ``X`` more), for ``CACHED_PREFIX_SHAPES``;
 - decode: ``S`` requests decoding together, for ``DECODE_SHAPES``: the time per token of each while all
   ``S`` run, median over them (one step of ``S`` sequences holding ``C`` tokens of context between them).
 
 Each timing is a step of the simulated engine's model (``engine/sim/profile.py``):
-``base + a·P + b·P² + c·S + d·C`` ms, fitted by least squares with every coefficient kept ≥ 0 (a feature
+``base + a·P + b·P² + x·P·X + c·S + d·C`` ms, fitted by least squares with every coefficient kept ≥ 0 (a feature
 whose coefficient comes out negative is dropped and the rest refitted). The KV bytes per token are the
 engine's own cache layout; the link is given (``pdserve bench transfer`` measures it here).
 """
@@ -31,10 +32,11 @@ PREFILL_TOKENS = (16, 64, 128, 256, 512, 1024)
 # (sequences, prompt tokens of each): two contexts per batch size, so that the cost of a sequence and the
 # cost of a token of context are told apart (with one prompt length, context is a multiple of the batch).
 DECODE_SHAPES = tuple((seqs, prompt) for seqs in (1, 4, 16) for prompt in (64, 512))
+CACHED_PREFIX_SHAPES = ((64, 512), (64, 1024), (256, 1024))  # (fresh prompt tokens, cached prefix tokens)
 DECODE_OUTPUT_TOKENS = 48
 REPEATS = 3  # prefill timings per length; the median is kept
-FEATURES = ("base_ms", "prefill_ms_per_token", "prefill_ms_per_token2", "decode_ms_per_seq",
-            "decode_ms_per_context_token")  # fmt: skip
+FEATURES = ("base_ms", "prefill_ms_per_token", "prefill_ms_per_token2", "prefill_ms_per_context_pair",
+            "decode_ms_per_seq", "decode_ms_per_context_token")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -43,10 +45,11 @@ class StepTiming:
     decode_seqs: int
     context_tokens: int
     ms: float
+    prefill_context_pairs: int = 0  # prompt tokens computed x tokens cached before them
 
     def features(self) -> list[float]:
         p = self.prefill_tokens
-        return [1.0, p, p * p, self.decode_seqs, self.context_tokens]
+        return [1.0, p, p * p, self.prefill_context_pairs, self.decode_seqs, self.context_tokens]
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,15 @@ async def _timings(engine) -> list[StepTiming]:
             began = time.perf_counter()
             ttfts.append(1000 * ((await token_times(f"prefill-{tokens}-{i}", fresh(tokens), 1))[0] - began))
         timings.append(StepTiming(tokens, 0, 0, statistics.median(ttfts)))
+    for tokens, cached in CACHED_PREFIX_SHAPES:
+        prefix = fresh(cached)  # a whole number of blocks: every one of them a hit below
+        await token_times(f"prefix-{tokens}-{cached}", prefix + fresh(16), 1)
+        ttfts = []
+        for i in range(REPEATS):
+            began = time.perf_counter()
+            ids = prefix + fresh(tokens)
+            ttfts.append(1000 * ((await token_times(f"cached-{tokens}-{cached}-{i}", ids, 1))[0] - began))
+        timings.append(StepTiming(tokens, 0, 0, statistics.median(ttfts), tokens * cached))
     for batch, prompt in DECODE_SHAPES:
         runs = await asyncio.gather(*(token_times(f"decode-{batch}-{prompt}-{i}", fresh(prompt),
                                                   DECODE_OUTPUT_TOKENS) for i in range(batch)))  # fmt: skip

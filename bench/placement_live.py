@@ -32,6 +32,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.footprint import Footprint
 from bench.load import Record, send_at, summarize
 from bench.placement_sim import TraceRequest, simulate
 from bench.running import with_service
@@ -86,8 +87,8 @@ class ClusterShape:
 def scaled_profile(scale: float) -> dict:
     """``llama-3.1-8b-h100`` with every time ``scale`` times longer (its link ``scale`` times slower)."""
     profile = asdict(PROFILES["llama-3.1-8b-h100"])
-    for name in ("base_ms", "prefill_ms_per_token", "prefill_ms_per_token2", "decode_ms_per_seq",
-                 "decode_ms_per_context_token"):  # fmt: skip
+    for name in ("base_ms", "prefill_ms_per_token", "prefill_ms_per_token2", "prefill_ms_per_context_pair",
+                 "decode_ms_per_seq", "decode_ms_per_context_token"):  # fmt: skip
         profile[name] *= scale
     profile["link_bytes_per_s"] /= scale
     profile["name"] = f"llama-3.1-8b-h100-x{scale:g}"
@@ -182,11 +183,13 @@ def run_placement(config: PdserveConfig, trace: TenantTrace, shape: ClusterShape
         live = {}
         for policy in POLICIES:
             began = time.perf_counter()
-            records, wall = with_service(
-                config, {**overrides, "router.placement.policy": policy},
-                lambda service: asyncio.run(replay(service.grpc_address, requests)),
-            )  # fmt: skip
-            live[policy] = {**policy_figures(records, wall, shape), "run_s": time.perf_counter() - began}
+            with Footprint() as footprint:  # the whole service, its start and stop included
+                records, wall = with_service(
+                    config, {**overrides, "router.placement.policy": policy},
+                    lambda service: asyncio.run(replay(service.grpc_address, requests)),
+                )  # fmt: skip
+            live[policy] = {**policy_figures(records, wall, shape), "run_s": time.perf_counter() - began,
+                            "footprint": footprint.summary()}  # fmt: skip
     simulated = oracle_figures(requests, shape, blocks, block_size)
     aware, robin, scored = live["prefix_aware"], live["round_robin"], live["weighted_scores"]
     return {

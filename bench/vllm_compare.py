@@ -112,6 +112,14 @@ class _Server:
         self._log = tempfile.TemporaryFile()
         self._process = subprocess.Popen(self._command, env={**os.environ, **self._env}, stdout=self._log,
                                          stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)  # fmt: skip
+        try:
+            self._wait_until_ready()
+        except BaseException:  # a server that never became ready (or a Ctrl-C meanwhile) is stopped too
+            self.__exit__()
+            raise
+        return self._url
+
+    def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + self._timeout
         while True:
             if self._process.poll() is not None:
@@ -122,7 +130,7 @@ class _Server:
                     body = reply.read()
                 live = json.loads(body).get("live_workers", {}) if self._pools else {}
                 if all(live.get(pool, 0) >= count for pool, count in self._pools.items()):
-                    return self._url
+                    return
             except (OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
@@ -130,7 +138,10 @@ class _Server:
             time.sleep(1)
 
     def __exit__(self, *exc) -> None:
-        os.killpg(self._process.pid, signal.SIGINT)
+        try:
+            os.killpg(self._process.pid, signal.SIGINT)  # the whole session: what the server left running too
+        except ProcessLookupError:
+            pass
         try:
             self._process.wait(120)
         except subprocess.TimeoutExpired:

@@ -74,6 +74,7 @@ def build_app(config: PdserveConfig) -> serve.Application:
         model=model, router=config.router, cluster_token=token, model_source=source,
         mode=service.mode if disaggregated else "colocated",
         grpc_host=service.grpc_host, grpc_port=service.grpc_port, max_inflight=service.max_inflight,
+        http=(service.http_host, service.http_port) if service.http_server == "router" else None,
         prefill_timeout_s=service.prefill_timeout_s,
     )  # fmt: skip
     router_pool = service.router
@@ -83,6 +84,15 @@ def build_app(config: PdserveConfig) -> serve.Application:
         max_ongoing_requests=router_pool.max_ongoing_requests,
     )
     return router.bind(settings, prefill, decode)
+
+
+def serve_ingress(service: ServiceConfig) -> dict[str, Any]:
+    """Serve's own HTTP proxy for ``service.http_server``: off where the router replicas serve HTTP themselves
+    (they take the port), else on every node at ``http_host:http_port``. The keys of ``serve.start`` and of a
+    Serve config alike."""
+    if service.http_server == "router":
+        return {"proxy_location": "Disabled"}
+    return {"proxy_location": "EveryNode", "http_options": {"host": service.http_host, "port": service.http_port}}
 
 
 def serve_application(config: PdserveConfig) -> dict[str, Any]:

@@ -245,6 +245,8 @@ def _parser() -> argparse.ArgumentParser:
     placement_bench.add_argument("--rate", type=float, default=8.0, help="requests per second (Poisson)")
     placement_bench.add_argument("--duration-s", type=float, default=60.0, help="seconds of arrivals per policy")
     placement_bench.add_argument("--time-scale", type=float, default=10.0, help="the hardware profile slowed so much")
+    placement_bench.add_argument("--prefill-workers", type=int, default=8, help="simulated prefill replicas")
+    placement_bench.add_argument("--decode-workers", type=int, default=16, help="simulated decode replicas")
     placement_bench.add_argument("--seed", type=int, default=0)
     _add_json_dir_flag(placement_bench, "placement_live.json")
     placement_bench.set_defaults(run=_bench_placement)
@@ -329,11 +331,12 @@ def _serve_config(args: argparse.Namespace) -> int:
     and no secret (the nodes give them as env)."""
     import yaml
 
-    from pdserve.app import serve_application
+    from pdserve.app import serve_application, serve_ingress
 
     config = _config(args)
-    http = {"host": config.service.http_host, "port": config.service.http_port}
-    print(yaml.safe_dump({"http_options": http, "applications": [serve_application(config)]}, sort_keys=False))
+    print(
+        yaml.safe_dump({**serve_ingress(config.service), "applications": [serve_application(config)]}, sort_keys=False)
+    )
     return 0
 
 
@@ -666,9 +669,11 @@ def _bench_placement(args: argparse.Namespace) -> int:
     from bench.placement_live import ClusterShape, TenantTrace, run_placement, write
     from pdserve.app import model_info
 
+    if min(args.prefill_workers, args.decode_workers) <= 0:
+        raise ConfigError("--prefill-workers and --decode-workers must be at least 1")
     trace = TenantTrace(tenants=args.tenants, rate_per_s=args.rate, duration_s=args.duration_s, seed=args.seed)
     config = _bench_config(args)
-    shape = ClusterShape(time_scale=args.time_scale)
+    shape = ClusterShape(args.prefill_workers, args.decode_workers, time_scale=args.time_scale)
     result = run_placement(config, trace, shape, model_info(config.engine).vocab_size)
     print(json.dumps({k: v for k, v in result.items() if k != "settings"}, indent=2))
     if args.json is not None:

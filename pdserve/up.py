@@ -51,7 +51,7 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
     import ray
     from ray import serve
 
-    from pdserve.app import build_app
+    from pdserve.app import build_app, serve_ingress
 
     redis = None
     if config.router.index.redis_url == "local":
@@ -78,7 +78,7 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
         config, f"http://{service.http_host}:{service.http_port}", f"{service.grpc_host}:{service.grpc_port}", redis
     )
     try:
-        serve.start(http_options={"host": service.http_host, "port": service.http_port})
+        serve.start(**serve_ingress(service))
         if service.coordination is not None:  # an app-level policy: Serve takes one only from a Serve config
             _deploy_config(config, ready_timeout_s)
         else:
@@ -148,10 +148,10 @@ def _deploy_config(config: PdserveConfig, timeout_s: float) -> None:
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
-    from pdserve.app import serve_application
+    from pdserve.app import serve_application, serve_ingress
 
-    http = {"host": config.service.http_host, "port": config.service.http_port}
-    _get_global_client().deploy_apps(ServeDeploySchema(http_options=http, applications=[serve_application(config)]))
+    schema = ServeDeploySchema(**serve_ingress(config.service), applications=[serve_application(config)])
+    _get_global_client().deploy_apps(schema)
     _wait_running(config.service.app_name, timeout_s)
 
 

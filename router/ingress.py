@@ -1,11 +1,13 @@
-"""The Router deployment: Serve's HTTP ingress (OpenAI API, health, metrics) and pdserve's gRPC server.
+"""The Router deployment: the HTTP front end (OpenAI API, health, metrics) and pdserve's gRPC server.
 
 One replica holds one ``GenerationService``. With the in-memory index the
 workers write to this replica's index over a listener of its own (the index
 writer, on the node's address; they look it up with ``index_writer_address``),
 so there is one router replica; with Redis they write to Redis and any number
-of router replicas share it (each its own gRPC listener on the same port,
-SO_REUSEPORT; Serve's proxy spreads HTTP).
+of router replicas share it (each its own gRPC and HTTP listeners on the same
+ports, SO_REUSEPORT). HTTP is served by the replica itself
+(``router/http_server.py``) or, with ``service.http_server: serve_proxy``, by
+Serve's proxy through this class's ingress app: the same handlers either way.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from router import http_api
 from router.auth import ApiKeys
 from router.config import RouterConfig
 from router.grpc_api import start_grpc_server
+from router.http_server import start_http_listener
 from router.index import make_index
 from router.index.remote_writer import start_index_writer
 from router.index.sweeper import IndexSweeper
@@ -45,6 +48,7 @@ class IngressSettings:
     mode: Mode = "disaggregated"
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 9000
+    http: tuple[str, int] | None = None  # where this replica serves HTTP itself; None: Serve's proxy does
     max_inflight: int = 256
     prefill_timeout_s: float = 60.0
 
@@ -75,6 +79,9 @@ class Router:
             token = settings.cluster_token.get_secret_value()
             host = ray.util.get_node_ip_address()
             self._index_writer, self._index_writer_address = await start_index_writer(self._index, host, token)
+        self._http = None
+        if settings.http is not None:  # last: a request it takes finds the rest ready
+            self._http = await start_http_listener(app, *settings.http)  # Serve's ingress app: ``self`` is this replica
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
@@ -132,6 +139,8 @@ class Router:
         return self._index_writer_address
 
     async def __del__(self):
+        if self._http is not None:
+            await self._http.stop()
         self._sweeper.stop()
         self._registry.close()
         await self._grpc.stop(grace=1.0)

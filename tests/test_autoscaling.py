@@ -161,6 +161,7 @@ def test_a_busy_rate_counts_only_the_time_with_work():
         ({"service.decode.autoscaling": {"upscale_delay_s": -1}}, "upscale_delay_s"),
         ({"service.decode.autoscaling": {}, "service.decode.autoscaling_config": {"max_replicas": 2}}, "give one"),
         ({"service.router.autoscaling": {}}, "service.router.autoscaling"),
+        ({"service.router.autoscaling_config": {"max_replicas": 2}}, "would see none: set num_replicas"),
         ({"router.recovery.drain_finish_s": 29}, "drain_finish_s (29) must leave streams 2 s"),
         ({"service.decode.graceful_shutdown_timeout_s": 0}, "service.decode.graceful_shutdown_timeout_s"),
         ({"service.coordination": {}}, "coordination: give service.prefill.autoscaling"),

@@ -2,32 +2,42 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from bench.engine_profile import DECODE_OUTPUT_TOKENS, DECODE_SHAPES, PREFILL_TOKENS, StepTiming, fit
+from bench.engine_profile import (
+    CACHED_PREFIX_SHAPES,
+    DECODE_OUTPUT_TOKENS,
+    DECODE_SHAPES,
+    PREFILL_TOKENS,
+    StepTiming,
+    fit,
+)
 from bench.simulator_check import furthest_from_one
 from engine.sim.profile import PROFILES
 
 
-def shapes() -> list[tuple[int, int, int]]:
-    """(prompt tokens, sequences, context tokens) of each step the measurement times."""
-    decode = [(0, s, s * (prompt + DECODE_OUTPUT_TOKENS // 2)) for s, prompt in DECODE_SHAPES]
-    return [(p, 0, 0) for p in PREFILL_TOKENS] + decode
+def shapes() -> list[tuple[int, int, int, int]]:
+    """(prompt tokens, sequences, context tokens, prompt x cached tokens) of each step the measurement times."""
+    decode = [(0, s, s * (prompt + DECODE_OUTPUT_TOKENS // 2), 0) for s, prompt in DECODE_SHAPES]
+    cached = [(p, 0, 0, p * x) for p, x in CACHED_PREFIX_SHAPES]
+    return [(p, 0, 0, 0) for p in PREFILL_TOKENS] + cached + decode
 
 
 def timings_of(profile) -> list[StepTiming]:
-    return [StepTiming(p, s, c, 1000 * profile.step_s(p, s, c)) for p, s, c in shapes()]
+    return [StepTiming(p, s, c, 1000 * profile.step_s(p, s, c, x), x) for p, s, c, x in shapes()]
 
 
 def test_the_fit_gives_back_the_profile_the_timings_came_from():
-    profile = PROFILES["llama-3.1-8b-h100"]
+    profile = replace(PROFILES["llama-3.1-8b-h100"], prefill_ms_per_context_pair=2e-7)
     fitted = fit(timings_of(profile))
     for name, value in fitted.items():
         assert value == pytest.approx(getattr(profile, name), rel=1e-6, abs=1e-9), name
 
 
 def test_a_coefficient_that_fits_negative_is_dropped_and_the_rest_refitted():
-    timings = [StepTiming(p, s, c, 10.0 + 0.1 * p + 0.5 * s - 0.001 * c) for p, s, c in shapes()]
+    timings = [StepTiming(p, s, c, 10.0 + 0.1 * p + 0.5 * s - 0.001 * c, x) for p, s, c, x in shapes()]
     fitted = fit(timings)
     assert all(value >= 0 for value in fitted.values())
     assert fitted["decode_ms_per_context_token"] == 0.0 and fitted["prefill_ms_per_token"] == pytest.approx(0.1)

@@ -80,6 +80,11 @@ def test_autoscale_refuses_a_rate_of_zero():
     assert result.returncode == 2 and "must be positive" in result.stderr
 
 
+def test_placement_refuses_a_pool_of_no_workers():
+    result = run("bench", "placement", "--decode-workers", "0")
+    assert result.returncode == 2 and "--prefill-workers and --decode-workers must be at least 1" in result.stderr
+
+
 def test_generate_reports_a_bad_config_field():
     result = run("generate", "--local", "--set", "engine.block_size=0", "hello")
     assert result.returncode == 2

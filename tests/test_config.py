@@ -112,9 +112,10 @@ def test_request_limits_combine_config_and_model_figures():
     ids=["fixed", "autoscaled"],
 )
 def test_more_than_one_router_replica_needs_the_redis_index(router):
+    service = {"router": router, "http_server": "serve_proxy"}  # Serve sees the requests it scales routers on
     with pytest.raises(ConfigError, match="router.index.redis_url"):
-        load_config(data={"service": {"router": router}})
-    config = load_config(data={"service": {"router": router}, "router": {"index": {"redis_url": "redis://h:1"}}})
+        load_config(data={"service": service})
+    config = load_config(data={"service": service, "router": {"index": {"redis_url": "redis://h:1"}}})
     assert config.service.router.most_replicas >= 2
 
 

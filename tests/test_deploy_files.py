@@ -48,6 +48,20 @@ def test_serve_configs_validate_against_the_serve_schema_and_pdserve_config(path
         assert app.autoscaling_policy == (coordination.serve_policy() if coordination else None)
 
 
+@pytest.mark.parametrize("path", SERVE_CONFIGS, ids=lambda p: p.name)
+def test_serve_configs_turn_serves_proxy_off_exactly_where_the_router_serves_http_itself(path):
+    from pdserve.app import serve_ingress
+
+    file = yaml.safe_load(path.read_text())
+    args = file["applications"][0]["args"]
+    config = load_config(data={**args, "engine": {**args.get("engine", {}), "model": None}})
+    wanted = serve_ingress(config.service)
+    assert {key: file.get(key) for key in ("proxy_location", "http_options")} == {
+        "proxy_location": wanted["proxy_location"],
+        "http_options": wanted.get("http_options"),
+    }
+
+
 @pytest.mark.parametrize("path", CLUSTER_FILES, ids=lambda p: p.name)
 def test_cluster_files_validate_against_the_cluster_launcher_schema(path):
     from ray.autoscaler._private.util import prepare_config, validate_config
@@ -136,8 +150,7 @@ def test_the_local_serve_config_runs_under_serve_run(tmp_path):
 
     config = yaml.safe_load((DEPLOY / "serve-local-cpu.yaml").read_text())
     http_port, grpc_port = free_port(), free_port()  # the file's own ports, moved off the defaults
-    config["http_options"]["port"] = http_port
-    config["applications"][0]["args"]["service"]["grpc_port"] = grpc_port
+    config["applications"][0]["args"]["service"].update(http_port=http_port, grpc_port=grpc_port)
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     # Unbuffered: a hang's log ends where serve run stopped, not where its buffer was last written out.

@@ -155,6 +155,22 @@ def test_the_step_budget_splits_a_long_prompt_into_chunks_beside_running_decodes
     assert sum(1 for step in steps if "long" in step) == 3
 
 
+def test_prompt_tokens_pay_for_the_context_cached_before_them_a_prefix_hit_or_an_earlier_chunk():
+    scheduler = Scheduler(KVPool(64), "m", BLOCK, max_num_seqs=8, max_num_batched_tokens=64)
+    scheduler.add(sequence("first", 100, max_tokens=1))
+    steps = []
+    while (step := scheduler.schedule()) is not None:
+        steps.append(step)
+        for seq in scheduler.complete(step):
+            scheduler.finish(seq, "length")
+    assert [s.prefill_context_pairs for s in steps] == [0, 36 * 64]  # chunk two attends to chunk one's 64
+    scheduler.add(SimSequence("again", prompt(100) + [5] * 20, 1, sample=lambda: 7))
+    step = scheduler.schedule()
+    assert step.prefill_tokens == 120 - 96 and step.prefill_context_pairs == 24 * 96  # six blocks were a hit
+    profile = HardwareProfile("p", "", 0, 0, 0, 0, 0, 1, 1, prefill_ms_per_context_pair=0.5)
+    assert profile.step_s(24, 0, 0, 24 * 96) == pytest.approx(0.5 * 24 * 96 / 1000)
+
+
 def test_a_full_pool_preempts_the_latest_sequence_and_every_request_still_finishes():
     pool = KVPool(6)
     scheduler = Scheduler(pool, "m", BLOCK, max_num_seqs=8, max_num_batched_tokens=512)
@@ -187,6 +203,7 @@ def test_a_named_profile_cites_its_figures_and_a_bad_one_is_refused(tmp_path):
         load_profile("a100-nonesuch")
     with pytest.raises(ValueError, match="base_ms"):
         HardwareProfile("bad", "", -1, 0, 0, 0, 0, 1, 1)
+    assert load_profile(quick_profile(tmp_path)).prefill_ms_per_context_pair == 0.0  # a file from before the term
 
 
 @pytest.mark.parametrize(

@@ -369,7 +369,11 @@ class SimulatedEngine:
                     self._work.wait(_IDLE_POLL_S)
                     self._work.clear()
                     continue
-                time.sleep(self.profile.step_s(step.prefill_tokens, step.decode_seqs, step.context_tokens))
+                time.sleep(
+                    self.profile.step_s(
+                        step.prefill_tokens, step.decode_seqs, step.context_tokens, step.prefill_context_pairs
+                    )
+                )
                 for transfer_id in computing:
                     self._kv.computed(transfer_id)
                 with self._lock:

@@ -4,20 +4,26 @@ A step runs ``P`` prompt tokens (chunked prefill) and ``S`` decoding sequences h
 context between them. Its time is
 
     step_ms = base_ms + prefill_ms_per_token * P + prefill_ms_per_token2 * P**2
+                      + prefill_ms_per_context_pair * X
                       + decode_ms_per_seq * S + decode_ms_per_context_token * C
 
 the form Dynamo's mocker fits (its prefill curve is quadratic in the tokens of the step; its decode step
-grows with the batch and with the KV it reads). A hand-off of ``T`` prompt tokens takes
-``T * kv_bytes_per_token / link_bytes_per_s`` on top of the prefill worker's step.
+grows with the batch and with the KV it reads), plus what a prompt's tokens pay to attend to the context
+already in the cache before them (a prefix-cache hit, an earlier chunk): ``X`` is the sum over the step's
+prompts of their tokens computed times the tokens cached before them. Without it, a prompt whose long
+shared prefix was a hit would cost as little as a fresh prompt of its suffix alone.
+
+A hand-off of ``T`` prompt tokens takes ``T * kv_bytes_per_token / link_bytes_per_s`` on top of the prefill
+worker's step.
 
 A profile is named (``PROFILES``) or read from a JSON file with the same fields (what ``pdserve bench
-engine`` measures on this machine). Each carries ``source``: where its figures come from.
+simulator`` measures on this machine). Each carries ``source``: where its figures come from.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 
@@ -32,6 +38,7 @@ class HardwareProfile:
     decode_ms_per_context_token: float
     kv_bytes_per_token: int
     link_bytes_per_s: float
+    prefill_ms_per_context_pair: float = 0.0  # per prompt token x token of context cached before it
 
     def __post_init__(self):
         numbers = [f.name for f in fields(self) if f.name not in ("name", "source")]
@@ -39,11 +46,14 @@ class HardwareProfile:
         if negative or self.link_bytes_per_s <= 0:
             raise ValueError(f"profile {self.name}: {', '.join(negative) or 'link_bytes_per_s'} must be positive")
 
-    def step_s(self, prefill_tokens: int, decode_seqs: int, context_tokens: int) -> float:
+    def step_s(
+        self, prefill_tokens: int, decode_seqs: int, context_tokens: int, prefill_context_pairs: int = 0
+    ) -> float:
         ms = (
             self.base_ms
             + self.prefill_ms_per_token * prefill_tokens
             + self.prefill_ms_per_token2 * prefill_tokens**2
+            + self.prefill_ms_per_context_pair * prefill_context_pairs
             + self.decode_ms_per_seq * decode_seqs
             + self.decode_ms_per_context_token * context_tokens
         )
@@ -84,14 +94,16 @@ DEFAULT_PROFILE = "llama-3.1-8b-h100"
 
 
 def load_profile(name_or_path: str) -> HardwareProfile:
-    """A named profile, or one from a JSON file (every field of ``HardwareProfile``)."""
+    """A named profile, or one from a JSON file (every field of ``HardwareProfile``; a term added since a
+    file was written may be missing from it, and is then 0)."""
     if name_or_path in PROFILES:
         return PROFILES[name_or_path]
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         raise ValueError(f"no hardware profile {name_or_path!r}: neither one of {sorted(PROFILES)} nor a JSON file")
     data = json.loads(path.read_text())
-    missing = {f.name for f in fields(HardwareProfile)} - data.keys()
+    required = {f.name for f in fields(HardwareProfile) if f.default is MISSING}  # later terms default to 0
+    missing = required - data.keys()
     if missing:
         raise ValueError(f"hardware profile {path}: missing {', '.join(sorted(missing))}")
     return HardwareProfile(**data)

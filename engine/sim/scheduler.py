@@ -61,6 +61,7 @@ class Step:
     prefill_tokens: int
     decode_seqs: int
     context_tokens: int
+    prefill_context_pairs: int = 0  # each prompt chunk's tokens times the tokens cached before it, summed
     preempted: tuple[str, ...] = ()
 
 
@@ -119,7 +120,7 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: dict[str, int] = {}
         preempted: list[str] = []
-        prefill = decode = context = 0
+        prefill = decode = context = pairs = 0
         position = 0
         while position < len(self.running):
             seq = self.running[position]
@@ -138,7 +139,7 @@ class Scheduler:
                 if seq.remaining == 1:
                     decode, context = decode + 1, context + seq.computed
                 else:
-                    prefill += want
+                    prefill, pairs = prefill + want, pairs + want * seq.computed
                 position += 1
                 continue
             break  # the sequence itself was preempted: nothing after it runs either
@@ -154,10 +155,10 @@ class Scheduler:
             self.running.append(seq)
             scheduled[seq.request_id] = admitted
             budget -= admitted
-            prefill += admitted
+            prefill, pairs = prefill + admitted, pairs + admitted * seq.computed
         if not scheduled and not preempted:
             return None
-        return Step(scheduled, prefill, decode, context, tuple(preempted))
+        return Step(scheduled, prefill, decode, context, pairs, tuple(preempted))
 
     def complete(self, step: Step) -> list[SimSequence]:
         """Advance what ``step`` scheduled; the sequences that got a token, in the order they ran."""

@@ -1,0 +1,98 @@
+"""Memory and CPU of a whole local service while a benchmark runs: what a cluster's worth of replicas costs here.
+
+``Footprint`` samples this process and every process under it (``pdserve up``'s local Ray: GCS, raylet,
+Serve's controller and proxy, every replica, Redis) once a ``interval_s``: proportional set size (PSS, so
+pages shared between forked processes count once) and CPU time. Each process is put in a group by its
+title: a Serve replica by its deployment (``ray::ServeReplica:<app>:<Deployment>``), the rest as Ray's
+and the benchmark's own. The summary is the peak total PSS, each group's PSS at that peak, and the cores
+each group kept busy on average (its CPU seconds over the wall time sampled).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import defaultdict
+
+import psutil
+
+_REPLICA_TITLE = "ray::ServeReplica:"
+_GIB = 1 << 30
+
+
+def group_of(title: str) -> str:
+    """``DecodeWorker`` for ``ray::ServeReplica:pdserve:DecodeWorker``; ``ray`` for Ray's own; else ``other``."""
+    if title.startswith(_REPLICA_TITLE):
+        return title.removeprefix(_REPLICA_TITLE).split()[0].rsplit(":", 1)[-1]
+    if title.startswith("ray::") or "/ray/" in title or "gcs_server" in title or "raylet" in title:
+        return "ray"
+    return "other"
+
+
+class Footprint:
+    """A sampler thread over this process's tree; ``with Footprint() as f: ...`` then ``f.summary()``."""
+
+    def __init__(self, interval_s: float = 1.0):
+        self._interval_s = interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_until_stopped, name="pdserve-footprint", daemon=True)
+        self._cpu_s: dict[int, tuple[str, float]] = {}  # pid → (group, its CPU seconds at its last sample)
+        self._cpu_at_start: dict[int, float] = {}
+        self._peak: tuple[float, dict[str, float], int] = (0.0, {}, 0)  # total PSS, by group, replicas
+        self._sampled_once = False
+        self._began = self._ended = 0.0
+
+    def __enter__(self) -> Footprint:
+        self._began = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10 * self._interval_s + 5)
+        self._ended = time.monotonic()
+
+    def summary(self) -> dict:
+        wall = max(self._ended - self._began, 1e-9)
+        busy: dict[str, float] = defaultdict(float)
+        for pid, (group, cpu_s) in self._cpu_s.items():
+            busy[group] += cpu_s - self._cpu_at_start.get(pid, 0.0)
+        total, by_group, replicas = self._peak
+        return {
+            "peak_pss_gib": total / _GIB,
+            "peak_pss_gib_by_group": {group: pss / _GIB for group, pss in sorted(by_group.items())},
+            "replicas_at_peak": replicas,
+            "cores_busy": sum(busy.values()) / wall,
+            "cores_busy_by_group": {group: seconds / wall for group, seconds in sorted(busy.items())},
+            "sampled_s": wall,
+        }
+
+    def _sample_until_stopped(self) -> None:
+        while True:
+            self._sample()
+            if self._stop.wait(self._interval_s):
+                return
+
+    def _sample(self) -> None:
+        me = psutil.Process(os.getpid())
+        pss: dict[str, float] = defaultdict(float)
+        replicas = 0
+        for process in [me, *me.children(recursive=True)]:
+            try:
+                with process.oneshot():
+                    title = " ".join(process.cmdline()) or process.name()
+                    group = group_of(title)
+                    cpu = process.cpu_times()
+                    pss[group] += process.memory_full_info().pss
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+            cpu_s = cpu.user + cpu.system
+            # a process there from the first sample spent CPU before the window; one born later, all inside it
+            self._cpu_at_start.setdefault(process.pid, 0.0 if self._sampled_once else cpu_s)
+            self._cpu_s[process.pid] = (group, cpu_s)
+            replicas += title.startswith(_REPLICA_TITLE)
+        self._sampled_once = True
+        total = sum(pss.values())
+        if total > self._peak[0]:
+            self._peak = (total, dict(pss), replicas)

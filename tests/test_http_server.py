@@ -1,0 +1,57 @@
+"""The router replica's own HTTP listener: replicas on one node share the port; a port taken is a clear error."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import urllib.request
+
+import pytest
+from fastapi import FastAPI
+
+from pdserve.local_redis import free_port
+from router.http_server import start_http_listener
+
+
+def app_answering(name: str) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/who")
+    async def who():
+        return {"listener": name}
+
+    return app
+
+
+def get(port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/who", timeout=5) as reply:
+        return json.loads(reply.read())
+
+
+def test_two_listeners_share_one_port_and_a_stopped_one_leaves_the_other_serving():
+    async def scenario():
+        port = free_port()
+        first = await start_http_listener(app_answering("first"), "127.0.0.1", port)
+        second = await start_http_listener(app_answering("second"), "127.0.0.1", port)
+        seen = {(await asyncio.to_thread(get, port))["listener"] for _ in range(40)}
+        await first.stop()
+        after = {(await asyncio.to_thread(get, port))["listener"] for _ in range(10)}
+        await second.stop()
+        return seen, after
+
+    seen, after = asyncio.run(scenario())
+    assert seen == {"first", "second"}  # the kernel spreads new connections over both
+    assert after == {"second"}
+
+
+def test_a_port_another_server_holds_is_refused_naming_the_port_and_serves_proxy():
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    try:
+        with pytest.raises(OSError, match=rf"HTTP cannot listen on 127.0.0.1:{port}.*proxy_location: Disabled"):
+            asyncio.run(start_http_listener(app_answering("x"), "127.0.0.1", port))
+    finally:
+        holder.close()
