@@ -75,6 +75,7 @@ def build_app(config: PdserveConfig) -> serve.Application:
         mode=service.mode if disaggregated else "colocated",
         grpc_host=service.grpc_host, grpc_port=service.grpc_port, max_inflight=service.max_inflight,
         http=(service.http_host, service.http_port) if service.http_server == "router" else None,
+        http_grace_s=service.router.graceful_shutdown_timeout_s / 2,  # the rest: gRPC and the index writer
         prefill_timeout_s=service.prefill_timeout_s,
     )  # fmt: skip
     router_pool = service.router
@@ -82,6 +83,7 @@ def build_app(config: PdserveConfig) -> serve.Application:
         **_scaling(router_pool),
         ray_actor_options={"num_cpus": router_pool.num_cpus, "resources": router_pool.resources},
         max_ongoing_requests=router_pool.max_ongoing_requests,
+        graceful_shutdown_timeout_s=router_pool.graceful_shutdown_timeout_s,
     )
     return router.bind(settings, prefill, decode)
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+from collections.abc import Callable
 
 import uvicorn
 from fastapi import FastAPI
 
-_START_TIMEOUT_S = 30.0
-_GRACE_S = 5.0  # open responses given this long to finish when the replica stops
+_READY_TIMEOUT_S = 120.0  # how long the listener waits for its replica to be ready before it gives up
 
 
 class _ReplicaServer(uvicorn.Server):
@@ -31,18 +31,44 @@ class _ReplicaServer(uvicorn.Server):
 
 
 class HttpListener:
-    """A uvicorn server on this event loop, over a socket other replicas on the node may bind too."""
+    """A uvicorn server on this event loop, over a socket other replicas on the node may bind too. It binds at
+    once (a port taken fails the start) and accepts once ``ready()`` (connections wait in the backlog)."""
 
-    def __init__(self, server: uvicorn.Server, task: asyncio.Task, address: str):
-        self._server, self._task, self.address = server, task, address
+    def __init__(self, app: FastAPI, sock: socket.socket, address: str, grace_s: float, ready: Callable[[], bool]):
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=max(1, int(grace_s)))  # fmt: skip
+        self._server, self._sock, self._grace_s, self.address = _ReplicaServer(config), sock, grace_s, address
+        self._task = asyncio.get_running_loop().create_task(self._serve_when(ready))
+
+    def failure(self) -> str | None:
+        """Why it no longer serves (None while it does, waits to, or was stopped): for the health check."""
+        if not self._task.done() or self._server.should_exit:
+            return None
+        if self._task.cancelled():
+            return f"HTTP on {self.address} was cancelled"
+        return f"HTTP on {self.address} stopped: {self._task.exception()!r}"
 
     async def stop(self) -> None:
-        """Stop accepting; open responses get ``_GRACE_S`` to finish, then are cancelled."""
+        """Stop accepting; open responses get the grace period to finish, then are cancelled."""
         self._server.should_exit = True
-        await asyncio.wait_for(self._task, _GRACE_S + 5.0)
+        if not self._server.started:  # still waiting for the replica: nothing to drain
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._sock.close()
+            return
+        await asyncio.wait_for(asyncio.gather(self._task, return_exceptions=True), self._grace_s + 5.0)
+
+    async def _serve_when(self, ready: Callable[[], bool]) -> None:
+        deadline = asyncio.get_running_loop().time() + _READY_TIMEOUT_S
+        while not ready():
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"the replica was not ready within {_READY_TIMEOUT_S:g} s")
+            await asyncio.sleep(0.01)
+        await self._server.serve(sockets=[self._sock])
 
 
-async def start_http_listener(app: FastAPI, host: str, port: int) -> HttpListener:
+def start_http_listener(app: FastAPI, host: str, port: int, grace_s: float, ready: Callable[[], bool]) -> HttpListener:
+    """Bind ``host:port`` (SO_REUSEPORT) and serve ``app`` there once ``ready()``; call on the serving loop."""
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                           flags=socket.AI_PASSIVE)[0]  # fmt: skip
     sock = socket.socket(family, kind, proto)
@@ -58,18 +84,4 @@ async def start_http_listener(app: FastAPI, host: str, port: int) -> HttpListene
             f"HTTP cannot listen on {host}:{port}: {exc} (with service.http_server: router, Serve's own proxy "
             "must not take that port: proxy_location: Disabled in a Serve config)"
         ) from exc
-    config = uvicorn.Config(
-        app, log_level="warning", access_log=False, lifespan="off", timeout_graceful_shutdown=int(_GRACE_S)
-    )
-    server = _ReplicaServer(config)
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
-    deadline = asyncio.get_running_loop().time() + _START_TIMEOUT_S
-    while not server.started:
-        if task.done():
-            task.result()  # raises what stopped it
-            raise OSError(f"HTTP on {host}:{port} stopped before it started")
-        if asyncio.get_running_loop().time() > deadline:
-            server.should_exit = True
-            raise TimeoutError(f"HTTP on {host}:{port} did not start within {_START_TIMEOUT_S:g} s")
-        await asyncio.sleep(0.02)
-    return HttpListener(server, task, f"{host}:{port}")
+    return HttpListener(app, sock, f"{host}:{port}", grace_s, ready)

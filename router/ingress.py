@@ -13,6 +13,7 @@ Serve's proxy through this class's ingress app: the same handlers either way.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass, replace
 
 import ray
@@ -37,6 +38,7 @@ from router.versions import versions
 from router.vllm_grpc_api import TOKENIZER_FILES
 
 app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
+_DISCONNECT_POLL_S = 0.25  # how often a request still being answered looks whether its client is gone
 
 
 @dataclass(frozen=True)
@@ -49,14 +51,32 @@ class IngressSettings:
     grpc_host: str = "127.0.0.1"
     grpc_port: int = 9000
     http: tuple[str, int] | None = None  # where this replica serves HTTP itself; None: Serve's proxy does
+    http_grace_s: float = 15.0  # a stopping replica's open HTTP responses get this long to finish
     max_inflight: int = 256
     prefill_timeout_s: float = 60.0
+
+
+async def _until_the_client_leaves(request: Request, response: Awaitable[Response]) -> Response:
+    """``response``, cancelled if the client goes away before it is ready (a whole completion, or a stream's
+    first chunk): its requests are then aborted on the workers. A stream that has started is watched by its
+    own response."""
+    work = asyncio.ensure_future(response)
+    try:
+        while not (await asyncio.wait({work}, timeout=_DISCONNECT_POLL_S))[0]:
+            if await request.is_disconnected():
+                work.cancel()
+                await asyncio.gather(work, return_exceptions=True)
+                return Response(status_code=499)  # nginx's "client closed request": nobody reads it
+        return work.result()
+    finally:
+        work.cancel()  # this handler itself cancelled: the work goes too
 
 
 @serve.deployment(name="Router", health_check_period_s=5)
 @serve.ingress(app)
 class Router:
     async def __init__(self, settings: IngressSettings, prefill_handle, decode_handle):
+        self._http = None
         model_dir = await asyncio.to_thread(ensure_model, settings.model_source, TOKENIZER_FILES)
         settings = replace(settings, model=replace(settings.model, model_dir=str(model_dir)))
         index_config = settings.router.index
@@ -79,21 +99,24 @@ class Router:
             token = settings.cluster_token.get_secret_value()
             host = ray.util.get_node_ip_address()
             self._index_writer, self._index_writer_address = await start_index_writer(self._index, host, token)
-        self._http = None
-        if settings.http is not None:  # last: a request it takes finds the rest ready
-            self._http = await start_http_listener(app, *settings.http)  # Serve's ingress app: ``self`` is this replica
+        if settings.http is not None:  # Serve's ingress app, whose handlers get this replica once Serve has it
+
+            def ready() -> bool:
+                return serve.get_replica_context().servable_object is self
+
+            self._http = start_http_listener(app, *settings.http, settings.http_grace_s, ready)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request):
         if refusal := self._keys.refusal(request.headers.get("authorization")):
             return http_api.unauthorized(refusal)
-        return await http_api.generate(self.service, await request.body(), "completion")
+        return await self._answer(request, http_api.generate(self.service, await request.body(), "completion"))
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         if refusal := self._keys.refusal(request.headers.get("authorization")):
             return http_api.unauthorized(refusal)
-        return await http_api.generate(self.service, await request.body(), "chat")
+        return await self._answer(request, http_api.generate(self.service, await request.body(), "chat"))
 
     @app.get("/v1/models")
     async def models(self, request: Request):
@@ -138,9 +161,23 @@ class Router:
             raise RuntimeError("this router's index is in Redis: workers write there")
         return self._index_writer_address
 
+    async def _answer(self, request: Request, response: Awaitable[Response]) -> Response:
+        """Behind Serve's proxy, the proxy cancels this handler when the client goes; served here, nobody
+        does, so this replica watches for it."""
+        return await (_until_the_client_leaves(request, response) if self._http is not None else response)
+
+    def check_health(self) -> None:
+        if self._http is not None and (why := self._http.failure()):
+            raise RuntimeError(why)
+
     async def __del__(self):
-        if self._http is not None:
-            await self._http.stop()
+        try:
+            if self._http is not None:
+                await self._http.stop()
+        finally:
+            await self._stop_the_rest()
+
+    async def _stop_the_rest(self) -> None:
         self._sweeper.stop()
         self._registry.close()
         await self._grpc.stop(grace=1.0)

@@ -114,12 +114,13 @@ class ServiceClient:
             except ValueError:
                 return exc.code, {"error": {"message": text.decode(errors="replace")}}
 
-    def open_stream(self, body: dict, path: str = "/v1/completions"):
-        """An SSE request sent and left open; ``getresponse()`` waits for it, ``close()`` is a client gone."""
+    def open_stream(self, body: dict, path: str = "/v1/completions", stream: bool = True):
+        """A request sent and left open (SSE unless ``stream`` is false); ``getresponse()`` waits for it,
+        ``close()`` is a client gone."""
         url = urllib.parse.urlparse(self.http_url)
         connection = http.client.HTTPConnection(url.hostname, url.port, timeout=60)
         headers = {"Content-Type": "application/json", **self.headers}
-        connection.request("POST", path, json.dumps({**body, "stream": True}), headers)
+        connection.request("POST", path, json.dumps({**body, "stream": stream}), headers)
         return connection
 
     def get(self, path: str) -> tuple[int, bytes]:

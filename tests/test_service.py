@@ -172,6 +172,13 @@ def test_closing_an_http_stream_frees_the_kv_on_both_sides(client):
     assert client.wait_idle(5) <= 3.0
 
 
+def test_a_client_gone_before_its_whole_completion_frees_the_kv_on_both_sides(client):
+    connection = client.open_stream({"prompt": prompt(200, 46), "max_tokens": 600, "ignore_eos": True}, stream=False)
+    wait_for(lambda: any(w.kv_used_fraction > 0 for w in client.status().workers if w.role == "decode"))
+    connection.close()
+    assert client.wait_idle(5) <= 3.0
+
+
 def test_a_full_service_refuses_more_at_once_with_429_and_resource_exhausted_and_serves_the_admitted(client):
     # Long enough that the first admitted are still streaming when the last get their first token.
     request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt(20, 44)),
