@@ -22,9 +22,10 @@ _GIB = 1 << 30
 
 
 def group_of(title: str) -> str:
-    """``DecodeWorker`` for ``ray::ServeReplica:pdserve:DecodeWorker``; ``ray`` for Ray's own; else ``other``."""
+    """``DecodeWorker`` for ``ray::ServeReplica:pdserve:DecodeWorker`` (Ray adds the method running, after a
+    dot); ``ray`` for Ray's own; else ``other``."""
     if title.startswith(_REPLICA_TITLE):
-        return title.removeprefix(_REPLICA_TITLE).split()[0].rsplit(":", 1)[-1]
+        return title.removeprefix(_REPLICA_TITLE).split()[0].rsplit(":", 1)[-1].split(".")[0]
     if title.startswith("ray::") or "/ray/" in title or "gcs_server" in title or "raylet" in title:
         return "ray"
     return "other"

@@ -31,6 +31,7 @@ def test_a_child_process_memory_and_cpu_are_counted():
 def test_replicas_are_grouped_by_deployment_and_rays_processes_together():
     assert group_of("ray::ServeReplica:pdserve:DecodeWorker") == "DecodeWorker"
     assert group_of("ray::ServeReplica:pdserve:PrefillWorker") == "PrefillWorker"
+    assert group_of("ray::ServeReplica:pdserve:DecodeWorker.handle_request_with_rejection") == "DecodeWorker"
     assert group_of("ray::ProxyActor") == "ray"
     assert group_of("/x/.venv/lib/python3.11/site-packages/ray/core/src/ray/gcs/gcs_server --port=1") == "ray"
     assert group_of("/usr/bin/redis-server 127.0.0.1:6379") == "other"
