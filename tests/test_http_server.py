@@ -80,3 +80,19 @@ def test_a_port_another_server_holds_is_refused_naming_the_port_and_serves_proxy
             asyncio.run(start())
     finally:
         holder.close()
+
+
+def test_a_listener_that_stopped_on_its_own_reports_why_for_the_health_check():
+    def never_ready() -> bool:
+        raise RuntimeError("replica context gone")
+
+    async def scenario():
+        listener = start_http_listener(app_answering("x"), "127.0.0.1", free_port(), 1.0, never_ready)
+        await asyncio.sleep(0.2)
+        why = listener.failure()
+        await listener.stop()
+        return why, listener.failure()
+
+    why, after_stop = asyncio.run(scenario())
+    assert why is not None and "replica context gone" in why
+    assert after_stop is None  # a stop asked for is not a failure
