@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import grpc
-import torch
 import xxhash
 
 from kv_transfer import auth
+from kv_transfer.cache_arrays import CacheArray, concatenate, copy_blocks, dtype_name, host_bytes, nbytes, on_host
+from kv_transfer.cache_arrays import staging as staging_for
 from kv_transfer.chunk_codec import decode_chunk
 from kv_transfer.errors import (
     BY_CODE,
@@ -65,7 +66,7 @@ class KVChannel(Protocol):
     def pull(
         self,
         handle: TransferHandle,
-        dest_layers: Sequence[torch.Tensor],
+        dest_layers: Sequence[CacheArray],
         dest_block_ids: Sequence[int],
         block_indices: Sequence[int] = (),
         layers: Sequence[int] = (),
@@ -99,7 +100,7 @@ def check_request(
     if not 0 <= rank < len(handle.ranks):
         raise TransferRequestError(tid, f"sender rank {rank} of {len(handle.ranks)}")
     first = dest_layers[0]
-    ours = (str(first.dtype).removeprefix("torch."), tuple(first.shape[2:]))
+    ours = (dtype_name(first), tuple(first.shape[2:]))
     theirs = (handle.dtype, tuple(handle.fingerprint.head_shape))
     if ours != theirs:
         raise TransferLayoutError(tid, f"sender (dtype, head block) {theirs} != receiver {ours}")
@@ -110,18 +111,12 @@ def check_request(
     return indices, wanted_layers, heads
 
 
-def land(dest_layer: torch.Tensor, heads: HeadSlice, dest_block_ids: Sequence[int], blocks: torch.Tensor) -> None:
+def land(dest_layer: CacheArray, heads: HeadSlice, dest_block_ids: Sequence[int], blocks: CacheArray) -> None:
     """Copy ``blocks`` (one per destination block, ``heads.count`` heads each, on any device) into those
-    blocks' head slice: one strided copy where the blocks are adjacent (twice as fast as an indexed one on
-    this CPU), an indexed copy otherwise."""
-    sliced = dest_layer[:, heads.dest : heads.dest + heads.count]
+    blocks' head slice."""
     spans = runs(dest_block_ids)
-    if len(spans) == 1:
-        first, count = spans[0]
-        sliced[first : first + count].copy_(blocks)
-    else:
-        ids = torch.tensor(list(dest_block_ids), dtype=torch.long, device=dest_layer.device)
-        sliced.index_copy_(0, ids, blocks.to(dest_layer.device))
+    adjacent_from = spans[0][0] if len(spans) == 1 else None
+    copy_blocks(dest_layer[:, heads.dest : heads.dest + heads.count], dest_block_ids, blocks, adjacent_from)
 
 
 class GrpcKVChannel:
@@ -250,12 +245,9 @@ class _Landing:
         self._heads = heads
         first = dest_layers[0]
         self._whole = heads.count == first.shape[1]  # every head the receiver holds comes from this rank
-        self._cpu = first.device.type == "cpu"
-        self._staging = torch.empty(
-            (len(self._dest_ids), heads.count, *first.shape[2:]), dtype=first.dtype,
-            pin_memory=first.device.type == "cuda",
-        )  # fmt: skip
-        self._block_bytes = self._staging[:1].numel() * self._staging.element_size()
+        self._cpu = on_host(first)
+        self._staging = staging_for(first, len(self._dest_ids), heads.count)  # pinned for a GPU cache
+        self._block_bytes = nbytes(self._staging[:1])
         self._position = 0  # of the batch arriving, in the request's blocks
         self._batch = 0  # its block count
         self._layer = 0  # index into ``wanted_layers`` of the layer arriving
@@ -302,7 +294,7 @@ class _Landing:
             target = layer[spans[0][0] : spans[0][0] + self._batch]
         else:
             target = self._staging[: self._batch]
-        self._target = target.view(-1).view(torch.uint8).numpy()
+        self._target = host_bytes(target)  # a view: both are contiguous on the host
 
     def check_complete(self) -> None:
         if self._position != len(self._dest_ids) or self._filled:
@@ -360,10 +352,10 @@ class LocalKVChannel:
                 ids = dest_block_ids[position : position + len(batch)]
                 for layer in wanted_layers:
                     self._registry.wait_layer_ready(offer, layer, stall_timeout_s, last_block=batch[-1])
-                    blocks = torch.cat(self._registry.read_blocks(offer, layer, batch, (heads.source, heads.count)))
+                    blocks = concatenate(self._registry.read_blocks(offer, layer, batch, (heads.source, heads.count)))
                     self._registry.check_unfinished(offer)
                     land(dest_layers[layer], heads, ids, blocks)
-                    sent += blocks.numel() * blocks.element_size()
+                    sent += nbytes(blocks)
                     first_bytes_at = first_bytes_at or time.time()
                 position += len(batch)
         finally:

@@ -19,14 +19,14 @@ import logging
 import threading
 import time
 from concurrent import futures
+from typing import TYPE_CHECKING
 
 import grpc
-import torch
 import xxhash
 
 from kv_transfer import auth
+from kv_transfer.cache_arrays import host_bytes
 from kv_transfer.chunk_codec import encode_chunk
-from kv_transfer.dist_channel import DistSender
 from kv_transfer.errors import TransferDenied, TransferError
 from kv_transfer.transfer import (
     DEFAULT_CHUNK_BYTES,
@@ -38,17 +38,24 @@ from kv_transfer.transfer import (
 from pdserve_pb.v1 import kv_transfer_pb2 as pb
 from pdserve_pb.v1 import kv_transfer_pb2_grpc as pb_grpc
 
+if TYPE_CHECKING:  # torch.distributed's sender, built only where that backend is offered (it needs torch)
+    from kv_transfer.dist_channel import DistSender
+
 log = logging.getLogger(__name__)
 
 
 class KVTransferService(pb_grpc.KVTransferServicer):
-    def __init__(self, registry: TransferRegistry, secret: str, dist_sender: DistSender, stall_timeout_s: float = 5.0):
+    def __init__(
+        self, registry: TransferRegistry, secret: str, dist_sender: DistSender | None, stall_timeout_s: float = 5.0
+    ):
         self._registry = registry
         self._secret = secret
         self._dist = dist_sender
         self._stall_timeout_s = stall_timeout_s
 
     def PullDist(self, request: pb.DistPullRequest, context: grpc.ServicerContext) -> pb.DistPlan:
+        if self._dist is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this sender does not offer torch_dist (see its handle)")
         try:
             self._admit(request.pull.transfer_id, request.pull.wire_version, context)
             # waits for the offer, then for its next batch, within the caller's deadline
@@ -89,7 +96,7 @@ class KVTransferService(pb_grpc.KVTransferServicer):
                     offset = 0
                     for run in self._registry.read_blocks(offer, layer, batch, heads):
                         # one copy where heads are sliced out of a block, or a CUDA cache's blocks come to the host
-                        payload = memoryview(run.contiguous().cpu().view(-1).view(torch.uint8).numpy())
+                        payload = memoryview(host_bytes(run))
                         for start in range(0, len(payload), chunk_bytes):
                             if not context.is_active():
                                 return
@@ -181,10 +188,15 @@ class KVTransferServer:
         stall_timeout_s: float = 5.0,
         tls: tuple[bytes, bytes] | None = None,
         max_workers: int = 64,  # a pull holds one for its whole stream: a chunked prompt's, its whole prefill
+        torch_dist: bool = True,  # also serve torch.distributed pulls' plans (the handle must offer that backend)
     ):
         options = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
-        self._dist = DistSender(registry, host, stall_timeout_s)
+        self._dist = None
+        if torch_dist:
+            from kv_transfer.dist_channel import DistSender
+
+            self._dist = DistSender(registry, host, stall_timeout_s)
         service = KVTransferService(registry, secret, self._dist, stall_timeout_s)
         self._server.add_generic_rpc_handlers((_handlers(service),))
         target = f"{host}:{port}"
@@ -202,4 +214,5 @@ class KVTransferServer:
 
     def stop(self, grace_s: float = 1.0) -> None:
         self._server.stop(grace_s).wait(grace_s + 1)
-        self._dist.close()
+        if self._dist is not None:
+            self._dist.close()

@@ -6,8 +6,9 @@ pdserve's vLLM connector (the composition names it by ``engine.kind``).
 Offers under leases (``TransferRegistry``), the sender's KV server, the puller's gRPC channel, its
 releases and aborts, the decode worker's lease renewals: all the same code a vLLM worker's connector
 runs, with the same states and failures. Only the cache is a stand-in: one byte per token of each
-block (one layer, one head), so a pull moves real bytes between real processes, and the puller then
-waits the time the hardware profile gives the prompt's KV on its link.
+block (one layer, one head, a numpy array: a simulated worker never imports torch), so a pull moves
+real bytes between real processes, and the puller then waits the time the hardware profile gives the
+prompt's KV on its link.
 
 The sender offers a prompt's blocks as the scheduler admits it and marks them computed step by step,
 so a decode worker may start pulling before the prefill ends, as with vLLM's connector.
@@ -22,6 +23,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
+
+import numpy as np
 
 from kv_transfer.channel import GrpcKVChannel
 from kv_transfer.errors import TransferError
@@ -49,8 +52,6 @@ class SimulatedKV:
 
     def __init__(self, role: str, extra: dict, model_id: str, num_blocks: int, block_size: int,
                  link_s: Callable[[int], float], on_freed: Callable[[str], None]):  # fmt: skip
-        import torch
-
         if kv_tls(extra) is not None:
             raise ValueError("kv_connector.extra: the simulated engine moves its stand-in KV without TLS")
         secret = os.environ.get(TOKEN_ENV)
@@ -61,7 +62,7 @@ class SimulatedKV:
         self._block_size = block_size
         self._stall_timeout_s = float(extra.get("stall_timeout_s", 5.0))
         self._pull_timeout_s = float(extra.get("pull_timeout_s", DEFAULT_PULL_TIMEOUT_S))
-        self.layers = [torch.zeros((num_blocks, 1, block_size, 1), dtype=torch.uint8)]
+        self.layers = [np.zeros((num_blocks, 1, block_size, 1), dtype=np.uint8)]
         self.fingerprint = KVFingerprint(
             model_id, "simulated", "uint8", 1, 1, (block_size, 1), CACHE_LAYOUT, int(extra.get("hash_scheme", 0))
         )
@@ -75,7 +76,9 @@ class SimulatedKV:
             lease_s = float(extra.get("lease_s", DEFAULT_LEASE_S))
             self._registry = TransferRegistry("", model_id, lease_s, on_freed=lambda tid, state: on_freed(tid))
             host = extra.get("host", "127.0.0.1")
-            self._server = KVTransferServer(self._registry, secret, host, 0, self._stall_timeout_s).start()
+            self._server = KVTransferServer(
+                self._registry, secret, host, 0, self._stall_timeout_s, torch_dist=False
+            ).start()
 
     def handshake(self) -> list[dict]:
         """This engine's one rank, as a vLLM worker's connector describes it (a puller has no address)."""

@@ -25,8 +25,8 @@ import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from kv_transfer.cache_arrays import CacheArray, dtype_name  # offers hold the engine's cache, only indexed here
 from kv_transfer.errors import (
     TransferLayoutError,
     TransferNotFound,
@@ -35,9 +35,6 @@ from kv_transfer.errors import (
     TransferVersionError,
 )
 from pdserve_pb.v1 import kv_transfer_pb2 as pb
-
-if TYPE_CHECKING:  # offers hold the engine's tensors, which this module only indexes: it needs no torch itself
-    import torch
 
 WIRE_VERSION = pb.WIRE_VERSION_3
 DEFAULT_CHUNK_BYTES = 4 << 20  # gRPC chunk size: under the usual 4 MiB message limit, configurable
@@ -245,7 +242,7 @@ class Offer:
     """
 
     handle: TransferHandle
-    layers: list[torch.Tensor]
+    layers: list[CacheArray]
     block_ids: list[int]
     lease_deadline: float
     offered: int = 0
@@ -314,7 +311,7 @@ class TransferRegistry:
     def offer(
         self,
         transfer_id: str,
-        layers: list[torch.Tensor],
+        layers: list[CacheArray],
         block_ids: Sequence[int],
         block_hashes: Sequence[bytes],
         num_tokens: int,
@@ -340,7 +337,7 @@ class TransferRegistry:
             )
         first = layers[0]
         fingerprint = KVFingerprint(
-            self.model_id, dtype=str(first.dtype).removeprefix("torch."), num_layers=len(layers),
+            self.model_id, dtype=dtype_name(first), num_layers=len(layers),
             num_kv_heads=first.shape[1], head_shape=tuple(first.shape[2:]), cache_layout=cache_layout,
         )  # fmt: skip
         rank = SenderRank(self.address, 0, first.shape[1])
@@ -484,7 +481,7 @@ class TransferRegistry:
 
     def read_blocks(
         self, offer: Offer, layer: int, block_indices: Sequence[int], heads: tuple[int, int] | None = None
-    ) -> list[torch.Tensor]:
+    ) -> list[CacheArray]:
         """The requested blocks of one layer, in request order, as views of each run of adjacent blocks;
         ``heads`` (first, count) narrows them to those KV heads (a view that is not contiguous).
 

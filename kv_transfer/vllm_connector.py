@@ -345,7 +345,13 @@ class PdserveConnector(KVConnectorBase_V1):
         self._registry = TransferRegistry("", "", lease_s=self._lease_s, on_freed=self._freed)
         server_tls = (self._tls.key, self._tls.certificate) if self._tls else None
         self._server = KVTransferServer(
-            self._registry, self._secret, self._host, 0, self._stall_timeout_s, tls=server_tls
+            self._registry,
+            self._secret,
+            self._host,
+            0,
+            self._stall_timeout_s,
+            tls=server_tls,
+            torch_dist=server_tls is None,
         ).start()
         self._channel = GrpcKVChannel(self._secret, self._max_chunk_bytes, self._tls.ca if self._tls else None)
         self._channels = {"grpc": self._channel, "torch_dist": DistKVChannel(self._channel)}

@@ -18,6 +18,7 @@ from kv_transfer.channel import GrpcKVChannel, LocalKVChannel
 from kv_transfer.dist_channel import DistKVChannel
 from kv_transfer.errors import (
     TransferDenied,
+    TransferError,
     TransferIntegrityError,
     TransferLayoutError,
     TransferNotFound,
@@ -517,3 +518,40 @@ def test_a_receiver_whose_kv_fingerprint_differs_is_refused_naming_both():
         receiver = dataclasses.replace(sender, **{field: value})
         with pytest.raises(TransferLayoutError, match=f"incompatible KV: sender .* vs receiver .*{field}: "):
             sender.check_compatible("t", receiver)
+
+
+def test_a_numpy_cache_moves_over_grpc_byte_for_byte_into_adjacent_and_scattered_blocks():
+    """The simulated engine's stand-in cache (numpy, no torch in its workers) takes the same gRPC path."""
+    import numpy as np
+
+    registry = TransferRegistry("", "m")
+    server = KVTransferServer(registry, SECRET, torch_dist=False).start()
+    try:
+        layers = [np.random.default_rng(layer).integers(0, 256, (12, 1, 16, 1), dtype=np.uint8) for layer in range(2)]
+        handle = registry.offer("sim", layers, [4, 5, 6, 9], block_hashes(4), 64)
+        for dest_ids in ([0, 1, 2, 3], [7, 2, 10, 5]):  # one strided copy; an indexed one
+            dest = [np.zeros((12, 1, 16, 1), dtype=np.uint8) for _ in range(2)]
+            result = GrpcKVChannel(SECRET, max_chunk_bytes=24).pull(handle, dest, dest_ids)
+            assert result.bytes == 2 * 4 * 16
+            for layer in range(2):
+                assert np.array_equal(dest[layer][dest_ids], layers[layer][[4, 5, 6, 9]])
+                untouched = [i for i in range(12) if i not in dest_ids]
+                assert not dest[layer][untouched].any()
+    finally:
+        server.stop()
+        registry.close()
+
+
+def test_a_sender_that_offers_no_torch_dist_refuses_its_pull_plans():
+    registry = TransferRegistry("", "m")
+    server = KVTransferServer(registry, SECRET, torch_dist=False).start()
+    try:
+        layers = layer_tensors(1, 4, (2, 16, 64), "float32", 5)
+        handle = registry.offer("grpc-only", layers, [0, 1], block_hashes(2), 32)
+        dest = [torch.zeros((2, 2, 16, 64))]
+        with pytest.raises(TransferError, match="does not offer torch_dist"):
+            DistKVChannel(GrpcKVChannel(SECRET)).pull(handle, dest, [0, 1], stall_timeout_s=2, timeout_s=3)
+        assert registry.status("grpc-only").state == TransferState.OFFERED  # nothing was read; the offer stands
+    finally:
+        server.stop()
+        registry.close()

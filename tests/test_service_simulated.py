@@ -64,6 +64,26 @@ def test_every_replica_reports_in_and_a_long_prompt_is_prefilled_apart_and_its_k
     client.wait_idle(10)  # the prefill worker's blocks came back once pulled
 
 
+def test_no_worker_replica_has_torch_or_vllm_loaded_after_serving(service, client):
+    """Thirty-two simulated workers fit on one machine because each is a small process: after the requests
+    above (a KV pull included), none has loaded torch or vLLM."""
+    import ray
+    from faults import replica_actor
+
+    def heavy_modules(_replica) -> list[str]:
+        import sys
+
+        return sorted(name for name in ("torch", "vllm", "transformers") if name in sys.modules)
+
+    client.greedy(prompt(200, 5), 2)  # one more disaggregated request, so both roles have pulled or offered KV
+    workers = [w for w in client.status().workers if w.role in ("prefill", "decode")]
+    assert len(workers) == PREFILL + DECODE
+    for worker in workers:
+        deployment = "PrefillWorker" if worker.role == "prefill" else "DecodeWorker"
+        actor = replica_actor(service, deployment, worker.worker_id)
+        assert ray.get(actor.__ray_call__.remote(heavy_modules), timeout=30) == [], worker.worker_id
+
+
 def test_http_gives_the_same_greedy_tokens(client, model_dir):
     ids = prompt(120, 4)
     status, reply = client.post("/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0,
