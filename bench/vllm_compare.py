@@ -12,6 +12,11 @@ serve`` (scripts/vllm_bench_serve.py), streaming OpenAI completions with
 
 Ratios are pdserve / raw vLLM, of output throughput and of the medians vLLM's
 client reports (TTFT, ITL). Each server runs alone: no two share the cores.
+The three run in turn, ``rounds`` times over, and each figure is the median of
+its rounds: this machine's speed drifts by up to a quarter between minutes
+(measured: one colocated service, 208 then 156 output tok/s ten minutes
+apart), and interleaving puts the drift on all three alike. Each round's own
+ratios are kept beside, to show their spread.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,8 +49,9 @@ TARGETS = {  # key → (bound, "min" or "max")
 }
 
 
-def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: int = 1) -> dict:
-    figures: dict[str, dict[str, dict[str, float]]] = {}
+def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: int = 1, rounds: int = 3) -> dict:
+    if rounds < 1:
+        raise ValueError(f"rounds: {rounds}; at least 1")
     name = model_dir.name
     vllm_server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
                    "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
@@ -55,11 +62,20 @@ def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: 
         "colocated": (_pdserve_up(model_dir, port, "colocated"), {}, {"decode": 1}),
         "disagg": (_pdserve_up(model_dir, port, "disaggregated"), {}, {"prefill": 1, "decode": 1}),
     }
+    per_round: list[dict[str, dict[str, dict[str, float]]]] = []  # round → server → workload → figures
     with rpc_dir:
-        for server, (command, env, pools) in servers.items():
-            with _Server(command, env, f"http://127.0.0.1:{port}", pools) as url:
-                figures[server] = {w: _client(url, name, model_dir, flags) for w, flags in WORKLOADS.items()}
-    result = {"figures": figures, **ratios(figures), "workloads": {k: " ".join(v) for k, v in WORKLOADS.items()}}
+        for _ in range(rounds):
+            per_round.append({})
+            for server, (command, env, pools) in servers.items():
+                with _Server(command, env, f"http://127.0.0.1:{port}", pools) as url:
+                    per_round[-1][server] = {w: _client(url, name, model_dir, f) for w, f in WORKLOADS.items()}
+    figures = {
+        server: {w: _medians([one[server][w] for one in per_round]) for w in WORKLOADS} for server in servers
+    }
+    result = {
+        "rounds": rounds, "figures": figures, **ratios(figures), "round_ratios": [ratios(one) for one in per_round],
+        "round_figures": per_round, "workloads": {k: " ".join(v) for k, v in WORKLOADS.items()},
+    }  # fmt: skip
     if json_dir is not None:
         json_dir.mkdir(parents=True, exist_ok=True)
         (json_dir / "vllm_compare.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -77,6 +93,10 @@ def ratios(figures: dict) -> dict[str, float]:
                 if theirs[metric]:
                     out[f"{mode}_{key}_vs_vllm{suffix}"] = round(ours[metric] / theirs[metric], 3)
     return out
+
+
+def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 def _pdserve_up(model_dir: Path, port: int, mode: str) -> list[str]:

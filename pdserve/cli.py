@@ -199,10 +199,13 @@ def _parser() -> argparse.ArgumentParser:
     _add_json_dir_flag(soak_bench, "soak.json")
     soak_bench.set_defaults(run=_bench_soak)
     vllm_bench = suites.add_parser(
-        "vllm", help="raw vLLM's server vs pdserve up (colocated, disaggregated), one outside client (~10 min)"
+        "vllm", help="raw vLLM's server vs pdserve up (colocated, disaggregated), one outside client (~7 min a round)"
     )
     _add_config_flags(vllm_bench)
     vllm_bench.add_argument("--port", type=int, default=8000, help="HTTP port each server takes in turn")
+    vllm_bench.add_argument(
+        "--rounds", type=int, default=3, help="times the three servers run in turn; figures are their medians"
+    )
     _add_json_dir_flag(vllm_bench, "vllm_compare.json")
     vllm_bench.set_defaults(run=_bench_vllm)
     autoscale_bench = suites.add_parser(
@@ -612,7 +615,7 @@ def _bench_vllm(args: argparse.Namespace) -> int:
     from bench.vllm_compare import TARGETS, run
 
     config = _bench_config(args)
-    result = run(Path(config.engine.model), args.json, args.port, config.engine.kv_cache_gib)
+    result = run(Path(config.engine.model), args.json, args.port, config.engine.kv_cache_gib, args.rounds)
     for key, (bound, kind) in TARGETS.items():
         for suffix in ("", "_prefix"):
             value = result.get(key + suffix)
