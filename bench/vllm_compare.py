@@ -69,9 +69,7 @@ def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: 
             for server, (command, env, pools) in servers.items():
                 with _Server(command, env, f"http://127.0.0.1:{port}", pools) as url:
                     per_round[-1][server] = {w: _client(url, name, model_dir, f) for w, f in WORKLOADS.items()}
-    figures = {
-        server: {w: _medians([one[server][w] for one in per_round]) for w in WORKLOADS} for server in servers
-    }
+    figures = {server: {w: _medians([one[server][w] for one in per_round]) for w in WORKLOADS} for server in servers}
     result = {
         "rounds": rounds, "figures": figures, **ratios(figures), "round_ratios": [ratios(one) for one in per_round],
         "round_figures": per_round, "workloads": {k: " ".join(v) for k, v in WORKLOADS.items()},

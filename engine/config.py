@@ -77,7 +77,9 @@ class EngineConfig(BaseModel):
     )
     enable_prefix_caching: bool = True
     enforce_eager: bool = Field(
-        default=True, description="skip torch.compile: start in seconds instead of ~30 s on CPU"
+        default=False,
+        description="skip torch.compile (vLLM's default: compile). Compiled, decode steps ran ~20 % faster on CPU "
+        "here; eager starts ~35 s sooner the first time (compiled kernels are cached, ~5 s after)",
     )
     tensor_parallel_size: int = Field(
         default=1, ge=1, description="ranks one engine is split over, one worker process each (GPUs, or core sets)"

@@ -28,6 +28,9 @@ def service_config(model_dir: Path, cache_dir: Path, **overrides) -> PdserveConf
         "engine.block_size": BLOCK,
         "engine.num_kv_blocks": 160,
         "engine.max_model_len": 1024,
+        # Seconds per engine start, not a compile: these services test the request path, not kernels. The defaults
+        # (compiled) are served in test_service_defaults.py, test_service_poison.py and test_cli.py.
+        "engine.enforce_eager": True,
         "model_cache_dir": str(cache_dir),
         "service.http_port": free_port(),
         "service.grpc_port": free_port(),

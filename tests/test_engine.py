@@ -27,7 +27,8 @@ GREEDY = SamplingOptions(max_tokens=24, temperature=0.0, ignore_eos=True)
 
 
 def engine_config(model_dir, **changes) -> EngineConfig:
-    fields = dict(model=model_dir, dtype="float32", block_size=BLOCK, num_kv_blocks=48, max_model_len=512)
+    fields = dict(model=model_dir, dtype="float32", block_size=BLOCK, num_kv_blocks=48, max_model_len=512,
+                  enforce_eager=True)  # fmt: skip
     return EngineConfig(**{**fields, **changes})
 
 

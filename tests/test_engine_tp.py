@@ -25,7 +25,7 @@ PROMPTS = [[(7 * i + 31 * j) % 900 + 5 for j in range(40 + 17 * i)] for i in ran
 def tp_config(model_dir, tp: int) -> EngineConfig:
     cores = "|".join(str(core) for core in sorted(os.sched_getaffinity(0))[:tp]) if tp > 1 else None
     return EngineConfig(model=model_dir, dtype="float32", block_size=32, num_kv_blocks=64, max_model_len=512,
-                        tensor_parallel_size=tp, cpu_cores=cores)  # fmt: skip
+                        tensor_parallel_size=tp, cpu_cores=cores, enforce_eager=True)  # fmt: skip
 
 
 def greedy_outputs(engine: Engine) -> list[list[int]]:

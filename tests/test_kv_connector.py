@@ -26,8 +26,9 @@ def config(model_dir, role: str, **extra) -> EngineConfig:
         module_path="kv_transfer.vllm_connector", class_name="PdserveConnector", role=role, extra=extra
     )
     return EngineConfig(
-        model=model_dir, dtype="float32", block_size=BLOCK, num_kv_blocks=64, max_model_len=512, kv_connector=connector
-    )
+        model=model_dir, dtype="float32", block_size=BLOCK, num_kv_blocks=64, max_model_len=512,
+        kv_connector=connector, enforce_eager=True,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

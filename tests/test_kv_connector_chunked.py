@@ -33,7 +33,7 @@ def config(model_dir, role: str) -> EngineConfig:
     connector = KVConnectorSpec(module_path="kv_transfer.vllm_connector", class_name="PdserveConnector", role=role)
     return EngineConfig(
         model=model_dir, dtype="float32", block_size=BLOCK, num_kv_blocks=160, max_model_len=4096,
-        max_num_batched_tokens=CHUNK, kv_connector=connector,
+        max_num_batched_tokens=CHUNK, kv_connector=connector, enforce_eager=True,
     )  # fmt: skip
 
 

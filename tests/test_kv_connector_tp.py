@@ -39,7 +39,7 @@ def engine(model_dir, role: str, tp: int, extra: dict | None = None, **fields) -
     cores = "|".join(str(core) for core in sorted(os.sched_getaffinity(0))[:tp]) if tp > 1 else None
     config = EngineConfig(
         model=model_dir, block_size=BLOCK, num_kv_blocks=64, max_model_len=512, kv_connector=connector,
-        tensor_parallel_size=tp, cpu_cores=cores, **fields,
+        tensor_parallel_size=tp, cpu_cores=cores, **{"enforce_eager": True, **fields},
     )  # fmt: skip
     return EnginePeer(config, ENV)
 

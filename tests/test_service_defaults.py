@@ -1,5 +1,5 @@
 """The service as a user first starts it: `pdserve up`'s defaults (disaggregated, the embedded tiny model,
-``dtype: auto`` = bfloat16 here, ``enforce_eager``, one prefill and one decode replica, the default core
+``dtype: auto`` = bfloat16 here, compiled (vLLM's default), one prefill and one decode replica, the default core
 layout). Issue #17: short prompts, parser-breaking bodies, and the only decode replica dying."""
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ TOOLS = json.dumps([WEATHER, TIME])
 
 
 def engine_config(model_dir, **changes) -> EngineConfig:
-    fields = dict(model=model_dir, block_size=32, num_kv_blocks=48, max_model_len=1024)
+    fields = dict(model=model_dir, block_size=32, num_kv_blocks=48, max_model_len=1024, enforce_eager=True)
     return EngineConfig(**{**fields, **changes})
 
 
