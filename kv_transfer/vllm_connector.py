@@ -345,14 +345,9 @@ class PdserveConnector(KVConnectorBase_V1):
         self._registry = TransferRegistry("", "", lease_s=self._lease_s, on_freed=self._freed)
         server_tls = (self._tls.key, self._tls.certificate) if self._tls else None
         self._server = KVTransferServer(
-            self._registry,
-            self._secret,
-            self._host,
-            0,
-            self._stall_timeout_s,
-            tls=server_tls,
-            torch_dist=server_tls is None,
-        ).start()
+            self._registry, self._secret, self._host, 0, self._stall_timeout_s, tls=server_tls,
+            torch_dist="torch_dist" in self._offered_backends(),
+        ).start()  # fmt: skip
         self._channel = GrpcKVChannel(self._secret, self._max_chunk_bytes, self._tls.ca if self._tls else None)
         self._channels = {"grpc": self._channel, "torch_dist": DistKVChannel(self._channel)}
         self._pullers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="pdserve-kv-load")
@@ -361,10 +356,14 @@ class PdserveConnector(KVConnectorBase_V1):
     def get_handshake_metadata(self) -> KVConnectorHandshakeMetadata | None:
         return self._sender_info()
 
+    def _offered_backends(self) -> tuple[str, ...]:
+        """Gloo and NCCL carry no TLS: with TLS on, the KV bytes go over gRPC only."""
+        return ("grpc",) if self._tls else ("grpc", "torch_dist")
+
     def _sender_info(self) -> SenderInfo:
-        # Gloo and NCCL carry no TLS: with TLS on, the KV bytes go over gRPC only
-        backends = ("grpc",) if self._tls else ("grpc", "torch_dist")
-        return SenderInfo(self._server.address, self._heads.start, len(self._heads), self._fingerprint, backends)
+        return SenderInfo(
+            self._server.address, self._heads.start, len(self._heads), self._fingerprint, self._offered_backends()
+        )
 
     def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
         """Before the forward (vLLM starts async loads only after it): withdrawals and aborts, then this step's
