@@ -9,9 +9,9 @@ One vLLM engine (the config's, in a fresh process, as a worker runs it) is timed
   ``S`` run, median over them (one step of ``S`` sequences holding ``C`` tokens of context between them).
 
 Each timing is a step of the simulated engine's model (``engine/sim/profile.py``):
-``base + a·P + b·P² + x·P·X + c·S + d·C`` ms, fitted by least squares with every coefficient kept ≥ 0 (a feature
-whose coefficient comes out negative is dropped and the rest refitted). The KV bytes per token are the
-engine's own cache layout; the link is given (``pdserve bench transfer`` measures it here).
+``base + [P > 0]·p + a·P + b·P² + x·P·X + c·S + d·C`` ms, fitted by least squares with every coefficient
+kept ≥ 0 (a feature whose coefficient comes out negative is dropped and the rest refitted). The KV bytes
+per token are the engine's own cache layout; the link is given (``pdserve bench transfer`` measures it here).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ DECODE_SHAPES = tuple((seqs, prompt) for seqs in (1, 4, 16) for prompt in (64, 5
 CACHED_PREFIX_SHAPES = ((64, 512), (64, 1024), (256, 1024))  # (fresh prompt tokens, cached prefix tokens)
 DECODE_OUTPUT_TOKENS = 48
 REPEATS = 3  # prefill timings per length; the median is kept
-FEATURES = ("base_ms", "prefill_ms_per_token", "prefill_ms_per_token2", "prefill_ms_per_context_pair",
-            "decode_ms_per_seq", "decode_ms_per_context_token")  # fmt: skip
+FEATURES = ("base_ms", "prefill_step_ms", "prefill_ms_per_token", "prefill_ms_per_token2",
+            "prefill_ms_per_context_pair", "decode_ms_per_seq", "decode_ms_per_context_token")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class StepTiming:
 
     def features(self) -> list[float]:
         p = self.prefill_tokens
-        return [1.0, p, p * p, self.prefill_context_pairs, self.decode_seqs, self.context_tokens]
+        return [1.0, float(p > 0), p, p * p, self.prefill_context_pairs, self.decode_seqs, self.context_tokens]
 
 
 @dataclass(frozen=True)

@@ -87,8 +87,8 @@ class ClusterShape:
 def scaled_profile(scale: float) -> dict:
     """``llama-3.1-8b-h100`` with every time ``scale`` times longer (its link ``scale`` times slower)."""
     profile = asdict(PROFILES["llama-3.1-8b-h100"])
-    for name in ("base_ms", "prefill_ms_per_token", "prefill_ms_per_token2", "prefill_ms_per_context_pair",
-                 "decode_ms_per_seq", "decode_ms_per_context_token"):  # fmt: skip
+    for name in ("base_ms", "prefill_step_ms", "prefill_ms_per_token", "prefill_ms_per_token2",
+                 "prefill_ms_per_context_pair", "decode_ms_per_seq", "decode_ms_per_context_token"):  # fmt: skip
         profile[name] *= scale
     profile["link_bytes_per_s"] /= scale
     profile["name"] = f"llama-3.1-8b-h100-x{scale:g}"

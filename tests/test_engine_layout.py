@@ -87,6 +87,20 @@ def test_two_cores_disaggregated_split_the_node_and_reserve_none(model_dir, core
     assert pools["decode"].cores == pools["prefill"].cores == CoreRequest(per_rank=1, ranks=1, reserved=0)
 
 
+def test_with_no_core_reserved_the_serving_processes_share_the_prefill_cores_and_decode_runs_ahead(model_dir, cores):
+    cores(2)
+    pools = plan(config(model_dir), ["decode", "prefill"])
+    assert pools["prefill"].shares_serving_cores and not pools["decode"].shares_serving_cores
+    assert "shared with the serving processes" in pools["prefill"].describe()
+
+
+def test_with_a_core_reserved_or_no_prefill_pool_to_share_the_layout_says_who_shares(model_dir, cores):
+    cores(8)
+    assert not any(p.shares_serving_cores for p in plan(config(model_dir), ["decode", "prefill"]).values())
+    cores(1)
+    assert plan(config(model_dir), ["decode"])["decode"].shares_serving_cores  # co-located on one core
+
+
 def test_cores_given_are_never_replaced(model_dir, cores):
     cores(8)
     pools = plan(config(model_dir, **{"engine.cpu_cores": "5", "service.prefill.cpu_cores": "6-7"}),

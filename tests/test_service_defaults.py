@@ -105,12 +105,13 @@ def test_requests_wait_for_the_replacement_when_the_only_decode_replica_dies(cli
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) > 2, reason="the layout reserves no core only on a 2-core node")
 @pytest.mark.skipif(not can_lower_niceness(), reason="without CAP_SYS_NICE no engine is ever lowered")
-def test_engines_on_every_core_stay_at_the_niceness_of_their_replicas(client, service):
+def test_with_engines_on_every_core_prefill_stays_with_the_serving_processes_and_decode_runs_ahead(client, service):
     for role, deployment in (("prefill", "PrefillWorker"), ("decode", "DecodeWorker")):
         (replica,) = live_workers(client, role)
         replica_niceness = os.getpriority(os.PRIO_PROCESS, replica_pid(service, deployment, replica))
         workers = engine_workers(service, deployment, replica)
-        assert replica_niceness > 0, role
+        assert replica_niceness > 0 and workers, role
         for worker in workers:
             threads = os.listdir(f"/proc/{worker}/task")
-            assert {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in threads} == {replica_niceness}
+            expected = replica_niceness if role == "prefill" else 0
+            assert {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in threads} == {expected}, role

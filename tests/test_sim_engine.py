@@ -171,6 +171,12 @@ def test_prompt_tokens_pay_for_the_context_cached_before_them_a_prefix_hit_or_an
     assert profile.step_s(24, 0, 0, 24 * 96) == pytest.approx(0.5 * 24 * 96 / 1000)
 
 
+def test_only_a_step_that_computes_prompt_tokens_pays_the_prefill_steps_constant():
+    profile = HardwareProfile("p", "", 9.0, 0, 0, 0, 0, 1, 1, prefill_step_ms=11.0)
+    assert profile.step_s(0, 4, 100) == pytest.approx(0.009)
+    assert profile.step_s(1, 4, 100) == pytest.approx(0.020)  # a pulled prompt's last token is a prompt token
+
+
 def test_a_full_pool_preempts_the_latest_sequence_and_every_request_still_finishes():
     pool = KVPool(6)
     scheduler = Scheduler(pool, "m", BLOCK, max_num_seqs=8, max_num_batched_tokens=512)

