@@ -16,7 +16,8 @@ The three run in turn, ``rounds`` times over, and each figure is the median of
 its rounds: this machine's speed drifts by up to a quarter between minutes
 (measured: one colocated service, 208 then 156 output tok/s ten minutes
 apart), and interleaving puts the drift on all three alike. Each round's own
-ratios are kept beside, to show their spread.
+ratios are kept beside, to show their spread, with the cores each pdserve
+worker's engine claimed in that round (the node's core ledger).
 """
 
 from __future__ import annotations
@@ -63,16 +64,21 @@ def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: 
         "disagg": (_pdserve_up(model_dir, port, "disaggregated"), {}, {"prefill": 1, "decode": 1}),
     }
     per_round: list[dict[str, dict[str, dict[str, float]]]] = []  # round → server → workload → figures
+    round_cores: list[dict[str, dict[str, list[int]]]] = []  # round → pdserve server → worker → cores
     with rpc_dir:
         for _ in range(rounds):
             per_round.append({})
+            round_cores.append({})
             for server, (command, env, pools) in servers.items():
                 with _Server(command, env, f"http://127.0.0.1:{port}", pools) as url:
+                    if pools:
+                        round_cores[-1][server] = _claimed_cores()
                     per_round[-1][server] = {w: _client(url, name, model_dir, f) for w, f in WORKLOADS.items()}
     figures = {server: {w: _medians([one[server][w] for one in per_round]) for w in WORKLOADS} for server in servers}
     result = {
         "rounds": rounds, "figures": figures, **ratios(figures), "round_ratios": [ratios(one) for one in per_round],
-        "round_figures": per_round, "workloads": {k: " ".join(v) for k, v in WORKLOADS.items()},
+        "round_figures": per_round, "round_cores": round_cores,
+        "workloads": {k: " ".join(v) for k, v in WORKLOADS.items()},
     }  # fmt: skip
     if json_dir is not None:
         json_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +97,24 @@ def ratios(figures: dict) -> dict[str, float]:
                 if theirs[metric]:
                     out[f"{mode}_{key}_vs_vllm{suffix}"] = round(ours[metric] / theirs[metric], 3)
     return out
+
+
+def _claimed_cores() -> dict[str, list[int]]:
+    """The cores each engine on this node claimed, by the Serve deployment of the replica that claimed them
+    (its process title, ``ray::ServeReplica:<app>:<deployment>``) and its pid."""
+    import psutil
+
+    from engine.core_ledger import CoreLedger
+
+    named = {}
+    for pid, cores in CoreLedger().claims().items():
+        try:
+            title = " ".join(psutil.Process(pid).cmdline())
+        except psutil.NoSuchProcess:
+            continue
+        deployment = title.rpartition(":")[2].split()[0] if "ServeReplica" in title else "unknown"
+        named[f"{deployment} {pid}"] = cores
+    return named
 
 
 def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
