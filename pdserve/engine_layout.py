@@ -20,7 +20,7 @@ they share the decode ranks' cores. Where even that cannot give each rank a core
 two-rank prefill engine beside a decode engine on two cores), each engine still
 asks for a core per rank: the first claims free ones, the next binds one rank
 per core of the node, shared, and says so at start (vLLM's own binding cannot
-place two ranks on one NUMA node).
+place two ranks on one NUMA node); there no rank runs ahead of another.
 """
 
 from __future__ import annotations
@@ -81,7 +81,12 @@ def plan(
         request = {"per_rank": max(1, node_cores // ranks), "reserved": 0}
     else:
         request = None
-    shared = [] if not request or request["reserved"] else ["prefill" if "prefill" in auto else "decode"]
+    if not request or request["reserved"]:
+        shared = []  # every rank beside the serving processes' core, ahead of them
+    elif ranks > node_cores:
+        shared = auto  # ranks share cores with each other too: one ahead would starve the other's
+    else:
+        shared = ["prefill" if "prefill" in auto else "decode"]
     return {
         role: PoolLayout(
             role,

@@ -79,6 +79,7 @@ def test_more_ranks_than_cores_still_bind_a_core_per_rank_sharing_some(model_dir
     pools = plan(config(model_dir, **{"service.prefill.engine": {"tensor_parallel_size": 2}}), ["decode", "prefill"])
     assert pools["prefill"].cores == CoreRequest(per_rank=1, ranks=2, reserved=0)
     assert pools["decode"].cores == CoreRequest(per_rank=1, ranks=1, reserved=0)
+    assert pools["prefill"].shares_serving_cores and pools["decode"].shares_serving_cores  # none runs ahead
 
 
 def test_two_cores_disaggregated_split_the_node_and_reserve_none(model_dir, cores):
