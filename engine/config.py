@@ -102,8 +102,8 @@ class EngineConfig(BaseModel):
         default=None, ge=-20, le=19,
         description="niceness of the processes that step the model (vLLM's rank workers); none: lowered to 0 "
         "where the OS allows (CAP_SYS_NICE), else left as started (Ray workers: 15), and left as started in the "
-        "pool whose cores the serving processes share (cpu_cores: auto with no core reserved: the prefill pool, or "
-        "a co-located decode pool). Given, it is applied or the engine fails",
+        "pools whose cores the serving processes share (cpu_cores: auto with no core reserved: the prefill pool, a "
+        "co-located decode pool, every pool where ranks outnumber cores). Given, it is applied or the engine fails",
     )  # fmt: skip
     tool_call_parser: str | None = Field(
         default=None,
