@@ -95,11 +95,14 @@ def test_with_no_core_reserved_the_serving_processes_share_the_prefill_cores_and
     assert "shared with the serving processes" in pools["prefill"].describe()
 
 
-def test_with_a_core_reserved_or_no_prefill_pool_to_share_the_layout_says_who_shares(model_dir, cores):
+def test_with_a_core_reserved_every_pool_runs_ahead_of_the_serving_processes(model_dir, cores):
     cores(8)
     assert not any(p.shares_serving_cores for p in plan(config(model_dir), ["decode", "prefill"]).values())
+
+
+def test_co_located_on_one_core_the_serving_processes_share_the_decode_cores(model_dir, cores):
     cores(1)
-    assert plan(config(model_dir), ["decode"])["decode"].shares_serving_cores  # co-located on one core
+    assert plan(config(model_dir), ["decode"])["decode"].shares_serving_cores
 
 
 def test_cores_given_are_never_replaced(model_dir, cores):
