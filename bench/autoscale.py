@@ -38,6 +38,7 @@ from bench.placement_live import simulated_engine
 from bench.running import with_service
 from bench.workloads import Turn
 from pdserve.config import PdserveConfig
+from pdserve_pb.v1 import generate_pb2 as pb
 from pdserve_pb.v1 import generate_pb2_grpc as pb_grpc
 
 POOLS = {"prefill": "PrefillWorker", "decode": "DecodeWorker"}
@@ -123,6 +124,8 @@ class Sample:
     at_s: float
     held: int  # worker replicas holding resources, both pools
     running: dict[str, int]  # RUNNING replicas per pool
+    starting: dict[str, int]  # STARTING replicas per pool: the autoscaler asked for them, they are not serving yet
+    load: dict[str, dict] | None  # per pool, its workers' load summed as their heartbeats report it (None: no answer)
 
 
 async def run_trace(grpc_address: str, app_name: str, requests: list[tuple[float, Turn]], sample_s: float):
@@ -136,15 +139,33 @@ async def run_trace(grpc_address: str, app_name: str, requests: list[tuple[float
     begun = time.perf_counter()
     done = asyncio.Event()
 
-    def sample() -> Sample:
+    def replica_states() -> dict[str, dict]:
         deployments = serve.status().applications[app_name].deployments
-        states = {pool: deployments[name].replica_states for pool, name in POOLS.items()}
-        held = sum(counts.get(state, 0) for counts in states.values() for state in HELD)
-        return Sample(time.perf_counter() - begun, held, {pool: c.get("RUNNING", 0) for pool, c in states.items()})
+        return {pool: deployments[name].replica_states for pool, name in POOLS.items()}
+
+    async def pool_load() -> dict[str, dict] | None:
+        """What each pool's autoscaling policy weighs, from the router's status (the workers' last heartbeats)."""
+        try:
+            status = await stub.Status(pb.StatusRequest(), timeout=5)
+        except grpc.aio.AioRpcError:
+            return None
+        load = {pool: {"running_seqs": 0, "waiting_seqs": 0, "queued_prefill_tokens": 0, "kv_used": 0.0}
+                for pool in POOLS}  # fmt: skip
+        for worker in status.workers:
+            pool = load.get(worker.role)
+            if pool is not None:
+                pool["running_seqs"] += worker.running_seqs
+                pool["waiting_seqs"] += worker.waiting_seqs
+                pool["queued_prefill_tokens"] += worker.queued_prefill_tokens
+                pool["kv_used"] = round(pool["kv_used"] + worker.kv_used_fraction, 2)
+        return load
 
     async def sampling() -> None:
         while not done.is_set():
-            samples.append(await asyncio.to_thread(sample))
+            at, states, load = time.perf_counter() - begun, await asyncio.to_thread(replica_states), await pool_load()
+            held = sum(counts.get(state, 0) for counts in states.values() for state in HELD)
+            running = {pool: counts.get("RUNNING", 0) for pool, counts in states.items()}
+            samples.append(Sample(at, held, running, {pool: c.get("STARTING", 0) for pool, c in states.items()}, load))
             await asyncio.sleep(sample_s)
 
     sampler = asyncio.create_task(sampling())
@@ -181,6 +202,24 @@ def streams_in_scale_down(records: list[Record], asked: list[int], samples: list
     return len(running), len(lost)
 
 
+def by_phase(trace: StepTrace, records: list[Record], slo: SLO) -> list[dict]:
+    """Each phase's requests (by arrival), the share that met the SLO, and how many missed it on TTFT and on TPOT,
+    so a miss is traced to the step it followed."""
+    phases, begin = [], 0.0
+    for phase in trace.phases:
+        mine = [r for r in records if begin <= r.start_s < begin + phase.seconds]
+        done = [r for r in mine if not r.error]
+        phases.append({
+            "requests": len(mine),
+            "slo_attainment": sum(slo.met(r) for r in mine) / max(len(mine), 1),
+            "ttft_missed": sum(r.ttft_s * 1000 > slo.ttft_ms for r in done),
+            "tpot_missed": sum(r.tpot_s * 1000 > slo.tpot_ms for r in done),
+            "errors": len(mine) - len(done),
+        })  # fmt: skip
+        begin += phase.seconds
+    return phases
+
+
 def calibrate(trace: StepTrace, records: list[Record]) -> SLO:
     """The SLO: multiples of the medians the fixed pools give in the first, low-rate phase."""
     first_phase = [r for r in records if not r.error and r.start_s < trace.phases[0].seconds]
@@ -207,6 +246,7 @@ def run_autoscale(config: PdserveConfig, trace: StepTrace, vocab_size: int, engi
         in_scale_down, lost = streams_in_scale_down(records, asked, samples)
         report[name] = {
             "slo_attainment": summary["slo_attainment"],
+            "by_phase": by_phase(trace, records, slo),
             "replica_seconds": replica_seconds([(s.at_s, s.held) for s in samples], wall_s),
             "errors": summary["errors"],
             "peak_replicas": {pool: max((s.running[pool] for s in samples), default=0) for pool in POOLS},
@@ -214,7 +254,9 @@ def run_autoscale(config: PdserveConfig, trace: StepTrace, vocab_size: int, engi
             "streams_lost_in_scale_down": lost,
             "ttft": summary["ttft"],
             "tpot": summary["tpot"],
-            "running_over_time": [(round(s.at_s), s.running) for s in samples[:: max(1, round(5 / trace.sample_s))]],
+            "running_over_time": [
+                (round(s.at_s), s.running, s.starting, s.load) for s in samples[:: max(1, round(5 / trace.sample_s))]
+            ],  # fmt: skip
         }
     fixed, default, ours = report["fixed"], report["serve_default"], report["pdserve"]
     return {

@@ -4,7 +4,7 @@ controller can import it."""
 
 # Load: what the heartbeat reports too.
 QUEUED_PREFILL_TOKENS = "queued_prefill_tokens"
-RUNNING_SEQS = "running_seqs"
+RUNNING_SEQS = "running_seqs"  # running and waiting, less those waiting for a prefill worker's KV
 KV_USED_FRACTION = "kv_used_fraction"
 
 # Measured (``engine/throughput.py``): what the replica sustains while busy, what its requests look like.

@@ -101,14 +101,16 @@ class _Stream:
 
 class _SchedulerFigures:
     """vLLM's stat logger interface (``StatLoggerBase``, duck-typed so this module imports vLLM lazily):
-    the last step's running and waiting requests and KV use, as vLLM's own /metrics reports them."""
+    the last step's running and waiting requests, those of them fetching their KV, and KV use, as vLLM's own
+    /metrics reports them (``vllm:num_requests_waiting``, ``vllm:num_requests_kv_fetch_by_stage``)."""
 
     def __init__(self):
-        self.running = self.waiting = 0
+        self.running = self.waiting = self.awaiting_kv = 0
         self.kv_cache_usage = 0.0
 
     def factory(self, vllm_config, engine_index: int = 0):
         from vllm.v1.metrics.loggers import StatLoggerBase
+        from vllm.v1.metrics.stats import KV_FETCH_IN_PROGRESS
 
         figures = self
 
@@ -120,6 +122,7 @@ class _SchedulerFigures:
                 if scheduler_stats is not None:
                     figures.running = scheduler_stats.num_running_reqs
                     figures.waiting = scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs
+                    figures.awaiting_kv = scheduler_stats.num_kv_fetch_reqs_by_stage.get(KV_FETCH_IN_PROGRESS, 0)
                     figures.kv_cache_usage = scheduler_stats.kv_cache_usage
 
             def log_engine_initialized(self):
@@ -342,6 +345,7 @@ class Engine:
             kv_blocks_free=self._kv_blocks_total - used,
             running=figures.running,
             waiting=figures.waiting,
+            awaiting_kv=figures.awaiting_kv,
             prompt_tokens_total=self._prompt_tokens_total,
             cached_prompt_tokens_total=self._cached_tokens_total,
         )

@@ -136,6 +136,13 @@ class HostedEngine:
             kv_used_fraction=stats.kv_blocks_used / max(stats.kv_blocks_total, 1),
         )
 
+    def sequences_to_serve(self) -> int:
+        """The sequences this engine steps, or will once it gets to them: running and waiting, less those
+        waiting for their KV from a prefill worker (until it lands they are the prefill pool's load: counting
+        them here scales the decode pool for a backlog only more prefill replicas clear)."""
+        stats = self.engine.stats()
+        return stats.running + stats.waiting - stats.awaiting_kv
+
     def check_health(self) -> None:
         """Raise when the engine loop has failed, so Serve replaces the replica."""
         self.engine.check_alive()
@@ -241,7 +248,7 @@ class HostedWorker:
         }
         return {
             stats.QUEUED_PREFILL_TOKENS: float(load.queued_prefill_tokens),
-            stats.RUNNING_SEQS: float(load.running_seqs + load.waiting_seqs),
+            stats.RUNNING_SEQS: float(host.sequences_to_serve()),
             stats.KV_USED_FRACTION: load.kv_used_fraction,
             **{name: value for name, value in measured.items() if value is not None},
         }

@@ -150,6 +150,7 @@ class EngineStats:
     kv_blocks_free: int
     running: int
     waiting: int
+    awaiting_kv: int  # of the waiting, those admitted whose KV is on its way from a prefill worker
     prompt_tokens_total: int
     cached_prompt_tokens_total: int
 

@@ -47,7 +47,10 @@ class PrefillPolicy:
 
 
 class DecodePolicy:
-    """Replicas for the running sequences and for the KV pool in use, whichever asks for more."""
+    """Replicas for the sequences to serve and for the KV pool in use, whichever asks for more.
+
+    Sequences waiting for a prefill worker's KV are left out of the first (until it lands, they wait on the
+    prefill pool) and stay in the second (their blocks are held from admission, in vLLM as here)."""
 
     def __init__(self, target_running_seqs: float, target_kv_used_fraction: float):
         self.target_seqs = target_running_seqs

@@ -143,7 +143,11 @@ def test_the_simulated_step_trace_needs_3_prefill_and_6_decode_replicas_at_its_p
 def test_a_stream_running_when_a_decode_replica_left_counts_as_lost_only_if_it_failed_or_came_back_short():
     from bench.autoscale import Sample, streams_in_scale_down
 
-    samples = [Sample(10.0, 4, {"prefill": 1, "decode": 3}), Sample(20.0, 3, {"prefill": 1, "decode": 2})]
+    none_starting = {"prefill": 0, "decode": 0}
+    samples = [
+        Sample(10.0, 4, {"prefill": 1, "decode": 3}, none_starting, None),
+        Sample(20.0, 3, {"prefill": 1, "decode": 2}, none_starting, None),
+    ]
     records = [
         Record(0, 0, 2.0, 8, e2e_s=20.0, output_tokens=16),  # ran through the scale-down, whole
         Record(1, 0, 3.0, 8, e2e_s=20.0, output_tokens=9),  # ran through it, short
@@ -152,3 +156,19 @@ def test_a_stream_running_when_a_decode_replica_left_counts_as_lost_only_if_it_f
         Record(4, 0, 25.0, 8, e2e_s=5.0, output_tokens=16),  # began after it
     ]
     assert streams_in_scale_down(records, [16] * 5, samples) == (3, 2)
+
+
+def test_each_phase_reports_its_requests_by_arrival_and_whether_they_missed_on_ttft_or_on_tpot():
+    from bench.autoscale import Phase, StepTrace, by_phase
+
+    trace = StepTrace(phases=(Phase(1.0, 10.0), Phase(2.0, 10.0)))
+    slo = SLO(ttft_ms=500, tpot_ms=50)
+    records = [
+        Record(0, 0, 1.0, 8, ttft_s=0.1, e2e_s=0.5, output_tokens=11),  # met
+        Record(1, 0, 9.0, 8, ttft_s=0.9, e2e_s=1.3, output_tokens=11),  # TTFT missed; arrived in the first phase
+        Record(2, 0, 12.0, 8, ttft_s=0.1, e2e_s=1.1, output_tokens=11),  # TPOT missed (100 ms)
+        Record(3, 0, 15.0, 8, error="UNAVAILABLE"),
+    ]
+    first, second = by_phase(trace, records, slo)
+    assert first == {"requests": 2, "slo_attainment": 0.5, "ttft_missed": 1, "tpot_missed": 0, "errors": 0}
+    assert second == {"requests": 2, "slo_attainment": 0.0, "ttft_missed": 0, "tpot_missed": 1, "errors": 1}

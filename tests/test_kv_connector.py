@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 import time
@@ -11,6 +12,8 @@ import pytest
 from bench.engine_process import EnginePeer
 from engine.block_hash import hash_chain
 from engine.config import EngineConfig, KVConnectorSpec
+from engine.engine import Engine
+from engine.types import GenerateRequest, SamplingOptions
 from kv_transfer.channel import GrpcKVChannel
 from kv_transfer.transfer import TransferHandle, TransferState
 
@@ -109,6 +112,40 @@ def test_a_handle_given_up_front_is_pulled_layer_by_layer_while_the_prompt_runs(
     assert out_params["pdserve_handle"] == handle  # the same handle the router gave out up front
     assert tokens == reference and cached >= 5 * BLOCK
     wait_until(lambda: prefill.kv_blocks_used() == 0)
+
+
+def test_a_decode_waiting_for_a_handle_given_up_front_counts_as_awaiting_its_kv_until_it_lands(
+    make_tiny_model, prefill, monkeypatch
+):
+    """vLLM reports the request among its KV fetches in progress; the decode pool's autoscaling leaves it out."""
+    monkeypatch.setenv("PDSERVE_CLUSTER_TOKEN", SECRET)
+    ids = prompt(5 * BLOCK + 3, offset=21)
+    handle = prefill.kv_handle("x-await", hashes(ids), len(ids))
+    engine = Engine(config(make_tiny_model("llama"), "kv_consumer", stall_timeout_s=2))
+
+    async def decode_then_prefill():
+        params = {"pdserve": "consume", "handle": handle, "block_hashes": hashes(ids)}
+        request = GenerateRequest("d-await", ids, SamplingOptions(max_tokens=4, temperature=0.0), params)
+        decoding = asyncio.ensure_future(_deltas(engine, request))
+        async with asyncio.timeout(30):
+            while engine.stats().awaiting_kv == 0:
+                await asyncio.sleep(0.05)
+        awaiting = engine.stats()
+        produce = {"pdserve": "produce", "transfer_id": "x-await", "block_hashes": hashes(ids)}
+        await asyncio.to_thread(prefill.generate, "p-await", ids, 1, produce)
+        return awaiting, await asyncio.wait_for(decoding, 60)
+
+    try:
+        awaiting, deltas = asyncio.run(decode_then_prefill())
+        assert (awaiting.awaiting_kv, awaiting.waiting, awaiting.running) == (1, 1, 0)
+        assert deltas[0].cached_prompt_tokens >= 5 * BLOCK  # it waited for the pull, not computing the prompt
+        wait_until(lambda: engine.stats().awaiting_kv == 0)
+    finally:
+        engine.shutdown()
+
+
+async def _deltas(engine: Engine, request: GenerateRequest) -> list:
+    return [delta async for delta in engine.generate(request)]
 
 
 def test_a_prefill_process_killed_mid_pull_is_recomputed_by_the_decode_side(make_tiny_model, prefill, decode):

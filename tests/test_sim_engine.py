@@ -229,14 +229,19 @@ def connector(role: str) -> KVConnectorSpec:
     return KVConnectorSpec(module_path="kv_transfer.sim_connector", class_name="SimulatedKV", role=role)
 
 
-def test_a_prompt_prefilled_on_one_simulated_engine_is_pulled_over_the_wire_by_another(make_engine, monkeypatch):
-    monkeypatch.setenv(TOKEN_ENV, "sim-secret")
+def producer_and_consumer(make_engine, ids: list[int], transfer_id: str):
+    """A prefill engine and a decode engine, the prompt's block hashes and the handle of its transfer."""
     producer = make_engine(kv_connector=connector("kv_producer"))
     consumer = make_engine(kv_connector=connector("kv_consumer"))
-    ids = prompt(100)
     hashes = [digest.hex() for digest in hash_chain(producer.model_id, ids, BLOCK)]
     senders = [SenderInfo.from_dict(rank) for rank in producer.kv_connector_handshake()]
-    handle = transfer_handle(senders, BLOCK, "t-1", hashes, len(ids))
+    return producer, consumer, hashes, transfer_handle(senders, BLOCK, transfer_id, hashes, len(ids))
+
+
+def test_a_prompt_prefilled_on_one_simulated_engine_is_pulled_over_the_wire_by_another(make_engine, monkeypatch):
+    monkeypatch.setenv(TOKEN_ENV, "sim-secret")
+    ids = prompt(100)
+    producer, consumer, hashes, handle = producer_and_consumer(make_engine, ids, "t-1")
     produce = {"pdserve": "produce", "transfer_id": "t-1", "block_hashes": hashes}
     prefill = run(producer, ids, produce, max_tokens=1)
     assert prefill[-1].kv_transfer_params == {"pdserve_handle": handle}
@@ -246,6 +251,34 @@ def test_a_prompt_prefilled_on_one_simulated_engine_is_pulled_over_the_wire_by_a
     assert decode[-1].kv_transfer_params == {PULLED_TOKENS_KEY: 99}  # the last prompt token is computed here
     assert consumer.kv_transfer_stats()["pulls"]["grpc"]["bytes"] == 7 * BLOCK  # a byte per token of 7 blocks
     assert producer.open_kv_transfers() == 0 and producer.stats().kv_blocks_free == 64  # released once pulled
+
+
+def test_a_decode_admitted_before_its_prefill_counts_as_awaiting_its_kv_until_the_kv_lands(make_engine, monkeypatch):
+    """The decode worker gets its job with the handle up front: until the prefill worker's KV lands, the request
+    waits on the prefill pool (``stats().awaiting_kv``, what the decode pool's autoscaling leaves out)."""
+    monkeypatch.setenv(TOKEN_ENV, "sim-secret")
+    ids = prompt(100)
+    producer, consumer, hashes, handle = producer_and_consumer(make_engine, ids, "t-3")
+
+    async def collect(engine, params, max_tokens):
+        request = GenerateRequest(uuid.uuid4().hex, ids, SamplingOptions(max_tokens=max_tokens), params)
+        return [d async for d in engine.generate(request)]
+
+    async def decode_then_prefill():
+        consume = {"pdserve": "consume", "handle": handle, "block_hashes": hashes}
+        decoding = asyncio.ensure_future(collect(consumer, consume, 4))
+        async with asyncio.timeout(10):
+            while consumer.stats().awaiting_kv == 0:
+                await asyncio.sleep(0.01)
+        awaiting = consumer.stats()
+        await collect(producer, {"pdserve": "produce", "transfer_id": "t-3", "block_hashes": hashes}, 1)
+        return awaiting, await asyncio.wait_for(decoding, 10)
+
+    awaiting, decode = asyncio.run(decode_then_prefill())
+    assert (awaiting.awaiting_kv, awaiting.waiting, awaiting.running) == (1, 1, 0)
+    assert awaiting.kv_blocks_used == 7  # its blocks are held from admission
+    assert decode[-1].kv_transfer_params == {PULLED_TOKENS_KEY: 99}  # it waited for the pull, computed nothing
+    assert consumer.stats().awaiting_kv == 0
 
 
 def test_an_offer_nobody_pulls_is_freed_when_its_transfer_is_aborted(make_engine, monkeypatch):

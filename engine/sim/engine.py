@@ -188,6 +188,7 @@ class SimulatedEngine:
                 kv_blocks_free=self._pool.free_blocks,
                 running=len(self._scheduler.running),
                 waiting=len(self._scheduler.waiting) + len(self._scheduler.remote),  # vLLM's: waiting for KV too
+                awaiting_kv=len(self._scheduler.remote),
                 prompt_tokens_total=self._prompt_tokens_total,
                 cached_prompt_tokens_total=self._cached_tokens_total,
             )
