@@ -157,8 +157,8 @@ async def run_trace(grpc_address: str, app_name: str, requests: list[tuple[float
                 pool["running_seqs"] += worker.running_seqs
                 pool["waiting_seqs"] += worker.waiting_seqs
                 pool["queued_prefill_tokens"] += worker.queued_prefill_tokens
-                pool["kv_used"] = round(pool["kv_used"] + worker.kv_used_fraction, 2)
-        return load
+                pool["kv_used"] += worker.kv_used_fraction
+        return {pool: {**figures, "kv_used": round(figures["kv_used"], 2)} for pool, figures in load.items()}
 
     async def sampling() -> None:
         while not done.is_set():

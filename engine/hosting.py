@@ -34,7 +34,7 @@ from engine.errors import EngineDeadError
 from engine.factory import build_engine
 from engine.model_source import ModelSource, on_this_node
 from engine.throughput import BusyRate, RunningMean
-from engine.types import GenerateRequest, LoadFigures, OutputDelta
+from engine.types import EngineStats, GenerateRequest, LoadFigures, OutputDelta
 
 log = logging.getLogger(__name__)
 
@@ -127,21 +127,14 @@ class HostedEngine:
                 self._beat_now.set()
             (self.decode_rate if decoding else self.prefill_rate).end()
 
-    def load(self) -> LoadFigures:
-        stats = self.engine.stats()
+    def load(self, stats: EngineStats) -> LoadFigures:
+        """The load the heartbeat reports, from one reading of the engine's stats."""
         return LoadFigures(
             queued_prefill_tokens=max(self._queued_prefill_tokens, 0),
             running_seqs=stats.running,
             waiting_seqs=stats.waiting,
             kv_used_fraction=stats.kv_blocks_used / max(stats.kv_blocks_total, 1),
         )
-
-    def sequences_to_serve(self) -> int:
-        """The sequences this engine steps, or will once it gets to them: running and waiting, less those
-        waiting for their KV from a prefill worker (until it lands they are the prefill pool's load: counting
-        them here scales the decode pool for a backlog only more prefill replicas clear)."""
-        stats = self.engine.stats()
-        return stats.running + stats.waiting - stats.awaiting_kv
 
     def check_health(self) -> None:
         """Raise when the engine loop has failed, so Serve replaces the replica."""
@@ -176,7 +169,7 @@ class HostedEngine:
                 return
             self._beat_now.clear()
             try:
-                self._reporter.report_load(self.load())
+                self._reporter.report_load(self.load(self.engine.stats()))
             except Exception as exc:  # a lost heartbeat is retried on the next beat; the TTL covers a few
                 log.warning("heartbeat of %s failed: %s", self.worker_id, exc)
             if self._stop.wait(_EARLY_BEAT_GAP_S):
@@ -239,7 +232,8 @@ class HostedWorker:
         """Serve's autoscaler reads the load the heartbeat reports, and the measured rates and lengths
         (the policies: pdserve/autoscaling.py); a figure not measured yet is left out."""
         host = self._host
-        load = host.load()
+        engine_stats = host.engine.stats()
+        load = host.load(engine_stats)
         measured = {
             stats.PREFILL_TOKENS_PER_S: host.prefill_rate.rate(),
             stats.DECODE_TOKENS_PER_S: host.decode_rate.rate(),
@@ -248,7 +242,7 @@ class HostedWorker:
         }
         return {
             stats.QUEUED_PREFILL_TOKENS: float(load.queued_prefill_tokens),
-            stats.RUNNING_SEQS: float(host.sequences_to_serve()),
+            stats.RUNNING_SEQS: float(engine_stats.sequences_to_serve),
             stats.KV_USED_FRACTION: load.kv_used_fraction,
             **{name: value for name, value in measured.items() if value is not None},
         }

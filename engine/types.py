@@ -158,6 +158,13 @@ class EngineStats:
     def kv_blocks_used(self) -> int:
         return self.kv_blocks_total - self.kv_blocks_free
 
+    @property
+    def sequences_to_serve(self) -> int:
+        """The sequences the engine steps, or will once it gets to them: running and waiting, less those waiting
+        for their KV from a prefill worker (until it lands they are the prefill pool's load: counting them scales
+        the decode pool for a backlog only more prefill replicas clear)."""
+        return self.running + self.waiting - self.awaiting_kv
+
 
 @dataclass(frozen=True)
 class KVLayout:

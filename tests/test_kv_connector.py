@@ -138,6 +138,7 @@ def test_a_decode_waiting_for_a_handle_given_up_front_counts_as_awaiting_its_kv_
     try:
         awaiting, deltas = asyncio.run(decode_then_prefill())
         assert (awaiting.awaiting_kv, awaiting.waiting, awaiting.running) == (1, 1, 0)
+        assert awaiting.sequences_to_serve == 0
         assert deltas[0].cached_prompt_tokens >= 5 * BLOCK  # it waited for the pull, not computing the prompt
         wait_until(lambda: engine.stats().awaiting_kv == 0)
     finally:

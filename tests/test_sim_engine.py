@@ -255,7 +255,8 @@ def test_a_prompt_prefilled_on_one_simulated_engine_is_pulled_over_the_wire_by_a
 
 def test_a_decode_admitted_before_its_prefill_counts_as_awaiting_its_kv_until_the_kv_lands(make_engine, monkeypatch):
     """The decode worker gets its job with the handle up front: until the prefill worker's KV lands, the request
-    waits on the prefill pool (``stats().awaiting_kv``, what the decode pool's autoscaling leaves out)."""
+    waits on the prefill pool (``stats().awaiting_kv``), and ``sequences_to_serve`` (the decode pool's scaling
+    figure) leaves it out."""
     monkeypatch.setenv(TOKEN_ENV, "sim-secret")
     ids = prompt(100)
     producer, consumer, hashes, handle = producer_and_consumer(make_engine, ids, "t-3")
@@ -276,6 +277,7 @@ def test_a_decode_admitted_before_its_prefill_counts_as_awaiting_its_kv_until_th
 
     awaiting, decode = asyncio.run(decode_then_prefill())
     assert (awaiting.awaiting_kv, awaiting.waiting, awaiting.running) == (1, 1, 0)
+    assert awaiting.sequences_to_serve == 0
     assert awaiting.kv_blocks_used == 7  # its blocks are held from admission
     assert decode[-1].kv_transfer_params == {PULLED_TOKENS_KEY: 99}  # it waited for the pull, computed nothing
     assert consumer.stats().awaiting_kv == 0
