@@ -110,17 +110,30 @@ class ChildProcess:
         os.kill(self.process.pid, signal.SIGCONT)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process.is_alive():
-            self._conn.send(("stop",))
-            self.process.join(timeout_s)
+        self.ask_to_stop()
+        self.process.join(timeout_s)
         if self.process.is_alive():
             self.kill()
 
+    def ask_to_stop(self) -> None:
+        """The stop without its wait: several processes (each ~5 s for vLLM's own) end side by side."""
+        if self.process.is_alive():
+            self._conn.send(("stop",))
+
 
 class EnginePeer(ChildProcess):
-    def __init__(self, config, env: dict[str, str]):
+    """One engine in its own process. ``wait=False`` returns once the process is spawned, and ``ready`` waits
+    for the engine: several started that way load side by side (``start_peers``)."""
+
+    def __init__(self, config, env: dict[str, str], wait: bool = True):
         super().__init__(_engine_main, config.model_dump_json(), env)
-        self.vocab_size = self._expect("ready", 180)[0]
+        self.vocab_size = 0
+        if wait:
+            self.ready()
+
+    def ready(self, timeout_s: float = 240.0) -> EnginePeer:
+        self.vocab_size = self._expect("ready", timeout_s)[0]
+        return self
 
     def generate(self, request_id: str, ids: list[int], max_tokens: int, params: dict | None = None, timeout=120):
         """(tokens, kv_transfer_params of the last delta, cached prompt tokens, finish reason)."""
@@ -161,3 +174,28 @@ class EnginePeer(ChildProcess):
             raise RuntimeError(f"engine process: {message[1]}")
         assert message[0] == kind, message
         return message[1:]
+
+
+def start_peers(configs: dict[str, tuple], timeout_s: float = 300.0) -> dict[str, EnginePeer]:
+    """``{name: (config, env)}`` → the engines, loaded side by side; none left running if one fails."""
+    peers = {name: EnginePeer(config, env, wait=False) for name, (config, env) in configs.items()}
+    try:
+        deadline = time.monotonic() + timeout_s
+        for peer in peers.values():
+            peer.ready(max(1.0, deadline - time.monotonic()))
+    except BaseException:
+        stop_peers(peers.values())
+        raise
+    return peers
+
+
+def stop_peers(peers, timeout_s: float = 30.0) -> None:
+    """Stop every engine, side by side."""
+    peers = list(peers)
+    for peer in peers:
+        peer.ask_to_stop()
+    deadline = time.monotonic() + timeout_s
+    for peer in peers:
+        peer.process.join(max(0.0, deadline - time.monotonic()))
+        if peer.process.is_alive():
+            peer.kill()

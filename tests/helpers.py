@@ -38,10 +38,10 @@ def transformers_logprobs(model_dir, prompt_ids: list[int], output_ids: list[int
     return [logprobs[len(prompt_ids) - 1 + i].tolist() for i in range(len(output_ids))]
 
 
-def wait_for(condition, timeout_s: float = 5.0) -> None:
+def wait_for(condition, timeout_s: float = 5.0, failure: str = "condition not met in time") -> None:
     deadline = time.monotonic() + timeout_s
     while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
+        assert time.monotonic() < deadline, failure
         time.sleep(0.02)
 
 

@@ -161,3 +161,10 @@ class ServiceClient:
 
     def close(self) -> None:
         self.raw_channel.close()
+
+
+def sse_data(connection, into: list[bytes]) -> None:
+    """Append each ``data:`` payload of an open SSE response (``ServiceClient.open_stream``) as it arrives."""
+    for line in connection.getresponse():
+        if line.startswith(b"data: "):
+            into.append(line[6:].strip())

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bench.engine_process import EnginePeer
+from bench.engine_process import EnginePeer, start_peers, stop_peers
 from engine.block_hash import hash_chain
 from engine.config import EngineConfig, KVConnectorSpec
 from engine.engine import Engine
@@ -35,17 +35,23 @@ def config(model_dir, role: str, **extra) -> EngineConfig:
 
 
 @pytest.fixture(scope="module")
-def prefill(make_tiny_model):
-    peer = EnginePeer(config(make_tiny_model("llama"), "kv_producer", lease_s=30), ENV)
-    yield peer
-    peer.stop()
+def engines(make_tiny_model):
+    """The module's prefill and decode engines, loaded side by side."""
+    model = make_tiny_model("llama")
+    peers = start_peers({"prefill": (config(model, "kv_producer", lease_s=30), ENV),
+                         "decode": (config(model, "kv_consumer", stall_timeout_s=2), ENV)})  # fmt: skip
+    yield peers
+    stop_peers(peers.values())
 
 
 @pytest.fixture(scope="module")
-def decode(make_tiny_model):
-    peer = EnginePeer(config(make_tiny_model("llama"), "kv_consumer", stall_timeout_s=2), ENV)
-    yield peer
-    peer.stop()
+def prefill(engines):
+    return engines["prefill"]
+
+
+@pytest.fixture(scope="module")
+def decode(engines):
+    return engines["decode"]
 
 
 def prompt(n: int, offset: int) -> list[int]:

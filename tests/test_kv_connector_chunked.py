@@ -14,7 +14,7 @@ import time
 import pytest
 from helpers import wait_for
 
-from bench.engine_process import EnginePeer
+from bench.engine_process import start_peers, stop_peers
 from engine.block_hash import hash_chain
 from engine.config import EngineConfig, KVConnectorSpec
 from engine.tiny_model import BENCH_SHAPE, make_model
@@ -43,17 +43,21 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def prefill(model):
-    peer = EnginePeer(config(model, "kv_producer"), ENV)
-    yield peer
-    peer.stop()
+def engines(model):
+    """The module's prefill and decode engines, loaded side by side."""
+    peers = start_peers({"prefill": (config(model, "kv_producer"), ENV), "decode": (config(model, "kv_consumer"), ENV)})
+    yield peers
+    stop_peers(peers.values())
 
 
 @pytest.fixture(scope="module")
-def decode(model):
-    peer = EnginePeer(config(model, "kv_consumer"), ENV)
-    yield peer
-    peer.stop()
+def prefill(engines):
+    return engines["prefill"]
+
+
+@pytest.fixture(scope="module")
+def decode(engines):
+    return engines["decode"]
 
 
 def prompt(offset: int) -> list[int]:

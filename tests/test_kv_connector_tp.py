@@ -19,7 +19,7 @@ import time
 import pytest
 from test_kv_connector import ENV, consume, hashes, idle, produce, prompt
 
-from bench.engine_process import EnginePeer
+from bench.engine_process import EnginePeer, start_peers, stop_peers
 from engine.config import EngineConfig, KVConnectorSpec
 from pdserve.local_redis import make_certificates
 
@@ -32,6 +32,10 @@ BLOCK = 32
 
 
 def engine(model_dir, role: str, tp: int, extra: dict | None = None, **fields) -> EnginePeer:
+    return EnginePeer(*engine_spec(model_dir, role, tp, extra, **fields))
+
+
+def engine_spec(model_dir, role: str, tp: int, extra: dict | None = None, **fields) -> tuple[EngineConfig, dict]:
     connector = KVConnectorSpec(
         module_path="kv_transfer.vllm_connector", class_name="PdserveConnector", role=role,
         extra={"stall_timeout_s": 5, "backends": ["torch_dist", "grpc"], **(extra or {})},
@@ -41,23 +45,18 @@ def engine(model_dir, role: str, tp: int, extra: dict | None = None, **fields) -
         model=model_dir, block_size=BLOCK, num_kv_blocks=64, max_model_len=512, kv_connector=connector,
         tensor_parallel_size=tp, cpu_cores=cores, **{"enforce_eager": True, **fields},
     )  # fmt: skip
-    return EnginePeer(config, ENV)
+    return config, ENV
 
 
 ENGINES = {"p1": ("kv_producer", 1), "p2": ("kv_producer", 2), "d1": ("kv_consumer", 1), "d2": ("kv_consumer", 2)}
 
 
 def started_engines(model_dir, names=tuple(ENGINES)):
-    """Prefill (``p``) and decode (``d``) engines at TP=1 and TP=2, float32 (greedy tokens compared exactly)."""
-    started = {}
-    try:
-        for name in names:
-            role, tp = ENGINES[name]
-            started[name] = engine(model_dir, role, tp, dtype="float32")
-        yield started
-    finally:
-        for peer in started.values():
-            peer.stop()
+    """Prefill (``p``) and decode (``d``) engines at TP=1 and TP=2, float32 (greedy tokens compared exactly),
+    loaded side by side."""
+    started = start_peers({name: engine_spec(model_dir, *ENGINES[name], dtype="float32") for name in names})
+    yield started
+    stop_peers(started.values())
 
 
 @pytest.fixture(scope="module")
@@ -129,8 +128,9 @@ def test_kv_moves_over_tls_when_configured_and_a_plaintext_puller_gets_nothing(m
     tls = {"tls_cert_file": str(tmp_path / "server.crt"), "tls_key_file": str(tmp_path / "server.key"),
            "tls_ca_file": str(tmp_path / "ca.crt")}  # fmt: skip
     model_dir = make_tiny_model("llama")
-    sender = engine(model_dir, "kv_producer", 1, dtype="float32", extra=tls)
-    receiver = engine(model_dir, "kv_consumer", 1, dtype="float32", extra=tls)
+    tls_peers = start_peers({role: engine_spec(model_dir, role, 1, extra=tls, dtype="float32")
+                             for role in ("kv_producer", "kv_consumer")})  # fmt: skip
+    sender, receiver = tls_peers["kv_producer"], tls_peers["kv_consumer"]
     try:
         ids = prompt(3 * BLOCK + 9, offset=57)
         reference = peers["p1"].generate("ref-tls", ids, 16)[0]
@@ -144,8 +144,7 @@ def test_kv_moves_over_tls_when_configured_and_a_plaintext_puller_gets_nothing(m
         assert tokens == reference  # recomputed: the plaintext receiver could not read the TLS server
         assert peers["d1"].transfer_stats()["failures"]["unavailable"] == before + 1
     finally:
-        sender.stop()
-        receiver.stop()
+        stop_peers(tls_peers.values())
 
 
 def rank_workers(peer: EnginePeer) -> list[int]:

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from faults import engine_workers, kill_replica, live_workers, replica_pid, wait_for_replacement
-from service_client import prompt
+from service_client import prompt, sse_data
 from short_prompts import ask_every_short_prompt, defaults_config, replica_ids
 
 from engine.process_priority import can_lower_niceness
@@ -69,10 +69,17 @@ def test_requests_wait_for_the_replacement_when_the_only_decode_replica_dies(cli
     (victim,) = live_workers(client, "decode")
     streamed: list = []
     in_flight = ThreadPoolExecutor(1).submit(client.greedy_into, prompt(30, 7), 3000, streamed)
+    # A constrained stream is not moved once begun (another worker's grammar would start over): it ends with an
+    # error event and [DONE], while the plain stream beside it carries on on the replacement.
+    letters = {"structured_outputs": {"regex": "[a-z ]{1,5000}"}, "ignore_eos": True, "max_tokens": 3000}
+    constrained = client.open_stream({"prompt": prompt(30, 9), "temperature": 0, **letters})
+    events: list[bytes] = []
+    reader = threading.Thread(target=sse_data, args=(constrained, events))
+    reader.start()
     # Killed once tokens have come back: a request that has streamed nothing is sent again, not moved.
     deadline = time.monotonic() + 60
-    while not any(reply.token_ids for reply in list(streamed)):
-        assert time.monotonic() < deadline and not in_flight.done(), "the request never started streaming"
+    while not any(reply.token_ids for reply in list(streamed)) or len(events) < 3:
+        assert time.monotonic() < deadline and not in_flight.done(), "the requests never started streaming"
         time.sleep(0.05)
     killed_at = kill_replica(service, "DecodeWorker", victim)
     results, errors = [], []
@@ -97,6 +104,9 @@ def test_requests_wait_for_the_replacement_when_the_only_decode_replica_dies(cli
     in_flight.result(180)
     tokens = [t for reply in streamed for t in reply.token_ids]
     assert len(tokens) == 3000 and streamed[-1].timing.migrations == 1
+    reader.join(60)
+    constrained.close()
+    assert events[-1] == b"[DONE]" and "not moved" in json.loads(events[-2])["error"]["message"]
     wait_for_replacement(client, "decode", 1, victim)
     assert client.metric("pdserve:worker_deaths_total", pool="decode") == 1
     status, health = client.get("/health")
