@@ -110,10 +110,7 @@ class ChildProcess:
         os.kill(self.process.pid, signal.SIGCONT)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        self.ask_to_stop()
-        self.process.join(timeout_s)
-        if self.process.is_alive():
-            self.kill()
+        stop_peers([self], timeout_s)
 
     def ask_to_stop(self) -> None:
         """The stop without its wait: several processes (each ~5 s for vLLM's own) end side by side."""
@@ -131,9 +128,8 @@ class EnginePeer(ChildProcess):
         if wait:
             self.ready()
 
-    def ready(self, timeout_s: float = 240.0) -> EnginePeer:
+    def ready(self, timeout_s: float = 180.0) -> None:
         self.vocab_size = self._expect("ready", timeout_s)[0]
-        return self
 
     def generate(self, request_id: str, ids: list[int], max_tokens: int, params: dict | None = None, timeout=120):
         """(tokens, kv_transfer_params of the last delta, cached prompt tokens, finish reason)."""
@@ -190,7 +186,7 @@ def start_peers(configs: dict[str, tuple], timeout_s: float = 300.0) -> dict[str
 
 
 def stop_peers(peers, timeout_s: float = 30.0) -> None:
-    """Stop every engine, side by side."""
+    """Stop every process, side by side; one still running at the deadline is killed."""
     peers = list(peers)
     for peer in peers:
         peer.ask_to_stop()
