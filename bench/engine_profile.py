@@ -8,6 +8,13 @@ One vLLM engine (the config's, in a fresh process, as a worker runs it) is timed
 - decode: ``S`` requests decoding together, for ``DECODE_SHAPES``: the time per token of each while all
   ``S`` run, median over them (one step of ``S`` sequences holding ``C`` tokens of context between them).
 
+The decode shapes are also timed as deployed (``decode_timings_as_deployed``): the same ``S`` streams sent
+through a running service, timed by its client. Inside the service the decode engine steps beside the
+processes that carry each token on (its replica, the router, Ray), which on a small node share its cores;
+the engine alone does not pay that, and neither does a simulated engine, which takes no CPU. So the
+simulator's check (``bench/simulator_check.py``) fits its decode terms to the steps as deployed, as
+Dynamo's profiler times the decode engine of a deployment through its front end.
+
 Each timing is a step of the simulated engine's model (``engine/sim/profile.py``):
 ``base + [P > 0]·p + a·P + b·P² + x·P·X + c·S + d·C`` ms, fitted by least squares with every coefficient
 kept ≥ 0 (a feature whose coefficient comes out negative is dropped and the rest refitted). The KV bytes
@@ -17,6 +24,7 @@ per token are the engine's own cache layout; the link is given (``pdserve bench 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import random
 import statistics
@@ -34,6 +42,11 @@ PREFILL_TOKENS = (16, 64, 128, 256, 512, 1024)
 DECODE_SHAPES = tuple((seqs, prompt) for seqs in (1, 4, 16) for prompt in (64, 512))
 CACHED_PREFIX_SHAPES = ((64, 512), (64, 1024), (256, 1024))  # (fresh prompt tokens, cached prefix tokens)
 DECODE_OUTPUT_TOKENS = 48
+# Through the service, fresh prompts queue at the one prefill worker and their streams start seconds apart (16
+# prompts of 512 tokens: first tokens in waves up to 9.8 s after sending, 2026-12-01), so the shapes as deployed
+# stop at 8 streams, each long enough to outlast the last one's start.
+DEPLOYED_DECODE_SHAPES = tuple((seqs, prompt) for seqs in (1, 4, 8) for prompt in (64, 512))
+DEPLOYED_OUTPUT_TOKENS = 512
 REPEATS = 3  # prefill timings per length; the median is kept
 FEATURES = ("base_ms", "prefill_step_ms", "prefill_ms_per_token", "prefill_ms_per_token2",
             "prefill_ms_per_context_pair", "decode_ms_per_seq", "decode_ms_per_context_token")  # fmt: skip
@@ -79,11 +92,13 @@ def fit(timings: list[StepTiming]) -> dict[str, float]:
     return coefficients
 
 
-def profile_of(figures: EngineFigures, link_bytes_per_s: float, name: str, model: str) -> HardwareProfile:
+def profile_of(
+    figures: EngineFigures, link_bytes_per_s: float, name: str, model: str, timed: str = "the engine alone"
+) -> HardwareProfile:
     return HardwareProfile(
         name=name,
         source=f"measured by pdserve bench simulator on this machine ({time.strftime('%Y-%m-%d')}): {model}, "
-        f"{len(figures.timings)} step timings fitted (bench/engine_profile.py); link given as "
+        f"{len(figures.timings)} step timings ({timed}) fitted (bench/engine_profile.py); link given as "
         f"{link_bytes_per_s / 1e9:g} GB/s",
         kv_bytes_per_token=figures.kv_bytes_per_token,
         link_bytes_per_s=link_bytes_per_s,
@@ -147,15 +162,45 @@ async def _timings(engine) -> list[StepTiming]:
     for batch, prompt in DECODE_SHAPES:
         runs = await asyncio.gather(*(token_times(f"decode-{batch}-{prompt}-{i}", fresh(prompt),
                                                   DECODE_OUTPUT_TOKENS) for i in range(batch)))  # fmt: skip
-        # While all of them run: each request's tokens in that window, over the steps between its first and last.
-        all_running, first_done = max(run[0] for run in runs), min(run[-1] for run in runs)
-        steps = []
-        for run in runs:
-            window = [t for t in run if all_running <= t <= first_done]
-            if len(window) > 1 and window[-1] > window[0]:
-                steps.append((window[-1] - window[0]) / (len(window) - 1))
-        context = batch * (prompt + DECODE_OUTPUT_TOKENS // 2)
-        timings.append(StepTiming(0, batch, context, 1000 * statistics.median(steps)))
+        timings.append(decode_step(batch, prompt, DECODE_OUTPUT_TOKENS, runs))
+    return timings
+
+
+def decode_step(batch: int, prompt: int, output: int, runs: list[list[float]]) -> StepTiming:
+    """One decode shape's step from its streams' token times: while all of them run, each stream's tokens in
+    that window over the steps between its first and last, median over the streams."""
+    all_running, first_done = max(run[0] for run in runs), min(run[-1] for run in runs)
+    steps = []
+    for run in runs:
+        window = [t for t in run if all_running <= t <= first_done]
+        if len(window) > 1 and window[-1] > window[0]:
+            steps.append((window[-1] - window[0]) / (len(window) - 1))
+    if not steps:
+        raise RuntimeError(f"{batch} streams of {prompt}-token prompts never decoded all at once: no step to time")
+    return StepTiming(0, batch, batch * (prompt + output // 2), 1000 * statistics.median(steps))
+
+
+async def decode_timings_as_deployed(http_url: str, grpc_address: str, vocab_size: int) -> list[StepTiming]:
+    """``DEPLOYED_DECODE_SHAPES`` through a running service (gRPC, fresh prompts, ``DEPLOYED_OUTPUT_TOKENS`` each): the
+    decode engine's steps as the client sees them, with the serving processes working beside it."""
+    from bench.load import LoadSpec, run_load
+    from bench.workloads import Turn, Workload
+
+    rng = random.Random(1)
+    timings = []
+    # The first streams of a fresh service run slow (one stream stepped in 16 ms, then 9.6 ms: 2026-12-01): the
+    # first shape is run once more, untimed, before any is kept.
+    for number, (batch, prompt) in enumerate(DEPLOYED_DECODE_SHAPES[:1] + DEPLOYED_DECODE_SHAPES):
+        sessions = [[Turn([rng.randrange(2, vocab_size) for _ in range(prompt)], DEPLOYED_OUTPUT_TOKENS)]
+                    for _ in range(batch)]  # fmt: skip
+        workload = Workload(f"decode-{batch}x{prompt}", sessions)
+        records, _ = await run_load(http_url, grpc_address, workload, LoadSpec(api="grpc", users=batch, progress=False))
+        short = [r.error or f"{r.output_tokens} tokens" for r in records if r.output_tokens != DEPLOYED_OUTPUT_TOKENS]
+        if short:
+            raise RuntimeError(f"decode shape {batch}x{prompt}: {len(short)} streams failed or fell short: {short[0]}")
+        runs = [list(itertools.accumulate(r.itl_s, initial=r.start_s + r.ttft_s)) for r in records]
+        if number > 0:
+            timings.append(decode_step(batch, prompt, DEPLOYED_OUTPUT_TOKENS, runs))
     return timings
 
 

@@ -1,7 +1,10 @@
 """The simulated engine checked against the real one on this machine (#22 item 2).
 
 The profile is measured first, in this invocation (``bench/engine_profile.py``): the decode pool's vLLM
-engine, on the cores one replica gets, timed at known step shapes, fitted. Then each workload
+engine, on the cores one replica gets, timed at known step shapes, fitted. Its prefill shapes are timed on
+the engine alone; its decode shapes as deployed, through a service started for that (one more, from the same
+config), because the simulated engine runs beside real serving processes but takes no CPU of their cores
+itself: a decode step timed alone leaves out what the service costs the real engine on a small node. Then each workload
 (``random``; ``shared-prefix``) at each rate runs through the service twice, each time on a fresh
 service from the same config (disaggregated, one prefill and one decode replica): on vLLM, and on the
 simulated engine with the measured profile and the real engine's KV pool size. The figures are p50 TTFT
@@ -11,14 +14,15 @@ and TPOT, simulated over real; the headline keys take the pair furthest from 1 (
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from bench.engine_profile import measure, profile_of, write_profile
+from bench.engine_profile import decode_timings_as_deployed, measure, profile_of, write_profile
 from bench.load import LoadSpec, summarize
-from bench.running import load_service
+from bench.running import load_service, with_service
 from bench.workloads import WorkloadSpec, make_workload
 from engine.config import EngineConfig
 from pdserve.config import PdserveConfig
@@ -45,8 +49,12 @@ def engine_as_a_worker_runs_it(config: PdserveConfig) -> EngineConfig:
 
 
 def run_simulator_check(config: PdserveConfig, vocab_size: int, link_bytes_per_s: float, profile_path: Path) -> dict:
-    figures = measure(engine_as_a_worker_runs_it(config))
-    profile = profile_of(figures, link_bytes_per_s, "bench-model-this-cpu", str(config.engine.model))
+    alone = measure(engine_as_a_worker_runs_it(config))
+    deployed = with_service(config, {}, lambda s: asyncio.run(
+        decode_timings_as_deployed(s.http_url, s.grpc_address, vocab_size)))  # fmt: skip
+    figures = replace(alone, timings=[t for t in alone.timings if t.prefill_tokens] + deployed)
+    profile = profile_of(figures, link_bytes_per_s, "bench-model-this-cpu", str(config.engine.model),
+                         "prefill: the engine alone; decode: through a service")  # fmt: skip
     write_profile(profile, profile_path)
     simulated = {"engine.kind": "simulated", "engine.simulated_profile": str(profile_path.resolve()),
                  "engine.num_kv_blocks": figures.kv_blocks}  # fmt: skip
@@ -68,6 +76,7 @@ def run_simulator_check(config: PdserveConfig, vocab_size: int, link_bytes_per_s
         "pairs": pairs,
         "profile": json.loads(profile.to_json()),
         "engine_timings": asdict(figures),
+        "decode_timings_alone": [asdict(t) for t in alone.timings if not t.prefill_tokens],
     }
 
 

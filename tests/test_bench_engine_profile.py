@@ -12,6 +12,7 @@ from bench.engine_profile import (
     DECODE_SHAPES,
     PREFILL_TOKENS,
     StepTiming,
+    decode_step,
     fit,
 )
 from bench.simulator_check import furthest_from_one
@@ -54,3 +55,16 @@ def test_a_coefficient_that_fits_negative_is_dropped_and_the_rest_refitted():
 def test_the_headline_ratio_is_the_pair_furthest_from_one():
     assert furthest_from_one([0.95, 1.2, 0.9]) == 1.2
     assert furthest_from_one([0.7, 1.2]) == 0.7
+
+
+def test_a_decode_step_is_timed_while_every_stream_runs():
+    """Three streams, 10 ms a step while all run; the last starts late and the first ends early."""
+    runs = [[0.000 + 0.010 * k for k in range(12)], [0.020 + 0.010 * k for k in range(12)],
+            [0.050 + 0.010 * k for k in range(12)]]  # fmt: skip
+    step = decode_step(3, 64, 12, runs)
+    assert step.ms == pytest.approx(10.0) and (step.decode_seqs, step.context_tokens) == (3, 3 * (64 + 6))
+
+
+def test_streams_that_never_all_run_at_once_give_no_step_rather_than_a_wrong_one():
+    with pytest.raises(RuntimeError, match="never decoded all at once"):
+        decode_step(2, 64, 3, [[0.0, 0.01, 0.02], [0.5, 0.51, 0.52]])

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine.process_priority import can_lower_niceness, descendants, model_processes, prioritize
+from engine.process_priority import can_lower_niceness, descendants, model_processes, prioritize, settle
 
 REPO = Path(__file__).resolve().parent.parent
 _TWO_THREADS = "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); time.sleep(60)"
@@ -152,3 +152,32 @@ def test_an_engine_starts_at_the_models_niceness_and_settles_its_core_back_with_
     loading, thread_after, settled, worker = json.loads(done.stdout)
     assert set(loading) == {0} and thread_after == 15
     assert settled.pop(str(worker)) == [0] and all(n == [15] for n in settled.values())
+
+
+# An engine core whose rank worker binds itself to one core, as vLLM's CPU worker binds its OpenMP threads.
+_ENGINE_CORE_BOUND_RANK = """
+import subprocess, sys, threading, time
+rank = "import os, time; os.sched_setaffinity(0, {%d}); time.sleep(60)" % int(sys.argv[1])
+subprocess.Popen([sys.executable, "-c", rank])
+threading.Thread(target=time.sleep, args=(60,)).start()
+time.sleep(60)
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding one core apart needs two")
+def test_the_engine_core_settles_on_the_cores_its_rank_worker_is_bound_to():
+    rank_core = max(os.sched_getaffinity(0))
+    before = descendants()
+    engine_core = subprocess.Popen([sys.executable, "-c", _ENGINE_CORE_BOUND_RANK, str(rank_core)])
+    try:
+        wait_for(lambda: len(descendants() - before) >= 2 and len(os.listdir(f"/proc/{engine_core.pid}/task")) >= 2)
+        (rank,) = model_processes(descendants() - before)
+        wait_for(lambda: os.sched_getaffinity(rank) == {rank_core})
+        settle(descendants() - before, None)
+        threads = os.listdir(f"/proc/{engine_core.pid}/task")
+        assert {frozenset(os.sched_getaffinity(int(tid))) for tid in threads} == {frozenset({rank_core})}
+        assert os.sched_getaffinity(rank) == {rank_core}
+    finally:
+        for process in psutil.Process(engine_core.pid).children() + [psutil.Process(engine_core.pid)]:
+            process.kill()
+        engine_core.wait(10)
