@@ -17,13 +17,15 @@ the niceness changed between runs:
   processes run at the model's niceness (``spawning_at``), so an engine
   starting on a core a running one binds is not starved (CI: 80 s to start).
 
-The engine core's cores: it stays where its rank workers are bound (``settle``). Between two steps a rank
-worker spins on vLLM's shared-memory queue, on its own core, until the engine core has scheduled the next
-one; left free to run on any core, the engine core waited behind the serving processes and Ray's daemons
-on theirs, and one stream on the idle bench model stalled for 50-800 ms several times a minute (2026-12-01,
-2 cores, disaggregated: 0-11 gaps over 50 ms per 600 tokens, ITL p99 37-75 ms; with the decode engine core
-on its rank's core: 0-1 such gaps, p99 18-26 ms). Where the ranks are not bound (a GPU node, vLLM's
-default binding) nothing changes.
+The engine core's cores: where its rank workers run ahead of it, it is kept on their cores (``settle``).
+Between two steps a rank worker spins on vLLM's shared-memory queue, on its own core, until the engine
+core has scheduled the next one; left free to run on any core, the engine core waited behind the serving
+processes and Ray's daemons on theirs, and one stream on the idle bench model stalled for 50-800 ms
+several times a minute (2026-12-01, 2 cores, disaggregated: 0-10 gaps over 50 ms per 600 tokens, ITL
+p99 37-75 ms; with the decode engine core on its rank's core: none in six streams, p99 19-30 ms). Beside
+a rank at its own niceness it is not moved: there the spinning rank holds the core as long as the engine
+core may, and steps took 15-25 % longer (the bench model alone, both at nice 0: one sequence 10.4-12.1
+ms a step instead of 9.0-9.4). Nor where the ranks are bound no narrower than the replica (a GPU node).
 
 So the model's processes are the leaves of the engine's process tree (less
 ``multiprocessing``'s resource trackers): the rank workers, or with a single
@@ -99,8 +101,8 @@ def spawning_at(nice: int | None) -> Iterator[None]:
 
 def settle(pids: set[int], nice: int | None) -> None:
     """An engine's processes once started: its model processes at ``nice`` (``prioritize``), the rest (the
-    engine core, resource trackers) back with the serving processes, at this process's niceness, and on
-    the cores its model processes are bound to (``keep_on_model_cores``)."""
+    engine core, resource trackers) back with the serving processes, at this process's niceness, and, where
+    the model processes now run ahead of them, on the model processes' cores (``keep_on_model_cores``)."""
     serving_nice = os.getpriority(os.PRIO_PROCESS, os.getpid())  # the main thread's
     models = model_processes(pids)
     for pid in sorted(pids - models):
@@ -111,7 +113,8 @@ def settle(pids: set[int], nice: int | None) -> None:
             except ProcessLookupError:
                 continue
     prioritize(models, nice)
-    keep_on_model_cores(pids - models, models)
+    if models and all(_niceness(pid) < serving_nice for pid in models):  # the ranks run ahead of the rest
+        keep_on_model_cores(pids - models, models)
 
 
 def keep_on_model_cores(others: set[int], models: set[int]) -> None:
@@ -159,6 +162,14 @@ def prioritize(pids: set[int], nice: int | None) -> None:
                     current, target,
                 )  # fmt: skip
                 return
+
+
+def _niceness(pid: int) -> int:
+    """The process's main thread's (``prioritize`` sets every thread alike)."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, pid)
+    except ProcessLookupError:
+        return 20  # gone: ahead of nothing
 
 
 def _threads(pid: int) -> list[int]:

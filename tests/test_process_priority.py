@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine.process_priority import can_lower_niceness, descendants, model_processes, prioritize, settle
+from engine.process_priority import can_lower_niceness, descendants, model_processes, prioritize
 
 REPO = Path(__file__).resolve().parent.parent
 _TWO_THREADS = "import threading, time; threading.Thread(target=time.sleep, args=(60,)).start(); time.sleep(60)"
@@ -154,30 +154,52 @@ def test_an_engine_starts_at_the_models_niceness_and_settles_its_core_back_with_
     assert settled.pop(str(worker)) == [0] and all(n == [15] for n in settled.values())
 
 
-# An engine core whose rank worker binds itself to one core, as vLLM's CPU worker binds its OpenMP threads.
-_ENGINE_CORE_BOUND_RANK = """
-import subprocess, sys, threading, time
-rank = "import os, time; os.sched_setaffinity(0, {%d}); time.sleep(60)" % int(sys.argv[1])
-subprocess.Popen([sys.executable, "-c", rank])
-threading.Thread(target=time.sleep, args=(60,)).start()
-time.sleep(60)
+# A replica (nice 15) settling an engine core whose rank worker binds itself to one core, as vLLM's CPU worker
+# binds its OpenMP threads; argv: the rank's core, the niceness ``settle`` is given ("unset": None).
+_REPLICA_WITH_BOUND_RANK = """
+import json, os, subprocess, sys, time
+from engine.process_priority import descendants, model_processes, settle
+rank_core, nice = int(sys.argv[1]), None if sys.argv[2] == "unset" else int(sys.argv[2])
+rank = "import os, time; os.sched_setaffinity(0, {%d}); time.sleep(60)" % rank_core
+core = "import subprocess, sys, threading, time; subprocess.Popen([sys.executable, '-c', sys.argv[1]]); " \\
+       "threading.Thread(target=time.sleep, args=(60,)).start(); time.sleep(60)"
+before = descendants()
+engine_core = subprocess.Popen([sys.executable, "-c", core, rank])
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline:
+    pids = descendants() - before
+    models = model_processes(pids)
+    if len(pids) == 2 and all(os.sched_getaffinity(p) == {rank_core} for p in models) \\
+            and len(os.listdir(f"/proc/{engine_core.pid}/task")) >= 2:
+        break
+    time.sleep(0.05)
+settle(pids, nice)
+(rank_pid,) = model_processes(pids)
+threads = os.listdir(f"/proc/{engine_core.pid}/task")
+print(json.dumps({"core": sorted({c for t in threads for c in os.sched_getaffinity(int(t))}),
+                  "rank": sorted(os.sched_getaffinity(rank_pid))}))
+for pid in pids:
+    os.kill(pid, 9)
 """
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding one core apart needs two")
-def test_the_engine_core_settles_on_the_cores_its_rank_worker_is_bound_to():
+def settled_cores(nice: str) -> dict:
     rank_core = max(os.sched_getaffinity(0))
-    before = descendants()
-    engine_core = subprocess.Popen([sys.executable, "-c", _ENGINE_CORE_BOUND_RANK, str(rank_core)])
-    try:
-        wait_for(lambda: len(descendants() - before) >= 2 and len(os.listdir(f"/proc/{engine_core.pid}/task")) >= 2)
-        (rank,) = model_processes(descendants() - before)
-        wait_for(lambda: os.sched_getaffinity(rank) == {rank_core})
-        settle(descendants() - before, None)
-        threads = os.listdir(f"/proc/{engine_core.pid}/task")
-        assert {frozenset(os.sched_getaffinity(int(tid))) for tid in threads} == {frozenset({rank_core})}
-        assert os.sched_getaffinity(rank) == {rank_core}
-    finally:
-        for process in psutil.Process(engine_core.pid).children() + [psutil.Process(engine_core.pid)]:
-            process.kill()
-        engine_core.wait(10)
+    done = subprocess.run([sys.executable, "-c", _REPLICA_WITH_BOUND_RANK, str(rank_core), nice], capture_output=True,
+                          text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          preexec_fn=lambda: os.setpriority(os.PRIO_PROCESS, 0, 15))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding one core apart needs two")
+@pytest.mark.skipif(not can_lower_niceness(), reason="a rank ahead of its engine core needs CAP_SYS_NICE")
+def test_the_engine_core_settles_on_the_cores_of_rank_workers_that_run_ahead_of_it():
+    rank_core = max(os.sched_getaffinity(0))
+    assert settled_cores("unset") == {"core": [rank_core], "rank": [rank_core]}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binding one core apart needs two")
+def test_the_engine_core_stays_free_beside_rank_workers_at_its_own_niceness():
+    cores = settled_cores("15")
+    assert cores["core"] == sorted(os.sched_getaffinity(0)) and cores["rank"] == [max(os.sched_getaffinity(0))]
