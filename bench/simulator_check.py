@@ -4,8 +4,8 @@ The profile is measured first, in this invocation (``bench/engine_profile.py``):
 engine, on the cores one replica gets, timed at known step shapes, fitted. Its prefill shapes are timed on
 the engine alone; its decode shapes as deployed, through a service started for that (one more, from the same
 config), because the simulated engine runs beside real serving processes but takes no CPU of their cores
-itself: a decode step timed alone leaves out what the service costs the real engine on a small node. Then each workload
-(``random``; ``shared-prefix``) at each rate runs through the service twice, each time on a fresh
+itself: a decode step timed alone leaves out what the service costs the real engine on a small node.
+Then each workload (``random``; ``shared-prefix``) at each rate runs through the service twice, each time on a fresh
 service from the same config (disaggregated, one prefill and one decode replica): on vLLM, and on the
 simulated engine with the measured profile and the real engine's KV pool size. The figures are p50 TTFT
 and TPOT, simulated over real; the headline keys take the pair furthest from 1 (target: within 15 %,
