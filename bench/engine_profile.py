@@ -8,12 +8,13 @@ One vLLM engine (the config's, in a fresh process, as a worker runs it) is timed
 - decode: ``S`` requests decoding together, for ``DECODE_SHAPES``: the time per token of each while all
   ``S`` run, median over them (one step of ``S`` sequences holding ``C`` tokens of context between them).
 
-The decode shapes are also timed as deployed (``decode_timings_as_deployed``): the same ``S`` streams sent
-through a running service, timed by its client. Inside the service the decode engine steps beside the
-processes that carry each token on (its replica, the router, Ray), which on a small node share its cores;
-the engine alone does not pay that, and neither does a simulated engine, which takes no CPU. So the
-simulator's check (``bench/simulator_check.py``) fits its decode terms to the steps as deployed, as
-Dynamo's profiler times the decode engine of a deployment through its front end.
+The decode shapes are also timed as deployed (``decode_timings_as_deployed``): ``S`` streams sent through a
+running service (``DEPLOYED_DECODE_SHAPES``, longer streams: see there), timed by its client. Inside the
+service the decode engine steps beside the processes that carry each token on (its replica, the router,
+Ray), which on a small node share its cores; the engine alone does not pay that, and neither does a
+simulated engine, which takes no CPU. So the simulator's check (``bench/simulator_check.py``) fits its
+decode terms to the steps as deployed, as Dynamo's profiler times the decode engine of a deployment through
+its front end.
 
 Each timing is a step of the simulated engine's model (``engine/sim/profile.py``):
 ``base + [P > 0]·p + a·P + b·P² + x·P·X + c·S + d·C`` ms, fitted by least squares with every coefficient

@@ -173,6 +173,8 @@ while time.monotonic() < deadline:
             and len(os.listdir(f"/proc/{engine_core.pid}/task")) >= 2:
         break
     time.sleep(0.05)
+else:
+    sys.exit("the engine core's rank worker did not start and bind itself within 30 s")
 settle(pids, nice)
 (rank_pid,) = model_processes(pids)
 threads = os.listdir(f"/proc/{engine_core.pid}/task")
