@@ -99,7 +99,10 @@ class HostedEngine:
         if self._die_on_token is not None and self._die_on_token in request.prompt_token_ids:
             log.error("request %s holds token %d: dying as configured", request.request_id, self._die_on_token)
             os.kill(os.getpid(), signal.SIGKILL)  # as a query of death would: no cleanup, no answer
-        waiting = len(request.prompt_token_ids)
+        # A decode that takes its prompt's KV from a prefill worker computes none of it here: that prompt is
+        # queued on the prefill worker.
+        takes_kv = (request.kv_transfer_params or {}).get("pdserve") == "consume"
+        waiting = 0 if takes_kv else len(request.prompt_token_ids)
         self._queued_prefill_tokens += waiting
         self.prefill_rate.begin()
         decoding = False

@@ -6,7 +6,10 @@ queued, a decode replica by its running sequences and its KV pool. Each worker
 replica reports these (``record_autoscaling_stats``, what its heartbeat
 reports too); Serve averages each over ``look_back_period_s`` per replica and
 calls the pool's policy, which returns the replica count that brings the load
-per replica to its target. Serve then applies ``min_replicas`` /
+per replica to its target. The load a policy reads is the larger of that average and the replicas'
+latest readings: a burst of long prompts asks for its replicas as the queue builds, not a look-back
+window later, while going down still waits for the whole window, and Serve's ``upscale_delay_s``
+still keeps a spike shorter than it from scaling. Serve then applies ``min_replicas`` /
 ``max_replicas``, the up and down delays and the scaling factors, as it does
 for its own policy. The controller imports this module by path: it stays free
 of torch, vLLM and Ray imports (the figures' names come from the torch-free
@@ -34,6 +37,14 @@ def _total(ctx: Any, metric: str) -> float:
     return sum((ctx.aggregated_metrics or {}).get(metric, {}).values())
 
 
+def _load(ctx: Any, metric: str) -> float:
+    """The sum over replicas of one reported figure: the look-back window's average, or the latest readings
+    where they are higher (a load that is growing)."""
+    series = (ctx.raw_metrics or {}).get(metric, {}).values()
+    latest = sum(max(points, key=lambda point: point.timestamp).value for points in series if points)
+    return max(_total(ctx, metric), latest)
+
+
 class PrefillPolicy:
     """Replicas for the prompt tokens queued: ``ceil(queued / target_queued_prefill_tokens)``."""
 
@@ -43,7 +54,7 @@ class PrefillPolicy:
     def __call__(self, ctx: Any) -> tuple[int, dict]:
         if ctx.current_num_replicas == 0:
             return ctx.target_num_replicas, {}
-        return math.ceil(_total(ctx, QUEUED_PREFILL_TOKENS) / self.target), {}
+        return math.ceil(_load(ctx, QUEUED_PREFILL_TOKENS) / self.target), {}
 
 
 class DecodePolicy:
@@ -59,8 +70,8 @@ class DecodePolicy:
     def __call__(self, ctx: Any) -> tuple[int, dict]:
         if ctx.current_num_replicas == 0:
             return ctx.target_num_replicas, {}
-        by_seqs = _total(ctx, RUNNING_SEQS) / self.target_seqs
-        by_kv = _total(ctx, KV_USED_FRACTION) / self.target_kv
+        by_seqs = _load(ctx, RUNNING_SEQS) / self.target_seqs
+        by_kv = _load(ctx, KV_USED_FRACTION) / self.target_kv
         return math.ceil(max(by_seqs, by_kv)), {}
 
 

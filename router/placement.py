@@ -3,7 +3,13 @@
 Policies are small classes chosen by name (``round_robin``, ``least_loaded``,
 ``prefix_aware``). Each picks a prefill and a decode worker; one shared step
 then applies conditional disaggregation: the decode worker prefills locally
-when little of the prompt is uncached there, or when the prefill pool is full.
+when little of the prompt is uncached there, or when the prefill pool is
+backlogged (every prefill worker queues more than ``prefill_queue_limit_tokens``)
+and the decode worker would get to the prompt sooner (its own queue and the
+prompt's tokens it lacks come to less than the chosen prefill worker's), as
+Dynamo's conditional disaggregation prefills locally past a prefill queue
+limit: idle decode compute takes a burst of long prompts while the prefill
+pool grows, and a decode worker busy prefilling stops taking more.
 
 ``prefix_aware`` scores every candidate by the work it would do for this
 request, in prompt-token units, and takes the cheapest:
@@ -62,7 +68,7 @@ class PlacementConfig(BaseModel):
     prefill_queue_limit_tokens: int = Field(
         default=65536,
         ge=0,
-        description="prefill pool saturated (decode prefills locally) when every worker queues more",
+        description="prefill pool backlogged (decode may prefill locally) when every worker queues more",
     )
     prefill_queue_weight: float = Field(default=1.0, ge=0, description="cost of a queued prefill token")
     transfer_cost_per_token: float = Field(default=0.25, ge=0, description="cost of a token the decode worker lacks")
@@ -259,7 +265,7 @@ class Placer:
             reason = "no_prefill_worker"
         elif prompt_tokens - decode.cached_tokens <= config.local_prefill_max_uncached_tokens:
             reason = "short_uncached"
-        elif all(_queued_prefill(c) > config.prefill_queue_limit_tokens for c in pool):
+        elif self._backlogged(prompt_tokens, prefill, decode, pool):
             reason = "prefill_saturated"
         else:
             return Placement(
@@ -271,6 +277,17 @@ class Placer:
                 self._policy.name,
             )
         return Placement(None, decode.worker.worker_id, 0, decode.cached_tokens, "local_prefill", reason)
+
+    def _backlogged(self, prompt_tokens: int, prefill: Candidate, decode: Candidate, pool: Sequence[Candidate]) -> bool:
+        """Every prefill worker queues past the limit, and the decode worker would get to the prompt sooner."""
+        limit = self._config.prefill_queue_limit_tokens
+        return all(_queued_prefill(c) > limit for c in pool) and _local_is_sooner(prompt_tokens, prefill, decode)
+
+
+def _local_is_sooner(prompt_tokens: int, prefill: Candidate, decode: Candidate) -> bool:
+    """The decode worker would start this prompt before the prefill worker: its queue, in prompt tokens."""
+    local = _queued_prefill(decode) + prompt_tokens - decode.cached_tokens
+    return local < _queued_prefill(prefill) + prompt_tokens - prefill.cached_tokens
 
 
 def _in_flight_bounded(candidates: list[Candidate], bound: float, floor: int) -> list[Candidate]:

@@ -63,11 +63,11 @@ def engine_workers(service, deployment: str, replica_id: str, timeout_s: float =
         time.sleep(0.2)
 
 
-def bound_cores(pid: int) -> set[int]:
-    """The cores a process may run on (``Cpus_allowed_list`` in /proc/PID/status)."""
+def bound_cores(pid: int, tid: int | None = None) -> set[int]:
+    """The cores a process (or one of its threads) may run on (``Cpus_allowed_list`` in /proc/PID/status)."""
     from engine.core_ledger import bound_cores as cores_of
 
-    status = open(f"/proc/{pid}/status").read()
+    status = open(f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status").read()
     allowed = next(line for line in status.splitlines() if line.startswith("Cpus_allowed_list:"))
     return set(cores_of(allowed.split()[1]))
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from ray.serve._private.common import DeploymentID
+from ray.serve._private.common import DeploymentID, TimeStampedValue
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from engine.throughput import BusyRate, RunningMean
@@ -23,15 +23,23 @@ from pdserve.config import ConfigError, PoolAutoscaling, PoolCoordination, load_
 
 
 def context(
-    replicas: int, config: AutoscalingConfig | None = None, name: str = "PrefillWorker", **per_replica: list[float]
+    replicas: int,
+    config: AutoscalingConfig | None = None,
+    name: str = "PrefillWorker",
+    readings: dict[str, list[list[float]]] | None = None,
+    **per_replica: list[float],
 ) -> AutoscalingContext:
-    """What Serve hands a policy: each figure averaged per replica over the look-back window."""
+    """What Serve hands a policy: each figure averaged per replica over the look-back window, and (``readings``)
+    each replica's readings in that window, one a second."""
     ids = [f"r{i}" for i in range(replicas)]
     metrics = {metric: dict(zip(ids, values, strict=True)) for metric, values in per_replica.items()}
+    raw = {metric: {rid: [TimeStampedValue(float(t), v) for t, v in enumerate(series)]
+                    for rid, series in zip(ids, per_id, strict=True)}
+           for metric, per_id in (readings or {}).items()}  # fmt: skip
     return AutoscalingContext(
         deployment_id=DeploymentID(name, "pdserve"), deployment_name=name, app_name="pdserve",
         current_num_replicas=replicas, target_num_replicas=replicas, running_replicas=ids, total_num_requests=0.0,
-        total_queued_requests=0.0, aggregated_metrics=metrics, raw_metrics={}, capacity_adjusted_min_replicas=1,
+        total_queued_requests=0.0, aggregated_metrics=metrics, raw_metrics=raw, capacity_adjusted_min_replicas=1,
         capacity_adjusted_max_replicas=config.max_replicas if config else 8, policy_state={},
         last_scale_up_time=None, last_scale_down_time=None, current_time=0.0, config=config,
     )  # fmt: skip
@@ -43,6 +51,24 @@ def test_a_queue_of_long_prompts_grows_the_prefill_pool_whatever_the_request_cou
     assert policy(context(2, **{QUEUED_PREFILL_TOKENS: [12_000, 8_000]}))[0] == 5
     assert policy(context(2, **{QUEUED_PREFILL_TOKENS: [1_000, 500]}))[0] == 1
     assert policy(context(3, **{QUEUED_PREFILL_TOKENS: [0, 0, 0]}))[0] == 0  # Serve keeps min_replicas
+
+
+def test_a_queue_still_growing_asks_for_replicas_on_its_latest_reading_not_the_windows_average():
+    policy = PrefillPolicy(target_queued_prefill_tokens=2048)
+    building = context(1, **{QUEUED_PREFILL_TOKENS: [2000]}, readings={QUEUED_PREFILL_TOKENS: [[0, 0, 2000, 6000]]})
+    assert policy(building)[0] == 3  # 6,000 queued now, though the window averages 2,000
+
+
+def test_a_queue_draining_gives_replicas_back_only_on_the_windows_average():
+    policy = PrefillPolicy(target_queued_prefill_tokens=2048)
+    draining = context(1, **{QUEUED_PREFILL_TOKENS: [5000]}, readings={QUEUED_PREFILL_TOKENS: [[9000, 6000, 0]]})
+    assert policy(draining)[0] == 3
+
+
+def test_the_decode_pool_reads_its_latest_sequences_and_kv_use_too():
+    policy = DecodePolicy(target_running_seqs=6, target_kv_used_fraction=0.7)
+    busier = {RUNNING_SEQS: [[2, 2], [3, 11]], KV_USED_FRACTION: [[0.1, 0.9], [0.2, 0.2]]}
+    assert policy(context(2, **{RUNNING_SEQS: [2, 7], KV_USED_FRACTION: [0.5, 0.2]}, readings=busier))[0] == 3
 
 
 def test_the_decode_pool_grows_on_running_sequences_or_on_kv_use_whichever_asks_more():

@@ -7,9 +7,12 @@ import json
 import time
 import uuid
 
-from engine.config import EngineConfig
+from engine.block_hash import hash_chain
+from engine.config import EngineConfig, KVConnectorSpec
 from engine.hosting import HostedEngine
+from engine.sim.engine import SimulatedEngine
 from engine.types import GenerateRequest, SamplingOptions
+from kv_transfer.handoff import TOKEN_ENV, SenderInfo, transfer_handle
 from router.index import MemoryPrefixIndex, WorkerInfo
 from router.index.reporting import IndexReporter
 
@@ -66,3 +69,47 @@ def test_a_worker_beats_as_soon_as_a_prompt_is_done_not_a_beat_later(make_tiny_m
 async def _drain(stream) -> None:
     async for _ in stream:
         pass
+
+
+def test_a_decode_waiting_for_a_prefill_workers_kv_is_not_in_its_own_prefill_queue(
+    make_tiny_model, tmp_path, monkeypatch
+):
+    """The router sends a prompt to the decode worker when it would get to it before the prefill pool; a
+    decode that only waits for a prefill worker's KV computes none of its prompt there, so it is left out."""
+    monkeypatch.setenv(TOKEN_ENV, "hosting-secret")
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"name": "quick", "source": "tests", "base_ms": 1.0, "prefill_ms_per_token": 0.0,
+                                   "prefill_ms_per_token2": 0.0, "decode_ms_per_seq": 0.0,
+                                   "decode_ms_per_context_token": 0.0, "kv_bytes_per_token": 1,
+                                   "link_bytes_per_s": 1e9}))  # fmt: skip
+
+    def config(role: str) -> EngineConfig:
+        kv = KVConnectorSpec(module_path="kv_transfer.sim_connector", class_name="SimulatedKV", role=role)
+        return EngineConfig(kind="simulated", model=make_tiny_model("llama"), num_kv_blocks=64, block_size=16,
+                            simulated_profile=str(profile), kv_connector=kv)  # fmt: skip
+
+    producer = SimulatedEngine(config("kv_producer"), on_cache_events=None)  # never prefills: the KV never comes
+    reporting = InProcessIndex()
+    host = HostedEngine(config("kv_consumer"), "decode", "d1", reporting, heartbeat_s=0.1)
+    ids = list(range(2, 302))
+    hashes = [digest.hex() for digest in hash_chain(producer.model_id, ids, 16)]
+    senders = [SenderInfo.from_dict(rank) for rank in producer.kv_connector_handshake()]
+    handle = transfer_handle(senders, 16, "t-never", hashes, len(ids))
+
+    async def await_kv_and_watch() -> tuple[int, int]:
+        consume = {"pdserve": "consume", "handle": handle, "block_hashes": hashes}
+        request = GenerateRequest(uuid.uuid4().hex, ids, SamplingOptions(max_tokens=1), consume)
+        stream = asyncio.ensure_future(_drain(host.stream(request)))
+        async with asyncio.timeout(10):
+            while host.engine.stats().awaiting_kv == 0:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)  # beats after it was admitted
+        stream.cancel()
+        return host.engine.stats().awaiting_kv, queued(reporting.index)
+
+    try:
+        awaiting, queued_tokens = asyncio.run(await_kv_and_watch())
+        assert (awaiting, queued_tokens) == (1, 0)
+    finally:
+        host.close()
+        producer.shutdown()

@@ -144,10 +144,31 @@ def test_a_decode_worker_holding_most_of_the_prompt_prefills_the_rest_itself():
     assert placement.outcome == "local_prefill" and placement.decode_cached_tokens == 60 * BLOCK
 
 
-def test_a_saturated_prefill_pool_sends_prefills_to_the_decode_worker():
+def test_a_backlogged_prefill_pool_sends_prefills_to_an_idle_decode_worker():
     cluster = Cluster(prefill_queue_limit_tokens=1000).worker("p0", "prefill", queued_prefill_tokens=5000)
     cluster.worker("p1", "prefill", queued_prefill_tokens=1200).worker("d0", "decode")
     assert cluster.place().reason == "prefill_saturated"
+
+
+def test_a_prefill_pool_under_its_queue_limit_keeps_its_prompts():
+    cluster = Cluster(prefill_queue_limit_tokens=1000).worker("p0", "prefill", queued_prefill_tokens=5000)
+    cluster.worker("p1", "prefill", queued_prefill_tokens=900).worker("d0", "decode")
+    assert cluster.place().outcome == "disaggregated"
+
+
+def test_a_decode_worker_with_its_own_prompts_queued_leaves_a_backlogged_prefill_pool_the_prompt():
+    cluster = Cluster(prefill_queue_limit_tokens=1000).worker("p0", "prefill", queued_prefill_tokens=1200)
+    cluster.worker("d0", "decode", queued_prefill_tokens=300)  # 300 + 1,024 to compute: later than 1,200 + 1,024
+    assert cluster.place().outcome == "local_prefill"
+    cluster.worker("d0", "decode", queued_prefill_tokens=2000)
+    assert cluster.place().outcome == "disaggregated"
+
+
+def test_prompts_placed_on_a_decode_worker_count_in_its_queue_before_its_heartbeat():
+    cluster = Cluster(prefill_queue_limit_tokens=1000).worker("p0", "prefill", queued_prefill_tokens=1500)
+    cluster.worker("d0", "decode")
+    cluster.index.reserve([Claim("earlier", "d0", 2000)], ttl_s=30)
+    assert cluster.place().outcome == "disaggregated"
 
 
 def test_no_prefill_worker_means_local_prefill():

@@ -10,8 +10,9 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import psutil
 import pytest
-from faults import engine_workers, kill_replica, live_workers, replica_pid, wait_for_replacement
+from faults import bound_cores, engine_workers, kill_replica, live_workers, replica_pid, wait_for_replacement
 from service_client import prompt, sse_data
 from short_prompts import ask_every_short_prompt, defaults_config, replica_ids
 
@@ -125,3 +126,30 @@ def test_with_engines_on_every_core_prefill_stays_with_the_serving_processes_and
             threads = os.listdir(f"/proc/{worker}/task")
             expected = replica_niceness if role == "prefill" else 0
             assert {os.getpriority(os.PRIO_PROCESS, int(tid)) for tid in threads} == {expected}, role
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) > 2, reason="the layout reserves no core only on a 2-core node")
+@pytest.mark.skipif(not can_lower_niceness(), reason="without CAP_SYS_NICE no engine is ever lowered")
+def test_the_decode_engine_core_sits_on_its_ranks_core_and_the_prefill_one_stays_free(client, service):
+    """The decode ranks run ahead of the serving processes: their engine core, at the replica's niceness, waited
+    behind them on the other core (one stream stalled 50-800 ms), so it runs on the ranks' core. The prefill ranks
+    run at the replica's niceness, where the pin cost 15-25 % a step: its engine core keeps the replica's cores."""
+    for role, deployment in (("prefill", "PrefillWorker"), ("decode", "DecodeWorker")):
+        (replica,) = live_workers(client, role)
+        ranks = engine_workers(service, deployment, replica)
+        rank_cores = set().union(*(bound_cores(rank) for rank in ranks))
+        engine_core = psutil.Process(ranks[0]).ppid()
+        expected = rank_cores if role == "decode" else bound_cores(replica_pid(service, deployment, replica))
+        assert rank_cores != bound_cores(replica_pid(service, deployment, replica)), role  # a narrower bind
+        assert _thread_cores(engine_core) == {frozenset(expected)}, role
+
+
+def _thread_cores(pid: int) -> set[frozenset[int]]:
+    """The core sets the process's threads may run on (a thread that ended meanwhile left out)."""
+    seen = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            seen.add(frozenset(bound_cores(pid, int(tid))))
+        except FileNotFoundError:
+            continue
+    return seen
