@@ -8,8 +8,7 @@ backlogged (every prefill worker queues more than ``prefill_queue_limit_tokens``
 and the decode worker would get to the prompt sooner (its own queue and the
 prompt's tokens it lacks come to less than the chosen prefill worker's), as
 Dynamo's conditional disaggregation prefills locally past a prefill queue
-limit: idle decode compute takes a burst of long prompts while the prefill
-pool grows, and a decode worker busy prefilling stops taking more.
+limit; a decode worker with prompts of its own queued stops taking more.
 
 ``prefix_aware`` scores every candidate by the work it would do for this
 request, in prompt-token units, and takes the cheapest:
@@ -279,15 +278,12 @@ class Placer:
         return Placement(None, decode.worker.worker_id, 0, decode.cached_tokens, "local_prefill", reason)
 
     def _backlogged(self, prompt_tokens: int, prefill: Candidate, decode: Candidate, pool: Sequence[Candidate]) -> bool:
-        """Every prefill worker queues past the limit, and the decode worker would get to the prompt sooner."""
-        limit = self._config.prefill_queue_limit_tokens
-        return all(_queued_prefill(c) > limit for c in pool) and _local_is_sooner(prompt_tokens, prefill, decode)
-
-
-def _local_is_sooner(prompt_tokens: int, prefill: Candidate, decode: Candidate) -> bool:
-    """The decode worker would start this prompt before the prefill worker: its queue, in prompt tokens."""
-    local = _queued_prefill(decode) + prompt_tokens - decode.cached_tokens
-    return local < _queued_prefill(prefill) + prompt_tokens - prefill.cached_tokens
+        """Every prefill worker queues past the limit, and the decode worker would get to the prompt sooner
+        (its queue and the prompt's tokens it lacks, against the chosen prefill worker's)."""
+        if any(_queued_prefill(c) <= self._config.prefill_queue_limit_tokens for c in pool):
+            return False
+        local = _queued_prefill(decode) + prompt_tokens - decode.cached_tokens
+        return local < _queued_prefill(prefill) + prompt_tokens - prefill.cached_tokens
 
 
 def _in_flight_bounded(candidates: list[Candidate], bound: float, floor: int) -> list[Candidate]:

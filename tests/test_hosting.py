@@ -29,6 +29,16 @@ class InProcessIndex:
         return IndexReporter(WorkerInfo(worker_id, role, 1, block_size), 30.0, self.index)
 
 
+def profile_file(tmp_path, prefill_ms_per_token: float = 0.0) -> str:
+    """A simulated hardware profile: steps of a millisecond plus the prompt's tokens at the given cost."""
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps({"name": "hosting-test", "source": "tests", "base_ms": 1.0,
+                                "prefill_ms_per_token": prefill_ms_per_token, "prefill_ms_per_token2": 0.0,
+                                "decode_ms_per_seq": 0.0, "decode_ms_per_context_token": 0.0,
+                                "kv_bytes_per_token": 1, "link_bytes_per_s": 1e9}))  # fmt: skip
+    return str(path)
+
+
 def queued(index: MemoryPrefixIndex) -> int:
     (worker,) = index.live_workers()
     return worker.load.queued_prefill_tokens
@@ -36,13 +46,9 @@ def queued(index: MemoryPrefixIndex) -> int:
 
 def test_a_worker_beats_as_soon_as_a_prompt_is_done_not_a_beat_later(make_tiny_model, tmp_path):
     """Routers read the queue from the last beat: a finished prompt must not look queued until the next one."""
-    profile = tmp_path / "profile.json"  # a 300-token prompt takes 2.5 s: a regular beat sees it queued
-    profile.write_text(json.dumps({"name": "slow-prompts", "source": "tests", "base_ms": 1.0,
-                                   "prefill_ms_per_token": 2500 / 300, "prefill_ms_per_token2": 0.0,
-                                   "decode_ms_per_seq": 0.0, "decode_ms_per_context_token": 0.0,
-                                   "kv_bytes_per_token": 1, "link_bytes_per_s": 1e9}))  # fmt: skip
+    profile = profile_file(tmp_path, 2500 / 300)  # a 300-token prompt takes 2.5 s: a regular beat sees it queued
     config = EngineConfig(kind="simulated", model=make_tiny_model("llama"), num_kv_blocks=64,
-                          simulated_profile=str(profile))  # fmt: skip
+                          simulated_profile=profile)  # fmt: skip
     reporting = InProcessIndex()
     host = HostedEngine(config, "prefill", "w1", reporting, heartbeat_s=BEAT_S)
     seen = []  # the queue the index holds, sampled while the prompt runs
@@ -77,16 +83,12 @@ def test_a_decode_waiting_for_a_prefill_workers_kv_is_not_in_its_own_prefill_que
     """The router sends a prompt to the decode worker when it would get to it before the prefill pool; a
     decode that only waits for a prefill worker's KV computes none of its prompt there, so it is left out."""
     monkeypatch.setenv(TOKEN_ENV, "hosting-secret")
-    profile = tmp_path / "profile.json"
-    profile.write_text(json.dumps({"name": "quick", "source": "tests", "base_ms": 1.0, "prefill_ms_per_token": 0.0,
-                                   "prefill_ms_per_token2": 0.0, "decode_ms_per_seq": 0.0,
-                                   "decode_ms_per_context_token": 0.0, "kv_bytes_per_token": 1,
-                                   "link_bytes_per_s": 1e9}))  # fmt: skip
+    profile = profile_file(tmp_path)
 
     def config(role: str) -> EngineConfig:
         kv = KVConnectorSpec(module_path="kv_transfer.sim_connector", class_name="SimulatedKV", role=role)
         return EngineConfig(kind="simulated", model=make_tiny_model("llama"), num_kv_blocks=64, block_size=16,
-                            simulated_profile=str(profile), kv_connector=kv)  # fmt: skip
+                            simulated_profile=profile, kv_connector=kv)  # fmt: skip
 
     producer = SimulatedEngine(config("kv_producer"), on_cache_events=None)  # never prefills: the KV never comes
     reporting = InProcessIndex()

@@ -139,8 +139,9 @@ def test_the_decode_engine_core_sits_on_its_ranks_core_and_the_prefill_one_stays
         ranks = engine_workers(service, deployment, replica)
         rank_cores = set().union(*(bound_cores(rank) for rank in ranks))
         engine_core = psutil.Process(ranks[0]).ppid()
-        expected = rank_cores if role == "decode" else bound_cores(replica_pid(service, deployment, replica))
-        assert rank_cores != bound_cores(replica_pid(service, deployment, replica)), role  # a narrower bind
+        replica_cores = bound_cores(replica_pid(service, deployment, replica))
+        assert rank_cores != replica_cores, role  # the ranks are bound narrower than their replica
+        expected = rank_cores if role == "decode" else replica_cores
         assert _thread_cores(engine_core) == {frozenset(expected)}, role
 
 
