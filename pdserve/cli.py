@@ -208,6 +208,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_json_dir_flag(vllm_bench, "vllm_compare.json")
     vllm_bench.set_defaults(run=_bench_vllm)
+    layers_bench = suites.add_parser(
+        "layers", help="one lone request's time to first token, layer by layer, beside raw vLLM's (~5 min a round)"
+    )
+    _add_config_flags(layers_bench)
+    layers_bench.add_argument("--port", type=int, default=8000, help="HTTP port each server takes in turn")
+    layers_bench.add_argument("--requests", type=int, default=60, help="timed lone requests per layer (≥ 10)")
+    layers_bench.add_argument("--rounds", type=int, default=2, help="times the servers run in turn; medians")
+    _add_json_dir_flag(layers_bench, "request_layers.json")
+    layers_bench.set_defaults(run=_bench_layers)
     autoscale_bench = suites.add_parser(
         "autoscale", help="a step load: fixed pools sized for the peak vs Serve's default policy vs pdserve's"
     )
@@ -622,6 +631,18 @@ def _bench_vllm(args: argparse.Namespace) -> int:
             met = value is not None and (value >= bound if kind == "min" else value <= bound)
             print(f"{key + suffix:42s} {value!s:>8}  target {'≥' if kind == 'min' else '≤'} {bound}  "
                   f"{'met' if met else 'MISSED'}")  # fmt: skip
+    return 0
+
+
+def _bench_layers(args: argparse.Namespace) -> int:
+    from bench.request_layers import run
+
+    if args.requests < 10 or args.rounds < 1:
+        raise ConfigError(f"--requests {args.requests} --rounds {args.rounds}: at least 10 requests and 1 round")
+    result = run(Path(_bench_config(args).engine.model), args.json, args.port, args.requests, args.rounds)
+    for key in ("vllm_http_ms", "router_http_ms", "router_ms", "decode_handle_ms", "serve_hop_ms",
+                "engine_alone_ms", "replica_ms"):  # fmt: skip
+        print(f"{key:18s} {result[key]:8.2f}")
     return 0
 
 

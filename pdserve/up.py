@@ -82,7 +82,7 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
         if service.coordination is not None:  # an app-level policy: Serve takes one only from a Serve config
             _deploy_config(config, ready_timeout_s)
         else:
-            _deploy(build_app(config), service.app_name, ready_timeout_s)
+            deploy(build_app(config), service.app_name, ready_timeout_s)
         pools = ["decode"] + (["prefill"] if service.mode == "disaggregated" and service.prefill.present else [])
         _wait_healthy(running.http_url, pools, ready_timeout_s)
         if "prefill" in pools:
@@ -134,12 +134,12 @@ def cpus_needed(service: ServiceConfig) -> float:
     return math.ceil(total)
 
 
-def _deploy(app, name: str, timeout_s: float) -> None:
+def deploy(app, name: str, timeout_s: float, route_prefix: str | None = "/") -> None:
     """``serve.run`` without its unbounded wait for the app to run (a replica that cannot be placed would
     wait forever), then the wait here, under a deadline. Serve's own non-waiting form (no public API yet)."""
     from ray.serve.api import _run
 
-    _run(app, name=name, route_prefix="/", _blocking=False)
+    _run(app, name=name, route_prefix=route_prefix, _blocking=False)
     _wait_running(name, timeout_s)
 
 

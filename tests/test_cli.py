@@ -80,6 +80,11 @@ def test_autoscale_refuses_a_rate_of_zero():
     assert result.returncode == 2 and "must be positive" in result.stderr
 
 
+def test_the_layers_benchmark_refuses_too_few_requests_to_take_a_median_of():
+    result = run("bench", "layers", "--requests", "3")
+    assert result.returncode == 2 and "--requests 3 --rounds 2: at least 10 requests and 1 round" in result.stderr
+
+
 def test_placement_refuses_a_pool_of_no_workers():
     result = run("bench", "placement", "--decode-workers", "0")
     assert result.returncode == 2 and "--prefill-workers and --decode-workers must be at least 1" in result.stderr
