@@ -21,7 +21,7 @@ from pathlib import Path
 
 import psutil
 
-from bench.vllm_compare import WORKLOADS, _client, _pdserve_up, _Server
+from bench.vllm_compare import WORKLOADS, Server, _client, pdserve_up
 from engine.process_priority import can_lower_niceness, prioritize
 
 _KEYS = ("output_throughput", "median_itl_ms", "median_tpot_ms", "median_ttft_ms")
@@ -42,7 +42,7 @@ def rank_workers(server_pid: int) -> set[int]:
 def run(model_dir: Path, workload: str, seeds: int, port: int = 8000) -> dict:
     flags = WORKLOADS[workload]
     runs: dict[int, list[dict]] = {15: [], 0: []}
-    server = _Server(_pdserve_up(model_dir, port, "colocated"), {}, f"http://127.0.0.1:{port}", {"decode": 1})
+    server = Server(pdserve_up(model_dir, port, "colocated"), {}, f"http://127.0.0.1:{port}", {"decode": 1})
     with server as url:
         workers = rank_workers(server.pid)
         if not workers:

@@ -29,28 +29,26 @@ import time
 from pathlib import Path
 
 from bench.engine_process import call_in_fresh_process
-from bench.vllm_compare import _claimed_cores, _pdserve_up, _Server
+from bench.vllm_compare import Server, claimed_cores, pdserve_up, vllm_server
+from engine.types import DecodeJob, GenerateRequest, SamplingOptions
 
 PROMPT_IDS = [1, 2015]  # BOS and one token: nothing for the engine to compute but a step
 CALL_TIMEOUT_S = 30.0  # one lone request, whichever layer: far more than it takes
 
 
-def run(model_dir: Path, json_dir: Path | None, port: int = 8000, requests: int = 60, rounds: int = 2) -> dict:
-    if requests < 10 or rounds < 1:
-        raise ValueError(f"requests {requests}, rounds {rounds}: at least 10 requests and 1 round")
-    name = model_dir.name
-    vllm_server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                   "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+def run(
+    model_dir: Path, json_dir: Path | None, port: int = 8000, requests: int = 60, rounds: int = 2, kv_cache_gib: int = 1
+) -> dict:
+    name, url = model_dir.name, f"http://127.0.0.1:{port}"
     per_round = []
     with tempfile.TemporaryDirectory(prefix="pdserve-bench-layers-") as rpc_dir:
         for _ in range(rounds):
             figures = {}
-            with _Server(vllm_server, {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_RPC_BASE_PATH": rpc_dir}, url, {}):
-                figures["vllm_http_ms"] = _median_ms(lambda: _http_first_token(port, name), requests)
-            with _Server(_pdserve_up(model_dir, port, "colocated"), {}, url, {"decode": 1}):
-                cores = next(c for worker, c in _claimed_cores().items() if worker.startswith("DecodeWorker"))
-                figures["router_http_ms"] = _median_ms(lambda: _http_first_token(port, name), requests)
+            with Server(*vllm_server(model_dir, port, kv_cache_gib, rpc_dir), url, {}):
+                figures["vllm_http_ms"] = asyncio.run(_median_ms(lambda: _over_http(port, name), requests))
+            with Server(pdserve_up(model_dir, port, "colocated"), {}, url, {"decode": 1}):
+                cores = next(c for worker, c in claimed_cores().items() if worker.startswith("DecodeWorker"))
+                figures["router_http_ms"] = asyncio.run(_median_ms(lambda: _over_http(port, name), requests))
                 figures.update(call_in_fresh_process(_on_the_cluster, requests))  # a driver of this round's cluster
             figures["engine_alone_ms"] = call_in_fresh_process(_engine_alone, str(model_dir), cores, requests)
             figures["replica_ms"] = figures["decode_handle_ms"] - figures["serve_hop_ms"] - figures["engine_alone_ms"]
@@ -67,16 +65,35 @@ def run(model_dir: Path, json_dir: Path | None, port: int = 8000, requests: int 
     return result
 
 
-def _median_ms(one_request, requests: int) -> float:
-    """The median over ``requests`` lone requests, after a tenth of them as warm-up."""
+async def _median_ms(time_one, requests: int) -> float:
+    """The median of ``requests`` timings by ``time_one`` (a coroutine function, ms), after a tenth as many
+    as warm-up."""
     for _ in range(requests // 10):
-        one_request()
-    return statistics.median(one_request() for _ in range(requests))
+        await time_one()
+    return statistics.median([await time_one() for _ in range(requests)])
+
+
+async def _first_item_ms(open_stream) -> float:
+    """Milliseconds to the first item of the stream ``open_stream()`` opens; read to its end, under a deadline."""
+    started, first = time.perf_counter(), None
+    async with asyncio.timeout(CALL_TIMEOUT_S):
+        async for _ in open_stream():
+            if first is None:
+                first = (time.perf_counter() - started) * 1000
+    return first
+
+
+def _request() -> GenerateRequest:
+    return GenerateRequest(f"bench-layers-{time.monotonic_ns()}", PROMPT_IDS, SamplingOptions(max_tokens=1))
+
+
+async def _over_http(port: int, model: str) -> float:
+    return await asyncio.to_thread(_http_first_token, port, model)
 
 
 def _http_first_token(port: int, model: str) -> float:
     body = {"model": model, "prompt": PROMPT_IDS, "max_tokens": 1, "temperature": 0, "stream": True}
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=CALL_TIMEOUT_S)
     try:
         started = time.perf_counter()
         connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -113,56 +130,26 @@ def _on_the_cluster(requests: int) -> dict[str, float]:
         decode = serve.get_deployment_handle("DecodeWorker", "pdserve").options(stream=True)
         deploy(Echo.bind(), "pdserve-bench-echo", 120, route_prefix=None)  # it goes with the service
         echo = serve.get_app_handle("pdserve-bench-echo").options(stream=True)
-        return asyncio.run(_time_handles(decode, echo, requests))
+
+        async def timed() -> dict[str, float]:
+            return {
+                "decode_handle_ms": await _median_ms(
+                    lambda: _first_item_ms(lambda: decode.generate.remote(DecodeJob(_request()))), requests
+                ),
+                "serve_hop_ms": await _median_ms(lambda: _first_item_ms(lambda: echo.generate.remote(1)), requests),
+            }
+
+        return asyncio.run(timed())
     finally:
         ray.shutdown()
-
-
-async def _time_handles(decode, echo, requests: int) -> dict[str, float]:
-    from engine.types import DecodeJob, GenerateRequest, SamplingOptions
-
-    async def first_item_ms(call) -> float:
-        started, first = time.perf_counter(), None
-        async with asyncio.timeout(CALL_TIMEOUT_S):
-            async for _ in call():
-                if first is None:
-                    first = (time.perf_counter() - started) * 1000
-        return first
-
-    def decode_call():
-        request = GenerateRequest(f"bench-layers-{time.monotonic_ns()}", PROMPT_IDS, SamplingOptions(max_tokens=1))
-        return decode.generate.remote(DecodeJob(request))
-
-    figures = {}
-    for key, call in (("decode_handle_ms", decode_call), ("serve_hop_ms", lambda: echo.generate.remote(1))):
-        for _ in range(requests // 10):
-            await first_item_ms(call)
-        figures[key] = statistics.median([await first_item_ms(call) for _ in range(requests)])
-    return figures
 
 
 def _engine_alone(model: str, cores: list[int], requests: int) -> float:
     from engine.config import EngineConfig
     from engine.engine import Engine
-    from engine.types import GenerateRequest, SamplingOptions
 
     engine = Engine(EngineConfig(model=model, cpu_cores=",".join(map(str, cores))))  # one rank, as the service's
-
-    async def first_token_ms(i: int) -> float:
-        request = GenerateRequest(f"alone-{i}", PROMPT_IDS, SamplingOptions(max_tokens=1))
-        started, first = time.perf_counter(), None
-        async with asyncio.timeout(CALL_TIMEOUT_S):
-            async for _ in engine.generate(request):
-                if first is None:
-                    first = (time.perf_counter() - started) * 1000
-        return first
-
-    async def timed() -> float:
-        for i in range(requests // 10):
-            await first_token_ms(-1 - i)
-        return statistics.median([await first_token_ms(i) for i in range(requests)])
-
     try:
-        return asyncio.run(timed())
+        return asyncio.run(_median_ms(lambda: _first_item_ms(lambda: engine.generate(_request())), requests))
     finally:
         engine.shutdown()

@@ -54,14 +54,11 @@ def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: 
     if rounds < 1:
         raise ValueError(f"rounds: {rounds}; at least 1")
     name = model_dir.name
-    vllm_server = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                   "--served-model-name", name, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     rpc_dir = tempfile.TemporaryDirectory(prefix="pdserve-bench-vllm-")  # vLLM's ipc sockets, removed after
-    vllm_env = {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_RPC_BASE_PATH": rpc_dir.name}
     servers = {  # the command, its env, and the pools /health must report live before the load starts
-        "vllm": (vllm_server, vllm_env, {}),
-        "colocated": (_pdserve_up(model_dir, port, "colocated"), {}, {"decode": 1}),
-        "disagg": (_pdserve_up(model_dir, port, "disaggregated"), {}, {"prefill": 1, "decode": 1}),
+        "vllm": (*vllm_server(model_dir, port, kv_cache_gib, rpc_dir.name), {}),
+        "colocated": (pdserve_up(model_dir, port, "colocated"), {}, {"decode": 1}),
+        "disagg": (pdserve_up(model_dir, port, "disaggregated"), {}, {"prefill": 1, "decode": 1}),
     }
     per_round: list[dict[str, dict[str, dict[str, float]]]] = []  # round → server → workload → figures
     round_cores: list[dict[str, dict[str, list[int]]]] = []  # round → pdserve server → worker → cores
@@ -70,9 +67,9 @@ def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: 
             per_round.append({})
             round_cores.append({})
             for server, (command, env, pools) in servers.items():
-                with _Server(command, env, f"http://127.0.0.1:{port}", pools) as url:
+                with Server(command, env, f"http://127.0.0.1:{port}", pools) as url:
                     if pools:
-                        round_cores[-1][server] = _claimed_cores()
+                        round_cores[-1][server] = claimed_cores()
                     per_round[-1][server] = {w: _client(url, name, model_dir, f) for w, f in WORKLOADS.items()}
     figures = {server: {w: _medians([one[server][w] for one in per_round]) for w in WORKLOADS} for server in servers}
     result = {
@@ -99,7 +96,7 @@ def ratios(figures: dict) -> dict[str, float]:
     return out
 
 
-def _claimed_cores() -> dict[str, list[int]]:
+def claimed_cores() -> dict[str, list[int]]:
     """The cores each engine on this node claimed, by the Serve deployment of the replica that claimed them
     (its process title, ``ray::ServeReplica:<app>:<deployment>``) and its pid."""
     import psutil
@@ -121,7 +118,14 @@ def _medians(runs: list[dict[str, float]]) -> dict[str, float]:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
-def _pdserve_up(model_dir: Path, port: int, mode: str) -> list[str]:
+def vllm_server(model_dir: Path, port: int, kv_cache_gib: int, rpc_dir: str) -> tuple[list[str], dict[str, str]]:
+    """Raw vLLM's OpenAI server on its defaults: its command and env (``kv_cache_gib`` of KV, as pdserve's)."""
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
+               "--served-model-name", model_dir.name, "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
+    return command, {"VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "VLLM_RPC_BASE_PATH": rpc_dir}
+
+
+def pdserve_up(model_dir: Path, port: int, mode: str) -> list[str]:
     return [sys.executable, "-m", "pdserve.cli", "up", "--model", str(model_dir), "--mode", mode,
             "--http-port", str(port)]  # fmt: skip
 
@@ -137,7 +141,7 @@ def _client(url: str, name: str, model_dir: Path, flags: list[str]) -> dict[str,
     return {key: data[key] for key in keys}
 
 
-class _Server:
+class Server:
     """A server process in its own session, ready once ``/health`` answers 200 with every pool in ``pools``
     live (pdserve's router answers before its workers are up); stopped with SIGINT, then SIGKILL."""
 

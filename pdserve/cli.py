@@ -201,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
     vllm_bench = suites.add_parser(
         "vllm", help="raw vLLM's server vs pdserve up (colocated, disaggregated), one outside client (~7 min a round)"
     )
-    _add_config_flags(vllm_bench)
+    _add_model_flag(vllm_bench)
     vllm_bench.add_argument("--port", type=int, default=8000, help="HTTP port each server takes in turn")
     vllm_bench.add_argument(
         "--rounds", type=int, default=3, help="times the three servers run in turn; figures are their medians"
@@ -211,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     layers_bench = suites.add_parser(
         "layers", help="one lone request's time to first token, layer by layer, beside raw vLLM's (~5 min a round)"
     )
-    _add_config_flags(layers_bench)
+    _add_model_flag(layers_bench)
     layers_bench.add_argument("--port", type=int, default=8000, help="HTTP port each server takes in turn")
     layers_bench.add_argument("--requests", type=int, default=60, help="timed lone requests per layer (≥ 10)")
     layers_bench.add_argument("--rounds", type=int, default=2, help="times the servers run in turn; medians")
@@ -272,11 +272,15 @@ def _add_json_dir_flag(parser: argparse.ArgumentParser, name: str) -> None:
     )  # fmt: skip
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config file")
+def _add_model_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model", help="Hugging Face model directory or repo id (org/name); default: a tiny model made on each node"
     )
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML config file")
+    _add_model_flag(parser)
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"))
     parser.add_argument("--block-size", type=int)
     parser.add_argument("--max-model-len", type=int)
@@ -296,7 +300,12 @@ def _config(args: argparse.Namespace, flags: dict | None = None) -> PdserveConfi
         "engine.cpu_cores": args.cpu_cores,
     }
     overrides.update(parse_assignment(item) for item in args.set)
-    config = load_config(args.config, os.environ, overrides)
+    return _load_config(args.config, overrides)
+
+
+def _load_config(path: Path | None, overrides: dict) -> PdserveConfig:
+    """The config from file, env and ``overrides``; this command's logging set from it."""
+    config = load_config(path, os.environ, overrides)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     if config.log_level != "DEBUG":  # libraries' deprecation notices are for their developers, not ours
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -562,6 +571,14 @@ def _bench_config(args: argparse.Namespace) -> PdserveConfig:
     return resolve_model(_config(args), preset="bench")
 
 
+def _defaults_with_model(args: argparse.Namespace) -> PdserveConfig:
+    """pdserve's defaults with ``--model`` (the bench model when absent): for the benchmarks against raw vLLM,
+    whose `pdserve up` runs on its defaults and takes no other setting."""
+    from pdserve.models import resolve_model
+
+    return resolve_model(_load_config(None, {"engine.model": args.model}), preset="bench")
+
+
 def _bench_serve(args: argparse.Namespace) -> int:
     from bench.serve_bench import run_serve
 
@@ -623,7 +640,7 @@ def _bench_soak(args: argparse.Namespace) -> int:
 def _bench_vllm(args: argparse.Namespace) -> int:
     from bench.vllm_compare import TARGETS, run
 
-    config = _bench_config(args)
+    config = _defaults_with_model(args)
     result = run(Path(config.engine.model), args.json, args.port, config.engine.kv_cache_gib, args.rounds)
     for key, (bound, kind) in TARGETS.items():
         for suffix in ("", "_prefix"):
@@ -639,7 +656,8 @@ def _bench_layers(args: argparse.Namespace) -> int:
 
     if args.requests < 10 or args.rounds < 1:
         raise ConfigError(f"--requests {args.requests} --rounds {args.rounds}: at least 10 requests and 1 round")
-    result = run(Path(_bench_config(args).engine.model), args.json, args.port, args.requests, args.rounds)
+    engine = _defaults_with_model(args).engine
+    result = run(Path(engine.model), args.json, args.port, args.requests, args.rounds, engine.kv_cache_gib)
     for key in ("vllm_http_ms", "router_http_ms", "router_ms", "decode_handle_ms", "serve_hop_ms",
                 "engine_alone_ms", "replica_ms"):  # fmt: skip
         print(f"{key:18s} {result[key]:8.2f}")

@@ -85,6 +85,12 @@ def test_the_layers_benchmark_refuses_too_few_requests_to_take_a_median_of():
     assert result.returncode == 2 and "--requests 3 --rounds 2: at least 10 requests and 1 round" in result.stderr
 
 
+@pytest.mark.parametrize("suite", ["vllm", "layers"])
+def test_the_benchmarks_against_raw_vllm_refuse_an_engine_setting_their_pdserve_up_would_not_get(suite):
+    result = run("bench", suite, "--dtype", "float32")
+    assert result.returncode == 2 and "unrecognized arguments: --dtype float32" in result.stderr
+
+
 def test_placement_refuses_a_pool_of_no_workers():
     result = run("bench", "placement", "--decode-workers", "0")
     assert result.returncode == 2 and "--prefill-workers and --decode-workers must be at least 1" in result.stderr
