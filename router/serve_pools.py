@@ -6,7 +6,7 @@ from a failed request.
 
 The calls go to the replicas by value, over Serve's inter-deployment gRPC, not as
 Ray actor calls whose every streamed item is an object in Ray's store: a token
-through the decode replica and the router then costs ~2 ms of CPU instead of
+through the decode replica and the router then costs ~2.2 ms of CPU instead of
 ~3.6 (Ray 2.60; measured with the ``bench vllm`` random workload, disaggregated,
 on 2 cores, where that CPU is taken from the prefill engine's core). Serve turns
 this on with ``RAY_SERVE_USE_GRPC_BY_DEFAULT`` for a whole process; here it is
