@@ -16,11 +16,12 @@ and a decode engine in two processes, a 2,048-token prompt; the time from the
 end of the prefill to the decode side's first token, divided by the prefill
 time. Two ways, in the same run:
 
-- up front (what the service does): the decode side gets the handle before
-  the prompt runs and pulls each layer as the prefill saves it, so most of the
-  pull overlaps the prefill;
-- after the prefill: the decode side gets the handle when the prefill is done
-  and pulls everything then.
+- up front (what the service does for a prompt that starts at once): the decode
+  side gets the handle before the prompt runs and pulls each layer as the
+  prefill saves it, so most of the pull overlaps the prefill;
+- after the prefill (what it does for a prompt queued behind a step's worth of
+  others): the decode side gets the handle when the prefill is done and pulls
+  everything then.
 
 For scale, the same first step with all the KV already local is reported beside them.
 

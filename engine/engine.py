@@ -258,6 +258,7 @@ class Engine:
         vllm_config = self._llm.vllm_config
         self.block_size = vllm_config.cache_config.block_size
         self.max_model_len = vllm_config.model_config.max_model_len
+        self.step_token_budget = vllm_config.scheduler_config.max_num_batched_tokens
         self.vocab_size = vllm_config.model_config.get_vocab_size()
         self._kv_blocks_total = (vllm_config.cache_config.num_gpu_blocks or 1) - 1  # less vLLM's null block
         self._tokenizer = self._llm.get_tokenizer()

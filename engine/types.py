@@ -198,7 +198,8 @@ class PrefillJob:
 
 @dataclass(frozen=True)
 class PrefillResult:
-    """A prefill's answer: first the handle, up front (``finished`` false), then the outcome."""
+    """A prefill's answer: the handle up front (``finished`` false) where the prompt starts at once, then the
+    outcome (with the handle where none came up front)."""
 
     handle: str | None  # the transfer handle (hex); None: nothing is held, the decode worker prefills
     finished: bool = True

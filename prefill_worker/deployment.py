@@ -37,23 +37,34 @@ class PrefillWorker(HostedWorker):
         worker_id = serve.get_replica_context().replica_id.unique_id
         self._start(with_transfer_host(engine_config), "prefill", worker_id, settings)
         self._senders = [SenderInfo.from_dict(rank) for rank in self._host.engine.kv_connector_handshake()]
+        self._accepted_tokens = 0  # prompt tokens of the prefills accepted here that have not ended
 
     async def prefill(self, job: PrefillJob, worker_id: str | None = None) -> AsyncIterator[PrefillResult]:
-        """Yield the transfer handle at once (the decode worker pulls each layer as it is computed), then the end.
+        """Yield the transfer handle up front when the prompt starts at once, then the end; else only the end.
 
-        As SGLang's bootstrap: the decode side need not wait for the prefill to finish to start pulling.
+        Up front, as SGLang's bootstrap, the decode side pulls each layer as it is computed instead of
+        waiting for the prefill to finish. But the decode side holds the prompt's blocks from then until
+        its KV lands, so a prompt queued behind a step's worth of others (``step_token_budget``: it will
+        not start in the next step) gives its handle when it ends, as vLLM's disaggregated prefill does:
+        a prefill backlog then holds no decode KV, which the decode pool would otherwise scale up for and
+        which would keep it from admitting the prompts whose KV is ready.
         """
         params = {"pdserve": "produce", "transfer_id": job.transfer_id, "block_hashes": job.block_hashes}
         one_token = dict(max_tokens=1, min_tokens=0, stop=(), stop_token_ids=(), ignore_eos=True, logprobs=None,
                          structured=None, tool_use=None)  # fmt: skip
         sampling = replace(job.request.sampling, **one_token)  # the decode worker makes every output token
         request = replace(job.request, sampling=sampling, kv_transfer_params=params)
-        prompt = len(request.prompt_token_ids)
-        handle = transfer_handle(self._senders, self._host.engine.block_size, job.transfer_id, job.block_hashes, prompt)
-        yield PrefillResult(handle, finished=False)
+        prompt, engine = len(request.prompt_token_ids), self._host.engine
+        ahead, self._accepted_tokens = self._accepted_tokens, self._accepted_tokens + prompt  # no await between
         last = None
-        async for delta in self._host.stream(request):
-            last = delta
+        try:
+            if ahead < engine.step_token_budget:  # it starts in the next step
+                handle = transfer_handle(self._senders, engine.block_size, job.transfer_id, job.block_hashes, prompt)
+                yield PrefillResult(handle, finished=False)
+            async for delta in self._host.stream(request):
+                last = delta
+        finally:
+            self._accepted_tokens -= prompt
         if last is None:
             yield PrefillResult(None)
             return

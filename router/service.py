@@ -68,7 +68,8 @@ class ServiceFullError(RuntimeError):
 
 class WorkerPools(Protocol):
     def prefill(self, worker_id: str, job: PrefillJob) -> AsyncIterator[PrefillResult]:
-        """The handle up front (``finished`` false) where the worker can give it, then the outcome."""
+        """The handle up front (``finished`` false) where the prompt starts at once, then the outcome; else the
+        outcome alone, with the handle."""
 
     def decode(self, worker_id: str, job: DecodeJob) -> AsyncIterator[OutputDelta]:
         """The decode stream; closing it early cancels the request on the worker."""

@@ -103,6 +103,7 @@ class SimulatedEngine:
             self._pool, self.model_id, config.block_size, config.max_num_seqs,
             config.max_num_batched_tokens or DEFAULT_BATCHED_TOKENS, config.enable_chunked_prefill is not False,
         )  # fmt: skip
+        self.step_token_budget = self._scheduler.max_num_batched_tokens
         self._on_cache_events = on_cache_events
         self._kv = None
         if config.kv_connector is not None:  # by module path, as vLLM loads its connector: engine/ and
