@@ -55,7 +55,8 @@ class PrefillWorker(HostedWorker):
         sampling = replace(job.request.sampling, **one_token)  # the decode worker makes every output token
         request = replace(job.request, sampling=sampling, kv_transfer_params=params)
         prompt, engine = len(request.prompt_token_ids), self._host.engine
-        ahead, self._accepted_tokens = self._accepted_tokens, self._accepted_tokens + prompt  # no await between
+        ahead = self._accepted_tokens  # read and counted with no await between: concurrent calls see each other
+        self._accepted_tokens += prompt
         last = None
         try:
             if ahead < engine.step_token_budget:  # it starts in the next step
