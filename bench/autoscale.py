@@ -61,6 +61,7 @@ class StepTrace:
     max_decode_replicas: int = 2
     target_queued_prefill_tokens: float = 2048  # pdserve's prefill target per replica
     target_running_seqs: float = 8  # pdserve's decode target per replica
+    prefill_dispatch_limit_tokens: int | None = None  # the routers hold prompts past it (every service alike)
     slo_ttft_x: float = 4.0
     slo_tpot_x: float = 3.0
     sample_s: float = 0.5
@@ -96,15 +97,19 @@ def simulated_trace(seed: int = 0) -> StepTrace:
 
     Prompt-heavy phase: 2,048-token prompts take ~0.75 s of prefill each, so 3/s needs 3 prefill replicas
     at least. Decode-heavy phase: 2/s × 256 output tokens at ~92 ms a step keeps ~47 streams running, 6 or
-    more decode replicas at 6 running sequences each."""
+    more decode replicas at 6 running sequences each. The routers hold a prompt while every prefill worker
+    queues two prompts' worth (~1.5 s of work, more than a heartbeat's): a replica added in the burst takes
+    the prompts held, not only those arriving after it starts."""
     phases = (Phase(0.3, 45.0, 1024, 64), Phase(3.0, 75.0, 2048, 32), Phase(2.0, 75.0, 256, 256),
               Phase(0.3, 60.0, 1024, 64))  # fmt: skip
     return StepTrace(phases=phases, max_prefill_replicas=4, max_decode_replicas=8,
-                     target_queued_prefill_tokens=2048, target_running_seqs=6, seed=seed)  # fmt: skip
+                     target_queued_prefill_tokens=2048, target_running_seqs=6, prefill_dispatch_limit_tokens=4096,
+                     seed=seed)  # fmt: skip
 
 
 def settings(trace: StepTrace) -> dict[str, dict]:
-    """The three services, as config overrides: the same bounds and delays for both autoscalers."""
+    """The three services, as config overrides: the same bounds and delays for both autoscalers, the same
+    router for all three."""
     most = {"prefill": trace.max_prefill_replicas, "decode": trace.max_decode_replicas}
     timing = {"upscale_delay_s": 2, "downscale_delay_s": 15, "look_back_period_s": 4, "metrics_interval_s": 0.5}
     bounds = {pool: {"min_replicas": 1, "max_replicas": most[pool], **timing} for pool in POOLS}
@@ -116,7 +121,11 @@ def settings(trace: StepTrace) -> dict[str, dict]:
         "service.decode.autoscaling": {**bounds["decode"], "target_running_seqs": trace.target_running_seqs},
         "service.coordination": {"ratio_slack": 2.0},
     }  # fmt: skip
-    return {"fixed": fixed, "serve_default": serve_default, "pdserve": pdserve}
+    router = {}
+    if trace.prefill_dispatch_limit_tokens is not None:
+        router = {"router.placement.prefill_dispatch_limit_tokens": trace.prefill_dispatch_limit_tokens}
+    return {name: {**router, **pools} for name, pools in
+            {"fixed": fixed, "serve_default": serve_default, "pdserve": pdserve}.items()}  # fmt: skip
 
 
 @dataclass(frozen=True)

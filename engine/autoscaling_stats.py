@@ -7,6 +7,9 @@ QUEUED_PREFILL_TOKENS = "queued_prefill_tokens"
 RUNNING_SEQS = "running_seqs"  # running and waiting, less those waiting for a prefill worker's KV
 KV_USED_FRACTION = "kv_used_fraction"
 
+# Load the router holds back for the prefill pool (``router/prefill_queue.py``), reported by the Router deployment.
+HELD_PREFILL_TOKENS = "held_prefill_tokens"
+
 # Measured (``engine/throughput.py``): what the replica sustains while busy, what its requests look like.
 PREFILL_TOKENS_PER_S = "prefill_tokens_per_s"
 DECODE_TOKENS_PER_S = "decode_tokens_per_s"

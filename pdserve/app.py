@@ -80,7 +80,7 @@ def build_app(config: PdserveConfig) -> serve.Application:
     )  # fmt: skip
     router_pool = service.router
     router = Router.options(
-        **_scaling(router_pool),
+        **_router_scaling(service),
         ray_actor_options={"num_cpus": router_pool.num_cpus, "resources": router_pool.resources},
         max_ongoing_requests=router_pool.max_ongoing_requests,
         graceful_shutdown_timeout_s=router_pool.graceful_shutdown_timeout_s,
@@ -183,6 +183,17 @@ def _pool_options(pool: PoolConfig, layout: PoolLayout) -> dict[str, Any]:
         options["placement_group_bundles"] = [bundle]
         options["placement_group_strategy"] = "STRICT_PACK"
     return options
+
+
+def _router_scaling(service: ServiceConfig) -> dict[str, Any]:
+    """The router pool's scaling. Under a coordinated policy a fixed router pool is an autoscaled one held at its
+    size (min = max = its replicas), reporting as often as the prefill pool: Serve hands an application's policy
+    only its autoscaled deployments, and the policy reads the prompts the routers hold for the prefill pool."""
+    pool, prefill = service.router, service.prefill.autoscaling
+    if service.coordination is None or prefill is None or pool.autoscaling or pool.autoscaling_config:
+        return _scaling(pool)
+    timing = prefill.model_dump(include={"look_back_period_s", "metrics_interval_s"})
+    return {"autoscaling_config": {"min_replicas": pool.num_replicas, "max_replicas": pool.num_replicas, **timing}}
 
 
 def _scaling(pool: PoolConfig, role: str | None = None) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from engine.autoscaling_stats import (
     DECODE_TOKENS_PER_S,
+    HELD_PREFILL_TOKENS,
     KV_USED_FRACTION,
     OUTPUT_TOKENS_MEAN,
     PREFILL_TOKENS_PER_S,
@@ -46,15 +47,16 @@ def _load(ctx: Any, metric: str) -> float:
 
 
 class PrefillPolicy:
-    """Replicas for the prompt tokens queued: ``ceil(queued / target_queued_prefill_tokens)``."""
+    """Replicas for the prompt tokens queued: ``ceil(queued / target_queued_prefill_tokens)``, counting those the
+    routers hold for the pool (``held_tokens``) where the caller sees them (``CoordinatedPolicy``)."""
 
     def __init__(self, target_queued_prefill_tokens: float):
         self.target = target_queued_prefill_tokens
 
-    def __call__(self, ctx: Any) -> tuple[int, dict]:
+    def __call__(self, ctx: Any, held_tokens: float = 0.0) -> tuple[int, dict]:
         if ctx.current_num_replicas == 0:
             return ctx.target_num_replicas, {}
-        return math.ceil(_load(ctx, QUEUED_PREFILL_TOKENS) / self.target), {}
+        return math.ceil((_load(ctx, QUEUED_PREFILL_TOKENS) + held_tokens) / self.target), {}
 
 
 class DecodePolicy:
@@ -87,8 +89,10 @@ class CoordinatedPolicy:
     guards growth; at low load the rates, measured on small batches, say little): a burst of long
     prompts grows the prefill pool, a burst of long generations the decode pool, and growing one
     never starves the other. Until both pools have measured their rates, each pool's own policy
-    alone decides. Any other deployment (the router) scales on ongoing requests, as Serve's default
-    policy does. Serve's wrapper applies each pool's bounds and delays, and starts a pool at zero.
+    alone decides. The prompts the routers hold for the prefill pool (``router/prefill_queue.py``;
+    reported by the Router deployment) count as queued on it. Any other deployment (the router) scales on
+    ongoing requests, as Serve's default policy does. Serve's wrapper applies each pool's bounds and
+    delays, and starts a pool at zero.
     """
 
     def __init__(self, ratio_slack: float = 2.0):
@@ -97,11 +101,14 @@ class CoordinatedPolicy:
     def __call__(self, contexts: dict[Any, Any]) -> tuple[dict[Any, float], dict]:
         decisions: dict[Any, float] = {}
         pools: dict[str, Any] = {}
+        held = sum(_load(ctx, HELD_PREFILL_TOKENS) for ctx in contexts.values())
         for deployment, ctx in contexts.items():
             role, own = _pool_policy(ctx.config)
             if role is not None:
                 pools[role] = deployment
-            if own is not None:
+            if role == "prefill":
+                decisions[deployment] = own(ctx, held)[0]
+            elif own is not None:
                 decisions[deployment] = own(ctx)[0]
             else:
                 decisions[deployment] = ctx.total_num_requests / ctx.config.get_target_ongoing_requests()

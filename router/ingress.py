@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import SecretStr
 from ray import serve
 
+from engine.autoscaling_stats import HELD_PREFILL_TOKENS
 from engine.model_source import ModelSource, ensure_model
 from router import http_api
 from router.auth import ApiKeys
@@ -165,6 +166,10 @@ class Router:
         """Behind Serve's proxy, the proxy cancels this handler when the client goes; served here, nobody
         does, so this replica watches for it."""
         return await (_until_the_client_leaves(request, response) if self._http is not None else response)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The prompt tokens this replica holds for the prefill pool: load on that pool (``CoordinatedPolicy``)."""
+        return {HELD_PREFILL_TOKENS: float(self.service.prefill_queue.tokens)}
 
     def check_health(self) -> None:
         if self._http is not None and (why := self._http.failure()):

@@ -60,6 +60,15 @@ class RouterMetrics:
         self.waiting_for_worker = _Mirrored(
             Gauge, "router_requests_waiting_for_worker", "Requests waiting for a live decode worker.", r
         )
+        self.prefill_queue_requests = _Mirrored(
+            Gauge, "router_prefill_queue_requests", "Prompts the router holds until a prefill worker has room.", r
+        )
+        self.prefill_queue_tokens = _Mirrored(
+            Gauge, "router_prefill_queue_tokens", "Prompt tokens the router holds until a prefill worker has room.", r
+        )
+        self.prefill_hold_timeouts = _Mirrored(
+            Counter, "prefill_hold_timeouts", "Prompts held past prefill_hold_max_s, then placed over the limit.", r
+        )
         self._health = health
 
     def render(self, workers: list[WorkerInfo], transfers: dict[str, dict[str, dict]] | None = None) -> bytes:
@@ -108,6 +117,13 @@ class _Mirrored:
 
     def dec(self, value: float = 1.0) -> None:
         self.inc(-value)
+
+    def set(self, value: float) -> None:
+        """A gauge's value (no labels)."""
+        self._prom.set(value)
+        self._value = value
+        if self._ray is not None:
+            self._ray.set(value)
 
 
 class _Bound:

@@ -10,6 +10,17 @@ prompt's tokens it lacks come to less than the chosen prefill worker's), as
 Dynamo's conditional disaggregation prefills locally past a prefill queue
 limit; a decode worker with prompts of its own queued stops taking more.
 
+A prompt placed on a prefill worker stays there (vLLM cannot hand a queued
+request to another engine), so ``prefill_dispatch_limit_tokens`` lets the
+router hold a prompt instead while every prefill worker already queues that
+many tokens (``holds_for_prefill_room``; the queue itself is
+``router/prefill_queue.py``), and places a prompt only on a worker under it
+while one is. A worker's tokens here are the placements in flight on it, from
+every router, released as each prefill ends: current where a heartbeat lags
+by up to a beat, so a worker that has finished its queue is seen to have room
+at once. Those held count toward the backlog above, shared evenly over the
+pool, as the workers will queue them.
+
 ``prefix_aware`` scores every candidate by the work it would do for this
 request, in prompt-token units, and takes the cheapest:
 
@@ -68,6 +79,14 @@ class PlacementConfig(BaseModel):
         default=65536,
         ge=0,
         description="prefill pool backlogged (decode may prefill locally) when every worker queues more",
+    )
+    prefill_dispatch_limit_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="hold a prompt in the router while every prefill worker queues this many tokens; None: never",
+    )
+    prefill_hold_max_s: float = Field(
+        default=30.0, gt=0, description="a prompt held this long is placed anyway, over the dispatch limit"
     )
     prefill_queue_weight: float = Field(default=1.0, ge=0, description="cost of a queued prefill token")
     transfer_cost_per_token: float = Field(default=0.25, ge=0, description="cost of a token the decode worker lacks")
@@ -243,28 +262,58 @@ class Placer:
         live, cached_blocks = self._index.match(chain)
         return self.place_matched(len(token_ids), live, cached_blocks)
 
-    def place_matched(self, prompt_tokens: int, live: Sequence[WorkerInfo], cached_blocks: dict[str, int]) -> Placement:
-        candidates = {"prefill": [], "decode": []}
+    def place_matched(
+        self, prompt_tokens: int, live: Sequence[WorkerInfo], cached_blocks: dict[str, int], held_tokens: int = 0
+    ) -> Placement:
+        """``held_tokens``: prompt tokens the router holds for the prefill pool, ahead of this one."""
+        candidates = self._candidates(prompt_tokens, live, cached_blocks)
+        if not candidates["decode"]:
+            raise NoWorkerError("no live decode worker")
+        pool = candidates["prefill"]
+        limit = self._config.prefill_dispatch_limit_tokens
+        with_room = [c for c in pool if _placed_prefill(c) < limit] if limit is not None else pool
+        prefill, decode = self._policy.choose(prompt_tokens, with_room or pool, candidates["decode"])
+        return self._disaggregate_or_not(prompt_tokens, prefill, decode, pool, held_tokens)
+
+    def holds_for_prefill_room(
+        self, prompt_tokens: int, live: Sequence[WorkerInfo], cached_blocks: dict[str, int], held_tokens: int = 0
+    ) -> bool:
+        """Whether this prompt should wait in the router: it is one for a prefill worker (not short where a decode
+        worker has its prefix), every prefill worker queues ``prefill_dispatch_limit_tokens`` or more, and the pool
+        is not so far behind that conditional disaggregation may give it to a decode worker (then placing decides)."""
+        limit = self._config.prefill_dispatch_limit_tokens
+        candidates = self._candidates(prompt_tokens, live, cached_blocks)
+        pool, decode = candidates["prefill"], candidates["decode"]
+        if limit is None or not pool or not decode:
+            return False
+        best_cached = max(c.cached_tokens for c in decode)
+        if prompt_tokens - best_cached <= self._config.local_prefill_max_uncached_tokens:
+            return False
+        least = min(_placed_prefill(c) for c in pool)
+        return least >= limit and least + held_tokens / len(pool) <= self._config.prefill_queue_limit_tokens
+
+    def _candidates(
+        self, prompt_tokens: int, live: Sequence[WorkerInfo], cached_blocks: dict[str, int]
+    ) -> dict[str, list[Candidate]]:
+        candidates: dict[str, list[Candidate]] = {"prefill": [], "decode": []}
         for worker in live:
             # A worker that advertises another block size shares no keys with this chain.
             blocks = cached_blocks.get(worker.worker_id, 0) if worker.block_size == self._block_size else 0
             # The last prompt token is always computed: it yields the first output token.
             cached = min(blocks * self._block_size, prompt_tokens - 1)
             candidates[worker.role].append(Candidate(worker, cached))
-        if not candidates["decode"]:
-            raise NoWorkerError("no live decode worker")
-        prefill, decode = self._policy.choose(prompt_tokens, candidates["prefill"], candidates["decode"])
-        return self._disaggregate_or_not(prompt_tokens, prefill, decode, candidates["prefill"])
+        return candidates
 
     def _disaggregate_or_not(
-        self, prompt_tokens: int, prefill: Candidate | None, decode: Candidate, pool: Sequence[Candidate]
-    ) -> Placement:
+        self, prompt_tokens: int, prefill: Candidate | None, decode: Candidate, pool: Sequence[Candidate],
+        held_tokens: int,
+    ) -> Placement:  # fmt: skip
         config = self._config
         if prefill is None:
             reason = "no_prefill_worker"
         elif prompt_tokens - decode.cached_tokens <= config.local_prefill_max_uncached_tokens:
             reason = "short_uncached"
-        elif self._backlogged(prompt_tokens, prefill, decode, pool):
+        elif self._backlogged(prompt_tokens, prefill, decode, pool, held_tokens / len(pool)):
             reason = "prefill_saturated"
         else:
             return Placement(
@@ -277,13 +326,16 @@ class Placer:
             )
         return Placement(None, decode.worker.worker_id, 0, decode.cached_tokens, "local_prefill", reason)
 
-    def _backlogged(self, prompt_tokens: int, prefill: Candidate, decode: Candidate, pool: Sequence[Candidate]) -> bool:
-        """Every prefill worker queues past the limit, and the decode worker would get to the prompt sooner
-        (its queue and the prompt's tokens it lacks, against the chosen prefill worker's)."""
-        if any(_queued_prefill(c) <= self._config.prefill_queue_limit_tokens for c in pool):
+    def _backlogged(
+        self, prompt_tokens: int, prefill: Candidate, decode: Candidate, pool: Sequence[Candidate], ahead: float
+    ) -> bool:
+        """Every prefill worker queues past the limit (``ahead``: its share of the prompts the router holds), and
+        the decode worker would get to the prompt sooner (its queue and the prompt's tokens it lacks, against the
+        chosen prefill worker's)."""
+        if any(_queued_prefill(c) + ahead <= self._config.prefill_queue_limit_tokens for c in pool):
             return False
         local = _queued_prefill(decode) + prompt_tokens - decode.cached_tokens
-        return local < _queued_prefill(prefill) + prompt_tokens - prefill.cached_tokens
+        return local < _queued_prefill(prefill) + ahead + prompt_tokens - prefill.cached_tokens
 
 
 def _in_flight_bounded(candidates: list[Candidate], bound: float, floor: int) -> list[Candidate]:
@@ -307,6 +359,12 @@ def _queued_prefill(candidate: Candidate) -> int:
     """The worker's last heartbeat, plus what routers have placed on it since."""
     worker = candidate.worker
     return worker.load.queued_prefill_tokens + worker.in_flight.unreported_tokens
+
+
+def _placed_prefill(candidate: Candidate) -> int:
+    """The prompt tokens routers have placed on the worker and not seen finish: its queue as of now, whatever
+    its heartbeat's age (a prompt counts whole until its prefill ends)."""
+    return candidate.worker.in_flight.tokens
 
 
 def _rotated(candidates: Sequence[Candidate], turn: int) -> list[Candidate]:

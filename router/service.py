@@ -18,6 +18,7 @@ and an abort is carried out whichever router replica gets it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -40,6 +41,7 @@ from router.config import RouterConfig
 from router.index import Claim, PrefixIndex
 from router.metrics import RouterMetrics
 from router.placement import NoWorkerError, Placement, Placer
+from router.prefill_queue import PrefillQueue
 from router.request import (
     DuplicateRequestError,
     GenerationRequest,
@@ -202,6 +204,7 @@ class GenerationService:
         self.metrics = RouterMetrics(model.model_id, index.health)
         self._pools = pools
         self._placer = Placer(index, config.placement, model.model_id, model.block_size)
+        self.prefill_queue = PrefillQueue(on_change=self._held_for_prefill)
         self._max_inflight = max_inflight
         self._prefill_timeout_s = prefill_timeout_s
         self._running: dict[str, asyncio.Event] = {}  # request id → set to abort it
@@ -269,7 +272,12 @@ class GenerationService:
             if on_admitted is not None:
                 await on_admitted()
             chain = hash_chain(self.model.model_id, token_ids, self.model.block_size)
-            placement = await self._place(rid, len(token_ids), chain, request.sampling, shares_prompt_with)
+            placing = self._place(rid, len(token_ids), chain, request.sampling, shares_prompt_with)
+            placement = await _unless_aborted(placing, aborted)  # held for prefill room, or waiting for a worker
+            if placement is None:
+                outcome = "abort"
+                yield Chunk(rid, [], "", "abort")
+                return
             engine_request = GenerateRequest(rid, token_ids, request.sampling)
             hashes = [digest.hex() for digest in chain]
             async for chunk in self._run(engine_request, placement, hashes, start, aborted):
@@ -336,13 +344,42 @@ class GenerationService:
         sampling: SamplingOptions,
         shares_prompt_with: str | None = None,
     ) -> Placement:
-        placement = None
         if shares_prompt_with is not None:
             placement = await self._beside(shares_prompt_with, prompt_tokens, chain)
-        if placement is None:
-            # Prompt logprobs come from computing the prompt where it decodes: no KV moved in, no prefix-cache hit.
-            decode_only = self.mode == "colocated" or sampling.prompt_logprobs is not None
+            if placement is not None:
+                return await self._reserve(request_id, prompt_tokens, placement)
+        # Prompt logprobs come from computing the prompt where it decodes: no KV moved in, no prefix-cache hit.
+        decode_only = self.mode == "colocated" or sampling.prompt_logprobs is not None
+        async with self._prefill_room(prompt_tokens, chain, decode_only):
             placement = await self._place_when_live(request_id, prompt_tokens, chain, decode_only=decode_only)
+            return await self._reserve(request_id, prompt_tokens, placement)
+
+    @contextlib.asynccontextmanager
+    async def _prefill_room(self, prompt_tokens: int, chain: list[bytes], decode_only: bool):
+        """Held in the router's prefill queue (``router/prefill_queue.py``) while every prefill worker queues
+        ``placement.prefill_dispatch_limit_tokens``; entered at once when the limit is unset or room is there
+        and nobody is held before this prompt."""
+        limit = self.config.placement.prefill_dispatch_limit_tokens
+        queue = self.prefill_queue
+
+        async def still_full() -> bool:
+            live, cached = await self._match(chain)
+            return self._placer.holds_for_prefill_room(prompt_tokens, self._staying(live), cached, queue.tokens)
+
+        if decode_only or limit is None or (not queue.requests and not await still_full()):
+            yield
+            return
+        async with queue.turn(prompt_tokens, still_full, self.config.placement.prefill_hold_max_s) as room:
+            if not room:
+                self.metrics.prefill_hold_timeouts.inc()
+            yield
+
+    def _held_for_prefill(self, requests: int, tokens: int) -> None:
+        self.metrics.prefill_queue_requests.set(requests)
+        self.metrics.prefill_queue_tokens.set(tokens)
+
+    async def _reserve(self, request_id: str, prompt_tokens: int, placement: Placement) -> Placement:
+        """Claim the placement's workers in the index, so every router sees it at once."""
         self.metrics.placements.labels(placement.outcome, placement.reason).inc()
         if placement.prefill_worker is None:  # the decode worker computes the uncached part itself
             claims = [Claim(request_id, placement.decode_worker, prompt_tokens - placement.decode_cached_tokens)]
@@ -380,12 +417,12 @@ class GenerationService:
         waiting = False
         try:
             while True:
-                live, cached = await _call(self.index, "match", chain) if chain else (await self.live_workers(), {})
+                live, cached = await self._match(chain)
                 live = [w for w in self._staying(live) if w.worker_id not in gone]
                 if decode_only:
                     live = [w for w in live if w.role == "decode"]
                 try:
-                    return self._placer.place_matched(prompt_tokens, live, cached)
+                    return self._placer.place_matched(prompt_tokens, live, cached, self.prefill_queue.tokens)
                 except NoWorkerError:
                     if time.monotonic() >= deadline:
                         raise NoWorkerError(f"no live decode worker (waited {wait_s:g} s for one)") from None
@@ -397,6 +434,10 @@ class GenerationService:
         finally:
             if waiting:
                 self.metrics.waiting_for_worker.dec()
+
+    async def _match(self, chain: list[bytes]) -> tuple[list, dict[str, int]]:
+        """The live workers and each one's cached blocks of ``chain`` (none of a prompt shorter than a block)."""
+        return await _call(self.index, "match", chain) if chain else (await self.live_workers(), {})
 
     async def _lost_worker(self, request_id: str, pool: str, lost: WorkerGoneError, computing_prompt: bool) -> None:
         """A worker died under a request: counted once per worker, logged with the request; charged to the
@@ -729,6 +770,19 @@ async def _until(
             wait.cancel()
         if item is not None and not item.done():
             item.cancel()  # the pending read gets the cancellation, and closes ``stream`` on its way out
+
+
+async def _unless_aborted(work: Awaitable[Placement], aborted: asyncio.Event) -> Placement | None:
+    """``work``'s placement, or None where the request is aborted by id first (``work`` is then cancelled, and
+    the claims it may have made are released with the request's)."""
+    placing, stop = asyncio.ensure_future(work), asyncio.ensure_future(aborted.wait())
+    try:
+        await asyncio.wait({placing, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:  # also when the request itself is cancelled
+        placing.cancel()
+        stop.cancel()
+        await asyncio.gather(placing, stop, return_exceptions=True)
+    return None if aborted.is_set() else placing.result()
 
 
 async def _call(backend, method: str, *args):

@@ -9,6 +9,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 from engine.throughput import BusyRate, RunningMean
 from pdserve.autoscaling import (
     DECODE_TOKENS_PER_S,
+    HELD_PREFILL_TOKENS,
     KV_USED_FRACTION,
     OUTPUT_TOKENS_MEAN,
     PREFILL_TOKENS_PER_S,
@@ -158,6 +159,14 @@ def test_pools_at_their_minimum_ask_nothing_of_each_other_whatever_the_ratio():
 def test_without_measured_rates_each_pool_scales_on_its_own_load():
     decisions, _ = app_policy()(pools(1, 1, {QUEUED_PREFILL_TOKENS: [9000]}, {RUNNING_SEQS: [10]}))
     assert decisions == {PREFILL: 3, DECODE: 1}
+
+
+def test_prompts_the_routers_hold_for_the_prefill_pool_count_as_queued_on_it():
+    contexts = pools(1, 1, {QUEUED_PREFILL_TOKENS: [4096]}, {RUNNING_SEQS: [10]})
+    router = DeploymentID("Router", "pdserve")
+    contexts[router] = context(1, AutoscalingConfig(min_replicas=1, max_replicas=2), "Router",
+                               **{HELD_PREFILL_TOKENS: [12_000]})  # fmt: skip
+    assert app_policy()(contexts)[0][PREFILL] == 4  # (4,096 queued + 12,000 held) / 4,096
 
 
 def test_a_busy_rate_counts_only_the_time_with_work():

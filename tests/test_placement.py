@@ -164,6 +164,58 @@ def test_a_decode_worker_with_its_own_prompts_queued_leaves_a_backlogged_prefill
     assert cluster.place().outcome == "disaggregated"
 
 
+def placed(cluster: Cluster, worker_id: str, tokens: int) -> Cluster:
+    """A prompt of ``tokens`` a router placed on ``worker_id`` and has not seen finish."""
+    cluster.index.reserve([Claim(f"earlier-{worker_id}-{tokens}", worker_id, tokens)], ttl_s=30)
+    return cluster
+
+
+def holds(cluster: Cluster, held_tokens: int = 0) -> bool:
+    live, cached = cluster.index.match(CHAIN)
+    return cluster.placer.holds_for_prefill_room(len(PROMPT), live, cached, held_tokens)
+
+
+def test_a_prompt_is_held_while_every_prefill_worker_has_the_dispatch_limit_placed_on_it():
+    cluster = Cluster(prefill_dispatch_limit_tokens=2000).worker("p0", "prefill").worker("p1", "prefill")
+    placed(placed(cluster.worker("d0", "decode"), "p0", 2500), "p1", 2000)
+    assert holds(cluster)
+    cluster.index.release([Claim("earlier-p1-2000", "p1", 2000)])  # its prefill ended
+    assert not holds(cluster)
+
+
+def test_the_dispatch_limit_counts_placements_not_the_heartbeats_lagging_queue():
+    cluster = Cluster(prefill_dispatch_limit_tokens=2000).worker("p0", "prefill", queued_prefill_tokens=9000)
+    assert not holds(cluster.worker("d0", "decode"))  # its last beat, before the prompts it has finished since
+    assert holds(placed(cluster, "p0", 2048))
+
+
+def test_with_a_dispatch_limit_a_prompt_goes_only_to_a_worker_under_it_whatever_else_it_holds():
+    cluster = Cluster(prefill_dispatch_limit_tokens=2000).worker("p0", "prefill", blocks=60).worker("p1", "prefill")
+    placed(placed(cluster.worker("d0", "decode"), "p0", 2000), "p1", 1500)
+    assert cluster.place().prefill_worker == "p1"  # p0 holds the prefix but is at the limit
+
+
+def test_without_a_dispatch_limit_no_prompt_is_held():
+    cluster = Cluster().worker("p0", "prefill").worker("d0", "decode")
+    assert not holds(placed(cluster, "p0", 60_000))
+
+
+def test_a_prompt_a_decode_worker_prefills_itself_is_never_held():
+    cluster = Cluster(prefill_dispatch_limit_tokens=100).worker("p0", "prefill")
+    cluster.worker("d0", "decode", blocks=60)  # 64 of the prompt's 1,024 tokens uncached: short
+    assert not holds(placed(cluster, "p0", 5000))
+
+
+def test_prompts_held_past_the_queue_limit_go_to_conditional_disaggregation_instead():
+    cluster = Cluster(prefill_dispatch_limit_tokens=2000, prefill_queue_limit_tokens=10_000)
+    cluster.worker("p0", "prefill", queued_prefill_tokens=3000).worker("p1", "prefill", queued_prefill_tokens=3000)
+    placed(placed(cluster.worker("d0", "decode"), "p0", 3000), "p1", 3000)
+    assert holds(cluster, held_tokens=14_000)  # 3,000 + 7,000 each: under the queue limit
+    assert not holds(cluster, held_tokens=16_000)
+    live, cached = cluster.index.match(CHAIN)
+    assert cluster.placer.place_matched(len(PROMPT), live, cached, held_tokens=16_000).reason == "prefill_saturated"
+
+
 def test_prompts_placed_on_a_decode_worker_count_in_its_queue_before_its_heartbeat():
     cluster = Cluster(prefill_queue_limit_tokens=1000).worker("p0", "prefill", queued_prefill_tokens=1500)
     cluster.worker("d0", "decode")

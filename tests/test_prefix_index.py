@@ -167,21 +167,21 @@ def test_reserved_placements_count_in_flight_on_their_workers_until_released(ind
     live(index, "p", role="prefill")
     live(index, "d")
     index.reserve([Claim("r1", "p", 100), Claim("r1", "d"), Claim("r2", "p", 30)], TTL)
-    assert in_flight(index) == {"p": InFlight(2, 130), "d": InFlight(1, 0)}
+    assert in_flight(index) == {"p": InFlight(2, 130, 130), "d": InFlight(1, 0, 0)}
     index.release([Claim("r1", "p", 100)])
-    assert in_flight(index) == {"p": InFlight(1, 30), "d": InFlight(1, 0)}
+    assert in_flight(index) == {"p": InFlight(1, 30, 30), "d": InFlight(1, 0, 0)}
     index.release([Claim("r2", "p"), Claim("r1", "d"), Claim("never", "d")])
     assert in_flight(index) == {"p": InFlight(), "d": InFlight()}
 
 
-def test_tokens_placed_before_the_workers_last_heartbeat_are_in_its_own_figures(index):
+def test_tokens_placed_before_the_workers_last_heartbeat_are_in_its_own_figures_and_still_in_flight(index):
     live(index, "p", role="prefill")
     index.reserve([Claim("old", "p", 100)], TTL)
     time.sleep(0.01)
     live(index, "p", role="prefill", queued_prefill_tokens=100)
     time.sleep(0.01)
     index.reserve([Claim("new", "p", 40), Claim("old", "p", 100)], TTL)  # renewing keeps the placing time
-    assert in_flight(index) == {"p": InFlight(requests=2, unreported_tokens=40)}
+    assert in_flight(index) == {"p": InFlight(requests=2, unreported_tokens=40, tokens=140)}
 
 
 def test_a_reservation_nobody_renews_lapses_after_its_ttl(index):
@@ -191,7 +191,7 @@ def test_a_reservation_nobody_renews_lapses_after_its_ttl(index):
     time.sleep(0.2)
     index.reserve([Claim("renewed", "p", 5)], 0.3)
     time.sleep(0.2)
-    assert in_flight(index) == {"p": InFlight(1, 5)}
+    assert in_flight(index) == {"p": InFlight(1, 5, 5)}
 
 
 def test_forgetting_a_worker_drops_its_reservations(index):
@@ -233,7 +233,7 @@ def test_redis_routers_sharing_the_index_see_each_others_reservations(redis_serv
     first, second = RedisPrefixIndex(redis_server.url, MODEL), RedisPrefixIndex(redis_server.url, MODEL)
     first.heartbeat(worker("p", role="prefill"), TTL)
     first.reserve([Claim("r", "p", 64)], TTL)
-    assert [w.in_flight for w in second.match(CHAIN)[0]] == [InFlight(1, 64)]
+    assert [w.in_flight for w in second.match(CHAIN)[0]] == [InFlight(1, 64, 64)]
 
 
 def test_redis_keys_carry_the_scheme_version_and_model(redis_server):

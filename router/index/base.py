@@ -42,6 +42,7 @@ class InFlight:
 
     requests: int = 0
     unreported_tokens: int = 0  # prompt tokens placed there since its last heartbeat, so not in its figures yet
+    tokens: int = 0  # prompt tokens of them all: on a prefill worker, the work placed there and not yet done
 
 
 @dataclass(frozen=True)

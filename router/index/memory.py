@@ -123,7 +123,8 @@ class MemoryPrefixIndex:
         for request_id in [r for r, (expiry, _, _) in flights.items() if expiry <= now]:
             del flights[request_id]
         beat = self._beats.get(worker_id, 0.0)
-        return InFlight(len(flights), sum(tokens for _, at, tokens in flights.values() if at >= beat))
+        unreported = sum(tokens for _, at, tokens in flights.values() if at >= beat)
+        return InFlight(len(flights), unreported, sum(tokens for _, _, tokens in flights.values()))
 
     def _advance_epoch(self, worker_id: str, epoch: int) -> bool:
         """False for a stale epoch; a newer one drops everything the old incarnation held."""

@@ -65,9 +65,9 @@ local function drop_all(p, w)
   redis.call('DEL', held)
 end
 -- Placements in flight on worker ``w`` that have not lapsed (lapsed ones are dropped):
--- {count, tokens placed since its last heartbeat}.
+-- {count, tokens placed since its last heartbeat, tokens of them all}.
 local function in_flight(p, w, now)
-  local key, n, tokens = p .. 'flight:' .. w, 0, 0
+  local key, n, tokens, total = p .. 'flight:' .. w, 0, 0, 0
   local beat = tonumber(redis.call('HGET', p .. 'beat', w) or '0')
   local entries = redis.call('HGETALL', key)
   for i = 1, #entries, 2 do
@@ -76,11 +76,12 @@ local function in_flight(p, w, now)
       redis.call('HDEL', key, entries[i])
     else
       n = n + 1
+      total = total + tonumber(count)
       if tonumber(placed) >= beat then tokens = tokens + tonumber(count) end
     end
   end
   if n == 0 then redis.call('SREM', p .. 'flying', w) end
-  return {n, tokens}
+  return {n, tokens, total}
 end
 -- A stale epoch is refused; a newer one drops what the old incarnation held.
 local function advance_epoch(p, w, epoch)
@@ -172,6 +173,7 @@ if #live > 0 and redis.call('SCARD', p .. 'flying') > 0 then
         flights[#flights + 1] = live[k]
         flights[#flights + 1] = figures[1]
         flights[#flights + 1] = figures[2]
+        flights[#flights + 1] = figures[3]
       end
     end
   end
@@ -274,9 +276,7 @@ class RedisPrefixIndex:
                     infos[i].decode(): WorkerInfo.from_dict(json.loads(infos[i + 1])) for i in range(0, len(infos), 2)
                 }
                 self._version = version
-            in_flight = {
-                flights[i].decode(): InFlight(flights[i + 1], flights[i + 2]) for i in range(0, len(flights), 3)
-            }
+            in_flight = {flights[i].decode(): InFlight(*flights[i + 1 : i + 4]) for i in range(0, len(flights), 4)}
             live = [
                 replace(self._workers[w], in_flight=in_flight[w]) if w in in_flight else self._workers[w]
                 for w in map(bytes.decode, live_ids)
