@@ -83,7 +83,7 @@ class PlacementConfig(BaseModel):
     prefill_dispatch_limit_tokens: int | None = Field(
         default=None,
         ge=1,
-        description="hold a prompt in the router while every prefill worker queues this many tokens; None: never",
+        description="hold a prompt in the router while every prefill worker has this many tokens placed on it",
     )
     prefill_hold_max_s: float = Field(
         default=30.0, gt=0, description="a prompt held this long is placed anyway, over the dispatch limit"
@@ -279,8 +279,9 @@ class Placer:
         self, prompt_tokens: int, live: Sequence[WorkerInfo], cached_blocks: dict[str, int], held_tokens: int = 0
     ) -> bool:
         """Whether this prompt should wait in the router: it is one for a prefill worker (not short where a decode
-        worker has its prefix), every prefill worker queues ``prefill_dispatch_limit_tokens`` or more, and the pool
-        is not so far behind that conditional disaggregation may give it to a decode worker (then placing decides)."""
+        worker has its prefix), every prefill worker has ``prefill_dispatch_limit_tokens`` or more placed on it,
+        and the pool is not so far behind that conditional disaggregation may give it to a decode worker (then
+        placing decides)."""
         limit = self._config.prefill_dispatch_limit_tokens
         candidates = self._candidates(prompt_tokens, live, cached_blocks)
         pool, decode = candidates["prefill"], candidates["decode"]

@@ -4,11 +4,11 @@ A prompt placed on a prefill worker stays there: vLLM cannot hand a queued reque
 Pushed straight to the workers, a burst that outruns the prefill pool piles onto the replicas that exist
 when it arrives; a replica the autoscaler adds seconds later gets only what arrives after it starts, while
 the backlog drains at the old replicas' pace. With ``placement.prefill_dispatch_limit_tokens`` set, a
-prompt that arrives while every prefill worker queues that many tokens (``Placer.holds_for_prefill_room``)
-waits here instead, in arrival order, and is placed once a worker has room or a new one joins, over the
-workers live then, as llm-d's flow control and Dynamo's router queue hold requests. The prompts held count
-toward the prefill pool's load for the autoscaler (the Router deployment's ``record_autoscaling_stats``,
-read by ``CoordinatedPolicy``).
+prompt that arrives while every prefill worker has that many prompt tokens placed on it and not yet
+computed (``Placer.holds_for_prefill_room``) waits here instead, in arrival order, and is placed once a
+worker has room or a new one joins, over the workers live then, as llm-d's flow control and Dynamo's
+router queue hold requests. The prompts held count toward the prefill pool's load for the autoscaler (the
+Router deployment's ``record_autoscaling_stats``, read by ``CoordinatedPolicy``).
 
 One prompt at a time is at the head: it looks for room and is placed and reserved in the index before the
 next one looks, so the next sees that placement. Nothing waits unbounded: a prompt not placed within

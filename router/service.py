@@ -356,9 +356,9 @@ class GenerationService:
 
     @contextlib.asynccontextmanager
     async def _prefill_room(self, prompt_tokens: int, chain: list[bytes], decode_only: bool):
-        """Held in the router's prefill queue (``router/prefill_queue.py``) while every prefill worker queues
-        ``placement.prefill_dispatch_limit_tokens``; entered at once when the limit is unset or room is there
-        and nobody is held before this prompt."""
+        """Held in the router's prefill queue (``router/prefill_queue.py``) while every prefill worker has
+        ``placement.prefill_dispatch_limit_tokens`` placed on it; entered at once when the limit is unset or
+        room is there and nobody is held before this prompt."""
         limit = self.config.placement.prefill_dispatch_limit_tokens
         queue = self.prefill_queue
 
