@@ -153,7 +153,8 @@ async def run_trace(grpc_address: str, app_name: str, requests: list[tuple[float
         return {pool: deployments[name].replica_states for pool, name in POOLS.items()}
 
     async def pool_load() -> dict[str, dict] | None:
-        """What each pool's autoscaling policy weighs, from the router's status (the workers' last heartbeats)."""
+        """What each pool's autoscaling policy weighs, from the router's status (the workers' last heartbeats), and
+        where the prefill pool's prompts wait: on each replica (its queue) or in the router (held for room)."""
         try:
             status = await stub.Status(pb.StatusRequest(), timeout=5)
         except grpc.aio.AioRpcError:
@@ -167,6 +168,8 @@ async def run_trace(grpc_address: str, app_name: str, requests: list[tuple[float
                 pool["waiting_seqs"] += worker.waiting_seqs
                 pool["queued_prefill_tokens"] += worker.queued_prefill_tokens
                 pool["kv_used"] += worker.kv_used_fraction
+        load["prefill"]["queued_per_replica"] = [w.queued_prefill_tokens for w in status.workers if w.role == "prefill"]
+        load["prefill"]["held_in_router"] = status.prefill_held_tokens
         return {pool: {**figures, "kv_used": round(figures["kv_used"], 2)} for pool, figures in load.items()}
 
     async def sampling() -> None:

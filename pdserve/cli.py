@@ -433,7 +433,8 @@ def _status(args: argparse.Namespace) -> int:
         client.close()
     hit = status.prefix_hit_tokens / status.prompt_tokens if status.prompt_tokens else 0.0
     index = "available" if status.index_available else "UNAVAILABLE"
-    print(f"model {status.model}  mode {status.mode}  policy {status.policy}  running {status.requests_running}")
+    print(f"model {status.model}  mode {status.mode}  policy {status.policy}  running {status.requests_running}  "
+          f"held for prefill {status.prefill_held_requests} ({status.prefill_held_tokens} tokens)")  # fmt: skip
     print(f"index {index} (outages {status.index_outages})  prefix hit rate {hit:.1%} "
           f"({status.prefix_hit_tokens}/{status.prompt_tokens} prompt tokens)")  # fmt: skip
     size = sum(w.cached_blocks for w in status.workers)

@@ -160,6 +160,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 worker_id=w.worker_id, role=w.role, running_seqs=w.load.running_seqs, waiting_seqs=w.load.waiting_seqs,
                 queued_prefill_tokens=w.load.queued_prefill_tokens, kv_used_fraction=w.load.kv_used_fraction,
                 cached_blocks=held.get(w.worker_id, 0), in_flight=w.in_flight.requests, cpu_cores=w.cpu_cores,
+                placed_prefill_tokens=w.in_flight.tokens,
             )
             for w in sorted(await service.live_workers(), key=lambda w: (w.role, w.worker_id))
         ]  # fmt: skip
@@ -168,6 +169,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             index_available=health_now.available, index_outages=health_now.outages,
             requests_running=service.running(), prompt_tokens=service.prompt_tokens_total,
             prefix_hit_tokens=service.prefix_hit_tokens_total,
+            prefill_held_requests=service.prefill_queue.requests, prefill_held_tokens=service.prefill_queue.tokens,
         )  # fmt: skip
 
 

@@ -53,12 +53,14 @@ def test_prompts_queued_on_the_prefill_worker_hold_no_decode_kv_until_their_pref
 
 
 def test_prompts_past_the_dispatch_limit_wait_in_the_router_not_on_the_prefill_worker(client, model_dir):
-    """Ten prompts at once: the prefill worker queues about the limit (a prompt more where a heartbeat came
-    between a placement and its prompt reaching the worker), not all ten; the router holds the rest, and every
-    one completes, disaggregated, in the greedy tokens."""
+    """Ten prompts at once: a prompt is placed on the prefill worker only while less than the limit is placed
+    there, so it queues about the limit (as its heartbeat reports it: a prompt more where a beat came between
+    a placement and its prompt reaching the worker), not all ten; the router holds the rest (its status and its
+    gauge say so), and every one completes, disaggregated, in the greedy tokens."""
     seen = burst(client, model_dir, [prompt(PROMPT_TOKENS, 200 + n) for n in range(10)])
+    assert seen.most_placed < DISPATCH_LIMIT + PROMPT_TOKENS
     assert seen.most_queued <= DISPATCH_LIMIT + 2 * PROMPT_TOKENS
-    assert seen.most_held >= 3
+    assert seen.most_held >= 3 and seen.most_held_gauge >= 3
     assert client.metric("pdserve:router_prefill_queue_requests") == 0
     assert client.metric("pdserve:prefill_hold_timeouts_total") == 0
 
@@ -96,7 +98,9 @@ def test_a_prompt_held_in_the_router_ends_at_once_when_aborted_by_id(client, mod
 class Seen:
     most_queued: int = 0  # prompt tokens queued on the prefill worker
     most_waiting_for_kv: int = 0  # sequences on the decode worker waiting for their KV
-    most_held: int = 0  # prompts the router held for the prefill pool
+    most_placed: int = 0  # prompt tokens placed on the prefill worker and not seen finish, as the router counts
+    most_held: int = 0  # prompts the router held for the prefill pool, in its status
+    most_held_gauge: int = 0  # the same, in its metrics
 
 
 def burst(client, model_dir, prompts: list[list[int]]) -> Seen:
@@ -111,11 +115,14 @@ def burst(client, model_dir, prompts: list[list[int]]) -> Seen:
     deadline = time.monotonic() + 60
     while any(sender.is_alive() for sender in senders):
         assert time.monotonic() < deadline, "the prompts did not complete in 60 s"
-        workers = client.status().workers
-        seen.most_queued = max([seen.most_queued, *(w.queued_prefill_tokens for w in workers if w.role == "prefill")])
-        waiting = [w.waiting_seqs for w in workers if w.role == "decode"]
+        status = client.status()
+        prefill = [w for w in status.workers if w.role == "prefill"]
+        seen.most_queued = max([seen.most_queued, *(w.queued_prefill_tokens for w in prefill)])
+        seen.most_placed = max([seen.most_placed, *(w.placed_prefill_tokens for w in prefill)])
+        waiting = [w.waiting_seqs for w in status.workers if w.role == "decode"]
         seen.most_waiting_for_kv = max([seen.most_waiting_for_kv, *waiting])
-        seen.most_held = max(seen.most_held, int(client.metric("pdserve:router_prefill_queue_requests")))
+        seen.most_held = max(seen.most_held, status.prefill_held_requests)
+        seen.most_held_gauge = max(seen.most_held_gauge, int(client.metric("pdserve:router_prefill_queue_requests")))
         time.sleep(0.1)
     for ids, into in zip(prompts, replies, strict=True):
         assert [t for r in into for t in r.token_ids] == simulated_greedy(model_dir, ids, 4)
