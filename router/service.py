@@ -661,6 +661,9 @@ class GenerationService:
         if first.finished:
             await _close(stream)
             self._release(request.request_id, worker)
+            if first.handle is None:  # it ended with nothing offered (preempted, withdrawn): computed again locally
+                log.warning("prefill %s on %s ended without offering its KV, local", job.transfer_id, worker)
+                self.metrics.prefill_fallbacks.inc()
             finished = asyncio.get_running_loop().create_future()
             finished.set_result(first.cached_prompt_tokens)
             return first.handle, finished
