@@ -5,6 +5,7 @@ Used by the tests and benchmarks, and by ``pdserve`` when the index URL says ``l
 
 from __future__ import annotations
 
+import random
 import shutil
 import signal
 import socket
@@ -14,11 +15,31 @@ from pathlib import Path
 
 import redis
 
+_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LOWEST_PORT = 20000  # above Ray's worker ports (10002–19999 by default)
+
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free now, below the kernel's ephemeral range where there is room: a port the kernel
+    handed out for binding port 0 may be handed out again as the source port of an outgoing connection (Ray
+    opens many) before the server meant for it binds it, and that server then fails with EADDRINUSE."""
+    first_ephemeral = int(_EPHEMERAL_RANGE.read_text().split()[0]) if _EPHEMERAL_RANGE.exists() else 32768
+    for _ in range(100):
+        port = random.randrange(_LOWEST_PORT, max(first_ephemeral, _LOWEST_PORT + 1))
+        if port < first_ephemeral and _bindable(port):
+            return port
+    with socket.socket() as s:  # no room below the ephemeral range: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 class RedisServerError(RuntimeError):
