@@ -24,10 +24,10 @@ def free_port() -> int:
     handed out for binding port 0 may be handed out again as the source port of an outgoing connection (Ray
     opens many) before the server meant for it binds it, and that server then fails with EADDRINUSE."""
     first_ephemeral = int(_EPHEMERAL_RANGE.read_text().split()[0]) if _EPHEMERAL_RANGE.exists() else 32768
-    for _ in range(100):
-        port = random.randrange(_LOWEST_PORT, max(first_ephemeral, _LOWEST_PORT + 1))
-        if port < first_ephemeral and _bindable(port):
-            return port
+    if first_ephemeral > _LOWEST_PORT:
+        for port in random.sample(range(_LOWEST_PORT, first_ephemeral), k=100):
+            if _bindable(port):
+                return port
     with socket.socket() as s:  # no room below the ephemeral range: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -12,8 +12,8 @@ limit; a decode worker with prompts of its own queued stops taking more.
 
 A prompt placed on a prefill worker stays there (vLLM cannot hand a queued
 request to another engine), so ``prefill_dispatch_limit_tokens`` lets the
-router hold a prompt instead while every prefill worker already queues that
-many tokens (``holds_for_prefill_room``; the queue itself is
+router hold a prompt instead while every prefill worker already has that
+many tokens placed on it (``holds_for_prefill_room``; the queue itself is
 ``router/prefill_queue.py``), and places a prompt only on a worker under it
 while one is. A worker's tokens here are the placements in flight on it, from
 every router, released as each prefill ends: current where a heartbeat lags
