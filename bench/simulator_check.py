@@ -7,9 +7,13 @@ config), because the simulated engine runs beside real serving processes but tak
 itself: a decode step timed alone leaves out what the service costs the real engine on a small node.
 Then each workload (``random``; ``shared-prefix``) at each rate runs through the service twice, each time on a fresh
 service from the same config (disaggregated, one prefill and one decode replica): on vLLM, and on the
-simulated engine with the measured profile and the real engine's KV pool size. The figures are p50 TTFT
-and TPOT, simulated over real; the headline keys take the pair furthest from 1 (target: within 15 %,
-0.85–1.15).
+simulated engine with the measured profile and the real engine's KV pool size, its steps spent as CPU time on
+the cores the layout gives each pool's engine (``engine.simulated_compute: cores``), as the real engine's are: on
+2 cores the prefill engine shares core 0 with the serving processes at their niceness, and its steps stretch
+while they carry other requests' tokens, which a sleeping step does not (``engine/sim/compute.py``). The decode
+engine runs ahead of them on its core, so its steps, timed as deployed, are not slowed a second time there.
+The figures are p50 TTFT and TPOT, simulated over real; the headline keys take the pair furthest from 1
+(target: within 15 %, 0.85–1.15).
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ def run_simulator_check(config: PdserveConfig, vocab_size: int, link_bytes_per_s
                          "prefill: the engine alone; decode: through a service")  # fmt: skip
     write_profile(profile, profile_path)
     simulated = {"engine.kind": "simulated", "engine.simulated_profile": str(profile_path.resolve()),
-                 "engine.num_kv_blocks": figures.kv_blocks}  # fmt: skip
+                 "engine.num_kv_blocks": figures.kv_blocks, "engine.simulated_compute": "cores"}  # fmt: skip
     pairs = {}
     for spec in WORKLOADS:
         workload = make_workload(spec, vocab_size)

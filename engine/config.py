@@ -39,6 +39,13 @@ class EngineConfig(BaseModel):
         description="the simulated engine's hardware profile: a name in engine/sim/profile.py "
         "(llama-3.1-8b-h100) or a JSON file of its fields; none: llama-3.1-8b-h100",
     )
+    simulated_compute: Literal["sleep", "cores"] = Field(
+        default="sleep",
+        description="how a simulated step spends its time. sleep: it takes no CPU (many simulated workers on few "
+        "cores; an engine whose compute is a GPU's). cores: it is CPU time, spent on the engine's cpu_cores at its "
+        "nice beside whatever else runs there, as vLLM-CPU's steps are (engine/sim/compute.py; pdserve bench "
+        "simulator checks the simulator against vLLM-CPU so)",
+    )
     model: str | None = Field(
         default=None,
         description="a Hugging Face model directory (config, weights, tokenizer) on every node, or a Hugging Face "
@@ -133,6 +140,8 @@ class EngineConfig(BaseModel):
         if self.kind != "simulated":
             if self.simulated_profile is not None:
                 raise ValueError("simulated_profile is only for kind: simulated")
+            if self.simulated_compute != "sleep":
+                raise ValueError("simulated_compute is only for kind: simulated")
             return self
         if self.num_kv_blocks is None:
             raise ValueError("kind simulated needs num_kv_blocks: it has no memory to size its KV pool from")

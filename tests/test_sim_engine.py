@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
 import uuid
 
+import psutil
 import pytest
 
 from engine.block_hash import hash_chain
 from engine.cache_events import BlocksRemoved, BlocksStored
 from engine.config import EngineConfig, KVConnectorSpec
-from engine.errors import EngineInputError
+from engine.errors import EngineDeadError, EngineInputError
 from engine.sim.engine import SimulatedEngine
 from engine.sim.kv_pool import KVPool
 from engine.sim.profile import PROFILES, HardwareProfile, load_profile
@@ -145,6 +148,84 @@ def test_a_step_takes_the_time_its_profile_gives(make_engine, tmp_path):
     assert expected <= elapsed < expected + 0.5
 
 
+def step_processes() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children() if "engine.sim.compute" in " ".join(p.cmdline())]
+
+
+@contextlib.contextmanager
+def busy_process_on(core: int):
+    """A process that spins on ``core`` at this process's niceness, as the serving processes do beside an engine."""
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        os.sched_setaffinity(busy.pid, {core})
+        yield
+    finally:
+        busy.kill()
+        busy.wait(timeout=10)
+
+
+def test_on_cores_a_step_is_cpu_time_of_a_process_bound_to_the_engines_cores(make_engine, tmp_path):
+    core = max(os.sched_getaffinity(0))
+    engine = make_engine(simulated_profile=quick_profile(tmp_path, base_ms=50.0), simulated_compute="cores",
+                         cpu_cores=str(core))  # fmt: skip
+    [process] = step_processes()
+    assert process.cpu_affinity() == [core]
+    run(engine, prompt(4), max_tokens=5, ignore_eos=True)  # five steps of 50 ms
+    assert process.cpu_times().user + process.cpu_times().system >= 0.9 * 5 * 0.050
+    engine.shutdown()
+    assert not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+
+
+def test_on_cores_the_step_process_spins_for_a_second_after_a_step_then_sleeps(make_engine, tmp_path):
+    """As a vLLM rank waits for its next step: whatever shares its core pays for the wait too."""
+    engine = make_engine(simulated_compute="cores", cpu_cores=str(max(os.sched_getaffinity(0))))
+    [process] = step_processes()
+    run(engine, prompt(4), max_tokens=1)
+
+    def cpu_seconds_over(seconds: float) -> float:
+        before = sum(process.cpu_times()[:2])
+        time.sleep(seconds)
+        return sum(process.cpu_times()[:2]) - before
+
+    assert cpu_seconds_over(0.4) > 0.2
+    time.sleep(1.0)
+    assert cpu_seconds_over(0.4) < 0.05
+
+
+def test_a_step_on_cores_stretches_beside_a_busy_process_and_an_asleep_one_does_not(make_engine, tmp_path):
+    """Two processes spinning on one core at one niceness each get half of it: a step of CPU time takes twice its
+    time, as a vLLM-CPU step does beside busy serving processes; a sleeping step takes its time whatever runs."""
+    core = max(os.sched_getaffinity(0))
+    profile = quick_profile(tmp_path, base_ms=40.0)
+    asleep = make_engine(simulated_profile=profile)
+    on_cores = make_engine(simulated_profile=profile, simulated_compute="cores", cpu_cores=str(core))
+    [step_process] = step_processes()
+    step_process.nice(os.getpriority(os.PRIO_PROCESS, 0))  # beside the busy process at one niceness, wherever run
+
+    def seconds(engine) -> float:
+        start = time.monotonic()
+        run(engine, prompt(4), max_tokens=6, ignore_eos=True)  # six steps of 40 ms: 0.24 s alone
+        return time.monotonic() - start
+
+    alone = seconds(on_cores)
+    with busy_process_on(core):
+        stretched, slept = seconds(on_cores), seconds(asleep)
+    assert alone < 0.24 * 1.3
+    assert stretched > 1.6 * alone
+    assert slept < 0.24 * 1.3
+
+
+def test_an_engine_whose_step_process_died_is_dead_and_says_so(make_engine, tmp_path):
+    engine = make_engine(simulated_compute="cores")
+    [process] = step_processes()
+    process.kill()
+    process.wait(timeout=10)
+    with pytest.raises(EngineDeadError, match="step"):
+        run(engine, prompt(4), max_tokens=2)
+    with pytest.raises(EngineDeadError):
+        engine.check_alive()
+
+
 def test_the_step_budget_splits_a_long_prompt_into_chunks_beside_running_decodes():
     scheduler = Scheduler(KVPool(64), "m", BLOCK, max_num_seqs=8, max_num_batched_tokens=64)
     scheduler.add(sequence("short", 10, max_tokens=6))
@@ -218,6 +299,7 @@ def test_a_named_profile_cites_its_figures_and_a_bad_one_is_refused(tmp_path):
         ({"kind": "simulated"}, "num_kv_blocks"),
         ({"kind": "simulated", "num_kv_blocks": 8, "tensor_parallel_size": 2}, "tensor_parallel_size"),
         ({"simulated_profile": "llama-3.1-8b-h100"}, "only for kind: simulated"),
+        ({"simulated_compute": "cores"}, "only for kind: simulated"),
     ],
 )
 def test_a_simulated_engine_config_it_cannot_honour_is_refused(fields, message):

@@ -2,8 +2,9 @@
 
 It keeps what the control plane sees of a vLLM engine: a paged KV pool with a prefix cache keyed by
 pdserve's block hashes and the same stored/removed cache events, continuous batching with vLLM's token
-budget, sequence cap and preemption, and its load figures. Only the model is replaced: each step sleeps
-for the time a hardware profile gives it (``engine/sim/profile.py``), and output tokens are a seeded
+budget, sequence cap and preemption, and its load figures. Only the model is replaced: each step takes
+the time a hardware profile gives it (``engine/sim/profile.py``), asleep or as CPU time on the engine's
+cores (``engine/sim/compute.py``), and output tokens are a seeded
 function of the prompt (``engine/sim/tokens.py``). The worker deployments, the router, the index,
 placement, autoscaling and drain run on it unchanged; nothing else knows which engine a worker has.
 
@@ -26,7 +27,6 @@ import importlib
 import json
 import logging
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from engine.cache_events import CacheEvent
 from engine.config import EngineConfig
 from engine.errors import EngineConfigError, EngineDeadError, EngineInputError
 from engine.requests import check_prompt, next_item
+from engine.sim.compute import compute_for
 from engine.sim.kv_pool import KVPool
 from engine.sim.profile import DEFAULT_PROFILE, load_profile
 from engine.sim.scheduler import Scheduler, SimSequence, Step
@@ -127,6 +128,12 @@ class SimulatedEngine:
         self._lock = threading.Lock()
         self._work = threading.Event()
         self._stopped = threading.Event()
+        try:
+            self._compute = compute_for(config)
+        except BaseException:
+            if self._kv is not None:
+                self._kv.close()
+            raise
         self._thread = threading.Thread(target=self._run, name="pdserve-sim-engine", daemon=True)
         self._thread.start()
 
@@ -224,6 +231,7 @@ class SimulatedEngine:
         self._stopped.set()
         self._work.set()
         self._thread.join(timeout)
+        self._compute.close()
         if self._kv is not None:
             self._kv.close()
         with self._lock:
@@ -371,7 +379,7 @@ class SimulatedEngine:
                     self._work.wait(_IDLE_POLL_S)
                     self._work.clear()
                     continue
-                time.sleep(
+                self._compute.spend(
                     self.profile.step_s(
                         step.prefill_tokens, step.decode_seqs, step.context_tokens, step.prefill_context_pairs
                     )
