@@ -9,7 +9,8 @@ One vLLM engine (the config's, in a fresh process, as a worker runs it) is timed
   ``S`` run, median over them (one step of ``S`` sequences holding ``C`` tokens of context between them).
 
 The decode shapes are also timed as deployed (``decode_timings_as_deployed``): ``S`` streams sent through a
-running service (``DEPLOYED_DECODE_SHAPES``, longer streams: see there), timed by its client. Inside the
+running service (``DEPLOYED_DECODE_SHAPES``, longer streams: see there; ``DEPLOYED_REPEATS`` times each, the
+median kept), timed by its client. Inside the
 service the decode engine steps beside the processes that carry each token on (its replica, the router,
 Ray), which on a small node share its cores; the engine alone does not pay that, and neither does a
 simulated engine, which takes no CPU. So the simulator's check (``bench/simulator_check.py``) fits its
@@ -30,7 +31,7 @@ import math
 import random
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.engine_process import call_in_fresh_process
@@ -48,6 +49,10 @@ DECODE_OUTPUT_TOKENS = 48
 # stop at 8 streams, each long enough to outlast the last one's start.
 DEPLOYED_DECODE_SHAPES = tuple((seqs, prompt) for seqs in (1, 4, 8) for prompt in (64, 512))
 DEPLOYED_OUTPUT_TOKENS = 512
+# Each shape as deployed is timed this many times, the shapes in turn, and the median kept: one timing of one
+# stream through the service read 8.6 ms a step in one run and 10.6 in the one before (2026-12-02, the engine
+# alone 10.3 both times), and every simulated step of the run followed it.
+DEPLOYED_REPEATS = 3
 REPEATS = 3  # prefill timings per length; the median is kept
 FEATURES = ("base_ms", "prefill_step_ms", "prefill_ms_per_token", "prefill_ms_per_token2",
             "prefill_ms_per_context_pair", "decode_ms_per_seq", "decode_ms_per_context_token")  # fmt: skip
@@ -188,10 +193,10 @@ async def decode_timings_as_deployed(http_url: str, grpc_address: str, vocab_siz
     from bench.workloads import Turn, Workload
 
     rng = random.Random(1)
-    timings = []
+    timings: dict[tuple[int, int], list[StepTiming]] = {}
     # The first streams of a fresh service run slow (one stream stepped in 16 ms, then 9.6 ms: 2026-12-01): the
     # first shape is run once more, untimed, before any is kept.
-    for number, (batch, prompt) in enumerate(DEPLOYED_DECODE_SHAPES[:1] + DEPLOYED_DECODE_SHAPES):
+    for number, (batch, prompt) in enumerate(DEPLOYED_DECODE_SHAPES[:1] + DEPLOYED_DECODE_SHAPES * DEPLOYED_REPEATS):
         sessions = [[Turn([rng.randrange(2, vocab_size) for _ in range(prompt)], DEPLOYED_OUTPUT_TOKENS)]
                     for _ in range(batch)]  # fmt: skip
         workload = Workload(f"decode-{batch}x{prompt}", sessions)
@@ -201,8 +206,13 @@ async def decode_timings_as_deployed(http_url: str, grpc_address: str, vocab_siz
             raise RuntimeError(f"decode shape {batch}x{prompt}: {len(short)} streams failed or fell short: {short[0]}")
         runs = [list(itertools.accumulate(r.itl_s, initial=r.start_s + r.ttft_s)) for r in records]
         if number > 0:
-            timings.append(decode_step(batch, prompt, DEPLOYED_OUTPUT_TOKENS, runs))
-    return timings
+            timings.setdefault((batch, prompt), []).append(decode_step(batch, prompt, DEPLOYED_OUTPUT_TOKENS, runs))
+    return [median_timing(repeats) for repeats in timings.values()]
+
+
+def median_timing(repeats: list[StepTiming]) -> StepTiming:
+    """One shape's timings as one: the median of their times."""
+    return replace(repeats[0], ms=statistics.median(t.ms for t in repeats))
 
 
 def write_profile(profile: HardwareProfile, path: Path) -> Path:

@@ -243,6 +243,8 @@ def _parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     simulator_bench.add_argument("--profile-out", type=Path, default=Path("bench/results/cpu_profile.json"),
                                  help="where the measured profile goes (for engine.simulated_profile)")  # fmt: skip
+    simulator_bench.add_argument("--rounds", type=int, default=2,
+                                 help="real and simulated runs in turn this many times; medians kept")  # fmt: skip
     _add_json_dir_flag(simulator_bench, "simulator.json")
     simulator_bench.set_defaults(run=_bench_simulator)
     placement_bench = suites.add_parser(
@@ -700,7 +702,7 @@ def _bench_simulator(args: argparse.Namespace) -> int:
 
     config = _bench_config(args)
     vocab_size = model_info(config.engine).vocab_size
-    result = run_simulator_check(config, vocab_size, args.link_gb_per_s * 1e9, args.profile_out)
+    result = run_simulator_check(config, vocab_size, args.link_gb_per_s * 1e9, args.profile_out, args.rounds)
     print(json.dumps({k: v for k, v in result.items() if k != "engine_timings"}, indent=2))
     print(f"wrote {args.profile_out}")
     if args.json is not None:

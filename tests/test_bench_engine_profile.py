@@ -14,8 +14,9 @@ from bench.engine_profile import (
     StepTiming,
     decode_step,
     fit,
+    median_timing,
 )
-from bench.simulator_check import furthest_from_one
+from bench.simulator_check import furthest_from_one, pair_figures, run_simulator_check
 from engine.sim.profile import PROFILES
 
 
@@ -50,6 +51,25 @@ def test_a_coefficient_that_fits_negative_is_dropped_and_the_rest_refitted():
     fitted = fit(timings)
     assert all(value >= 0 for value in fitted.values())
     assert fitted["decode_ms_per_context_token"] == 0.0 and fitted["prefill_ms_per_token"] == pytest.approx(0.1)
+
+
+def test_a_shape_timed_several_times_keeps_the_median():
+    repeats = [StepTiming(0, 1, 576, ms) for ms in (10.6, 8.6, 10.1)]
+    assert median_timing(repeats) == StepTiming(0, 1, 576, 10.1)
+
+
+def test_a_pair_is_the_ratio_of_the_medians_of_its_rounds():
+    real = [{"ttft_p50_ms": t, "tpot_p50_ms": 10.0} for t in (100.0, 180.0, 120.0)]
+    simulated = [{"ttft_p50_ms": t, "tpot_p50_ms": 9.0} for t in (110.0, 105.0, 300.0)]
+    pair = pair_figures(real, simulated)
+    assert pair["ttft_p50_sim_vs_real"] == pytest.approx(110.0 / 120.0)
+    assert pair["tpot_p50_sim_vs_real"] == pytest.approx(0.9)
+    assert pair["real_rounds"] == real
+
+
+def test_no_rounds_is_refused_before_anything_runs():
+    with pytest.raises(ValueError, match="rounds"):
+        run_simulator_check(None, 0, 1e9, None, rounds=0)
 
 
 def test_the_headline_ratio_is_the_pair_furthest_from_one():

@@ -187,7 +187,7 @@ def test_on_cores_the_step_process_spins_for_a_second_after_a_step_then_sleeps(m
         time.sleep(seconds)
         return sum(process.cpu_times()[:2]) - before
 
-    assert cpu_seconds_over(0.4) > 0.2
+    assert cpu_seconds_over(0.4) > 0.1  # ~0.4 alone on its core; half of that beside one busy process
     time.sleep(1.0)
     assert cpu_seconds_over(0.4) < 0.05
 
