@@ -24,11 +24,14 @@ import select
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
-from engine.config import EngineConfig
 from engine.core_ledger import bound_cores
 from engine.errors import EngineConfigError, EngineDeadError
 from engine.process_priority import prioritize
+
+if TYPE_CHECKING:  # the step process runs this module: it need not import pydantic for a type (~0.2 s)
+    from engine.config import EngineConfig
 
 _START_DEADLINE_S = 30.0  # the step process imports nothing heavy: seconds on a loaded node
 _STEP_DEADLINE_FLOOR_S = 10.0  # a step on a core shared with busy processes may take many times its CPU time
