@@ -149,6 +149,11 @@ class EngineConfig(BaseModel):
             raise ValueError("kind simulated runs one rank: tensor_parallel_size must be 1")
         if self.tool_call_parser is not None:
             raise ValueError("kind simulated reads no tool calls: leave tool_call_parser unset")
+        if self.simulated_compute == "sleep":
+            for name in ("cpu_cores", "nice"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} places a simulated engine's steps only with simulated_compute: "
+                                     "cores (sleeping steps take no CPU)")  # fmt: skip
         return self
 
     @field_validator("model", mode="before")

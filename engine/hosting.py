@@ -33,7 +33,7 @@ from engine.core_ledger import CoreLedger, CoreRequest, omp_bind
 from engine.errors import EngineDeadError
 from engine.factory import build_engine
 from engine.model_source import ModelSource, on_this_node
-from engine.throughput import BusyRate, RunningMean
+from engine.throughput import BusyRate, TokensPerRequest
 from engine.types import EngineStats, GenerateRequest, LoadFigures, OutputDelta
 
 log = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class HostedEngine:
         self._queued_prefill_tokens = 0  # prompt tokens admitted that have not produced a token yet
         # For the coordinated autoscaler: what this worker sustains, and the requests it sees.
         self.prefill_rate, self.decode_rate = BusyRate(), BusyRate()
-        self.prompt_tokens, self.output_tokens = RunningMean(), RunningMean()
+        self.prompt_tokens, self.output_tokens = TokensPerRequest(), TokensPerRequest()
         self._stop = threading.Event()
         self._beat_now = threading.Event()  # a prompt is done: the queue the index holds is out of date
         self._heartbeat_s = heartbeat_s
@@ -114,15 +114,16 @@ class HostedEngine:
                     self._beat_now.set()
                     computed = delta.prompt_tokens - delta.cached_prompt_tokens
                     self.prefill_rate.add(computed)
+                    self.prompt_tokens.begin()
                     self.prompt_tokens.add(computed)
+                    self.output_tokens.begin()
                     self.prefill_rate.end()
                     self.decode_rate.begin()
                     self.decode_rate.add(len(delta.token_ids) - 1)  # merged deltas: the rest were decoded
                     decoding = True
                 else:
                     self.decode_rate.add(len(delta.token_ids))
-                if delta.finished:
-                    self.output_tokens.add(delta.completion_tokens)
+                self.output_tokens.add(len(delta.token_ids))
                 yield delta
         finally:
             if waiting:

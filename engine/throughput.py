@@ -53,12 +53,40 @@ class BusyRate:
         self._at = now
 
 
-class RunningMean:
-    """A mean that weighs recent samples more: each new one counts ``weight`` of the whole."""
+class TokensPerRequest:
+    """Tokens per request over the last ``window_s`` (both decaying with that time constant): a request is
+    counted when it begins, its tokens as they come.
 
-    def __init__(self, weight: float = 0.05):
-        self._weight = weight
-        self.value: float | None = None
+    By flow, not on completion: a burst of long generations shows as soon as their tokens stream, where a
+    mean of finished lengths would wait for the first of them to end (a 256-token stream at ~10 tokens/s:
+    25 s in which the coordinated policy sized the prefill pool for the old, short outputs). In a steady
+    state the two agree (tokens per second over requests per second). Decaying in time rather than per
+    request, a replica that sees few requests forgets the old mix as fast as one that sees many."""
 
-    def add(self, sample: float) -> None:
-        self.value = sample if self.value is None else self.value + (sample - self.value) * self._weight
+    def __init__(self, window_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        self._window_s = window_s
+        self._clock = clock
+        self._requests = 0.0
+        self._tokens = 0.0
+        self._at = clock()
+
+    def begin(self) -> None:
+        self._advance()
+        self._requests += 1
+
+    def add(self, tokens: int) -> None:
+        self._advance()
+        self._tokens += tokens
+
+    @property
+    def value(self) -> float | None:
+        """None until a request has begun."""
+        self._advance()
+        return self._tokens / self._requests if self._requests else None
+
+    def _advance(self) -> None:
+        now = self._clock()
+        decay = math.exp(-(now - self._at) / self._window_s)
+        self._requests *= decay
+        self._tokens *= decay
+        self._at = now

@@ -82,8 +82,9 @@ class CoordinatedPolicy:
 
     A request costs the prefill pool ``prompt / R_p`` replica-seconds and the decode pool
     ``output / R_d``, where ``R`` is what one replica of the pool sustains while busy (measured by
-    the replicas) and the lengths are the means the replicas see (uncached prompt tokens; output
-    tokens). So the pools should stand in the ratio ``(prompt / R_p) : (output / R_d)``. When the
+    the replicas) and the lengths are the means the replicas see over the last ~10 s (uncached prompt
+    tokens; output tokens, counted as they stream: ``engine/throughput.py``). So the pools should
+    stand in the ratio ``(prompt / R_p) : (output / R_d)``. When the
     replica counts fall outside ``[ideal / ratio_slack, ideal * ratio_slack]``, the smaller side is
     raised, never the larger lowered, and only once the larger has grown past its minimum (the ratio
     guards growth; at low load the rates, measured on small batches, say little): a burst of long

@@ -277,13 +277,19 @@ class PdserveConfig(BaseModel):
             return EngineConfig.model_validate({**self.engine.model_dump(exclude_unset=True), **overrides})
         except ValidationError as exc:
             first = exc.errors()[0]
+            if first["type"] == "value_error" and not first["loc"]:  # a check across fields: its message names them
+                raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
             field = ".".join(str(part) for part in first["loc"])
             raise ValueError(f"{where}.{field}: {first['msg']} (got {first.get('input')!r})") from None
 
     @model_validator(mode="after")
     def _pool_engines_are_valid(self) -> PdserveConfig:
         for role in ("prefill", "decode"):
-            self.pool_engine(role)
+            engine = self.pool_engine(role)
+            cores = getattr(self.service, role).cpu_cores
+            if engine.kind == "simulated" and engine.simulated_compute == "sleep" and cores not in (None, "auto"):
+                raise ValueError(f"service.{role}.cpu_cores: places a simulated engine's steps only with "
+                                 "simulated_compute: cores (sleeping steps take no CPU)")  # fmt: skip
         return self
 
     @model_validator(mode="after")
@@ -433,8 +439,11 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def _describe(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
-        if error["type"] == "value_error" and not error["loc"]:  # a check across fields: its message names them
-            lines.append(error["msg"].removeprefix("Value error, "))
+        if error["type"] == "value_error" and not isinstance(error["input"], str | int | float):
+            # a check across fields (of the config, or of one section): its message names them
+            where = ".".join(str(part) for part in error["loc"])
+            message = error["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {message}" if where else message)
             continue
         field = ".".join(str(part) for part in error["loc"]) or "config"
         got = (

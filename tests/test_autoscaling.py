@@ -6,7 +6,7 @@ import pytest
 from ray.serve._private.common import DeploymentID, TimeStampedValue
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
-from engine.throughput import BusyRate, RunningMean
+from engine.throughput import BusyRate, TokensPerRequest
 from pdserve.autoscaling import (
     DECODE_TOKENS_PER_S,
     HELD_PREFILL_TOKENS,
@@ -179,10 +179,35 @@ def test_a_busy_rate_counts_only_the_time_with_work():
     rate.end()
     now[0] = 60.0  # a minute idle does not dilute it
     assert rate.rate() == pytest.approx(500.0)
-    mean = RunningMean(weight=0.5)
-    mean.add(100)
-    mean.add(300)
-    assert mean.value == 200
+
+
+def test_tokens_per_request_count_a_long_generation_while_it_streams_not_when_it_ends():
+    now = [0.0]
+    output = TokensPerRequest(window_s=10.0, clock=lambda: now[0])
+    assert output.value is None  # nothing seen
+    for _ in range(4):  # the old mix: 32-token outputs, done
+        output.begin()
+        output.add(32)
+    assert output.value == pytest.approx(32.0)
+    for second in range(1, 11):  # then two 256-token streams a second begin, each 10 tokens a second
+        now[0] = float(second)
+        for _ in range(2):
+            output.begin()
+        output.add(10 * 2 * second)  # every stream begun so far gives its 10 tokens
+    assert output.value > 50  # ten seconds in (one window), none of them finished: 32 by finished lengths
+
+
+def test_tokens_per_request_forget_the_old_mix_in_time_however_few_requests_a_replica_sees():
+    now = [0.0]
+    prompts = TokensPerRequest(window_s=10.0, clock=lambda: now[0])
+    for _ in range(10):
+        prompts.begin()
+        prompts.add(2048)
+    now[0] = 30.0  # three windows later, three short prompts outweigh the ten long ones
+    for _ in range(3):
+        prompts.begin()
+        prompts.add(256)
+    assert prompts.value < 600  # a mean moving 5 % a request would still read ~1,800
 
 
 @pytest.mark.parametrize(

@@ -171,3 +171,20 @@ def test_a_gpu_config_written_as_a_serve_config_loads_back_without_a_kv_cache_gi
     args = serve_application(config)["args"]
     assert "kv_cache_gib" not in args["engine"]
     assert load_config(data=args).engine.gpu_memory_utilization == 0.9
+
+
+@pytest.mark.parametrize(
+    "source,field",
+    [
+        ({"service.decode.cpu_cores": "1"}, "service.decode.cpu_cores: "),
+        ({"engine.cpu_cores": "1"}, "engine: cpu_cores "),
+        ({"service.prefill.engine": {"nice": 5}}, "service.prefill.engine: nice "),
+    ],
+    ids=["pool", "engine", "pool-engine"],
+)
+def test_cores_given_for_a_simulated_engine_that_sleeps_are_refused(source, field):
+    """Its steps take no CPU: cores or a niceness for them would be accepted and ignored."""
+    simulated = {"engine.kind": "simulated", "engine.num_kv_blocks": 64}
+    with pytest.raises(ConfigError, match=re.escape(field) + r".*only with simulated_compute: cores"):
+        load_config(overrides={**simulated, **source})
+    load_config(overrides={**simulated, **source, "engine.simulated_compute": "cores"})

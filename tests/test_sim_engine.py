@@ -215,6 +215,13 @@ def test_a_step_on_cores_stretches_beside_a_busy_process_and_an_asleep_one_does_
     assert slept < 0.24 * 1.3
 
 
+@pytest.mark.parametrize("length", [1, 2, 3, 4])
+def test_on_cores_a_prompt_of_one_to_four_tokens_is_served(make_engine, length):
+    engine = make_engine(simulated_compute="cores")
+    deltas = run(engine, prompt(length), max_tokens=3, ignore_eos=True)
+    assert sum(len(delta.token_ids) for delta in deltas) == 3 and deltas[-1].finish_reason == "length"
+
+
 def test_an_engine_whose_step_process_died_is_dead_and_says_so(make_engine, tmp_path):
     engine = make_engine(simulated_compute="cores")
     [process] = step_processes()
@@ -300,6 +307,8 @@ def test_a_named_profile_cites_its_figures_and_a_bad_one_is_refused(tmp_path):
         ({"kind": "simulated", "num_kv_blocks": 8, "tensor_parallel_size": 2}, "tensor_parallel_size"),
         ({"simulated_profile": "llama-3.1-8b-h100"}, "only for kind: simulated"),
         ({"simulated_compute": "cores"}, "only for kind: simulated"),
+        ({"kind": "simulated", "num_kv_blocks": 8, "cpu_cores": "0"}, "cpu_cores .*only with simulated_compute: cores"),
+        ({"kind": "simulated", "num_kv_blocks": 8, "nice": 5}, "nice .*only with simulated_compute: cores"),
     ],
 )
 def test_a_simulated_engine_config_it_cannot_honour_is_refused(fields, message):
