@@ -44,6 +44,7 @@ class Record:
     prompt_worker: str = ""  # gRPC only: the worker that computed the prompt (a decode worker when it did)
     decode_worker: str = ""  # gRPC only
     router: str = ""  # gRPC only: the router replica that ran it
+    ttft_parts_s: dict[str, float] = field(default_factory=dict)  # gRPC only: the router's split of its TTFT
 
     @property
     def tpot_s(self) -> float:
@@ -155,6 +156,7 @@ async def send_grpc(stub, turn: Turn, record: Record, timeout_s: float) -> None:
             record.decode_worker = reply.timing.decode_worker
             record.prompt_worker = reply.timing.prefill_worker or reply.timing.decode_worker
             record.router = reply.timing.router
+            record.ttft_parts_s = dict(reply.timing.ttft_parts_s)
         if reply.token_ids:
             last = _token(record, start, last, len(reply.token_ids))
     record.e2e_s = time.perf_counter() - start
@@ -196,6 +198,10 @@ def summarize(records: list[Record], wall_s: float, slo: SLO | None = None) -> d
         "prefix_hit_rate": sum(r.cached_tokens for r in done) / max(sum(r.prompt_tokens for r in done), 1),
         "wall_s": wall_s,
     }
+    split = [r.ttft_parts_s for r in done if r.ttft_parts_s]
+    if split:  # where the router's TTFT goes, as means (they add up to its mean): gRPC only
+        summary["ttft_parts_mean_ms"] = {part: 1000 * statistics.fmean(parts.get(part, 0.0) for parts in split)
+                                         for part in split[0]}  # fmt: skip
     if slo is not None:
         met = sum(slo.met(r) for r in records)
         summary.update(slo=asdict(slo), slo_attainment=met / max(len(records), 1), goodput_rps=met / wall_s)

@@ -111,6 +111,9 @@ def _figures(summary: dict) -> dict:
         "ttft_p50_ms": summary["ttft"]["p50_ms"],
         "tpot_p50_ms": summary["tpot"]["p50_ms"],
         "prefix_hit_rate": summary["prefix_hit_rate"],
+        # where the time to the first token goes, real against simulated (means: they add up to the mean)
+        "ttft_mean_ms": summary["ttft"]["mean_ms"],
+        "ttft_parts_mean_ms": summary.get("ttft_parts_mean_ms", {}),
     }
 
 

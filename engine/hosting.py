@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from pydantic import SecretStr
@@ -106,9 +106,11 @@ class HostedEngine:
         self._queued_prefill_tokens += waiting
         self.prefill_rate.begin()
         decoding = False
+        arrived = time.monotonic()
         try:
             async for delta in self.engine.generate(request):
                 if not decoding:
+                    delta = replace(delta, worker_first_delta_s=time.monotonic() - arrived)
                     self._queued_prefill_tokens -= waiting
                     waiting = 0
                     self._beat_now.set()

@@ -103,6 +103,9 @@ class OutputDelta:
     prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
     # A chat with tools: the tool-call pieces this step added (``text`` is then the content around them).
     tool_calls: tuple[ToolCallDelta, ...] = ()
+    # On a worker's first delta: seconds from the request reaching the worker to this delta, as the worker
+    # measured it (its queue, the prompt computed or its KV pulled, the first step): the worker's share of TTFT.
+    worker_first_delta_s: float | None = None
 
     @property
     def finished(self) -> bool:
@@ -126,6 +129,7 @@ class OutputDelta:
             kv_pulled_tokens=last.kv_pulled_tokens,
             prompt_logprobs=self.prompt_logprobs,
             tool_calls=_joined(call for delta in (self, *later) for call in delta.tool_calls),
+            worker_first_delta_s=self.worker_first_delta_s,
         )  # fmt: skip
 
 

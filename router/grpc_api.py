@@ -105,7 +105,8 @@ def response(chunk: Chunk) -> pb.GenerateResponse:
         t = chunk.timing
         message.timing.CopyFrom(pb.Timing(ttft_s=t.ttft_s, e2e_s=t.e2e_s, placement=t.placement,
                                           prefill_worker=t.prefill_worker, decode_worker=t.decode_worker,
-                                          router=t.router, migrations=t.migrations))  # fmt: skip
+                                          router=t.router, migrations=t.migrations,
+                                          ttft_parts_s=t.ttft_parts))  # fmt: skip
     return message
 
 

@@ -29,6 +29,14 @@ class RouterMetrics:
     def __init__(self, model_id: str, health: Callable[[], IndexHealth]):
         self.registry = r = CollectorRegistry()
         self.ttft = _Mirrored(Histogram, "time_to_first_token_seconds", "Time to first token.", r, (), TTFT_BUCKETS)
+        self.ttft_parts = _Mirrored(
+            Histogram, "time_to_first_token_part_seconds", "Each request's time to first token in parts that add up "
+            "to it: placement (admitted to placed: held for prefill room, waiting for a worker), prefill_handle "
+            "(placed to the decode worker asked: waiting for the prefill worker's transfer handle), worker (the "
+            "decode worker's own time to its first token, as it measured it: its queue, the KV pulled or the prompt "
+            "computed, the first step), transit (the rest: the calls and streams between router and worker).",
+            r, ("part",), TTFT_BUCKETS,
+        )  # fmt: skip
         self.itl = _Mirrored(Histogram, "inter_token_latency_seconds", "Between output tokens.", r, (), ITL_BUCKETS)
         self.e2e = _Mirrored(Histogram, "e2e_request_latency_seconds", "End-to-end latency.", r, (), E2E_BUCKETS)
         self.requests = _Mirrored(Counter, "requests", "Finished requests by outcome.", r, ("outcome",))

@@ -110,6 +110,7 @@ class Timing:
     decode_worker: str
     router: str
     migrations: int = 0  # decode workers lost mid-stream, the request carried on elsewhere
+    ttft_parts: dict[str, float] = field(default_factory=dict)  # pdserve:time_to_first_token_part_seconds's
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,8 @@ class _Progress:
     placement: Placement
     handle: str | None
     transfer_id: str
+    placed_at: float  # the parts of the time to the first token: admitted (start), placed, decode worker asked
+    asked_at: float = 0.0
     decode_worker: str = ""
     token_ids: list[int] = field(default_factory=list)  # every token the client has been sent
     first_at: float | None = None
@@ -173,6 +176,7 @@ class _Progress:
     gone: set[str] = field(default_factory=set)
     move: asyncio.Event = field(default_factory=asyncio.Event)  # set: leave a draining decode worker now
     prefill_hit: asyncio.Future | None = None  # the prefill worker's own prefix hit, once its prefill ends
+    ttft_parts: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
         self.decode_worker = self.decode_worker or self.placement.decode_worker
@@ -274,13 +278,14 @@ class GenerationService:
             chain = hash_chain(self.model.model_id, token_ids, self.model.block_size)
             placing = self._place(rid, len(token_ids), chain, request.sampling, shares_prompt_with)
             placement = await _unless_aborted(placing, aborted)  # held for prefill room, or waiting for a worker
+            placed_at = time.perf_counter()
             if placement is None:
                 outcome = "abort"
                 yield Chunk(rid, [], "", "abort")
                 return
             engine_request = GenerateRequest(rid, token_ids, request.sampling)
             hashes = [digest.hex() for digest in chain]
-            async for chunk in self._run(engine_request, placement, hashes, start, aborted):
+            async for chunk in self._run(engine_request, placement, hashes, (start, placed_at), aborted):
                 yield chunk
                 if chunk.finish_reason is not None:
                     outcome = chunk.finish_reason
@@ -493,15 +498,21 @@ class GenerationService:
         return task
 
     async def _run(
-        self, request: GenerateRequest, placement: Placement, hashes: list[str], start: float, aborted: asyncio.Event
+        self,
+        request: GenerateRequest,
+        placement: Placement,
+        hashes: list[str],
+        times: tuple[float, float],
+        aborted: asyncio.Event,
     ) -> AsyncIterator[Chunk]:
+        """``times``: when the request was admitted and when it was placed."""
         handle, prefilling, transfer_id = None, None, f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         if placement.prefill_worker is not None:
             handle, prefilling = await self._prefill(placement, PrefillJob(request, transfer_id, hashes))
         pool = "decode" if handle is None else "prefill"
         self.metrics.prompt_tokens.labels(pool).inc(len(request.prompt_token_ids))
         self.prompt_tokens_total += len(request.prompt_token_ids)
-        progress = self._streams[request.request_id] = _Progress(start, placement, handle, transfer_id)
+        progress = self._streams[request.request_id] = _Progress(times[0], placement, handle, transfer_id, times[1])
         progress.prefill_hit = prefilling
         self._watch_drains()
         job = DecodeJob(request, handle, hashes)
@@ -524,6 +535,7 @@ class GenerationService:
     async def _decode(self, job: DecodeJob, progress: _Progress, aborted: asyncio.Event) -> AsyncIterator[Chunk]:
         """One decode worker's stream as chunks, its tokens recorded in ``progress`` for a migration."""
         rid = job.request.request_id
+        progress.asked_at = time.perf_counter()
         stream = self._pools.decode(progress.decode_worker, job)
         stall_s = self.config.recovery.decode_stall_s
         progress.move.clear()
@@ -544,6 +556,7 @@ class GenerationService:
                         if not (first_token := self._first_tokens[rid]).done():
                             first_token.set_result(progress.decode_worker)
                         self.metrics.ttft.observe(now - progress.start)
+                        self._observe_ttft_parts(progress, now, delta.worker_first_delta_s)
                     else:
                         for _ in delta.token_ids:
                             self.metrics.itl.observe((now - progress.last_at) / len(delta.token_ids))
@@ -560,6 +573,19 @@ class GenerationService:
             raise WorkerGoneError(progress.decode_worker, str(exc)) from exc
         finally:
             await _close(stream)
+
+    def _observe_ttft_parts(self, progress: _Progress, first_at: float, worker_s: float | None) -> None:
+        """The time to the first token in its parts (``pdserve:time_to_first_token_part_seconds``); the worker's
+        own share and the transit around it only where the first token came on the worker's first delta."""
+        parts = {
+            "placement": progress.placed_at - progress.start,
+            "prefill_handle": progress.asked_at - progress.placed_at,
+        }
+        if worker_s is not None:
+            parts |= {"worker": worker_s, "transit": max(0.0, first_at - progress.asked_at - worker_s)}
+        for part, seconds in parts.items():
+            self.metrics.ttft_parts.labels(part).observe(seconds)
+        progress.ttft_parts = parts
 
     async def _migrate(self, request: GenerateRequest, progress: _Progress, lost: WorkerGoneError) -> DecodeJob:
         """Continue on another decode worker, which prefills the prompt and the tokens already streamed.
@@ -723,6 +749,7 @@ class GenerationService:
             decode_worker=progress.decode_worker,
             router=self.router_id,
             migrations=progress.migrations,
+            ttft_parts=progress.ttft_parts,
         )
         tokens, text, reason = list(delta.token_ids), delta.text, delta.finish_reason
         return Chunk(request_id, tokens, text, reason, usage, timing, delta.stop_reason, delta.logprobs,

@@ -111,6 +111,28 @@ def test_a_long_prompt_sent_again_is_prefilled_where_it_is_cached(client):
         assert again.timing.prefill_worker == holder and again.usage.cached_prompt_tokens >= 288
 
 
+def test_the_time_to_the_first_token_is_reported_in_parts_that_add_up_to_it(client):
+    names = ("placement", "prefill_handle", "worker", "transit")
+    for ids, placement in ((prompt(300, 31), "disaggregated"), (prompt(3, 32), "local_prefill")):
+        _, _, last = client.greedy(ids, 2)
+        assert last.timing.placement == placement
+        assert set(last.timing.ttft_parts_s) == set(names)
+        assert sum(last.timing.ttft_parts_s.values()) == pytest.approx(last.timing.ttft_s, rel=1e-6)
+        assert last.timing.ttft_parts_s["worker"] > 0
+    metrics = client.get("/metrics")[1].decode()
+
+    def figure(name: str, part: str | None = None) -> float:
+        label = "" if part is None else f'{{part="{part}"}}'
+        [value] = [float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + label + " ")]
+        return value
+
+    ttft, parts = "pdserve:time_to_first_token_seconds", "pdserve:time_to_first_token_part_seconds"
+    for part in names:  # every request's first token came on its decode worker's first delta: each part measured
+        assert figure(parts + "_count", part) == figure(ttft + "_count") >= 2
+    assert sum(figure(parts + "_sum", part) for part in names) == pytest.approx(figure(ttft + "_sum"), rel=1e-6)
+    assert figure(parts + "_sum", "worker") > 0 and figure(parts + "_sum", "prefill_handle") > 0
+
+
 def test_a_router_replica_restarted_rebuilds_its_in_memory_index_from_the_workers(service, client):
     """The in-memory index lives in the router replica: its replacement starts empty, every worker's next
     heartbeat finds itself unknown and re-sends what it holds, and a cached prompt is placed on its holder again."""

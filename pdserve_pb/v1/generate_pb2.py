@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdserve_pb/v1/generate.proto\x12\npdserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa9\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12=\n\nlogit_bias\x18\x0e \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x0f \x03(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\t\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x12 \x01(\x05H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\x0b\x88\x01\x01\x12\x11\n\tbad_words\x18\x14 \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB\x19\n\x17_truncate_prompt_tokensB\x0b\n\t_logprobs\"\xa7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParamsB\x08\n\x06prompt\"v\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x1d\n\x15kv_transferred_tokens\x18\x04 \x01(\r\"\x8d\x01\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\x12\x11\n\tplacement\x18\x03 \x01(\t\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\x12\x15\n\rdecode_worker\x18\x05 \x01(\t\x12\x0e\n\x06router\x18\x06 \x01(\t\x12\x12\n\nmigrations\x18\x07 \x01(\r\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"\x8f\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.pdserve.v1.Timing\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x17\n\rstop_token_id\x18\x08 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\t \x01(\tH\x00\x42\r\n\x0bstop_reason\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"C\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelCard\"\x0f\n\rStatusRequest\"\xf0\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0crunning_seqs\x18\x03 \x01(\r\x12\x14\n\x0cwaiting_seqs\x18\x04 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x04\x12\x18\n\x10kv_used_fraction\x18\x06 \x01(\x01\x12\x15\n\rcached_blocks\x18\x07 \x01(\x04\x12\x11\n\tin_flight\x18\x08 \x01(\r\x12\x11\n\tcpu_cores\x18\t \x01(\t\x12\x1d\n\x15placed_prefill_tokens\x18\n \x01(\x04\"\xa0\x02\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12)\n\x07workers\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus\x12\x17\n\x0findex_available\x18\x05 \x01(\x08\x12\x15\n\rindex_outages\x18\x06 \x01(\x04\x12\x18\n\x10requests_running\x18\x07 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\t \x01(\x04\x12\x1d\n\x15prefill_held_requests\x18\n \x01(\r\x12\x1b\n\x13prefill_held_tokens\x18\x0b \x01(\x04\x32\xa1\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponse\x12?\n\x06Status\x12\x19.pdserve.v1.StatusRequest\x1a\x1a.pdserve.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cpdserve_pb/v1/generate.proto\x12\npdserve.v1\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\xa9\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x02H\x04\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x07 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x08 \x03(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x1d\n\x10presence_penalty\x18\n \x01(\x02H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x0b \x01(\x02H\x07\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0c \x01(\x02H\x08\x88\x01\x01\x12\x12\n\nmin_tokens\x18\r \x01(\r\x12=\n\nlogit_bias\x18\x0e \x03(\x0b\x32).pdserve.v1.SamplingParams.LogitBiasEntry\x12\x19\n\x11\x61llowed_token_ids\x18\x0f \x03(\r\x12\"\n\x1ainclude_stop_str_in_output\x18\x10 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\t\x88\x01\x01\x12#\n\x16truncate_prompt_tokens\x18\x12 \x01(\x05H\n\x88\x01\x01\x12\x15\n\x08logprobs\x18\x13 \x01(\rH\x0b\x88\x01\x01\x12\x11\n\tbad_words\x18\x14 \x03(\t\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x08\n\x06_min_pB\x07\n\x05_seedB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x16\n\x14_skip_special_tokensB\x19\n\x17_truncate_prompt_tokensB\x0b\n\t_logprobs\"\xa7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x0e\n\x04text\x18\x03 \x01(\tH\x00\x12)\n\ttoken_ids\x18\x04 \x01(\x0b\x32\x14.pdserve.v1.TokenIdsH\x00\x12,\n\x08sampling\x18\x05 \x01(\x0b\x32\x1a.pdserve.v1.SamplingParamsB\x08\n\x06prompt\"v\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\x12\x1d\n\x15kv_transferred_tokens\x18\x04 \x01(\r\"\xfa\x01\n\x06Timing\x12\x0e\n\x06ttft_s\x18\x01 \x01(\x01\x12\r\n\x05\x65\x32\x65_s\x18\x02 \x01(\x01\x12\x11\n\tplacement\x18\x03 \x01(\t\x12\x16\n\x0eprefill_worker\x18\x04 \x01(\t\x12\x15\n\rdecode_worker\x18\x05 \x01(\t\x12\x0e\n\x06router\x18\x06 \x01(\t\x12\x12\n\nmigrations\x18\x07 \x01(\r\x12\x38\n\x0cttft_parts_s\x18\x08 \x03(\x0b\x32\".pdserve.v1.Timing.TtftPartsSEntry\x1a\x31\n\x0fTtftPartsSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"e\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12#\n\x03top\x18\x04 \x03(\x0b\x32\x16.pdserve.v1.TopLogprob\"\x8f\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.pdserve.v1.Usage\x12\"\n\x06timing\x18\x06 \x01(\x0b\x32\x12.pdserve.v1.Timing\x12*\n\x08logprobs\x18\x07 \x03(\x0b\x32\x18.pdserve.v1.TokenLogprob\x12\x17\n\rstop_token_id\x18\x08 \x01(\rH\x00\x12\x15\n\x0bstop_string\x18\t \x01(\tH\x00\x42\r\n\x0bstop_reason\"\"\n\x0c\x41\x62ortRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\"\x1e\n\rAbortResponse\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\"\x13\n\x11ListModelsRequest\"C\n\tModelCard\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\r\x12\x12\n\nblock_size\x18\x03 \x01(\r\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.pdserve.v1.ModelCard\"\x0f\n\rStatusRequest\"\xf0\x01\n\x0cWorkerStatus\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0crunning_seqs\x18\x03 \x01(\r\x12\x14\n\x0cwaiting_seqs\x18\x04 \x01(\r\x12\x1d\n\x15queued_prefill_tokens\x18\x05 \x01(\x04\x12\x18\n\x10kv_used_fraction\x18\x06 \x01(\x01\x12\x15\n\rcached_blocks\x18\x07 \x01(\x04\x12\x11\n\tin_flight\x18\x08 \x01(\r\x12\x11\n\tcpu_cores\x18\t \x01(\t\x12\x1d\n\x15placed_prefill_tokens\x18\n \x01(\x04\"\xa0\x02\n\x0eStatusResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\x12\x0e\n\x06policy\x18\x03 \x01(\t\x12)\n\x07workers\x18\x04 \x03(\x0b\x32\x18.pdserve.v1.WorkerStatus\x12\x17\n\x0findex_available\x18\x05 \x01(\x08\x12\x15\n\rindex_outages\x18\x06 \x01(\x04\x12\x18\n\x10requests_running\x18\x07 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x04\x12\x19\n\x11prefix_hit_tokens\x18\t \x01(\x04\x12\x1d\n\x15prefill_held_requests\x18\n \x01(\r\x12\x1b\n\x13prefill_held_tokens\x18\x0b \x01(\x04\x32\xa1\x02\n\nGeneration\x12G\n\x08Generate\x12\x1b.pdserve.v1.GenerateRequest\x1a\x1c.pdserve.v1.GenerateResponse0\x01\x12<\n\x05\x41\x62ort\x12\x18.pdserve.v1.AbortRequest\x1a\x19.pdserve.v1.AbortResponse\x12K\n\nListModels\x12\x1d.pdserve.v1.ListModelsRequest\x1a\x1e.pdserve.v1.ListModelsResponse\x12?\n\x06Status\x12\x19.pdserve.v1.StatusRequest\x1a\x1a.pdserve.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,6 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_TIMING_TTFTPARTSSENTRY']._loaded_options = None
+  _globals['_TIMING_TTFTPARTSSENTRY']._serialized_options = b'8\001'
   _globals['_TOKENIDS']._serialized_start=44
   _globals['_TOKENIDS']._serialized_end=67
   _globals['_SAMPLINGPARAMS']._serialized_start=70
@@ -44,29 +46,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_USAGE']._serialized_start=1051
   _globals['_USAGE']._serialized_end=1169
   _globals['_TIMING']._serialized_start=1172
-  _globals['_TIMING']._serialized_end=1313
-  _globals['_TOPLOGPROB']._serialized_start=1315
-  _globals['_TOPLOGPROB']._serialized_end=1377
-  _globals['_TOKENLOGPROB']._serialized_start=1379
-  _globals['_TOKENLOGPROB']._serialized_end=1480
-  _globals['_GENERATERESPONSE']._serialized_start=1483
-  _globals['_GENERATERESPONSE']._serialized_end=1754
-  _globals['_ABORTREQUEST']._serialized_start=1756
-  _globals['_ABORTREQUEST']._serialized_end=1790
-  _globals['_ABORTRESPONSE']._serialized_start=1792
-  _globals['_ABORTRESPONSE']._serialized_end=1822
-  _globals['_LISTMODELSREQUEST']._serialized_start=1824
-  _globals['_LISTMODELSREQUEST']._serialized_end=1843
-  _globals['_MODELCARD']._serialized_start=1845
-  _globals['_MODELCARD']._serialized_end=1912
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1914
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1973
-  _globals['_STATUSREQUEST']._serialized_start=1975
-  _globals['_STATUSREQUEST']._serialized_end=1990
-  _globals['_WORKERSTATUS']._serialized_start=1993
-  _globals['_WORKERSTATUS']._serialized_end=2233
-  _globals['_STATUSRESPONSE']._serialized_start=2236
-  _globals['_STATUSRESPONSE']._serialized_end=2524
-  _globals['_GENERATION']._serialized_start=2527
-  _globals['_GENERATION']._serialized_end=2816
+  _globals['_TIMING']._serialized_end=1422
+  _globals['_TIMING_TTFTPARTSSENTRY']._serialized_start=1373
+  _globals['_TIMING_TTFTPARTSSENTRY']._serialized_end=1422
+  _globals['_TOPLOGPROB']._serialized_start=1424
+  _globals['_TOPLOGPROB']._serialized_end=1486
+  _globals['_TOKENLOGPROB']._serialized_start=1488
+  _globals['_TOKENLOGPROB']._serialized_end=1589
+  _globals['_GENERATERESPONSE']._serialized_start=1592
+  _globals['_GENERATERESPONSE']._serialized_end=1863
+  _globals['_ABORTREQUEST']._serialized_start=1865
+  _globals['_ABORTREQUEST']._serialized_end=1899
+  _globals['_ABORTRESPONSE']._serialized_start=1901
+  _globals['_ABORTRESPONSE']._serialized_end=1931
+  _globals['_LISTMODELSREQUEST']._serialized_start=1933
+  _globals['_LISTMODELSREQUEST']._serialized_end=1952
+  _globals['_MODELCARD']._serialized_start=1954
+  _globals['_MODELCARD']._serialized_end=2021
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2023
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2082
+  _globals['_STATUSREQUEST']._serialized_start=2084
+  _globals['_STATUSREQUEST']._serialized_end=2099
+  _globals['_WORKERSTATUS']._serialized_start=2102
+  _globals['_WORKERSTATUS']._serialized_end=2342
+  _globals['_STATUSRESPONSE']._serialized_start=2345
+  _globals['_STATUSRESPONSE']._serialized_end=2633
+  _globals['_GENERATION']._serialized_start=2636
+  _globals['_GENERATION']._serialized_end=2925
 # @@protoc_insertion_point(module_scope)
