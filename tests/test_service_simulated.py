@@ -113,7 +113,7 @@ def test_a_long_prompt_sent_again_is_prefilled_where_it_is_cached(client):
 
 def test_the_time_to_the_first_token_is_reported_in_parts_that_add_up_to_it(client):
     names = ("placement", "prefill_handle", "worker", "transit")
-    for ids, placement in ((prompt(300, 31), "disaggregated"), (prompt(3, 32), "local_prefill")):
+    for ids, placement in ((prompt(300, 41), "disaggregated"), (prompt(3, 42), "local_prefill")):
         _, _, last = client.greedy(ids, 2)
         assert last.timing.placement == placement
         assert set(last.timing.ttft_parts_s) == set(names)
