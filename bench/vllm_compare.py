@@ -17,7 +17,11 @@ its rounds: this machine's speed drifts by up to a quarter between minutes
 (measured: one colocated service, 208 then 156 output tok/s ten minutes
 apart), and interleaving puts the drift on all three alike. Each round's own
 ratios are kept beside, to show their spread, with the cores each pdserve
-worker's engine claimed in that round (the node's core ledger).
+worker's engine claimed in that round (the node's core ledger). For pdserve,
+each workload's figures also say where its router's time to the first token
+went: the means of ``pdserve:time_to_first_token_part_seconds`` over the
+workload (``ttft_<part>_mean_ms``, adding up to ``router_ttft_mean_ms``; the
+client's TTFT adds the HTTP front end's time around it).
 """
 
 from __future__ import annotations
@@ -70,7 +74,8 @@ def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: 
                 with Server(command, env, f"http://127.0.0.1:{port}", pools) as url:
                     if pools:
                         round_cores[-1][server] = claimed_cores()
-                    per_round[-1][server] = {w: _client(url, name, model_dir, f) for w, f in WORKLOADS.items()}
+                    per_round[-1][server] = {w: _measure(url, name, model_dir, f, bool(pools))
+                                             for w, f in WORKLOADS.items()}  # fmt: skip
     figures = {server: {w: _medians([one[server][w] for one in per_round]) for w in WORKLOADS} for server in servers}
     result = {
         "rounds": rounds, "figures": figures, **ratios(figures), "round_ratios": [ratios(one) for one in per_round],
@@ -128,6 +133,40 @@ def vllm_server(model_dir: Path, port: int, kv_cache_gib: int, rpc_dir: str) -> 
 def pdserve_up(model_dir: Path, port: int, mode: str) -> list[str]:
     return [sys.executable, "-m", "pdserve.cli", "up", "--model", str(model_dir), "--mode", mode,
             "--http-port", str(port)]  # fmt: skip
+
+
+def _measure(url: str, name: str, model_dir: Path, flags: list[str], pdserve: bool) -> dict[str, float]:
+    """The client's figures for one workload, and for pdserve its router's TTFT parts over it."""
+    if not pdserve:
+        return _client(url, name, model_dir, flags)
+    before = ttft_sums(_metrics(url))
+    figures = _client(url, name, model_dir, flags)
+    for key, (total, count) in ttft_sums(_metrics(url)).items():
+        total_before, count_before = before.get(key, (0.0, 0.0))
+        figures[f"{key}_mean_ms"] = round(1000 * (total - total_before) / max(count - count_before, 1), 2)
+    return figures
+
+
+def _metrics(url: str) -> str:
+    with urllib.request.urlopen(url + "/metrics", timeout=30) as reply:
+        return reply.read().decode()
+
+
+def ttft_sums(text: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the router's TTFT (``router_ttft``) and of each of its parts (``ttft_<part>``), read
+    from its ``/metrics``."""
+    sums: dict[str, list[float]] = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        for metric, key in (("pdserve:time_to_first_token_seconds", "router_ttft"),
+                            ("pdserve:time_to_first_token_part_seconds", "ttft_")):  # fmt: skip
+            for suffix, slot in (("_sum", 0), ("_count", 1)):
+                if name == metric + suffix:
+                    sums.setdefault(key, [0.0, 0.0])[slot] = float(value)
+                elif name.startswith(metric + suffix + '{part="'):
+                    part = name.split('"')[1]
+                    sums.setdefault(key + part, [0.0, 0.0])[slot] = float(value)
+    return {key: (total, count) for key, (total, count) in sums.items()}
 
 
 def _client(url: str, name: str, model_dir: Path, flags: list[str]) -> dict[str, float]:

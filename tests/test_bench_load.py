@@ -172,3 +172,27 @@ def test_each_phase_reports_its_requests_by_arrival_and_whether_they_missed_on_t
     first, second = by_phase(trace, records, slo)
     assert first == {"requests": 2, "slo_attainment": 0.5, "ttft_missed": 1, "tpot_missed": 0, "errors": 0}
     assert second == {"requests": 2, "slo_attainment": 0.0, "ttft_missed": 0, "tpot_missed": 1, "errors": 1}
+
+
+def test_the_ttft_parts_are_summarized_as_means_that_add_up_to_the_mean_ttft():
+    records = [Record(0, 0, 0.0, 8, ttft_s=0.3, ttft_parts_s={"placement": 0.1, "worker": 0.2}),
+               Record(1, 0, 1.0, 8, ttft_s=0.5, ttft_parts_s={"placement": 0.1, "worker": 0.4})]  # fmt: skip
+    summary = summarize(records, wall_s=2.0)
+    assert summary["ttft_parts_mean_ms"] == pytest.approx({"placement": 100.0, "worker": 300.0})
+    assert sum(summary["ttft_parts_mean_ms"].values()) == pytest.approx(summary["ttft"]["mean_ms"])
+
+
+def test_the_routers_ttft_and_its_parts_are_read_from_its_metrics_page():
+    from prometheus_client import generate_latest
+
+    from bench.vllm_compare import ttft_sums
+    from router.metrics import RouterMetrics
+
+    metrics = RouterMetrics("model", health=lambda: None)
+    for ttft, placement in ((0.25, 0.05), (0.75, 0.15)):
+        metrics.ttft.observe(ttft)
+        metrics.ttft_parts.labels("placement").observe(placement)
+        metrics.ttft_parts.labels("worker").observe(ttft - placement)
+    sums = ttft_sums(generate_latest(metrics.registry).decode())
+    assert sums["router_ttft"] == pytest.approx((1.0, 2))
+    assert sums["ttft_placement"] == pytest.approx((0.2, 2)) and sums["ttft_worker"] == pytest.approx((0.8, 2))
