@@ -17,11 +17,13 @@ its rounds: this machine's speed drifts by up to a quarter between minutes
 (measured: one colocated service, 208 then 156 output tok/s ten minutes
 apart), and interleaving puts the drift on all three alike. Each round's own
 ratios are kept beside, to show their spread, with the cores each pdserve
-worker's engine claimed in that round (the node's core ledger). For pdserve,
-each workload's figures also say where its router's time to the first token
-went: the means of ``pdserve:time_to_first_token_part_seconds`` over the
-workload (``ttft_<part>_mean_ms``, adding up to ``router_ttft_mean_ms``; the
-client's TTFT adds the HTTP front end's time around it).
+worker's engine claimed in that round (the node's core ledger). Each
+workload's figures also give the mean TTFT the server itself measured over
+it (``server_ttft_mean_ms``: vLLM's ``vllm:time_to_first_token_seconds``,
+pdserve's router's ``pdserve:time_to_first_token_seconds``; the client's adds
+the HTTP front end around it), and for pdserve where that went: the means of
+``pdserve:time_to_first_token_part_seconds`` (``ttft_<part>_mean_ms``, adding
+up to it), so the worker's own share stands beside vLLM's whole.
 """
 
 from __future__ import annotations
@@ -74,8 +76,7 @@ def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: 
                 with Server(command, env, f"http://127.0.0.1:{port}", pools) as url:
                     if pools:
                         round_cores[-1][server] = claimed_cores()
-                    per_round[-1][server] = {w: _measure(url, name, model_dir, f, bool(pools))
-                                             for w, f in WORKLOADS.items()}  # fmt: skip
+                    per_round[-1][server] = {w: _measure(url, name, model_dir, f) for w, f in WORKLOADS.items()}
     figures = {server: {w: _medians([one[server][w] for one in per_round]) for w in WORKLOADS} for server in servers}
     result = {
         "rounds": rounds, "figures": figures, **ratios(figures), "round_ratios": [ratios(one) for one in per_round],
@@ -135,10 +136,8 @@ def pdserve_up(model_dir: Path, port: int, mode: str) -> list[str]:
             "--http-port", str(port)]  # fmt: skip
 
 
-def _measure(url: str, name: str, model_dir: Path, flags: list[str], pdserve: bool) -> dict[str, float]:
-    """The client's figures for one workload, and for pdserve its router's TTFT parts over it."""
-    if not pdserve:
-        return _client(url, name, model_dir, flags)
+def _measure(url: str, name: str, model_dir: Path, flags: list[str]) -> dict[str, float]:
+    """The client's figures for one workload, and the server's own TTFT (and pdserve's parts) over it."""
     before = ttft_sums(_metrics(url))
     figures = _client(url, name, model_dir, flags)
     for key, (total, count) in ttft_sums(_metrics(url)).items():
@@ -153,19 +152,21 @@ def _metrics(url: str) -> str:
 
 
 def ttft_sums(text: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of the router's TTFT (``router_ttft``) and of each of its parts (``ttft_<part>``), read
-    from its ``/metrics``."""
+    """(sum, count) of the TTFT a server measured (``server_ttft``; vLLM's or pdserve's router's) and of each
+    of pdserve's parts of it (``ttft_<part>``), read from its ``/metrics``."""
     sums: dict[str, list[float]] = {}
     for line in text.splitlines():
-        name, _, value = line.rpartition(" ")
-        for metric, key in (("pdserve:time_to_first_token_seconds", "router_ttft"),
+        if line.startswith("#") or " " not in line:
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.partition("{")
+        for metric, key in (("pdserve:time_to_first_token_seconds", "server_ttft"),
+                            ("vllm:time_to_first_token_seconds", "server_ttft"),
                             ("pdserve:time_to_first_token_part_seconds", "ttft_")):  # fmt: skip
             for suffix, slot in (("_sum", 0), ("_count", 1)):
                 if name == metric + suffix:
-                    sums.setdefault(key, [0.0, 0.0])[slot] = float(value)
-                elif name.startswith(metric + suffix + '{part="'):
-                    part = name.split('"')[1]
-                    sums.setdefault(key + part, [0.0, 0.0])[slot] = float(value)
+                    part = labels.split('part="')[1].split('"')[0] if key == "ttft_" else ""
+                    sums.setdefault(key + part, [0.0, 0.0])[slot] += float(value)  # over vLLM's engines too
     return {key: (total, count) for key, (total, count) in sums.items()}
 
 

@@ -194,5 +194,18 @@ def test_the_routers_ttft_and_its_parts_are_read_from_its_metrics_page():
         metrics.ttft_parts.labels("placement").observe(placement)
         metrics.ttft_parts.labels("worker").observe(ttft - placement)
     sums = ttft_sums(generate_latest(metrics.registry).decode())
-    assert sums["router_ttft"] == pytest.approx((1.0, 2))
+    assert sums["server_ttft"] == pytest.approx((1.0, 2))
     assert sums["ttft_placement"] == pytest.approx((0.2, 2)) and sums["ttft_worker"] == pytest.approx((0.8, 2))
+
+
+def test_vllms_own_ttft_is_read_from_its_metrics_page_over_its_engines():
+    from bench.vllm_compare import ttft_sums
+
+    text = """# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.
+vllm:time_to_first_token_seconds_bucket{engine="0",le="0.1",model_name="m"} 1.0
+vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 3.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 0.9
+vllm:time_to_first_token_seconds_count{engine="1",model_name="m"} 1.0
+vllm:time_to_first_token_seconds_sum{engine="1",model_name="m"} 0.3
+"""
+    assert ttft_sums(text) == {"server_ttft": pytest.approx((1.2, 4.0))}
