@@ -23,7 +23,10 @@ it (``server_ttft_mean_ms``: vLLM's ``vllm:time_to_first_token_seconds``,
 pdserve's router's ``pdserve:time_to_first_token_seconds``; the client's adds
 the HTTP front end around it), and for pdserve where that went: the means of
 ``pdserve:time_to_first_token_part_seconds`` (``ttft_<part>_mean_ms``, adding
-up to it), so the worker's own share stands beside vLLM's whole.
+up to it), so the worker's own share stands beside vLLM's whole; and the
+share of prompt tokens each found in its prefix cache (``prefix_hit_rate``:
+vLLM's ``vllm:prefix_cache_hits`` / ``_queries``, pdserve's
+``pdserve:prefix_cache_hit_tokens`` / ``prompt_tokens``).
 """
 
 from __future__ import annotations
@@ -138,12 +141,31 @@ def pdserve_up(model_dir: Path, port: int, mode: str) -> list[str]:
 
 def _measure(url: str, name: str, model_dir: Path, flags: list[str]) -> dict[str, float]:
     """The client's figures for one workload, and the server's own TTFT (and pdserve's parts) over it."""
-    before = ttft_sums(_metrics(url))
+    text = _metrics(url)
+    before, hits_before = ttft_sums(text), prefix_hits(text)
     figures = _client(url, name, model_dir, flags)
-    for key, (total, count) in ttft_sums(_metrics(url)).items():
+    text = _metrics(url)
+    for key, (total, count) in ttft_sums(text).items():
         total_before, count_before = before.get(key, (0.0, 0.0))
         figures[f"{key}_mean_ms"] = round(1000 * (total - total_before) / max(count - count_before, 1), 2)
+    (hits, prompts), (hits_then, prompts_then) = prefix_hits(text), hits_before
+    figures["prefix_hit_rate"] = round((hits - hits_then) / max(prompts - prompts_then, 1), 4)
     return figures
+
+
+def prefix_hits(text: str) -> tuple[float, float]:
+    """(prompt tokens found in a prefix cache, prompt tokens) so far, from vLLM's or pdserve's ``/metrics``."""
+    totals = {"hits": 0.0, "prompts": 0.0}
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        series, _, value = line.rpartition(" ")
+        name = series.partition("{")[0]
+        if name in ("vllm:prefix_cache_hits_total", "pdserve:prefix_cache_hit_tokens_total"):
+            totals["hits"] += float(value)
+        elif name in ("vllm:prefix_cache_queries_total", "pdserve:prompt_tokens_total"):
+            totals["prompts"] += float(value)
+    return totals["hits"], totals["prompts"]
 
 
 def _metrics(url: str) -> str:

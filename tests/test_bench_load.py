@@ -209,3 +209,17 @@ vllm:time_to_first_token_seconds_count{engine="1",model_name="m"} 1.0
 vllm:time_to_first_token_seconds_sum{engine="1",model_name="m"} 0.3
 """
     assert ttft_sums(text) == {"server_ttft": pytest.approx((1.2, 4.0))}
+
+
+def test_the_prefix_hits_of_either_server_are_read_from_its_metrics_page():
+    from bench.vllm_compare import prefix_hits
+
+    vllm = (
+        'vllm:prefix_cache_queries_total{engine="0",model_name="m"} 2048.0\n'
+        'vllm:prefix_cache_hits_total{engine="0",model_name="m"} 1024.0\n'
+    )
+    pdserve = (
+        'pdserve:prompt_tokens_total{pool="decode"} 300.0\npdserve:prompt_tokens_total{pool="prefill"} 100.0\n'
+        'pdserve:prefix_cache_hit_tokens_total{pool="decode"} 200.0\n'
+    )
+    assert prefix_hits(vllm) == (1024.0, 2048.0) and prefix_hits(pdserve) == (200.0, 400.0)
