@@ -42,6 +42,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 REPO = Path(__file__).resolve().parent.parent
 WORKLOADS = {
     "random": ["--dataset-name", "random", "--random-input-len", "512", "--random-output-len", "64",
@@ -155,41 +157,39 @@ def _measure(url: str, name: str, model_dir: Path, flags: list[str]) -> dict[str
 
 def prefix_hits(text: str) -> tuple[float, float]:
     """(prompt tokens found in a prefix cache, prompt tokens) so far, from vLLM's or pdserve's ``/metrics``."""
-    totals = {"hits": 0.0, "prompts": 0.0}
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        series, _, value = line.rpartition(" ")
-        name = series.partition("{")[0]
+    hits = prompts = 0.0
+    for name, _, value in _samples(text):
         if name in ("vllm:prefix_cache_hits_total", "pdserve:prefix_cache_hit_tokens_total"):
-            totals["hits"] += float(value)
+            hits += value
         elif name in ("vllm:prefix_cache_queries_total", "pdserve:prompt_tokens_total"):
-            totals["prompts"] += float(value)
-    return totals["hits"], totals["prompts"]
+            prompts += value
+    return hits, prompts
+
+
+def ttft_sums(text: str) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the TTFT a server measured (``server_ttft``; vLLM's or pdserve's router's) and of each
+    of pdserve's parts of it (``ttft_<part>``), read from its ``/metrics``; vLLM's summed over its engines."""
+    keys = {"pdserve:time_to_first_token_seconds": "server_ttft", "vllm:time_to_first_token_seconds": "server_ttft",
+            "pdserve:time_to_first_token_part_seconds": "ttft_"}  # fmt: skip
+    sums: dict[str, list[float]] = {}
+    for name, labels, value in _samples(text):
+        metric, _, suffix = name.rpartition("_")
+        if metric in keys and suffix in ("sum", "count"):
+            key = keys[metric] + labels.get("part", "")
+            sums.setdefault(key, [0.0, 0.0])[suffix == "count"] += value
+    return {key: (total, count) for key, (total, count) in sums.items()}
+
+
+def _samples(text: str):
+    """(name, labels, value) of every sample on a Prometheus text page."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            yield sample.name, sample.labels, sample.value
 
 
 def _metrics(url: str) -> str:
     with urllib.request.urlopen(url + "/metrics", timeout=30) as reply:
         return reply.read().decode()
-
-
-def ttft_sums(text: str) -> dict[str, tuple[float, float]]:
-    """(sum, count) of the TTFT a server measured (``server_ttft``; vLLM's or pdserve's router's) and of each
-    of pdserve's parts of it (``ttft_<part>``), read from its ``/metrics``."""
-    sums: dict[str, list[float]] = {}
-    for line in text.splitlines():
-        if line.startswith("#") or " " not in line:
-            continue
-        series, _, value = line.rpartition(" ")
-        name, _, labels = series.partition("{")
-        for metric, key in (("pdserve:time_to_first_token_seconds", "server_ttft"),
-                            ("vllm:time_to_first_token_seconds", "server_ttft"),
-                            ("pdserve:time_to_first_token_part_seconds", "ttft_")):  # fmt: skip
-            for suffix, slot in (("_sum", 0), ("_count", 1)):
-                if name == metric + suffix:
-                    part = labels.split('part="')[1].split('"')[0] if key == "ttft_" else ""
-                    sums.setdefault(key + part, [0.0, 0.0])[slot] += float(value)  # over vLLM's engines too
-    return {key: (total, count) for key, (total, count) in sums.items()}
 
 
 def _client(url: str, name: str, model_dir: Path, flags: list[str]) -> dict[str, float]:

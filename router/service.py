@@ -285,7 +285,7 @@ class GenerationService:
                 return
             engine_request = GenerateRequest(rid, token_ids, request.sampling)
             hashes = [digest.hex() for digest in chain]
-            async for chunk in self._run(engine_request, placement, hashes, (start, placed_at), aborted):
+            async for chunk in self._run(engine_request, placement, hashes, start, placed_at, aborted):
                 yield chunk
                 if chunk.finish_reason is not None:
                     outcome = chunk.finish_reason
@@ -502,17 +502,18 @@ class GenerationService:
         request: GenerateRequest,
         placement: Placement,
         hashes: list[str],
-        times: tuple[float, float],
+        start: float,
+        placed_at: float,
         aborted: asyncio.Event,
     ) -> AsyncIterator[Chunk]:
-        """``times``: when the request was admitted and when it was placed."""
+        """``start``: when the request was admitted; ``placed_at``: when it was placed."""
         handle, prefilling, transfer_id = None, None, f"{request.request_id}-{uuid.uuid4().hex[:8]}"
         if placement.prefill_worker is not None:
             handle, prefilling = await self._prefill(placement, PrefillJob(request, transfer_id, hashes))
         pool = "decode" if handle is None else "prefill"
         self.metrics.prompt_tokens.labels(pool).inc(len(request.prompt_token_ids))
         self.prompt_tokens_total += len(request.prompt_token_ids)
-        progress = self._streams[request.request_id] = _Progress(times[0], placement, handle, transfer_id, times[1])
+        progress = self._streams[request.request_id] = _Progress(start, placement, handle, transfer_id, placed_at)
         progress.prefill_hit = prefilling
         self._watch_drains()
         job = DecodeJob(request, handle, hashes)

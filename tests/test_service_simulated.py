@@ -119,6 +119,8 @@ def test_the_time_to_the_first_token_is_reported_in_parts_that_add_up_to_it(clie
         assert set(last.timing.ttft_parts_s) == set(names)
         assert sum(last.timing.ttft_parts_s.values()) == pytest.approx(last.timing.ttft_s, rel=1e-6)
         assert last.timing.ttft_parts_s["worker"] > 0
+    status, reply = client.post("/v1/completions", {"prompt": prompt(4, 43), "max_tokens": 2})
+    assert status == 200 and set(reply["pdserve"]["timing"]["ttft_parts"]) == set(names)  # HTTP gives them too
     metrics = client.get("/metrics")[1].decode()
 
     def figure(name: str, part: str | None = None) -> float:
