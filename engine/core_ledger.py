@@ -11,6 +11,10 @@ again (32768 of them by default), and a claim must not outlive its engine in
 whatever process takes its pid next. The lowest ``reserved`` cores are never claimed: Ray, the Serve
 proxy, the router and the replicas' own processes run there, as vLLM's server
 keeps one core for its front end.
+
+A request carries the node's cores as ``pdserve up`` saw them: a replica's own
+process may be confined to the reserved core (pdserve/up.py), and the cores it
+may bind are the node's, not its own affinity.
 """
 
 from __future__ import annotations
@@ -32,11 +36,18 @@ DEFAULT_PATH = Path(tempfile.gettempdir()) / f"pdserve-cores-{os.getuid()}.json"
 
 @dataclass(frozen=True)
 class CoreRequest:
-    """What a replica asks for: ``per_rank`` cores for each of ``ranks`` ranks, above the ``reserved`` ones."""
+    """What a replica asks for: ``per_rank`` cores for each of ``ranks`` ranks, of the ``node_cores`` above the
+    lowest ``reserved`` ones."""
 
     per_rank: int
+    node_cores: tuple[int, ...]
     ranks: int = 1
     reserved: int = 1
+
+    @property
+    def engine_cores(self) -> list[int]:
+        """The node's cores an engine may bind: all but the reserved ones."""
+        return sorted(self.node_cores)[self.reserved :]
 
 
 def omp_bind(cores_by_rank: list[list[int]]) -> str:
@@ -55,15 +66,14 @@ def bound_cores(bind: str) -> list[int]:
 
 
 class CoreLedger:
-    def __init__(self, path: Path = DEFAULT_PATH, node_cores: list[int] | None = None):
+    def __init__(self, path: Path = DEFAULT_PATH):
         self._path = path
-        self._node_cores = sorted(node_cores if node_cores is not None else os.sched_getaffinity(0))
 
     def claim(self, owner_pid: int, request: CoreRequest) -> str | None:
         """Cores for ``owner_pid``'s engine as a bind string, or None when this node has too few free ones."""
         with self._locked() as claims:
             taken = {core for claim in claims.values() for core in claim["cores"]}
-            free = [c for c in self._node_cores[request.reserved :] if c not in taken]
+            free = [c for c in request.engine_cores if c not in taken]
             want = request.per_rank * request.ranks
             if want < 1 or len(free) < want:
                 return None

@@ -192,7 +192,7 @@ def claim_cores(request: CoreRequest, worker_id: str) -> str | None:
     if bind is None:
         log.warning("%s: no free cores left on this node for %d rank(s) × %d; sharing the unreserved cores",
                     worker_id, request.ranks, request.per_rank)  # fmt: skip
-        cores = sorted(os.sched_getaffinity(0))[request.reserved :] or sorted(os.sched_getaffinity(0))
+        cores = request.engine_cores or sorted(request.node_cores)
         bind = (
             omp_bind([cores[r :: request.ranks] for r in range(request.ranks)]) if len(cores) >= request.ranks else None
         )

@@ -326,14 +326,17 @@ def _make_model(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from engine.core_ledger import omp_bind
     from pdserve.app import layout
-    from pdserve.up import run_until_interrupted, start
+    from pdserve.up import confined_to, run_until_interrupted, start
 
     flags = {"service.mode": args.mode, "router.index.redis_url": args.redis, "service.http_port": args.http_port,
              "service.grpc_port": args.grpc_port}  # fmt: skip
     config = _config(args, flags)
     for pool in layout(config).values():  # bad engine settings stop here, before Ray or any replica starts
         print(f"pdserve: {pool.describe()}", flush=True)
+    if serving := confined_to(config):
+        print(f"pdserve: Ray, Serve, the router and the engine cores on core(s) {omp_bind([serving])}", flush=True)
     print("pdserve: starting Ray and the Serve app…", flush=True)
     service = start(config, num_cpus=args.num_cpus)
     where = f"HTTP {service.http_url}/v1  gRPC {service.grpc_address}"

@@ -21,6 +21,10 @@ two-rank prefill engine beside a decode engine on two cores), each engine still
 asks for a core per rank: the first claims free ones, the next binds one rank
 per core of the node, shared, and says so at start (vLLM's own binding cannot
 place two ranks on one NUMA node); there no rank runs ahead of another.
+
+Where cores are reserved, the serving processes keep to them (``serving_cores``;
+``pdserve up`` confines the local cluster there), as vLLM's server keeps its
+front end and engine core off the core its worker binds.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ def plan(
     ``EngineConfigError`` where it cannot be had)."""
     pools = {role: getattr(config.service, role) for role in roles}
     engines = {role: _with_pool_cores(config.pool_engine(role), pools[role]) for role in roles}
-    node_cores = len(os.sched_getaffinity(0))
+    cores = tuple(sorted(os.sched_getaffinity(0)))
+    node_cores = len(cores)
     hf = hf if hf is not None else model_config(config)
     for role in roles:
         _check_engine(engines[role], _field(config, role), pools[role], node_cores, gpus_per_node, hf)
@@ -76,9 +81,9 @@ def plan(
     ranks = sum(_initial_replicas(pools[r]) * engines[r].tensor_parallel_size for r in auto)
     reserved = config.service.reserved_cores
     if ranks and node_cores - reserved >= ranks:
-        request = {"per_rank": (node_cores - reserved) // ranks, "reserved": reserved}
+        request = {"per_rank": (node_cores - reserved) // ranks, "node_cores": cores, "reserved": reserved}
     elif ranks:  # too few to keep one back: split the node, reserve none; fewer cores than ranks: share some
-        request = {"per_rank": max(1, node_cores // ranks), "reserved": 0}
+        request = {"per_rank": max(1, node_cores // ranks), "node_cores": cores, "reserved": 0}
     else:
         request = None
     if not request or request["reserved"]:
@@ -96,6 +101,15 @@ def plan(
         )
         for role in roles
     }
+
+
+def serving_cores(layouts: dict[Role, PoolLayout]) -> list[int]:
+    """The cores the serving processes keep to: the node's reserved ones, where the engines leave them free;
+    none (free to run anywhere) where engines bind every core or their cores were given."""
+    for pool in layouts.values():
+        if pool.cores is not None and pool.cores.reserved:
+            return sorted(pool.cores.node_cores)[: pool.cores.reserved]
+    return []
 
 
 def _with_pool_cores(engine: EngineConfig, pool: PoolConfig) -> EngineConfig:

@@ -14,7 +14,7 @@ import pytest
 
 from engine.core_ledger import CoreLedger, CoreRequest
 from pdserve.config import ConfigError, load_config
-from pdserve.engine_layout import plan
+from pdserve.engine_layout import plan, serving_cores
 
 
 @pytest.fixture
@@ -27,6 +27,11 @@ def cores(monkeypatch):
     return set_cores
 
 
+def node(n: int) -> tuple[int, ...]:
+    """A node's cores, as the plan reads them: 0 … n-1."""
+    return tuple(range(n))
+
+
 def config(model_dir, **overrides):
     return load_config(overrides={"engine.model": str(model_dir), **overrides})
 
@@ -36,7 +41,11 @@ def test_on_a_big_node_every_rank_gets_cores_of_its_own_above_the_reserved_one(m
     pools = plan(config(model_dir, **{"service.decode.num_replicas": 2, "service.prefill.num_replicas": 2}),
                  ["decode", "prefill"])  # fmt: skip
     # 2 decode + 2 prefill replicas, one rank each: 4 ranks over 15 unreserved cores
-    assert pools["decode"].cores == pools["prefill"].cores == CoreRequest(per_rank=3, ranks=1, reserved=1)
+    assert (
+        pools["decode"].cores
+        == pools["prefill"].cores
+        == CoreRequest(per_rank=3, node_cores=node(16), ranks=1, reserved=1)
+    )
 
 
 def test_a_pool_runs_its_own_tensor_parallel_size_and_gets_cores_for_each_rank(model_dir, cores):
@@ -44,7 +53,7 @@ def test_a_pool_runs_its_own_tensor_parallel_size_and_gets_cores_for_each_rank(m
     pools = plan(config(model_dir, **{"service.mode": "colocated", "service.decode.engine":
                                       {"tensor_parallel_size": 2}}), ["decode"])  # fmt: skip
     assert pools["decode"].engine.tensor_parallel_size == 2
-    assert pools["decode"].cores == CoreRequest(per_rank=7, ranks=2, reserved=1)
+    assert pools["decode"].cores == CoreRequest(per_rank=7, node_cores=node(16), ranks=2, reserved=1)
 
 
 @pytest.mark.parametrize(("prefill_tp", "decode_tp"), [(2, 1), (1, 2), (2, 2)])
@@ -77,15 +86,19 @@ def test_a_model_whose_kv_is_not_split_by_head_is_refused_different_tensor_paral
 def test_more_ranks_than_cores_still_bind_a_core_per_rank_sharing_some(model_dir, cores):
     cores(2)
     pools = plan(config(model_dir, **{"service.prefill.engine": {"tensor_parallel_size": 2}}), ["decode", "prefill"])
-    assert pools["prefill"].cores == CoreRequest(per_rank=1, ranks=2, reserved=0)
-    assert pools["decode"].cores == CoreRequest(per_rank=1, ranks=1, reserved=0)
+    assert pools["prefill"].cores == CoreRequest(per_rank=1, node_cores=node(2), ranks=2, reserved=0)
+    assert pools["decode"].cores == CoreRequest(per_rank=1, node_cores=node(2), ranks=1, reserved=0)
     assert pools["prefill"].shares_serving_cores and pools["decode"].shares_serving_cores  # none runs ahead
 
 
 def test_two_cores_disaggregated_split_the_node_and_reserve_none(model_dir, cores):
     cores(2)
     pools = plan(config(model_dir), ["decode", "prefill"])
-    assert pools["decode"].cores == pools["prefill"].cores == CoreRequest(per_rank=1, ranks=1, reserved=0)
+    assert (
+        pools["decode"].cores
+        == pools["prefill"].cores
+        == CoreRequest(per_rank=1, node_cores=node(2), ranks=1, reserved=0)
+    )
 
 
 def test_with_no_core_reserved_the_serving_processes_share_the_prefill_cores_and_decode_runs_ahead(model_dir, cores):
@@ -105,6 +118,28 @@ def test_co_located_on_one_core_the_serving_processes_share_the_decode_cores(mod
     assert plan(config(model_dir), ["decode"])["decode"].shares_serving_cores
 
 
+def test_where_a_core_is_reserved_the_serving_processes_keep_to_it(model_dir, cores):
+    cores(4)
+    assert serving_cores(plan(config(model_dir, **{"service.mode": "colocated"}), ["decode"])) == [0]
+
+
+@pytest.mark.parametrize(
+    ("n", "overrides"),
+    [(2, {}), (8, {"engine.cpu_cores": "1-7", "service.prefill.cpu_cores": "1-3"})],
+    ids=["engines-bind-every-core", "cores-given"],
+)
+def test_the_serving_processes_are_not_confined_where_no_core_is_reserved_for_them(model_dir, cores, n, overrides):
+    cores(n)
+    assert serving_cores(plan(config(model_dir, **overrides), ["decode", "prefill"])) == []
+
+
+def test_a_replica_confined_to_the_reserved_core_claims_the_cores_above_it_from_the_plan(model_dir, cores, tmp_path):
+    cores(2)
+    request = plan(config(model_dir, **{"service.mode": "colocated"}), ["decode"])["decode"].cores
+    cores(1)  # the replica's own process: confined to the reserved core
+    assert CoreLedger(tmp_path / "cores.json").claim(os.getpid(), request) == "1"
+
+
 def test_cores_given_are_never_replaced(model_dir, cores):
     cores(8)
     pools = plan(config(model_dir, **{"engine.cpu_cores": "5", "service.prefill.cpu_cores": "6-7"}),
@@ -115,16 +150,18 @@ def test_cores_given_are_never_replaced(model_dir, cores):
 
 
 def test_replicas_claim_disjoint_cores_and_a_dead_ones_come_back(tmp_path):
-    ledger = CoreLedger(tmp_path / "cores.json", node_cores=list(range(4)))
+    ledger = CoreLedger(tmp_path / "cores.json")
     first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        assert ledger.claim(first.pid, CoreRequest(per_rank=2, reserved=1)) == "1-2"
-        assert ledger.claim(os.getpid(), CoreRequest(per_rank=1, reserved=1)) == "3"
-        assert ledger.claim(12345678, CoreRequest(per_rank=1, reserved=1)) is None  # none left
+        assert ledger.claim(first.pid, CoreRequest(per_rank=2, node_cores=node(4), reserved=1)) == "1-2"
+        assert ledger.claim(os.getpid(), CoreRequest(per_rank=1, node_cores=node(4), reserved=1)) == "3"
+        assert ledger.claim(12345678, CoreRequest(per_rank=1, node_cores=node(4), reserved=1)) is None  # none left
     finally:
         first.kill()
         first.wait()
-    assert ledger.claim(os.getppid(), CoreRequest(per_rank=2, reserved=1)) == "1-2"  # the killed one's, free again
+    assert (
+        ledger.claim(os.getppid(), CoreRequest(per_rank=2, node_cores=node(4), reserved=1)) == "1-2"
+    )  # the killed one's, free again
     ledger.release(os.getpid())
     assert ledger.claims() == {os.getppid(): [1, 2]}
 
@@ -132,14 +169,14 @@ def test_replicas_claim_disjoint_cores_and_a_dead_ones_come_back(tmp_path):
 def test_a_claim_whose_pid_another_process_has_since_taken_is_free_again(tmp_path):
     path = tmp_path / "cores.json"
     path.write_text(json.dumps({str(os.getpid()): {"started": 1, "cores": [1, 2]}}))  # this pid, an earlier process
-    ledger = CoreLedger(path, node_cores=list(range(4)))
-    assert ledger.claim(os.getppid(), CoreRequest(per_rank=3, reserved=1)) == "1-3"
+    ledger = CoreLedger(path)
+    assert ledger.claim(os.getppid(), CoreRequest(per_rank=3, node_cores=node(4), reserved=1)) == "1-3"
 
 
 def _claim_and_release(path: str, rounds: int) -> None:
-    ledger = CoreLedger(Path(path), node_cores=list(range(64)))
+    ledger = CoreLedger(Path(path))
     for _ in range(rounds):
-        ledger.claim(os.getpid(), CoreRequest(per_rank=1, reserved=1))
+        ledger.claim(os.getpid(), CoreRequest(per_rank=1, node_cores=node(64), reserved=1))
         ledger.release(os.getpid())
 
 
@@ -158,8 +195,8 @@ def test_replicas_claiming_at_once_leave_a_ledger_every_one_can_read(tmp_path):
 def test_an_unreadable_ledger_is_started_afresh_with_a_warning_not_left_to_fail_every_replica(tmp_path, caplog):
     path = tmp_path / "cores.json"
     path.write_text('{"1": {"started": 1, "cores": [1]}}{"2"')
-    ledger = CoreLedger(path, node_cores=list(range(4)))
-    assert ledger.claim(os.getpid(), CoreRequest(per_rank=1, reserved=1)) == "1"
+    ledger = CoreLedger(path)
+    assert ledger.claim(os.getpid(), CoreRequest(per_rank=1, node_cores=node(4), reserved=1)) == "1"
     assert "unreadable" in caplog.text and ledger.claims() == {os.getpid(): [1]}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -13,7 +14,6 @@ from faults import bound_cores, engine_workers, replica_pid
 from helpers import transformers_greedy, transformers_logprobs, whitespace_banned
 from service_client import prompt, service_config
 
-from engine.process_priority import can_lower_niceness
 from pdserve.up import start
 
 pytestmark = pytest.mark.service
@@ -55,13 +55,20 @@ def test_the_engine_binds_a_core_of_its_own_and_leaves_the_reserved_core_to_the_
     assert bound_cores(worker) == set(sorted(os.sched_getaffinity(0))[1:2])  # core 0 stays with Ray, Serve, router
 
 
-@pytest.mark.skipif(not can_lower_niceness(), reason="lowering a niceness needs CAP_SYS_NICE")
-def test_the_rank_process_runs_ahead_of_the_serving_processes_and_the_engine_core_stays_with_them(client, service):
+def test_ray_serve_the_replicas_and_the_engine_core_keep_to_the_reserved_core_at_the_ranks_niceness(client, service):
+    """As vLLM's server runs: its front end and engine core off the core its worker binds, all at one niceness."""
     (replica,) = [w.worker_id for w in client.status().workers]
     (worker,) = engine_workers(service, "DecodeWorker", replica)
-    assert niceness(worker) == 0
-    assert niceness(psutil.Process(worker).ppid()) == 15  # the engine core, as Ray started the replica
-    assert os.getpriority(os.PRIO_PROCESS, replica_pid(service, "DecodeWorker", replica)) == 15
+    reserved = set(sorted(os.sched_getaffinity(0))[:1])
+    serving = {}  # every process the local cluster started, but the rank worker: pid → (cores, niceness)
+    for process in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess, FileNotFoundError):
+            if process.pid != worker and process.name() != "redis-server":
+                serving[process.pid] = (frozenset(bound_cores(process.pid)), niceness(process.pid))
+    assert psutil.Process(worker).ppid() in serving and replica_pid(service, "DecodeWorker", replica) in serving
+    own = os.getpriority(os.PRIO_PROCESS, 0)
+    assert set(serving.values()) == {(frozenset(reserved), own)}, serving
+    assert niceness(worker) == own and not bound_cores(worker) & reserved
 
 
 def niceness(pid: int) -> int:
