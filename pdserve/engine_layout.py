@@ -45,13 +45,16 @@ Role = Literal["prefill", "decode"]
 class PoolLayout:
     role: Role
     engine: EngineConfig
-    cores: CoreRequest | None  # None: explicit cores (engine.cpu_cores), a GPU pool, or vLLM's default
+    cores: CoreRequest | None  # None: explicit cores (engine.cpu_cores), a GPU pool, a sleeping simulated engine,
+    # or vLLM's default
     shares_serving_cores: bool = False  # the serving processes run on its cores: its ranks keep their niceness
 
     def describe(self) -> str:
         tp = self.engine.tensor_parallel_size
         if self.engine.cpu_cores is not None:
             where = f"cores {self.engine.cpu_cores} (as configured)"
+        elif self.engine.kind == "simulated" and self.engine.simulated_compute == "sleep":
+            where = "simulated, its steps asleep on no core"
         elif self.cores is None:
             where = "vLLM's default binding"
         else:
@@ -120,7 +123,10 @@ def _with_pool_cores(engine: EngineConfig, pool: PoolConfig) -> EngineConfig:
 
 
 def _binds_auto(pool: PoolConfig, engine: EngineConfig) -> bool:
-    return pool.cpu_cores == "auto" and engine.cpu_cores is None and pool.num_gpus == 0
+    """Whether the pool's engines take cores of the node from the plan: not on GPUs, not where given, and not a
+    simulated engine whose steps sleep (it takes no CPU: 32 of them share two cores with the serving processes)."""
+    sleeps = engine.kind == "simulated" and engine.simulated_compute == "sleep"
+    return pool.cpu_cores == "auto" and engine.cpu_cores is None and pool.num_gpus == 0 and not sleeps
 
 
 def _initial_replicas(pool: PoolConfig) -> int:

@@ -140,6 +140,14 @@ def test_a_replica_confined_to_the_reserved_core_claims_the_cores_above_it_from_
     assert CoreLedger(tmp_path / "cores.json").claim(os.getpid(), request) == "1"
 
 
+def test_simulated_engines_whose_steps_sleep_bind_no_core_and_leave_the_serving_processes_free(model_dir, cores):
+    cores(32)
+    sims = {"engine.kind": "simulated", "engine.num_kv_blocks": 64, "service.decode.num_replicas": 16}
+    pools = plan(config(model_dir, **sims), ["decode", "prefill"])
+    assert pools["decode"].cores is None and pools["prefill"].cores is None and serving_cores(pools) == []
+    assert "asleep on no core" in pools["decode"].describe()
+
+
 def test_cores_given_are_never_replaced(model_dir, cores):
     cores(8)
     pools = plan(config(model_dir, **{"engine.cpu_cores": "5", "service.prefill.cpu_cores": "6-7"}),
