@@ -33,6 +33,7 @@ from router.ingress import IngressSettings, Router
 from router.replica_routing import ROUTER_CLASS
 from router.service import ModelInfo
 
+NODE_CORES_ARG = "node_cores"  # an app arg beside the config's own: see serve_application
 CONNECTORS = {  # by engine.kind: the engine loads its connector by module path
     "vllm": dict(module_path="kv_transfer.vllm_connector", class_name="PdserveConnector"),
     "simulated": dict(module_path="kv_transfer.sim_connector", class_name="SimulatedKV"),
@@ -40,11 +41,13 @@ CONNECTORS = {  # by engine.kind: the engine loads its connector by module path
 
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
-    """Entry point for ``serve run`` / ``serve deploy``: ``args`` is a pdserve config, env on top."""
-    return build_app(load_config(env=os.environ, data=args))
+    """Entry point for ``serve run`` / ``serve deploy``: ``args`` is a pdserve config, env on top, and the
+    node's cores where ``pdserve up`` confined its cluster (``serve_application``)."""
+    config = {name: value for name, value in args.items() if name != NODE_CORES_ARG}
+    return build_app(load_config(env=os.environ, data=config), args.get(NODE_CORES_ARG))
 
 
-def build_app(config: PdserveConfig) -> serve.Application:
+def build_app(config: PdserveConfig, node_cores: list[int] | None = None) -> serve.Application:
     """The app, built on whichever node runs this: every replica gets the model's source and makes the model
     present on its own node; this node reads only its ``config.json``, for the checks and the router's figures."""
     source = model_source(config)
@@ -59,7 +62,9 @@ def build_app(config: PdserveConfig) -> serve.Application:
     model = model_info(config.engine.model_copy(update={"model": str(config_dir)}), hf)
     reporting = IndexReporting(model.model_id, config.router.index, token, service.app_name)
     disaggregated = service.mode == "disaggregated" and service.prefill.present
-    layouts = layout(config, hf)  # the commit pinned above, read once, not the model's source resolved again
+    layouts = layout(
+        config, hf, node_cores
+    )  # the commit pinned above, read once, not the model's source resolved again
     decode = DecodeWorker.options(**_pool_options(service.decode, layouts["decode"])).bind(
         _engine_for(config, layouts["decode"], "kv_consumer" if disaggregated else None),
         _worker_settings(service, service.decode, layouts["decode"], reporting, token, source),
@@ -97,11 +102,14 @@ def serve_ingress(service: ServiceConfig) -> dict[str, Any]:
     return {"proxy_location": "EveryNode", "http_options": {"host": service.http_host, "port": service.http_port}}
 
 
-def serve_application(config: PdserveConfig) -> dict[str, Any]:
+def serve_application(config: PdserveConfig, node_cores: list[int] | None = None) -> dict[str, Any]:
     """``config`` as an application of a Serve config (what ``serve deploy`` / ``serve run`` take), with
     the app-level autoscaling policy when the pools are coordinated. No secret goes in: Serve shows an
     application's args to whoever can query it, so the nodes give them as env (``PDSERVE_CLUSTER_TOKEN``,
-    ``PDSERVE_ROUTER__API_KEYS``)."""
+    ``PDSERVE_ROUTER__API_KEYS``).
+
+    ``node_cores``: the cores to lay the engines out over, where the process that builds the app (Serve's
+    controller) cannot see them: ``pdserve up`` confines its local cluster to the reserved core."""
     private = {"cluster_token": True, "ray_address": True, "ray_metrics_export_port": True, "router": {"api_keys"}}
     application = {
         "name": config.service.app_name,
@@ -111,6 +119,8 @@ def serve_application(config: PdserveConfig) -> dict[str, Any]:
         # given (engine.kv_cache_gib on a GPU pool is refused only when given).
         "args": config.model_dump(mode="json", exclude=private, exclude_unset=True),
     }
+    if node_cores:
+        application["args"][NODE_CORES_ARG] = node_cores
     if config.service.coordination is not None:
         application["autoscaling_policy"] = config.service.coordination.serve_policy()
     return application
@@ -125,11 +135,12 @@ def model_info(engine: EngineConfig, hf: dict | None = None) -> ModelInfo:
                      engine.tool_call_parser)  # fmt: skip
 
 
-def layout(config: PdserveConfig, hf: dict | None = None) -> dict[str, PoolLayout]:
-    """Each worker pool's engine and cores, checked (``ConfigError``) before any replica starts."""
+def layout(config: PdserveConfig, hf: dict | None = None, node_cores: list[int] | None = None) -> dict[str, PoolLayout]:
+    """Each worker pool's engine and cores (over ``node_cores``, else this process's), checked (``ConfigError``)
+    before any replica starts."""
     service = config.service
     roles = ["decode"] + (["prefill"] if service.mode == "disaggregated" and service.prefill.present else [])
-    return engine_layout.plan(config, roles, _gpus_per_node(), hf)
+    return engine_layout.plan(config, roles, _gpus_per_node(), hf, node_cores)
 
 
 def _gpus_per_node() -> float:

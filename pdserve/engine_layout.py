@@ -66,14 +66,18 @@ class PoolLayout:
 
 
 def plan(
-    config: PdserveConfig, roles: list[Role], gpus_per_node: float = 0.0, hf: dict | None = None
+    config: PdserveConfig,
+    roles: list[Role],
+    gpus_per_node: float = 0.0,
+    hf: dict | None = None,
+    node_cores: list[int] | None = None,
 ) -> dict[Role, PoolLayout]:
     """Every pool's engine and cores; ``ConfigError`` for an engine that cannot run. The checks read the model's
     ``config.json``: ``hf`` where the caller has read it already, else from this node (made present here first:
-    ``EngineConfigError`` where it cannot be had)."""
+    ``EngineConfigError`` where it cannot be had). Cores: the node's ``node_cores``, else this process's."""
     pools = {role: getattr(config.service, role) for role in roles}
     engines = {role: _with_pool_cores(config.pool_engine(role), pools[role]) for role in roles}
-    cores = tuple(sorted(os.sched_getaffinity(0)))
+    cores = tuple(sorted(node_cores if node_cores is not None else os.sched_getaffinity(0)))
     node_cores = len(cores)
     hf = hf if hf is not None else model_config(config)
     for role in roles:

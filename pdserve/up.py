@@ -75,13 +75,17 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
         )  # fmt: skip
     service = config.service
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's driver-side INFO lines: quiet by default
+    node_cores = None  # the node's, for Serve's controller, where it builds the app on the reserved core alone
     if config.ray_address:
         _join_with_token()
         ray.init(address=config.ray_address, logging_level=logging.WARNING, log_to_driver=False)
     else:  # logical CPUs for every replica the pools may have, even on a 2-core machine; cores are bound per engine
         cpus = max(num_cpus or os.cpu_count() or 1, cpus_needed(service))
         secrets = config if service.coordination is not None else None
-        with _secrets_in_env(secrets), _serving_processes_on(confined_to(config)):
+        confined = confined_to(config)
+        if confined:
+            node_cores = sorted(os.sched_getaffinity(0))
+        with _secrets_in_env(secrets), _serving_processes_on(confined):
             ray.init(
                 num_cpus=cpus, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
                 _metrics_export_port=config.ray_metrics_export_port,
@@ -92,7 +96,7 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
     try:
         serve.start(**serve_ingress(service))
         if service.coordination is not None:  # an app-level policy: Serve takes one only from a Serve config
-            _deploy_config(config, ready_timeout_s)
+            _deploy_config(config, ready_timeout_s, node_cores)
         else:
             deploy(build_app(config), service.app_name, ready_timeout_s)
         pools = ["decode"] + (["prefill"] if service.mode == "disaggregated" and service.prefill.present else [])
@@ -155,14 +159,15 @@ def deploy(app, name: str, timeout_s: float, route_prefix: str | None = "/") -> 
     _wait_running(name, timeout_s)
 
 
-def _deploy_config(config: PdserveConfig, timeout_s: float) -> None:
-    """Deploy as ``serve run <config.yaml>`` does (Serve's controller builds the app from its import path)."""
+def _deploy_config(config: PdserveConfig, timeout_s: float, node_cores: list[int] | None) -> None:
+    """Deploy as ``serve run <config.yaml>`` does (Serve's controller builds the app from its import path, over
+    ``node_cores`` where given)."""
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     from pdserve.app import serve_application, serve_ingress
 
-    schema = ServeDeploySchema(**serve_ingress(config.service), applications=[serve_application(config)])
+    schema = ServeDeploySchema(**serve_ingress(config.service), applications=[serve_application(config, node_cores)])
     _get_global_client().deploy_apps(schema)
     _wait_running(config.service.app_name, timeout_s)
 

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+from pdserve import app
+from pdserve.app import serve_application
 from pdserve.config import load_config
 from pdserve.up import _serving_processes_on, confined_to
 
@@ -26,3 +28,15 @@ def test_a_cluster_joined_is_not_confined_a_local_one_is_where_a_core_is_reserve
     assert confined_to(local) == [0]
     joined = local.model_copy(update={"ray_address": "10.0.0.1:6379"})
     assert confined_to(joined) == []
+
+
+def test_serves_controller_lays_a_confined_cluster_out_over_the_nodes_cores_not_its_own(model_dir, monkeypatch):
+    config = load_config(overrides={"engine.model": str(model_dir), "service.mode": "colocated"})
+    args = serve_application(config, node_cores=[0, 1, 2, 3])["args"]
+    laid_out = []  # what the app's builder planned (the real plan, recorded)
+    plan = app.layout
+    monkeypatch.setattr(app, "layout", lambda *given: laid_out.append(plan(*given)) or laid_out[-1])
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # Serve's controller, on the reserved core
+    app.app_builder(args)
+    (decode,) = [pools["decode"].cores for pools in laid_out]
+    assert decode.node_cores == (0, 1, 2, 3) and decode.per_rank == 3 and decode.reserved == 1
