@@ -62,9 +62,8 @@ def build_app(config: PdserveConfig, node_cores: list[int] | None = None) -> ser
     model = model_info(config.engine.model_copy(update={"model": str(config_dir)}), hf)
     reporting = IndexReporting(model.model_id, config.router.index, token, service.app_name)
     disaggregated = service.mode == "disaggregated" and service.prefill.present
-    layouts = layout(
-        config, hf, node_cores
-    )  # the commit pinned above, read once, not the model's source resolved again
+    # The commit pinned above, read once, not the model's source resolved again.
+    layouts = layout(config, hf, node_cores)
     decode = DecodeWorker.options(**_pool_options(service.decode, layouts["decode"])).bind(
         _engine_for(config, layouts["decode"], "kv_consumer" if disaggregated else None),
         _worker_settings(service, service.decode, layouts["decode"], reporting, token, source),

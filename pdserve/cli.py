@@ -333,9 +333,10 @@ def _up(args: argparse.Namespace) -> int:
     flags = {"service.mode": args.mode, "router.index.redis_url": args.redis, "service.http_port": args.http_port,
              "service.grpc_port": args.grpc_port}  # fmt: skip
     config = _config(args, flags)
-    for pool in layout(config).values():  # bad engine settings stop here, before Ray or any replica starts
+    layouts = layout(config)  # bad engine settings stop here, before Ray or any replica starts
+    for pool in layouts.values():
         print(f"pdserve: {pool.describe()}", flush=True)
-    if serving := confined_to(config):
+    if serving := confined_to(config, layouts):
         print(f"pdserve: Ray, Serve, the router and the engine cores on core(s) {omp_bind([serving])}", flush=True)
     print("pdserve: starting Ray and the Serve app…", flush=True)
     service = start(config, num_cpus=args.num_cpus)

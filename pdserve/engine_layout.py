@@ -78,24 +78,24 @@ def plan(
     pools = {role: getattr(config.service, role) for role in roles}
     engines = {role: _with_pool_cores(config.pool_engine(role), pools[role]) for role in roles}
     cores = tuple(sorted(node_cores if node_cores is not None else os.sched_getaffinity(0)))
-    node_cores = len(cores)
+    count = len(cores)
     hf = hf if hf is not None else model_config(config)
     for role in roles:
-        _check_engine(engines[role], _field(config, role), pools[role], node_cores, gpus_per_node, hf)
+        _check_engine(engines[role], _field(config, role), pools[role], count, gpus_per_node, hf)
     if {"prefill", "decode"} <= set(roles):
         _check_kv_interchangeable(config, engines["prefill"], engines["decode"], hf)
     auto = [r for r in roles if _binds_auto(pools[r], engines[r])]
     ranks = sum(_initial_replicas(pools[r]) * engines[r].tensor_parallel_size for r in auto)
     reserved = config.service.reserved_cores
-    if ranks and node_cores - reserved >= ranks:
-        request = {"per_rank": (node_cores - reserved) // ranks, "node_cores": cores, "reserved": reserved}
+    if ranks and count - reserved >= ranks:
+        request = {"per_rank": (count - reserved) // ranks, "node_cores": cores, "reserved": reserved}
     elif ranks:  # too few to keep one back: split the node, reserve none; fewer cores than ranks: share some
-        request = {"per_rank": max(1, node_cores // ranks), "node_cores": cores, "reserved": 0}
+        request = {"per_rank": max(1, count // ranks), "node_cores": cores, "reserved": 0}
     else:
         request = None
     if not request or request["reserved"]:
         shared = []  # every rank beside the serving processes' core, ahead of them
-    elif ranks > node_cores:
+    elif ranks > count:
         shared = auto  # ranks share cores with each other too: one ahead would starve the other's
     else:
         shared = ["prefill" if "prefill" in auto else "decode"]

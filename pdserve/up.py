@@ -31,6 +31,7 @@ import urllib.request
 from dataclasses import dataclass
 
 from pdserve.config import PdserveConfig, ServiceConfig
+from pdserve.engine_layout import PoolLayout, serving_cores
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
     import ray
     from ray import serve
 
-    from pdserve.app import build_app, serve_ingress
+    from pdserve.app import build_app, layout, serve_ingress
 
     redis = None
     if config.router.index.redis_url == "local":
@@ -82,7 +83,7 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
     else:  # logical CPUs for every replica the pools may have, even on a 2-core machine; cores are bound per engine
         cpus = max(num_cpus or os.cpu_count() or 1, cpus_needed(service))
         secrets = config if service.coordination is not None else None
-        confined = confined_to(config)
+        confined = confined_to(config, layout(config))
         if confined:
             node_cores = sorted(os.sched_getaffinity(0))
         with _secrets_in_env(secrets), _serving_processes_on(confined):
@@ -189,13 +190,10 @@ def _wait_running(name: str, timeout_s: float) -> None:
     raise TimeoutError(f"the Serve app {name!r} was not running within {timeout_s:g} s: {detail}")
 
 
-def confined_to(config: PdserveConfig) -> list[int]:
-    """The cores a local cluster keeps to (the node's reserved ones); none when joining a cluster, or where the
-    engines bind every core or were given theirs."""
-    from pdserve.app import layout
-    from pdserve.engine_layout import serving_cores
-
-    return [] if config.ray_address else serving_cores(layout(config))
+def confined_to(config: PdserveConfig, layouts: dict[str, PoolLayout]) -> list[int]:
+    """The cores a local cluster keeps to (the node's reserved ones, from the pools' ``layouts``); none when
+    joining a cluster, or where the engines bind every core or were given theirs."""
+    return [] if config.ray_address else serving_cores(layouts)
 
 
 @contextlib.contextmanager

@@ -167,9 +167,8 @@ def test_replicas_claim_disjoint_cores_and_a_dead_ones_come_back(tmp_path):
     finally:
         first.kill()
         first.wait()
-    assert (
-        ledger.claim(os.getppid(), CoreRequest(per_rank=2, node_cores=node(4), reserved=1)) == "1-2"
-    )  # the killed one's, free again
+    # the killed one's, free again
+    assert ledger.claim(os.getppid(), CoreRequest(per_rank=2, node_cores=node(4), reserved=1)) == "1-2"
     ledger.release(os.getpid())
     assert ledger.claims() == {os.getppid(): [1, 2]}
 

@@ -25,9 +25,9 @@ def test_processes_started_while_ray_starts_keep_to_the_given_cores_at_this_proc
 def test_a_cluster_joined_is_not_confined_a_local_one_is_where_a_core_is_reserved(model_dir, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
     local = load_config(overrides={"engine.model": str(model_dir), "service.mode": "colocated"})
-    assert confined_to(local) == [0]
+    assert confined_to(local, app.layout(local)) == [0]
     joined = local.model_copy(update={"ray_address": "10.0.0.1:6379"})
-    assert confined_to(joined) == []
+    assert confined_to(joined, app.layout(joined)) == []
 
 
 def test_serves_controller_lays_a_confined_cluster_out_over_the_nodes_cores_not_its_own(model_dir, monkeypatch):
