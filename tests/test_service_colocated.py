@@ -30,7 +30,14 @@ AUTOSCALING = {
 
 
 @pytest.fixture(scope="module")
-def service(model_dir, tmp_path_factory):
+def processes_before_the_service() -> set[int]:
+    """What this pytest process already ran (multiprocessing's resource tracker from an earlier module): not the
+    cluster's."""
+    return {process.pid for process in psutil.Process().children(recursive=True)}
+
+
+@pytest.fixture(scope="module")
+def service(model_dir, tmp_path_factory, processes_before_the_service):
     overrides = {"service.mode": "colocated", "service.decode.autoscaling_config": AUTOSCALING}
     running = start(service_config(model_dir, tmp_path_factory.mktemp("cache"), **overrides), num_cpus=8)
     yield running
@@ -55,7 +62,9 @@ def test_the_engine_binds_a_core_of_its_own_and_leaves_the_reserved_core_to_the_
     assert bound_cores(worker) == set(sorted(os.sched_getaffinity(0))[1:2])  # core 0 stays with Ray, Serve, router
 
 
-def test_ray_serve_the_replicas_and_the_engine_core_keep_to_the_reserved_core_at_the_ranks_niceness(client, service):
+def test_ray_serve_the_replicas_and_the_engine_core_keep_to_the_reserved_core_at_the_ranks_niceness(
+    client, service, processes_before_the_service
+):
     """As vLLM's server runs: its front end and engine core off the core its worker binds, all at one niceness."""
     (replica,) = [w.worker_id for w in client.status().workers]
     (worker,) = engine_workers(service, "DecodeWorker", replica)
@@ -63,7 +72,7 @@ def test_ray_serve_the_replicas_and_the_engine_core_keep_to_the_reserved_core_at
     serving = {}  # every process the local cluster started, but the rank worker: pid → (cores, niceness)
     for process in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess, FileNotFoundError):
-            if process.pid != worker and process.name() != "redis-server":
+            if process.pid not in processes_before_the_service | {worker} and process.name() != "redis-server":
                 serving[process.pid] = (frozenset(bound_cores(process.pid)), niceness(process.pid))
     assert psutil.Process(worker).ppid() in serving and replica_pid(service, "DecodeWorker", replica) in serving
     own = os.getpriority(os.PRIO_PROCESS, 0)
