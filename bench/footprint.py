@@ -2,10 +2,14 @@
 
 ``Footprint`` samples this process and every process under it (``pdserve up``'s local Ray: GCS, raylet,
 Serve's controller and proxy, every replica, Redis) once a ``interval_s``: proportional set size (PSS, so
-pages shared between forked processes count once) and CPU time. Each process is put in a group by its
-title: a Serve replica by its deployment (``ray::ServeReplica:<app>:<Deployment>``), the rest as Ray's
-and the benchmark's own. The summary is the peak total PSS, each group's PSS at that peak, and the cores
-each group kept busy on average (its CPU seconds over the wall time sampled).
+pages shared between forked processes count once), CPU time, and the time its threads were runnable but
+waited for a core (the kernel's run-queue wait, ``/proc/PID/task/TID/schedstat``: what a process loses to
+the others on its cores). Each process is put in a group, by default by its title: a Serve replica by its
+deployment (``ray::ServeReplica:<app>:<Deployment>``), the rest as Ray's and the benchmark's own. The
+summary is the peak total PSS, each group's PSS at that peak, the cores each group kept busy on average
+(its CPU seconds over the wall time sampled) and the cores' worth of time its threads waited for one. A
+thread that ends between two samples takes that interval's wait with it (not its CPU time: the kernel adds
+an ended thread's to its process's).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import psutil
 
@@ -31,15 +36,38 @@ def group_of(title: str) -> str:
     return "other"
 
 
-class Footprint:
-    """A sampler thread over this process's tree; ``with Footprint() as f: ...`` then ``f.summary()``."""
+def by_title(process: psutil.Process) -> str:
+    return group_of(title_of(process))
 
-    def __init__(self, interval_s: float = 1.0):
+
+def title_of(process: psutil.Process) -> str:
+    return " ".join(process.cmdline()) or process.name()
+
+
+def run_queue_waits_s(pid: int) -> dict[int, float]:
+    """Seconds each live thread of the process spent runnable, waiting for a core, by thread id."""
+    waits = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as stats:
+                waits[int(tid)] = int(stats.read().split()[1]) / 1e9
+        except (FileNotFoundError, ProcessLookupError):  # the thread ended meanwhile
+            continue
+    return waits
+
+
+class Footprint:
+    """A sampler thread over this process's tree; ``with Footprint() as f: ...`` then ``f.summary()``.
+    ``grouping`` names each process's group (``by_title`` unless given)."""
+
+    def __init__(self, interval_s: float = 1.0, grouping: Callable[[psutil.Process], str] = by_title):
         self._interval_s = interval_s
+        self._grouping = grouping
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample_until_stopped, name="pdserve-footprint", daemon=True)
         self._cpu_s: dict[int, tuple[str, float]] = {}  # pid → (group, its CPU seconds at its last sample)
         self._cpu_at_start: dict[int, float] = {}
+        self._waits_s: dict[tuple[int, int], tuple[str, float, float]] = {}  # (pid, tid) → group, first, last
         self._peak: tuple[float, dict[str, float], int] = (0.0, {}, 0)  # total PSS, by group, replicas
         self._sampled_once = False
         self._began = self._ended = 0.0
@@ -57,8 +85,11 @@ class Footprint:
     def summary(self) -> dict:
         wall = max(self._ended - self._began, 1e-9)
         busy: dict[str, float] = defaultdict(float)
+        waited: dict[str, float] = defaultdict(float)
         for pid, (group, cpu_s) in self._cpu_s.items():
-            busy[group] += cpu_s - self._cpu_at_start.get(pid, 0.0)
+            busy[group] += cpu_s - self._cpu_at_start[pid]
+        for group, first_s, last_s in self._waits_s.values():
+            waited[group] += last_s - first_s
         total, by_group, replicas = self._peak
         return {
             "peak_pss_gib": total / _GIB,
@@ -66,6 +97,7 @@ class Footprint:
             "replicas_at_peak": replicas,
             "cores_busy": sum(busy.values()) / wall,
             "cores_busy_by_group": {group: seconds / wall for group, seconds in sorted(busy.items())},
+            "cores_waited_for_by_group": {group: seconds / wall for group, seconds in sorted(waited.items())},
             "sampled_s": wall,
         }
 
@@ -82,17 +114,21 @@ class Footprint:
         for process in [me, *me.children(recursive=True)]:
             try:
                 with process.oneshot():
-                    title = " ".join(process.cmdline()) or process.name()
-                    group = group_of(title)
-                    cpu = process.cpu_times()
-                    pss[group] += process.memory_full_info().pss
-            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                    group, title = self._grouping(process), title_of(process)
+                    cpu, memory = process.cpu_times(), process.memory_full_info()
+                    waits = run_queue_waits_s(process.pid)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, FileNotFoundError):
                 continue
+            pss[group] += memory.pss
+            replicas += title.startswith(_REPLICA_TITLE)
             cpu_s = cpu.user + cpu.system
             # a process there from the first sample spent CPU before the window; one born later, all inside it
             self._cpu_at_start.setdefault(process.pid, 0.0 if self._sampled_once else cpu_s)
             self._cpu_s[process.pid] = (group, cpu_s)
-            replicas += title.startswith(_REPLICA_TITLE)
+            for tid, wait_s in waits.items():  # and so for each thread's wait
+                key = (process.pid, tid)
+                first_s = self._waits_s[key][1] if key in self._waits_s else 0.0 if self._sampled_once else wait_s
+                self._waits_s[key] = (group, first_s, wait_s)
         self._sampled_once = True
         total = sum(pss.values())
         if total > self._peak[0]:

@@ -26,7 +26,11 @@ the HTTP front end around it), and for pdserve where that went: the means of
 up to it), so the worker's own share stands beside vLLM's whole; and the
 share of prompt tokens each found in its prefix cache (``prefix_hit_rate``:
 vLLM's ``vllm:prefix_cache_hits`` / ``_queries``, pdserve's
-``pdserve:prefix_cache_hit_tokens`` / ``prompt_tokens``).
+``pdserve:prefix_cache_hit_tokens`` / ``prompt_tokens``). And where the CPU went while each
+workload ran (``cores``, beside the figures): for each role (vLLM's API server; pdserve's driver, Serve
+replicas by deployment, Serve's proxy and controller, Ray's daemons; each server's engine cores and rank
+workers; the client), the cores it kept busy and the cores' worth of time its threads waited for one
+(``bench/footprint.py``), medians over the rounds.
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ import time
 import urllib.request
 from pathlib import Path
 
+import psutil
 from prometheus_client.parser import text_string_to_metric_families
+
+from bench.footprint import Footprint, group_of, title_of
 
 REPO = Path(__file__).resolve().parent.parent
 WORKLOADS = {
@@ -72,20 +79,28 @@ def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: 
         "disagg": (pdserve_up(model_dir, port, "disaggregated"), {}, {"prefill": 1, "decode": 1}),
     }
     per_round: list[dict[str, dict[str, dict[str, float]]]] = []  # round → server → workload → figures
+    round_use: list[dict[str, dict[str, dict]]] = []  # round → server → workload → the Footprint's summary
     round_cores: list[dict[str, dict[str, list[int]]]] = []  # round → pdserve server → worker → cores
     with rpc_dir:
         for _ in range(rounds):
             per_round.append({})
+            round_use.append({})
             round_cores.append({})
             for server, (command, env, pools) in servers.items():
                 with Server(command, env, f"http://127.0.0.1:{port}", pools) as url:
                     if pools:
                         round_cores[-1][server] = claimed_cores()
-                    per_round[-1][server] = {w: _measure(url, name, model_dir, f) for w, f in WORKLOADS.items()}
+                    per_round[-1][server], round_use[-1][server] = {}, {}
+                    for workload, flags in WORKLOADS.items():
+                        with Footprint(interval_s=0.5, grouping=role_of) as use:
+                            per_round[-1][server][workload] = _measure(url, name, model_dir, flags)
+                        round_use[-1][server][workload] = use.summary()
     figures = {server: {w: _medians([one[server][w] for one in per_round]) for w in WORKLOADS} for server in servers}
     result = {
         "rounds": rounds, "figures": figures, **ratios(figures), "round_ratios": [ratios(one) for one in per_round],
         "round_figures": per_round, "round_cores": round_cores,
+        "cores": {server: {w: cores_used([one[server][w] for one in round_use]) for w in WORKLOADS}
+                  for server in servers},
         "workloads": {k: " ".join(v) for k, v in WORKLOADS.items()},
     }  # fmt: skip
     if json_dir is not None:
@@ -123,6 +138,49 @@ def claimed_cores() -> dict[str, list[int]]:
         deployment = title.rpartition(":")[2].split()[0] if "ServeReplica" in title else "unknown"
         named[f"{deployment} {pid}"] = cores
     return named
+
+
+def role_of(process: psutil.Process) -> str:
+    """What a process under the benchmark is. By title: the client, vLLM's API server, pdserve's driver, a
+    Serve replica by its deployment, Serve's proxy and controller, Ray's other processes. The engine core
+    and rank workers by where they sit, as ``<server> engine core`` and ``<server> rank`` (under vLLM's API
+    server or a replica: vLLM's process titles did not always take); multiprocessing's resource trackers
+    and anything else as ``other``."""
+    for depth, ancestor in enumerate([process, *process.parents()][:3]):
+        title = title_of(ancestor)
+        if "multiprocessing.resource_tracker" in title:
+            return "other"
+        role = role_by_title(title)
+        if role is not None and (depth == 0 or role not in ("client", "pdserve up", "ray", "other")):
+            return [role, f"{role} engine core", f"{role} rank"][depth]
+    return "other"
+
+
+def role_by_title(title: str) -> str | None:
+    """The role a title names, ``None`` for a title that does not (a process vLLM spawned)."""
+    for marker, role in (("vllm_bench_serve", "client"), ("vllm.entrypoints.openai.api_server", "vllm api server"),
+                         ("VLLM::APIServer", "vllm api server"), ("pdserve.cli up", "pdserve up"),
+                         ("ray::ProxyActor", "serve proxy"), ("ray::ServeController", "serve controller")):  # fmt: skip
+        if marker in title:
+            return role
+    if title.startswith("VLLM::") or "multiprocessing" in title:
+        return None
+    return group_of(title)
+
+
+def cores_used(summaries: list[dict]) -> dict[str, dict[str, float]]:
+    """Per role, the median over rounds of the cores it kept busy and the cores' worth of time it waited for
+    one (0 in a round it did not appear)."""
+    roles = sorted({role for one in summaries for role in one["cores_busy_by_group"]})
+    return {
+        role: {
+            "busy": round(statistics.median(one["cores_busy_by_group"].get(role, 0.0) for one in summaries), 3),
+            "waited_for": round(
+                statistics.median(one["cores_waited_for_by_group"].get(role, 0.0) for one in summaries), 3
+            ),
+        }
+        for role in roles
+    }
 
 
 def _medians(runs: list[dict[str, float]]) -> dict[str, float]:

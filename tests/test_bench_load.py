@@ -4,7 +4,11 @@ test_service.py and test_cli.py)."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+import time
 
+import psutil
 import pytest
 
 from bench import plots
@@ -223,3 +227,43 @@ def test_the_prefix_hits_of_either_server_are_read_from_its_metrics_page():
         'pdserve:prefix_cache_hit_tokens_total{pool="decode"} 200.0\n'
     )
     assert prefix_hits(vllm) == (1024.0, 2048.0) and prefix_hits(pdserve) == (200.0, 400.0)
+
+
+SERVER_STARTS_A_CHILD = """
+import subprocess, sys
+child = [sys.executable, "-c", "import subprocess, sys, time; subprocess.Popen(sys.argv[1:]); time.sleep(30)"]
+subprocess.Popen([*child, sys.executable, "-c", "import time; time.sleep(30)", "--multiprocessing-fork"])
+import time; time.sleep(30)
+"""
+
+
+def test_the_processes_a_server_starts_are_its_engine_core_and_its_rank():
+    """As vLLM's server starts them (multiprocessing spawns: ``--multiprocessing-fork`` in the title), named by
+    where they sit."""
+    from bench.vllm_compare import role_of
+
+    server = subprocess.Popen([sys.executable, "-c", SERVER_STARTS_A_CHILD, "vllm.entrypoints.openai.api_server"])
+    try:
+        deadline = time.monotonic() + 30
+        while len(tree := psutil.Process(server.pid).children(recursive=True)) < 2:
+            assert time.monotonic() < deadline, "the server's processes did not start"
+            time.sleep(0.05)
+        engine_core, rank = sorted(tree, key=lambda process: process.create_time())
+        assert role_of(psutil.Process(server.pid)) == "vllm api server"
+        assert role_of(engine_core) == "vllm api server engine core" and role_of(rank) == "vllm api server rank"
+    finally:
+        for process in psutil.Process(server.pid).children(recursive=True):
+            process.kill()
+        server.kill()
+        server.wait(10)
+
+
+def test_serving_processes_are_named_by_their_titles():
+    from bench.vllm_compare import role_by_title
+
+    assert role_by_title("ray::ServeReplica:pdserve:DecodeWorker") == "DecodeWorker"
+    assert role_by_title("ray::ProxyActor") == "serve proxy"
+    assert role_by_title("ray::ServeController") == "serve controller"
+    assert role_by_title("/x/python -m pdserve.cli up --model m") == "pdserve up"
+    assert role_by_title("/x/bin/raylet --node_ip_address=1") == "ray"
+    assert role_by_title("VLLM::EngineCore") is None
