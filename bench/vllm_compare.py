@@ -92,7 +92,7 @@ def run(model_dir: Path, json_dir: Path | None, port: int = 8000, kv_cache_gib: 
                         round_cores[-1][server] = claimed_cores()
                     per_round[-1][server], round_use[-1][server] = {}, {}
                     for workload, flags in WORKLOADS.items():
-                        with Footprint(interval_s=0.5, grouping=role_of) as use:
+                        with Footprint(interval_s=5, grouping=role_of, memory=False) as use:
                             per_round[-1][server][workload] = _measure(url, name, model_dir, flags)
                         round_use[-1][server][workload] = use.summary()
     figures = {server: {w: _medians([one[server][w] for one in per_round]) for w in WORKLOADS} for server in servers}

@@ -8,9 +8,9 @@ A local cluster on a CPU node whose engines leave cores free (engine_layout.py)
 is confined to those cores: Ray's daemons, Serve's controller and proxy, the
 router and the worker replicas, with the vLLM engine cores they start, run on
 the reserved core at the niceness ``pdserve up`` runs at, and only the rank
-workers bind the rest, each its own. That is how vLLM's server runs: its front
-end and engine core off the core its worker binds, all at one niceness. Left
-free (Ray's workers at nice 15, anywhere), the engine core waited behind its
+workers bind the rest, each its own. vLLM's server binds only its worker and runs
+everything at one niceness (its API server and engine core may use any core).
+Left free (Ray's workers at nice 15, anywhere), the engine core waited behind its
 own rank worker at nice 0 on the rank's core: 2.0 s of scheduling delay over
 2,800 wake-ups in a 16 s shared-prefix run, against 5 ms for vLLM's engine core
 (``perf sched``, 2026-12-03; README, "Cores on CPU nodes").

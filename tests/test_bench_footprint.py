@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+
+import psutil
 
 from bench.footprint import Footprint, group_of
 
@@ -43,6 +46,29 @@ def test_the_time_two_processes_on_one_core_wait_for_it_is_counted():
     summary = footprint.summary()
     waited_s = summary["cores_waited_for_by_group"]["other"] * summary["sampled_s"]
     assert 0.3 <= waited_s  # each waits while the other runs: ~0.5 s between them, less its last tenth
+
+
+BURN_THEN_SLEEP = """
+import time
+began = time.process_time()
+while time.process_time() - began < 1.0:
+    pass
+time.sleep(60)
+"""
+
+
+def test_with_a_sample_at_each_end_only_the_cpu_between_them_is_counted():
+    child = subprocess.Popen([sys.executable, "-c", BURN_THEN_SLEEP])
+    try:
+        with Footprint(interval_s=3600, memory=False) as footprint:
+            deadline = time.monotonic() + 30
+            while sum(psutil.Process(child.pid).cpu_times()[:2]) < 1.0:  # the burn, from the first sample on
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        assert 0.7 <= footprint.summary()["cores_busy"] * footprint.summary()["sampled_s"] <= 1.3
+    finally:
+        child.kill()
+        child.wait(10)
 
 
 def test_processes_are_grouped_as_the_caller_says():

@@ -65,7 +65,7 @@ def test_the_engine_binds_a_core_of_its_own_and_leaves_the_reserved_core_to_the_
 def test_ray_serve_the_replicas_and_the_engine_core_keep_to_the_reserved_core_at_the_ranks_niceness(
     client, service, processes_before_the_service
 ):
-    """As vLLM's server runs: its front end and engine core off the core its worker binds, all at one niceness."""
+    """Off the core the worker binds, all at one niceness (as vLLM's server runs every process)."""
     (replica,) = [w.worker_id for w in client.status().workers]
     (worker,) = engine_workers(service, "DecodeWorker", replica)
     reserved = set(sorted(os.sched_getaffinity(0))[:1])
