@@ -151,9 +151,12 @@ def role_of(process: psutil.Process) -> str:
         if "multiprocessing.resource_tracker" in title:
             return "other"
         role = role_by_title(title)
-        if role is not None and (depth == 0 or role not in ("client", "pdserve up", "ray", "other")):
+        if role is not None and (depth == 0 or role not in _STARTS_NO_ENGINE):
             return [role, f"{role} engine core", f"{role} rank"][depth]
     return "other"
+
+
+_STARTS_NO_ENGINE = ("client", "pdserve up", "serve proxy", "serve controller", "ray", "other")
 
 
 def role_by_title(title: str) -> str | None:
@@ -172,15 +175,12 @@ def cores_used(summaries: list[dict]) -> dict[str, dict[str, float]]:
     """Per role, the median over rounds of the cores it kept busy and the cores' worth of time it waited for
     one (0 in a round it did not appear)."""
     roles = sorted({role for one in summaries for role in one["cores_busy_by_group"]})
+    keys = {"busy": "cores_busy_by_group", "waited_for": "cores_waited_for_by_group"}
     return {
-        role: {
-            "busy": round(statistics.median(one["cores_busy_by_group"].get(role, 0.0) for one in summaries), 3),
-            "waited_for": round(
-                statistics.median(one["cores_waited_for_by_group"].get(role, 0.0) for one in summaries), 3
-            ),
-        }
+        role: {name: round(statistics.median(one[key].get(role, 0.0) for one in summaries), 3)
+               for name, key in keys.items()}
         for role in roles
-    }
+    }  # fmt: skip
 
 
 def _medians(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -267,3 +267,13 @@ def test_serving_processes_are_named_by_their_titles():
     assert role_by_title("/x/python -m pdserve.cli up --model m") == "pdserve up"
     assert role_by_title("/x/bin/raylet --node_ip_address=1") == "ray"
     assert role_by_title("VLLM::EngineCore") is None
+
+
+def test_the_cores_a_role_used_are_the_medians_of_its_rounds_and_0_in_a_round_without_it():
+    from bench.vllm_compare import cores_used
+
+    rounds = [{"cores_busy_by_group": {"Router": 0.1}, "cores_waited_for_by_group": {"Router": 0.2}},
+              {"cores_busy_by_group": {"Router": 0.3, "client": 0.4}, "cores_waited_for_by_group": {"Router": 0.4}},
+              {"cores_busy_by_group": {"Router": 0.2}, "cores_waited_for_by_group": {"Router": 0.9}}]  # fmt: skip
+    used = cores_used(rounds)
+    assert used["Router"] == {"busy": 0.2, "waited_for": 0.4} and used["client"] == {"busy": 0.0, "waited_for": 0.0}
