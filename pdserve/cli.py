@@ -339,7 +339,7 @@ def _up(args: argparse.Namespace) -> int:
     if serving := confined_to(config, layouts):
         print(f"pdserve: Ray, Serve, the router and the engine cores on core(s) {omp_bind([serving])}", flush=True)
     print("pdserve: starting Ray and the Serve app…", flush=True)
-    service = start(config, num_cpus=args.num_cpus)
+    service = start(config, num_cpus=args.num_cpus, layouts=layouts)
     where = f"HTTP {service.http_url}/v1  gRPC {service.grpc_address}"
     print(f"pdserve is up: {where}  ({config.service.mode})", flush=True)
     if args.try_prompt:

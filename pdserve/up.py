@@ -59,7 +59,12 @@ class Service:
                     self.redis.stop()
 
 
-def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: float = 300.0) -> Service:
+def start(
+    config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: float = 300.0,
+    layouts: dict[str, PoolLayout] | None = None,
+) -> Service:  # fmt: skip
+    """Start (or join) Ray and run the app; ``layouts``: the pools' as the caller planned them (``pdserve up``
+    prints them), planned here when not given."""
     import ray
     from ray import serve
 
@@ -83,7 +88,7 @@ def start(config: PdserveConfig, num_cpus: int | None = None, ready_timeout_s: f
     else:  # logical CPUs for every replica the pools may have, even on a 2-core machine; cores are bound per engine
         cpus = max(num_cpus or os.cpu_count() or 1, cpus_needed(service))
         secrets = config if service.coordination is not None else None
-        confined = confined_to(config, layout(config))
+        confined = confined_to(config, layouts if layouts is not None else layout(config))
         if confined:
             node_cores = sorted(os.sched_getaffinity(0))
         with _secrets_in_env(secrets), _serving_processes_on(confined):
