@@ -47,25 +47,19 @@ def client(service):
     c.close()
 
 
-_SECONDS_BY_MODULE: dict[str, float] = {}
-
-
-def pytest_runtest_logreport(report):
-    """Adds each phase's time (setup, call, teardown: module fixtures' starts and stops included) to its module's."""
-    module = report.nodeid.split("::", 1)[0]
-    _SECONDS_BY_MODULE[module] = _SECONDS_BY_MODULE.get(module, 0.0) + report.duration
-
-
 def pytest_terminal_summary(terminalreporter):
     """Where the run's time went, by module (what to merge or trim to keep CI inside its 30 minutes); then free
     disk and memory as the run ends: a CI machine short of either fails every later deploy alike."""
     import shutil
     import tempfile
+    from collections import Counter
 
-    slowest = sorted(_SECONDS_BY_MODULE.items(), key=lambda item: -item[1])
-    terminalreporter.write_sep("=", f"seconds by module ({sum(_SECONDS_BY_MODULE.values()):.0f} s in all)")
-    for module, seconds in slowest:
-        terminalreporter.write_line(f"{seconds:8.1f} s  {module}")
+    seconds = Counter()  # every phase's report (setup, call, teardown: module fixtures' starts and stops included)
+    for report in (r for reports in terminalreporter.stats.values() for r in reports if hasattr(r, "duration")):
+        seconds[report.nodeid.split("::", 1)[0]] += report.duration
+    terminalreporter.write_sep("=", f"seconds by module ({seconds.total():.0f} s in all)")
+    for module, spent in seconds.most_common():
+        terminalreporter.write_line(f"{spent:8.1f} s  {module}")
 
     free_disk = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
     meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())

@@ -92,6 +92,18 @@ def test_two_ranks_give_the_greedy_tokens_of_one_rank_and_of_transformers(reques
         assert split[:upto] == transformers_greedy(model_dir, ids, 16)[:upto]
 
 
+def test_a_two_rank_engine_on_the_default_dtype_answers_prompts_of_1_to_4_tokens(make_tiny_model):
+    """bfloat16 (``dtype: auto`` on this CPU) and eager: the query of death's conditions (tests/short_prompts.py),
+    with two ranks."""
+    two_ranks = engine(make_tiny_model("llama"), "kv_producer", 2)
+    try:
+        for n in range(1, 5):
+            tokens, _, _, reason = two_ranks.generate(f"short-{n}", [7 + i for i in range(n)], 4)
+            assert len(tokens) == 4 and reason == "length"
+    finally:
+        two_ranks.stop()
+
+
 def pulled_bytes(peer: EnginePeer) -> int:
     return sum(figures["bytes"] for figures in peer.transfer_stats().get("pulls", {}).values())
 
