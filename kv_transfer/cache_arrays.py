@@ -33,6 +33,12 @@ def nbytes(array: CacheArray) -> int:
     return array.nbytes if isinstance(array, np.ndarray) else array.numel() * array.element_size()
 
 
+def contiguous(array: CacheArray) -> bool:
+    """Whether ``array``'s elements are one run of memory in order: only then can bytes land in it directly
+    (vLLM's logical per-layer view is not, where its physical layout puts tokens before heads, as on GPUs)."""
+    return array.flags.c_contiguous if isinstance(array, np.ndarray) else array.is_contiguous()
+
+
 def host_bytes(array: CacheArray) -> np.ndarray:
     """The array's bytes as a flat uint8 numpy array: a view where it is contiguous on the host (writing to it
     writes the array), else a copy."""

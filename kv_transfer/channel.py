@@ -23,7 +23,16 @@ import grpc
 import xxhash
 
 from kv_transfer import auth
-from kv_transfer.cache_arrays import CacheArray, concatenate, copy_blocks, dtype_name, host_bytes, nbytes, on_host
+from kv_transfer.cache_arrays import (
+    CacheArray,
+    concatenate,
+    contiguous,
+    copy_blocks,
+    dtype_name,
+    host_bytes,
+    nbytes,
+    on_host,
+)
 from kv_transfer.cache_arrays import staging as staging_for
 from kv_transfer.chunk_codec import decode_chunk
 from kv_transfer.errors import (
@@ -286,15 +295,13 @@ class _Landing:
                 raise TransferIntegrityError(self._tid, f"a batch of {header.num_blocks} blocks at {self._position}")
             self._batch = header.num_blocks
             self._ids = self._dest_ids[self._position : self._position + self._batch]
-        # adjacent destination blocks, whole, in host memory: bytes land in the cache itself; else in (pinned) staging
+        # adjacent destination blocks, whole, one run of host memory: bytes land in the cache itself; else in
+        # (pinned) staging
         spans = runs(self._ids)
-        self._direct = self._whole and self._cpu and len(spans) == 1
-        if self._direct:
-            layer = self._dest_layers[self._layers[self._layer]]
-            target = layer[spans[0][0] : spans[0][0] + self._batch]
-        else:
-            target = self._staging[: self._batch]
-        self._target = host_bytes(target)  # a view: both are contiguous on the host
+        layer = self._dest_layers[self._layers[self._layer]]
+        in_cache = layer[spans[0][0] : spans[0][0] + self._batch] if len(spans) == 1 else None
+        self._direct = self._whole and self._cpu and in_cache is not None and contiguous(in_cache)
+        self._target = host_bytes(in_cache if self._direct else self._staging[: self._batch])  # a view of either
 
     def check_complete(self) -> None:
         if self._position != len(self._dest_ids) or self._filled:

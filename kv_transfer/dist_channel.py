@@ -251,8 +251,8 @@ class DistKVChannel:
 
     @staticmethod
     def _post_layer(group, plan: pb.DistPlan, layer: int, dest_layers, dest_block_ids, device: str, heads: HeadSlice):
-        """Post one layer's receives. Where the destination blocks are adjacent and take every head this
-        receiver holds, bytes land in the cache; else in a buffer copied into the heads' slice."""
+        """Post one layer's receives. Where the destination blocks are adjacent, take every head this
+        receiver holds and are one run of memory, bytes land in the cache; else in a buffer copied into them."""
         dest = dest_layers[layer]
         whole = heads.count == dest.shape[1]
         base = plan.tag_base + layer * (len(plan.run_lengths) + 1)
@@ -260,7 +260,7 @@ class DistKVChannel:
         for index, length in enumerate(plan.run_lengths):
             ids = list(dest_block_ids[position : position + length])
             position += length
-            if whole and len(runs(ids)) == 1:
+            if whole and len(runs(ids)) == 1 and dest[ids[0] : ids[0] + length].is_contiguous():
                 buffer = dest[ids[0] : ids[0] + length]
             else:
                 buffer = torch.empty((length, heads.count, *dest.shape[2:]), dtype=dest.dtype, device=device)

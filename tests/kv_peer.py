@@ -20,6 +20,12 @@ def layer_tensors(num_layers: int, num_blocks: int, block_shape: tuple[int, ...]
     ]
 
 
+def token_major(layer: torch.Tensor) -> torch.Tensor:
+    """``layer``'s values with tokens before heads in memory (vLLM's GPU cache layout, LBNHC: FlashAttention's
+    NHD), seen through the logical [blocks, heads, tokens, content] view vLLM hands the connector: not contiguous."""
+    return layer.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+
+
 def block_hashes(n: int) -> list[bytes]:
     return [i.to_bytes(16, "big") for i in range(n)]
 
@@ -51,6 +57,8 @@ def _sender_main(conn, spec: dict) -> None:
         first, count = spec["heads"]
         layers = [layer[:, first : first + count].contiguous() for layer in layers]
     layers = [layer.to(spec.get("device", "cpu")) for layer in layers]
+    if spec.get("token_major"):
+        layers = [token_major(layer) for layer in layers]
     conn.send(("ready", server.address))
     while conn.poll(120):
         command, *args = conn.recv()

@@ -11,7 +11,7 @@ import grpc
 import pytest
 import torch
 from helpers import wait_for
-from kv_peer import SECRET, SenderProcess, block_hashes, layer_tensors, start_receiver
+from kv_peer import SECRET, SenderProcess, block_hashes, layer_tensors, start_receiver, token_major
 
 from kv_transfer import auth
 from kv_transfer.channel import GrpcKVChannel, LocalKVChannel
@@ -29,6 +29,7 @@ from kv_transfer.errors import (
 from kv_transfer.grpc_service import KVTransferServer
 from kv_transfer.transfer import (
     WIRE_VERSION,
+    HeadSlice,
     KVFingerprint,
     SenderRank,
     TransferHandle,
@@ -55,6 +56,10 @@ def sender():
 
 
 BACKENDS = ["grpc", "torch_dist"]
+
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device here: the CUDA-tensor paths run on a GPU machine"
+)
 
 
 def channel_for(backend: str, secret: str = SECRET):
@@ -86,6 +91,27 @@ def test_a_round_trip_between_processes_is_byte_identical(sender, dtype, backend
     untouched = [i for i in range(16) if i not in dest_ids]
     assert all(torch.count_nonzero(dest[layer][untouched]) == 0 for layer in range(handle.num_layers))
     assert result.bytes == sum(t[source_ids].numel() * t.element_size() for t in source)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dest_ids", [[4, 5, 6], [9, 2, 7]], ids=["adjacent", "scattered"])
+@pytest.mark.parametrize("heads", [None, (2, 4)], ids=["all-heads", "head-slice"])
+@pytest.mark.parametrize("sender_device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+def test_caches_in_the_gpu_layout_move_byte_for_byte(sender, backend, dest_ids, heads, sender_device):
+    """On GPUs vLLM keeps tokens before heads in memory; the connector sees a logical view that is not
+    contiguous, on both ends (a tensor-parallel receiver lands a slice of the sender's heads)."""
+    peer = sender(token_major=True, dtype="bfloat16", device=sender_device, **LLAMA_LIKE)
+    handle = peer.offer("nhd", [1, 2, 3])
+    count = heads[1] if heads else handle.block_shape()[0]
+    dest = [token_major(torch.zeros((12, count, *handle.block_shape()[1:]), dtype=torch.bfloat16)) for _ in range(4)]
+    pulled = HeadSlice(heads[0], 0, count) if heads else None
+    channel_for(backend).pull(handle, dest, dest_ids, heads=pulled)
+    first = heads[0] if heads else 0
+    source = peer.layers()
+    assert all(not layer.is_contiguous() for layer in dest)
+    for layer in range(4):
+        assert same_bytes(dest[layer][dest_ids], source[layer][[1, 2, 3], first : first + count])
+        assert torch.count_nonzero(dest[layer][[i for i in range(12) if i not in dest_ids]]) == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -450,28 +476,32 @@ def test_nccl_round_trip_between_two_gpus(sender):
     assert all(same_bytes(dest[layer].cpu(), source[layer][[1, 2, 3]]) for layer in range(4))
 
 
-needs_cuda = pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="no CUDA device here: the CUDA-tensor paths run on a GPU machine"
-)
+LAYOUTS = pytest.mark.parametrize("token_major_caches", [False, True], ids=["head-major", "token-major"])
 
 
 @needs_cuda
+@LAYOUTS
 @pytest.mark.parametrize("sender_device, dest_device", [("cuda", "cuda"), ("cuda", "cpu"), ("cpu", "cuda")])
 @pytest.mark.parametrize("dest_ids", [[4, 5, 6], [9, 2, 7]], ids=["adjacent", "scattered"])
-def test_grpc_moves_blocks_between_cuda_and_host_caches(sender, sender_device, dest_device, dest_ids):
-    peer = sender(device=sender_device, dtype="bfloat16", **LLAMA_LIKE)
+def test_grpc_moves_blocks_between_cuda_and_host_caches(
+    sender, sender_device, dest_device, dest_ids, token_major_caches
+):
+    peer = sender(device=sender_device, dtype="bfloat16", token_major=token_major_caches, **LLAMA_LIKE)
     handle = peer.offer("gpu", [1, 2, 3])
     dest = [layer.to(dest_device) for layer in empty_like(handle, blocks=12)]
+    dest = [token_major(layer) for layer in dest] if token_major_caches else dest
     channel_for("grpc").pull(handle, dest, dest_ids)
     source = peer.layers()
     assert all(same_bytes(dest[layer][dest_ids].cpu(), source[layer][[1, 2, 3]]) for layer in range(4))
 
 
 @needs_cuda
-def test_dist_pull_from_a_cuda_cache_into_host_memory_goes_over_gloo(sender):
-    peer = sender(device="cuda", dtype="float16", **LLAMA_LIKE)
+@LAYOUTS
+def test_dist_pull_from_a_cuda_cache_into_host_memory_goes_over_gloo(sender, token_major_caches):
+    peer = sender(device="cuda", dtype="float16", token_major=token_major_caches, **LLAMA_LIKE)
     handle = peer.offer("gpu-dist", [7, 0, 1])
     dest = empty_like(handle, blocks=8)
+    dest = [token_major(layer) for layer in dest] if token_major_caches else dest
     channel_for("torch_dist").pull(handle, dest, [3, 4, 5])
     source = peer.layers()
     assert all(same_bytes(dest[layer][[3, 4, 5]], source[layer][[7, 0, 1]]) for layer in range(4))
