@@ -35,7 +35,7 @@ import grpc
 from bench.footprint import Footprint
 from bench.load import Record, send_at, summarize
 from bench.placement_sim import TraceRequest, simulate
-from bench.running import with_service
+from bench.running import on_the_simulated_engine, with_service
 from bench.workloads import Turn
 from engine.sim.profile import PROFILES
 from pdserve.config import PdserveConfig
@@ -104,8 +104,7 @@ def simulated_engine(folder: Path, time_scale: float, num_kv_blocks: int) -> dic
     """Config overrides for the simulated engine on ``scaled_profile(time_scale)`` (written to ``folder``)."""
     profile_path = folder / "profile.json"
     profile_path.write_text(json.dumps(scaled_profile(time_scale)))
-    return {"engine.kind": "simulated", "engine.simulated_profile": str(profile_path),
-            "engine.num_kv_blocks": num_kv_blocks}  # fmt: skip
+    return on_the_simulated_engine(simulated_profile=str(profile_path), num_kv_blocks=num_kv_blocks)
 
 
 def simulated_cluster(folder: Path, trace: TenantTrace, shape: ClusterShape, block_size: int) -> dict:

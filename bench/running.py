@@ -8,10 +8,21 @@ from typing import TypeVar
 
 from bench.load import LoadSpec, run_load
 from bench.workloads import Turn, Workload
+from engine.config import VLLM_ONLY_FIELDS, EngineConfig
 from pdserve.config import PdserveConfig, load_config
 from pdserve.local_redis import free_port
 
 T = TypeVar("T")
+
+
+def on_the_simulated_engine(**engine: object) -> dict:
+    """Dotted overrides that run a config's service on the simulated engine with these ``engine`` fields, vLLM's
+    own settings back at their defaults: a real arm's dtype and the like, which the simulated engine refuses.
+    (An override cannot be None: a config giving ``gpu_memory_utilization`` or ``kv_events_endpoint`` stays
+    refused.)"""
+    defaults = {name: EngineConfig.model_fields[name].default for name in VLLM_ONLY_FIELDS}
+    cleared = {f"engine.{name}": value for name, value in defaults.items() if value is not None}
+    return {**cleared, "engine.kind": "simulated", **{f"engine.{name}": value for name, value in engine.items()}}
 
 
 def with_service(config: PdserveConfig, overrides: dict, body: Callable[..., T]) -> T:

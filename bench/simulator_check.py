@@ -28,7 +28,7 @@ from pathlib import Path
 
 from bench.engine_profile import decode_timings_as_deployed, measure, profile_of, write_profile
 from bench.load import LoadSpec, summarize
-from bench.running import load_service, with_service
+from bench.running import load_service, on_the_simulated_engine, with_service
 from bench.workloads import WorkloadSpec, make_workload
 from engine.config import EngineConfig
 from pdserve.config import PdserveConfig
@@ -66,8 +66,9 @@ def run_simulator_check(
     profile = profile_of(figures, link_bytes_per_s, "bench-model-this-cpu", str(config.engine.model),
                          "prefill: the engine alone; decode: through a service")  # fmt: skip
     write_profile(profile, profile_path)
-    simulated = {"engine.kind": "simulated", "engine.simulated_profile": str(profile_path.resolve()),
-                 "engine.num_kv_blocks": figures.kv_blocks, "engine.simulated_compute": "cores"}  # fmt: skip
+    simulated = on_the_simulated_engine(
+        simulated_profile=str(profile_path.resolve()), num_kv_blocks=figures.kv_blocks, simulated_compute="cores"
+    )
     runs: dict[str, dict[str, list[dict]]] = {}  # pair → "real" / "simulated" → one figures dict per round
     for _ in range(rounds):
         for spec in WORKLOADS:

@@ -23,6 +23,14 @@ class KVConnectorSpec(BaseModel):
     extra: dict = Field(default_factory=dict, description="passed to the connector as kv_connector_extra_config")
 
 
+# vLLM's own settings: a simulated engine has no weights, kernels, GPU memory, cache element type, random state
+# or ZMQ publisher to apply them to. Given to it (a value other than the default), they are refused by name.
+VLLM_ONLY_FIELDS = (
+    "dtype", "kv_cache_gib", "enable_prefix_caching", "enforce_eager", "gpu_memory_utilization", "kv_cache_dtype",
+    "seed", "kv_events_endpoint", "log_level",
+)  # fmt: skip
+
+
 class EngineConfig(BaseModel):
     """One worker's engine. Field docs say what each knob means to vLLM."""
 
@@ -32,7 +40,9 @@ class EngineConfig(BaseModel):
         default="vllm",
         description="vllm serves the model; simulated keeps vLLM's scheduling and KV-cache semantics with no model "
         "behind them (step times from simulated_profile, tokens a function of the prompt): the control plane "
-        "at scale, in tests and benchmarks. It needs num_kv_blocks, and has no tensor parallelism or tool calls",
+        "at scale, in tests and benchmarks. It needs num_kv_blocks, and has no tensor parallelism, tool calls or "
+        "vLLM-only settings (dtype, kv_cache_gib, enable_prefix_caching, enforce_eager, gpu_memory_utilization, "
+        "kv_cache_dtype, seed, kv_events_endpoint, log_level)",
     )
     simulated_profile: str | None = Field(
         default=None,
@@ -149,6 +159,10 @@ class EngineConfig(BaseModel):
             raise ValueError("kind simulated runs one rank: tensor_parallel_size must be 1")
         if self.tool_call_parser is not None:
             raise ValueError("kind simulated reads no tool calls: leave tool_call_parser unset")
+        for name in VLLM_ONLY_FIELDS:
+            if getattr(self, name) != type(self).model_fields[name].default:
+                raise ValueError(f"{name} is a vLLM setting the simulated engine has nothing to apply to: leave it "
+                                 "unset with kind: simulated")  # fmt: skip
         if self.simulated_compute == "sleep":
             for name in ("cpu_cores", "nice"):
                 if getattr(self, name) is not None:

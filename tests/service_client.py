@@ -22,15 +22,16 @@ LONG = 40  # prompts with more uncached tokens than this are disaggregated
 
 
 def service_config(model_dir: Path, cache_dir: Path, **overrides) -> PdserveConfig:
+    # float32: tokens equal transformers'. Eager: seconds per engine start, not a compile: these services test the
+    # request path, not kernels; the defaults (bfloat16, compiled) are served in test_service_defaults.py,
+    # test_service_poison.py and test_cli.py. The simulated engine takes neither (they are vLLM's).
+    vllm_only = {"engine.dtype": "float32", "engine.enforce_eager": True}
     settings = {
         "engine.model": str(model_dir),
-        "engine.dtype": "float32",
+        **(vllm_only if overrides.get("engine.kind", "vllm") == "vllm" else {}),
         "engine.block_size": BLOCK,
         "engine.num_kv_blocks": 160,
         "engine.max_model_len": 1024,
-        # Seconds per engine start, not a compile: these services test the request path, not kernels. The defaults
-        # (compiled) are served in test_service_defaults.py, test_service_poison.py and test_cli.py.
-        "engine.enforce_eager": True,
         "model_cache_dir": str(cache_dir),
         "service.http_port": free_port(),
         "service.grpc_port": free_port(),

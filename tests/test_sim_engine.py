@@ -309,6 +309,20 @@ def test_a_named_profile_cites_its_figures_and_a_bad_one_is_refused(tmp_path):
         ({"simulated_compute": "cores"}, "only for kind: simulated"),
         ({"kind": "simulated", "num_kv_blocks": 8, "cpu_cores": "0"}, "cpu_cores .*only with simulated_compute: cores"),
         ({"kind": "simulated", "num_kv_blocks": 8, "nice": 5}, "nice .*only with simulated_compute: cores"),
+        *[
+            ({"kind": "simulated", "num_kv_blocks": 8, name: value}, f" {name} is a vLLM setting")
+            for name, value in [
+                ("dtype", "bfloat16"),
+                ("kv_cache_gib", 2),
+                ("enable_prefix_caching", False),
+                ("enforce_eager", True),
+                ("gpu_memory_utilization", 0.5),
+                ("kv_cache_dtype", "fp8"),
+                ("seed", 7),
+                ("kv_events_endpoint", "tcp://*:5557"),
+                ("log_level", "INFO"),
+            ]
+        ],  # fmt: skip
     ],
 )
 def test_a_simulated_engine_config_it_cannot_honour_is_refused(fields, message):
