@@ -212,15 +212,19 @@ def test_an_abort_frees_the_prefill_blocks(prefill):
     wait_until(lambda: prefill.kv_blocks_used() == baseline)
 
 
-def test_an_expired_lease_frees_the_prefill_blocks(make_tiny_model):
+@pytest.fixture(scope="module")
+def short_lease(make_tiny_model):
+    """A prefill engine whose offers' leases last 0.5 s."""
     peer = EnginePeer(config(make_tiny_model("llama"), "kv_producer", lease_s=0.5), ENV)
-    try:
-        baseline = idle(peer)
-        handle = produce(peer, "p5", prompt(2 * BLOCK, offset=7))
-        wait_until(lambda: peer.kv_blocks_used() == baseline, 10)
-        assert GrpcKVChannel(SECRET).status(handle).state == TransferState.EXPIRED
-    finally:
-        peer.stop()
+    yield peer
+    peer.stop()
+
+
+def test_an_expired_lease_frees_the_prefill_blocks(short_lease):
+    baseline = idle(short_lease)
+    handle = produce(short_lease, "p5", prompt(2 * BLOCK, offset=7))
+    wait_until(lambda: short_lease.kv_blocks_used() == baseline, 10)
+    assert GrpcKVChannel(SECRET).status(handle).state == TransferState.EXPIRED
 
 
 def test_a_dead_prefill_worker_means_local_recompute_with_the_same_output(make_tiny_model, decode):
@@ -235,16 +239,22 @@ def test_a_dead_prefill_worker_means_local_recompute_with_the_same_output(make_t
     assert time.monotonic() - started < 10
 
 
-def test_the_grpc_backend_gives_the_same_output(make_tiny_model, prefill):
-    grpc_decode = EnginePeer(config(make_tiny_model("llama"), "kv_consumer", backends=["grpc"]), ENV)
-    try:
-        ids = prompt(3 * BLOCK + 11, offset=9)
-        reference = prefill.generate("ref7", ids, 16)[0]
-        handle = produce(prefill, "p7", ids)
-        tokens, _, cached, _ = consume(grpc_decode, "d7", ids, handle)
+def pulls(peer, backend: str) -> int:
+    return peer.transfer_stats().get("pulls", {}).get(backend, {}).get("pulls", 0)
+
+
+def test_the_receiver_takes_the_first_backend_of_its_preference_the_sender_offers(prefill, decode):
+    """The decode side prefers torch.distributed (the default); a sender offering only gRPC gets a gRPC pull,
+    with the same output."""
+    for backends, used in [(None, "torch_dist"), (("grpc",), "grpc")]:
+        ids = prompt(3 * BLOCK + 11, offset=9 if backends else 10)
+        reference = prefill.generate(f"ref7-{used}", ids, 16)[0]
+        handle = produce(prefill, f"p7-{used}", ids)
+        offered = dataclasses.replace(handle, backends=backends) if backends else handle
+        before = pulls(decode, used)
+        tokens, _, cached, _ = consume(decode, f"d7-{used}", ids, offered)
         assert tokens == reference and cached >= 3 * BLOCK
-    finally:
-        grpc_decode.stop()
+        assert pulls(decode, used) == before + 1
 
 
 def test_a_prefill_worker_that_hangs_then_dies_mid_pull_means_local_recompute(make_tiny_model, decode):
@@ -302,10 +312,10 @@ def test_a_chunk_corrupted_on_the_wire_means_local_recompute_and_nothing_corrupt
     idle(prefill)  # the failed pull aborted the transfer: the sender freed its blocks at once
 
 
-def test_a_pull_slowed_past_the_lease_keeps_its_blocks_until_it_ends_and_completes(make_tiny_model, decode):
+def test_a_pull_slowed_past_the_lease_keeps_its_blocks_until_it_ends_and_completes(short_lease, decode):
     from faults import WireProxy
 
-    sender = EnginePeer(config(make_tiny_model("llama"), "kv_producer", lease_s=0.5), ENV)
+    sender = short_lease
     ids = prompt(6 * BLOCK + 1, offset=17)  # 7 blocks: 229 KB of KV
     handle = TransferHandle.from_bytes(bytes.fromhex(sender.kv_handle("x-slow", hashes(ids), len(ids))))
     proxy = WireProxy(handle.address(), bytes_per_s=150_000)  # ~1.5 s: three leases
@@ -325,7 +335,6 @@ def test_a_pull_slowed_past_the_lease_keeps_its_blocks_until_it_ends_and_complet
         idle(sender)
     finally:
         proxy.close()
-        sender.stop()
 
 
 def test_an_unusable_handle_means_a_local_prefill_with_the_same_output(prefill, decode):
