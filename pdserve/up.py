@@ -45,12 +45,17 @@ class Service:
     grpc_address: str
     redis: object | None = None
 
-    def stop(self) -> None:
+    def stop(self, drain: bool = True) -> None:
+        """Serve's graceful shutdown (in-flight requests drain), then Ray's. ``drain=False``, for a start that
+        failed on a cluster started here: no drain, as Serve's would wait out a pool's
+        ``graceful_shutdown_timeout_s`` (30 s) even for a replica that was never placed; stopping Ray ends
+        every process of it, engines included."""
         import ray
         from ray import serve
 
         try:
-            serve.shutdown()
+            if drain or self.config.ray_address:
+                serve.shutdown()
         finally:
             try:
                 ray.shutdown()
@@ -112,7 +117,7 @@ def start(
         if service.coordination is not None and config.router.api_keys:
             _check_keys_enforced(running.http_url)
     except BaseException:
-        running.stop()
+        running.stop(drain=False)
         raise
     return running
 
