@@ -260,8 +260,9 @@ class DistKVChannel:
         for index, length in enumerate(plan.run_lengths):
             ids = list(dest_block_ids[position : position + length])
             position += length
-            if whole and len(runs(ids)) == 1 and dest[ids[0] : ids[0] + length].is_contiguous():
-                buffer = dest[ids[0] : ids[0] + length]
+            in_cache = dest[ids[0] : ids[0] + length] if whole and len(runs(ids)) == 1 else None
+            if in_cache is not None and in_cache.is_contiguous():
+                buffer = in_cache
             else:
                 buffer = torch.empty((length, heads.count, *dest.shape[2:]), dtype=dest.dtype, device=device)
                 copies.append((ids, buffer))
