@@ -95,23 +95,33 @@ def test_a_round_trip_between_processes_is_byte_identical(sender, dtype, backend
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dest_ids", [[4, 5, 6], [9, 2, 7]], ids=["adjacent", "scattered"])
-@pytest.mark.parametrize("heads", [None, (2, 4)], ids=["all-heads", "head-slice"])
+@pytest.mark.parametrize(
+    "heads", [None, HeadSlice(2, 0, 4), HeadSlice(2, 4, 4)], ids=["all-heads", "head-slice", "into-a-head-slice"]
+)
 @pytest.mark.parametrize("sender_device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 def test_caches_in_the_gpu_layout_move_byte_for_byte(sender, backend, dest_ids, heads, sender_device):
     """On GPUs vLLM keeps tokens before heads in memory; the connector sees a logical view that is not
-    contiguous, on both ends (a tensor-parallel receiver lands a slice of the sender's heads)."""
+    contiguous, on both ends (a tensor-parallel receiver lands a slice of the sender's heads, in its own cache's
+    first heads or further in)."""
     peer = sender(token_major=True, dtype="bfloat16", device=sender_device, **LLAMA_LIKE)
     handle = peer.offer("nhd", [1, 2, 3])
-    count = heads[1] if heads else handle.block_shape()[0]
-    dest = [token_major(torch.zeros((12, count, *handle.block_shape()[1:]), dtype=torch.bfloat16)) for _ in range(4)]
-    pulled = HeadSlice(heads[0], 0, count) if heads else None
-    channel_for(backend).pull(handle, dest, dest_ids, heads=pulled)
-    first = heads[0] if heads else 0
+    held = handle.block_shape()[0]
+    pulled = heads or HeadSlice(0, 0, held)
+    dest_heads = held if heads is None else pulled.dest + pulled.count
+    dest = [
+        token_major(torch.zeros((12, dest_heads, *handle.block_shape()[1:]), dtype=torch.bfloat16)) for _ in range(4)
+    ]
+    channel_for(backend).pull(handle, dest, dest_ids, heads=heads)
     source = peer.layers()
     assert all(not layer.is_contiguous() for layer in dest)
+    landed = slice(pulled.dest, pulled.dest + pulled.count)
     for layer in range(4):
-        assert same_bytes(dest[layer][dest_ids], source[layer][[1, 2, 3], first : first + count])
-        assert torch.count_nonzero(dest[layer][[i for i in range(12) if i not in dest_ids]]) == 0
+        assert same_bytes(
+            dest[layer][dest_ids, landed], source[layer][[1, 2, 3], pulled.source : pulled.source + pulled.count]
+        )
+        untouched = dest[layer].clone()
+        untouched[dest_ids, landed] = 0
+        assert torch.count_nonzero(untouched) == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
