@@ -28,6 +28,15 @@ For scale, the same first step with all the KV already local is reported beside 
 Chunked: the same, with an 8,192-token prompt prefilled 1,024 tokens per step
 (``chunked_handoff_vs_prefill``): up front, the decode side pulls each chunk's
 blocks while the later chunks run.
+
+On a GPU (``device="cuda"``), also the path a GPU cluster takes over gRPC: the
+same 256 MiB from a sender whose cache is on the GPU to a receiver whose cache
+is on the GPU, both in vLLM's GPU layout (tokens before heads in memory, so the
+per-layer view the connector gets is not contiguous and every layer goes
+through staging at both ends), against the host-to-host pull of the same run
+and against the bare copies the two device ends add (GPU to pinned host memory
+and back). torch.distributed into a GPU cache is NCCL, which needs a GPU per
+rank: not measured on one GPU.
 """
 
 from __future__ import annotations
@@ -58,7 +67,13 @@ SECRET = "bench-secret"
 _RAW_METHOD = "/pdserve.bench.Raw/Stream"
 
 
-def _sender_main(conn, heads: tuple[int, int] | None) -> None:
+def _gpu_layout(layer: torch.Tensor) -> torch.Tensor:
+    """``layer`` on the GPU with tokens before heads in memory (vLLM's GPU cache layout, LBNHC), seen through
+    the logical [blocks, heads, tokens, content] view vLLM hands the connector."""
+    return layer.cuda().permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
+
+
+def _sender_main(conn, heads: tuple[int, int] | None, device: str) -> None:
     from kv_transfer.grpc_service import KVTransferServer
     from kv_transfer.transfer import TransferRegistry
 
@@ -66,6 +81,8 @@ def _sender_main(conn, heads: tuple[int, int] | None) -> None:
     if heads is not None:  # one tensor-parallel rank's share of the KV heads
         layers = [layer[:, heads[0] : heads[0] + heads[1]].contiguous() for layer in layers]
     payload = torch.cat([layer[:BLOCKS].reshape(-1) for layer in layers]).view(torch.uint8).numpy()
+    if device == "cuda":
+        layers = [_gpu_layout(layer) for layer in layers]
     registry = TransferRegistry("", "bench", lease_s=300)
     server = KVTransferServer(registry, SECRET).start()
     raw = _raw_grpc_server(memoryview(payload))
@@ -108,8 +125,8 @@ def _raw_grpc_server(payload: memoryview):
 
 
 class _Sender(ChildProcess):
-    def __init__(self, heads: tuple[int, int] | None = None):
-        super().__init__(_sender_main, heads)
+    def __init__(self, heads: tuple[int, int] | None = None, device: str = "cpu"):
+        super().__init__(_sender_main, heads, device)
         _, self.address, self.raw_address, self.store_port = self._conn.recv()
 
     def offer(self, block_ids: list[int], transfer_id: str = "") -> TransferHandle:
@@ -120,11 +137,15 @@ class _Sender(ChildProcess):
         self._conn.send(("gloo_send", key))
 
 
-def run_transfer_bench(repeats: int = 5, block_pulls: int = 50, handoff_model: Path | None = None, json_path=None):
+def run_transfer_bench(
+    repeats: int = 5, block_pulls: int = 50, handoff_model: Path | None = None, json_path=None, device: str = "cpu"
+):
     sender = _Sender()
     try:
         results = _channel_figures(sender, repeats, block_pulls)
         results.update(_tensor_parallel_figures(sender, repeats))
+        if device == "cuda":
+            results.update(_cuda_figures(sender, repeats, block_pulls))
     finally:
         sender.stop()
     if handoff_model is not None:
@@ -177,6 +198,48 @@ def _channel_figures(sender: _Sender, repeats: int, block_pulls: int) -> dict:
         "payload_bytes": total,
         "chunk_bytes": DEFAULT_CHUNK_BYTES,
         "repeats": repeats,
+    }
+
+
+def _cuda_figures(host_sender: _Sender, repeats: int, block_pulls: int) -> dict:
+    """gRPC from a GPU cache to a GPU cache (both in vLLM's GPU layout) against host to host, in turn."""
+    total = LAYERS * BLOCKS * KV_HEADS * BLOCK_TOKENS * 2 * HEAD_DIM * 2
+    sender = _Sender(device="cuda")
+    try:
+        shape = (BLOCKS, KV_HEADS, BLOCK_TOKENS, 2 * HEAD_DIM)
+        dest = {
+            "cpu": [torch.empty(shape, dtype=torch.float16) for _ in range(LAYERS)],
+            "cuda": [_gpu_layout(torch.empty(shape, dtype=torch.float16)) for _ in range(LAYERS)],
+        }
+        channel = GrpcKVChannel(SECRET)
+        ids = list(range(BLOCKS))
+        seconds: dict[str, list[float]] = {"host_to_host": [], "cuda_to_cuda": [], "cuda_copy": []}
+        pinned = torch.empty(total, dtype=torch.uint8, pin_memory=True)
+        on_gpu = torch.empty(total, dtype=torch.uint8, device="cuda")
+        for _ in range(repeats + 1):  # the first round warms connections and the pinned staging up, untimed
+            for name, source, device in (("host_to_host", host_sender, "cpu"), ("cuda_to_cuda", sender, "cuda")):
+                handle = source.offer(ids)
+                start = time.perf_counter()
+                channel.pull(handle, dest[device], ids, stall_timeout_s=60, timeout_s=600)
+                torch.cuda.synchronize()
+                seconds[name].append(time.perf_counter() - start)
+                channel.release(handle)
+            start = time.perf_counter()
+            pinned.copy_(on_gpu)
+            on_gpu.copy_(pinned)
+            torch.cuda.synchronize()
+            seconds["cuda_copy"].append(time.perf_counter() - start)
+        block_ms = _block_pull_p50_ms(sender, channel, block_pulls, device="cuda")
+    finally:
+        sender.stop()
+    median = {name: statistics.median(values[1:]) for name, values in seconds.items()}
+    return {
+        "cuda_grpc_vs_host_grpc": median["host_to_host"] / median["cuda_to_cuda"],
+        "cuda_grpc_gb_per_s": total / median["cuda_to_cuda"] / 1e9,
+        "cuda_grpc_ms": 1000 * median["cuda_to_cuda"],
+        "cuda_copy_ms": 1000 * median["cuda_copy"],  # the bytes to pinned host memory and back, bare
+        "cuda_block_pull_p50_ms_grpc": block_ms,
+        "cuda_device": torch.cuda.get_device_name(),
     }
 
 
@@ -239,13 +302,17 @@ def _raw_grpc_pull(address: str, buffer: torch.Tensor) -> float:
         return time.perf_counter() - start
 
 
-def _block_pull_p50_ms(sender: _Sender, channel, pulls: int) -> float:
+def _block_pull_p50_ms(sender: _Sender, channel, pulls: int, device: str = "cpu") -> float:
     dest = [torch.empty(1, KV_HEADS, BLOCK_TOKENS, 2 * HEAD_DIM, dtype=torch.float16) for _ in range(LAYERS)]
+    if device == "cuda":
+        dest = [_gpu_layout(layer) for layer in dest]
     times = []
     for i in range(pulls + 1):
         handle = sender.offer([i % BLOCKS])
         start = time.perf_counter()
         channel.pull(handle, dest, [0], stall_timeout_s=30)
+        if device == "cuda":
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
         channel.release(handle)
     return 1000 * statistics.median(times[1:])
@@ -352,6 +419,13 @@ def _rows(results: dict) -> list[Row]:
         ("  256 MiB from one rank (ms)", f"{results['tp1_to_tp1_ms']:.1f}", ""),
         ("  256 MiB from two ranks, 4 heads each (ms)", f"{results['tp2_to_tp1_ms']:.1f}", ""),
     ]
+    if "cuda_grpc_vs_host_grpc" in results:
+        rows += [
+            ("cuda_grpc_vs_host_grpc", f"{results['cuda_grpc_vs_host_grpc']:.3f}", ""),
+            (f"  GPU to GPU cache, grpc, {results['cuda_device']} (GB/s)", f"{results['cuda_grpc_gb_per_s']:.2f}", ""),
+            ("  the bytes to pinned host memory and back, bare (ms)", f"{results['cuda_copy_ms']:.1f}", ""),
+            ("  one block into a GPU cache, grpc (ms)", f"{results['cuda_block_pull_p50_ms_grpc']:.2f}", ""),
+        ]
     if "handoff_vs_prefill" in results:
         rows += _handoff_rows(results, "", "prefill of 2,048 tokens (ms)")
         rows += _handoff_rows(results, "chunked_", "prefill of 8,192 tokens, chunks of 1,024 (ms)")

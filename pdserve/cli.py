@@ -132,6 +132,10 @@ def _parser() -> argparse.ArgumentParser:
     transfer_bench.add_argument("--block-pulls", type=int, default=50, help="one-block pulls for the latency p50")
     transfer_bench.add_argument("--no-handoff", action="store_true", help="skip the hand-off through two vLLM engines")
     transfer_bench.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu",
+        help="cuda: also gRPC between caches on the GPU, in vLLM's GPU layout (needs a CUDA device)",
+    )  # fmt: skip
+    transfer_bench.add_argument(
         "--json", nargs="?", const=Path("bench/results/transfer.json"), type=Path, metavar="PATH",
         help="also write the figures as JSON (default path: bench/results/transfer.json)",
     )  # fmt: skip
@@ -505,10 +509,15 @@ def _bench_router(args: argparse.Namespace) -> int:
 
 
 def _bench_transfer(args: argparse.Namespace) -> int:
+    import torch
+
     from bench.transfer_bench import run_transfer_bench
 
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("pdserve bench transfer: --device cuda: no CUDA device here", file=sys.stderr)
+        return 2
     model = None if args.no_handoff else Path(_bench_config(args).engine.model)
-    run_transfer_bench(args.repeats, args.block_pulls, model, args.json)
+    run_transfer_bench(args.repeats, args.block_pulls, model, args.json, args.device)
     return 0
 
 

@@ -91,6 +91,15 @@ def test_the_benchmarks_against_raw_vllm_refuse_an_engine_setting_their_pdserve_
     assert result.returncode == 2 and "unrecognized arguments: --dtype float32" in result.stderr
 
 
+def test_the_transfer_benchmark_on_a_gpu_is_refused_where_there_is_none():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here: the GPU arm would run")
+    result = run("bench", "transfer", "--no-handoff", "--device", "cuda")
+    assert result.returncode == 2 and "--device cuda: no CUDA device here" in result.stderr
+
+
 def test_placement_refuses_a_pool_of_no_workers():
     result = run("bench", "placement", "--decode-workers", "0")
     assert result.returncode == 2 and "--prefill-workers and --decode-workers must be at least 1" in result.stderr
