@@ -531,7 +531,7 @@ def test_local_channel_copies_between_cuda_caches():
 
 
 def test_grpc_transfers_can_run_over_tls(tmp_path):
-    from pdserve.local_redis import make_certificates
+    from pdserve.local_tls import make_certificates
 
     make_certificates(tmp_path)
     key, certificate = (tmp_path / "server.key").read_bytes(), (tmp_path / "server.crt").read_bytes()

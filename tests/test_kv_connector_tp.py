@@ -27,7 +27,7 @@ from test_kv_connector import ENV, consume, hashes, idle, produce, prompt
 
 from bench.engine_process import EnginePeer, start_peers, stop_peers
 from engine.config import EngineConfig, KVConnectorSpec
-from pdserve.local_redis import make_certificates
+from pdserve.local_tls import make_certificates
 
 pytestmark = [
     pytest.mark.engine,
