@@ -9,28 +9,26 @@ from typing import TypeVar
 from bench.load import LoadSpec, run_load
 from bench.workloads import Turn, Workload
 from engine.config import VLLM_ONLY_FIELDS, EngineConfig
-from pdserve.config import PdserveConfig, load_config
+from pdserve.config import PdserveConfig, with_settings
 from pdserve.local_redis import free_port
 
 T = TypeVar("T")
 
 
 def on_the_simulated_engine(**engine: object) -> dict:
-    """Dotted overrides that run a config's service on the simulated engine with these ``engine`` fields, vLLM's
-    own settings back at their defaults: a real arm's dtype and the like, which the simulated engine refuses.
-    (An override cannot be None: a config giving ``gpu_memory_utilization`` or ``kv_events_endpoint`` stays
-    refused.)"""
-    defaults = {name: EngineConfig.model_fields[name].default for name in VLLM_ONLY_FIELDS}
-    cleared = {f"engine.{name}": value for name, value in defaults.items() if value is not None}
+    """Dotted settings that run a config's service on the simulated engine with these ``engine`` fields, vLLM's
+    own settings back at their defaults: a real arm's dtype and the like, which the simulated engine refuses."""
+    cleared = {f"engine.{name}": EngineConfig.model_fields[name].default for name in VLLM_ONLY_FIELDS}
     return {**cleared, "engine.kind": "simulated", **{f"engine.{name}": value for name, value in engine.items()}}
 
 
 def with_service(config: PdserveConfig, overrides: dict, body: Callable[..., T]) -> T:
-    """``body(service)`` against a service started from ``config`` plus ``overrides`` (dotted keys)."""
+    """``body(service)`` against a service started from ``config`` plus ``overrides`` (dotted keys; None clears
+    a field)."""
     from pdserve.up import start
 
     settings = {"service.http_port": free_port(), "service.grpc_port": free_port(), **overrides}
-    service = start(load_config(data=config.model_dump(mode="json"), overrides=settings))
+    service = start(with_settings(config, settings))
     try:
         warm_up = Workload("warm-up", [[Turn([7] * 64, 2)]])  # the first request pays for lazy imports
         asyncio.run(run_load(service.http_url, service.grpc_address, warm_up, LoadSpec(users=1, progress=False)))

@@ -367,6 +367,18 @@ def load_config(
         raise ConfigError(_describe(exc)) from None
 
 
+def with_settings(config: PdserveConfig, settings: Mapping[str, Any]) -> PdserveConfig:
+    """``config`` with dotted ``settings`` applied, validated again. A None value clears its field (a benchmark
+    arm turning autoscaling off): unlike ``load_config``'s overrides, where None is a flag left out."""
+    merged = config.model_dump(mode="json")
+    for key, value in settings.items():
+        _set_dotted(merged, key, value)
+    try:
+        return PdserveConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
 def parse_assignment(text: str) -> tuple[str, Any]:
     """``engine.block_size=32`` → (``engine.block_size``, 32): the value read as YAML, unless the field
     takes text and YAML read another scalar (``service.decode.cpu_cores=1`` → ``"1"``)."""

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from pdserve.config import ConfigError, load_config, parse_assignment
+from pdserve.config import ConfigError, load_config, parse_assignment, with_settings
 
 
 def write(tmp_path, text):
@@ -31,6 +31,29 @@ def test_env_overrides_file_and_flags_override_env(tmp_path):
 def test_unset_flags_do_not_override(tmp_path):
     config = load_config(write(tmp_path, "engine:\n  block_size: 32\n"), {}, {"engine.block_size": None})
     assert config.engine.block_size == 32
+
+
+def test_settings_applied_to_a_config_clear_a_field_given_none():
+    config = load_config(overrides={"service.decode.autoscaling": {"max_replicas": 4}, "engine.block_size": 32})
+    changed = with_settings(config, {"service.decode.autoscaling": None, "service.decode.num_replicas": 3})
+    assert changed.service.decode.autoscaling is None
+    assert changed.service.decode.num_replicas == 3
+    assert changed.engine.block_size == 32  # the rest kept
+
+
+def test_settings_applied_to_a_config_are_validated_naming_the_field():
+    with pytest.raises(ConfigError, match=r"engine\.block_size"):
+        with_settings(load_config(), {"engine.block_size": 0})
+
+
+def test_a_benchmarks_simulated_arm_clears_every_vllm_setting_of_the_real_arm():
+    from bench.running import on_the_simulated_engine
+
+    real = load_config(overrides={"engine.dtype": "float32", "engine.gpu_memory_utilization": 0.8,
+                                  "engine.kv_events_endpoint": "tcp://127.0.0.1:5557", "engine.seed": 7})  # fmt: skip
+    simulated = with_settings(real, on_the_simulated_engine(num_kv_blocks=64))
+    assert simulated.engine.kind == "simulated"
+    assert simulated.engine.gpu_memory_utilization is None and simulated.engine.kv_events_endpoint is None
 
 
 @pytest.mark.parametrize(
