@@ -41,11 +41,16 @@ def contiguous(array: CacheArray) -> bool:
 
 def host_bytes(array: CacheArray) -> np.ndarray:
     """The array's bytes as a flat uint8 numpy array: a view where it is contiguous on the host (writing to it
-    writes the array), else a copy."""
+    writes the array), else a copy; from a GPU, a copy in pinned memory (into pageable memory the copy ran at
+    a fraction of the bus's speed: a GPU sender's gRPC pulls at 0.78 of host to host on an H200, README)."""
     if isinstance(array, np.ndarray):
         return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     import torch
 
+    if array.device.type == "cuda":
+        host = torch.empty(array.shape, dtype=array.dtype, pin_memory=True)  # PyTorch's caching host allocator
+        host.copy_(array)
+        return host.view(-1).view(torch.uint8).numpy()
     return array.contiguous().cpu().view(-1).view(torch.uint8).numpy()
 
 

@@ -113,10 +113,12 @@ def test_generate_reports_a_bad_config_field():
 
 @pytest.mark.engine
 def test_generate_on_the_embedded_default_streams_the_greedy_completion(tmp_path):
+    """In float32, so that the tokens are exactly transformers'; eager, as compiling costs ~30 s here and the
+    compiled default runs in every test of `pdserve up` (below, test_package, test_service_defaults)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    env = {**os.environ, "PDSERVE_MODEL_CACHE_DIR": str(tmp_path)}
+    env = {**os.environ, "PDSERVE_MODEL_CACHE_DIR": str(tmp_path), "PDSERVE_ENGINE__ENFORCE_EAGER": "true"}
     prompt = "The quick brown fox"
     result = run(
         "generate",
