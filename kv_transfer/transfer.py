@@ -36,7 +36,7 @@ from kv_transfer.errors import (
 )
 from pdserve_pb.v1 import kv_transfer_pb2 as pb
 
-WIRE_VERSION = pb.WIRE_VERSION_3
+WIRE_VERSION = pb.WIRE_VERSION_4
 DEFAULT_CHUNK_BYTES = 4 << 20  # gRPC chunk size: under the usual 4 MiB message limit, configurable
 MAX_MESSAGE_BYTES = 64 << 20  # the largest chunk a peer accepts
 

@@ -15,7 +15,7 @@ from kv_peer import SECRET, SenderProcess, block_hashes, layer_tensors, start_re
 
 from kv_transfer import auth
 from kv_transfer.channel import GrpcKVChannel, LocalKVChannel
-from kv_transfer.dist_channel import DistKVChannel
+from kv_transfer.dist_channel import DistKVChannel, word_sum
 from kv_transfer.errors import (
     TransferDenied,
     TransferError,
@@ -253,6 +253,35 @@ def test_a_corrupted_layer_over_torch_dist_fails_the_pull_by_its_checksum(sender
     with pytest.raises(TransferIntegrityError, match="layer 0: checksum mismatch"):
         channel_for("torch_dist").pull(handle, empty_like(handle), [0, 1])
     assert peer.status("bad-dist")[0] == "OFFERED"  # not released: a retry or the lease frees it
+
+
+def test_the_gpu_checksum_is_the_same_for_the_same_bytes_however_they_are_split_into_runs():
+    layer = torch.randn(8, 2, 16, 64, dtype=torch.bfloat16)
+    assert torch.equal(word_sum([layer]), word_sum([layer[:3], layer[3:7], layer[7:]]))
+    assert torch.equal(word_sum([token_major(layer)]), word_sum([layer]))  # bytes in logical order, as sent
+
+
+def test_the_gpu_checksum_changes_with_any_one_word_and_with_two_words_swapped():
+    layer = torch.randn(4, 2, 16, 64)
+    words = layer.view(-1).view(torch.int32)
+    for index, delta in ((0, 1), (777, 1 << 31), (words.numel() - 1, -5)):
+        changed = layer.clone()
+        changed.view(-1).view(torch.int32)[index] += delta
+        assert not torch.equal(word_sum([changed]), word_sum([layer])), (index, delta)
+    swapped = layer.clone()
+    swapped_words = swapped.view(-1).view(torch.int32)
+    swapped_words[[10, 20]] = swapped_words[[20, 10]]
+    assert not torch.equal(word_sum([swapped]), word_sum([layer]))
+    odd = torch.arange(7, dtype=torch.uint8)  # not a whole number of words: summed byte by byte
+    assert not torch.equal(word_sum([odd]), word_sum([odd.flip(0)]))
+
+
+@needs_cuda
+def test_the_gpu_checksum_is_computed_on_the_gpu_and_agrees_with_the_host():
+    layer = torch.randn(8, 2, 16, 64, dtype=torch.bfloat16)
+    on_gpu = word_sum([layer.cuda()])
+    assert on_gpu.device.type == "cuda"
+    assert torch.equal(on_gpu.cpu(), word_sum([layer]))
 
 
 def test_a_wrong_or_missing_token_is_denied_before_any_byte_moves(sender):
