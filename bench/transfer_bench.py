@@ -232,6 +232,8 @@ def _cuda_figures(host_sender: _Sender, repeats: int, block_pulls: int) -> dict:
         block_ms = _block_pull_p50_ms(sender, channel, block_pulls, device="cuda")
     finally:
         sender.stop()
+    del dest, pinned, on_gpu
+    torch.cuda.empty_cache()  # the GPU memory back before the hand-off's engines start
     median = {name: statistics.median(values[1:]) for name, values in seconds.items()}
     return {
         "cuda_grpc_vs_host_grpc": median["host_to_host"] / median["cuda_to_cuda"],

@@ -41,8 +41,10 @@ def contiguous(array: CacheArray) -> bool:
 
 def host_bytes(array: CacheArray) -> np.ndarray:
     """The array's bytes as a flat uint8 numpy array: a view where it is contiguous on the host (writing to it
-    writes the array), else a copy; from a GPU, a copy in pinned memory (into pageable memory the copy ran at
-    a fraction of the bus's speed: a GPU sender's gRPC pulls at 0.78 of host to host on an H200, README)."""
+    writes the array), else a copy; from a GPU, a copy in pinned memory, which the bus fills several times
+    faster than pageable memory (README, "bench transfer --device cuda"). PyTorch's caching host allocator keeps
+    the pinned buffers for reuse: a GPU sender holds as much pinned memory as its largest concurrent layer runs
+    took at once (rounded up to powers of two)."""
     if isinstance(array, np.ndarray):
         return np.ascontiguousarray(array).reshape(-1).view(np.uint8)
     import torch

@@ -64,19 +64,21 @@ def _checksum(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 _ODD_MULTIPLIER = 0x9E3779B97F4A7C15 - 2**64  # 2**64 over the golden ratio, odd, as a signed int64
-_WORDS_AT_ONCE = 1 << 22  # 32 MiB of int64 temporaries per slice, whatever the layer's size
+_WORDS_AT_ONCE = 1 << 22  # ~128 MiB of int64 temporaries at most (words, positions, weights, products)
 
 
 def word_sum(parts: list[torch.Tensor]) -> torch.Tensor:
-    """The sum, mod 2**64, of the parts' 32-bit words (bytes, where their size is not a multiple of 4), each times
-    an odd weight that depends on its position across the parts: any one word changed changes the sum (an odd
+    """The sum, mod 2**64, of the parts' 32-bit words (of a part's bytes, where its size is not a multiple of 4),
+    each times an odd weight set by its position across the parts: any one word changed changes the sum (an odd
     weight times a difference under 2**32 is never 0 mod 2**64), and so do most reorderings. Integer sums are
-    exact in any order, so both ends get the same from the same bytes, on any device."""
+    exact in any order, so the same parts give the same sum at both ends, on any device."""
     total = torch.zeros(1, dtype=torch.int64, device=parts[0].device)
     position = 0
     for part in parts:
         flat = part.contiguous().view(-1).view(torch.uint8)
-        words = flat.view(torch.int32) if flat.numel() % 4 == 0 and flat.storage_offset() % 4 == 0 else flat
+        if flat.storage_offset() % 4:  # words are read from 4-byte-aligned memory: the same bytes, wherever they lie
+            flat = flat.clone()
+        words = flat.view(torch.int32) if flat.numel() % 4 == 0 else flat
         for start in range(0, words.numel(), _WORDS_AT_ONCE):
             piece = words[start : start + _WORDS_AT_ONCE].to(torch.int64)
             at = torch.arange(position, position + piece.numel(), dtype=torch.int64, device=piece.device)

@@ -26,7 +26,7 @@ class TransferDenied(TransferError):
 
 
 class TransferVersionError(TransferError):
-    """The peer speaks a newer wire version."""
+    """The peer speaks another wire version (older or newer): nothing is moved, the receiver recomputes."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 

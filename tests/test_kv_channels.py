@@ -13,7 +13,7 @@ import torch
 from helpers import wait_for
 from kv_peer import SECRET, SenderProcess, block_hashes, layer_tensors, start_receiver, token_major
 
-from kv_transfer import auth
+from kv_transfer import auth, dist_channel
 from kv_transfer.channel import GrpcKVChannel, LocalKVChannel
 from kv_transfer.dist_channel import DistKVChannel, word_sum
 from kv_transfer.errors import (
@@ -255,10 +255,18 @@ def test_a_corrupted_layer_over_torch_dist_fails_the_pull_by_its_checksum(sender
     assert peer.status("bad-dist")[0] == "OFFERED"  # not released: a retry or the lease frees it
 
 
-def test_the_gpu_checksum_is_the_same_for_the_same_bytes_however_they_are_split_into_runs():
+def test_the_gpu_checksum_is_the_same_for_the_same_blocks_however_they_are_split_into_runs_and_slices(monkeypatch):
     layer = torch.randn(8, 2, 16, 64, dtype=torch.bfloat16)
-    assert torch.equal(word_sum([layer]), word_sum([layer[:3], layer[3:7], layer[7:]]))
-    assert torch.equal(word_sum([token_major(layer)]), word_sum([layer]))  # bytes in logical order, as sent
+    whole = word_sum([layer])
+    assert torch.equal(word_sum([layer[:3], layer[3:7], layer[7:]]), whole)
+    assert torch.equal(word_sum([token_major(layer)]), whole)  # bytes in logical order, as sent
+    monkeypatch.setattr(dist_channel, "_WORDS_AT_ONCE", 1000)  # a layer in many slices, as a large one is
+    assert torch.equal(word_sum([layer]), whole)
+
+
+def test_the_gpu_checksum_reads_the_same_bytes_alike_wherever_they_lie_in_memory():
+    buffer = torch.arange(64, dtype=torch.uint8)
+    assert torch.equal(word_sum([buffer[1:9]]), word_sum([buffer[1:9].clone()]))
 
 
 def test_the_gpu_checksum_changes_with_any_one_word_and_with_two_words_swapped():
