@@ -361,10 +361,7 @@ def load_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             _set_dotted(merged, key, value)
-    try:
-        return PdserveConfig.model_validate(merged)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+    return _validated(merged)
 
 
 def with_settings(config: PdserveConfig, settings: Mapping[str, Any]) -> PdserveConfig:
@@ -373,6 +370,11 @@ def with_settings(config: PdserveConfig, settings: Mapping[str, Any]) -> Pdserve
     merged = config.model_dump(mode="json")
     for key, value in settings.items():
         _set_dotted(merged, key, value)
+    return _validated(merged)
+
+
+def _validated(merged: dict[str, Any]) -> PdserveConfig:
+    """The config, validated once; errors name the fields."""
     try:
         return PdserveConfig.model_validate(merged)
     except ValidationError as exc:

@@ -290,6 +290,7 @@ def test_the_gpu_checksum_is_computed_on_the_gpu_and_agrees_with_the_host():
     on_gpu = word_sum([layer.cuda()])
     assert on_gpu.device.type == "cuda"
     assert torch.equal(on_gpu.cpu(), word_sum([layer]))
+    assert torch.equal(dist_channel._checksum([layer.cuda()]), on_gpu)  # what an NCCL pull checks, at both ends
 
 
 def test_a_wrong_or_missing_token_is_denied_before_any_byte_moves(sender):
