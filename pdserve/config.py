@@ -366,7 +366,11 @@ def load_config(
 
 def with_settings(config: PdserveConfig, settings: Mapping[str, Any]) -> PdserveConfig:
     """``config`` with dotted ``settings`` applied, validated again. A None value clears its field (a benchmark
-    arm turning autoscaling off): unlike ``load_config``'s overrides, where None is a flag left out."""
+    arm turning autoscaling off): unlike ``load_config``'s overrides, where None is a flag left out. A setting
+    and one inside it (``a.b`` and ``a.b.c``) are refused together: which wins would hang on their order."""
+    nested = sorted(inner for inner in settings for outer in settings if inner.startswith(f"{outer}."))
+    if nested:
+        raise ConfigError(f"{', '.join(nested)}: set together with a section that holds it")
     merged = config.model_dump(mode="json")
     for key, value in settings.items():
         _set_dotted(merged, key, value)

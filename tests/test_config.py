@@ -46,6 +46,11 @@ def test_settings_applied_to_a_config_are_validated_naming_the_field():
         with_settings(load_config(), {"engine.block_size": 0})
 
 
+def test_settings_refuse_a_field_given_with_the_section_that_holds_it():
+    with pytest.raises(ConfigError, match=r"service\.decode\.autoscaling\.max_replicas"):
+        with_settings(load_config(), {"service.decode.autoscaling.max_replicas": 4, "service.decode.autoscaling": None})
+
+
 def test_a_benchmarks_simulated_arm_clears_every_vllm_setting_of_the_real_arm():
     from bench.running import on_the_simulated_engine
 

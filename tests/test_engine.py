@@ -56,8 +56,17 @@ def events():
 
 
 @pytest.fixture(scope="module")
-def engine(make_tiny_model, events):
-    engine = Engine(engine_config(make_tiny_model("llama")), on_cache_events=events)
+def events_port():
+    from pdserve.local_redis import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def engine(make_tiny_model, events, events_port):
+    """The module's engine: tiny Llama, its cache events to ``events`` and published on ``events_port``."""
+    config = engine_config(make_tiny_model("llama"), kv_events_endpoint=f"tcp://*:{events_port}")
+    engine = Engine(config, on_cache_events=events)
     yield engine
     engine.shutdown()
 
@@ -72,9 +81,10 @@ def prompt(engine, n: int, offset: int = 0) -> list[int]:
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-def test_greedy_output_equals_transformers(make_tiny_model, arch):
+def test_greedy_output_equals_transformers(request, make_tiny_model, arch):
     model_dir = make_tiny_model(arch)
-    engine = Engine(engine_config(model_dir))
+    own = arch != "llama"  # llama's is the module's engine
+    engine = Engine(engine_config(model_dir)) if own else request.getfixturevalue("engine")
     try:
         prompts = [engine.encode("The quick brown fox jumps over the lazy dog."), prompt(engine, 70)]
         for i, ids in enumerate(prompts):
@@ -82,7 +92,8 @@ def test_greedy_output_equals_transformers(make_tiny_model, arch):
             assert got == transformers_greedy(model_dir, ids, GREEDY.max_tokens)
             assert len(set(got)) > 3, "the tiny model should not collapse into one repeated token"
     finally:
-        engine.shutdown()
+        if own:
+            engine.shutdown()
 
 
 def test_streamed_deltas_join_to_the_full_text(engine):
@@ -286,21 +297,15 @@ def test_model_directory_with_corrupt_config_is_refused(tmp_path):
         Engine(engine_config(tmp_path))
 
 
-def test_kv_events_reach_a_subscriber_in_another_process_on_a_configured_endpoint(make_tiny_model):
+def test_kv_events_reach_a_subscriber_in_another_process_on_a_configured_endpoint(engine, events, events_port):
     import msgspec
     import zmq
     from vllm.distributed.kv_events import BlockStored, KVEventBatch
 
-    from pdserve.local_redis import free_port
-
-    port = free_port()
     outside = zmq.Context.instance().socket(zmq.SUB)
     outside.setsockopt(zmq.SUBSCRIBE, b"")
-    outside.connect(f"tcp://127.0.0.1:{port}")
-    inside = EventLog()
-    engine = Engine(
-        engine_config(make_tiny_model("llama"), kv_events_endpoint=f"tcp://*:{port}"), on_cache_events=inside
-    )
+    outside.connect(f"tcp://127.0.0.1:{events_port}")
+    events.take()
     try:
         time.sleep(0.5)  # the outside subscription has no handshake: give it time to reach the publisher
         collect(engine, GenerateRequest("published", prompt(engine, 2 * BLOCK, offset=30), GREEDY))
@@ -311,10 +316,9 @@ def test_kv_events_reach_a_subscriber_in_another_process_on_a_configured_endpoin
             if any(isinstance(e, BlockStored) for e in seen):
                 break
         assert any(isinstance(e, BlockStored) for e in seen), "no stored event reached the outside subscriber"
-        assert any(isinstance(e, BlocksStored) for e in inside.take())
+        assert any(isinstance(e, BlocksStored) for e in events.take())  # and the engine's own subscriber gets them too
     finally:
         outside.close(linger=0)
-        engine.shutdown()
 
 
 def test_a_stopped_engine_leaves_no_socket_in_the_temp_directory(make_tiny_model):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bench.engine_process import EnginePeer, start_peers, stop_peers
+from bench.engine_process import start_peers, stop_peers
 from engine.block_hash import hash_chain
 from engine.config import EngineConfig, KVConnectorSpec
 from engine.engine import Engine
@@ -34,12 +34,20 @@ def config(model_dir, role: str, **extra) -> EngineConfig:
     )  # fmt: skip
 
 
+DOOMED = ("killed_mid_pull", "dead_before_pull", "hangs_then_dies")  # engines a test each kills
+
+
 @pytest.fixture(scope="module")
 def engines(make_tiny_model):
-    """The module's prefill and decode engines, loaded side by side."""
+    """The module's engines, loaded side by side (an engine loaded beside others costs a fraction of one loaded
+    alone): the prefill and decode pair; a prefill engine whose offers' leases last 0.5 s, one whose last 4 s;
+    and three prefill engines that a test each kills."""
     model = make_tiny_model("llama")
     peers = start_peers({"prefill": (config(model, "kv_producer", lease_s=30), ENV),
-                         "decode": (config(model, "kv_consumer", stall_timeout_s=2), ENV)})  # fmt: skip
+                         "decode": (config(model, "kv_consumer", stall_timeout_s=2), ENV),
+                         "short_lease": (config(model, "kv_producer", lease_s=0.5), ENV),
+                         "lease_4s": (config(model, "kv_producer", lease_s=4), ENV),
+                         **{name: (config(model, "kv_producer", lease_s=30), ENV) for name in DOOMED}})  # fmt: skip
     yield peers
     stop_peers(peers.values())
 
@@ -155,8 +163,8 @@ async def _deltas(engine: Engine, request: GenerateRequest) -> list:
     return [delta async for delta in engine.generate(request)]
 
 
-def test_a_prefill_process_killed_mid_pull_is_recomputed_by_the_decode_side(make_tiny_model, prefill, decode):
-    doomed = EnginePeer(config(make_tiny_model("llama"), "kv_producer", lease_s=30), ENV)
+def test_a_prefill_process_killed_mid_pull_is_recomputed_by_the_decode_side(engines, prefill, decode):
+    doomed = engines["killed_mid_pull"]
     ids = prompt(12 * BLOCK + 5, offset=13)
     reference = prefill.generate("ref-killed", ids, 16)[0]
     handle = doomed.kv_handle("x-killed", hashes(ids), len(ids))
@@ -213,11 +221,9 @@ def test_an_abort_frees_the_prefill_blocks(prefill):
 
 
 @pytest.fixture(scope="module")
-def short_lease(make_tiny_model):
+def short_lease(engines):
     """A prefill engine whose offers' leases last 0.5 s."""
-    peer = EnginePeer(config(make_tiny_model("llama"), "kv_producer", lease_s=0.5), ENV)
-    yield peer
-    peer.stop()
+    return engines["short_lease"]
 
 
 def test_an_expired_lease_frees_the_prefill_blocks(short_lease):
@@ -227,8 +233,8 @@ def test_an_expired_lease_frees_the_prefill_blocks(short_lease):
     assert GrpcKVChannel(SECRET).status(handle).state == TransferState.EXPIRED
 
 
-def test_a_dead_prefill_worker_means_local_recompute_with_the_same_output(make_tiny_model, decode):
-    doomed = EnginePeer(config(make_tiny_model("llama"), "kv_producer"), ENV)
+def test_a_dead_prefill_worker_means_local_recompute_with_the_same_output(engines, decode):
+    doomed = engines["dead_before_pull"]
     ids = prompt(4 * BLOCK + 3, offset=8)
     reference = doomed.generate("ref6", ids, 16)[0]
     handle = produce(doomed, "p6", ids)
@@ -257,8 +263,8 @@ def test_the_receiver_takes_the_first_backend_of_its_preference_the_sender_offer
         assert pulls(decode, used) == before + 1
 
 
-def test_a_prefill_worker_that_hangs_then_dies_mid_pull_means_local_recompute(make_tiny_model, decode):
-    doomed = EnginePeer(config(make_tiny_model("llama"), "kv_producer"), ENV)
+def test_a_prefill_worker_that_hangs_then_dies_mid_pull_means_local_recompute(engines, decode):
+    doomed = engines["hangs_then_dies"]
     ids = prompt(4 * BLOCK + 9, offset=14)
     reference = doomed.generate("ref11", ids, 16)[0]
     handle = produce(doomed, "p11", ids)
@@ -274,8 +280,8 @@ def test_a_prefill_worker_that_hangs_then_dies_mid_pull_means_local_recompute(ma
     assert time.monotonic() - started < 2 + 5 + 3  # stall deadline (2 s), the release attempt, one step
 
 
-def test_a_stalled_sender_means_local_recompute_and_both_sides_free_their_blocks(make_tiny_model, decode):
-    stalled = EnginePeer(config(make_tiny_model("llama"), "kv_producer", lease_s=4), ENV)
+def test_a_stalled_sender_means_local_recompute_and_both_sides_free_their_blocks(engines, decode):
+    stalled = engines["lease_4s"]
     try:
         ids = prompt(4 * BLOCK + 3, offset=15)
         reference = stalled.generate("ref12", ids, 16)[0]
@@ -289,7 +295,7 @@ def test_a_stalled_sender_means_local_recompute_and_both_sides_free_their_blocks
         stalled.thaw()  # nobody pulls any more: its lease (4 s) frees the blocks
         wait_until(lambda: stalled.kv_blocks_used() == 0, 4 + 5)
     finally:
-        stalled.stop()
+        stalled.thaw()
 
 
 def test_a_chunk_corrupted_on_the_wire_means_local_recompute_and_nothing_corrupt_is_kept(prefill, decode):

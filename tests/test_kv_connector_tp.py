@@ -5,7 +5,8 @@ Tensor parallelism as vLLM runs it: one worker process per rank, each rank bound
 greedy tokens are one rank's and transformers'. Each rank's connector serves the KV heads it holds; each
 decode rank pulls exactly its heads from the prefill ranks that hold them. Greedy output equals one TP=1
 engine's, every head crosses once, and the prefill side's blocks are freed once every decode rank is done. The
-engines are the module's, loaded once (eleven vLLM engine starts in all, the suite's largest module). In
+engines are the module's, loaded once, side by side (twelve vLLM engine starts in all, seven of them in one
+batch: the suite's largest module). In
 float32: two ranks sum their partial products in another order than one, and in bfloat16 that alone flips a
 near-tied greedy pick of the random tiny model after a few tokens (vLLM's own TP=2 against TP=1 does the
 same), so token equality is asserted where it is exact; the bytes of every dtype are checked in
@@ -57,23 +58,28 @@ def engine_spec(model_dir, role: str, tp: int, extra: dict | None = None, **fiel
 ENGINES = {"p1": ("kv_producer", 1), "p2": ("kv_producer", 2), "d1": ("kv_consumer", 1), "d2": ("kv_consumer", 2)}
 
 
-def started_engines(model_dir, names=tuple(ENGINES)):
+@pytest.fixture(scope="module")
+def started_engines(make_tiny_model):
     """Prefill (``p``) and decode (``d``) engines at TP=1 and TP=2, float32 (greedy tokens compared exactly),
-    loaded side by side."""
-    started = start_peers({name: engine_spec(model_dir, *ENGINES[name], dtype="float32") for name in names})
-    yield started
+    by model: tiny Llama (2 KV heads: one per rank at TP=2) and tiny Qwen2 (2 KV heads, biased K/V projections:
+    gathered from two ranks; p1 gives the one-rank reference). All loaded side by side, which costs a fraction
+    of loading each set alone."""
+    names = {"llama": tuple(ENGINES), "qwen2": ("p1", "p2", "d1")}
+    specs = {f"{arch}/{name}": engine_spec(make_tiny_model(arch), *ENGINES[name], dtype="float32")
+             for arch, arch_names in names.items() for name in arch_names}  # fmt: skip
+    started = start_peers(specs)
+    yield {arch: {name: started[f"{arch}/{name}"] for name in arch_names} for arch, arch_names in names.items()}
     stop_peers(started.values())
 
 
 @pytest.fixture(scope="module")
-def peers(make_tiny_model):
-    yield from started_engines(make_tiny_model("llama"))  # 2 KV heads: one per rank at TP=2
+def peers(started_engines):
+    return started_engines["llama"]
 
 
 @pytest.fixture(scope="module")
-def qwen2_peers(make_tiny_model):
-    # 2 KV heads, biased K/V projections: gathered from two ranks (p1 gives the one-rank reference)
-    yield from started_engines(make_tiny_model("qwen2"), ("p1", "p2", "d1"))
+def qwen2_peers(started_engines):
+    return started_engines["qwen2"]
 
 
 TP_PROMPTS = [[(7 * i + 31 * j) % 900 + 5 for j in range(40 + 17 * i)] for i in range(3)]
