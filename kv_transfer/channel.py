@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import grpc
@@ -67,6 +67,7 @@ class PullResult:
     bytes: int
     seconds: float
     first_bytes_at: float = 0.0  # wall clock (time.time()) when the first bytes landed; 0.0 when none did
+    phases: dict[str, float] = field(default_factory=dict)  # seconds by step of the pull, where a channel times them
 
 
 class KVChannel(Protocol):

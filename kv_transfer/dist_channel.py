@@ -15,6 +15,9 @@ new one under a new key.
 Plans of one pair run one at a time, in the same order on both ends: the
 receiver holds the pair's lock from its PullDist call to the plan's last
 receive, and the sender pushes each receiver's plans from one FIFO thread.
+
+A pull's result says where its time went (``PHASES``), so a slow pull can be told apart: waiting for the
+pair, for plans, for the group's set-up, for the bytes, or checking and landing them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from pdserve_pb.v1 import kv_transfer_pb2 as pb
 log = logging.getLogger(__name__)
 
 SENDER_RANK, RECEIVER_RANK = 0, 1
+PHASES = ("pair", "plan", "group", "receive", "check")
 
 
 def _new_group(store: dist.Store, key: str, rank: int, device: str, timeout_s: float):
@@ -221,6 +225,7 @@ class DistKVChannel:
             pair = self._pairs.setdefault(address, threading.Lock())
         start, deadline = time.perf_counter(), time.monotonic() + timeout_s
         received, first_bytes_at, position = 0, 0.0, 0
+        phases = dict.fromkeys(PHASES, 0.0)
         while position < len(indices):  # a plan per batch: the blocks the prefill has computed so far
             if time.monotonic() > deadline:
                 raise TransferTimeout(handle.transfer_id, f"{position} of {len(indices)} blocks in {timeout_s:g} s")
@@ -232,24 +237,40 @@ class DistKVChannel:
                 receiver_id=self._receiver_id,
                 device=dest_layers[0].device.type,
             )  # fmt: skip
+            waited = time.perf_counter()
             if not pair.acquire(timeout=max(0.0, deadline - time.monotonic())):
                 raise TransferTimeout(handle.transfer_id, f"the pair is busy past the pull's {timeout_s:g} s")
+            phases["pair"] += time.perf_counter() - waited
             try:
                 ids = dest_block_ids[position:]
                 wait_s = min(stall_timeout_s, max(0.01, deadline - time.monotonic()))  # the pull's deadline holds
-                blocks, nbytes, landed_at = self._pull_batch(handle, rank, heads, request, dest_layers, ids, wait_s)
+                blocks, nbytes, landed_at = self._pull_batch(
+                    handle, rank, heads, request, dest_layers, ids, wait_s, phases
+                )
             finally:
                 pair.release()
             received, position = received + nbytes, position + blocks
             first_bytes_at = first_bytes_at or landed_at
         seconds = time.perf_counter() - start
-        return PullResult(handle.transfer_id, len(indices), len(wanted_layers), received, seconds, first_bytes_at)
+        return PullResult(
+            handle.transfer_id, len(indices), len(wanted_layers), received, seconds, first_bytes_at, phases
+        )
 
-    def _pull_batch(self, handle, rank, heads, request, dest_layers, dest_block_ids, stall_timeout_s):
-        """One plan, into the leading ``dest_block_ids``: (blocks, bytes, wall clock when its first layer landed)."""
+    def _pull_batch(self, handle, rank, heads, request, dest_layers, dest_block_ids, stall_timeout_s, phases):
+        """One plan, into the leading ``dest_block_ids``: (blocks, bytes, wall clock when its first layer landed);
+        its time added to ``phases``."""
         device = request.device
         address = handle.address(rank)
+        mark = time.perf_counter()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            phases[name] += now - mark
+            mark = now
+
         plan = self._control.call(handle, "PullDist", request, stall_timeout_s, rank)
+        phase("plan")
         if not 0 < plan.num_blocks <= len(dest_block_ids) or sum(plan.run_lengths) != plan.num_blocks:
             raise TransferIntegrityError(handle.transfer_id, f"a plan of {plan.num_blocks} blocks {plan.run_lengths}")
         dest_block_ids = dest_block_ids[: plan.num_blocks]
@@ -257,6 +278,7 @@ class DistKVChannel:
         received, landed_at = 0, 0.0
         try:
             group = self._group(address, plan, device, stall_timeout_s)
+            phase("group")
             posted = [
                 self._post_layer(group, plan, layer, dest_layers, dest_block_ids, device, heads)
                 for layer in plan.layers
@@ -264,9 +286,11 @@ class DistKVChannel:
             for layer, (works, landing, checksum, finish) in zip(plan.layers, posted, strict=True):
                 for work in works:
                     work.wait(timeout)
+                phase("receive")
                 if not torch.equal(checksum, _checksum(landing)):
                     raise TransferIntegrityError(handle.transfer_id, f"layer {layer}: checksum mismatch")
                 finish()
+                phase("check")
                 received += sum(part.numel() * part.element_size() for part in landing)
                 landed_at = landed_at or time.time()
         except TransferError:

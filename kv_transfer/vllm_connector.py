@@ -468,7 +468,7 @@ class PdserveConnector(KVConnectorBase_V1):
         """Pull this rank's heads of the blocks from the sender ranks that hold them, side by side; any failure
         (an incompatible sender included: nothing is read from it) reports the blocks for recompute."""
         handle, channel, cause = load.handle, self._channel_for(load.handle), None
-        nbytes, seconds, first_bytes_at = 0, 0.0, 0.0
+        nbytes, seconds, first_bytes_at, phases = 0, 0.0, 0.0, {}
         try:
             handle.fingerprint.check_compatible(handle.transfer_id, self._fingerprint)
             pull = functools.partial(
@@ -479,7 +479,9 @@ class PdserveConnector(KVConnectorBase_V1):
             wait(pulls)  # every pull has let go of the destination blocks before any outcome is reported
             for future in pulls:
                 result = future.result()
-                nbytes, seconds = nbytes + result.bytes, max(seconds, result.seconds)
+                if result.seconds >= seconds:  # the load took as long as its slowest rank pull: its phases
+                    seconds, phases = result.seconds, result.phases
+                nbytes += result.bytes
                 first_bytes_at = min(filter(None, (first_bytes_at, result.first_bytes_at)), default=0.0)
         except (TransferError, ValueError) as exc:  # ValueError: the sender's ranks lack heads this one holds
             cause = failure_cause(exc) if isinstance(exc, TransferError) else "incompatible"
@@ -487,7 +489,7 @@ class PdserveConnector(KVConnectorBase_V1):
         except Exception:
             cause = "other"
             log.exception("KV load failed, recomputing locally")
-        self._count(channel.name, nbytes, seconds, cause)
+        self._count(channel.name, nbytes, seconds, phases, cause)
         self._remember_load(handle.transfer_id, first_bytes_at)
         self._finish_remote(handle, failed=cause is not None)
         with self._lock:
@@ -508,11 +510,13 @@ class PdserveConnector(KVConnectorBase_V1):
         return len(self._registry.active()) if self._registry is not None else 0
 
     def transfer_stats(self) -> dict[str, dict]:
-        """For metrics: this rank's pulls per backend (counts, failures, bytes, seconds), its failed loads per
-        cause, and its offers by final state (``expired``: leases that ran out)."""
+        """For metrics: this rank's pulls per backend (counts, failures, bytes, seconds, and where a channel
+        times them ``seconds_by_phase``), its failed loads per cause, and its offers by final state
+        (``expired``: leases that ran out)."""
         offers = dict(self._registry.stats().finished) if self._registry is not None else {}
         with self._lock:
-            pulls = {backend: dict(figures) for backend, figures in self._pulls.items()}
+            pulls = {backend: {name: dict(value) if isinstance(value, dict) else value for name, value in
+                               figures.items()} for backend, figures in self._pulls.items()}  # fmt: skip
             return {"pulls": pulls, "failures": dict(self._failures), "offers": offers}
 
     def transfer_times(self, transfer_id: str) -> dict[str, float]:
@@ -539,13 +543,16 @@ class PdserveConnector(KVConnectorBase_V1):
             while len(self._loads) > _LOADS_REMEMBERED:
                 self._loads.popitem(last=False)
 
-    def _count(self, backend: str, nbytes: int, seconds: float, cause: str | None) -> None:
+    def _count(self, backend: str, nbytes: int, seconds: float, phases: dict[str, float], cause: str | None) -> None:
         with self._lock:
             figures = self._pulls.setdefault(backend, {"pulls": 0, "failures": 0, "bytes": 0, "seconds": 0.0})
             figures["pulls"] += 1
             figures["failures"] += int(cause is not None)
             figures["bytes"] += nbytes
             figures["seconds"] += seconds
+            by_phase = figures.setdefault("seconds_by_phase", {}) if phases else {}
+            for phase, phase_seconds in phases.items():
+                by_phase[phase] = by_phase.get(phase, 0.0) + phase_seconds
             if cause is not None:
                 self._failures[cause] = self._failures.get(cause, 0) + 1
 

@@ -15,7 +15,7 @@ from kv_peer import SECRET, SenderProcess, block_hashes, layer_tensors, start_re
 
 from kv_transfer import auth, dist_channel
 from kv_transfer.channel import GrpcKVChannel, LocalKVChannel
-from kv_transfer.dist_channel import DistKVChannel, word_sum
+from kv_transfer.dist_channel import PHASES, DistKVChannel, word_sum
 from kv_transfer.errors import (
     TransferDenied,
     TransferError,
@@ -508,6 +508,20 @@ def test_a_failed_dist_group_is_rebuilt_on_next_use(sender):
     dest = empty_like(handle)
     receiver.pull(handle, dest, [0, 1], stall_timeout_s=5)
     assert same_bytes(dest[3], peer.layers()[3][[2, 3]])
+
+
+def test_a_dist_pull_waiting_on_the_senders_layers_says_its_time_went_to_receiving(sender):
+    peer = sender(**LLAMA_LIKE)
+    handle = peer.offer("late-layers", [1, 2], layers_ready=1)  # layers 1-3 still being computed
+    later = threading.Timer(1.0, lambda: [peer.mark_layer_ready("late-layers", layer) for layer in (1, 2, 3)])
+    later.start()
+    try:
+        result = channel_for("torch_dist").pull(handle, empty_like(handle), [0, 1], stall_timeout_s=5)
+    finally:
+        later.join()
+    assert set(result.phases) == set(PHASES)
+    assert result.phases["receive"] >= 0.9 and sum(result.phases.values()) <= result.seconds
+    assert max(result.phases, key=result.phases.get) == "receive"
 
 
 @pytest.mark.skipif(

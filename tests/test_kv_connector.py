@@ -263,6 +263,16 @@ def test_the_receiver_takes_the_first_backend_of_its_preference_the_sender_offer
         assert pulls(decode, used) == before + 1
 
 
+def test_the_decode_sides_figures_say_where_its_torch_dist_pulls_spent_their_time(prefill, decode):
+    from kv_transfer.dist_channel import PHASES
+
+    ids = prompt(3 * BLOCK + 2, offset=18)
+    consume(decode, "d-phases", ids, produce(prefill, "p-phases", ids))
+    figures = decode.transfer_stats()["pulls"]["torch_dist"]
+    assert set(figures["seconds_by_phase"]) == set(PHASES)
+    assert 0 < sum(figures["seconds_by_phase"].values()) <= figures["seconds"]
+
+
 def test_a_prefill_worker_that_hangs_then_dies_mid_pull_means_local_recompute(engines, decode):
     doomed = engines["hangs_then_dies"]
     ids = prompt(4 * BLOCK + 9, offset=14)
