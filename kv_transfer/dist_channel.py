@@ -17,7 +17,8 @@ receiver holds the pair's lock from its PullDist call to the plan's last
 receive, and the sender pushes each receiver's plans from one FIFO thread.
 
 A pull's result says where its time went (``PHASES``), so a slow pull can be told apart: waiting for the
-pair, for plans, for the group's set-up, for the bytes, or checking and landing them.
+pair, for plans, for the group's set-up, for the bytes, or checking and landing them. A failed pull raises
+and reports none.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from pdserve_pb.v1 import kv_transfer_pb2 as pb
 log = logging.getLogger(__name__)
 
 SENDER_RANK, RECEIVER_RANK = 0, 1
-PHASES = ("pair", "plan", "group", "receive", "check")
+# a pull's time: waiting for the pair's lock, for plans, for the group's set-up, for the bytes; checking and landing
+PHASES = ("pair", "plan", "group", "receive", "land")
 
 
 def _new_group(store: dist.Store, key: str, rank: int, device: str, timeout_s: float):
@@ -290,7 +292,7 @@ class DistKVChannel:
                 if not torch.equal(checksum, _checksum(landing)):
                     raise TransferIntegrityError(handle.transfer_id, f"layer {layer}: checksum mismatch")
                 finish()
-                phase("check")
+                phase("land")
                 received += sum(part.numel() * part.element_size() for part in landing)
                 landed_at = landed_at or time.time()
         except TransferError:

@@ -48,6 +48,7 @@ bytes carry none).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
@@ -515,8 +516,7 @@ class PdserveConnector(KVConnectorBase_V1):
         (``expired``: leases that ran out)."""
         offers = dict(self._registry.stats().finished) if self._registry is not None else {}
         with self._lock:
-            pulls = {backend: {name: dict(value) if isinstance(value, dict) else value for name, value in
-                               figures.items()} for backend, figures in self._pulls.items()}  # fmt: skip
+            pulls = copy.deepcopy(self._pulls)
             return {"pulls": pulls, "failures": dict(self._failures), "offers": offers}
 
     def transfer_times(self, transfer_id: str) -> dict[str, float]:
@@ -550,9 +550,10 @@ class PdserveConnector(KVConnectorBase_V1):
             figures["failures"] += int(cause is not None)
             figures["bytes"] += nbytes
             figures["seconds"] += seconds
-            by_phase = figures.setdefault("seconds_by_phase", {}) if phases else {}
-            for phase, phase_seconds in phases.items():
-                by_phase[phase] = by_phase.get(phase, 0.0) + phase_seconds
+            if phases:
+                by_phase = figures.setdefault("seconds_by_phase", {})
+                for phase, phase_seconds in phases.items():
+                    by_phase[phase] = by_phase.get(phase, 0.0) + phase_seconds
             if cause is not None:
                 self._failures[cause] = self._failures.get(cause, 0) + 1
 

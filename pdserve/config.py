@@ -358,23 +358,29 @@ def load_config(
     merged: dict[str, Any] = _read_file(path) if path is not None else dict(data or {})
     for key, value in _env_items(env or {}):
         _set_dotted(merged, key, value)
-    for key, value in (overrides or {}).items():
-        if value is not None:
-            _set_dotted(merged, key, value)
+    given = {key: value for key, value in (overrides or {}).items() if value is not None}
+    _refuse_nested(given)
+    for key, value in given.items():
+        _set_dotted(merged, key, value)
     return _validated(merged)
 
 
 def with_settings(config: PdserveConfig, settings: Mapping[str, Any]) -> PdserveConfig:
     """``config`` with dotted ``settings`` applied, validated again. A None value clears its field (a benchmark
-    arm turning autoscaling off): unlike ``load_config``'s overrides, where None is a flag left out. A setting
-    and one inside it (``a.b`` and ``a.b.c``) are refused together: which wins would hang on their order."""
-    nested = sorted(inner for inner in settings for outer in settings if inner.startswith(f"{outer}."))
-    if nested:
-        raise ConfigError(f"{', '.join(nested)}: set together with a section that holds it")
+    arm turning autoscaling off): unlike ``load_config``'s overrides, where None is a flag left out."""
+    _refuse_nested(settings)
     merged = config.model_dump(mode="json")
     for key, value in settings.items():
         _set_dotted(merged, key, value)
     return _validated(merged)
+
+
+def _refuse_nested(settings: Mapping[str, Any]) -> None:
+    """A setting and one inside it (``a.b`` and ``a.b.c``) are refused together: which wins would depend on
+    the order they were given in."""
+    nested = sorted(inner for inner in settings for outer in settings if inner.startswith(f"{outer}."))
+    if nested:
+        raise ConfigError(f"{', '.join(nested)}: set together with a section that holds it")
 
 
 def _validated(merged: dict[str, Any]) -> PdserveConfig:

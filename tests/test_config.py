@@ -51,6 +51,11 @@ def test_settings_refuse_a_field_given_with_the_section_that_holds_it():
         with_settings(load_config(), {"service.decode.autoscaling.max_replicas": 4, "service.decode.autoscaling": None})
 
 
+def test_overrides_refuse_a_field_given_with_the_section_that_holds_it():
+    with pytest.raises(ConfigError, match=r"engine\.dtype: set together"):
+        load_config(overrides={"engine.dtype": "float32", "engine": {"dtype": "bfloat16"}})
+
+
 def test_a_benchmarks_simulated_arm_clears_every_vllm_setting_of_the_real_arm():
     from bench.running import on_the_simulated_engine
 

@@ -64,7 +64,8 @@ def events_port():
 
 @pytest.fixture(scope="module")
 def engine(make_tiny_model, events, events_port):
-    """The module's engine: tiny Llama, its cache events to ``events`` and published on ``events_port``."""
+    """The module's engine: tiny Llama, its cache events to ``events`` and published on ``events_port`` (TCP; the
+    default endpoint, ipc, carries them in every service test)."""
     config = engine_config(make_tiny_model("llama"), kv_events_endpoint=f"tcp://*:{events_port}")
     engine = Engine(config, on_cache_events=events)
     yield engine

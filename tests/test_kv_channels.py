@@ -513,7 +513,12 @@ def test_a_failed_dist_group_is_rebuilt_on_next_use(sender):
 def test_a_dist_pull_waiting_on_the_senders_layers_says_its_time_went_to_receiving(sender):
     peer = sender(**LLAMA_LIKE)
     handle = peer.offer("late-layers", [1, 2], layers_ready=1)  # layers 1-3 still being computed
-    later = threading.Timer(1.0, lambda: [peer.mark_layer_ready("late-layers", layer) for layer in (1, 2, 3)])
+
+    def compute_the_rest() -> None:
+        for layer in (1, 2, 3):
+            peer.mark_layer_ready("late-layers", layer)
+
+    later = threading.Timer(1.0, compute_the_rest)
     later.start()
     try:
         result = channel_for("torch_dist").pull(handle, empty_like(handle), [0, 1], stall_timeout_s=5)

@@ -263,14 +263,24 @@ def test_the_receiver_takes_the_first_backend_of_its_preference_the_sender_offer
         assert pulls(decode, used) == before + 1
 
 
-def test_the_decode_sides_figures_say_where_its_torch_dist_pulls_spent_their_time(prefill, decode):
+def dist_figures(peer) -> dict:
+    figures = peer.transfer_stats().get("pulls", {}).get("torch_dist", {})
+    return {"pulls": 0, "failures": 0, "seconds": 0.0, "seconds_by_phase": {}, **figures}
+
+
+def test_the_decode_sides_figures_say_where_its_torch_dist_pull_spent_its_time(prefill, decode):
     from kv_transfer.dist_channel import PHASES
 
     ids = prompt(3 * BLOCK + 2, offset=18)
-    consume(decode, "d-phases", ids, produce(prefill, "p-phases", ids))
-    figures = decode.transfer_stats()["pulls"]["torch_dist"]
-    assert set(figures["seconds_by_phase"]) == set(PHASES)
-    assert 0 < sum(figures["seconds_by_phase"].values()) <= figures["seconds"]
+    reference = prefill.generate("ref-phases", ids, 16)[0]
+    before = dist_figures(decode)
+    tokens, _, cached, _ = consume(decode, "d-phases", ids, produce(prefill, "p-phases", ids))
+    after = dist_figures(decode)
+    assert tokens == reference and cached >= 3 * BLOCK  # pulled, not recomputed
+    assert (after["pulls"], after["failures"]) == (before["pulls"] + 1, before["failures"])
+    assert set(after["seconds_by_phase"]) == set(PHASES)
+    phases = sum(after["seconds_by_phase"].values()) - sum(before["seconds_by_phase"].values())
+    assert 0 < phases <= after["seconds"] - before["seconds"]
 
 
 def test_a_prefill_worker_that_hangs_then_dies_mid_pull_means_local_recompute(engines, decode):

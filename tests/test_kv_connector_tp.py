@@ -6,11 +6,10 @@ greedy tokens are one rank's and transformers'. Each rank's connector serves the
 decode rank pulls exactly its heads from the prefill ranks that hold them. Greedy output equals one TP=1
 engine's, every head crosses once, and the prefill side's blocks are freed once every decode rank is done. The
 engines are the module's, loaded once, side by side (twelve vLLM engine starts in all, seven of them in one
-batch: the suite's largest module). In
-float32: two ranks sum their partial products in another order than one, and in bfloat16 that alone flips a
-near-tied greedy pick of the random tiny model after a few tokens (vLLM's own TP=2 against TP=1 does the
-same), so token equality is asserted where it is exact; the bytes of every dtype are checked in
-tests/test_kv_ranks.py.
+batch: the suite's largest module). In float32: two ranks sum their partial products in another order than
+one, and in bfloat16 that alone flips a near-tied greedy pick of the random tiny model after a few tokens (vLLM's
+own TP=2 against TP=1 does the same), so token equality is asserted where it is exact; the bytes of every dtype
+are checked in tests/test_kv_ranks.py.
 """
 
 from __future__ import annotations
@@ -65,7 +64,7 @@ def started_engines(make_tiny_model):
     """Prefill (``p``) and decode (``d``) engines at TP=1 and TP=2, float32 (greedy tokens compared exactly),
     by model: tiny Llama (2 KV heads: one per rank at TP=2) and tiny Qwen2 (2 KV heads, biased K/V projections:
     gathered from two ranks; p1 gives the one-rank reference). All loaded side by side, which costs a fraction
-    of loading each set alone."""
+    of loading each set alone (one that fails to load fails the module's tests that use either set)."""
     names = {"llama": tuple(ENGINES), "qwen2": ("p1", "p2", "d1")}
     specs = {f"{arch}/{name}": engine_spec(make_tiny_model(arch), *ENGINES[name], dtype="float32")
              for arch, arch_names in names.items() for name in arch_names}  # fmt: skip
@@ -112,6 +111,11 @@ def test_a_two_rank_engine_on_the_default_dtype_answers_prompts_of_1_to_4_tokens
         two_ranks.stop()
 
 
+def seconds_by_phase(peer: EnginePeer) -> dict[str, float]:
+    """The engine's torch.distributed pulls' seconds by phase so far, summed over its ranks."""
+    return peer.transfer_stats().get("pulls", {}).get("torch_dist", {}).get("seconds_by_phase", {})
+
+
 def pulled_bytes(peer: EnginePeer) -> int:
     return sum(figures["bytes"] for figures in peer.transfer_stats().get("pulls", {}).values())
 
@@ -130,12 +134,13 @@ def test_a_handoff_between_tensor_parallel_sizes_gives_one_engines_tokens_and_mo
     before = pulled_bytes(peers[decode])
     handle = produce(peers[prefill], f"{prefill}-{decode}", ids)
     assert len(handle.ranks) == (2 if prefill == "p2" else 1)
-    started = time.monotonic()
+    phases_before, started = seconds_by_phase(peers[decode]), time.monotonic()
     tokens, _, cached, _ = consume(peers[decode], f"d-{prefill}-{decode}", ids, handle)
     took = time.monotonic() - started
-    if took > 10:  # seen now and then, not yet explained (README, "KV transfer"): say where the pulls waited
-        pulls = peers[decode].transfer_stats()["pulls"]
-        warnings.warn(f"{prefill} -> {decode} took {took:.0f} s; the decode side's pulls: {pulls}", stacklevel=1)
+    if took > 10:  # seen now and then, not yet explained (README, "KV transfer"): say where this pull waited
+        phases = {phase: round(seconds - phases_before.get(phase, 0.0), 2)
+                  for phase, seconds in seconds_by_phase(peers[decode]).items()}  # fmt: skip
+        warnings.warn(f"{prefill} -> {decode} took {took:.0f} s; its pulls' seconds by phase: {phases}", stacklevel=1)
     assert tokens == reference
     assert cached >= 5 * BLOCK  # served from the moved blocks, not recomputed
     fingerprint = handle.fingerprint
