@@ -245,8 +245,10 @@ def test_a_dead_prefill_worker_means_local_recompute_with_the_same_output(engine
     assert time.monotonic() - started < 10
 
 
-def pulls(peer, backend: str) -> int:
-    return peer.transfer_stats().get("pulls", {}).get(backend, {}).get("pulls", 0)
+def pull_figures(peer, backend: str) -> dict:
+    """An engine's pull figures for one backend, summed over its ranks; zeros before its first pull."""
+    figures = peer.transfer_stats().get("pulls", {}).get(backend, {})
+    return {"pulls": 0, "failures": 0, "bytes": 0, "seconds": 0.0, "seconds_by_phase": {}, **figures}
 
 
 def test_the_receiver_takes_the_first_backend_of_its_preference_the_sender_offers(prefill, decode):
@@ -257,15 +259,10 @@ def test_the_receiver_takes_the_first_backend_of_its_preference_the_sender_offer
         reference = prefill.generate(f"ref7-{used}", ids, 16)[0]
         handle = produce(prefill, f"p7-{used}", ids)
         offered = dataclasses.replace(handle, backends=backends) if backends else handle
-        before = pulls(decode, used)
+        before = pull_figures(decode, used)["pulls"]
         tokens, _, cached, _ = consume(decode, f"d7-{used}", ids, offered)
         assert tokens == reference and cached >= 3 * BLOCK
-        assert pulls(decode, used) == before + 1
-
-
-def dist_figures(peer) -> dict:
-    figures = peer.transfer_stats().get("pulls", {}).get("torch_dist", {})
-    return {"pulls": 0, "failures": 0, "seconds": 0.0, "seconds_by_phase": {}, **figures}
+        assert pull_figures(decode, used)["pulls"] == before + 1
 
 
 def test_the_decode_sides_figures_say_where_its_torch_dist_pull_spent_its_time(prefill, decode):
@@ -273,9 +270,9 @@ def test_the_decode_sides_figures_say_where_its_torch_dist_pull_spent_its_time(p
 
     ids = prompt(3 * BLOCK + 2, offset=18)
     reference = prefill.generate("ref-phases", ids, 16)[0]
-    before = dist_figures(decode)
+    before = pull_figures(decode, "torch_dist")
     tokens, _, cached, _ = consume(decode, "d-phases", ids, produce(prefill, "p-phases", ids))
-    after = dist_figures(decode)
+    after = pull_figures(decode, "torch_dist")
     assert tokens == reference and cached >= 3 * BLOCK  # pulled, not recomputed
     assert (after["pulls"], after["failures"]) == (before["pulls"] + 1, before["failures"])
     assert set(after["seconds_by_phase"]) == set(PHASES)

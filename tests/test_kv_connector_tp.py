@@ -25,7 +25,7 @@ import zlib
 
 import pytest
 from helpers import transformers_greedy
-from test_kv_connector import ENV, consume, hashes, idle, produce, prompt
+from test_kv_connector import ENV, consume, hashes, idle, produce, prompt, pull_figures
 
 from bench.engine_process import EnginePeer, start_peers, stop_peers
 from engine.config import EngineConfig, KVConnectorSpec
@@ -111,11 +111,6 @@ def test_a_two_rank_engine_on_the_default_dtype_answers_prompts_of_1_to_4_tokens
         two_ranks.stop()
 
 
-def seconds_by_phase(peer: EnginePeer) -> dict[str, float]:
-    """The engine's torch.distributed pulls' seconds by phase so far, summed over its ranks."""
-    return peer.transfer_stats().get("pulls", {}).get("torch_dist", {}).get("seconds_by_phase", {})
-
-
 def pulled_bytes(peer: EnginePeer) -> int:
     return sum(figures["bytes"] for figures in peer.transfer_stats().get("pulls", {}).values())
 
@@ -134,12 +129,12 @@ def test_a_handoff_between_tensor_parallel_sizes_gives_one_engines_tokens_and_mo
     before = pulled_bytes(peers[decode])
     handle = produce(peers[prefill], f"{prefill}-{decode}", ids)
     assert len(handle.ranks) == (2 if prefill == "p2" else 1)
-    phases_before, started = seconds_by_phase(peers[decode]), time.monotonic()
+    phases_before, started = pull_figures(peers[decode], "torch_dist")["seconds_by_phase"], time.monotonic()
     tokens, _, cached, _ = consume(peers[decode], f"d-{prefill}-{decode}", ids, handle)
     took = time.monotonic() - started
     if took > 10:  # seen now and then, not yet explained (README, "KV transfer"): say where this pull waited
-        phases = {phase: round(seconds - phases_before.get(phase, 0.0), 2)
-                  for phase, seconds in seconds_by_phase(peers[decode]).items()}  # fmt: skip
+        phases_after = pull_figures(peers[decode], "torch_dist")["seconds_by_phase"]
+        phases = {phase: round(seconds - phases_before.get(phase, 0.0), 2) for phase, seconds in phases_after.items()}
         warnings.warn(f"{prefill} -> {decode} took {took:.0f} s; its pulls' seconds by phase: {phases}", stacklevel=1)
     assert tokens == reference
     assert cached >= 5 * BLOCK  # served from the moved blocks, not recomputed
