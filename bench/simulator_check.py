@@ -1,20 +1,21 @@
 """The simulated engine checked against the real one on this machine (#22 item 2).
 
-The profile is measured first, in this invocation (``bench/engine_profile.py``): the decode pool's vLLM
-engine, on the cores one replica gets, timed at known step shapes, fitted. Its prefill shapes are timed on
-the engine alone; its decode shapes as deployed, through a service started for that (one more, from the same
-config), because the simulated engine runs beside real serving processes but takes no CPU of their cores
-itself: a decode step timed alone leaves out what the service costs the real engine on a small node.
-Then each workload (``random``; ``shared-prefix``) at each rate runs through the service twice, each time on a fresh
-service from the same config (disaggregated, one prefill and one decode replica): on vLLM, and on the
-simulated engine with the measured profile and the real engine's KV pool size, its steps spent as CPU time on
-the cores the layout gives each pool's engine (``engine.simulated_compute: cores``), as the real engine's are: on
-2 cores the prefill engine shares core 0 with the serving processes at their niceness, and its steps stretch
-while they carry other requests' tokens, which a sleeping step does not (``engine/sim/compute.py``). The decode
-engine runs ahead of them on its core, so its steps, timed as deployed, are not slowed a second time there.
-The runs go ``rounds`` times over, real and simulated in turn, so that this machine's drift (up to a quarter
-between minutes) falls on both alike. The figures are p50 TTFT and TPOT, the median of each side's rounds,
-simulated over real; the headline keys take the pair furthest from 1 (target: within 15 %, 0.85–1.15).
+The profile is measured at the start of each round (``measure_profile``, ``bench/engine_profile.py``): the
+decode pool's vLLM engine, on the cores one replica gets, timed at known step shapes, fitted. Its prefill
+shapes are timed on the engine alone; its decode shapes as deployed, through a service started for that (one
+more, from the same config), because the simulated engine runs beside real serving processes but takes no CPU
+of their cores itself: a decode step timed alone leaves out what the service costs the real engine on a small
+node. Then each workload (``random``; ``shared-prefix``) at each rate runs through the service twice, each
+time on a fresh service from the same config (disaggregated, one prefill and one decode replica): on vLLM, and
+on the simulated engine with the round's profile and the real engine's KV pool size, its steps spent as CPU
+time on the cores the layout gives each pool's engine (``engine.simulated_compute: cores``), as the real
+engine's are: on 2 cores the prefill engine shares core 0 with the serving processes at their niceness, and
+its steps stretch while they carry other requests' tokens, which a sleeping step does not
+(``engine/sim/compute.py``). The decode engine runs ahead of them on its core, so its steps, timed as
+deployed, are not slowed a second time there. The rounds (``rounds``, each a profile then the pairs, real and
+simulated in turn) lay this machine's drift (up to a quarter between minutes) on both sides alike. The
+figures are p50 TTFT and TPOT, the median of each side's rounds, simulated over real; the headline keys take
+the pair furthest from 1 (target: within 15 %, 0.85–1.15).
 """
 
 from __future__ import annotations
@@ -59,18 +60,17 @@ def run_simulator_check(
 ) -> dict:
     if rounds < 1:
         raise ValueError(f"rounds: {rounds}; at least 1")
-    alone = measure(engine_as_a_worker_runs_it(config))
-    deployed = with_service(config, {}, lambda s: asyncio.run(
-        decode_timings_as_deployed(s.http_url, s.grpc_address, vocab_size)))  # fmt: skip
-    figures = replace(alone, timings=[t for t in alone.timings if t.prefill_tokens] + deployed)
-    profile = profile_of(figures, link_bytes_per_s, "bench-model-this-cpu", str(config.engine.model),
-                         "prefill: the engine alone; decode: through a service")  # fmt: skip
-    write_profile(profile, profile_path)
-    simulated = on_the_simulated_engine(
-        simulated_profile=str(profile_path.resolve()), num_kv_blocks=figures.kv_blocks, simulated_compute="cores"
-    )
     runs: dict[str, dict[str, list[dict]]] = {}  # pair → "real" / "simulated" → one figures dict per round
+    measured: list[dict] = []  # each round's profile and the timings it was fitted to
     for _ in range(rounds):
+        profile, figures, alone = measure_profile(config, vocab_size, link_bytes_per_s)
+        write_profile(profile, profile_path)  # this round's simulated services read it: the last round's stays
+        alone_decode = [asdict(t) for t in alone.timings if not t.prefill_tokens]
+        measured.append({"profile": json.loads(profile.to_json()), "engine_timings": asdict(figures),
+                         "decode_timings_alone": alone_decode})  # fmt: skip
+        simulated = on_the_simulated_engine(
+            simulated_profile=str(profile_path.resolve()), num_kv_blocks=figures.kv_blocks, simulated_compute="cores"
+        )
         for spec in WORKLOADS:
             workload = make_workload(spec, vocab_size)
             for rate in RATES:
@@ -84,10 +84,26 @@ def run_simulator_check(
         "tpot_p50_sim_vs_real": furthest_from_one([p["tpot_p50_sim_vs_real"] for p in pairs.values()]),
         "rounds": rounds,
         "pairs": pairs,
-        "profile": json.loads(profile.to_json()),
-        "engine_timings": asdict(figures),
-        "decode_timings_alone": [asdict(t) for t in alone.timings if not t.prefill_tokens],
+        "profiles": measured,
     }
+
+
+def measure_profile(config: PdserveConfig, vocab_size: int, link_bytes_per_s: float):
+    """The hardware profile as this machine runs now: (profile, the timings fitted, the engine-alone figures).
+
+    Measured afresh for each round, just before its pairs: this machine's speed drifts by up to a quarter
+    between minutes, and a profile measured once, at the start, carries the speed of that minute into every
+    later round. 2026-12-03, one profile for two rounds: one stream through the service timed at 4.5 ms a
+    step at the start, the real streams at 6.1-6.6 ms a token in the rounds, every pair 0.69-0.86. Not the
+    load: on 2026-12-04 one service, one 512-token stream and `random` at 0.5 and 1.5/s in turn, three
+    times over, gave 7.5-9.1 ms a token alike."""
+    alone = measure(engine_as_a_worker_runs_it(config))
+    deployed = with_service(config, {}, lambda s: asyncio.run(
+        decode_timings_as_deployed(s.http_url, s.grpc_address, vocab_size)))  # fmt: skip
+    figures = replace(alone, timings=[t for t in alone.timings if t.prefill_tokens] + deployed)
+    profile = profile_of(figures, link_bytes_per_s, "bench-model-this-cpu", str(config.engine.model),
+                         "prefill: the engine alone; decode: through a service")  # fmt: skip
+    return profile, figures, alone
 
 
 def pair_figures(real: list[dict], simulated: list[dict]) -> dict:

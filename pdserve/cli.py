@@ -716,8 +716,8 @@ def _bench_simulator(args: argparse.Namespace) -> int:
     config = _bench_config(args)
     vocab_size = model_info(config.engine).vocab_size
     result = run_simulator_check(config, vocab_size, args.link_gb_per_s * 1e9, args.profile_out, args.rounds)
-    print(json.dumps({k: v for k, v in result.items() if k != "engine_timings"}, indent=2))
-    print(f"wrote {args.profile_out}")
+    print(json.dumps({k: v for k, v in result.items() if k != "profiles"}, indent=2))
+    print(f"wrote {args.profile_out} (the last round's profile)")
     if args.json is not None:
         print(f"wrote {write(result, args.json)}")
     return 0
