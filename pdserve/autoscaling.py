@@ -33,6 +33,28 @@ from engine.autoscaling_stats import (
 )
 
 
+def _growth(ctx: Any, metric: str) -> float:
+    """How fast one reported figure grows, per second, summed over replicas: each replica's least-squares
+    slope over its readings in the look-back window (none for a replica with fewer than two)."""
+    window_s = getattr(ctx.config, "look_back_period_s", None)
+    total = 0.0
+    for points in (ctx.raw_metrics or {}).get(metric, {}).values():
+        if window_s is not None and points:
+            since = max(point.timestamp for point in points) - window_s
+            points = [point for point in points if point.timestamp >= since]
+        total += _slope([(point.timestamp, point.value) for point in points])
+    return total
+
+
+def _slope(points: list[tuple[float, float]]) -> float:
+    if len(points) < 2:
+        return 0.0
+    mean_t = sum(t for t, _ in points) / len(points)
+    mean_v = sum(v for _, v in points) / len(points)
+    spread = sum((t - mean_t) ** 2 for t, _ in points)
+    return sum((t - mean_t) * (v - mean_v) for t, v in points) / spread if spread else 0.0
+
+
 def _total(ctx: Any, metric: str) -> float:
     """The sum over replicas of one reported figure (each averaged over the look-back window)."""
     return sum((ctx.aggregated_metrics or {}).get(metric, {}).values())
@@ -48,15 +70,27 @@ def _load(ctx: Any, metric: str) -> float:
 
 class PrefillPolicy:
     """Replicas for the prompt tokens queued: ``ceil(queued / target_queued_prefill_tokens)``, counting those the
-    routers hold for the pool (``held_tokens``) where the caller sees them (``CoordinatedPolicy``)."""
+    routers hold for the pool (``held_tokens``, growing at ``held_growth`` a second) where the caller sees them
+    (``CoordinatedPolicy``).
 
-    def __init__(self, target_queued_prefill_tokens: float):
+    A queue over the pool's target that is still growing counts as queued what it will have grown by
+    ``queue_growth_horizon_s`` later (its slope over the look-back window): replicas asked for now serve only
+    once they have started, and a pool that asks for what its queue is today asks again, one start later, for
+    what arrived meanwhile. Measured on the simulated step trace (``pdserve bench autoscale --engine
+    simulated``): the prompts arriving while the prefill replicas started were the misses."""
+
+    def __init__(self, target_queued_prefill_tokens: float, queue_growth_horizon_s: float = 0.0):
         self.target = target_queued_prefill_tokens
+        self.horizon_s = queue_growth_horizon_s
 
-    def __call__(self, ctx: Any, held_tokens: float = 0.0) -> tuple[int, dict]:
+    def __call__(self, ctx: Any, held_tokens: float = 0.0, held_growth: float = 0.0) -> tuple[int, dict]:
         if ctx.current_num_replicas == 0:
             return ctx.target_num_replicas, {}
-        return math.ceil((_load(ctx, QUEUED_PREFILL_TOKENS) + held_tokens) / self.target), {}
+        queued = _load(ctx, QUEUED_PREFILL_TOKENS) + held_tokens
+        growth = _growth(ctx, QUEUED_PREFILL_TOKENS) + held_growth
+        if growth > 0 and queued > self.target * ctx.current_num_replicas:
+            queued += growth * self.horizon_s
+        return math.ceil(queued / self.target), {}
 
 
 class DecodePolicy:
@@ -103,12 +137,13 @@ class CoordinatedPolicy:
         decisions: dict[Any, float] = {}
         pools: dict[str, Any] = {}
         held = sum(_load(ctx, HELD_PREFILL_TOKENS) for ctx in contexts.values())
+        held_growth = sum(_growth(ctx, HELD_PREFILL_TOKENS) for ctx in contexts.values())
         for deployment, ctx in contexts.items():
             role, own = _pool_policy(ctx.config)
             if role is not None:
                 pools[role] = deployment
             if role == "prefill":
-                decisions[deployment] = own(ctx, held)[0]
+                decisions[deployment] = own(ctx, held, held_growth)[0]
             elif own is not None:
                 decisions[deployment] = own(ctx)[0]
             else:

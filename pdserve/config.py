@@ -51,6 +51,12 @@ class PoolAutoscaling(BaseModel):
     target_queued_prefill_tokens: float = Field(
         default=4096, gt=0, description="prefill: prompt tokens queued per replica"
     )
+    queue_growth_horizon_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="prefill: a queue over its target that still grows counts this many seconds more of its growth "
+        "as queued (about the time a new replica takes to serve; 0: only what is queued now)",
+    )
     target_running_seqs: float = Field(default=32, gt=0, description="decode: running sequences per replica")
     target_kv_used_fraction: float = Field(default=0.7, gt=0, le=1, description="decode: KV pool in use per replica")
 
@@ -64,7 +70,8 @@ class PoolAutoscaling(BaseModel):
         """Serve's ``autoscaling_config`` for the pool of ``role``, its policy pdserve's."""
         if role == "prefill":
             policy = {"policy_function": "pdserve.autoscaling:PrefillPolicy",
-                      "policy_kwargs": {"target_queued_prefill_tokens": self.target_queued_prefill_tokens}}  # fmt: skip
+                      "policy_kwargs": {"target_queued_prefill_tokens": self.target_queued_prefill_tokens,
+                                        "queue_growth_horizon_s": self.queue_growth_horizon_s}}  # fmt: skip
         else:
             policy = {"policy_function": "pdserve.autoscaling:DecodePolicy",
                       "policy_kwargs": {"target_running_seqs": self.target_running_seqs,
@@ -72,6 +79,12 @@ class PoolAutoscaling(BaseModel):
         bounds = self.model_dump(include={"min_replicas", "max_replicas", "upscale_delay_s", "downscale_delay_s",
                                           "look_back_period_s", "metrics_interval_s"})  # fmt: skip
         return {**bounds, "policy": policy}
+
+
+ROLE_AUTOSCALING_FIELDS = {
+    "prefill": {"target_queued_prefill_tokens", "queue_growth_horizon_s"},
+    "decode": {"target_running_seqs", "target_kv_used_fraction"},
+}
 
 
 class PoolCoordination(BaseModel):
@@ -238,6 +251,16 @@ class ServiceConfig(BaseModel):
     def _coordinated_pools_autoscale(self) -> ServiceConfig:
         if self.coordination is not None and (self.prefill.autoscaling is None or self.decode.autoscaling is None):
             raise ValueError("coordination: give service.prefill.autoscaling and service.decode.autoscaling")
+        return self
+
+    @model_validator(mode="after")
+    def _each_pool_autoscales_on_its_own_signal(self) -> ServiceConfig:
+        for role, other in (("prefill", "decode"), ("decode", "prefill")):
+            scaling = getattr(self, role).autoscaling
+            given = sorted(ROLE_AUTOSCALING_FIELDS[other] & scaling.model_fields_set) if scaling else []
+            if given:
+                raise ValueError(f"service.{role}.autoscaling.{given[0]}: a {other} pool's setting; the {role} pool "
+                                 f"scales on {', '.join(sorted(ROLE_AUTOSCALING_FIELDS[role]))}")  # fmt: skip
         return self
 
 

@@ -66,6 +66,32 @@ def test_a_queue_draining_gives_replicas_back_only_on_the_windows_average():
     assert policy(draining)[0] == 3
 
 
+def test_a_queue_over_its_target_still_growing_asks_for_what_it_will_hold_once_new_replicas_serve():
+    growing = context(1, **{QUEUED_PREFILL_TOKENS: [3000]}, readings={QUEUED_PREFILL_TOKENS: [[0, 2000, 4000, 6000]]})
+    # 2,000 tokens a second: 6,000 now and 20,000 more over the 10 s a replica takes to serve
+    assert PrefillPolicy(2048, queue_growth_horizon_s=10)(growing)[0] == 13
+    assert PrefillPolicy(2048, queue_growth_horizon_s=0)(growing)[0] == 3
+
+
+def test_a_queue_growing_within_its_target_asks_for_nothing_more():
+    growing = context(2, **{QUEUED_PREFILL_TOKENS: [500, 500]},
+                      readings={QUEUED_PREFILL_TOKENS: [[0, 500, 1000, 1500], [0, 0, 1000, 1000]]})  # fmt: skip
+    assert PrefillPolicy(2048, queue_growth_horizon_s=10)(growing)[0] == 2  # 2,500 queued for two replicas
+
+
+def test_a_queue_draining_is_not_projected():
+    draining = context(1, **{QUEUED_PREFILL_TOKENS: [5000]}, readings={QUEUED_PREFILL_TOKENS: [[9000, 6000, 3000]]})
+    assert PrefillPolicy(2048, queue_growth_horizon_s=10)(draining)[0] == 3  # the window's 5,000, as without
+
+
+def test_only_the_look_back_windows_readings_give_the_growth():
+    config = AutoscalingConfig(min_replicas=1, max_replicas=8, look_back_period_s=2, metrics_interval_s=0.5)
+    # a steep climb 5 s ago, flat over the last 2 s: nothing grows now
+    flat_now = context(1, config, **{QUEUED_PREFILL_TOKENS: [6000]},
+                       readings={QUEUED_PREFILL_TOKENS: [[0, 6000, 6000, 6000, 6000, 6000]]})  # fmt: skip
+    assert PrefillPolicy(2048, queue_growth_horizon_s=10)(flat_now)[0] == 3
+
+
 def test_the_decode_pool_reads_its_latest_sequences_and_kv_use_too():
     policy = DecodePolicy(target_running_seqs=6, target_kv_used_fraction=0.7)
     busier = {RUNNING_SEQS: [[2, 2], [3, 11]], KV_USED_FRACTION: [[0.1, 0.9], [0.2, 0.2]]}
@@ -169,6 +195,17 @@ def test_prompts_the_routers_hold_for_the_prefill_pool_count_as_queued_on_it():
     assert app_policy()(contexts)[0][PREFILL] == 4  # (4,096 queued + 12,000 held) / 4,096
 
 
+def test_prompts_the_routers_hold_in_growing_numbers_count_in_the_prefill_pools_projection():
+    contexts = pools(1, 1, {QUEUED_PREFILL_TOKENS: [4096]}, {RUNNING_SEQS: [10]})
+    contexts[PREFILL].raw_metrics[QUEUED_PREFILL_TOKENS] = {"r0": [TimeStampedValue(float(t), 4096) for t in range(4)]}
+    router = DeploymentID("Router", "pdserve")
+    contexts[router] = context(1, AutoscalingConfig(min_replicas=1, max_replicas=2), "Router",
+                               readings={HELD_PREFILL_TOKENS: [[0, 1000, 2000, 3000]]},
+                               **{HELD_PREFILL_TOKENS: [1500]})  # fmt: skip
+    # 4,096 queued + 3,000 held now, the held growing 1,000 a second for the pool's default 10 s
+    assert app_policy()(contexts)[0][PREFILL] == 5  # ceil(17,096 / 4,096)
+
+
 def test_a_busy_rate_counts_only_the_time_with_work():
     now = [0.0]
     rate = BusyRate(window_s=1e9, clock=lambda: now[0])
@@ -217,6 +254,9 @@ def test_tokens_per_request_forget_the_old_mix_in_time_however_few_requests_a_re
         ({"service.decode.autoscaling": {"target_running_seqs": -4}}, "service.decode.autoscaling.target_running_seqs"),
         ({"service.decode.autoscaling": {"target_kv_used_fraction": 1.5}}, "target_kv_used_fraction"),
         ({"service.prefill.autoscaling": {"target_queued_prefill_tokens": 0}}, "target_queued_prefill_tokens"),
+        ({"service.prefill.autoscaling": {"queue_growth_horizon_s": -1}}, "queue_growth_horizon_s"),
+        ({"service.decode.autoscaling": {"target_queued_prefill_tokens": 8}}, "a prefill pool's setting"),
+        ({"service.prefill.autoscaling": {"target_running_seqs": 8}}, "prefill.autoscaling.target_running_seqs"),
         ({"service.prefill.autoscaling": {"min_replicas": 0}}, "service.prefill.autoscaling.min_replicas"),
         ({"service.decode.autoscaling": {"upscale_delay_s": -1}}, "upscale_delay_s"),
         ({"service.decode.autoscaling": {}, "service.decode.autoscaling_config": {"max_replicas": 2}}, "give one"),
