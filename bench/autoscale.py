@@ -60,6 +60,7 @@ class StepTrace:
     max_prefill_replicas: int = 2
     max_decode_replicas: int = 2
     target_queued_prefill_tokens: float = 2048  # pdserve's prefill target per replica
+    queue_growth_horizon_s: float = 0.0  # pdserve's prefill projection of a growing queue (0: off, the default)
     target_running_seqs: float = 8  # pdserve's decode target per replica
     prefill_dispatch_limit_tokens: int | None = None  # the routers hold prompts past it (every service alike)
     slo_ttft_x: float = 4.0
@@ -103,7 +104,8 @@ def simulated_trace(seed: int = 0) -> StepTrace:
     phases = (Phase(0.3, 45.0, 1024, 64), Phase(3.0, 75.0, 2048, 32), Phase(2.0, 75.0, 256, 256),
               Phase(0.3, 60.0, 1024, 64))  # fmt: skip
     return StepTrace(phases=phases, max_prefill_replicas=4, max_decode_replicas=8,
-                     target_queued_prefill_tokens=2048, target_running_seqs=6, prefill_dispatch_limit_tokens=4096,
+                     target_queued_prefill_tokens=2048, queue_growth_horizon_s=10, target_running_seqs=6,
+                     prefill_dispatch_limit_tokens=4096,
                      seed=seed)  # fmt: skip
 
 
@@ -117,7 +119,8 @@ def settings(trace: StepTrace) -> dict[str, dict]:
     serve_default = {f"service.{pool}.autoscaling_config": bounds[pool] for pool in POOLS}
     pdserve = {
         "service.prefill.autoscaling": {**bounds["prefill"],
-                                        "target_queued_prefill_tokens": trace.target_queued_prefill_tokens},
+                                        "target_queued_prefill_tokens": trace.target_queued_prefill_tokens,
+                                        "queue_growth_horizon_s": trace.queue_growth_horizon_s},
         "service.decode.autoscaling": {**bounds["decode"], "target_running_seqs": trace.target_running_seqs},
         "service.coordination": {"ratio_slack": 2.0},
     }  # fmt: skip

@@ -96,7 +96,7 @@ def measure_profile(config: PdserveConfig, vocab_size: int, link_bytes_per_s: fl
     later round. 2026-12-03, one profile for two rounds: one stream through the service timed at 4.5 ms a
     step at the start, the real streams at 6.1-6.6 ms a token in the rounds, every pair 0.69-0.86. Not the
     load: on 2026-12-04 one service, one 512-token stream and `random` at 0.5 and 1.5/s in turn, three
-    times over, gave 7.5-9.1 ms a token alike."""
+    times over, gave 8.0-9.2 ms a token for the one stream and 7.5-9.6 under load."""
     alone = measure(engine_as_a_worker_runs_it(config))
     deployed = with_service(config, {}, lambda s: asyncio.run(
         decode_timings_as_deployed(s.http_url, s.grpc_address, vocab_size)))  # fmt: skip

@@ -35,15 +35,11 @@ from engine.autoscaling_stats import (
 
 def _growth(ctx: Any, metric: str) -> float:
     """How fast one reported figure grows, per second, summed over replicas: each replica's least-squares
-    slope over its readings in the look-back window (none for a replica with fewer than two)."""
-    window_s = getattr(ctx.config, "look_back_period_s", None)
-    total = 0.0
-    for points in (ctx.raw_metrics or {}).get(metric, {}).values():
-        if window_s is not None and points:
-            since = max(point.timestamp for point in points) - window_s
-            points = [point for point in points if point.timestamp >= since]
-        total += _slope([(point.timestamp, point.value) for point in points])
-    return total
+    slope over its readings (none for a replica with fewer than two). Serve hands a policy each replica's
+    readings of the look-back window only: the replica drops older ones before it reports (Ray 2.60,
+    ``serve/_private/replica.py``)."""
+    series = (ctx.raw_metrics or {}).get(metric, {}).values()
+    return sum(_slope([(point.timestamp, point.value) for point in points]) for points in series)
 
 
 def _slope(points: list[tuple[float, float]]) -> float:
@@ -76,8 +72,10 @@ class PrefillPolicy:
     A queue over the pool's target that is still growing counts as queued what it will have grown by
     ``queue_growth_horizon_s`` later (its slope over the look-back window): replicas asked for now serve only
     once they have started, and a pool that asks for what its queue is today asks again, one start later, for
-    what arrived meanwhile. Measured on the simulated step trace (``pdserve bench autoscale --engine
-    simulated``): the prompts arriving while the prefill replicas started were the misses."""
+    what arrived meanwhile (on the simulated step trace, ``pdserve bench autoscale --engine simulated``, the
+    prompts arriving while the prefill replicas started were the misses). Off unless given: on that trace it
+    asked for the pool's replicas in one decision rather than two, but the replicas' start on two cores, not the
+    ask, set when they served, and the benchmark's key did not move beyond its spread."""
 
     def __init__(self, target_queued_prefill_tokens: float, queue_growth_horizon_s: float = 0.0):
         self.target = target_queued_prefill_tokens

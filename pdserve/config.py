@@ -52,10 +52,10 @@ class PoolAutoscaling(BaseModel):
         default=4096, gt=0, description="prefill: prompt tokens queued per replica"
     )
     queue_growth_horizon_s: float = Field(
-        default=10.0,
+        default=0.0,
         ge=0,
         description="prefill: a queue over its target that still grows counts this many seconds more of its growth "
-        "as queued (about the time a new replica takes to serve; 0: only what is queued now)",
+        "as queued (about the time a new replica takes to serve); 0, the default: only what is queued now",
     )
     target_running_seqs: float = Field(default=32, gt=0, description="decode: running sequences per replica")
     target_kv_used_fraction: float = Field(default=0.7, gt=0, le=1, description="decode: KV pool in use per replica")
@@ -390,9 +390,11 @@ def load_config(
 
 def with_settings(config: PdserveConfig, settings: Mapping[str, Any]) -> PdserveConfig:
     """``config`` with dotted ``settings`` applied, validated again. A None value clears its field (a benchmark
-    arm turning autoscaling off): unlike ``load_config``'s overrides, where None is a flag left out."""
+    arm turning autoscaling off): unlike ``load_config``'s overrides, where None is a flag left out. Only the
+    fields given travel (the rest come back as their defaults): validators that read which fields were given
+    (a pool's autoscaling refusing the other pool's settings) see what the user gave, not every default."""
     _refuse_nested(settings)
-    merged = config.model_dump(mode="json")
+    merged = config.model_dump(exclude_unset=True)  # python mode: a secret given stays itself, not its mask
     for key, value in settings.items():
         _set_dotted(merged, key, value)
     return _validated(merged)

@@ -84,14 +84,6 @@ def test_a_queue_draining_is_not_projected():
     assert PrefillPolicy(2048, queue_growth_horizon_s=10)(draining)[0] == 3  # the window's 5,000, as without
 
 
-def test_only_the_look_back_windows_readings_give_the_growth():
-    config = AutoscalingConfig(min_replicas=1, max_replicas=8, look_back_period_s=2, metrics_interval_s=0.5)
-    # a steep climb 5 s ago, flat over the last 2 s: nothing grows now
-    flat_now = context(1, config, **{QUEUED_PREFILL_TOKENS: [6000]},
-                       readings={QUEUED_PREFILL_TOKENS: [[0, 6000, 6000, 6000, 6000, 6000]]})  # fmt: skip
-    assert PrefillPolicy(2048, queue_growth_horizon_s=10)(flat_now)[0] == 3
-
-
 def test_the_decode_pool_reads_its_latest_sequences_and_kv_use_too():
     policy = DecodePolicy(target_running_seqs=6, target_kv_used_fraction=0.7)
     busier = {RUNNING_SEQS: [[2, 2], [3, 11]], KV_USED_FRACTION: [[0.1, 0.9], [0.2, 0.2]]}
@@ -128,12 +120,14 @@ def test_the_pools_autoscaling_is_a_valid_serve_autoscaling_config_with_pdserves
 PREFILL, DECODE = DeploymentID("PrefillWorker", "pdserve"), DeploymentID("DecodeWorker", "pdserve")
 
 
-def pools(prefill_replicas: int, decode_replicas: int, prefill: dict, decode: dict) -> dict:
+def pools(prefill_replicas: int, decode_replicas: int, prefill: dict, decode: dict, horizon_s: float = 0.0) -> dict:
     """Both pools' contexts as Serve hands them to an application-level policy, each with pdserve's own
-    pool policy in its config (1 to 8 replicas, no delay; targets: 4096 queued tokens, 32 sequences)."""
+    pool policy in its config (1 to 8 replicas, no delay; targets: 4096 queued tokens, 32 sequences; the prefill
+    queue's growth projected ``horizon_s``)."""
     scaling = PoolAutoscaling(min_replicas=1, max_replicas=8, upscale_delay_s=0)
+    prefill_scaling = scaling.model_copy(update={"queue_growth_horizon_s": horizon_s})
     return {
-        PREFILL: context(prefill_replicas, AutoscalingConfig(**scaling.serve_config("prefill")), **prefill),
+        PREFILL: context(prefill_replicas, AutoscalingConfig(**prefill_scaling.serve_config("prefill")), **prefill),
         DECODE: context(decode_replicas, AutoscalingConfig(**scaling.serve_config("decode")), "DecodeWorker", **decode),
     }
 
@@ -196,13 +190,13 @@ def test_prompts_the_routers_hold_for_the_prefill_pool_count_as_queued_on_it():
 
 
 def test_prompts_the_routers_hold_in_growing_numbers_count_in_the_prefill_pools_projection():
-    contexts = pools(1, 1, {QUEUED_PREFILL_TOKENS: [4096]}, {RUNNING_SEQS: [10]})
+    contexts = pools(1, 1, {QUEUED_PREFILL_TOKENS: [4096]}, {RUNNING_SEQS: [10]}, horizon_s=10)
     contexts[PREFILL].raw_metrics[QUEUED_PREFILL_TOKENS] = {"r0": [TimeStampedValue(float(t), 4096) for t in range(4)]}
     router = DeploymentID("Router", "pdserve")
     contexts[router] = context(1, AutoscalingConfig(min_replicas=1, max_replicas=2), "Router",
                                readings={HELD_PREFILL_TOKENS: [[0, 1000, 2000, 3000]]},
                                **{HELD_PREFILL_TOKENS: [1500]})  # fmt: skip
-    # 4,096 queued + 3,000 held now, the held growing 1,000 a second for the pool's default 10 s
+    # 4,096 queued + 3,000 held now, the held growing 1,000 a second for 10 s
     assert app_policy()(contexts)[0][PREFILL] == 5  # ceil(17,096 / 4,096)
 
 

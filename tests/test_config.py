@@ -41,6 +41,20 @@ def test_settings_applied_to_a_config_clear_a_field_given_none():
     assert changed.engine.block_size == 32  # the rest kept
 
 
+def test_settings_applied_to_a_config_keep_both_pools_autoscaling_as_given():
+    config = load_config(overrides={"service.prefill.autoscaling": {"max_replicas": 2},
+                                    "service.decode.autoscaling": {"target_running_seqs": 6}})  # fmt: skip
+    changed = with_settings(config, {"service.http_port": 1234})
+    assert changed.service.prefill.autoscaling == config.service.prefill.autoscaling
+    assert changed.service.decode.autoscaling.target_running_seqs == 6
+
+
+def test_settings_applied_to_a_config_keep_a_secret_given_not_its_mask():
+    config = load_config(overrides={"cluster_token": "a-token-of-the-cluster"})
+    changed = with_settings(config, {"service.http_port": 1234})
+    assert changed.cluster_token.get_secret_value() == "a-token-of-the-cluster"
+
+
 def test_settings_applied_to_a_config_are_validated_naming_the_field():
     with pytest.raises(ConfigError, match=r"engine\.block_size"):
         with_settings(load_config(), {"engine.block_size": 0})
