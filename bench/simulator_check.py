@@ -27,11 +27,12 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from bench.engine_profile import decode_timings_as_deployed, measure, profile_of, write_profile
+from bench.engine_profile import EngineFigures, decode_timings_as_deployed, measure, profile_of, write_profile
 from bench.load import LoadSpec, summarize
 from bench.running import load_service, on_the_simulated_engine, with_service
 from bench.workloads import WorkloadSpec, make_workload
 from engine.config import EngineConfig
+from engine.sim.profile import HardwareProfile
 from pdserve.config import PdserveConfig
 
 WORKLOADS = (
@@ -88,7 +89,9 @@ def run_simulator_check(
     }
 
 
-def measure_profile(config: PdserveConfig, vocab_size: int, link_bytes_per_s: float):
+def measure_profile(
+    config: PdserveConfig, vocab_size: int, link_bytes_per_s: float
+) -> tuple[HardwareProfile, EngineFigures, EngineFigures]:
     """The hardware profile as this machine runs now: (profile, the timings fitted, the engine-alone figures).
 
     Measured afresh for each round, just before its pairs: this machine's speed drifts by up to a quarter
