@@ -17,6 +17,12 @@ simulated engine, which takes no CPU. So the simulator's check (``bench/simulato
 decode terms to the steps as deployed, as Dynamo's profiler times the decode engine of a deployment through
 its front end.
 
+A request's time in its worker outside the steps (``HardwareProfile.request_ms``) is measured as deployed too
+(``prefix_hits_as_deployed``): prompts of ``REQUEST_SHAPE`` sent one at a time through the service, each a hit on
+a prefix its decode worker holds and computed there; the worker's own time to the first token (the router's
+``worker`` part of the TTFT) less the fitted step of that shape (``with_request_time``). The engine alone has
+vLLM's front end in it too, but on a core nothing else wants.
+
 Each timing is a step of the simulated engine's model (``engine/sim/profile.py``):
 ``base + [P > 0]·p + a·P + b·P² + x·P·X + c·S + d·C`` ms, fitted by least squares with every coefficient
 kept ≥ 0 (a feature whose coefficient comes out negative is dropped and the rest refitted). The KV bytes
@@ -54,6 +60,9 @@ DEPLOYED_OUTPUT_TOKENS = 512
 # alone 10.3 both times), and every simulated step of the run followed it.
 DEPLOYED_REPEATS = 3
 REPEATS = 3  # prefill timings per length; the median is kept
+REQUEST_SHAPE = (64, 512)  # (fresh prompt tokens, cached prefix tokens): the shared-prefix workload's hit
+REQUEST_WARM_UPS = 2  # prefix hits sent before those timed: the first steps at a new shape are slow on CPU
+REQUEST_REPEATS = 8  # prefix hits timed; the median is kept
 FEATURES = ("base_ms", "prefill_step_ms", "prefill_ms_per_token", "prefill_ms_per_token2",
             "prefill_ms_per_context_pair", "decode_ms_per_seq", "decode_ms_per_context_token")  # fmt: skip
 
@@ -208,6 +217,43 @@ async def decode_timings_as_deployed(http_url: str, grpc_address: str, vocab_siz
         if number > 0:
             timings.setdefault((batch, prompt), []).append(decode_step(batch, prompt, DEPLOYED_OUTPUT_TOKENS, runs))
     return [median_timing(repeats) for repeats in timings.values()]
+
+
+async def prefix_hits_as_deployed(
+    http_url: str, grpc_address: str, vocab_size: int, shape: tuple[int, int] = REQUEST_SHAPE
+) -> list[float]:
+    """The decode worker's own time to the first token (ms, the router's ``worker`` part) of ``REQUEST_REPEATS``
+    prompts of ``shape``, sent one at a time through a running service after the one that puts their prefix on
+    a decode worker and ``REQUEST_WARM_UPS`` more; only those computed there on the prefix are kept."""
+    from bench.load import LoadSpec, run_load
+    from bench.workloads import Turn, Workload
+
+    rng = random.Random(2)
+    fresh, cached = shape
+    prefix = [rng.randrange(2, vocab_size) for _ in range(cached)]
+    sessions = [[Turn(prefix + [rng.randrange(2, vocab_size) for _ in range(fresh)], 1)]
+                for _ in range(1 + REQUEST_WARM_UPS + REQUEST_REPEATS)]  # fmt: skip
+    records, _ = await run_load(http_url, grpc_address, Workload("prefix-hits", sessions),
+                                LoadSpec(api="grpc", users=1, progress=False))  # fmt: skip
+    failed = [r.error for r in records if r.error]
+    if failed:
+        raise RuntimeError(f"prefix hits: {len(failed)} requests failed: {failed[0]}")
+    timed = records[1 + REQUEST_WARM_UPS :]
+    hits = [r for r in timed if r.prompt_worker == r.decode_worker and r.cached_tokens >= cached]
+    if len(hits) * 2 < len(timed):
+        raise RuntimeError(f"prefix hits: {len(timed) - len(hits)} of {len(timed)} were not computed on the decode "
+                           f"worker holding their {cached}-token prefix: no request time to measure")  # fmt: skip
+    return [1000 * r.ttft_parts_s["worker"] for r in hits]
+
+
+def with_request_time(
+    profile: HardwareProfile, worker_ms: list[float], shape: tuple[int, int] = REQUEST_SHAPE
+) -> HardwareProfile:
+    """``profile`` with ``request_ms``: the median of the worker's times to the first token of prefix hits of
+    ``shape`` (``prefix_hits_as_deployed``) less the step the profile gives one; none where the step is longer."""
+    fresh, cached = shape
+    step_ms = 1000 * profile.step_s(fresh, 0, 0, fresh * cached)
+    return replace(profile, request_ms=max(0.0, statistics.median(worker_ms) - step_ms))
 
 
 def median_timing(repeats: list[StepTiming]) -> StepTiming:

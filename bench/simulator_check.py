@@ -5,7 +5,8 @@ decode pool's vLLM engine, on the cores one replica gets, timed at known step sh
 shapes are timed on the engine alone; its decode shapes as deployed, through a service started for that (one
 more, from the same config), because the simulated engine runs beside real serving processes but takes no CPU
 of their cores itself: a decode step timed alone leaves out what the service costs the real engine on a small
-node. Then each workload (``random``; ``shared-prefix``) at each rate runs through the service twice, each
+node. There too, prefix hits one at a time give each request's time in the worker outside its steps
+(``request_ms``). Then each workload (``random``; ``shared-prefix``) at each rate runs through the service twice, each
 time on a fresh service from the same config (disaggregated, one prefill and one decode replica): on vLLM, and
 on the simulated engine with the round's profile and the real engine's KV pool size, its steps spent as CPU
 time on the cores the layout gives each pool's engine (``engine.simulated_compute: cores``), as the real
@@ -27,7 +28,15 @@ import statistics
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from bench.engine_profile import EngineFigures, decode_timings_as_deployed, measure, profile_of, write_profile
+from bench.engine_profile import (
+    EngineFigures,
+    decode_timings_as_deployed,
+    measure,
+    prefix_hits_as_deployed,
+    profile_of,
+    with_request_time,
+    write_profile,
+)
 from bench.load import LoadSpec, summarize
 from bench.running import load_service, on_the_simulated_engine, with_service
 from bench.workloads import WorkloadSpec, make_workload
@@ -64,11 +73,11 @@ def run_simulator_check(
     runs: dict[str, dict[str, list[dict]]] = {}  # pair → "real" / "simulated" → one figures dict per round
     measured: list[dict] = []  # each round's profile and the timings it was fitted to
     for _ in range(rounds):
-        profile, figures, alone = measure_profile(config, vocab_size, link_bytes_per_s)
+        profile, figures, alone, prefix_hit_ms = measure_profile(config, vocab_size, link_bytes_per_s)
         write_profile(profile, profile_path)  # this round's simulated services read it: the last round's stays
         alone_decode = [asdict(t) for t in alone.timings if not t.prefill_tokens]
         measured.append({"profile": json.loads(profile.to_json()), "engine_timings": asdict(figures),
-                         "decode_timings_alone": alone_decode})  # fmt: skip
+                         "decode_timings_alone": alone_decode, "prefix_hit_worker_ms": prefix_hit_ms})  # fmt: skip
         simulated = on_the_simulated_engine(
             simulated_profile=str(profile_path.resolve()), num_kv_blocks=figures.kv_blocks, simulated_compute="cores"
         )
@@ -91,22 +100,30 @@ def run_simulator_check(
 
 def measure_profile(
     config: PdserveConfig, vocab_size: int, link_bytes_per_s: float
-) -> tuple[HardwareProfile, EngineFigures, EngineFigures]:
-    """The hardware profile as this machine runs now: (profile, the timings fitted, the engine-alone figures).
+) -> tuple[HardwareProfile, EngineFigures, EngineFigures, list[float]]:
+    """The hardware profile as this machine runs now: (profile, the timings fitted, the engine-alone figures,
+    the decode worker's times to a prefix hit's first token that its ``request_ms`` came from).
 
     Measured afresh for each round, just before its pairs: this machine's speed drifts by up to a quarter
     between minutes, and a profile measured once, at the start, carries the speed of that minute into every
     later round. 2026-12-03, one profile for two rounds: one stream through the service timed at 4.5 ms a
     step at the start, the real streams at 6.1-6.6 ms a token in the rounds, every pair 0.69-0.86. Not the
     load: on 2026-12-04 one service, one 512-token stream and `random` at 0.5 and 1.5/s in turn, three
-    times over, gave 8.0-9.2 ms a token for the one stream and 7.5-9.6 under load."""
+    times over, gave 8.0-9.2 ms a token for the one stream and 7.5-9.6 under load.
+
+    Without ``request_ms`` (the same run of 2026-12-04): TPOT fitted in every pair, but the decode worker's own
+    time to its first token was 10-20 ms longer real than simulated, the step of each shape alike."""
+
+    async def as_deployed(service) -> tuple[list, list[float]]:
+        decode = await decode_timings_as_deployed(service.http_url, service.grpc_address, vocab_size)
+        return decode, await prefix_hits_as_deployed(service.http_url, service.grpc_address, vocab_size)
+
     alone = measure(engine_as_a_worker_runs_it(config))
-    deployed = with_service(config, {}, lambda s: asyncio.run(
-        decode_timings_as_deployed(s.http_url, s.grpc_address, vocab_size)))  # fmt: skip
+    deployed, prefix_hit_ms = with_service(config, {}, lambda s: asyncio.run(as_deployed(s)))
     figures = replace(alone, timings=[t for t in alone.timings if t.prefill_tokens] + deployed)
     profile = profile_of(figures, link_bytes_per_s, "bench-model-this-cpu", str(config.engine.model),
-                         "prefill: the engine alone; decode: through a service")  # fmt: skip
-    return profile, figures, alone
+                         "prefill: the engine alone; decode and each request's time: through a service")  # fmt: skip
+    return with_request_time(profile, prefix_hit_ms), figures, alone, prefix_hit_ms
 
 
 def pair_figures(real: list[dict], simulated: list[dict]) -> dict:

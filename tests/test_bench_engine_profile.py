@@ -11,10 +11,12 @@ from bench.engine_profile import (
     DECODE_OUTPUT_TOKENS,
     DECODE_SHAPES,
     PREFILL_TOKENS,
+    REQUEST_SHAPE,
     StepTiming,
     decode_step,
     fit,
     median_timing,
+    with_request_time,
 )
 from bench.simulator_check import furthest_from_one, pair_figures, run_simulator_check
 from engine.sim.profile import PROFILES
@@ -88,3 +90,17 @@ def test_a_decode_step_is_timed_while_every_stream_runs():
 def test_streams_that_never_all_run_at_once_give_no_step_rather_than_a_wrong_one():
     with pytest.raises(RuntimeError, match="never decoded all at once"):
         decode_step(2, 64, 3, [[0.0, 0.01, 0.02], [0.5, 0.51, 0.52]])
+
+
+def test_a_requests_time_is_the_median_worker_time_to_a_prefix_hits_first_token_past_its_step():
+    profile = PROFILES["llama-3.1-8b-h100"]
+    fresh, cached = REQUEST_SHAPE
+    step_ms = 1000 * profile.step_s(fresh, 0, 0, fresh * cached)
+    measured = with_request_time(profile, [step_ms + extra for extra in (15.0, 11.0, 30.0, 12.0, 14.0)])
+    assert measured.request_ms == pytest.approx(14.0)
+    assert replace(measured, request_ms=0.0) == profile  # the steps as fitted
+
+
+def test_worker_times_within_the_step_give_no_request_time_rather_than_a_negative_one():
+    profile = PROFILES["llama-3.1-8b-h100"]
+    assert with_request_time(profile, [0.5, 0.7, 0.6]).request_ms == 0.0

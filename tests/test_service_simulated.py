@@ -7,11 +7,15 @@ checkable; its cache events go through the same index, and its KV through the sa
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 
 import pytest
-from service_client import prompt, service_config, simulated_greedy
+from service_client import LONG, prompt, service_config, simulated_greedy
 
+from bench.engine_profile import REQUEST_REPEATS, prefix_hits_as_deployed
+from engine.sim.profile import DEFAULT_PROFILE, PROFILES
 from pdserve.up import start
 
 pytestmark = pytest.mark.service
@@ -133,6 +137,28 @@ def test_the_time_to_the_first_token_is_reported_in_parts_that_add_up_to_it(clie
         assert figure(parts + "_count", part) == figure(ttft + "_count") >= 2
     assert sum(figure(parts + "_sum", part) for part in names) == pytest.approx(figure(ttft + "_sum"), rel=1e-6)
     assert figure(parts + "_sum", "worker") > 0 and figure(parts + "_sum", "prefill_handle") > 0
+
+
+def test_prefix_hits_one_at_a_time_are_computed_where_their_prefix_is_and_timed_there(service, model_dir):
+    """What the simulator's check measures a request's time in a worker from (bench/engine_profile.py): every
+    hit kept was computed on the decode worker holding its prefix (most are: the load bound may spill one), in no
+    less than the profile's step for it."""
+    shape = (LONG // 2, 512)  # uncached tokens few enough to be computed on the decode worker
+    worker_ms = asyncio.run(prefix_hits_as_deployed(service.http_url, service.grpc_address, vocab(model_dir), shape))
+    assert REQUEST_REPEATS // 2 <= len(worker_ms) <= REQUEST_REPEATS
+    fresh, cached = shape
+    assert min(worker_ms) >= 1000 * PROFILES[DEFAULT_PROFILE].step_s(fresh, 0, 0, fresh * cached)
+
+
+def test_prefix_hits_prefilled_apart_give_no_request_time_rather_than_a_wrong_one(service, model_dir):
+    shape = (LONG * 2, 512)  # too many uncached tokens to be computed on the decode worker
+    hits = prefix_hits_as_deployed(service.http_url, service.grpc_address, vocab(model_dir), shape)
+    with pytest.raises(RuntimeError, match="were not computed on the decode worker"):
+        asyncio.run(hits)
+
+
+def vocab(model_dir) -> int:
+    return json.loads((model_dir / "config.json").read_text())["vocab_size"]
 
 
 def test_a_router_replica_restarted_rebuilds_its_in_memory_index_from_the_workers(service, client):

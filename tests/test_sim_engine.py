@@ -148,6 +148,33 @@ def test_a_step_takes_the_time_its_profile_gives(make_engine, tmp_path):
     assert expected <= elapsed < expected + 0.5
 
 
+def test_a_request_spends_its_request_time_before_its_first_step_not_between_tokens(make_engine, tmp_path):
+    engine = make_engine(simulated_profile=quick_profile(tmp_path, base_ms=10.0, request_ms=300.0))
+
+    async def token_times() -> list[float]:
+        options = SamplingOptions(max_tokens=5, temperature=0.0, ignore_eos=True)
+        start = time.monotonic()
+        return [time.monotonic() - start async for _ in engine.generate(GenerateRequest("r", prompt(8), options))]
+
+    times = asyncio.run(token_times())
+    assert 0.3 + 0.01 <= times[0] < 0.3 + 0.25
+    assert times[-1] - times[0] < 4 * 0.01 + 0.25  # four decode steps of 10 ms
+
+
+def test_a_request_closed_during_its_request_time_is_never_scheduled(make_engine, tmp_path):
+    engine = make_engine(simulated_profile=quick_profile(tmp_path, request_ms=300.0))
+
+    async def closed_early() -> None:
+        stream = engine.generate(GenerateRequest("r", prompt(8), SamplingOptions(max_tokens=4)))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(anext(stream), 0.1)
+
+    asyncio.run(closed_early())
+    time.sleep(0.4)
+    stats = engine.stats()
+    assert (stats.running, stats.waiting, stats.prompt_tokens_total) == (0, 0, 0)
+
+
 def step_processes() -> list[psutil.Process]:
     return [p for p in psutil.Process().children() if "engine.sim.compute" in " ".join(p.cmdline())]
 

@@ -143,6 +143,8 @@ class SimulatedEngine:
         """Stream ``request``'s deltas; closing the iterator early aborts the request."""
         seq = self._sequence(request)
         part = self._part(seq, request.kv_transfer_params or {})
+        if self.profile.request_ms:  # the worker's share of a request outside the steps (engine/sim/profile.py)
+            await asyncio.sleep(self.profile.request_s)
         self.check_alive()
         reader = _Reader(asyncio.get_running_loop(), asyncio.Queue(), seq)
         with self._lock:

