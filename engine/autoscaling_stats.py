@@ -12,6 +12,6 @@ HELD_PREFILL_TOKENS = "held_prefill_tokens"
 
 # Measured (``engine/throughput.py``): what the replica sustains while busy, what its requests look like.
 PREFILL_TOKENS_PER_S = "prefill_tokens_per_s"
-DECODE_TOKENS_PER_S = "decode_tokens_per_s"
+DECODE_TOKENS_PER_SEQ_S = "decode_tokens_per_seq_s"  # of one decoding sequence: 1 / TPOT
 PROMPT_TOKENS_MEAN = "prompt_tokens_mean"
 OUTPUT_TOKENS_MEAN = "output_tokens_mean"

@@ -86,7 +86,7 @@ class HostedEngine:
         self.engine = build_engine(config, on_cache_events=reporter.report_events)
         self._queued_prefill_tokens = 0  # prompt tokens admitted that have not produced a token yet
         # For the coordinated autoscaler: what this worker sustains, and the requests it sees.
-        self.prefill_rate, self.decode_rate = BusyRate(), BusyRate()
+        self.prefill_rate, self.decode_rate = BusyRate(), BusyRate(per_request=True)
         self.prompt_tokens, self.output_tokens = TokensPerRequest(), TokensPerRequest()
         self._stop = threading.Event()
         self._beat_now = threading.Event()  # a prompt is done: the queue the index holds is out of date
@@ -242,7 +242,7 @@ class HostedWorker:
         load = host.load(engine_stats)
         measured = {
             stats.PREFILL_TOKENS_PER_S: host.prefill_rate.rate(),
-            stats.DECODE_TOKENS_PER_S: host.decode_rate.rate(),
+            stats.DECODE_TOKENS_PER_SEQ_S: host.decode_rate.rate(),
             stats.PROMPT_TOKENS_MEAN: host.prompt_tokens.value,
             stats.OUTPUT_TOKENS_MEAN: host.output_tokens.value,
         }

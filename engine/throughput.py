@@ -1,9 +1,11 @@
 """What a worker sustains and what its requests look like, measured as it serves, for the autoscaler.
 
 The coordinated autoscaling policy sizes the prefill pool against the decode
-pool from these: tokens per second a replica computes *while it has work*
-(idle time would make a lightly loaded pool look slow), and the mean prompt
-and output lengths. Both forget the past with a time constant of
+pool from these: prompt tokens per second a replica computes *while it has work*
+(idle time would make a lightly loaded pool look slow), tokens per second of one
+decoding sequence (a decode replica's throughput grows with its batch, so what it
+sustains is this times the batch it is meant to hold), and the mean prompt and
+output lengths. Both forget the past with a time constant of
 ``window_s``, so a change of workload shows within a window.
 """
 
@@ -15,11 +17,13 @@ from collections.abc import Callable
 
 
 class BusyRate:
-    """Tokens per busy second: time counts only while at least one request is in progress."""
+    """Tokens per busy second: time counts only while at least one request is in progress, and with
+    ``per_request`` once for each request in progress (tokens per second of one request)."""
 
-    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, window_s: float = 60.0, clock: Callable[[], float] = time.monotonic, per_request: bool = False):
         self._window_s = window_s
         self._clock = clock
+        self._per_request = per_request
         self._tokens = 0.0
         self._busy_s = 0.0
         self._active = 0
@@ -46,7 +50,7 @@ class BusyRate:
         now = self._clock()
         elapsed = now - self._at
         if self._active:
-            self._busy_s += elapsed
+            self._busy_s += elapsed * (self._active if self._per_request else 1)
         decay = math.exp(-elapsed / self._window_s)
         self._tokens *= decay
         self._busy_s *= decay

@@ -22,7 +22,7 @@ import math
 from typing import Any
 
 from engine.autoscaling_stats import (
-    DECODE_TOKENS_PER_S,
+    DECODE_TOKENS_PER_SEQ_S,
     HELD_PREFILL_TOKENS,
     KV_USED_FRACTION,
     OUTPUT_TOKENS_MEAN,
@@ -113,9 +113,14 @@ class CoordinatedPolicy:
     """The application-level policy: each pool's own policy, then the prefill:decode ratio kept in bounds.
 
     A request costs the prefill pool ``prompt / R_p`` replica-seconds and the decode pool
-    ``output / R_d``, where ``R`` is what one replica of the pool sustains while busy (measured by
-    the replicas) and the lengths are the means the replicas see over the last ~10 s (uncached prompt
-    tokens; output tokens, counted as they stream: ``engine/throughput.py``). So the pools should
+    ``output / R_d``, where ``R`` is what one replica of the pool sustains and the lengths are the means
+    the replicas see over the last ~10 s (uncached prompt tokens; output tokens, counted as they stream:
+    ``engine/throughput.py``). ``R_p`` is the prompt tokens a prefill replica computes per busy second;
+    ``R_d`` the tokens per second of one decoding sequence (1 / TPOT, measured by the replicas) times the
+    decode pool's ``target_running_seqs``: a decode replica's throughput grows with its batch, and its
+    tokens per busy second at the batch a light load gives say little of what it sustains at its target
+    (on the simulated step trace, one stream at a time before the burst of long prompts: the ratio asked
+    for 8 decode replicas where 2 held every sequence). So the pools should
     stand in the ratio ``(prompt / R_p) : (output / R_d)``. When the
     replica counts fall outside ``[ideal / ratio_slack, ideal * ratio_slack]``, the smaller side is
     raised, never the larger lowered, and only once the larger has grown past its minimum (the ratio
@@ -150,18 +155,18 @@ class CoordinatedPolicy:
             self._keep_ratio(decisions, contexts, pools["prefill"], pools["decode"])
         return decisions, {}
 
-    def ideal_ratio(self, prefill: Any, decode: Any) -> float | None:
+    def ideal_ratio(self, prefill: Any, decode: Any, seqs_per_decode_replica: float) -> float | None:
         """Prefill replicas per decode replica that the measured work asks for; None until measured."""
         figures = (_mean(prefill, PROMPT_TOKENS_MEAN), _mean(prefill, PREFILL_TOKENS_PER_S),
-                   _mean(decode, OUTPUT_TOKENS_MEAN), _mean(decode, DECODE_TOKENS_PER_S))  # fmt: skip
+                   _mean(decode, OUTPUT_TOKENS_MEAN), _mean(decode, DECODE_TOKENS_PER_SEQ_S))  # fmt: skip
         if any(not figure for figure in figures):
             return None
-        prompt, prefill_rate, output, decode_rate = figures
-        return (prompt / prefill_rate) / (output / decode_rate)
+        prompt, prefill_rate, output, sequence_rate = figures
+        return (prompt / prefill_rate) / (output / (sequence_rate * seqs_per_decode_replica))
 
     def _keep_ratio(self, decisions: dict, contexts: dict, prefill_id: Any, decode_id: Any) -> None:
         prefill, decode = contexts[prefill_id], contexts[decode_id]
-        ideal = self.ideal_ratio(prefill, decode)
+        ideal = self.ideal_ratio(prefill, decode, _pool_policy(decode.config)[1].target_seqs)
         if ideal is None:
             return
         p = _bounded(prefill, decisions[prefill_id])

@@ -8,7 +8,7 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from engine.throughput import BusyRate, TokensPerRequest
 from pdserve.autoscaling import (
-    DECODE_TOKENS_PER_S,
+    DECODE_TOKENS_PER_SEQ_S,
     HELD_PREFILL_TOKENS,
     KV_USED_FRACTION,
     OUTPUT_TOKENS_MEAN,
@@ -143,16 +143,24 @@ def app_policy(slack: float = 2.0):
 
 
 # The measured work of one request: 2000 prompt tokens at 4000 tokens/s on a prefill replica (0.5 s),
-# 100 output tokens at 400 tokens/s on a decode replica (0.25 s): two prefill replicas per decode replica.
+# 100 output tokens at 400 tokens/s on a decode replica at its target of 32 sequences (12.5 tokens/s each:
+# 0.25 s): two prefill replicas per decode replica.
 RATES = (
     {PREFILL_TOKENS_PER_S: [4000], PROMPT_TOKENS_MEAN: [2000]},
-    {DECODE_TOKENS_PER_S: [400], OUTPUT_TOKENS_MEAN: [100]},
+    {DECODE_TOKENS_PER_SEQ_S: [12.5], OUTPUT_TOKENS_MEAN: [100]},
 )
 
 
 def test_the_measured_work_gives_the_prefill_to_decode_ratio():
     prefill, decode = RATES
-    assert CoordinatedPolicy().ideal_ratio(context(1, **prefill), context(1, **decode)) == pytest.approx(2.0)
+    assert CoordinatedPolicy().ideal_ratio(context(1, **prefill), context(1, **decode), 32) == pytest.approx(2.0)
+
+
+def test_a_decode_replica_counts_for_the_sequences_it_is_meant_to_hold_not_those_it_held_when_measured():
+    prefill, decode = RATES  # each sequence's rate measured alone: 12.5 tokens/s
+    policy = CoordinatedPolicy()
+    by_target = {seqs: policy.ideal_ratio(context(1, **prefill), context(1, **decode), seqs) for seqs in (8, 32)}
+    assert by_target[32] == pytest.approx(4 * by_target[8])  # four times the batch: four times the decode work
 
 
 def test_a_decode_pool_growing_on_long_generations_grows_the_prefill_pool_with_it():
@@ -210,6 +218,19 @@ def test_a_busy_rate_counts_only_the_time_with_work():
     rate.end()
     now[0] = 60.0  # a minute idle does not dilute it
     assert rate.rate() == pytest.approx(500.0)
+
+
+def test_a_per_request_rate_is_the_tokens_of_one_request_per_second():
+    now = [0.0]
+    rate = BusyRate(window_s=1e9, clock=lambda: now[0], per_request=True)
+    for _ in range(4):  # four streams together for 2 s, 10 tokens a second each
+        rate.begin()
+    now[0] = 2.0
+    rate.add(4 * 20)
+    for _ in range(4):
+        rate.end()
+    now[0] = 60.0
+    assert rate.rate() == pytest.approx(10.0)
 
 
 def test_tokens_per_request_count_a_long_generation_while_it_streams_not_when_it_ends():

@@ -3,8 +3,9 @@ config as ``serve run`` does, on the simulated engine, whose hardware profile fi
 
 The prefill pool's own target is out of reach here (``target_queued_prefill_tokens``), so only the policy's
 ratio logic can grow it: long generations grow the decode pool on its own load, and the rates the replicas
-measure (a prompt computed at ~2 ms a token; tokens decoded eight at a time in 20 ms steps) ask for more than
-two prefill replicas per decode replica, more than ``ratio_slack`` lets one serve two."""
+measure (a prompt computed at ~3 ms a token; a sequence decoding a token per 20 ms step, two at a time on a
+decode replica at its target) ask for about one prefill replica per decode replica (300 / 326 s against
+100 / 100 s), more than ``ratio_slack`` lets one serve two."""
 
 from __future__ import annotations
 
@@ -20,9 +21,9 @@ from pdserve.up import start
 pytestmark = pytest.mark.service
 
 API_KEY = "coordinated-key-81d2"
-# A 300-token prompt takes 620 ms to compute; a decode step 20 ms, whatever the batch.
+# A 300-token prompt takes 920 ms to compute; a decode step 20 ms, whatever the batch.
 PROFILE = {"name": "coordinated-test", "source": "tests: slow prompts, batched decodes", "base_ms": 20.0,
-           "prefill_ms_per_token": 2.0, "prefill_ms_per_token2": 0.0, "decode_ms_per_seq": 0.0,
+           "prefill_ms_per_token": 3.0, "prefill_ms_per_token2": 0.0, "decode_ms_per_seq": 0.0,
            "decode_ms_per_context_token": 0.0, "kv_bytes_per_token": 1, "link_bytes_per_s": 1e9}  # fmt: skip
 
 
