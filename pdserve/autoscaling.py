@@ -120,7 +120,7 @@ class CoordinatedPolicy:
     decode pool's ``target_running_seqs``: a decode replica's throughput grows with its batch, and its
     tokens per busy second at the batch a light load gives say little of what it sustains at its target
     (on the simulated step trace, one stream at a time before the burst of long prompts: the ratio asked
-    for 8 decode replicas where 2 held every sequence). So the pools should
+    for 8 decode replicas where the decode pool's own signals asked for 2). So the pools should
     stand in the ratio ``(prompt / R_p) : (output / R_d)``. When the
     replica counts fall outside ``[ideal / ratio_slack, ideal * ratio_slack]``, the smaller side is
     raised, never the larger lowered, and only once the larger has grown past its minimum (the ratio
