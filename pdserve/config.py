@@ -158,6 +158,16 @@ class PoolConfig(BaseModel):
         return self.num_replicas > 0 or self.autoscaling_config is not None or self.autoscaling is not None
 
     @property
+    def replicas_at_start(self) -> int:
+        """The replicas Serve starts the pool with (at least one: the router serves only on live workers)."""
+        if self.autoscaling is not None:
+            return self.autoscaling.min_replicas
+        if self.autoscaling_config is not None:
+            config = self.autoscaling_config
+            return max(1, int(config.get("initial_replicas") or config.get("min_replicas", 1)))
+        return self.num_replicas
+
+    @property
     def most_replicas(self) -> int:
         if self.autoscaling is not None:
             return self.autoscaling.max_replicas

@@ -110,7 +110,9 @@ def start(
             _deploy_config(config, ready_timeout_s, node_cores)
         else:
             deploy(build_app(config), service.app_name, ready_timeout_s)
-        pools = ["decode"] + (["prefill"] if service.mode == "disaggregated" and service.prefill.present else [])
+        pools = {"decode": service.decode.replicas_at_start}
+        if service.mode == "disaggregated" and service.prefill.present:
+            pools["prefill"] = service.prefill.replicas_at_start
         _wait_healthy(running.http_url, pools, ready_timeout_s)
         if "prefill" in pools:
             _check_kv_interchangeable(service.app_name, ready_timeout_s)
@@ -276,15 +278,16 @@ def run_until_interrupted(service: Service) -> None:
     service.stop()
 
 
-def _wait_healthy(http_url: str, pools: list[str], timeout_s: float) -> None:
-    """Serve says the app is running once constructors return; workers count once their first heartbeat lands."""
+def _wait_healthy(http_url: str, pools: dict[str, int], timeout_s: float) -> None:
+    """Serve says the app is running once constructors return; workers count once their first heartbeat lands.
+    Ready is every pool with the replicas it starts with, so a caller's first requests see the whole pool."""
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
         try:
             with urllib.request.urlopen(f"{http_url}/health", timeout=5) as reply:
                 live = json.loads(reply.read())["live_workers"]
-                if all(live.get(pool, 0) > 0 for pool in pools):
+                if all(live.get(pool, 0) >= want for pool, want in pools.items()):
                     return
                 last = f"live workers {live}"
         except OSError as exc:

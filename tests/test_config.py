@@ -166,6 +166,21 @@ def test_more_than_one_router_replica_needs_the_redis_index(router):
     assert config.service.router.most_replicas >= 2
 
 
+@pytest.mark.parametrize(
+    ("pool", "replicas"),
+    [
+        ({"num_replicas": 3}, 3),
+        ({"autoscaling": {"min_replicas": 2, "max_replicas": 5}}, 2),
+        ({"autoscaling_config": {"min_replicas": 0, "max_replicas": 4}}, 1),
+        ({"autoscaling_config": {"min_replicas": 1, "initial_replicas": 3, "max_replicas": 4}}, 3),
+    ],
+)
+def test_a_pool_starts_with_its_fixed_count_or_its_autoscalers_first_count(pool, replicas):
+    """What ``pdserve up`` waits to see live before it calls the service ready."""
+    config = load_config(overrides={"service.decode": pool})
+    assert config.service.decode.replicas_at_start == replicas
+
+
 def test_tls_for_kv_takes_all_three_files_and_refuses_a_missing_one_at_load(tmp_path):
     for name in ("a.crt", "a.key", "ca.crt"):
         (tmp_path / name).write_text("pem")
