@@ -44,11 +44,9 @@ from engine.config import EngineConfig
 from engine.sim.profile import HardwareProfile
 from pdserve.config import PdserveConfig
 
-WORKLOADS = (
-    WorkloadSpec("random", requests=24, input_tokens=256, output_tokens=32),
-    WorkloadSpec("shared-prefix", requests=24, input_tokens=64, output_tokens=32, system_prompts=4,
-                 system_prompt_tokens=512, zipf_s=0.0),
-)  # fmt: skip
+SHARED_PREFIX = WorkloadSpec("shared-prefix", requests=24, input_tokens=64, output_tokens=32, system_prompts=4,
+                             system_prompt_tokens=512, zipf_s=0.0)  # fmt: skip
+WORKLOADS = (WorkloadSpec("random", requests=24, input_tokens=256, output_tokens=32), SHARED_PREFIX)
 RATES = (0.5, 1.5)  # requests per second
 
 
@@ -116,7 +114,8 @@ def measure_profile(
 
     async def as_deployed(service) -> tuple[list, list[float]]:
         decode = await decode_timings_as_deployed(service.http_url, service.grpc_address, vocab_size)
-        return decode, await prefix_hits_as_deployed(service.http_url, service.grpc_address, vocab_size)
+        output_tokens = SHARED_PREFIX.output_tokens
+        return decode, await prefix_hits_as_deployed(service.http_url, service.grpc_address, vocab_size, output_tokens)
 
     alone = measure(engine_as_a_worker_runs_it(config))
     deployed, prefix_hit_ms = with_service(config, {}, lambda s: asyncio.run(as_deployed(s)))
