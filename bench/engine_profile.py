@@ -18,7 +18,7 @@ decode terms to the steps as deployed, as Dynamo's profiler times the decode eng
 its front end.
 
 A request's time in its worker outside the steps (``HardwareProfile.request_ms``) is measured as deployed too
-(``prefix_hits_as_deployed``): prompts of ``REQUEST_SHAPE``, as long in output as the workload they stand for,
+(``prefix_hits_as_deployed``): prompts shaped as the workload's prefix hits, as long in output as its requests,
 sent one at a time through the service, each a hit on a prefix its decode worker holds and computed there; the
 worker's own time to the first token (the router's ``worker`` part of the TTFT) less the fitted step of that
 shape (``with_request_time``). The engine alone has vLLM's front end in it too, but on a core nothing else wants.
@@ -60,7 +60,6 @@ DEPLOYED_OUTPUT_TOKENS = 512
 # alone 10.3 both times), and every simulated step of the run followed it.
 DEPLOYED_REPEATS = 3
 REPEATS = 3  # prefill timings per length; the median is kept
-REQUEST_SHAPE = (64, 512)  # (fresh prompt tokens, cached prefix tokens): the shared-prefix workload's hit
 REQUEST_WARM_UPS = 2  # prefix hits sent before those timed: the first steps at a new shape are slow on CPU
 REQUEST_REPEATS = 8  # prefix hits timed; the median is kept
 FEATURES = ("base_ms", "prefill_step_ms", "prefill_ms_per_token", "prefill_ms_per_token2",
@@ -220,11 +219,12 @@ async def decode_timings_as_deployed(http_url: str, grpc_address: str, vocab_siz
 
 
 async def prefix_hits_as_deployed(
-    http_url: str, grpc_address: str, vocab_size: int, output_tokens: int, shape: tuple[int, int] = REQUEST_SHAPE
+    http_url: str, grpc_address: str, vocab_size: int, shape: tuple[int, int], output_tokens: int
 ) -> list[float]:
     """The decode worker's own time to the first token (ms, the router's ``worker`` part) of ``REQUEST_REPEATS``
-    prompts of ``shape``, sent one at a time through a running service after the one that puts their prefix on
-    a decode worker and ``REQUEST_WARM_UPS`` more; only those computed there on the prefix are kept.
+    prompts of ``shape`` (fresh prompt tokens, cached prefix tokens), sent one at a time through a running
+    service after the one that puts their prefix on a decode worker and ``REQUEST_WARM_UPS`` more; only those
+    computed there on the prefix are kept.
 
     Each asks for ``output_tokens``, as the requests it stands for do: one that goes on decoding has its first
     token later (the engine core that sends it out shares the rank's core with the next step). 2026-12-05, the
@@ -250,9 +250,7 @@ async def prefix_hits_as_deployed(
     return [1000 * r.ttft_parts_s["worker"] for r in hits]
 
 
-def with_request_time(
-    profile: HardwareProfile, worker_ms: list[float], shape: tuple[int, int] = REQUEST_SHAPE
-) -> HardwareProfile:
+def with_request_time(profile: HardwareProfile, worker_ms: list[float], shape: tuple[int, int]) -> HardwareProfile:
     """``profile`` with ``request_ms``: the median of the worker's times to the first token of prefix hits of
     ``shape`` (``prefix_hits_as_deployed``) less the step the profile gives one; none where the step is longer."""
     fresh, cached = shape

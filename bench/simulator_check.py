@@ -47,6 +47,8 @@ from pdserve.config import PdserveConfig
 SHARED_PREFIX = WorkloadSpec("shared-prefix", requests=24, input_tokens=64, output_tokens=32, system_prompts=4,
                              system_prompt_tokens=512, zipf_s=0.0)  # fmt: skip
 WORKLOADS = (WorkloadSpec("random", requests=24, input_tokens=256, output_tokens=32), SHARED_PREFIX)
+# A shared-prefix request whose system prompt its decode worker holds: (fresh prompt tokens, cached prefix tokens).
+PREFIX_HIT_SHAPE = (SHARED_PREFIX.input_tokens, SHARED_PREFIX.system_prompt_tokens)
 RATES = (0.5, 1.5)  # requests per second
 
 
@@ -114,15 +116,16 @@ def measure_profile(
 
     async def as_deployed(service) -> tuple[list, list[float]]:
         decode = await decode_timings_as_deployed(service.http_url, service.grpc_address, vocab_size)
-        output_tokens = SHARED_PREFIX.output_tokens
-        return decode, await prefix_hits_as_deployed(service.http_url, service.grpc_address, vocab_size, output_tokens)
+        hits = prefix_hits_as_deployed(service.http_url, service.grpc_address, vocab_size, PREFIX_HIT_SHAPE,
+                                       SHARED_PREFIX.output_tokens)  # fmt: skip
+        return decode, await hits
 
     alone = measure(engine_as_a_worker_runs_it(config))
     deployed, prefix_hit_ms = with_service(config, {}, lambda s: asyncio.run(as_deployed(s)))
     figures = replace(alone, timings=[t for t in alone.timings if t.prefill_tokens] + deployed)
     profile = profile_of(figures, link_bytes_per_s, "bench-model-this-cpu", str(config.engine.model),
                          "prefill: the engine alone; decode and each request's time: through a service")  # fmt: skip
-    return with_request_time(profile, prefix_hit_ms), figures, alone, prefix_hit_ms
+    return with_request_time(profile, prefix_hit_ms, PREFIX_HIT_SHAPE), figures, alone, prefix_hit_ms
 
 
 def pair_figures(real: list[dict], simulated: list[dict]) -> dict:

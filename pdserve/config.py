@@ -159,13 +159,16 @@ class PoolConfig(BaseModel):
 
     @property
     def replicas_at_start(self) -> int:
-        """The replicas Serve starts the pool with (at least one: the router serves only on live workers)."""
+        """The replicas Serve starts the pool with, at least one: ``pdserve up`` waits for them all to be live,
+        and a pool with none would never serve."""
         if self.autoscaling is not None:
-            return self.autoscaling.min_replicas
-        if self.autoscaling_config is not None:
+            started = self.autoscaling.min_replicas
+        elif self.autoscaling_config is not None:
             config = self.autoscaling_config
-            return max(1, int(config.get("initial_replicas") or config.get("min_replicas", 1)))
-        return self.num_replicas
+            started = int(config.get("initial_replicas") or config.get("min_replicas", 1))
+        else:
+            started = self.num_replicas
+        return max(1, started)
 
     @property
     def most_replicas(self) -> int:

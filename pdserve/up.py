@@ -289,7 +289,7 @@ def _wait_healthy(http_url: str, pools: dict[str, int], timeout_s: float) -> Non
                 live = json.loads(reply.read())["live_workers"]
                 if all(live.get(pool, 0) >= want for pool, want in pools.items()):
                     return
-                last = f"live workers {live}"
+                last = f"live workers {live}, waiting for {pools}"
         except OSError as exc:
             last = exc
         time.sleep(0.25)

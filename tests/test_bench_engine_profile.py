@@ -11,7 +11,6 @@ from bench.engine_profile import (
     DECODE_OUTPUT_TOKENS,
     DECODE_SHAPES,
     PREFILL_TOKENS,
-    REQUEST_SHAPE,
     StepTiming,
     decode_step,
     fit,
@@ -94,13 +93,13 @@ def test_streams_that_never_all_run_at_once_give_no_step_rather_than_a_wrong_one
 
 def test_a_requests_time_is_the_median_worker_time_to_a_prefix_hits_first_token_past_its_step():
     profile = PROFILES["llama-3.1-8b-h100"]
-    fresh, cached = REQUEST_SHAPE
+    fresh, cached = shape = (64, 512)
     step_ms = 1000 * profile.step_s(fresh, 0, 0, fresh * cached)
-    measured = with_request_time(profile, [step_ms + extra for extra in (15.0, 11.0, 30.0, 12.0, 14.0)])
+    measured = with_request_time(profile, [step_ms + extra for extra in (15.0, 11.0, 30.0, 12.0, 14.0)], shape)
     assert measured.request_ms == pytest.approx(14.0)
     assert replace(measured, request_ms=0.0) == profile  # the steps as fitted
 
 
 def test_worker_times_within_the_step_give_no_request_time_rather_than_a_negative_one():
     profile = PROFILES["llama-3.1-8b-h100"]
-    assert with_request_time(profile, [0.5, 0.7, 0.6]).request_ms == 0.0
+    assert with_request_time(profile, [0.5, 0.7, 0.6], (64, 512)).request_ms == 0.0

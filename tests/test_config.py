@@ -170,6 +170,7 @@ def test_more_than_one_router_replica_needs_the_redis_index(router):
     ("pool", "replicas"),
     [
         ({"num_replicas": 3}, 3),
+        ({"num_replicas": 0}, 1),
         ({"autoscaling": {"min_replicas": 2, "max_replicas": 5}}, 2),
         ({"autoscaling_config": {"min_replicas": 0, "max_replicas": 4}}, 1),
         ({"autoscaling_config": {"min_replicas": 1, "initial_replicas": 3, "max_replicas": 4}}, 3),

@@ -144,7 +144,7 @@ def test_prefix_hits_one_at_a_time_are_computed_where_their_prefix_is_and_timed_
     hit kept was computed on the decode worker holding its prefix (most are: the load bound may spill one), in no
     less than the profile's step for it."""
     shape = (LONG // 2, 512)  # uncached tokens few enough to be computed on the decode worker
-    hits = prefix_hits_as_deployed(service.http_url, service.grpc_address, vocab(model_dir), 4, shape)
+    hits = prefix_hits_as_deployed(service.http_url, service.grpc_address, vocab(model_dir), shape, output_tokens=4)
     worker_ms = asyncio.run(hits)
     assert REQUEST_REPEATS // 2 <= len(worker_ms) <= REQUEST_REPEATS
     fresh, cached = shape
@@ -153,7 +153,7 @@ def test_prefix_hits_one_at_a_time_are_computed_where_their_prefix_is_and_timed_
 
 def test_prefix_hits_prefilled_apart_give_no_request_time_rather_than_a_wrong_one(service, model_dir):
     shape = (LONG * 2, 512)  # too many uncached tokens to be computed on the decode worker
-    hits = prefix_hits_as_deployed(service.http_url, service.grpc_address, vocab(model_dir), 4, shape)
+    hits = prefix_hits_as_deployed(service.http_url, service.grpc_address, vocab(model_dir), shape, output_tokens=4)
     with pytest.raises(RuntimeError, match="were not computed on the decode worker"):
         asyncio.run(hits)
 
