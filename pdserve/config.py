@@ -261,6 +261,16 @@ class ServiceConfig(BaseModel):
     )
 
     @model_validator(mode="after")
+    def _router_and_decode_pools_serve(self) -> ServiceConfig:
+        """A prefill pool may be left out (num_replicas 0: every prompt is computed on its decode worker); the router
+        and decode pools serve every request, so with none the service would never become ready."""
+        for role in ("router", "decode"):
+            if not getattr(self, role).present:
+                raise ValueError(f"service.{role}.num_replicas: 0 leaves no {role} replica to serve requests; give 1 "
+                                 f"or more, or autoscaling")  # fmt: skip
+        return self
+
+    @model_validator(mode="after")
     def _coordinated_pools_autoscale(self) -> ServiceConfig:
         if self.coordination is not None and (self.prefill.autoscaling is None or self.decode.autoscaling is None):
             raise ValueError("coordination: give service.prefill.autoscaling and service.decode.autoscaling")

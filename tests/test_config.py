@@ -170,7 +170,6 @@ def test_more_than_one_router_replica_needs_the_redis_index(router):
     ("pool", "replicas"),
     [
         ({"num_replicas": 3}, 3),
-        ({"num_replicas": 0}, 1),
         ({"autoscaling": {"min_replicas": 2, "max_replicas": 5}}, 2),
         ({"autoscaling_config": {"min_replicas": 0, "max_replicas": 4}}, 1),
         ({"autoscaling_config": {"min_replicas": 1, "initial_replicas": 3, "max_replicas": 4}}, 3),
@@ -180,6 +179,16 @@ def test_a_pool_starts_with_its_fixed_count_or_its_autoscalers_first_count(pool,
     """What ``pdserve up`` waits to see live before it calls the service ready."""
     config = load_config(overrides={"service.decode": pool})
     assert config.service.decode.replicas_at_start == replicas
+
+
+@pytest.mark.parametrize("role", ["router", "decode"])
+def test_a_router_or_decode_pool_of_no_replicas_is_refused_at_load(role):
+    with pytest.raises(ConfigError, match=f"service.{role}.num_replicas: 0 leaves no {role} replica"):
+        load_config(overrides={f"service.{role}.num_replicas": 0})
+
+
+def test_a_prefill_pool_of_no_replicas_is_accepted_as_left_out():
+    assert not load_config(overrides={"service.prefill.num_replicas": 0}).service.prefill.present
 
 
 def test_tls_for_kv_takes_all_three_files_and_refuses_a_missing_one_at_load(tmp_path):
