@@ -14,7 +14,7 @@ import time
 import pytest
 from service_client import LONG, prompt, service_config, simulated_greedy
 
-from bench.engine_profile import REQUEST_REPEATS, prefix_hits_as_deployed
+from bench.engine_profile import REQUEST_REPEATS, REQUEST_WARM_UPS, prefix_hits_as_deployed
 from engine.sim.profile import DEFAULT_PROFILE, PROFILES
 from pdserve.up import start
 
@@ -149,6 +149,22 @@ def test_prefix_hits_one_at_a_time_are_computed_where_their_prefix_is_and_timed_
     assert REQUEST_REPEATS // 2 <= len(worker_ms) <= REQUEST_REPEATS
     fresh, cached = shape
     assert min(worker_ms) >= 1000 * PROFILES[DEFAULT_PROFILE].step_s(fresh, 0, 0, fresh * cached)
+
+
+def test_prefix_hits_ask_for_the_output_length_of_the_requests_they_stand_for(service, client, model_dir):
+    """A hit that goes on decoding has its first token later than one that stops there (bench/engine_profile.py):
+    each of them, the one that puts the prefix on a worker and the warm-ups among them, generates the tokens given."""
+
+    def generated() -> float:
+        metrics = client.get("/metrics")[1].decode()
+        [value] = [float(line.split()[-1]) for line in metrics.splitlines()
+                   if line.startswith("pdserve:generation_tokens_total ")]  # fmt: skip
+        return value
+
+    before = generated()
+    hits = prefix_hits_as_deployed(service.http_url, service.grpc_address, vocab(model_dir), (LONG // 2, 512), 7)
+    asyncio.run(hits)
+    assert generated() - before == (1 + REQUEST_WARM_UPS + REQUEST_REPEATS) * 7
 
 
 def test_prefix_hits_prefilled_apart_give_no_request_time_rather_than_a_wrong_one(service, model_dir):
