@@ -224,15 +224,39 @@ def by_phase(trace: StepTrace, records: list[Record], slo: SLO) -> list[dict]:
     for phase in trace.phases:
         mine = [r for r in records if begin <= r.start_s < begin + phase.seconds]
         done = [r for r in mine if not r.error]
+        late = [r for r in done if r.ttft_s * 1000 > slo.ttft_ms]
         phases.append({
             "requests": len(mine),
             "slo_attainment": sum(slo.met(r) for r in mine) / max(len(mine), 1),
-            "ttft_missed": sum(r.ttft_s * 1000 > slo.ttft_ms for r in done),
+            "ttft_missed": len(late),
             "tpot_missed": sum(r.tpot_s * 1000 > slo.tpot_ms for r in done),
             "errors": len(mine) - len(done),
+            "ttft_missed_arrivals_s": [round(r.start_s - begin, 1) for r in late],
+            "ttft_missed_parts_mean_ms": _parts_mean_ms(late),
         })  # fmt: skip
         begin += phase.seconds
     return phases
+
+
+def _parts_mean_ms(records: list[Record]) -> dict[str, float]:
+    """The router's split of these requests' TTFT (placement with any hold for prefill room, the wait for the
+    prefill worker's handle, the decode worker's own time, the transit), means in ms."""
+    split = [r.ttft_parts_s for r in records if r.ttft_parts_s]
+    parts = sorted({part for one in split for part in one})
+    return {part: round(1000 * statistics.fmean(one.get(part, 0.0) for one in split), 1) for part in parts}
+
+
+def scaling_events(samples: list[Sample]) -> list[tuple[float, str, int, int]]:
+    """Each change of a pool's replicas as sampled: (seconds in, pool, RUNNING, STARTING), so the time from the
+    ask (STARTING up) to serving (RUNNING up) reads off the run."""
+    events, last = [], {}
+    for sample in samples:
+        for pool in POOLS:
+            now = (sample.running[pool], sample.starting[pool])
+            if last.get(pool) != now:
+                events.append((round(sample.at_s, 1), pool, *now))
+                last[pool] = now
+    return events
 
 
 def calibrate(trace: StepTrace, records: list[Record]) -> SLO:
@@ -269,6 +293,7 @@ def run_autoscale(config: PdserveConfig, trace: StepTrace, vocab_size: int, engi
             "streams_lost_in_scale_down": lost,
             "ttft": summary["ttft"],
             "tpot": summary["tpot"],
+            "scaling_events": scaling_events(samples),
             "running_over_time": [
                 (round(s.at_s), s.running, s.starting, s.load) for s in samples[:: max(1, round(5 / trace.sample_s))]
             ],  # fmt: skip

@@ -167,15 +167,32 @@ def test_each_phase_reports_its_requests_by_arrival_and_whether_they_missed_on_t
 
     trace = StepTrace(phases=(Phase(1.0, 10.0), Phase(2.0, 10.0)))
     slo = SLO(ttft_ms=500, tpot_ms=50)
+    late_parts = {"placement": 0.7, "worker": 0.2}
     records = [
         Record(0, 0, 1.0, 8, ttft_s=0.1, e2e_s=0.5, output_tokens=11),  # met
-        Record(1, 0, 9.0, 8, ttft_s=0.9, e2e_s=1.3, output_tokens=11),  # TTFT missed; arrived in the first phase
+        Record(1, 0, 9.0, 8, ttft_s=0.9, e2e_s=1.3, output_tokens=11, ttft_parts_s=late_parts),  # TTFT missed
         Record(2, 0, 12.0, 8, ttft_s=0.1, e2e_s=1.1, output_tokens=11),  # TPOT missed (100 ms)
         Record(3, 0, 15.0, 8, error="UNAVAILABLE"),
     ]
     first, second = by_phase(trace, records, slo)
-    assert first == {"requests": 2, "slo_attainment": 0.5, "ttft_missed": 1, "tpot_missed": 0, "errors": 0}
-    assert second == {"requests": 2, "slo_attainment": 0.0, "ttft_missed": 0, "tpot_missed": 1, "errors": 1}
+    assert first == {"requests": 2, "slo_attainment": 0.5, "ttft_missed": 1, "tpot_missed": 0, "errors": 0,
+                     "ttft_missed_arrivals_s": [9.0],  # seconds into its phase
+                     "ttft_missed_parts_mean_ms": {"placement": 700.0, "worker": 200.0}}  # fmt: skip
+    assert second == {"requests": 2, "slo_attainment": 0.0, "ttft_missed": 0, "tpot_missed": 1, "errors": 1,
+                      "ttft_missed_arrivals_s": [], "ttft_missed_parts_mean_ms": {}}  # fmt: skip
+
+
+def test_scaling_events_are_the_samples_where_a_pools_running_or_starting_count_changed():
+    from bench.autoscale import Sample, scaling_events
+
+    def sample(at_s: float, prefill: tuple[int, int], decode: tuple[int, int]) -> Sample:
+        return Sample(at_s, 0, {"prefill": prefill[0], "decode": decode[0]},
+                      {"prefill": prefill[1], "decode": decode[1]}, None)  # fmt: skip
+
+    samples = [sample(0.0, (1, 0), (1, 0)), sample(0.5, (1, 3), (1, 0)), sample(1.0, (1, 3), (1, 0)),
+               sample(1.5, (4, 0), (1, 2))]  # fmt: skip
+    assert scaling_events(samples) == [(0.0, "prefill", 1, 0), (0.0, "decode", 1, 0), (0.5, "prefill", 1, 3),
+                                       (1.5, "prefill", 4, 0), (1.5, "decode", 1, 2)]  # fmt: skip
 
 
 def test_the_ttft_parts_are_summarized_as_means_that_add_up_to_the_mean_ttft():
