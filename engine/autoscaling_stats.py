@@ -5,7 +5,8 @@ controller can import it."""
 # Load: what the heartbeat reports too.
 QUEUED_PREFILL_TOKENS = "queued_prefill_tokens"
 RUNNING_SEQS = "running_seqs"  # running and waiting, less those waiting for a prefill worker's KV
-KV_USED_FRACTION = "kv_used_fraction"
+KV_POOL_TOKENS = "kv_pool_tokens"  # the KV pool's size, in tokens
+KV_WANTED_FRACTION = "kv_wanted_fraction"  # in use, and what its waiting sequences will take: over 1 if they don't fit
 
 # Load the router holds back for the prefill pool (``router/prefill_queue.py``), reported by the Router deployment.
 HELD_PREFILL_TOKENS = "held_prefill_tokens"

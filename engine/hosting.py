@@ -81,6 +81,7 @@ class HostedEngine:
         die_on_token: int | None = None,
     ):
         self.worker_id = worker_id
+        self.block_size = config.block_size
         self._die_on_token = die_on_token
         self._reporter = reporter = reporting.start(worker_id, role, config.block_size, config.cpu_cores or "")
         self.engine = build_engine(config, on_cache_events=reporter.report_events)
@@ -249,7 +250,8 @@ class HostedWorker:
         return {
             stats.QUEUED_PREFILL_TOKENS: float(load.queued_prefill_tokens),
             stats.RUNNING_SEQS: float(engine_stats.sequences_to_serve),
-            stats.KV_USED_FRACTION: load.kv_used_fraction,
+            stats.KV_WANTED_FRACTION: engine_stats.kv_wanted_fraction,
+            stats.KV_POOL_TOKENS: float(engine_stats.kv_blocks_total * host.block_size),
             **{name: value for name, value in measured.items() if value is not None},
         }
 

@@ -169,6 +169,17 @@ class EngineStats:
         the decode pool for a backlog only more prefill replicas clear)."""
         return self.running + self.waiting - self.awaiting_kv
 
+    @property
+    def kv_wanted_fraction(self) -> float:
+        """The KV pool its sequences want, as a share of it: the blocks in use and, for each sequence waiting for
+        blocks (waiting, less those awaiting a prefill worker's KV: they hold theirs), as many as a sequence that
+        holds blocks holds on average. Over 1 when they do not fit: the blocks in use stop at the pool's size
+        however many sequences wait for it, so a pool that cannot admit its sequences would read as just full."""
+        holding, blocked = self.running + self.awaiting_kv, self.waiting - self.awaiting_kv
+        used = self.kv_blocks_used
+        wanted = used + (blocked * used / holding if holding and blocked > 0 else 0)
+        return wanted / max(self.kv_blocks_total, 1)
+
 
 @dataclass(frozen=True)
 class KVLayout:

@@ -24,7 +24,8 @@ from typing import Any
 from engine.autoscaling_stats import (
     DECODE_TOKENS_PER_SEQ_S,
     HELD_PREFILL_TOKENS,
-    KV_USED_FRACTION,
+    KV_POOL_TOKENS,
+    KV_WANTED_FRACTION,
     OUTPUT_TOKENS_MEAN,
     PREFILL_TOKENS_PER_S,
     PROMPT_TOKENS_MEAN,
@@ -92,10 +93,16 @@ class PrefillPolicy:
 
 
 class DecodePolicy:
-    """Replicas for the sequences to serve and for the KV pool in use, whichever asks for more.
+    """Replicas for the sequences to serve and for the KV pool they want, whichever asks for more.
 
     Sequences waiting for a prefill worker's KV are left out of the first (until it lands, they wait on the
-    prefill pool) and stay in the second (their blocks are held from admission, in vLLM as here)."""
+    prefill pool) and stay in the second (their blocks are held from admission, in vLLM as here). The KV wanted
+    counts the blocks in use and those the sequences waiting for blocks will take (``EngineStats.
+    kv_wanted_fraction``): the blocks in use alone stop at the pool's size, so a pool too small for its
+    sequences asked for no more than ``1 / target_kv_used_fraction`` replicas each, whatever waited (on the
+    simulated step trace, one decode replica holding two of the burst's 2,080-token sequences with more waiting
+    asked for two replicas, then the pool grew one start at a time while the burst's first 30 s missed their
+    TTFT on the decode worker's wait for blocks)."""
 
     def __init__(self, target_running_seqs: float, target_kv_used_fraction: float):
         self.target_seqs = target_running_seqs
@@ -105,7 +112,7 @@ class DecodePolicy:
         if ctx.current_num_replicas == 0:
             return ctx.target_num_replicas, {}
         by_seqs = _load(ctx, RUNNING_SEQS) / self.target_seqs
-        by_kv = _load(ctx, KV_USED_FRACTION) / self.target_kv
+        by_kv = _load(ctx, KV_WANTED_FRACTION) / self.target_kv
         return math.ceil(max(by_seqs, by_kv)), {}
 
 
@@ -128,9 +135,10 @@ class CoordinatedPolicy:
     prompts grows the prefill pool, a burst of long generations the decode pool, and growing one
     never starves the other. Until both pools have measured their rates, each pool's own policy
     alone decides. The prompts the routers hold for the prefill pool (``router/prefill_queue.py``;
-    reported by the Router deployment) count as queued on it. Any other deployment (the router) scales on
-    ongoing requests, as Serve's default policy does. Serve's wrapper applies each pool's bounds and
-    delays, and starts a pool at zero.
+    reported by the Router deployment) count as queued on it, and the decode pool is asked for the KV those
+    prompts and the ones queued there will take (``_make_room_for_the_prefill_backlog``). Any other deployment
+    (the router) scales on ongoing requests, as Serve's default policy does. Serve's wrapper applies each pool's
+    bounds and delays, and starts a pool at zero.
     """
 
     def __init__(self, ratio_slack: float = 2.0):
@@ -152,6 +160,7 @@ class CoordinatedPolicy:
             else:
                 decisions[deployment] = ctx.total_num_requests / ctx.config.get_target_ongoing_requests()
         if "prefill" in pools and "decode" in pools:
+            self._make_room_for_the_prefill_backlog(decisions, contexts, pools["prefill"], pools["decode"], held)
             self._keep_ratio(decisions, contexts, pools["prefill"], pools["decode"])
         return decisions, {}
 
@@ -163,6 +172,23 @@ class CoordinatedPolicy:
             return None
         prompt, prefill_rate, output, sequence_rate = figures
         return (prompt / prefill_rate) / (output / (sequence_rate * seqs_per_decode_replica))
+
+    def _make_room_for_the_prefill_backlog(
+        self, decisions: dict, contexts: dict, prefill_id: Any, decode_id: Any, held: float
+    ) -> None:
+        """The decode pool is asked for the KV its own sequences want and the KV the prompts queued on the prefill
+        pool or held for it by the routers will take once prefilled (their uncached tokens: a prefix the decode
+        worker holds takes no new blocks there), at its ``target_kv_used_fraction``. The decode replicas see a
+        prompt only once its prefill starts, so a burst of long prompts read on the decode pool alone grew it
+        one start at a time behind the prefill pool (on the simulated step trace, the prefill pool at 4 by 52 s,
+        the decode pool, KV-bound at two of the burst's sequences a replica, at 8 only by 61 s)."""
+        decode = contexts[decode_id]
+        pool_tokens = _mean(decode, KV_POOL_TOKENS)
+        if not pool_tokens:
+            return
+        coming = _load(contexts[prefill_id], QUEUED_PREFILL_TOKENS) + held
+        wanted = _load(decode, KV_WANTED_FRACTION) + coming / pool_tokens
+        decisions[decode_id] = max(decisions[decode_id], math.ceil(wanted / _pool_policy(decode.config)[1].target_kv))
 
     def _keep_ratio(self, decisions: dict, contexts: dict, prefill_id: Any, decode_id: Any) -> None:
         prefill, decode = contexts[prefill_id], contexts[decode_id]

@@ -58,7 +58,10 @@ class PoolAutoscaling(BaseModel):
         "as queued (about the time a new replica takes to serve); 0, the default: only what is queued now",
     )
     target_running_seqs: float = Field(default=32, gt=0, description="decode: running sequences per replica")
-    target_kv_used_fraction: float = Field(default=0.7, gt=0, le=1, description="decode: KV pool in use per replica")
+    target_kv_used_fraction: float = Field(
+        default=0.7, gt=0, le=1,
+        description="decode: KV pool wanted per replica (in use, and what its sequences waiting for blocks will take)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _bounds_in_order(self) -> PoolAutoscaling:

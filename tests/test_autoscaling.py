@@ -7,10 +7,12 @@ from ray.serve._private.common import DeploymentID, TimeStampedValue
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from engine.throughput import BusyRate, TokensPerRequest
+from engine.types import EngineStats
 from pdserve.autoscaling import (
     DECODE_TOKENS_PER_SEQ_S,
     HELD_PREFILL_TOKENS,
-    KV_USED_FRACTION,
+    KV_POOL_TOKENS,
+    KV_WANTED_FRACTION,
     OUTPUT_TOKENS_MEAN,
     PREFILL_TOKENS_PER_S,
     PROMPT_TOKENS_MEAN,
@@ -84,19 +86,35 @@ def test_a_queue_draining_is_not_projected():
     assert PrefillPolicy(2048, queue_growth_horizon_s=10)(draining)[0] == 3  # the window's 5,000, as without
 
 
-def test_the_decode_pool_reads_its_latest_sequences_and_kv_use_too():
+def test_the_decode_pool_reads_its_latest_sequences_and_kv_wanted_too():
     policy = DecodePolicy(target_running_seqs=6, target_kv_used_fraction=0.7)
-    busier = {RUNNING_SEQS: [[2, 2], [3, 11]], KV_USED_FRACTION: [[0.1, 0.9], [0.2, 0.2]]}
-    assert policy(context(2, **{RUNNING_SEQS: [2, 7], KV_USED_FRACTION: [0.5, 0.2]}, readings=busier))[0] == 3
+    busier = {RUNNING_SEQS: [[2, 2], [3, 11]], KV_WANTED_FRACTION: [[0.1, 0.9], [0.2, 0.2]]}
+    assert policy(context(2, **{RUNNING_SEQS: [2, 7], KV_WANTED_FRACTION: [0.5, 0.2]}, readings=busier))[0] == 3
 
 
-def test_the_decode_pool_grows_on_running_sequences_or_on_kv_use_whichever_asks_more():
+def test_the_decode_pool_grows_on_running_sequences_or_on_the_kv_wanted_whichever_asks_more():
     policy = DecodePolicy(target_running_seqs=32, target_kv_used_fraction=0.7)
-    long_generations = context(2, **{RUNNING_SEQS: [60, 70], KV_USED_FRACTION: [0.5, 0.6]})
+    long_generations = context(2, **{RUNNING_SEQS: [60, 70], KV_WANTED_FRACTION: [0.5, 0.6]})
     assert policy(long_generations)[0] == 5  # 130 sequences at 32 each
-    long_contexts = context(2, **{RUNNING_SEQS: [4, 4], KV_USED_FRACTION: [0.95, 0.9]})
+    long_contexts = context(2, **{RUNNING_SEQS: [4, 4], KV_WANTED_FRACTION: [0.95, 0.9]})
     assert policy(long_contexts)[0] == 3  # 1.85 pools' worth at 0.7 each
-    assert policy(context(2, **{RUNNING_SEQS: [1, 0], KV_USED_FRACTION: [0.05, 0.0]}))[0] == 1
+    assert policy(context(2, **{RUNNING_SEQS: [1, 0], KV_WANTED_FRACTION: [0.05, 0.0]}))[0] == 1
+
+
+def test_a_decode_pool_too_small_for_its_sequences_asks_for_the_kv_they_want_not_the_pool_it_has():
+    policy = DecodePolicy(target_running_seqs=6, target_kv_used_fraction=0.7)
+    # one replica full, holding two long sequences, with three more waiting for blocks: 2.5 pools wanted
+    assert policy(context(1, **{RUNNING_SEQS: [5], KV_WANTED_FRACTION: [2.5]}))[0] == 4
+
+
+def test_the_kv_wanted_is_the_kv_in_use_and_as_much_again_for_each_sequence_waiting_for_blocks_as_one_holds():
+    def stats(running: int, waiting: int, awaiting_kv: int, used: int) -> EngineStats:
+        return EngineStats(kv_blocks_total=100, kv_blocks_free=100 - used, running=running, waiting=waiting,
+                           awaiting_kv=awaiting_kv, prompt_tokens_total=0, cached_prompt_tokens_total=0)  # fmt: skip
+
+    assert stats(running=2, waiting=0, awaiting_kv=0, used=60).kv_wanted_fraction == pytest.approx(0.6)
+    assert stats(running=2, waiting=3, awaiting_kv=1, used=90).kv_wanted_fraction == pytest.approx(1.5)  # 30 each
+    assert stats(running=0, waiting=2, awaiting_kv=0, used=0).kv_wanted_fraction == 0.0  # nothing to go by
 
 
 def test_a_pool_without_reports_yet_keeps_its_count():
@@ -112,7 +130,7 @@ def test_the_pools_autoscaling_is_a_valid_serve_autoscaling_config_with_pdserves
     scaling = PoolAutoscaling(min_replicas=1, max_replicas=3, upscale_delay_s=0)
     serve_config = AutoscalingConfig(**scaling.serve_config(role))
     policy = _apply_autoscaling_config(_resolve_policy_callable(serve_config.policy))  # as Serve's controller does
-    busy = {QUEUED_PREFILL_TOKENS: [9000], RUNNING_SEQS: [100], KV_USED_FRACTION: [0.1]}
+    busy = {QUEUED_PREFILL_TOKENS: [9000], RUNNING_SEQS: [100], KV_WANTED_FRACTION: [0.1]}
     # prefill: 9000 tokens at 4096 each; decode: 100 sequences at 32 each (Serve bounds it to 3 afterwards)
     assert policy(context(1, serve_config, **busy))[0] == {"prefill": 3, "decode": 4}[role]
 
@@ -165,7 +183,7 @@ def test_a_decode_replica_counts_for_the_sequences_it_is_meant_to_hold_not_those
 
 def test_a_decode_pool_growing_on_long_generations_grows_the_prefill_pool_with_it():
     prefill, decode = RATES
-    busy_decode = {**decode, RUNNING_SEQS: [150], KV_USED_FRACTION: [0.3]}  # 150 sequences: five decode replicas
+    busy_decode = {**decode, RUNNING_SEQS: [150], KV_WANTED_FRACTION: [0.3]}  # 150 sequences: five decode replicas
     decisions, _ = app_policy(slack=2.0)(pools(1, 1, {**prefill, QUEUED_PREFILL_TOKENS: [0]}, busy_decode))
     assert decisions == {PREFILL: 5, DECODE: 5}  # ideal 2 per decode replica; within slack 2: at least 1 each
 
@@ -173,7 +191,7 @@ def test_a_decode_pool_growing_on_long_generations_grows_the_prefill_pool_with_i
 def test_a_prefill_pool_growing_on_long_prompts_grows_the_decode_pool_only_past_the_slack():
     prefill, decode = RATES
     queued = {**prefill, QUEUED_PREFILL_TOKENS: [24_000]}  # six prefill replicas' worth
-    idle_decode = {**decode, RUNNING_SEQS: [2], KV_USED_FRACTION: [0.1]}
+    idle_decode = {**decode, RUNNING_SEQS: [2], KV_WANTED_FRACTION: [0.1]}
     assert app_policy(slack=4.0)(pools(1, 1, queued, idle_decode))[0] == {PREFILL: 6, DECODE: 1}  # 6 ≤ 2 × 4
     assert app_policy(slack=1.0)(pools(1, 1, queued, idle_decode))[0] == {PREFILL: 6, DECODE: 3}  # 6 = 2 × 3
 
@@ -187,6 +205,21 @@ def test_pools_at_their_minimum_ask_nothing_of_each_other_whatever_the_ratio():
 def test_without_measured_rates_each_pool_scales_on_its_own_load():
     decisions, _ = app_policy()(pools(1, 1, {QUEUED_PREFILL_TOKENS: [9000]}, {RUNNING_SEQS: [10]}))
     assert decisions == {PREFILL: 3, DECODE: 1}
+
+
+def test_the_decode_pool_makes_room_for_the_prompts_queued_on_the_prefill_pool_and_held_for_it():
+    # a decode pool of 4,096-token KV pools, a quarter wanted; 12,288 prompt tokens on their way to it
+    decode = {RUNNING_SEQS: [2], KV_WANTED_FRACTION: [0.25], KV_POOL_TOKENS: [4096]}
+    contexts = pools(1, 1, {QUEUED_PREFILL_TOKENS: [8192]}, decode)
+    contexts[DeploymentID("Router", "pdserve")] = context(1, AutoscalingConfig(min_replicas=1, max_replicas=2),
+                                                          "Router", **{HELD_PREFILL_TOKENS: [4096]})  # fmt: skip
+    assert app_policy()(contexts)[0][DECODE] == 5  # (0.25 + 3 pools) / 0.7
+    assert app_policy()(pools(1, 1, {QUEUED_PREFILL_TOKENS: [0]}, decode))[0][DECODE] == 1  # nothing on its way
+
+
+def test_a_decode_pool_that_has_not_reported_its_kv_pool_size_is_not_sized_for_the_prefill_backlog():
+    decisions, _ = app_policy()(pools(1, 1, {QUEUED_PREFILL_TOKENS: [40_000]}, {KV_WANTED_FRACTION: [0.25]}))
+    assert decisions[DECODE] == 1
 
 
 def test_prompts_the_routers_hold_for_the_prefill_pool_count_as_queued_on_it():

@@ -304,6 +304,31 @@ def test_a_full_pool_preempts_the_latest_sequence_and_every_request_still_finish
     assert pool.free_blocks == 6
 
 
+def test_sequences_the_kv_pool_cannot_admit_count_in_the_kv_it_is_wanted_for_beyond_the_pool(make_engine, tmp_path):
+    """The decode pool's autoscaling reads ``kv_wanted_fraction`` (pdserve/autoscaling.py): the blocks in use stop
+    at the pool's size, the sequences waiting for blocks do not."""
+    engine = make_engine(num_kv_blocks=12, simulated_profile=quick_profile(tmp_path, base_ms=50.0))
+
+    async def three_that_fit_two_at_a_time():
+        options = SamplingOptions(max_tokens=10, ignore_eos=True)
+
+        async def collect(offset: int):
+            return [d async for d in engine.generate(GenerateRequest(uuid.uuid4().hex, prompt(70, offset), options))]
+
+        streams = [asyncio.ensure_future(collect(offset)) for offset in range(3)]
+        async with asyncio.timeout(5):
+            while (engine.stats().running, engine.stats().waiting) != (2, 1):
+                await asyncio.sleep(0.005)
+        full = engine.stats()
+        await asyncio.wait_for(asyncio.gather(*streams), 10)
+        return full
+
+    full = asyncio.run(three_that_fit_two_at_a_time())
+    assert full.kv_blocks_used == 10  # two 70-token prompts, five blocks each: a third does not fit in the two left
+    assert full.kv_wanted_fraction == pytest.approx(15 / 12)  # and wants five more
+    assert engine.stats().kv_wanted_fraction == 0.0
+
+
 def test_the_least_recently_freed_prefix_is_evicted_first_and_announced_removed():
     pool = KVPool(4)
     old, recent = pool.allocate([], 2), pool.allocate([], 2)
