@@ -101,8 +101,8 @@ class DecodePolicy:
     kv_wanted_fraction``): the blocks in use alone stop at the pool's size, so a pool too small for its
     sequences asked for no more than ``1 / target_kv_used_fraction`` replicas each, whatever waited (on the
     simulated step trace, one decode replica holding two of the burst's 2,080-token sequences with more waiting
-    asked for two replicas, then the pool grew one start at a time while the burst's first 30 s missed their
-    TTFT on the decode worker's wait for blocks)."""
+    asked for two replicas, then the pool grew one start at a time while the requests of the burst's first 30 s
+    missed their TTFT, most of it spent on the decode worker)."""
 
     def __init__(self, target_running_seqs: float, target_kv_used_fraction: float):
         self.target_seqs = target_running_seqs
