@@ -33,7 +33,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.load import SLO, Record, send_at, summarize
+from bench.load import SLO, Record, send_at, summarize, ttft_parts_mean_ms
 from bench.placement_live import simulated_engine
 from bench.running import with_service
 from bench.workloads import Turn
@@ -232,18 +232,10 @@ def by_phase(trace: StepTrace, records: list[Record], slo: SLO) -> list[dict]:
             "tpot_missed": sum(r.tpot_s * 1000 > slo.tpot_ms for r in done),
             "errors": len(mine) - len(done),
             "ttft_missed_arrivals_s": [round(r.start_s - begin, 1) for r in late],
-            "ttft_missed_parts_mean_ms": _parts_mean_ms(late),
+            "ttft_missed_parts_mean_ms": {part: round(ms, 1) for part, ms in ttft_parts_mean_ms(late).items()},
         })  # fmt: skip
         begin += phase.seconds
     return phases
-
-
-def _parts_mean_ms(records: list[Record]) -> dict[str, float]:
-    """The router's split of these requests' TTFT (placement with any hold for prefill room, the wait for the
-    prefill worker's handle, the decode worker's own time, the transit), means in ms."""
-    split = [r.ttft_parts_s for r in records if r.ttft_parts_s]
-    parts = sorted({part for one in split for part in one})
-    return {part: round(1000 * statistics.fmean(one.get(part, 0.0) for one in split), 1) for part in parts}
 
 
 def scaling_events(samples: list[Sample]) -> list[tuple[float, str, int, int]]:

@@ -198,14 +198,19 @@ def summarize(records: list[Record], wall_s: float, slo: SLO | None = None) -> d
         "prefix_hit_rate": sum(r.cached_tokens for r in done) / max(sum(r.prompt_tokens for r in done), 1),
         "wall_s": wall_s,
     }
-    split = [r.ttft_parts_s for r in done if r.ttft_parts_s]
-    if split:  # where the router's TTFT goes, as means (they add up to its mean): gRPC only
-        summary["ttft_parts_mean_ms"] = {part: 1000 * statistics.fmean(parts.get(part, 0.0) for parts in split)
-                                         for part in split[0]}  # fmt: skip
+    if parts := ttft_parts_mean_ms(done):  # where the router's TTFT goes, as means (they add up to its mean)
+        summary["ttft_parts_mean_ms"] = parts
     if slo is not None:
         met = sum(slo.met(r) for r in records)
         summary.update(slo=asdict(slo), slo_attainment=met / max(len(records), 1), goodput_rps=met / wall_s)
     return summary
+
+
+def ttft_parts_mean_ms(records: list[Record]) -> dict[str, float]:
+    """The router's split of these requests' TTFT, each part's mean in ms (gRPC only: none without it)."""
+    split = [r.ttft_parts_s for r in records if r.ttft_parts_s]
+    parts = sorted({part for one in split for part in one})
+    return {part: 1000 * statistics.fmean(one.get(part, 0.0) for one in split) for part in parts}
 
 
 def percentiles(values: list[float]) -> dict:
