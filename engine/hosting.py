@@ -141,6 +141,7 @@ class HostedEngine:
             running_seqs=stats.running,
             waiting_seqs=stats.waiting,
             kv_used_fraction=stats.kv_blocks_used / max(stats.kv_blocks_total, 1),
+            kv_pool_tokens=stats.kv_blocks_total * self.block_size,
         )
 
     def check_health(self) -> None:

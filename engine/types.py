@@ -238,3 +238,4 @@ class LoadFigures:
     running_seqs: int
     waiting_seqs: int
     kv_used_fraction: float
+    kv_pool_tokens: int = 0  # the KV pool's size in tokens

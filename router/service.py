@@ -386,11 +386,12 @@ class GenerationService:
     async def _reserve(self, request_id: str, prompt_tokens: int, placement: Placement) -> Placement:
         """Claim the placement's workers in the index, so every router sees it at once."""
         self.metrics.placements.labels(placement.outcome, placement.reason).inc()
+        lacking = prompt_tokens - placement.decode_cached_tokens  # the KV the decode worker takes on
         if placement.prefill_worker is None:  # the decode worker computes the uncached part itself
-            claims = [Claim(request_id, placement.decode_worker, prompt_tokens - placement.decode_cached_tokens)]
+            claims = [Claim(request_id, placement.decode_worker, lacking, kv_tokens=lacking)]
         else:
             claims = [Claim(request_id, placement.prefill_worker, prompt_tokens - placement.prefill_cached_tokens),
-                      Claim(request_id, placement.decode_worker)]  # fmt: skip
+                      Claim(request_id, placement.decode_worker, kv_tokens=lacking)]  # fmt: skip
         self._claims[request_id] = {c.worker_id: c for c in claims}
         self._renew_claims()
         await _call(self.index, "reserve", claims, self._claim_ttl_s)
@@ -616,7 +617,8 @@ class GenerationService:
             self._in_background(self._abort_transfer(progress.placement.prefill_worker, progress.transfer_id))
         progress.migrations += 1
         progress.decode_worker = placement.decode_worker
-        claim = Claim(rid, placement.decode_worker, len(prompt) - placement.decode_cached_tokens)
+        lacking = len(prompt) - placement.decode_cached_tokens
+        claim = Claim(rid, placement.decode_worker, lacking, kv_tokens=lacking)
         self._claims.setdefault(rid, {})[claim.worker_id] = claim
         await _call(self.index, "reserve", [claim], self._claim_ttl_s)
         self.metrics.migrations.inc()

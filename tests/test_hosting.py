@@ -77,6 +77,23 @@ async def _drain(stream) -> None:
         pass
 
 
+def test_a_workers_heartbeat_reports_its_kv_pools_size_in_tokens(make_tiny_model, tmp_path):
+    """Placement reads the KV placed on a decode worker since its last beat as a share of this pool."""
+    config = EngineConfig(kind="simulated", model=make_tiny_model("llama"), num_kv_blocks=64, block_size=16,
+                          simulated_profile=profile_file(tmp_path))  # fmt: skip
+    reporting = InProcessIndex()
+    host = HostedEngine(config, "decode", "d1", reporting, heartbeat_s=0.1)
+    try:
+        deadline = time.monotonic() + 5
+        while not reporting.index.live_workers():
+            assert time.monotonic() < deadline, "the worker never beat"
+            time.sleep(0.01)
+        (worker,) = reporting.index.live_workers()
+        assert worker.load.kv_pool_tokens == 64 * 16
+    finally:
+        host.close()
+
+
 def test_a_decode_waiting_for_a_prefill_workers_kv_is_not_in_its_own_prefill_queue(
     make_tiny_model, tmp_path, monkeypatch
 ):

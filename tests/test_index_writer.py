@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -14,7 +15,7 @@ from engine.cache_events import BlocksRemoved, BlocksStored
 from engine.types import LoadFigures
 from pdserve_pb.v1 import index_writer_pb2 as pb
 from pdserve_pb.v1 import index_writer_pb2_grpc as pb_grpc
-from router.index import MemoryPrefixIndex, WorkerInfo
+from router.index import MemoryPrefixIndex, WorkerInfo, WorkerLoad
 from router.index.remote_writer import PROOF_KEY, RemoteIndexWriter, proof, start_index_writer
 from router.index.reporting import IndexReporter
 
@@ -72,6 +73,13 @@ def test_heartbeats_and_cache_events_sent_by_a_worker_reach_the_routers_index(ro
     assert [w.worker_id for w in live] == ["a"] and counts == {"a": 4}
     remote.forget_worker("a")
     assert router.index.match(CHAIN) == ([], {})
+
+
+def test_a_heartbeat_carries_every_load_figure_placement_weighs(router):
+    load = WorkerLoad(queued_prefill_tokens=300, running_seqs=2, waiting_seqs=1, kv_used_fraction=0.5,
+                      kv_pool_tokens=6144)  # fmt: skip
+    writer(router).heartbeat(replace(worker(), load=load), TTL)
+    assert [w.load for w in router.index.live_workers()] == [load]
 
 
 def test_a_writer_without_the_cluster_token_is_refused_and_writes_nothing(router):

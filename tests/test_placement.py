@@ -94,6 +94,30 @@ def test_prefix_aware_weighs_decode_load_against_cached_tokens():
     assert cluster.place().decode_worker == "d1"
 
 
+LONG = list(range(5000, 5000 + 2048))  # cached nowhere
+POOL = 6144  # a decode worker's KV pool, in tokens: three of LONG do not fit
+
+
+def test_a_burst_of_long_prompts_spreads_over_the_decode_pools_by_the_kv_placed_since_their_heartbeats():
+    cluster = Cluster().worker("p0", "prefill")
+    for worker_id in ("d0", "d1", "d2"):
+        cluster.worker(worker_id, "decode", kv_pool_tokens=POOL)
+    cluster.worker("d3", "decode", running_seqs=1, kv_used_fraction=len(LONG) / POOL, kv_pool_tokens=POOL)
+    for number in range(7):  # the burst arrives within one heartbeat: only the index's claims show it
+        placement = cluster.place(LONG)
+        cluster.index.reserve([Claim(str(number), placement.decode_worker, kv_tokens=len(LONG))], ttl_s=30)
+    sequences = {w.worker_id: w.in_flight.requests + w.load.running_seqs for w in cluster.index.live_workers()}
+    assert sequences == {"p0": 0, "d0": 2, "d1": 2, "d2": 2, "d3": 2}  # none has a third waiting for blocks
+
+
+def test_kv_placed_before_a_decode_workers_heartbeat_that_it_has_not_been_handed_yet_still_counts():
+    cluster = Cluster().worker("p0", "prefill").worker("d0", "decode", kv_pool_tokens=POOL)
+    cluster.index.reserve([Claim("waiting-for-its-prefill", "d0", kv_tokens=4000)], ttl_s=30)
+    cluster.worker("d0", "decode", kv_pool_tokens=POOL)  # a beat after the placement: its pool still empty
+    cluster.worker("d1", "decode", running_seqs=1, kv_used_fraction=0.3, kv_pool_tokens=POOL)
+    assert cluster.place(LONG).decode_worker == "d1"
+
+
 def test_round_robin_rotates_whatever_the_cache_holds():
     cluster = Cluster("round_robin").worker("p0", "prefill", blocks=64).worker("p1", "prefill")
     cluster.worker("d0", "decode").worker("d1", "decode")

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from engine.block_hash import hash_chain
+from engine.block_hash import SCHEME_VERSION, hash_chain
 from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored
 from engine.types import LoadFigures
 from pdserve.local_redis import LocalRedis, RedisServerError
@@ -184,6 +184,19 @@ def test_tokens_placed_before_the_workers_last_heartbeat_are_in_its_own_figures_
     assert in_flight(index) == {"p": InFlight(requests=2, unreported_tokens=40, tokens=140)}
 
 
+def test_a_decode_claims_kv_counts_in_flight_and_since_the_workers_last_heartbeat_apart(index):
+    live(index, "d")
+    index.reserve([Claim("old", "d", kv_tokens=2000)], TTL)  # its KV shipped: nothing to compute there
+    time.sleep(0.01)
+    live(index, "d", kv_used_fraction=0.3, kv_pool_tokens=6144)
+    time.sleep(0.01)
+    index.reserve([Claim("local", "d", 300, kv_tokens=300), Claim("old", "d", kv_tokens=2000)], TTL)
+    assert in_flight(index) == {
+        "d": InFlight(requests=2, unreported_tokens=300, tokens=300, unreported_kv_tokens=300, kv_tokens=2300)
+    }
+    assert index.match(CHAIN)[0][0].load.kv_pool_tokens == 6144
+
+
 def test_a_reservation_nobody_renews_lapses_after_its_ttl(index):
     live(index, "p", role="prefill")
     index.reserve([Claim("short", "p", 10)], 0.3)
@@ -234,6 +247,16 @@ def test_redis_routers_sharing_the_index_see_each_others_reservations(redis_serv
     first.heartbeat(worker("p", role="prefill"), TTL)
     first.reserve([Claim("r", "p", 64)], TTL)
     assert [w.in_flight for w in second.match(CHAIN)[0]] == [InFlight(1, 64, 64)]
+
+
+def test_redis_reads_a_claim_written_before_claims_carried_kv_as_holding_none(redis_server):
+    index = RedisPrefixIndex(redis_server.url, MODEL)
+    index.heartbeat(worker("d"), TTL)
+    key, client = f"pdserve:v{SCHEME_VERSION}:{MODEL}:", redis.Redis.from_url(redis_server.url)
+    expiry = int(time.time() * 1000) + 60_000  # Redis's clock is this machine's
+    client.hset(key + "flight:d", "older-router", f"{expiry}:0:40")  # a router of the previous format
+    client.sadd(key + "flying", "d")
+    assert in_flight(index) == {"d": InFlight(requests=1, unreported_tokens=0, tokens=40)}
 
 
 def test_redis_keys_carry_the_scheme_version_and_model(redis_server):

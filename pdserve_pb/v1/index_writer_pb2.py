@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pdserve_pb/v1/index_writer.proto\x12\npdserve.v1\"v\n\x0fIndexWorkerLoad\x12\x1d\n\x15queued_prefill_tokens\x18\x01 \x01(\x03\x12\x14\n\x0crunning_seqs\x18\x02 \x01(\x03\x12\x14\n\x0cwaiting_seqs\x18\x03 \x01(\x03\x12\x18\n\x10kv_used_fraction\x18\x04 \x01(\x01\"\x8f\x01\n\x0bIndexWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x12\n\nblock_size\x18\x04 \x01(\x03\x12\x11\n\tcpu_cores\x18\x05 \x01(\t\x12)\n\x04load\x18\x06 \x01(\x0b\x32\x1b.pdserve.v1.IndexWorkerLoad\"J\n\x10HeartbeatRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.pdserve.v1.IndexWorker\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"C\n\x11\x42locksStoredEvent\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12\x13\n\x06parent\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x42\t\n\x07_parent\"$\n\x12\x42locksRemovedEvent\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"\x11\n\x0f\x41llClearedEvent\"\xae\x01\n\x0fIndexCacheEvent\x12/\n\x06stored\x18\x01 \x01(\x0b\x32\x1d.pdserve.v1.BlocksStoredEventH\x00\x12\x31\n\x07removed\x18\x02 \x01(\x0b\x32\x1e.pdserve.v1.BlocksRemovedEventH\x00\x12.\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1b.pdserve.v1.AllClearedEventH\x00\x42\x07\n\x05\x65vent\"c\n\x12\x41pplyEventsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12+\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x1b.pdserve.v1.IndexCacheEvent\"(\n\x13\x46orgetWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x11\n\x0fIndexWriteReply2\xee\x01\n\x0bIndexWriter\x12\x45\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1a.pdserve.v1.HeartbeatReply\x12J\n\x0b\x41pplyEvents\x12\x1e.pdserve.v1.ApplyEventsRequest\x1a\x1b.pdserve.v1.IndexWriteReply\x12L\n\x0c\x46orgetWorker\x12\x1f.pdserve.v1.ForgetWorkerRequest\x1a\x1b.pdserve.v1.IndexWriteReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n pdserve_pb/v1/index_writer.proto\x12\npdserve.v1\"\x8e\x01\n\x0fIndexWorkerLoad\x12\x1d\n\x15queued_prefill_tokens\x18\x01 \x01(\x03\x12\x14\n\x0crunning_seqs\x18\x02 \x01(\x03\x12\x14\n\x0cwaiting_seqs\x18\x03 \x01(\x03\x12\x18\n\x10kv_used_fraction\x18\x04 \x01(\x01\x12\x16\n\x0ekv_pool_tokens\x18\x05 \x01(\x03\"\x8f\x01\n\x0bIndexWorker\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x03\x12\x12\n\nblock_size\x18\x04 \x01(\x03\x12\x11\n\tcpu_cores\x18\x05 \x01(\t\x12)\n\x04load\x18\x06 \x01(\x0b\x32\x1b.pdserve.v1.IndexWorkerLoad\"J\n\x10HeartbeatRequest\x12\'\n\x06worker\x18\x01 \x01(\x0b\x32\x17.pdserve.v1.IndexWorker\x12\r\n\x05ttl_s\x18\x02 \x01(\x01\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\"C\n\x11\x42locksStoredEvent\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\x12\x13\n\x06parent\x18\x02 \x01(\x0cH\x00\x88\x01\x01\x42\t\n\x07_parent\"$\n\x12\x42locksRemovedEvent\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"\x11\n\x0f\x41llClearedEvent\"\xae\x01\n\x0fIndexCacheEvent\x12/\n\x06stored\x18\x01 \x01(\x0b\x32\x1d.pdserve.v1.BlocksStoredEventH\x00\x12\x31\n\x07removed\x18\x02 \x01(\x0b\x32\x1e.pdserve.v1.BlocksRemovedEventH\x00\x12.\n\x07\x63leared\x18\x03 \x01(\x0b\x32\x1b.pdserve.v1.AllClearedEventH\x00\x42\x07\n\x05\x65vent\"c\n\x12\x41pplyEventsRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\x12+\n\x06\x65vents\x18\x03 \x03(\x0b\x32\x1b.pdserve.v1.IndexCacheEvent\"(\n\x13\x46orgetWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\x11\n\x0fIndexWriteReply2\xee\x01\n\x0bIndexWriter\x12\x45\n\tHeartbeat\x12\x1c.pdserve.v1.HeartbeatRequest\x1a\x1a.pdserve.v1.HeartbeatReply\x12J\n\x0b\x41pplyEvents\x12\x1e.pdserve.v1.ApplyEventsRequest\x1a\x1b.pdserve.v1.IndexWriteReply\x12L\n\x0c\x46orgetWorker\x12\x1f.pdserve.v1.ForgetWorkerRequest\x1a\x1b.pdserve.v1.IndexWriteReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pdserve_pb.v1.index_writer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_INDEXWORKERLOAD']._serialized_start=48
-  _globals['_INDEXWORKERLOAD']._serialized_end=166
-  _globals['_INDEXWORKER']._serialized_start=169
-  _globals['_INDEXWORKER']._serialized_end=312
-  _globals['_HEARTBEATREQUEST']._serialized_start=314
-  _globals['_HEARTBEATREQUEST']._serialized_end=388
-  _globals['_HEARTBEATREPLY']._serialized_start=390
-  _globals['_HEARTBEATREPLY']._serialized_end=421
-  _globals['_BLOCKSSTOREDEVENT']._serialized_start=423
-  _globals['_BLOCKSSTOREDEVENT']._serialized_end=490
-  _globals['_BLOCKSREMOVEDEVENT']._serialized_start=492
-  _globals['_BLOCKSREMOVEDEVENT']._serialized_end=528
-  _globals['_ALLCLEAREDEVENT']._serialized_start=530
-  _globals['_ALLCLEAREDEVENT']._serialized_end=547
-  _globals['_INDEXCACHEEVENT']._serialized_start=550
-  _globals['_INDEXCACHEEVENT']._serialized_end=724
-  _globals['_APPLYEVENTSREQUEST']._serialized_start=726
-  _globals['_APPLYEVENTSREQUEST']._serialized_end=825
-  _globals['_FORGETWORKERREQUEST']._serialized_start=827
-  _globals['_FORGETWORKERREQUEST']._serialized_end=867
-  _globals['_INDEXWRITEREPLY']._serialized_start=869
-  _globals['_INDEXWRITEREPLY']._serialized_end=886
-  _globals['_INDEXWRITER']._serialized_start=889
-  _globals['_INDEXWRITER']._serialized_end=1127
+  _globals['_INDEXWORKERLOAD']._serialized_start=49
+  _globals['_INDEXWORKERLOAD']._serialized_end=191
+  _globals['_INDEXWORKER']._serialized_start=194
+  _globals['_INDEXWORKER']._serialized_end=337
+  _globals['_HEARTBEATREQUEST']._serialized_start=339
+  _globals['_HEARTBEATREQUEST']._serialized_end=413
+  _globals['_HEARTBEATREPLY']._serialized_start=415
+  _globals['_HEARTBEATREPLY']._serialized_end=446
+  _globals['_BLOCKSSTOREDEVENT']._serialized_start=448
+  _globals['_BLOCKSSTOREDEVENT']._serialized_end=515
+  _globals['_BLOCKSREMOVEDEVENT']._serialized_start=517
+  _globals['_BLOCKSREMOVEDEVENT']._serialized_end=553
+  _globals['_ALLCLEAREDEVENT']._serialized_start=555
+  _globals['_ALLCLEAREDEVENT']._serialized_end=572
+  _globals['_INDEXCACHEEVENT']._serialized_start=575
+  _globals['_INDEXCACHEEVENT']._serialized_end=749
+  _globals['_APPLYEVENTSREQUEST']._serialized_start=751
+  _globals['_APPLYEVENTSREQUEST']._serialized_end=850
+  _globals['_FORGETWORKERREQUEST']._serialized_start=852
+  _globals['_FORGETWORKERREQUEST']._serialized_end=892
+  _globals['_INDEXWRITEREPLY']._serialized_start=894
+  _globals['_INDEXWRITEREPLY']._serialized_end=911
+  _globals['_INDEXWRITER']._serialized_start=914
+  _globals['_INDEXWRITER']._serialized_end=1152
 # @@protoc_insertion_point(module_scope)

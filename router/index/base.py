@@ -34,6 +34,7 @@ class WorkerLoad:
     running_seqs: int = 0
     waiting_seqs: int = 0
     kv_used_fraction: float = 0.0
+    kv_pool_tokens: int = 0  # the KV pool's size in tokens (0: not reported), so placed KV reads as a fraction
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,8 @@ class InFlight:
     requests: int = 0
     unreported_tokens: int = 0  # prompt tokens placed there since its last heartbeat, so not in its figures yet
     tokens: int = 0  # prompt tokens of them all: on a prefill worker, the work placed there and not yet done
+    unreported_kv_tokens: int = 0  # KV placed there since its last heartbeat (a decode worker's new blocks)
+    kv_tokens: int = 0  # KV of them all, including requests the worker has not been handed yet
 
 
 @dataclass(frozen=True)
@@ -69,11 +72,14 @@ class WorkerInfo:
 
 @dataclass(frozen=True)
 class Claim:
-    """One worker's share of one placement: the prompt tokens it computes (0 for a decode taking shipped KV)."""
+    """One worker's share of one placement: the prompt tokens it computes (0 for a decode taking shipped KV), and
+    on a decode worker the KV it will hold for the prompt (the tokens it lacks, computed or shipped: a prefix it
+    caches is shared, not held twice)."""
 
     request_id: str
     worker_id: str
     tokens: int = 0
+    kv_tokens: int = 0
 
 
 @dataclass(frozen=True)

@@ -5,10 +5,18 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored, CacheEvent
 from router.index.base import Claim, IndexHealth, InFlight, WorkerInfo
+
+
+@dataclass(frozen=True)
+class _Flight:
+    expiry: float
+    placed_at: float
+    tokens: int
+    kv_tokens: int
 
 
 class MemoryPrefixIndex:
@@ -23,7 +31,7 @@ class MemoryPrefixIndex:
         self._expires: dict[str, float] = {}
         self._epochs: dict[str, int] = {}
         self._beats: dict[str, float] = {}  # worker → time of its last heartbeat
-        self._flights: dict[str, dict[str, tuple[float, float, int]]] = {}  # worker → request → (expiry, at, tokens)
+        self._flights: dict[str, dict[str, _Flight]] = {}  # worker → request → its claim
 
     def apply_events(self, worker_id: str, epoch: int, events: Sequence[CacheEvent]) -> None:
         with self._lock:
@@ -72,8 +80,9 @@ class MemoryPrefixIndex:
         with self._lock:
             for claim in claims:
                 flights = self._flights.setdefault(claim.worker_id, {})
-                _, placed_at, _ = flights.get(claim.request_id, (0.0, now, 0))  # a renewal keeps its placing time
-                flights[claim.request_id] = (now + ttl_s, placed_at, claim.tokens)
+                known = flights.get(claim.request_id)
+                placed_at = known.placed_at if known else now  # a renewal keeps its placing time
+                flights[claim.request_id] = _Flight(now + ttl_s, placed_at, claim.tokens, claim.kv_tokens)
 
     def release(self, claims: Sequence[Claim]) -> None:
         with self._lock:
@@ -120,11 +129,17 @@ class MemoryPrefixIndex:
 
     def _in_flight(self, worker_id: str, now: float) -> InFlight:
         flights = self._flights[worker_id]
-        for request_id in [r for r, (expiry, _, _) in flights.items() if expiry <= now]:
+        for request_id in [r for r, flight in flights.items() if flight.expiry <= now]:
             del flights[request_id]
         beat = self._beats.get(worker_id, 0.0)
-        unreported = sum(tokens for _, at, tokens in flights.values() if at >= beat)
-        return InFlight(len(flights), unreported, sum(tokens for _, _, tokens in flights.values()))
+        unreported = [f for f in flights.values() if f.placed_at >= beat]
+        return InFlight(
+            requests=len(flights),
+            unreported_tokens=sum(f.tokens for f in unreported),
+            tokens=sum(f.tokens for f in flights.values()),
+            unreported_kv_tokens=sum(f.kv_tokens for f in unreported),
+            kv_tokens=sum(f.kv_tokens for f in flights.values()),
+        )
 
     def _advance_epoch(self, worker_id: str, epoch: int) -> bool:
         """False for a stale epoch; a newer one drops everything the old incarnation held."""

@@ -11,7 +11,8 @@ block hash's 16 raw bytes):
 - ``{ns}version``        counter bumped by every heartbeat: routers re-read worker records only when it moved
 - ``{ns}live``           ZSET worker id → liveness deadline (Redis clock, ms): the heartbeat TTL
 - ``{ns}beat``           HASH worker id → time of its last heartbeat (Redis clock, ms)
-- ``{ns}flight:{worker}`` HASH request id → ``"{expiry ms}:{placed ms}:{tokens}"``: placements in flight on it
+- ``{ns}flight:{worker}`` HASH request id → ``"{expiry ms}:{placed ms}:{tokens}:{kv tokens}"``: placements in
+  flight on it
 - ``{ns}flying``         SET of the workers with a ``flight:`` hash, so a match reads only those
 
 Each operation is one server-side Lua script, so a match (the chain's hits and
@@ -64,24 +65,30 @@ local function drop_all(p, w)
   for _, h in ipairs(redis.call('SMEMBERS', held)) do redis.call('SREM', p .. 'blk:' .. h, w) end
   redis.call('DEL', held)
 end
--- Placements in flight on worker ``w`` that have not lapsed (lapsed ones are dropped):
--- {count, tokens placed since its last heartbeat, tokens of them all}.
+-- Placements in flight on worker ``w`` that have not lapsed (lapsed ones are dropped): {count, tokens placed
+-- since its last heartbeat, tokens of them all, KV tokens placed since its last heartbeat, KV tokens of them all}.
 local function in_flight(p, w, now)
-  local key, n, tokens, total = p .. 'flight:' .. w, 0, 0, 0
+  local key, n, tokens, total, kv, kv_total = p .. 'flight:' .. w, 0, 0, 0, 0, 0
   local beat = tonumber(redis.call('HGET', p .. 'beat', w) or '0')
   local entries = redis.call('HGETALL', key)
   for i = 1, #entries, 2 do
-    local expiry, placed, count = string.match(entries[i + 1], '^(%d+):(%d+):(%d+)$')
+    -- a claim written before claims carried KV (pdserve before 2026-12-05) has three parts: no KV
+    local expiry, placed, count, held = string.match(entries[i + 1], '^(%d+):(%d+):(%d+):?(%d*)$')
+    held = tonumber(held) or 0
     if tonumber(expiry) <= now then
       redis.call('HDEL', key, entries[i])
     else
       n = n + 1
       total = total + tonumber(count)
-      if tonumber(placed) >= beat then tokens = tokens + tonumber(count) end
+      kv_total = kv_total + held
+      if tonumber(placed) >= beat then
+        tokens = tokens + tonumber(count)
+        kv = kv + held
+      end
     end
   end
   if n == 0 then redis.call('SREM', p .. 'flying', w) end
-  return {n, tokens, total}
+  return {n, tokens, total, kv, kv_total}
 end
 -- A stale epoch is refused; a newer one drops what the old incarnation held.
 local function advance_epoch(p, w, epoch)
@@ -174,6 +181,8 @@ if #live > 0 and redis.call('SCARD', p .. 'flying') > 0 then
         flights[#flights + 1] = figures[1]
         flights[#flights + 1] = figures[2]
         flights[#flights + 1] = figures[3]
+        flights[#flights + 1] = figures[4]
+        flights[#flights + 1] = figures[5]
       end
     end
   end
@@ -187,11 +196,11 @@ _RESERVE = (
     + """
 local p, now = KEYS[1], now_ms()
 local expiry = now + tonumber(ARGV[1])
-for i = 2, #ARGV, 3 do
+for i = 2, #ARGV, 4 do
   local key, request = p .. 'flight:' .. ARGV[i], ARGV[i + 1]
   local known = redis.call('HGET', key, request)
   local placed = known and string.match(known, '^%d+:(%d+):') or now  -- a renewal keeps its placing time
-  redis.call('HSET', key, request, expiry .. ':' .. placed .. ':' .. ARGV[i + 2])
+  redis.call('HSET', key, request, expiry .. ':' .. placed .. ':' .. ARGV[i + 2] .. ':' .. ARGV[i + 3])
   redis.call('SADD', p .. 'flying', ARGV[i])
 end
 return 1
@@ -276,7 +285,7 @@ class RedisPrefixIndex:
                     infos[i].decode(): WorkerInfo.from_dict(json.loads(infos[i + 1])) for i in range(0, len(infos), 2)
                 }
                 self._version = version
-            in_flight = {flights[i].decode(): InFlight(*flights[i + 1 : i + 4]) for i in range(0, len(flights), 4)}
+            in_flight = {flights[i].decode(): InFlight(*flights[i + 1 : i + 6]) for i in range(0, len(flights), 6)}
             live = [
                 replace(self._workers[w], in_flight=in_flight[w]) if w in in_flight else self._workers[w]
                 for w in map(bytes.decode, live_ids)
@@ -296,7 +305,7 @@ class RedisPrefixIndex:
     def reserve(self, claims: Sequence[Claim], ttl_s: float) -> None:
         args: list[str | int] = [max(1, int(ttl_s * 1000))]
         for claim in claims:
-            args += [claim.worker_id, claim.request_id, claim.tokens]
+            args += [claim.worker_id, claim.request_id, claim.tokens, claim.kv_tokens]
         if claims:
             self._guard(lambda: self._reserve(keys=[self._ns], args=args), None)
 

@@ -160,7 +160,7 @@ def _worker_message(worker: WorkerInfo) -> pb.IndexWorker:
         cpu_cores=worker.cpu_cores,
         load=pb.IndexWorkerLoad(
             queued_prefill_tokens=load.queued_prefill_tokens, running_seqs=load.running_seqs,
-            waiting_seqs=load.waiting_seqs, kv_used_fraction=load.kv_used_fraction,
+            waiting_seqs=load.waiting_seqs, kv_used_fraction=load.kv_used_fraction, kv_pool_tokens=load.kv_pool_tokens,
         ),
     )  # fmt: skip
 
@@ -169,7 +169,10 @@ def _worker_info(message: pb.IndexWorker) -> WorkerInfo:
     load = message.load
     return WorkerInfo(
         message.worker_id, message.role, message.epoch, message.block_size,
-        WorkerLoad(load.queued_prefill_tokens, load.running_seqs, load.waiting_seqs, load.kv_used_fraction),
+        WorkerLoad(
+            load.queued_prefill_tokens, load.running_seqs, load.waiting_seqs, load.kv_used_fraction,
+            load.kv_pool_tokens,
+        ),
         cpu_cores=message.cpu_cores,
     )  # fmt: skip
 

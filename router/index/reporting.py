@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 from pydantic import SecretStr
 
@@ -83,7 +83,7 @@ class IndexReporter:
     def report_load(self, load: LoadFigures) -> None:
         info = replace(
             self._info,
-            load=WorkerLoad(load.queued_prefill_tokens, load.running_seqs, load.waiting_seqs, load.kv_used_fraction),
+            load=WorkerLoad(**asdict(load)),  # the engine's figures, field for field
         )
         with self._lock:
             known = self._index.heartbeat(info, self._ttl_s)
