@@ -105,19 +105,21 @@ def test_cutting_the_decode_nodes_link_mid_stream_moves_its_streams_to_the_other
 ):
     remote_decoder = worker_on(service, client, cluster, "decode")
     prompts = [prompt(100, 350 + i) for i in range(4)]
-    n = 300  # seconds of decoding: every stream is still running at the cut, however late the client sees its end
+    # The context's worth (max_model_len 1,024): at ~5 ms a token (CI, 2026-12-05) 300 tokens had ended on a
+    # decode worker before the cut, though its client saw the end later.
+    n = 900
     streams: dict[int, list] = {i: [] for i in range(len(prompts))}
-    ended_at: dict[int, float] = {}
+    started_at: dict[int, float] = {}
 
     errors: list[str] = []
 
     def run(i: int) -> None:
         sampling = pb.SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
         request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompts[i]), sampling=sampling)
+        started_at[i] = time.monotonic()
         try:
             for reply in client.stub.Generate(request, timeout=120):
                 streams[i].append(reply)
-            ended_at[i] = time.monotonic()
         except grpc.RpcError as exc:
             errors.append(f"stream {i}: {exc.code().name} {exc.details()}")
 
@@ -139,7 +141,8 @@ def test_cutting_the_decode_nodes_link_mid_stream_moves_its_streams_to_the_other
     for i, replies in streams.items():
         tokens = [t for reply in replies for t in reply.token_ids]
         assert tokens == transformers_greedy(model_dir, prompts[i], n), f"stream {i}"
-        assert ended_at[i] > cut_at + 0.5, f"stream {i} ended before the cut: n is too small to test it"
+        served_until = started_at[i] + replies[-1].timing.e2e_s  # the router's end, not the client's
+        assert served_until > cut_at + 0.5, f"stream {i} ended before the cut: n is too small to test it"
         assert replies[-1].timing.decode_worker != remote_decoder, f"stream {i} was not moved"
         moved += replies[-1].timing.migrations
     print(f"\ndecode node cut off: {moved} streams moved to the head's decode worker, all done {elapsed:.1f} s after")
