@@ -252,7 +252,7 @@ class HostedWorker:
             stats.QUEUED_PREFILL_TOKENS: float(load.queued_prefill_tokens),
             stats.RUNNING_SEQS: float(engine_stats.sequences_to_serve),
             stats.KV_WANTED_FRACTION: engine_stats.kv_wanted_fraction,
-            stats.KV_POOL_TOKENS: float(engine_stats.kv_blocks_total * host.block_size),
+            stats.KV_POOL_TOKENS: float(load.kv_pool_tokens),
             **{name: value for name, value in measured.items() if value is not None},
         }
 
