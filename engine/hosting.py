@@ -34,7 +34,7 @@ from engine.errors import EngineDeadError
 from engine.factory import build_engine
 from engine.model_source import ModelSource, on_this_node
 from engine.throughput import BusyRate, TokensPerRequest
-from engine.types import EngineStats, GenerateRequest, LoadFigures, OutputDelta
+from engine.types import EngineStats, GenerateRequest, OutputDelta, WorkerLoad
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _EARLY_BEAT_GAP_S = 0.01  # the least time between two heartbeats: at most 100 a
 
 
 class WorkerReporter(Protocol):
-    def report_load(self, load: LoadFigures) -> None: ...
+    def report_load(self, load: WorkerLoad) -> None: ...
 
     def report_events(self, events: list[CacheEvent]) -> None: ...
 
@@ -134,9 +134,9 @@ class HostedEngine:
                 self._beat_now.set()
             (self.decode_rate if decoding else self.prefill_rate).end()
 
-    def load(self, stats: EngineStats) -> LoadFigures:
+    def load(self, stats: EngineStats) -> WorkerLoad:
         """The load the heartbeat reports, from one reading of the engine's stats."""
-        return LoadFigures(
+        return WorkerLoad(
             queued_prefill_tokens=max(self._queued_prefill_tokens, 0),
             running_seqs=stats.running,
             waiting_seqs=stats.waiting,

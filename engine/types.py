@@ -231,11 +231,12 @@ class DecodeJob:
 
 
 @dataclass(frozen=True)
-class LoadFigures:
-    """A worker's load, as placement weighs it; sent with every heartbeat."""
+class WorkerLoad:
+    """A worker's load, as placement and autoscaling weigh it: what its hosting reads from the engine and every
+    heartbeat carries to the prefix index (one type on both sides, so a figure added here reaches the index)."""
 
-    queued_prefill_tokens: int
-    running_seqs: int
-    waiting_seqs: int
-    kv_used_fraction: float
-    kv_pool_tokens: int = 0  # the KV pool's size in tokens
+    queued_prefill_tokens: int = 0
+    running_seqs: int = 0
+    waiting_seqs: int = 0
+    kv_used_fraction: float = 0.0
+    kv_pool_tokens: int = 0  # the KV pool's size in tokens (0: not reported), so placed KV reads as a fraction

@@ -12,7 +12,6 @@ import pytest
 
 from engine.block_hash import hash_chain
 from engine.cache_events import BlocksRemoved, BlocksStored
-from engine.types import LoadFigures
 from pdserve_pb.v1 import index_writer_pb2 as pb
 from pdserve_pb.v1 import index_writer_pb2_grpc as pb_grpc
 from router.index import MemoryPrefixIndex, WorkerInfo, WorkerLoad
@@ -122,7 +121,7 @@ def test_an_unreachable_router_is_an_outage_counted_once_not_an_error(router):
 
 def test_a_worker_resends_what_it_holds_to_a_router_restarted_elsewhere_with_an_empty_index(router):
     reporter = IndexReporter(worker(), TTL, writer(router))
-    reporter.report_load(LoadFigures(0, 0, 0, 0.0))
+    reporter.report_load(WorkerLoad())
     reporter.report_events([BlocksStored(CHAIN, None), BlocksRemoved(CHAIN[6:])])
     assert router.index.match(CHAIN)[1] == {"a": 6}
     router.stop()
@@ -131,5 +130,5 @@ def test_a_worker_resends_what_it_holds_to_a_router_restarted_elsewhere_with_an_
     deadline = time.monotonic() + 5
     while router.index.match(CHAIN)[1] != {"a": 4}:
         assert time.monotonic() < deadline, f"the index was not repaired: {router.index.match(CHAIN)}"
-        reporter.report_load(LoadFigures(0, 0, 0, 0.0))
+        reporter.report_load(WorkerLoad())
         time.sleep(0.1)

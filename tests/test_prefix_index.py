@@ -10,7 +10,6 @@ import redis
 
 from engine.block_hash import SCHEME_VERSION, hash_chain
 from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored
-from engine.types import LoadFigures
 from pdserve.local_redis import LocalRedis, RedisServerError
 from router.index import Claim, InFlight, MemoryPrefixIndex, WorkerInfo, WorkerLoad, make_index
 from router.index.redis_index import RedisPrefixIndex
@@ -348,17 +347,17 @@ def test_a_worker_resends_what_it_holds_to_a_redis_restarted_empty(redis_server)
 
     reporter = IndexReporter(worker("a"), TTL, index=RedisPrefixIndex(redis_server.url, MODEL, timeout_s=0.2))
     reader = RedisPrefixIndex(redis_server.url, MODEL, timeout_s=0.2)
-    reporter.report_load(LoadFigures(0, 0, 0, 0.0))
+    reporter.report_load(WorkerLoad())
     reporter.report_events([stored(CHAIN), stored(OTHER), BlocksRemoved(CHAIN[6:])])
     assert reader.match(CHAIN)[1] == {"a": 6}
     redis_server.stop()
     reporter.report_events([BlocksRemoved(CHAIN[4:6])])  # lost with Redis away
-    reporter.report_load(LoadFigures(0, 0, 0, 0.0))
+    reporter.report_load(WorkerLoad())
     redis_server.start()  # same port, empty
     deadline = time.monotonic() + 5
     while reader.match(CHAIN)[1] != {"a": 4}:
         assert time.monotonic() < deadline, f"the index was not repaired: {reader.match(CHAIN)}"
-        reporter.report_load(LoadFigures(0, 0, 0, 0.0))
+        reporter.report_load(WorkerLoad())
         time.sleep(0.1)
     assert reader.match(OTHER)[1] == {"a": len(OTHER)}
 
@@ -368,7 +367,7 @@ def test_a_worker_resends_the_events_an_outage_lost_when_redis_comes_back_with_i
 
     reporter = IndexReporter(worker("a"), TTL, index=RedisPrefixIndex(redis_server.url, MODEL, timeout_s=0.2))
     reader = RedisPrefixIndex(redis_server.url, MODEL, timeout_s=0.2)
-    reporter.report_load(LoadFigures(0, 0, 0, 0.0))
+    reporter.report_load(WorkerLoad())
     reporter.report_events([stored(CHAIN)])
     redis_server.pause()
     reporter.report_events([BlocksRemoved(CHAIN[2:])])  # lost: Redis does not answer
@@ -376,7 +375,7 @@ def test_a_worker_resends_the_events_an_outage_lost_when_redis_comes_back_with_i
     deadline = time.monotonic() + 5
     while reader.match(CHAIN)[1] != {"a": 2}:
         assert time.monotonic() < deadline, f"the lost removal never reached the index: {reader.match(CHAIN)}"
-        reporter.report_load(LoadFigures(0, 0, 0, 0.0))
+        reporter.report_load(WorkerLoad())
         time.sleep(0.1)
 
 

@@ -22,19 +22,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Literal, Protocol
 
 from engine.cache_events import CacheEvent
+from engine.types import WorkerLoad
 
 Role = Literal["prefill", "decode"]
-
-
-@dataclass(frozen=True)
-class WorkerLoad:
-    """Load figures a worker reports with each heartbeat."""
-
-    queued_prefill_tokens: int = 0
-    running_seqs: int = 0
-    waiting_seqs: int = 0
-    kv_used_fraction: float = 0.0
-    kv_pool_tokens: int = 0  # the KV pool's size in tokens (0: not reported), so placed KV reads as a fraction
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, fields
 
 import grpc
 
@@ -154,27 +155,17 @@ class RemoteIndexWriter:
 
 
 def _worker_message(worker: WorkerInfo) -> pb.IndexWorker:
-    load = worker.load
     return pb.IndexWorker(
         worker_id=worker.worker_id, role=worker.role, epoch=worker.epoch, block_size=worker.block_size,
-        cpu_cores=worker.cpu_cores,
-        load=pb.IndexWorkerLoad(
-            queued_prefill_tokens=load.queued_prefill_tokens, running_seqs=load.running_seqs,
-            waiting_seqs=load.waiting_seqs, kv_used_fraction=load.kv_used_fraction, kv_pool_tokens=load.kv_pool_tokens,
-        ),
+        cpu_cores=worker.cpu_cores, load=pb.IndexWorkerLoad(**asdict(worker.load)),  # field for field, by name
     )  # fmt: skip
 
 
 def _worker_info(message: pb.IndexWorker) -> WorkerInfo:
-    load = message.load
+    load = WorkerLoad(**{figure.name: getattr(message.load, figure.name) for figure in fields(WorkerLoad)})
     return WorkerInfo(
-        message.worker_id, message.role, message.epoch, message.block_size,
-        WorkerLoad(
-            load.queued_prefill_tokens, load.running_seqs, load.waiting_seqs, load.kv_used_fraction,
-            load.kv_pool_tokens,
-        ),
-        cpu_cores=message.cpu_cores,
-    )  # fmt: skip
+        message.worker_id, message.role, message.epoch, message.block_size, load, cpu_cores=message.cpu_cores
+    )
 
 
 def _event_message(event: CacheEvent) -> pb.IndexCacheEvent:

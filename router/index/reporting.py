@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 
 from pydantic import SecretStr
 
 from engine.cache_events import AllCleared, BlocksRemoved, BlocksStored, CacheEvent
-from engine.types import LoadFigures
 from router.config import IndexConfig
 from router.index import WorkerInfo, WorkerLoad, make_index
 from router.index.remote_writer import RemoteIndexWriter
@@ -80,11 +79,8 @@ class IndexReporter:
         self._lock = threading.Lock()  # events and heartbeats come from two threads
         self._outages_synced = 0
 
-    def report_load(self, load: LoadFigures) -> None:
-        info = replace(
-            self._info,
-            load=WorkerLoad(**asdict(load)),  # the engine's figures, field for field
-        )
+    def report_load(self, load: WorkerLoad) -> None:
+        info = replace(self._info, load=load)
         with self._lock:
             known = self._index.heartbeat(info, self._ttl_s)
             outages = self._index.health().outages  # events sent during an outage were lost
