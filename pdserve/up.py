@@ -86,6 +86,7 @@ def start(
         )  # fmt: skip
     service = config.service
     logging.getLogger("ray.serve").setLevel(logging.WARNING)  # Serve's driver-side INFO lines: quiet by default
+    _quiet_ray_notices()
     node_cores = None  # the node's, for Serve's controller, where it builds the app on the reserved core alone
     if config.ray_address:
         _join_with_token()
@@ -143,6 +144,31 @@ def _check_kv_interchangeable(app_name: str, timeout_s: float) -> None:
             f"the prefill and decode pools' KV is not interchangeable ({'; '.join(prefill.differences(decode))}): "
             f"prefill {prefill}, decode {decode}"
         )
+
+
+def _quiet_ray_notices() -> None:
+    """Ray's two notices that every ``pdserve up`` printed, neither of them news to its user:
+
+    - that a new local cluster has token authentication on by default (README says so) and
+      ``RAY_AUTH_MODE=disabled`` opts out: dropped by a filter on the one logger call that says it. (Setting
+      ``RAY_AUTH_MODE=token`` here instead, which Ray takes without the notice, left a fresh process's
+      local cluster unable to start: Ray had read its config before and made no token, its GCS wanted one.)
+    - "Task ServeController... failed. There are infinite retries remaining": ``serve.shutdown()`` ends
+      Serve's controller while this driver's calls to it that Ray retries are still open (its
+      ``graceful_shutdown`` and long poll). ``RAY_enable_output_error_log_if_still_retry=0``, where the
+      environment does not set it, quiets the notice of a retry still to come; a call that finally fails
+      still raises."""
+    os.environ.setdefault("RAY_enable_output_error_log_if_still_retry", "0")
+    auth_setup = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _TokenAuthOnByDefault) for f in auth_setup.filters):
+        auth_setup.addFilter(_TokenAuthOnByDefault())
+
+
+class _TokenAuthOnByDefault(logging.Filter):
+    """Drops Ray's notice that token authentication is on by default (Ray 2.60's ``_warn_token_auth_enabled``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.funcName != "_warn_token_auth_enabled"
 
 
 def _join_with_token() -> None:
