@@ -19,6 +19,11 @@ def vllm_environment(config: EngineConfig, rpc_dir: str) -> dict[str, str]:
     env = {
         # The engine core in a process of its own, as vLLM's server runs it (whatever the environment says).
         "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        # ...and its worker processes spawned, never forked, wherever the engine runs. vLLM forks by default
+        # outside a Ray actor on a GPU node (a benchmark's engine, `generate --local`), and pdserve turns grpcio's
+        # fork handlers off (pdserve/grpc_fork.py): a forked engine core would run the KV connector's gRPC in a
+        # child of a process whose gRPC threads did not survive the fork. vLLM-CPU and Ray actors spawn already.
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
         # vLLM's ZMQ ipc sockets: in the engine's own directory, removed with it (vLLM leaves them in /tmp).
         "VLLM_RPC_BASE_PATH": rpc_dir,
         "VLLM_CPU_KVCACHE_SPACE": f"{config.kv_cache_gib:g}",

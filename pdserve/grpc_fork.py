@@ -6,8 +6,8 @@ that moment (a benchmark's clients from the service it just stopped, a test's se
 (SIGABRT) or hangs before exec, and ``ray.init`` fails with "The current node timed out during startup" or
 "Timed out waiting for file .../gcs_server_port_..." (reproduced with grpcio 1.85: 2 failed starts in 20 beside
 gRPC traffic, none in 30 with the handlers off). Benchmarks start several local clusters in one process, the
-test suite dozens. No pdserve process forks without exec and then uses gRPC (vLLM-CPU, and vLLM in a Ray
-actor, spawn their engine core; pdserve spawns its own children), so the handlers have nothing to protect.
+test suite dozens. No pdserve process forks without exec and then uses gRPC (vLLM is told to spawn its engine
+core and workers, engine/vllm_args.py; pdserve spawns its own children), so the handlers have nothing to protect.
 grpcio reads the setting when it is first imported; a value the environment gives is kept.
 """
 
