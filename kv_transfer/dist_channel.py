@@ -10,7 +10,11 @@ covers the requested blocks the prefill has computed or is computing; for a
 prompt computed chunk by chunk, the receiver asks again for the rest, so the
 first chunks travel while later ones run. Group creation and every send/recv
 run under a timeout; a group that failed is dropped and the next pull builds a
-new one under a new key.
+new one under a new key. The receiver makes its groups on a thread of their own
+and waits for them under the pull's deadline: joining the sender's ``TCPStore``
+waits for the store's first answer with no deadline of its own (torch 2.13,
+``TCPStore::ping``), so a sender whose store thread never answers held a pull
+there for good.
 
 Plans of one pair run one at a time, in the same order on both ends: the
 receiver holds the pair's lock from its PullDist call to the plan's last
@@ -28,7 +32,8 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from datetime import timedelta
 
 import torch
@@ -212,6 +217,7 @@ class DistKVChannel:
         self._control = control
         self._receiver_id = uuid.uuid4().hex
         self._groups: dict[str, tuple[str, object]] = {}  # sender address → (group key, group)
+        self._making: dict[str, tuple[str, Future]] = {}  # sender address → (group key, the group being made)
         self._pairs: dict[str, threading.Lock] = {}  # sender address → one pull at a time
         self._lock = threading.Lock()
 
@@ -247,7 +253,7 @@ class DistKVChannel:
                 ids = dest_block_ids[position:]
                 wait_s = min(stall_timeout_s, max(0.01, deadline - time.monotonic()))  # the pull's deadline holds
                 blocks, nbytes, landed_at = self._pull_batch(
-                    handle, rank, heads, request, dest_layers, ids, wait_s, phases
+                    handle, rank, heads, request, dest_layers, ids, wait_s, deadline, phases
                 )
             finally:
                 pair.release()
@@ -258,9 +264,11 @@ class DistKVChannel:
             handle.transfer_id, len(indices), len(wanted_layers), received, seconds, first_bytes_at, phases
         )
 
-    def _pull_batch(self, handle, rank, heads, request, dest_layers, dest_block_ids, stall_timeout_s, phases):
+    def _pull_batch(
+        self, handle, rank, heads, request, dest_layers, dest_block_ids, stall_timeout_s, deadline, phases
+    ):  # fmt: skip
         """One plan, into the leading ``dest_block_ids``: (blocks, bytes, wall clock when its first layer landed);
-        its time added to ``phases``."""
+        its time added to ``phases``. A group still to be made is waited for until the pull's ``deadline``."""
         device = request.device
         address = handle.address(rank)
         mark = time.perf_counter()
@@ -279,7 +287,7 @@ class DistKVChannel:
         timeout = timedelta(seconds=stall_timeout_s)
         received, landed_at = 0, 0.0
         try:
-            group = self._group(address, plan, device, stall_timeout_s)
+            group = self._group(handle.transfer_id, address, plan, device, stall_timeout_s, deadline)
             phase("group")
             posted = [
                 self._post_layer(group, plan, layer, dest_layers, dest_block_ids, device, heads)
@@ -340,16 +348,46 @@ class DistKVChannel:
     def renew(self, handle: TransferHandle, timeout_s: float = 5.0, rank: int = 0):
         return self._control.renew(handle, timeout_s, rank)
 
-    def _group(self, address: str, plan: pb.DistPlan, device: str, timeout_s: float):
+    def _group(self, transfer_id: str, address: str, plan: pb.DistPlan, device: str, timeout_s: float, deadline: float):
+        """The pair's group under the plan's key: known, or made on a thread of its own (its steps under
+        ``timeout_s``) and waited for until the pull's ``deadline``, not the stall deadline: on a busy CPU node the
+        sender's store thread has answered tens of seconds late, and a late group still spares the decode side the
+        prompt's prefill. One left making past its wait finishes or fails there, unwaited; while it does, the
+        sender gets no second one (its store is not answering): a plan under a new key fails at once."""
         with self._lock:
             known = self._groups.get(address)
-        if known and known[0] == plan.group_key:
-            return known[1]
-        store = dist.TCPStore(plan.store_host, plan.store_port, is_master=False, timeout=timedelta(seconds=timeout_s))
-        group = _new_group(store, plan.group_key, RECEIVER_RANK, device, timeout_s)
+            if known and known[0] == plan.group_key:
+                return known[1]
+            making = self._making.get(address)
+            if making is None or making[0] != plan.group_key:
+                if making is not None and not making[1].done():
+                    raise TransferTimeout(transfer_id, f"a torch.distributed group with {address} is still being made")
+                making = (plan.group_key, Future())
+                self._making[address] = making
+                threading.Thread(
+                    target=self._make_group, args=(making[1], plan, device, timeout_s), daemon=True,
+                    name="pdserve-kv-dist-group",
+                ).start()  # fmt: skip
+        try:
+            group = making[1].result(timeout=max(0.0, deadline - time.monotonic()))
+        except FutureTimeout:
+            raise TransferTimeout(transfer_id, f"no group with {address} made by the pull's deadline") from None
+        finally:
+            with self._lock:
+                if making[1].done() and self._making.get(address) is making:
+                    del self._making[address]
         with self._lock:
             self._groups[address] = (plan.group_key, group)
         return group
+
+    @staticmethod
+    def _make_group(made: Future, plan: pb.DistPlan, device: str, timeout_s: float) -> None:
+        try:
+            timeout = timedelta(seconds=timeout_s)
+            store = dist.TCPStore(plan.store_host, plan.store_port, is_master=False, timeout=timeout)
+            made.set_result(_new_group(store, plan.group_key, RECEIVER_RANK, device, timeout_s))
+        except BaseException as exc:  # the waiting pull raises it; nobody left waiting drops it with the future
+            made.set_exception(exc)
 
     def _drop(self, address: str, key: str) -> None:
         with self._lock:

@@ -48,6 +48,17 @@ def _sender_main(conn, spec: dict) -> None:
         service.xxhash = Corrupting
         true_checksum = dist_channel._checksum
         dist_channel._checksum = lambda parts: true_checksum(parts) + 1
+    if spec.get("silent_store"):  # its torch.distributed store accepts connections and never answers (hung, starved)
+        import socket
+
+        import torch.distributed
+
+        class SilentStore:
+            def __init__(self, host: str, port: int, **options):
+                self._listener = socket.create_server((host, port))  # listening; nothing ever reads
+                self.port = self._listener.getsockname()[1]
+
+        torch.distributed.TCPStore = SilentStore
     registry = TransferRegistry(
         "", "m", lease_s=spec.get("lease_s", 30.0), on_freed=lambda tid, state: conn.send(("freed", tid, state.name))
     )

@@ -510,6 +510,27 @@ def test_a_failed_dist_group_is_rebuilt_on_next_use(sender):
     assert same_bytes(dest[3], peer.layers()[3][[2, 3]])
 
 
+def test_a_sender_whose_store_never_answers_fails_the_dist_pull_at_its_deadline(sender):
+    """Joining the sender's TCPStore waits for its answer with no deadline of its own (torch 2.13); the pull's
+    holds. Before, the pull waited for good."""
+    peer = sender(silent_store=True, **LLAMA_LIKE)
+    handle, failures = peer.offer("silent", [1, 2]), []
+
+    def pull() -> None:
+        try:
+            channel_for("torch_dist").pull(handle, empty_like(handle), [0, 1], stall_timeout_s=1, timeout_s=2)
+        except TransferError as exc:
+            failures.append(exc)
+
+    started = time.monotonic()
+    puller = threading.Thread(target=pull, daemon=True)
+    puller.start()
+    puller.join(10)
+    assert not puller.is_alive(), "the pull hung on the sender's store"
+    assert [type(exc) for exc in failures] == [TransferTimeout]
+    assert time.monotonic() - started < 2 + 1.5  # the pull's deadline (2 s)
+
+
 def test_a_dist_pull_waiting_on_the_senders_layers_says_its_time_went_to_receiving(sender):
     peer = sender(**LLAMA_LIKE)
     handle = peer.offer("late-layers", [1, 2], layers_ready=1)  # layers 1-3 still being computed

@@ -132,7 +132,7 @@ def test_a_handoff_between_tensor_parallel_sizes_gives_one_engines_tokens_and_mo
     phases_before, started = pull_figures(peers[decode], "torch_dist")["seconds_by_phase"], time.monotonic()
     tokens, _, cached, _ = consume(peers[decode], f"d-{prefill}-{decode}", ids, handle)
     took = time.monotonic() - started
-    if took > 10:  # seen now and then, not yet explained (README, "KV transfer"): say where this pull waited
+    if took > 10:  # seen now and then on 2 busy cores (README, "KV transfer"): say where this pull waited
         phases_after = pull_figures(peers[decode], "torch_dist")["seconds_by_phase"]
         phases = {phase: round(seconds - phases_before.get(phase, 0.0), 2) for phase, seconds in phases_after.items()}
         warnings.warn(f"{prefill} -> {decode} took {took:.0f} s; its pulls' seconds by phase: {phases}", stacklevel=1)
